@@ -1,0 +1,2 @@
+//! Moving bytes between actors: tensor frames, codecs and links.
+//! Frames carry dtype, shape and a checksum; nothing travels as an unframed blob.
