@@ -37,7 +37,8 @@ pub fn matmul(
     }
     let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
-    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS {
+    // Inside a rayon worker (e.g. attention over heads) the caller already runs in parallel.
+    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_thread_index().is_none() {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None
