@@ -3,6 +3,7 @@
 
 pub mod fp8;
 pub mod matmul;
+pub mod model;
 pub mod ops;
 pub mod rng;
 pub mod tensor;

@@ -1,0 +1,344 @@
+//! The whole DeepSeek-V3: embedding, decoder blocks, final norm and head, and the MTP modules
+//! (shared embedding and head); one training step's forward, split backward and losses.
+
+use super::config::ModelConfig;
+use super::layers::{Block, BlockStash, Linear, NormStash, RmsNorm, Rows};
+use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
+use crate::ops::rope::{RopeTable, Yarn};
+use crate::ops::{cross_entropy, embedding};
+use crate::tensor::Tensor;
+use std::sync::Arc;
+
+/// One multi-token-prediction module (depth k), stored as layer `num_hidden_layers + k − 1`.
+#[derive(Clone, Debug)]
+pub struct Mtp {
+    pub enorm: RmsNorm,
+    pub hnorm: RmsNorm,
+    pub eh_proj: Linear,
+    pub block: Block,
+    pub head_norm: RmsNorm,
+}
+
+/// A DeepSeek-V3 model: its parameters and the layer structure that indexes them.
+#[derive(Clone, Debug)]
+pub struct DeepSeekV3 {
+    pub cfg: ModelConfig,
+    pub params: ParamStore,
+    pub embed: ParamId,
+    pub blocks: Vec<Block>,
+    pub norm: RmsNorm,
+    pub head: Linear,
+    pub mtp: Vec<Mtp>,
+}
+
+/// Token windows for one step: `inputs[b*seq + i]` predicts `targets[b*seq + i]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+impl Batch {
+    /// Splits `batch` windows of `seq + 1` tokens each into inputs and next-token targets.
+    pub fn from_windows(windows: &[u32], batch: usize, seq: usize) -> Batch {
+        assert_eq!(windows.len(), batch * (seq + 1));
+        let mut inputs = Vec::with_capacity(batch * seq);
+        let mut targets = Vec::with_capacity(batch * seq);
+        for w in windows.chunks_exact(seq + 1) {
+            inputs.extend_from_slice(&w[..seq]);
+            targets.extend_from_slice(&w[1..]);
+        }
+        Batch { batch, seq, inputs, targets }
+    }
+}
+
+/// Losses and routing statistics of one forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct StepStats {
+    /// Mean main-head cross-entropy.
+    pub loss: f64,
+    /// Mean cross-entropy of the MTP heads (average over depths of their per-prediction mean).
+    pub mtp_loss: f64,
+    /// Sum over MoE layers of the sequence-wise balance loss (α included).
+    pub balance_loss: f64,
+    /// The optimised objective: loss + λ·L_MTP + balance.
+    pub objective: f64,
+    /// Expert loads per MoE layer, main layers first then MTP layers.
+    pub loads: Vec<Vec<u32>>,
+}
+
+impl StepStats {
+    /// max / mean expert load, averaged over MoE layers (1.0 is perfect balance).
+    pub fn load_imbalance(&self) -> f64 {
+        if self.loads.is_empty() {
+            return 1.0;
+        }
+        let per: Vec<f64> = self
+            .loads
+            .iter()
+            .map(|l| {
+                let mean = l.iter().map(|&x| x as f64).sum::<f64>() / l.len() as f64;
+                l.iter().copied().max().unwrap_or(0) as f64 / mean.max(1e-9)
+            })
+            .collect();
+        per.iter().sum::<f64>() / per.len() as f64
+    }
+}
+
+struct MtpStash {
+    ids: Arc<Vec<u32>>,
+    targets: Vec<u32>,
+    en: NormStash,
+    hn: NormStash,
+    cat: Arc<Vec<f32>>,
+    block: BlockStash,
+    z_norm: NormStash,
+    z: Arc<Vec<f32>>,
+    logits: Vec<f32>,
+    len: usize,
+}
+
+impl DeepSeekV3 {
+    /// A freshly initialised model: matrices ~ N(0, init_std), norms 1, routing biases 0.
+    pub fn new(cfg: &ModelConfig, init_std: f32, seed: u64) -> DeepSeekV3 {
+        let mut p = ParamStore::default();
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = p.add("model.embed_tokens.weight".into(), &[v, d], Init::Normal(init_std), true, seed);
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|l| Block::new(&mut p, &format!("model.layers.{l}"), cfg, cfg.is_moe_layer(l), init_std, seed))
+            .collect();
+        let norm = RmsNorm::new(&mut p, "model.norm.weight".into(), d, cfg.rms_norm_eps, seed);
+        let head = Linear::new(&mut p, "lm_head.weight".into(), d, v, init_std, seed);
+        let mtp = (0..cfg.num_nextn_predict_layers)
+            .map(|k| {
+                let pre = format!("model.layers.{}", cfg.num_hidden_layers + k);
+                let eps = cfg.rms_norm_eps;
+                Mtp {
+                    enorm: RmsNorm::new(&mut p, format!("{pre}.enorm.weight"), d, eps, seed),
+                    hnorm: RmsNorm::new(&mut p, format!("{pre}.hnorm.weight"), d, eps, seed),
+                    eh_proj: Linear::new(&mut p, format!("{pre}.eh_proj.weight"), 2 * d, d, init_std, seed),
+                    block: Block::new(&mut p, &pre, cfg, true, init_std, seed),
+                    head_norm: RmsNorm::new(&mut p, format!("{pre}.shared_head.norm.weight"), d, eps, seed),
+                }
+            })
+            .collect();
+        DeepSeekV3 { cfg: cfg.clone(), params: p, embed, blocks, norm, head, mtp }
+    }
+
+    /// The RoPE table for sequences of `seq` tokens (YaRN-corrected when the config asks).
+    pub fn rope_table(&self, seq: usize) -> RopeTable {
+        let yarn = self.cfg.rope_scaling.as_ref().map(|r| Yarn {
+            factor: r.factor,
+            original_max_position: r.original_max_position_embeddings,
+            beta_fast: r.beta_fast,
+            beta_slow: r.beta_slow,
+        });
+        RopeTable::new(self.cfg.qk_rope_head_dim, self.cfg.rope_theta, seq.max(1), yarn)
+    }
+
+    /// Main-model logits [batch·seq, vocab] (no MTP), for evaluation and parity tests.
+    pub fn logits(&self, batch: &Batch) -> Vec<f32> {
+        let table = self.rope_table(batch.seq);
+        let rows = Rows { batch: batch.batch, seq: batch.seq };
+        let mut x = self.embed_rows(&batch.inputs);
+        for b in &self.blocks {
+            x = b.forward(&self.params, Arc::new(x), rows, &table).0;
+        }
+        let (hn, _) = self.norm.forward(&self.params, Arc::new(x));
+        self.head.forward(&self.params, &hn)
+    }
+
+    /// Mean main-head cross-entropy of a batch, forward only.
+    pub fn eval_loss(&self, batch: &Batch) -> f64 {
+        let logits = self.logits(batch);
+        cross_entropy::forward(&logits, &batch.targets, self.cfg.vocab_size) / batch.targets.len() as f64
+    }
+
+    fn embed_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let d = self.cfg.hidden_size;
+        let mut x = vec![0.0; ids.len() * d];
+        embedding::forward(&mut x, ids, self.params.get(self.embed), d);
+        x
+    }
+
+    /// Forward and backward of one step; gradients are added into `grads` (shaped like params).
+    /// `mtp_weight` is λ; with λ = 0 the MTP modules are skipped entirely.
+    pub fn forward_backward(&self, batch: &Batch, mtp_weight: f32, grads: &mut [Tensor]) -> StepStats {
+        let mut q = WeightGradQueue::default();
+        let stats = self.forward_backward_input(batch, mtp_weight, &mut q);
+        q.run(&self.params, grads);
+        stats
+    }
+
+    /// Forward and input-gradient backward; every weight gradient is left in `q` (the W half).
+    pub fn forward_backward_input(&self, batch: &Batch, mtp_weight: f32, q: &mut WeightGradQueue) -> StepStats {
+        let p = &self.params;
+        let (bsz, t) = (batch.batch, batch.seq);
+        let d = self.cfg.hidden_size;
+        let vocab = self.cfg.vocab_size;
+        let n = bsz * t;
+        let table = self.rope_table(t);
+        let rows = Rows { batch: bsz, seq: t };
+        let ids = Arc::new(batch.inputs.clone());
+        let mut stats = StepStats::default();
+
+        // main forward
+        let mut x = Arc::new(self.embed_rows(&ids));
+        let mut stashes = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (y, st, ms) = b.forward(p, x, rows, &table);
+            if let Some(ms) = ms {
+                stats.balance_loss += ms.balance_loss;
+                stats.loads.push(ms.loads);
+            }
+            stashes.push(st);
+            x = Arc::new(y);
+        }
+        let h_final = x;
+        let (hn, norm_st) = self.norm.forward(p, h_final.clone());
+        let hn = Arc::new(hn);
+        let logits = self.head.forward(p, &hn);
+        stats.loss = cross_entropy::forward(&logits, &batch.targets, vocab) / n as f64;
+
+        // MTP forward, depth by depth
+        let use_mtp = mtp_weight > 0.0 && !self.mtp.is_empty();
+        let depth = self.mtp.len() as f32;
+        let mut mtp_stashes = Vec::new();
+        if use_mtp {
+            let mut prev = h_final.clone();
+            let mut prev_len = t;
+            for (k0, m) in self.mtp.iter().enumerate() {
+                let k = k0 + 1;
+                let len = t - k;
+                if len == 0 {
+                    break;
+                }
+                let mut h_rows = Vec::with_capacity(bsz * len * d);
+                let mut mids = Vec::with_capacity(bsz * len);
+                let mut mtargets = Vec::with_capacity(bsz * len);
+                for b in 0..bsz {
+                    h_rows.extend_from_slice(&prev[b * prev_len * d..(b * prev_len + len) * d]);
+                    mids.extend_from_slice(&batch.inputs[b * t + k..b * t + k + len]);
+                    mtargets.extend_from_slice(&batch.targets[b * t + k..b * t + k + len]);
+                }
+                let mids = Arc::new(mids);
+                let e = self.embed_rows(&mids);
+                let (en, en_st) = m.enorm.forward(p, Arc::new(e));
+                let (hnn, hn_st) = m.hnorm.forward(p, Arc::new(h_rows));
+                let mut cat = vec![0.0; bsz * len * 2 * d];
+                for ((row, a), b) in cat.chunks_exact_mut(2 * d).zip(en.chunks_exact(d)).zip(hnn.chunks_exact(d)) {
+                    row[..d].copy_from_slice(a);
+                    row[d..].copy_from_slice(b);
+                }
+                let cat = Arc::new(cat);
+                let hp = m.eh_proj.forward(p, &cat);
+                let mrows = Rows { batch: bsz, seq: len };
+                let (hout, bst, ms) = m.block.forward(p, Arc::new(hp), mrows, &table);
+                if let Some(ms) = ms {
+                    stats.balance_loss += ms.balance_loss;
+                    stats.loads.push(ms.loads);
+                }
+                let hout = Arc::new(hout);
+                let (z, z_st) = m.head_norm.forward(p, hout.clone());
+                let z = Arc::new(z);
+                let mlogits = self.head.forward(p, &z);
+                let sum = cross_entropy::forward(&mlogits, &mtargets, vocab);
+                stats.mtp_loss += sum / (bsz * len) as f64 / depth as f64;
+                stats.objective += mtp_weight as f64 / depth as f64 * sum / n as f64;
+                mtp_stashes.push(MtpStash {
+                    ids: mids,
+                    targets: mtargets,
+                    en: en_st,
+                    hn: hn_st,
+                    cat,
+                    block: bst,
+                    z_norm: z_st,
+                    z,
+                    logits: mlogits,
+                    len,
+                });
+                prev = hout;
+                prev_len = len;
+            }
+        }
+        stats.objective += stats.loss + stats.balance_loss;
+
+        // main head backward
+        let mut dlogits = vec![0.0; logits.len()];
+        cross_entropy::backward_input(&mut dlogits, &logits, &batch.targets, vocab, 1.0 / n as f32);
+        drop(logits);
+        let mut dhn = vec![0.0; n * d];
+        self.head.backward(p, dlogits, hn, &mut dhn, false, q);
+        let mut dx = vec![0.0; n * d];
+        self.norm.backward(p, dhn, norm_st, &mut dx, false, q);
+
+        // MTP backward, deepest first; each depth adds into the gradient of the hidden it read
+        if !mtp_stashes.is_empty() {
+            let mut dnext: Option<Vec<f32>> = None;
+            for (k0, st) in mtp_stashes.into_iter().enumerate().rev() {
+                let m = &self.mtp[k0];
+                let len = st.len;
+                let prev_len = len + 1;
+                let mut dl = vec![0.0; st.logits.len()];
+                let scale = mtp_weight / depth / n as f32;
+                cross_entropy::backward_input(&mut dl, &st.logits, &st.targets, vocab, scale);
+                let mut dz = vec![0.0; bsz * len * d];
+                self.head.backward(p, dl, st.z, &mut dz, false, q);
+                let mut dhout = dnext.take().unwrap_or_else(|| vec![0.0; bsz * len * d]);
+                m.head_norm.backward(p, dz, st.z_norm, &mut dhout, true, q);
+                let mrows = Rows { batch: bsz, seq: len };
+                let dhp = m.block.backward(p, dhout, st.block, mrows, &table, q);
+                let mut dcat = vec![0.0; bsz * len * 2 * d];
+                m.eh_proj.backward(p, dhp, st.cat, &mut dcat, false, q);
+                let mut den = Vec::with_capacity(bsz * len * d);
+                let mut dhnn = Vec::with_capacity(bsz * len * d);
+                for row in dcat.chunks_exact(2 * d) {
+                    den.extend_from_slice(&row[..d]);
+                    dhnn.extend_from_slice(&row[d..]);
+                }
+                let mut de = vec![0.0; den.len()];
+                m.enorm.backward(p, den, st.en, &mut de, false, q);
+                q.push(WeightGrad::Embedding { w: self.embed, ids: st.ids, dy: de });
+                let mut dh_rows = vec![0.0; dhnn.len()];
+                m.hnorm.backward(p, dhnn, st.hn, &mut dh_rows, false, q);
+                // scatter into the previous hidden [bsz, prev_len, d]
+                let target: &mut Vec<f32> = if k0 == 0 {
+                    &mut dx
+                } else {
+                    dnext.get_or_insert_with(|| vec![0.0; bsz * prev_len * d])
+                };
+                for b in 0..bsz {
+                    let dst = &mut target[b * prev_len * d..(b * prev_len + len) * d];
+                    for (a, g) in dst.iter_mut().zip(&dh_rows[b * len * d..(b + 1) * len * d]) {
+                        *a += g;
+                    }
+                }
+            }
+        }
+
+        // blocks backward
+        for (b, st) in self.blocks.iter().zip(stashes).rev() {
+            dx = b.backward(p, dx, st, rows, &table, q);
+        }
+        q.push(WeightGrad::Embedding { w: self.embed, ids, dy: dx });
+        stats
+    }
+
+    /// Number of trainable values.
+    pub fn num_params(&self) -> usize {
+        self.params.numel_trainable()
+    }
+
+    /// All MoE layers in order (main then MTP), for the bias update.
+    pub fn moe_biases(&self) -> Vec<ParamId> {
+        let mut out = Vec::new();
+        for b in self.blocks.iter().chain(self.mtp.iter().map(|m| &m.block)) {
+            if let super::layers::Ffn::Moe(m) = &b.ffn {
+                out.push(m.bias);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,144 @@
+//! Named parameter storage in Hugging Face naming, its gradients, and the deferred weight-gradient
+//! queue that lets every layer split its backward into input grad (B) and weight grad (W).
+
+use crate::ops::{embedding, linear, rmsnorm};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Index of a tensor in a `ParamStore`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ParamId(pub usize);
+
+/// How a tensor starts out.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Normal(f32),
+    Ones,
+    Zeros,
+}
+
+/// Every tensor of a model by name. Buffers (the routing bias) live here too, marked not trainable.
+#[derive(Clone, Debug, Default)]
+pub struct ParamStore {
+    pub names: Vec<String>,
+    pub tensors: Vec<Tensor>,
+    pub trainable: Vec<bool>,
+    index: BTreeMap<String, ParamId>,
+}
+
+impl ParamStore {
+    /// Adds a tensor; its initial values come from a stream seeded by (seed, name), so they do not
+    /// depend on the order tensors are created in.
+    pub fn add(&mut self, name: String, shape: &[usize], init: Init, trainable: bool, seed: u64) -> ParamId {
+        assert!(!self.index.contains_key(&name), "duplicate parameter {name}");
+        let n: usize = shape.iter().product();
+        let data = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal(std) => {
+                let mut rng = Rng::stream(seed, &name);
+                (0..n).map(|_| rng.normal() * std).collect()
+            }
+        };
+        let id = ParamId(self.tensors.len());
+        self.index.insert(name.clone(), id);
+        self.names.push(name);
+        self.tensors.push(Tensor::from_vec(shape, data));
+        self.trainable.push(trainable);
+        id
+    }
+
+    pub fn get(&self, id: ParamId) -> &[f32] {
+        &self.tensors[id.0].data
+    }
+
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.index.get(name).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Number of trainable values.
+    pub fn numel_trainable(&self) -> usize {
+        self.tensors.iter().zip(&self.trainable).filter(|(_, t)| **t).map(|(x, _)| x.numel()).sum()
+    }
+
+    /// Ids sorted by name (the canonical order for hashing and checkpoints).
+    pub fn ids_by_name(&self) -> impl Iterator<Item = ParamId> + '_ {
+        self.index.values().copied()
+    }
+
+    /// SHA-256 over every tensor's little-endian f32 bytes, tensors in name order (buffers included).
+    pub fn sha256(&self) -> String {
+        let mut h = Sha256::new();
+        for id in self.ids_by_name() {
+            for v in &self.tensors[id.0].data {
+                h.update(v.to_le_bytes());
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Zero-filled gradients shaped like the parameters.
+    pub fn zeros_like(&self) -> Vec<Tensor> {
+        self.tensors.iter().map(|t| Tensor::zeros(&t.shape)).collect()
+    }
+}
+
+/// One deferred weight-gradient computation, queued by a layer's `backward_input`.
+#[derive(Clone, Debug)]
+pub enum WeightGrad {
+    /// dW += dyᵀ·x for y = x·Wᵀ
+    Linear { w: ParamId, dy: Vec<f32>, x: Arc<Vec<f32>> },
+    /// dw += Σ dy ⊙ x·rstd
+    RmsNorm { w: ParamId, dy: Vec<f32>, x: Arc<Vec<f32>>, rstd: Arc<Vec<f32>> },
+    /// dtable[ids] += dy
+    Embedding { w: ParamId, ids: Arc<Vec<u32>>, dy: Vec<f32> },
+}
+
+/// Weight gradients waiting to run (DualPipe's W steps pop them; the plain loop runs them at once).
+#[derive(Debug, Default)]
+pub struct WeightGradQueue {
+    pub jobs: Vec<WeightGrad>,
+}
+
+impl WeightGradQueue {
+    pub fn push(&mut self, job: WeightGrad) {
+        self.jobs.push(job);
+    }
+
+    /// Runs every queued job in queue order, accumulating into `grads`.
+    pub fn run(&mut self, params: &ParamStore, grads: &mut [Tensor]) {
+        for job in self.jobs.drain(..) {
+            run_weight_grad(job, params, grads);
+        }
+    }
+}
+
+fn run_weight_grad(job: WeightGrad, params: &ParamStore, grads: &mut [Tensor]) {
+    match job {
+        WeightGrad::Linear { w, dy, x } => {
+            let shape = &params.tensors[w.0].shape;
+            let (d_out, d_in) = (shape[0], shape[1]);
+            let n = x.len() / d_in;
+            linear::backward_weight(&mut grads[w.0].data, &dy, &x, n, d_in, d_out);
+        }
+        WeightGrad::RmsNorm { w, dy, x, rstd } => {
+            let d = params.tensors[w.0].numel();
+            rmsnorm::backward_weight(&mut grads[w.0].data, &dy, &x, &rstd, d);
+        }
+        WeightGrad::Embedding { w, ids, dy } => {
+            let d = params.tensors[w.0].shape[1];
+            embedding::backward_weight(&mut grads[w.0].data, &ids, &dy, d);
+        }
+    }
+}
