@@ -1,2 +1,6 @@
-//! Keeping state: training data (synthetic corpus, token files), checkpoints and the run journal.
+//! Keeping state: training data (synthetic corpus, token files), Hugging Face weights, metrics.
 //! Everything a run reads from or writes to disk goes through this crate.
+
+pub mod dataset;
+pub mod hf;
+pub mod metrics;
