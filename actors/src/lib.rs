@@ -1,2 +1,4 @@
 //! Coordinating training: the training loop, pipeline schedules and the state machines that decide.
 //! Actor shells (ractor) sit on top of the plain state machines here.
+
+pub mod schedule;
