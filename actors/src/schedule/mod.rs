@@ -41,6 +41,7 @@
 mod check;
 mod dualpipe;
 mod one_f_one_b;
+mod timeline;
 mod zb1p;
 
 use std::fmt;
@@ -51,6 +52,7 @@ use serde::Serialize;
 
 pub use check::{Blocked, CheckReport, RankCheck, check};
 pub use dualpipe::step_counts;
+pub use timeline::{Costs, Span, Timeline, timeline};
 
 /// Which pipeline schedule to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
