@@ -41,8 +41,10 @@
 mod check;
 mod dualpipe;
 mod one_f_one_b;
+mod render;
 mod timeline;
 mod zb1p;
+
 
 use std::fmt;
 use std::ops::Range;
@@ -52,6 +54,7 @@ use serde::Serialize;
 
 pub use check::{Blocked, CheckReport, RankCheck, check};
 pub use dualpipe::step_counts;
+pub use render::{report, svg};
 pub use timeline::{Costs, Span, Timeline, timeline};
 
 /// Which pipeline schedule to build.
