@@ -45,6 +45,8 @@ mod render;
 mod timeline;
 mod zb1p;
 
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::ops::Range;
