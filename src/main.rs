@@ -1,4 +1,144 @@
 //! The `phalanx` command line: parses flags and hands work to the library crates.
 //! Nothing here computes, moves bytes or keeps state.
 
-fn main() {}
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+mod commands;
+
+/// phalanx: fault-tolerant DeepSeek-V3 training as a formation of supervised actors.
+#[derive(Parser, Debug)]
+#[command(name = "phalanx", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a DeepSeek-V3 model (defaults: configs/tiny.toml on the built-in synthetic corpus).
+    Train(TrainArgs),
+    /// Mean main-head cross-entropy of a Hugging Face model over a u32 token file.
+    Eval(EvalArgs),
+    /// Print and draw a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev).
+    Schedule(commands::ScheduleArgs),
+    /// Measure training throughput against this machine's GEMM peak.
+    Bench(commands::BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Model + training config (TOML with Hugging Face DeepseekV3Config keys and a [training] table).
+    #[arg(long, default_value = "configs/tiny.toml")]
+    config: PathBuf,
+    /// Number of optimizer steps (default: the config's training.steps).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Seed of initialisation, data order and synthetic corpus.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sequences per step (default: training.batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per sequence (default: training.seq_len).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Peak learning rate (default: training.lr).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// γ of the auxiliary-loss-free bias update (default: training.bias_update_speed; 0 disables).
+    #[arg(long)]
+    bias_update_speed: Option<f32>,
+    /// Token file: raw text (bytes), .bin/.u16 (u16, llm.c header understood) or .u32. Default: synthetic corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// How to read --data: auto (by extension), text, u16, u32.
+    #[arg(long, default_value = "auto")]
+    data_format: String,
+    /// Directory for metrics.jsonl.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Write the end-of-run summary JSON here (also printed).
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    /// Start from a Hugging Face DeepseekV3 directory (config.json + model.safetensors).
+    #[arg(long)]
+    init_from_hf: Option<PathBuf>,
+    /// Numeric precision of the Linear layers. Only f32 is implemented so far.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face DeepseekV3 directory (config.json + model.safetensors, fp32 or bf16).
+    #[arg(long)]
+    hf: PathBuf,
+    /// Little-endian u32 token file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens per window; windows of seq-len+1 tokens are taken from the start, the last partial dropped.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "phalanx=info,actors=info,warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let mut cli = Cli::parse();
+    if cli.command.is_none() {
+        // `phalanx` alone runs the main job on its defaults, as `phalanx train` does
+        cli = Cli::parse_from(["phalanx", "train"]);
+    }
+    let result = match cli.command {
+        None => unreachable!("filled in above"),
+        Some(Command::Train(a)) => train(a),
+        Some(Command::Eval(a)) => commands::eval(a),
+        Some(Command::Schedule(a)) => commands::schedule(a),
+        Some(Command::Bench(a)) => commands::bench(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let opts = commands::train_options(&a)?;
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(opts.config.training.steps)
+    } else {
+        ProgressBar::with_draw_target(Some(opts.config.training.steps), ProgressDrawTarget::hidden())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .context("progress bar template")?,
+    );
+    let mut last_eval = f64::NAN;
+    let summary = actors::trainer::train(&opts, |r, total| {
+        if let Some(e) = r.eval_loss {
+            last_eval = e;
+            tracing::info!(step = r.step, loss = format!("{:.4}", r.loss), eval_loss = format!("{e:.4}"), tokens_per_s = format!("{:.0}", r.tokens_per_s), "eval");
+        }
+        bar.set_position(r.step);
+        bar.set_message(format!("loss {:.4}  eval {:.4}  {:.0} tok/s", r.loss, last_eval, r.tokens_per_s));
+        if r.step == total {
+            bar.finish_and_clear();
+        }
+    })?;
+    let json = serde_json::to_string_pretty(&summary)?;
+    if let Some(p) = &a.summary_json {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::write(p, &json).with_context(|| format!("cannot write summary {}", p.display()))?;
+    }
+    println!("{json}");
+    if a.precision != "f32" {
+        bail!("unreachable: precision checked before training");
+    }
+    Ok(())
+}

@@ -1,4 +1,5 @@
 //! Coordinating training: the training loop, pipeline schedules and the state machines that decide.
 //! Actor shells (ractor) sit on top of the plain state machines here.
 
+pub mod trainer;
 pub mod schedule;

@@ -1,0 +1,100 @@
+//! The subcommands behind `phalanx`: turning flags into library calls and printing results.
+//! Only argument handling and output formatting live here.
+
+use crate::{EvalArgs, TrainArgs};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kernels::model::{Batch, RunConfig};
+use std::path::PathBuf;
+use storage::dataset::{DataFormat, Dataset};
+
+pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
+    if a.precision != "f32" {
+        bail!("--precision {}: only f32 is implemented so far (fp8 training is not built yet)", a.precision);
+    }
+    let mut config = RunConfig::load(&a.config)?;
+    let t = &mut config.training;
+    if let Some(s) = a.steps {
+        t.steps = s;
+    }
+    if let Some(b) = a.batch_size {
+        t.batch_size = b;
+    }
+    if let Some(s) = a.seq_len {
+        t.seq_len = s;
+    }
+    if let Some(lr) = a.lr {
+        t.lr = lr;
+    }
+    if let Some(g) = a.bias_update_speed {
+        t.bias_update_speed = g;
+    }
+    let file = a.config.display().to_string();
+    t.validate(&file).context("after applying command-line flags")?;
+    if t.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let data_format: DataFormat = a.data_format.parse().map_err(anyhow::Error::msg).context("--data-format")?;
+    Ok(actors::trainer::TrainOptions {
+        config,
+        config_path: file,
+        seed: a.seed,
+        data: a.data.clone(),
+        data_format,
+        out_dir: a.out.clone(),
+        init_from_hf: a.init_from_hf.clone(),
+    })
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    if a.seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
+    let (model, report) = storage::hf::load_dir(&a.hf, 0)?;
+    tracing::info!(loaded = report.loaded, "loaded {}", a.hf.display());
+    let data = Dataset::open(&a.data, DataFormat::U32, model.cfg.vocab_size)?;
+    let tokens = data.all_tokens();
+    let w = a.seq_len + 1;
+    let windows = tokens.len() / w;
+    if windows == 0 {
+        bail!("{}: {} tokens is shorter than one window of {w}", a.data.display(), tokens.len());
+    }
+    let mut total = 0.0;
+    for chunk in tokens[..windows * w].chunks_exact(w) {
+        total += model.eval_loss(&Batch::from_windows(chunk, 1, a.seq_len));
+    }
+    println!("windows={windows} seq_len={}", a.seq_len);
+    println!("loss={:.6}", total / windows as f64);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ScheduleArgs {
+    /// 1f1b, zb1p, dualpipe or dualpipev.
+    #[arg(long)]
+    kind: String,
+    /// Pipeline ranks.
+    #[arg(long)]
+    ranks: usize,
+    /// Micro-batches per step.
+    #[arg(long)]
+    microbatches: usize,
+    /// Write a Gantt chart SVG here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+pub fn schedule(a: ScheduleArgs) -> Result<()> {
+    bail!("schedule {} not wired yet ({} ranks, {} micro-batches, svg {:?})", a.kind, a.ranks, a.microbatches, a.svg)
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure: train.
+    #[arg(default_value = "train")]
+    what: String,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    bail!("bench {} not built yet", a.what)
+}
