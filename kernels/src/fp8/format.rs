@@ -123,14 +123,14 @@ fn encode_with(x: f32, saturate: bool, s: &Spec) -> u8 {
 
 /// f32 → E4M3 code, round-to-nearest-even; `saturate` clamps overflow (and ±Inf) to ±448,
 /// otherwise overflow gives NaN. NaN stays NaN (0x7F / 0xFF).
-#[inline]
+#[inline(always)]
 pub fn encode_e4m3(x: f32, saturate: bool) -> u8 {
     encode_with(x, saturate, &E4M3_SPEC)
 }
 
 /// f32 → E5M2 code, round-to-nearest-even; `saturate` clamps overflow (and ±Inf) to ±57344,
 /// otherwise overflow gives ±Inf. NaN gives 0x7E / 0xFE.
-#[inline]
+#[inline(always)]
 pub fn encode_e5m2(x: f32, saturate: bool) -> u8 {
     encode_with(x, saturate, &E5M2_SPEC)
 }
@@ -189,13 +189,13 @@ pub(crate) fn decode_e4m3_arith(code: u8) -> f32 {
 }
 
 /// E4M3 code → f32 (exact).
-#[inline]
+#[inline(always)]
 pub fn decode_e4m3(code: u8) -> f32 {
     E4M3_LUT[code as usize]
 }
 
 /// E5M2 code → f32 (exact).
-#[inline]
+#[inline(always)]
 pub fn decode_e5m2(code: u8) -> f32 {
     E5M2_LUT[code as usize]
 }

@@ -4,7 +4,10 @@
 //! For each K block: partial = A_blk·B_blk computed by `crate::matmul` in f32 on the decoded
 //! codes (exact FP8 values, unscaled), then acc += partial · a_scale · b_scale, with the scales of
 //! that K block (per row / column of the activation side, per block or column of the other).
-//! Shapes follow a Linear y = x·Wᵀ with x `[n, d_in]`, W `[d_out, d_in]`.
+//! Shapes follow a Linear y = x·Wᵀ with x `[n, d_in]`, W `[d_out, d_in]`. The second operand is
+//! decoded once (an f32 copy of its codes); the output is computed 128 rows at a time in parallel.
+
+use rayon::prelude::*;
 
 use super::format::decode_e4m3_arith;
 use super::quant::{
@@ -12,22 +15,116 @@ use super::quant::{
 };
 use crate::matmul;
 
-/// dst `[rows, c1−c0]` = decoded codes `[rows, c0..c1]` of a row-major matrix with `cols` columns.
-fn decode_cols(codes: &[u8], rows: usize, cols: usize, c0: usize, c1: usize, dst: &mut [f32]) {
+/// Output rows computed together: a chunk's partial product and accumulator stay in cache across
+/// the K blocks, and chunks run in parallel. Every output element's arithmetic is the same
+/// whatever the thread count.
+const ROWS: usize = 128;
+
+simd_fn!(fn decode_sub(codes: &[u8], cols: usize, r0: usize, r1: usize, c0: usize, c1: usize, dst: &mut [f32]) => decode_sub_body);
+
+/// dst `[r1−r0, c1−c0]` = the decoded (unscaled) sub-matrix rows r0..r1, columns c0..c1 of a
+/// row-major code matrix with `cols` columns.
+#[inline(always)]
+fn decode_sub_body(
+    codes: &[u8],
+    cols: usize,
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    c1: usize,
+    dst: &mut [f32],
+) {
     let w = c1 - c0;
-    for r in 0..rows {
-        let src = &codes[r * cols + c0..r * cols + c1];
-        for (d, &c) in dst[r * w..(r + 1) * w].iter_mut().zip(src) {
-            *d = decode_e4m3_arith(c);
+    for (r, d) in (r0..r1).zip(dst.chunks_exact_mut(w)) {
+        for (v, &c) in d.iter_mut().zip(&codes[r * cols + c0..r * cols + c1]) {
+            *v = decode_e4m3_arith(c);
         }
     }
 }
 
-/// dst `[r1−r0, cols]` = decoded rows r0..r1 of a row-major matrix with `cols` columns.
-fn decode_rows(codes: &[u8], cols: usize, r0: usize, r1: usize, dst: &mut [f32]) {
-    for (d, &c) in dst.iter_mut().zip(&codes[r0 * cols..r1 * cols]) {
-        *d = decode_e4m3_arith(c);
+simd_fn!(fn promote(out: &mut [f32], part: &[f32], sa: &[f32], sb: &[f32]) => promote_body);
+
+/// The promotion step: out[i, j] += part[i, j] · sa[i] · sb[j] for out, part `[sa.len(), sb.len()]`.
+#[inline(always)]
+fn promote_body(out: &mut [f32], part: &[f32], sa: &[f32], sb: &[f32]) {
+    let n = sb.len();
+    for ((or, pr), &a) in out.chunks_exact_mut(n).zip(part.chunks_exact(n)).zip(sa) {
+        for ((v, &p), &b) in or.iter_mut().zip(pr).zip(sb) {
+            *v += p * a * b;
+        }
     }
+}
+
+/// The loop shared by the three orientations:
+/// out `[m, n]` = Σ_kb (A_kb · B_kb)[i, j] · sa[kb·m + i] · sb[kb·n + j].
+/// A's codes are `[m, k]` row-major, or `[k, m]` when `a_trans`; B_kb = `b_dec[kb]` is decoded
+/// already, `[n, kw]` when `b_trans` else `[kw, n]`.
+#[allow(clippy::too_many_arguments)]
+fn promoted_gemm(
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    a_codes: &[u8],
+    a_trans: bool,
+    b_dec: &[Vec<f32>],
+    b_trans: bool,
+    sa: &[f32],
+    sb: &[f32],
+) {
+    out.fill(0.0);
+    if m == 0 || n == 0 {
+        return;
+    }
+    out.par_chunks_mut(ROWS * n)
+        .enumerate()
+        .for_each(|(chunk, out_c)| {
+            let (i0, mc) = (chunk * ROWS, out_c.len() / n);
+            let mut a = vec![0f32; mc * TILE.min(k)];
+            let mut part = vec![0f32; mc * n];
+            for (kb, b) in b_dec.iter().enumerate() {
+                let (k0, k1) = (kb * TILE, ((kb + 1) * TILE).min(k));
+                let kw = k1 - k0;
+                let a = &mut a[..mc * kw];
+                if a_trans {
+                    decode_sub(a_codes, m, k0, k1, i0, i0 + mc, a);
+                } else {
+                    decode_sub(a_codes, k, i0, i0 + mc, k0, k1, a);
+                }
+                matmul(&mut part, a, b, mc, kw, n, a_trans, b_trans, false);
+                promote(
+                    out_c,
+                    &part,
+                    &sa[kb * m + i0..kb * m + i0 + mc],
+                    &sb[kb * n..(kb + 1) * n],
+                );
+            }
+        });
+}
+
+/// The K blocks of a code matrix decoded (unscaled): `[n, kw]` slices of columns of a `[n, k]`
+/// matrix when `by_cols`, else `[kw, n]` slices of rows of a `[k, n]` matrix.
+fn decode_k_blocks(codes: &[u8], k: usize, n: usize, by_cols: bool) -> Vec<Vec<f32>> {
+    (0..k.div_ceil(TILE))
+        .into_par_iter()
+        .map(|kb| {
+            let (k0, k1) = (kb * TILE, ((kb + 1) * TILE).min(k));
+            let mut dst = vec![0f32; (k1 - k0) * n];
+            if by_cols {
+                decode_sub(codes, k, 0, n, k0, k1, &mut dst);
+            } else {
+                decode_sub(codes, n, k0, k1, 0, n, &mut dst);
+            }
+            dst
+        })
+        .collect()
+}
+
+/// A `[rows, kbs]` scale grid (1×128 tiles along K) turned K-block-major: `[kbs, rows]`.
+fn scales_by_k_block(scales: &[f32], rows: usize, kbs: usize) -> Vec<f32> {
+    (0..kbs)
+        .flat_map(|kb| (0..rows).map(move |i| scales[i * kbs + kb]))
+        .collect()
 }
 
 fn check(t: &Fp8Tensor, layout: ScaleLayout, what: &str) {
@@ -36,17 +133,19 @@ fn check(t: &Fp8Tensor, layout: ScaleLayout, what: &str) {
         "{what} must be quantised in {layout:?}, got {:?}",
         t.layout
     );
+    let (r, c) = (t.rows, t.cols);
     assert_eq!(
         t.codes.len(),
-        t.rows * t.cols,
-        "{what}: codes do not match {}x{}",
-        t.rows,
-        t.cols
+        r * c,
+        "{what}: {} codes for {r}x{c}",
+        t.codes.len()
     );
+    let ns = layout.num_scales(r, c);
     assert_eq!(
         t.scales.len(),
-        layout.num_scales(t.rows, t.cols),
-        "{what}: wrong number of scales"
+        ns,
+        "{what}: {} scales, want {ns}",
+        t.scales.len()
     );
 }
 
@@ -67,38 +166,14 @@ pub fn fp8_gemm_fprop(y: &mut [f32], x: &Fp8Tensor, w: &Fp8Tensor) {
         "fprop: y has {} values, want {m}x{n}",
         y.len()
     );
-    y.fill(0.0);
     let kbs = k.div_ceil(TILE);
-    let mut a = vec![0f32; m * TILE.min(k)];
-    let mut b = vec![0f32; n * TILE.min(k)];
-    let mut part = vec![0f32; m * n];
-    for kb in 0..kbs {
-        let (k0, k1) = (kb * TILE, ((kb + 1) * TILE).min(k));
-        let kw = k1 - k0;
-        decode_cols(&x.codes, m, k, k0, k1, &mut a[..m * kw]);
-        decode_cols(&w.codes, n, k, k0, k1, &mut b[..n * kw]);
-        matmul(
-            &mut part,
-            &a[..m * kw],
-            &b[..n * kw],
-            m,
-            kw,
-            n,
-            false,
-            true,
-            false,
-        );
-        for i in 0..m {
-            let sa = x.scales[i * kbs + kb];
-            let (yr, pr) = (&mut y[i * n..(i + 1) * n], &part[i * n..(i + 1) * n]);
-            for (nb, (yt, pt)) in yr.chunks_mut(TILE).zip(pr.chunks(TILE)).enumerate() {
-                let sb = w.scales[nb * kbs + kb];
-                for (v, &p) in yt.iter_mut().zip(pt) {
-                    *v += p * sa * sb;
-                }
-            }
-        }
-    }
+    let sa = scales_by_k_block(&x.scales, m, kbs);
+    // W's [⌈n/128⌉, kbs] block scales, spread to one per output column per K block.
+    let sb: Vec<f32> = (0..kbs * n)
+        .map(|q| w.scales[(q % n / TILE) * kbs + q / n])
+        .collect();
+    let b = decode_k_blocks(&w.codes, k, n, true);
+    promoted_gemm(y, m, k, n, &x.codes, false, &b, true, &sa, &sb);
 }
 
 /// Dgrad: dx `[n, d_in]` = dy `[n, d_out]` · W with dy in 1×128 tiles and W `[d_out, d_in]` in
@@ -118,39 +193,14 @@ pub fn fp8_gemm_dgrad(dx: &mut [f32], dy: &Fp8Tensor, w: &Fp8Tensor) {
         "dgrad: dx has {} values, want {m}x{n}",
         dx.len()
     );
-    dx.fill(0.0);
-    let kbs = k.div_ceil(TILE);
-    let nbs = n.div_ceil(TILE);
-    let mut a = vec![0f32; m * TILE.min(k)];
-    let mut b = vec![0f32; TILE.min(k) * n];
-    let mut part = vec![0f32; m * n];
-    for kb in 0..kbs {
-        let (k0, k1) = (kb * TILE, ((kb + 1) * TILE).min(k));
-        let kw = k1 - k0;
-        decode_cols(&dy.codes, m, k, k0, k1, &mut a[..m * kw]);
-        decode_rows(&w.codes, n, k0, k1, &mut b[..kw * n]);
-        matmul(
-            &mut part,
-            &a[..m * kw],
-            &b[..kw * n],
-            m,
-            kw,
-            n,
-            false,
-            false,
-            false,
-        );
-        let wsc = &w.scales[kb * nbs..(kb + 1) * nbs];
-        for i in 0..m {
-            let sa = dy.scales[i * kbs + kb];
-            let (yr, pr) = (&mut dx[i * n..(i + 1) * n], &part[i * n..(i + 1) * n]);
-            for ((yt, pt), &sb) in yr.chunks_mut(TILE).zip(pr.chunks(TILE)).zip(wsc) {
-                for (v, &p) in yt.iter_mut().zip(pt) {
-                    *v += p * sa * sb;
-                }
-            }
-        }
-    }
+    let (kbs, nbs) = (k.div_ceil(TILE), n.div_ceil(TILE));
+    let sa = scales_by_k_block(&dy.scales, m, kbs);
+    // W's [kbs, ⌈n/128⌉] block scales, spread to one per output column per K block.
+    let sb: Vec<f32> = (0..kbs * n)
+        .map(|q| w.scales[q / n * nbs + q % n / TILE])
+        .collect();
+    let b = decode_k_blocks(&w.codes, k, n, false);
+    promoted_gemm(dx, m, k, n, &dy.codes, false, &b, false, &sa, &sb);
 }
 
 /// Wgrad: dW `[d_out, d_in]` = dyᵀ · x with dy `[n, d_out]` and x `[n, d_in]` both in 128×1 tiles
@@ -170,36 +220,11 @@ pub fn fp8_gemm_wgrad(dw: &mut [f32], dy: &Fp8Tensor, x: &Fp8Tensor) {
         "wgrad: dW has {} values, want {m}x{n}",
         dw.len()
     );
-    dw.fill(0.0);
-    let kbs = k.div_ceil(TILE);
-    let mut a = vec![0f32; TILE.min(k) * m];
-    let mut b = vec![0f32; TILE.min(k) * n];
-    let mut part = vec![0f32; m * n];
-    for kb in 0..kbs {
-        let (k0, k1) = (kb * TILE, ((kb + 1) * TILE).min(k));
-        let kw = k1 - k0;
-        decode_rows(&dy.codes, m, k0, k1, &mut a[..kw * m]);
-        decode_rows(&x.codes, n, k0, k1, &mut b[..kw * n]);
-        matmul(
-            &mut part,
-            &a[..kw * m],
-            &b[..kw * n],
-            m,
-            kw,
-            n,
-            true,
-            false,
-            false,
-        );
-        let bsc = &x.scales[kb * n..(kb + 1) * n];
-        for i in 0..m {
-            let sa = dy.scales[kb * m + i];
-            let (yr, pr) = (&mut dw[i * n..(i + 1) * n], &part[i * n..(i + 1) * n]);
-            for ((v, &p), &sb) in yr.iter_mut().zip(pr).zip(bsc) {
-                *v += p * sa * sb;
-            }
-        }
-    }
+    // 128×1 scale grids are K-block-major already: [⌈k/128⌉, m] and [⌈k/128⌉, n].
+    let b = decode_k_blocks(&x.codes, k, n, false);
+    promoted_gemm(
+        dw, m, k, n, &dy.codes, true, &b, false, &dy.scales, &x.scales,
+    );
 }
 
 /// y `[n, d_out]` = x `[n, d_in]` · Wᵀ through FP8: x in 1×128 tiles, W in 128×128 blocks.
@@ -422,7 +447,12 @@ mod tests {
 
     #[test]
     fn bf16_output_rounds_the_accumulator_once() {
-        let y = [1.0f32, 1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), -3.0e-3];
+        let y = [
+            1.0f32,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            -3.0e-3,
+        ];
         let b = to_bf16(&y);
         assert_eq!(b[0].to_f32(), 1.0);
         assert_eq!(b[1].to_f32(), 1.0); // tie → even

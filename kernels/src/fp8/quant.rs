@@ -7,7 +7,7 @@
 //! not multiples of 128 behave as if zero-padded: the padding never raises amax and is not stored.
 //! A NaN in a group gives that group's amax NaN bits, hence NaN codes for the whole group.
 
-use super::format::{E4M3_LUT, E4M3_MAX, encode_e4m3_scaled};
+use super::format::{E4M3_MAX, decode_e4m3_arith, encode_e4m3, encode_e4m3_scaled};
 
 /// Width of a tile and side of a block.
 pub const TILE: usize = 128;
@@ -151,23 +151,13 @@ fn empty(rows: usize, cols: usize, layout: ScaleLayout) -> Fp8Tensor {
 
 /// Activations: one scale per row per 128 columns.
 pub fn quantize_1x128(x: &[f32], rows: usize, cols: usize, fmt: ScaleFormat) -> Fp8Tensor {
-    check_shape(x, rows, cols, "quantize_1x128");
     let mut t = empty(rows, cols, ScaleLayout::Tile1x128);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-    {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { quantize_1x128_avx512(x, rows, cols, fmt, &mut t.codes, &mut t.scales) };
-        return t;
-    }
-    quantize_1x128_body(x, rows, cols, fmt, &mut t.codes, &mut t.scales);
+    quantize_1x128_into(x, rows, cols, fmt, &mut t.codes, &mut t.scales);
     t
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn quantize_1x128_avx512(
+/// `quantize_1x128` into caller-owned buffers: codes `[rows, cols]`, scales `[rows, ⌈cols/128⌉]`.
+pub fn quantize_1x128_into(
     x: &[f32],
     rows: usize,
     cols: usize,
@@ -175,8 +165,24 @@ fn quantize_1x128_avx512(
     codes: &mut [u8],
     scales: &mut [f32],
 ) {
-    quantize_1x128_body(x, rows, cols, fmt, codes, scales);
+    check_shape(x, rows, cols, "quantize_1x128");
+    assert_eq!(
+        codes.len(),
+        rows * cols,
+        "quantize_1x128: {} codes for {rows}x{cols}",
+        codes.len()
+    );
+    let ns = ScaleLayout::Tile1x128.num_scales(rows, cols);
+    assert_eq!(
+        scales.len(),
+        ns,
+        "quantize_1x128: {} scales, want {ns}",
+        scales.len()
+    );
+    quantize_1x128_kernel(x, rows, cols, fmt, codes, scales);
 }
+
+simd_fn!(fn quantize_1x128_kernel(x: &[f32], rows: usize, cols: usize, fmt: ScaleFormat, codes: &mut [u8], scales: &mut [f32]) => quantize_1x128_body);
 
 #[inline(always)]
 fn quantize_1x128_body(
@@ -203,68 +209,116 @@ fn quantize_1x128_body(
 pub fn quantize_128x1(x: &[f32], rows: usize, cols: usize, fmt: ScaleFormat) -> Fp8Tensor {
     check_shape(x, rows, cols, "quantize_128x1");
     let mut t = empty(rows, cols, ScaleLayout::Tile128x1);
+    quantize_128x1_kernel(x, rows, cols, fmt, &mut t.codes, &mut t.scales);
+    t
+}
+
+simd_fn!(fn quantize_128x1_kernel(x: &[f32], rows: usize, cols: usize, fmt: ScaleFormat, codes: &mut [u8], scales: &mut [f32]) => quantize_128x1_body);
+
+/// Column amax over each 128-row band, then each row encoded with its columns' inverses.
+#[inline(always)]
+fn quantize_128x1_body(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    fmt: ScaleFormat,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) {
     let mut col_amax = vec![0u32; cols];
     let mut col_inv = vec![0f32; cols];
     for rb in 0..rows.div_ceil(TILE) {
         let (r0, r1) = (rb * TILE, ((rb + 1) * TILE).min(rows));
-        col_amax.iter_mut().for_each(|m| *m = 0);
+        col_amax.fill(0);
         for r in r0..r1 {
             for (m, &v) in col_amax.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
                 *m = (*m).max(v.to_bits() & 0x7FFF_FFFF);
             }
         }
-        let srow = &mut t.scales[rb * cols..(rb + 1) * cols];
+        let srow = &mut scales[rb * cols..(rb + 1) * cols];
         for ((s, inv), &m) in srow.iter_mut().zip(col_inv.iter_mut()).zip(&col_amax) {
             *s = scale_from_amax(f32::from_bits(m), fmt);
             *inv = 1.0 / *s;
         }
         for r in r0..r1 {
-            let xr = &x[r * cols..(r + 1) * cols];
-            for ((c, &v), &inv) in t.codes[r * cols..(r + 1) * cols]
-                .iter_mut()
-                .zip(xr)
-                .zip(&col_inv)
-            {
-                *c = super::format::encode_e4m3(v * inv, true);
+            let (xr, cr) = (
+                &x[r * cols..(r + 1) * cols],
+                &mut codes[r * cols..(r + 1) * cols],
+            );
+            for ((c, &v), &inv) in cr.iter_mut().zip(xr).zip(&col_inv) {
+                *c = encode_e4m3(v * inv, true);
             }
         }
     }
-    t
 }
 
 /// Weights: one scale per 128×128 block.
 pub fn quantize_128x128(x: &[f32], rows: usize, cols: usize, fmt: ScaleFormat) -> Fp8Tensor {
     check_shape(x, rows, cols, "quantize_128x128");
     let mut t = empty(rows, cols, ScaleLayout::Block128x128);
+    quantize_128x128_kernel(x, rows, cols, fmt, &mut t.codes, &mut t.scales);
+    t
+}
+
+simd_fn!(fn quantize_128x128_kernel(x: &[f32], rows: usize, cols: usize, fmt: ScaleFormat, codes: &mut [u8], scales: &mut [f32]) => quantize_128x128_body);
+
+/// Block amax over each 128-row band's column blocks, then rows encoded tile by tile.
+#[inline(always)]
+fn quantize_128x128_body(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    fmt: ScaleFormat,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) {
     let nb = cols.div_ceil(TILE);
+    let mut blk_amax = vec![0f32; nb];
     let mut blk_inv = vec![0f32; nb];
     for rb in 0..rows.div_ceil(TILE) {
         let (r0, r1) = (rb * TILE, ((rb + 1) * TILE).min(rows));
-        let srow = &mut t.scales[rb * nb..(rb + 1) * nb];
-        for (cb, s) in srow.iter_mut().enumerate() {
-            let (c0, c1) = (cb * TILE, ((cb + 1) * TILE).min(cols));
-            let m = (r0..r1)
-                .map(|r| amax(&x[r * cols + c0..r * cols + c1]))
-                .fold(0.0f32, |a, b| if b.to_bits() > a.to_bits() { b } else { a });
+        blk_amax.fill(0.0);
+        for r in r0..r1 {
+            for (m, xt) in blk_amax
+                .iter_mut()
+                .zip(x[r * cols..(r + 1) * cols].chunks(TILE))
+            {
+                let a = amax(xt);
+                if a.to_bits() > m.to_bits() {
+                    *m = a;
+                }
+            }
+        }
+        let srow = &mut scales[rb * nb..(rb + 1) * nb];
+        for ((s, inv), &m) in srow.iter_mut().zip(blk_inv.iter_mut()).zip(&blk_amax) {
             *s = scale_from_amax(m, fmt);
-            blk_inv[cb] = 1.0 / *s;
+            *inv = 1.0 / *s;
         }
         for r in r0..r1 {
-            let xr = &x[r * cols..(r + 1) * cols];
-            let cr = &mut t.codes[r * cols..(r + 1) * cols];
+            let (xr, cr) = (
+                &x[r * cols..(r + 1) * cols],
+                &mut codes[r * cols..(r + 1) * cols],
+            );
             for ((xt, ct), &inv) in xr.chunks(TILE).zip(cr.chunks_mut(TILE)).zip(&blk_inv) {
                 encode_e4m3_scaled(xt, inv, ct);
             }
         }
     }
-    t
 }
 
 /// The f32 values a tensor stands for: decode(code) · scale, row-major `[rows, cols]`.
 pub fn dequantize(t: &Fp8Tensor) -> Vec<f32> {
+    let mut y = vec![0f32; t.rows * t.cols];
+    dequantize_kernel(t, &mut y);
+    y
+}
+
+simd_fn!(fn dequantize_kernel(t: &Fp8Tensor, y: &mut [f32]) => dequantize_body);
+
+#[inline(always)]
+fn dequantize_body(t: &Fp8Tensor, y: &mut [f32]) {
     let (rows, cols) = (t.rows, t.cols);
     let (_, sc) = t.layout.scale_shape(rows, cols);
-    let mut y = vec![0f32; rows * cols];
     for r in 0..rows {
         let yr = &mut y[r * cols..(r + 1) * cols];
         let cr = &t.codes[r * cols..(r + 1) * cols];
@@ -278,19 +332,18 @@ pub fn dequantize(t: &Fp8Tensor) -> Vec<f32> {
                 let scales = &t.scales[srow * sc..(srow + 1) * sc];
                 for ((yt, ct), &s) in yr.chunks_mut(TILE).zip(cr.chunks(TILE)).zip(scales) {
                     for (v, &c) in yt.iter_mut().zip(ct) {
-                        *v = E4M3_LUT[c as usize] * s;
+                        *v = decode_e4m3_arith(c) * s;
                     }
                 }
             }
             ScaleLayout::Tile128x1 => {
                 let scales = &t.scales[(r / TILE) * cols..(r / TILE + 1) * cols];
                 for ((v, &c), &s) in yr.iter_mut().zip(cr).zip(scales) {
-                    *v = E4M3_LUT[c as usize] * s;
+                    *v = decode_e4m3_arith(c) * s;
                 }
             }
         }
     }
-    y
 }
 
 #[cfg(test)]
