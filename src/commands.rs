@@ -85,16 +85,70 @@ pub struct ScheduleArgs {
 }
 
 pub fn schedule(a: ScheduleArgs) -> Result<()> {
-    bail!("schedule {} not wired yet ({} ranks, {} micro-batches, svg {:?})", a.kind, a.ranks, a.microbatches, a.svg)
+    use actors::schedule;
+    let kind: schedule::ScheduleKind = a.kind.parse().context("--kind")?;
+    let s = schedule::build(kind, a.ranks, a.microbatches)?;
+    let report = schedule::check(&s)?;
+    let tl = schedule::timeline(&s, &schedule::Costs::EXAMPLE);
+    print!("{}", schedule::report(&s, &report, &tl));
+    if let Some(path) = &a.svg {
+        std::fs::write(path, schedule::svg(&tl)).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("Gantt chart written to {}", path.display());
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: train.
+    /// What to measure: train (training step throughput of tiny and small vs the GEMM peak).
     #[arg(default_value = "train")]
     what: String,
+    /// Configs to measure (default: configs/tiny.toml and configs/small.toml).
+    #[arg(long)]
+    config: Vec<PathBuf>,
+    /// Timed steps per config.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    bail!("bench {} not built yet", a.what)
+    if a.what != "train" {
+        bail!("unknown benchmark {:?}: expected `train`", a.what);
+    }
+    let configs = if a.config.is_empty() {
+        vec![PathBuf::from("configs/tiny.toml"), PathBuf::from("configs/small.toml")]
+    } else {
+        a.config.clone()
+    };
+    let peak = actors::bench::gemm_peak_gflops(2048, 5);
+    println!(
+        "machine GEMM peak: {peak:.1} GFLOP/s (f32 2048x2048x2048 through kernels::matmul = gemm 0.19, {} rayon threads)",
+        rayon_threads()
+    );
+    for c in &configs {
+        let r = actors::bench::train_step_throughput(c, a.batch_size, a.seq_len, a.steps, peak)?;
+        println!(
+            "{}: {} params, batch {}x{}: {:.0} tokens/s, {:.2} GFLOP/step of GEMM, {:.1} GFLOP/s achieved = {:.1}% of peak",
+            r.config,
+            r.parameters,
+            r.batch,
+            r.seq,
+            r.tokens_per_s,
+            r.gemm_gflop_per_step,
+            r.achieved_gflops,
+            100.0 * r.ratio_to_peak
+        );
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

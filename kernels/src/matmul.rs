@@ -2,6 +2,15 @@
 //! Every Linear forward, input-gradient and weight-gradient goes through `matmul`.
 
 use gemm::Parallelism;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Floating-point operations (2·m·n·k per call) executed by `matmul` since the process started.
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// The running total of GEMM FLOPs, for benchmarks (`phalanx bench`).
+pub fn flops_executed() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
 
 /// Below this many multiply-adds a GEMM runs on the calling thread.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
@@ -29,6 +38,7 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
+    FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     if k == 0 {
         if !accumulate {
             c.iter_mut().for_each(|v| *v = 0.0);
