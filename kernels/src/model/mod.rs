@@ -5,6 +5,7 @@ pub mod config;
 pub mod deepseek;
 pub mod layers;
 pub mod params;
+pub mod stage;
 
 pub use config::{ConfigError, ModelConfig, RunConfig, TrainingConfig};
 pub use deepseek::{Batch, DeepSeekV3, StepStats};
