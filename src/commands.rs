@@ -9,9 +9,7 @@ use std::path::PathBuf;
 use storage::dataset::{DataFormat, Dataset};
 
 pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
-    if a.precision != "f32" {
-        bail!("--precision {}: only f32 is implemented so far (fp8 training is not built yet)", a.precision);
-    }
+    let precision: kernels::model::Precision = a.precision.parse().map_err(anyhow::Error::msg).context("--precision")?;
     let mut config = RunConfig::load(&a.config)?;
     let t = &mut config.training;
     if let Some(s) = a.steps {
@@ -43,6 +41,7 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
         data_format,
         out_dir: a.out.clone(),
         init_from_hf: a.init_from_hf.clone(),
+        precision,
     })
 }
 

@@ -47,7 +47,7 @@ pub fn train_step_throughput(config: &Path, batch: usize, seq: usize, steps: usi
     let model = DeepSeekV3::new(&rc.model, t.init_std, 0);
     let parameters = model.num_params();
     let mut state = TrainState::new(model);
-    let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weight_decay: t.weight_decay };
+    let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weight_decay: t.weight_decay, bf16_moments: false };
     let data = storage::dataset::Dataset::synthetic(rc.model.vocab_size, 0, 1 << 18);
     let mut run = |step: u64| -> Result<()> {
         let w = data.train_batch(0, step, batch, seq).map_err(anyhow::Error::msg)?;

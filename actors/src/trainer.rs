@@ -2,7 +2,7 @@
 //! writing metrics and a summary. The actor formation drives the same pieces step by step.
 
 use anyhow::{Context, Result, bail};
-use kernels::model::{Batch, DeepSeekV3, RunConfig, StepStats};
+use kernels::model::{Batch, DeepSeekV3, Precision, RunConfig, StepStats};
 use kernels::ops::adamw::{self, AdamW, LrSchedule, Moments};
 use kernels::ops::balance;
 use kernels::tensor::Tensor;
@@ -22,6 +22,7 @@ pub struct TrainOptions {
     pub data_format: DataFormat,
     pub out_dir: PathBuf,
     pub init_from_hf: Option<PathBuf>,
+    pub precision: Precision,
 }
 
 /// One finished step, as logged to metrics.jsonl and shown on the progress bar.
@@ -150,9 +151,17 @@ pub fn train(opts: &TrainOptions, mut on_step: impl FnMut(&StepRecord, u64)) -> 
         }
         None => DeepSeekV3::new(&opts.config.model, t.init_std, opts.seed),
     };
-    tracing::info!(parameters = model.num_params(), "model built");
+    let mut model = model;
+    model.set_precision(opts.precision);
+    tracing::info!(parameters = model.num_params(), precision = ?opts.precision, "model built");
     let mut state = TrainState::new(model);
-    let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weight_decay: t.weight_decay };
+    let opt = AdamW {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+        bf16_moments: opts.precision == Precision::Fp8,
+    };
     let schedule = LrSchedule {
         peak: t.lr,
         warmup: t.warmup_steps,

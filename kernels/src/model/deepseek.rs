@@ -2,12 +2,32 @@
 //! (shared embedding and head); one training step's forward, split backward and losses.
 
 use super::config::ModelConfig;
-use super::layers::{Block, BlockStash, Linear, NormStash, RmsNorm, Rows};
+use super::layers::{Block, BlockStash, Ffn, Linear, NormStash, RmsNorm, Rows};
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
 use crate::ops::rope::{RopeTable, Yarn};
 use crate::ops::{cross_entropy, embedding};
 use crate::tensor::Tensor;
 use std::sync::Arc;
+
+/// Numeric precision of the Linear layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything in f32: the bitwise-deterministic reference.
+    F32,
+    /// DeepSeek-V3's FP8 recipe for Fprop, Dgrad and Wgrad (see `set_precision`).
+    Fp8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "fp8" => Ok(Precision::Fp8),
+            _ => Err(format!("unknown precision {s:?} (expected f32 or fp8)")),
+        }
+    }
+}
 
 /// One multi-token-prediction module (depth k), stored as layer `num_hidden_layers + k − 1`.
 #[derive(Clone, Debug)]
@@ -326,6 +346,29 @@ impl DeepSeekV3 {
         stats
     }
 
+    /// Sets the precision of every Linear except the output head, the MoE gate and MTP's
+    /// `eh_proj`, which DeepSeek-V3 keeps in high precision (the embedding is not a GEMM).
+    pub fn set_precision(&mut self, precision: Precision) {
+        let fp8 = precision == Precision::Fp8;
+        let set_block = |b: &mut Block| {
+            let a = &mut b.attn;
+            for l in [&mut a.q_a, &mut a.q_b, &mut a.kv_a, &mut a.kv_b, &mut a.o] {
+                l.fp8 = fp8;
+            }
+            let mlps: Vec<&mut super::layers::SwiGlu> = match &mut b.ffn {
+                Ffn::Dense(m) => vec![m],
+                Ffn::Moe(m) => m.experts.iter_mut().chain(std::iter::once(&mut m.shared)).collect(),
+            };
+            for m in mlps {
+                m.gate.fp8 = fp8;
+                m.up.fp8 = fp8;
+                m.down.fp8 = fp8;
+            }
+        };
+        self.blocks.iter_mut().for_each(set_block);
+        self.mtp.iter_mut().for_each(|m| set_block(&mut m.block));
+    }
+
     /// Number of trainable values.
     pub fn num_params(&self) -> usize {
         self.params.numel_trainable()
@@ -335,7 +378,7 @@ impl DeepSeekV3 {
     pub fn moe_biases(&self) -> Vec<ParamId> {
         let mut out = Vec::new();
         for b in self.blocks.iter().chain(self.mtp.iter().map(|m| &m.block)) {
-            if let super::layers::Ffn::Moe(m) = &b.ffn {
+            if let Ffn::Moe(m) = &b.ffn {
                 out.push(m.bias);
             }
         }

@@ -6,6 +6,7 @@ use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
 use crate::ops::moe_dispatch::{self, DispatchPlan};
 use crate::ops::moe_gate::{self, RouteRule, Routing};
 use crate::ops::rope::RopeTable;
+use crate::fp8;
 use crate::ops::{attention, balance, linear, rmsnorm, rope, swiglu};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -23,22 +24,27 @@ impl Rows {
     }
 }
 
-/// y = x·Wᵀ with W [out, in].
+/// y = x·Wᵀ with W [out, in]. With `fp8` set, Fprop, Dgrad and Wgrad run as DeepSeek-V3's FP8
+/// GEMMs (E4M3; x and dy in 1×128 tiles, W in 128×128 blocks, 128×1 tiles for Wgrad).
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub w: ParamId,
     pub d_in: usize,
     pub d_out: usize,
+    pub fp8: bool,
 }
 
 impl Linear {
     pub fn new(p: &mut ParamStore, name: String, d_in: usize, d_out: usize, std: f32, seed: u64) -> Linear {
         let w = p.add(name, &[d_out, d_in], Init::Normal(std), true, seed);
-        Linear { w, d_in, d_out }
+        Linear { w, d_in, d_out, fp8: false }
     }
 
     pub fn forward(&self, p: &ParamStore, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.d_in;
+        if self.fp8 {
+            return fp8::linear_fprop_fp8(x, p.get(self.w), n, self.d_in, self.d_out);
+        }
         let mut y = vec![0.0; n * self.d_out];
         linear::forward(&mut y, x, p.get(self.w), n, self.d_in, self.d_out);
         y
@@ -47,6 +53,18 @@ impl Linear {
     /// dx (+)= dy·W, then queues dW += dyᵀ·x.
     pub fn backward(&self, p: &ParamStore, dy: Vec<f32>, x: Arc<Vec<f32>>, dx: &mut [f32], acc: bool, q: &mut WeightGradQueue) {
         let n = dy.len() / self.d_out;
+        if self.fp8 {
+            let g = fp8::linear_dgrad_fp8(&dy, p.get(self.w), n, self.d_in, self.d_out);
+            if acc {
+                dx.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+            } else {
+                dx.copy_from_slice(&g);
+            }
+            // the activation as Fprop saw it (1×128 E4M3), requantised to 128×1 tiles for Wgrad
+            let xq = fp8::quant::quantize_1x128(&x, n, self.d_in, fp8::ScaleFormat::F32);
+            q.push(WeightGrad::LinearFp8 { w: self.w, dy, x: Arc::new(xq) });
+            return;
+        }
         linear::backward_input(dx, &dy, p.get(self.w), n, self.d_in, self.d_out, acc);
         q.push(WeightGrad::Linear { w: self.w, dy, x });
     }

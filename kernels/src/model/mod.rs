@@ -8,5 +8,5 @@ pub mod params;
 pub mod stage;
 
 pub use config::{ConfigError, ModelConfig, RunConfig, TrainingConfig};
-pub use deepseek::{Batch, DeepSeekV3, StepStats};
+pub use deepseek::{Batch, DeepSeekV3, Precision, StepStats};
 pub use params::{ParamId, ParamStore, WeightGradQueue};

@@ -1,6 +1,9 @@
 //! Named parameter storage in Hugging Face naming, its gradients, and the deferred weight-gradient
 //! queue that lets every layer split its backward into input grad (B) and weight grad (W).
 
+use crate::fp8::gemm::fp8_gemm_wgrad;
+use crate::fp8::quant::quantize_128x1;
+use crate::fp8::{Fp8Tensor, ScaleFormat, ScaleLayout};
 use crate::ops::{embedding, linear, rmsnorm};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -101,6 +104,8 @@ pub enum WeightGrad {
     Linear { w: ParamId, dy: Vec<f32>, x: Arc<Vec<f32>> },
     /// dw += Σ dy ⊙ x·rstd
     RmsNorm { w: ParamId, dy: Vec<f32>, x: Arc<Vec<f32>>, rstd: Arc<Vec<f32>> },
+    /// dW += dyᵀ·x through the FP8 Wgrad GEMM; `x` is the 1×128 E4M3 activation of Fprop.
+    LinearFp8 { w: ParamId, dy: Vec<f32>, x: Arc<Fp8Tensor> },
     /// dtable[ids] += dy
     Embedding { w: ParamId, ids: Arc<Vec<u32>>, dy: Vec<f32> },
 }
@@ -131,6 +136,16 @@ fn run_weight_grad(job: WeightGrad, params: &ParamStore, grads: &mut [Tensor]) {
             let (d_out, d_in) = (shape[0], shape[1]);
             let n = x.len() / d_in;
             linear::backward_weight(&mut grads[w.0].data, &dy, &x, n, d_in, d_out);
+        }
+        WeightGrad::LinearFp8 { w, dy, x } => {
+            let shape = &params.tensors[w.0].shape;
+            let (d_out, d_in) = (shape[0], shape[1]);
+            let n = x.rows;
+            let xt = x.requantize(ScaleLayout::Tile128x1, ScaleFormat::F32);
+            let dyq = quantize_128x1(&dy, n, d_out, ScaleFormat::F32);
+            let mut dw = vec![0.0; d_out * d_in];
+            fp8_gemm_wgrad(&mut dw, &dyq, &xt);
+            grads[w.0].data.iter_mut().zip(&dw).for_each(|(g, v)| *g += v);
         }
         WeightGrad::RmsNorm { w, dy, x, rstd } => {
             let d = params.tensors[w.0].numel();

@@ -135,6 +135,7 @@ fn remap_mtp(m: &mut Mtp, f: &dyn Fn(ParamId) -> ParamId) {
 fn remap_job(job: &WeightGrad, f: &dyn Fn(ParamId) -> ParamId) -> WeightGrad {
     match job.clone() {
         WeightGrad::Linear { w, dy, x } => WeightGrad::Linear { w: f(w), dy, x },
+        WeightGrad::LinearFp8 { w, dy, x } => WeightGrad::LinearFp8 { w: f(w), dy, x },
         WeightGrad::RmsNorm { w, dy, x, rstd } => WeightGrad::RmsNorm {
             w: f(w),
             dy,
@@ -148,6 +149,7 @@ fn remap_job(job: &WeightGrad, f: &dyn Fn(ParamId) -> ParamId) -> WeightGrad {
 fn job_param(job: &WeightGrad) -> ParamId {
     match job {
         WeightGrad::Linear { w, .. }
+        | WeightGrad::LinearFp8 { w, .. }
         | WeightGrad::RmsNorm { w, .. }
         | WeightGrad::Embedding { w, .. } => *w,
     }

@@ -8,6 +8,9 @@ pub struct AdamW {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
+    /// Keep the moments at BF16 precision (DeepSeek-V3's FP8 recipe): each is rounded to the
+    /// nearest bf16 after its update.
+    pub bf16_moments: bool,
 }
 
 /// Per-parameter optimizer state: first and second moments.
@@ -36,6 +39,10 @@ impl AdamW {
         for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(st.m.iter_mut()).zip(st.v.iter_mut()) {
             *m = self.beta1 * *m + (1.0 - self.beta1) * g;
             *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
+            if self.bf16_moments {
+                *m = half::bf16::from_f32(*m).to_f32();
+                *v = half::bf16::from_f32(*v).to_f32();
+            }
             let mhat = *m / bc1;
             let vhat = *v / bc2;
             *p -= wd * *p + lr * mhat / (vhat.sqrt() + self.eps);
@@ -112,6 +119,7 @@ mod tests {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+            bf16_moments: false,
         };
         let mut p = vec![1.0f32, -2.0];
         let mut st = Moments::zeros(2);
