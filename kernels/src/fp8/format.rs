@@ -200,20 +200,42 @@ pub fn decode_e5m2(code: u8) -> f32 {
     E5M2_LUT[code as usize]
 }
 
-/// dst[i] = encode_e4m3(src[i] · scale_inv), saturating.
-pub fn encode_e4m3_slice(src: &[f32], scale_inv: f32, dst: &mut [u8]) {
-    assert_eq!(
-        src.len(),
-        dst.len(),
-        "encode_e4m3_slice: {} values into {} codes",
-        src.len(),
-        dst.len()
-    );
-    encode_e4m3_scaled(src, scale_inv, dst);
+fn check_lens(op: &str, src: usize, dst: usize) {
+    assert_eq!(src, dst, "{op}: {src} inputs into {dst} outputs");
 }
 
-/// The loop of `encode_e4m3_slice`, always inlined so that callers compiled with wider vector
-/// features (see `quant`) vectorise it with those features. `src` and `dst` have equal lengths.
+simd_fn!(fn encode_e4m3_kernel(src: &[f32], scale_inv: f32, dst: &mut [u8]) => encode_e4m3_scaled);
+simd_fn!(fn encode_e5m2_kernel(src: &[f32], scale_inv: f32, dst: &mut [u8]) => encode_e5m2_scaled);
+simd_fn!(fn decode_e4m3_kernel(src: &[u8], scale: f32, dst: &mut [f32]) => decode_e4m3_scaled);
+
+/// dst[i] = encode_e4m3(src[i] · scale_inv), saturating.
+pub fn encode_e4m3_slice(src: &[f32], scale_inv: f32, dst: &mut [u8]) {
+    check_lens("encode_e4m3_slice", src.len(), dst.len());
+    encode_e4m3_kernel(src, scale_inv, dst);
+}
+
+/// dst[i] = encode_e5m2(src[i] · scale_inv), saturating.
+pub fn encode_e5m2_slice(src: &[f32], scale_inv: f32, dst: &mut [u8]) {
+    check_lens("encode_e5m2_slice", src.len(), dst.len());
+    encode_e5m2_kernel(src, scale_inv, dst);
+}
+
+/// dst[i] = decode_e4m3(src[i]) · scale.
+pub fn decode_e4m3_slice(src: &[u8], scale: f32, dst: &mut [f32]) {
+    check_lens("decode_e4m3_slice", src.len(), dst.len());
+    decode_e4m3_kernel(src, scale, dst);
+}
+
+/// dst[i] = decode_e5m2(src[i]) · scale (table lookups).
+pub fn decode_e5m2_slice(src: &[u8], scale: f32, dst: &mut [f32]) {
+    check_lens("decode_e5m2_slice", src.len(), dst.len());
+    for (d, &c) in dst.iter_mut().zip(src) {
+        *d = E5M2_LUT[c as usize] * scale;
+    }
+}
+
+/// The loop of `encode_e4m3_slice`, always inlined so that callers compiled for wider vectors
+/// (`simd_fn!`) vectorise it with them. `src` and `dst` have equal lengths.
 #[inline(always)]
 pub(crate) fn encode_e4m3_scaled(src: &[f32], scale_inv: f32, dst: &mut [u8]) {
     for (d, &x) in dst.iter_mut().zip(src) {
@@ -221,45 +243,17 @@ pub(crate) fn encode_e4m3_scaled(src: &[f32], scale_inv: f32, dst: &mut [u8]) {
     }
 }
 
-/// dst[i] = encode_e5m2(src[i] · scale_inv), saturating.
-pub fn encode_e5m2_slice(src: &[f32], scale_inv: f32, dst: &mut [u8]) {
-    assert_eq!(
-        src.len(),
-        dst.len(),
-        "encode_e5m2_slice: {} values into {} codes",
-        src.len(),
-        dst.len()
-    );
+#[inline(always)]
+fn encode_e5m2_scaled(src: &[f32], scale_inv: f32, dst: &mut [u8]) {
     for (d, &x) in dst.iter_mut().zip(src) {
-        *d = encode_e5m2(x * scale_inv, true);
+        *d = encode_with(x * scale_inv, true, &E5M2_SPEC);
     }
 }
 
-/// dst[i] = decode_e4m3(src[i]) · scale.
-pub fn decode_e4m3_slice(src: &[u8], scale: f32, dst: &mut [f32]) {
-    assert_eq!(
-        src.len(),
-        dst.len(),
-        "decode_e4m3_slice: {} codes into {} values",
-        src.len(),
-        dst.len()
-    );
+#[inline(always)]
+fn decode_e4m3_scaled(src: &[u8], scale: f32, dst: &mut [f32]) {
     for (d, &c) in dst.iter_mut().zip(src) {
-        *d = E4M3_LUT[c as usize] * scale;
-    }
-}
-
-/// dst[i] = decode_e5m2(src[i]) · scale.
-pub fn decode_e5m2_slice(src: &[u8], scale: f32, dst: &mut [f32]) {
-    assert_eq!(
-        src.len(),
-        dst.len(),
-        "decode_e5m2_slice: {} codes into {} values",
-        src.len(),
-        dst.len()
-    );
-    for (d, &c) in dst.iter_mut().zip(src) {
-        *d = E5M2_LUT[c as usize] * scale;
+        *d = decode_e4m3_arith(c) * scale;
     }
 }
 
@@ -452,6 +446,33 @@ mod tests {
 
     #[test]
     fn slice_kernels_scale_and_match_scalar() {
+        // Every kind of f32 (subnormal, overflow, ±Inf, NaN) through the vectorised slice
+        // kernels must give exactly what the scalar encoder gives.
+        let mut rng = crate::rng::Rng::new(17);
+        let any: Vec<f32> = (0..100_000)
+            .map(|_| f32::from_bits(rng.next_u64() as u32))
+            .collect();
+        let mut codes = vec![0u8; any.len()];
+        for (scale_inv, e4) in [
+            (1.0f32, true),
+            (1.0, false),
+            (2f32.powi(-100), true),
+            (3.7, false),
+        ] {
+            if e4 {
+                encode_e4m3_slice(&any, scale_inv, &mut codes);
+            } else {
+                encode_e5m2_slice(&any, scale_inv, &mut codes);
+            }
+            for (x, &c) in any.iter().zip(&codes) {
+                let want = if e4 {
+                    encode_e4m3(x * scale_inv, true)
+                } else {
+                    encode_e5m2(x * scale_inv, true)
+                };
+                assert_eq!(c, want, "{x:e} · {scale_inv}");
+            }
+        }
         let src: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.37).collect();
         let mut codes = vec![0u8; src.len()];
         let mut back = vec![0f32; src.len()];
