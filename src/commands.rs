@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use storage::dataset::{DataFormat, Dataset};
 
 pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
-    let precision: kernels::model::Precision = a.precision.parse().map_err(anyhow::Error::msg).context("--precision")?;
+    let precision: kernels::model::Precision = a
+        .precision
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("--precision")?;
     let mut config = RunConfig::load(&a.config)?;
     let t = &mut config.training;
     if let Some(s) = a.steps {
@@ -28,11 +32,16 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
         t.bias_update_speed = g;
     }
     let file = a.config.display().to_string();
-    t.validate(&file).context("after applying command-line flags")?;
+    t.validate(&file)
+        .context("after applying command-line flags")?;
     if t.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let data_format: DataFormat = a.data_format.parse().map_err(anyhow::Error::msg).context("--data-format")?;
+    let data_format: DataFormat = a
+        .data_format
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("--data-format")?;
     Ok(actors::trainer::TrainOptions {
         config,
         config_path: file,
@@ -56,7 +65,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let w = a.seq_len + 1;
     let windows = tokens.len() / w;
     if windows == 0 {
-        bail!("{}: {} tokens is shorter than one window of {w}", a.data.display(), tokens.len());
+        bail!(
+            "{}: {} tokens is shorter than one window of {w}",
+            a.data.display(),
+            tokens.len()
+        );
     }
     let mut total = 0.0;
     for chunk in tokens[..windows * w].chunks_exact(w) {
@@ -91,7 +104,8 @@ pub fn schedule(a: ScheduleArgs) -> Result<()> {
     let tl = schedule::timeline(&s, &schedule::Costs::EXAMPLE);
     print!("{}", schedule::report(&s, &report, &tl));
     if let Some(path) = &a.svg {
-        std::fs::write(path, schedule::svg(&tl)).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, schedule::svg(&tl))
+            .with_context(|| format!("cannot write {}", path.display()))?;
         println!("Gantt chart written to {}", path.display());
     }
     Ok(())
@@ -121,7 +135,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("unknown benchmark {:?}: expected `train`", a.what);
     }
     let configs = if a.config.is_empty() {
-        vec![PathBuf::from("configs/tiny.toml"), PathBuf::from("configs/small.toml")]
+        vec![
+            PathBuf::from("configs/tiny.toml"),
+            PathBuf::from("configs/small.toml"),
+        ]
     } else {
         a.config.clone()
     };
@@ -149,5 +166,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

@@ -86,8 +86,12 @@ pub struct EvalArgs {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "phalanx=info,actors=info,warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "phalanx=info,actors=info,warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let mut cli = Cli::parse();
     if cli.command.is_none() {
         // `phalanx` alone runs the main job on its defaults, as `phalanx train` does
@@ -111,7 +115,10 @@ fn train(a: TrainArgs) -> Result<()> {
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new(opts.config.training.steps)
     } else {
-        ProgressBar::with_draw_target(Some(opts.config.training.steps), ProgressDrawTarget::hidden())
+        ProgressBar::with_draw_target(
+            Some(opts.config.training.steps),
+            ProgressDrawTarget::hidden(),
+        )
     };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
@@ -121,10 +128,19 @@ fn train(a: TrainArgs) -> Result<()> {
     let summary = actors::trainer::train(&opts, |r, total| {
         if let Some(e) = r.eval_loss {
             last_eval = e;
-            tracing::info!(step = r.step, loss = format!("{:.4}", r.loss), eval_loss = format!("{e:.4}"), tokens_per_s = format!("{:.0}", r.tokens_per_s), "eval");
+            tracing::info!(
+                step = r.step,
+                loss = format!("{:.4}", r.loss),
+                eval_loss = format!("{e:.4}"),
+                tokens_per_s = format!("{:.0}", r.tokens_per_s),
+                "eval"
+            );
         }
         bar.set_position(r.step);
-        bar.set_message(format!("loss {:.4}  eval {:.4}  {:.0} tok/s", r.loss, last_eval, r.tokens_per_s));
+        bar.set_message(format!(
+            "loss {:.4}  eval {:.4}  {:.0} tok/s",
+            r.loss, last_eval, r.tokens_per_s
+        ));
         if r.step == total {
             bar.finish_and_clear();
         }
@@ -132,9 +148,11 @@ fn train(a: TrainArgs) -> Result<()> {
     let json = serde_json::to_string_pretty(&summary)?;
     if let Some(p) = &a.summary_json {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        std::fs::write(p, &json).with_context(|| format!("cannot write summary {}", p.display()))?;
+        std::fs::write(p, &json)
+            .with_context(|| format!("cannot write summary {}", p.display()))?;
     }
     println!("{json}");
     Ok(())

@@ -23,18 +23,39 @@ fn summary(seed: &str, name: &str) -> serde_json::Value {
     let out = tmp(name);
     let sj = out.join("summary.json");
     let o = phalanx(&[
-        "train", "--config", "configs/micro.toml", "--steps", "25", "--seed", seed,
-        "--out", out.to_str().unwrap(), "--summary-json", sj.to_str().unwrap(),
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--steps",
+        "25",
+        "--seed",
+        seed,
+        "--out",
+        out.to_str().unwrap(),
+        "--summary-json",
+        sj.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sj).unwrap()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sj).unwrap()).unwrap();
     assert_eq!(printed, written);
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 25);
     let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
-    for key in ["step", "loss", "mtp_loss", "lr", "grad_norm", "expert_load_max_over_mean", "tokens_per_s"] {
-        assert!(first.get(key).is_some(), "metrics line lacks {key}: {first}");
+    for key in [
+        "step",
+        "loss",
+        "mtp_loss",
+        "lr",
+        "grad_norm",
+        "expert_load_max_over_mean",
+        "tokens_per_s",
+    ] {
+        assert!(
+            first.get(key).is_some(),
+            "metrics line lacks {key}: {first}"
+        );
     }
     written
 }
@@ -44,7 +65,13 @@ fn same_seed_same_weights_different_seed_different_weights() {
     let a = summary("1", "a");
     let b = summary("1", "b");
     let c = summary("2", "c");
-    for key in ["steps", "final_loss", "eval_loss", "tokens_per_s", "params_sha256"] {
+    for key in [
+        "steps",
+        "final_loss",
+        "eval_loss",
+        "tokens_per_s",
+        "params_sha256",
+    ] {
         assert!(a.get(key).is_some(), "summary lacks {key}");
     }
     assert_eq!(a["params_sha256"], b["params_sha256"]);
@@ -56,13 +83,20 @@ fn same_seed_same_weights_different_seed_different_weights() {
 fn refused(args: &[&str]) -> String {
     let o = phalanx(args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(1), "expected a clean refusal, got {:?}: {err}", o.status);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean refusal, got {:?}: {err}",
+        o.status
+    );
     assert!(!err.contains("panicked"), "{err}");
     err
 }
 
 fn write_config(name: &str, edit: impl Fn(String) -> String) -> String {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml")).unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml"))
+            .unwrap();
     let p = tmp("cfg").join(name);
     std::fs::write(&p, edit(text)).unwrap();
     p.to_str().unwrap().to_string()
@@ -75,17 +109,46 @@ fn bad_input_is_refused_with_the_file_and_field() {
     assert!(e.contains("groups.toml") && e.contains("`n_group`"), "{e}");
     let c = write_config("unknown.toml", |t| format!("flux_capacitor = 1\n{t}"));
     let e = refused(&["train", "--config", &c, "--steps", "1"]);
-    assert!(e.contains("unknown.toml") && e.contains("`flux_capacitor`"), "{e}");
+    assert!(
+        e.contains("unknown.toml") && e.contains("`flux_capacitor`"),
+        "{e}"
+    );
     let c = write_config("missing.toml", |t| t.replace("kv_lora_rank = 16\n", ""));
     let e = refused(&["train", "--config", &c, "--steps", "1"]);
-    assert!(e.contains("missing.toml") && e.contains("kv_lora_rank"), "{e}");
+    assert!(
+        e.contains("missing.toml") && e.contains("kv_lora_rank"),
+        "{e}"
+    );
     let e = refused(&["train", "--config", "configs/nope.toml"]);
     assert!(e.contains("configs/nope.toml"), "{e}");
-    let e = refused(&["train", "--config", "configs/micro.toml", "--data", "/no/such/corpus.bin", "--steps", "1"]);
+    let e = refused(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--data",
+        "/no/such/corpus.bin",
+        "--steps",
+        "1",
+    ]);
     assert!(e.contains("/no/such/corpus.bin"), "{e}");
-    let e = refused(&["train", "--config", "configs/micro.toml", "--precision", "fp16", "--steps", "1"]);
+    let e = refused(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--precision",
+        "fp16",
+        "--steps",
+        "1",
+    ]);
     assert!(e.contains("--precision"), "{e}");
-    let e = refused(&["train", "--config", "configs/micro.toml", "--lr=-1", "--steps", "1"]);
+    let e = refused(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--lr=-1",
+        "--steps",
+        "1",
+    ]);
     assert!(e.contains("training.lr"), "{e}");
     let e = refused(&["eval", "--hf", "/no/such/dir", "--data", "x.u32"]);
     assert!(e.contains("/no/such/dir/config.json"), "{e}");
@@ -96,7 +159,15 @@ fn bad_input_is_refused_with_the_file_and_field() {
 
 #[test]
 fn eval_prints_the_loss_of_a_hugging_face_directory() {
-    let o = phalanx(&["eval", "--hf", "tests/fixtures/hf-micro", "--data", "tests/fixtures/hf-micro/tokens.u32", "--seq-len", "16"]);
+    let o = phalanx(&[
+        "eval",
+        "--hf",
+        "tests/fixtures/hf-micro",
+        "--data",
+        "tests/fixtures/hf-micro/tokens.u32",
+        "--seq-len",
+        "16",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     let last = stdout.lines().last().unwrap();
@@ -108,8 +179,15 @@ fn eval_prints_the_loss_of_a_hugging_face_directory() {
 fn train_from_hugging_face_weights() {
     let out = tmp("hf");
     let o = phalanx(&[
-        "train", "--config", "configs/micro.toml", "--init-from-hf", "tests/fixtures/hf-micro", "--steps", "30",
-        "--out", out.to_str().unwrap(),
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--init-from-hf",
+        "tests/fixtures/hf-micro",
+        "--steps",
+        "30",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -41,18 +41,34 @@ pub struct TrainBench {
 }
 
 /// Times `steps` full training steps (forward, backward, AdamW, bias update) after one warm-up.
-pub fn train_step_throughput(config: &Path, batch: usize, seq: usize, steps: usize, peak: f64) -> Result<TrainBench> {
+pub fn train_step_throughput(
+    config: &Path,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    peak: f64,
+) -> Result<TrainBench> {
     let rc = RunConfig::load(config)?;
     let t = &rc.training;
     let model = DeepSeekV3::new(&rc.model, t.init_std, 0);
     let parameters = model.num_params();
     let mut state = TrainState::new(model);
-    let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weight_decay: t.weight_decay, bf16_moments: false };
+    let opt = AdamW {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+        bf16_moments: false,
+    };
     let data = storage::dataset::Dataset::synthetic(rc.model.vocab_size, 0, 1 << 18);
     let mut run = |step: u64| -> Result<()> {
-        let w = data.train_batch(0, step, batch, seq).map_err(anyhow::Error::msg)?;
+        let w = data
+            .train_batch(0, step, batch, seq)
+            .map_err(anyhow::Error::msg)?;
         let b = Batch::from_windows(&w, batch, seq);
-        let stats = state.model.forward_backward(&b, t.mtp_loss_weight, &mut state.grads);
+        let stats = state
+            .model
+            .forward_backward(&b, t.mtp_loss_weight, &mut state.grads);
         state.apply(&opt, 1e-4, t.grad_clip, t.bias_update_speed, &stats.loads);
         Ok(())
     };

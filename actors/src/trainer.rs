@@ -2,12 +2,16 @@
 //! writing metrics and a summary. The actor formation drives the same pieces step by step.
 
 use anyhow::{Context, Result, bail};
+use kernels::model::stage::{
+    combine_microbatch_stats, forward_backward_microbatches, scale_for_microbatches, split_batch,
+};
 use kernels::model::{Batch, DeepSeekV3, Precision, RunConfig, StepStats};
 use kernels::ops::adamw::{self, AdamW, LrSchedule, Moments};
 use kernels::ops::balance;
 use kernels::tensor::Tensor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use storage::dataset::{DataFormat, Dataset};
 use storage::metrics::MetricsLog;
@@ -41,7 +45,7 @@ pub struct StepRecord {
 }
 
 /// The end-of-run summary (`--summary-json`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSummary {
     pub steps: u64,
     pub final_loss: f64,
@@ -57,9 +61,16 @@ pub struct TrainSummary {
     pub data: String,
     pub wall_seconds: f64,
     pub metrics: String,
+    /// Actor restarts during the run (the formation with faults; 0 otherwise).
+    #[serde(default)]
+    pub restarts: u64,
+    /// Steps replayed at least once after a failure.
+    #[serde(default)]
+    pub replayed_steps: u64,
 }
 
 /// Model plus optimizer state: what a step changes.
+#[derive(Clone)]
 pub struct TrainState {
     pub model: DeepSeekV3,
     pub moments: Vec<Option<Moments>>,
@@ -77,16 +88,32 @@ impl TrainState {
             .map(|(t, &tr)| tr.then(|| Moments::zeros(t.numel())))
             .collect();
         let grads = model.params.zeros_like();
-        TrainState { model, moments, grads, step: 0 }
+        TrainState {
+            model,
+            moments,
+            grads,
+            step: 0,
+        }
     }
 
     /// Clips the accumulated gradients, applies AdamW at `lr` and the bias update with γ; zeroes
     /// the gradients. Returns the pre-clip global gradient norm.
-    pub fn apply(&mut self, opt: &AdamW, lr: f32, clip: f32, gamma: f32, loads: &[Vec<u32>]) -> f64 {
+    pub fn apply(
+        &mut self,
+        opt: &AdamW,
+        lr: f32,
+        clip: f32,
+        gamma: f32,
+        loads: &[Vec<u32>],
+    ) -> f64 {
         self.step += 1;
         let p = &mut self.model.params;
         let norm = adamw::global_norm(
-            self.grads.iter().zip(&p.trainable).filter(|(_, t)| **t).map(|(g, _)| g.data.as_slice()),
+            self.grads
+                .iter()
+                .zip(&p.trainable)
+                .filter(|(_, t)| **t)
+                .map(|(g, _)| g.data.as_slice()),
         );
         let factor = adamw::clip_factor(norm, clip);
         for i in 0..p.len() {
@@ -108,16 +135,28 @@ impl TrainState {
 }
 
 /// Mean held-out main loss over up to `batches` eval batches.
-pub fn evaluate(model: &DeepSeekV3, data: &Dataset, batches: usize, batch: usize, seq: usize) -> Result<f64> {
+pub fn evaluate(
+    model: &DeepSeekV3,
+    data: &Dataset,
+    batches: usize,
+    batch: usize,
+    seq: usize,
+) -> Result<f64> {
     let mut total = 0.0;
     let mut n = 0;
     for i in 0..batches {
-        let Some(w) = data.eval_batch(i, batch, seq) else { break };
+        let Some(w) = data.eval_batch(i, batch, seq) else {
+            break;
+        };
         total += model.eval_loss(&Batch::from_windows(&w, batch, seq));
         n += 1;
     }
     if n == 0 {
-        bail!("the held-out split ({} tokens) is shorter than one eval batch of {batch}×{}", data.eval_len(), seq + 1);
+        bail!(
+            "the held-out split ({} tokens) is shorter than one eval batch of {batch}×{}",
+            data.eval_len(),
+            seq + 1
+        );
     }
     Ok(total / n as f64)
 }
@@ -135,25 +174,189 @@ pub fn open_data(opts: &TrainOptions) -> Result<Dataset> {
     })
 }
 
-/// Runs a whole training job; `on_step` sees every step (the CLI draws its progress bar from it).
-pub fn train(opts: &TrainOptions, mut on_step: impl FnMut(&StepRecord, u64)) -> Result<TrainSummary> {
+/// The model the options ask for: fresh from the seed or loaded from a Hugging Face directory,
+/// at the options' precision.
+pub fn build_model(opts: &TrainOptions) -> Result<DeepSeekV3> {
     let t = &opts.config.training;
-    let data = open_data(opts)?;
-    tracing::info!(data = %data.description, "data ready");
-    let model = match &opts.init_from_hf {
+    let mut model = match &opts.init_from_hf {
         Some(dir) => {
             let (m, report) = storage::hf::load_dir(dir, opts.seed)?;
             if m.cfg.vocab_size != opts.config.model.vocab_size {
-                tracing::warn!("--init-from-hf: the directory's config replaces {}", opts.config_path);
+                tracing::warn!(
+                    "--init-from-hf: the directory's config replaces {}",
+                    opts.config_path
+                );
             }
-            tracing::info!(loaded = report.loaded, fresh = report.fresh.len(), "initialised from {}", dir.display());
+            tracing::info!(
+                loaded = report.loaded,
+                fresh = report.fresh.len(),
+                "initialised from {}",
+                dir.display()
+            );
             m
         }
         None => DeepSeekV3::new(&opts.config.model, t.init_std, opts.seed),
     };
-    let mut model = model;
     model.set_precision(opts.precision);
     tracing::info!(parameters = model.num_params(), precision = ?opts.precision, "model built");
+    Ok(model)
+}
+
+/// What one step's update needs besides the gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct StepHyper {
+    pub opt: AdamW,
+    pub lr: f32,
+    pub clip: f32,
+    pub gamma: f32,
+    pub mtp_weight: f32,
+}
+
+/// What one step reports.
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    pub stats: StepStats,
+    /// Pre-clip global gradient norm.
+    pub grad_norm: f64,
+}
+
+/// How a step's gradients are computed and applied: the single-process loop, the thread
+/// pipeline, or the actor formation. The training loop around it is the same.
+pub trait StepEngine {
+    /// Runs step `step` (1-based) on `state`: gradients of its batch, clipping, AdamW and the
+    /// bias update. The state goes in and comes back (an actor engine moves it to its coordinator).
+    fn step(
+        &mut self,
+        state: TrainState,
+        step: u64,
+        h: &StepHyper,
+    ) -> Result<(TrainState, StepOutput)>;
+    /// Actor restarts so far.
+    fn restarts(&self) -> u64 {
+        0
+    }
+    /// Steps that were replayed at least once so far.
+    fn replayed_steps(&self) -> u64 {
+        0
+    }
+}
+
+/// Step `step`'s batch split into `microbatches` micro-batches of equal size, in order.
+pub fn microbatches(
+    data: &Dataset,
+    seed: u64,
+    step: u64,
+    batch: usize,
+    seq: usize,
+    microbatches: usize,
+) -> Result<Vec<Batch>> {
+    let windows = data
+        .train_batch(seed, step, batch, seq)
+        .map_err(anyhow::Error::msg)?;
+    let b = Batch::from_windows(&windows, batch, seq);
+    if microbatches == 1 {
+        return Ok(vec![b]);
+    }
+    split_batch(&b, microbatches).map_err(anyhow::Error::msg)
+}
+
+/// The common end of a step once `state.grads` holds its gradient: the divergence check, then
+/// clipping, AdamW and the bias update.
+pub fn finish_step(
+    state: &mut TrainState,
+    step: u64,
+    stats: StepStats,
+    h: &StepHyper,
+) -> Result<StepOutput> {
+    if !stats.objective.is_finite() {
+        bail!(
+            "step {step}: the loss is {} (diverged); lower --lr",
+            stats.objective
+        );
+    }
+    let grad_norm = state.apply(&h.opt, h.lr, h.clip, h.gamma, &stats.loads);
+    Ok(StepOutput { stats, grad_norm })
+}
+
+/// The single-process engine: micro-batches one at a time in order (one micro-batch is the
+/// classic whole-batch step), gradients summed in micro-batch order, then averaged.
+pub struct Sequential {
+    pub data: Arc<Dataset>,
+    pub seed: u64,
+    pub batch: usize,
+    pub seq: usize,
+    pub microbatches: usize,
+}
+
+impl StepEngine for Sequential {
+    fn step(
+        &mut self,
+        mut state: TrainState,
+        step: u64,
+        h: &StepHyper,
+    ) -> Result<(TrainState, StepOutput)> {
+        let batches = microbatches(
+            &self.data,
+            self.seed,
+            step,
+            self.batch,
+            self.seq,
+            self.microbatches,
+        )?;
+        let stats = if batches.len() == 1 {
+            state
+                .model
+                .forward_backward(&batches[0], h.mtp_weight, &mut state.grads)
+        } else {
+            let per = forward_backward_microbatches(
+                &state.model,
+                &batches,
+                h.mtp_weight,
+                &mut state.grads,
+            );
+            scale_for_microbatches(&mut state.grads, batches.len());
+            combine_microbatch_stats(per)
+        };
+        let out = finish_step(&mut state, step, stats, h)?;
+        Ok((state, out))
+    }
+}
+
+/// Runs a whole training job; `on_step` sees every step (the CLI draws its progress bar from it).
+pub fn train(opts: &TrainOptions, on_step: impl FnMut(&StepRecord, u64)) -> Result<TrainSummary> {
+    train_microbatched(opts, 1, on_step)
+}
+
+/// [`train`] with each step's batch processed as `microbatches` micro-batches in order: the
+/// single-process reference of a pipelined run with as many micro-batches.
+pub fn train_microbatched(
+    opts: &TrainOptions,
+    microbatches: usize,
+    on_step: impl FnMut(&StepRecord, u64),
+) -> Result<TrainSummary> {
+    let data = Arc::new(open_data(opts)?);
+    tracing::info!(data = %data.description, "data ready");
+    let model = build_model(opts)?;
+    let t = &opts.config.training;
+    let mut engine = Sequential {
+        data: data.clone(),
+        seed: opts.seed,
+        batch: t.batch_size,
+        seq: t.seq_len,
+        microbatches,
+    };
+    run(opts, &data, model, &mut engine, on_step)
+}
+
+/// The training loop around an engine: LR schedule, evaluation, metrics and the summary.
+pub fn run(
+    opts: &TrainOptions,
+    data: &Dataset,
+    model: DeepSeekV3,
+    engine: &mut dyn StepEngine,
+    mut on_step: impl FnMut(&StepRecord, u64),
+) -> Result<TrainSummary> {
+    let t = &opts.config.training;
     let mut state = TrainState::new(model);
     let opt = AdamW {
         beta1: t.beta1,
@@ -169,8 +372,9 @@ pub fn train(opts: &TrainOptions, mut on_step: impl FnMut(&StepRecord, u64)) -> 
         total: t.steps,
         min_ratio: t.min_lr_ratio,
     };
-    let mut log = MetricsLog::create(&opts.out_dir).with_context(|| format!("cannot write metrics in {}", opts.out_dir.display()))?;
-    let initial_eval = evaluate(&state.model, &data, t.eval_batches, t.batch_size, t.seq_len)?;
+    let mut log = MetricsLog::create(&opts.out_dir)
+        .with_context(|| format!("cannot write metrics in {}", opts.out_dir.display()))?;
+    let initial_eval = evaluate(&state.model, data, t.eval_batches, t.batch_size, t.seq_len)?;
     tracing::info!(eval_loss = initial_eval, "before training");
     let started = Instant::now();
     let mut tokens = 0u64;
@@ -178,17 +382,23 @@ pub fn train(opts: &TrainOptions, mut on_step: impl FnMut(&StepRecord, u64)) -> 
     let mut eval_loss = initial_eval;
     let mut last_stats = StepStats::default();
     for step in 1..=t.steps {
-        let windows = data.train_batch(opts.seed, step, t.batch_size, t.seq_len).map_err(anyhow::Error::msg)?;
-        let batch = Batch::from_windows(&windows, t.batch_size, t.seq_len);
-        let stats = state.model.forward_backward(&batch, t.mtp_loss_weight, &mut state.grads);
-        if !stats.objective.is_finite() {
-            bail!("step {step}: the loss is {} (diverged); lower --lr", stats.objective);
-        }
         let lr = schedule.at(step);
-        let norm = state.apply(&opt, lr, t.grad_clip, t.bias_update_speed, &stats.loads);
+        let h = StepHyper {
+            opt,
+            lr,
+            clip: t.grad_clip,
+            gamma: t.bias_update_speed,
+            mtp_weight: t.mtp_loss_weight,
+        };
+        let (s, out) = engine.step(state, step, &h)?;
+        state = s;
+        let StepOutput {
+            stats,
+            grad_norm: norm,
+        } = out;
         tokens += (t.batch_size * t.seq_len) as u64;
         let eval = (step % t.eval_every == 0 || step == t.steps)
-            .then(|| evaluate(&state.model, &data, t.eval_batches, t.batch_size, t.seq_len))
+            .then(|| evaluate(&state.model, data, t.eval_batches, t.batch_size, t.seq_len))
             .transpose()?;
         if let Some(e) = eval {
             eval_loss = e;
@@ -226,5 +436,7 @@ pub fn train(opts: &TrainOptions, mut on_step: impl FnMut(&StepRecord, u64)) -> 
         data: data.description.clone(),
         wall_seconds: wall,
         metrics: log.path().display().to_string(),
+        restarts: engine.restarts(),
+        replayed_steps: engine.replayed_steps(),
     })
 }

@@ -32,9 +32,24 @@ pub fn matmul(
     trans_b: bool,
     accumulate: bool,
 ) {
-    assert_eq!(c.len(), m * n, "matmul: c has {} values, want {m}x{n}", c.len());
-    assert_eq!(a.len(), m * k, "matmul: a has {} values, want {m}x{k}", a.len());
-    assert_eq!(b.len(), k * n, "matmul: b has {} values, want {k}x{n}", b.len());
+    assert_eq!(
+        c.len(),
+        m * n,
+        "matmul: c has {} values, want {m}x{n}",
+        c.len()
+    );
+    assert_eq!(
+        a.len(),
+        m * k,
+        "matmul: a has {} values, want {m}x{k}",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "matmul: b has {} values, want {k}x{n}",
+        b.len()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -45,10 +60,19 @@ pub fn matmul(
         }
         return;
     }
-    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let (a_rs, a_cs) = if trans_a {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if trans_b {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
     // Inside a rayon worker (e.g. attention over heads) the caller already runs in parallel.
-    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_thread_index().is_none() {
+    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_thread_index().is_none()
+    {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None
@@ -111,7 +135,10 @@ mod tests {
                 let mut c = vec![1.0f32; m * n];
                 matmul(&mut c, &a, &b, m, k, n, ta, tb, false);
                 for (x, y) in c.iter().zip(&want) {
-                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{k}x{n} {ta} {tb}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{m}x{k}x{n} {ta} {tb}: {x} vs {y}"
+                    );
                 }
                 let mut acc = want.clone();
                 matmul(&mut acc, &a, &b, m, k, n, ta, tb, true);
@@ -126,7 +153,17 @@ mod tests {
     fn row_major_example() {
         // [[1,2,3],[4,5,6]] · [[7,8],[9,10],[11,12]] = [[58,64],[139,154]]
         let mut c = vec![0.0; 4];
-        matmul(&mut c, &[1., 2., 3., 4., 5., 6.], &[7., 8., 9., 10., 11., 12.], 2, 3, 2, false, false, false);
+        matmul(
+            &mut c,
+            &[1., 2., 3., 4., 5., 6.],
+            &[7., 8., 9., 10., 11., 12.],
+            2,
+            3,
+            2,
+            false,
+            false,
+            false,
+        );
         assert_eq!(c, vec![58., 64., 139., 154.]);
     }
 }

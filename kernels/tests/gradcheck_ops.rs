@@ -27,10 +27,26 @@ fn linear_input_and_weight() {
     };
     let mut dx = vec![0.0; n * i];
     linear::backward_input(&mut dx, &r, &w, n, i, o, false);
-    check_directional("linear.backward_input", &x, &dx, |v| fwd(v, &w), EPS, TOL, 1);
+    check_directional(
+        "linear.backward_input",
+        &x,
+        &dx,
+        |v| fwd(v, &w),
+        EPS,
+        TOL,
+        1,
+    );
     let mut dw = vec![0.0; o * i];
     linear::backward_weight(&mut dw, &r, &x, n, i, o);
-    check_directional("linear.backward_weight", &w, &dw, |v| fwd(&x, v), EPS, TOL, 2);
+    check_directional(
+        "linear.backward_weight",
+        &w,
+        &dw,
+        |v| fwd(&x, v),
+        EPS,
+        TOL,
+        2,
+    );
 }
 
 #[test]
@@ -68,10 +84,26 @@ fn rmsnorm_input_and_weight() {
     rmsnorm::forward(&mut y, &mut rstd, &x, &w, d, 1e-6);
     let mut dx = vec![0.0; n * d];
     rmsnorm::backward_input(&mut dx, &r, &x, &rstd, &w, d, false);
-    check_directional("rmsnorm.backward_input", &x, &dx, |v| fwd(v, &w), EPS, TOL, 4);
+    check_directional(
+        "rmsnorm.backward_input",
+        &x,
+        &dx,
+        |v| fwd(v, &w),
+        EPS,
+        TOL,
+        4,
+    );
     let mut dw = vec![0.0; d];
     rmsnorm::backward_weight(&mut dw, &r, &x, &rstd, d);
-    check_directional("rmsnorm.backward_weight", &w, &dw, |v| fwd(&x, v), EPS, TOL, 5);
+    check_directional(
+        "rmsnorm.backward_weight",
+        &w,
+        &dw,
+        |v| fwd(&x, v),
+        EPS,
+        TOL,
+        5,
+    );
 }
 
 #[test]
@@ -117,7 +149,9 @@ fn attention_inputs() {
     // causality: the first token's output is exactly its own value
     assert_eq!(&o[..dv], &v[..dv]);
     let (mut dq, mut dk, mut dvv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-    attention::backward_input(&mut dq, &mut dk, &mut dvv, &r, &p, &q, &k, &v, t, dqk, dv, scale);
+    attention::backward_input(
+        &mut dq, &mut dk, &mut dvv, &r, &p, &q, &k, &v, t, dqk, dv, scale,
+    );
     check_directional("attention.dq", &q, &dq, |x| fwd(x, &k, &v), EPS, TOL, 7);
     check_directional("attention.dk", &k, &dk, |x| fwd(&q, x, &v), EPS, TOL, 8);
     check_directional("attention.dv", &v, &dvv, |x| fwd(&q, &k, x), EPS, TOL, 9);
@@ -149,7 +183,15 @@ fn cross_entropy_logits() {
     let targets = [3u32, 0, 10, 3];
     let mut d = vec![0.0; n * v];
     cross_entropy::backward_input(&mut d, &logits, &targets, v, 0.25);
-    check_directional("cross_entropy", &logits, &d, |x| cross_entropy::forward(x, &targets, v) * 0.25, EPS, TOL, 12);
+    check_directional(
+        "cross_entropy",
+        &logits,
+        &d,
+        |x| cross_entropy::forward(x, &targets, v) * 0.25,
+        EPS,
+        TOL,
+        12,
+    );
     // uniform logits cost ln V per token
     let l = cross_entropy::forward(&vec![0.0; v], &[2], v);
     assert!((l - (v as f64).ln()).abs() < 1e-6);
@@ -159,7 +201,13 @@ fn cross_entropy_logits() {
 fn router_and_sigmoid() {
     let mut rng = Rng::new(8);
     let (n, e) = (6, 8);
-    let rule = RouteRule { n_group: 4, topk_group: 2, k: 3, scale: 2.5, normalize: true };
+    let rule = RouteRule {
+        n_group: 4,
+        topk_group: 2,
+        k: 3,
+        scale: 2.5,
+        normalize: true,
+    };
     let logits = random(n * e, 1.0, &mut rng);
     let bias = random(e, 0.1, &mut rng);
     let mut s = vec![0.0; n * e];
@@ -183,7 +231,11 @@ fn router_and_sigmoid() {
 fn dispatch_and_combine() {
     let mut rng = Rng::new(9);
     let (n, e, k, d) = (5, 4, 2, 3);
-    let routing = moe_gate::Routing { k, experts: vec![0, 2, 1, 2, 3, 0, 2, 1, 0, 3], weights: random(n * k, 1.0, &mut rng) };
+    let routing = moe_gate::Routing {
+        k,
+        experts: vec![0, 2, 1, 2, 3, 0, 2, 1, 0, 3],
+        weights: random(n * k, 1.0, &mut rng),
+    };
     let plan = DispatchPlan::new(&routing, e);
     assert_eq!(plan.loads(), vec![3, 2, 3, 2]);
     let x = random(n * d, 1.0, &mut rng);
@@ -205,9 +257,34 @@ fn dispatch_and_combine() {
     };
     let mut dye = vec![0.0; ye.len()];
     let mut dw = vec![0.0; n * k];
-    moe_dispatch::combine_backward_input(&mut dye, &mut dw, &ro, &ye, &routing.weights, k, &plan, d);
-    check_directional("combine.d_expert_out", &ye, &dye, |v| fwd(v, &routing.weights), EPS, TOL, 15);
-    check_directional("combine.d_weights", &routing.weights, &dw, |v| fwd(&ye, v), EPS, TOL, 16);
+    moe_dispatch::combine_backward_input(
+        &mut dye,
+        &mut dw,
+        &ro,
+        &ye,
+        &routing.weights,
+        k,
+        &plan,
+        d,
+    );
+    check_directional(
+        "combine.d_expert_out",
+        &ye,
+        &dye,
+        |v| fwd(v, &routing.weights),
+        EPS,
+        TOL,
+        15,
+    );
+    check_directional(
+        "combine.d_weights",
+        &routing.weights,
+        &dw,
+        |v| fwd(&ye, v),
+        EPS,
+        TOL,
+        16,
+    );
 }
 
 #[test]
@@ -218,5 +295,13 @@ fn sequence_balance_loss() {
     let experts: Vec<u32> = (0..t * k).map(|i| ((i * 3) % e) as u32).collect();
     let mut ds = vec![0.0; t * e];
     balance::sequence_loss_backward_input(&mut ds, &s, &experts, k, e, 0.5);
-    check_directional("balance.backward_input", &s, &ds, |x| balance::sequence_loss_forward(x, &experts, k, e, 0.5), EPS, TOL, 17);
+    check_directional(
+        "balance.backward_input",
+        &s,
+        &ds,
+        |x| balance::sequence_loss_forward(x, &experts, k, e, 0.5),
+        EPS,
+        TOL,
+        17,
+    );
 }

@@ -24,7 +24,9 @@ impl std::str::FromStr for DataFormat {
             "text" => Ok(DataFormat::Text),
             "u16" => Ok(DataFormat::U16),
             "u32" => Ok(DataFormat::U32),
-            _ => Err(format!("unknown data format {s:?} (expected auto, text, u16 or u32)")),
+            _ => Err(format!(
+                "unknown data format {s:?} (expected auto, text, u16 or u32)"
+            )),
         }
     }
 }
@@ -33,14 +35,22 @@ impl std::str::FromStr for DataFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("data file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("data file {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 enum Tokens {
     Memory(Vec<u32>),
-    Mapped { map: Mmap, offset: usize, width: usize, len: usize },
+    Mapped {
+        map: Mmap,
+        offset: usize,
+        width: usize,
+        len: usize,
+    },
 }
 
 impl Tokens {
@@ -54,7 +64,9 @@ impl Tokens {
     fn get(&self, i: usize) -> u32 {
         match self {
             Tokens::Memory(v) => v[i],
-            Tokens::Mapped { map, offset, width, .. } => {
+            Tokens::Mapped {
+                map, offset, width, ..
+            } => {
                 let at = offset + i * width;
                 match width {
                     1 => map[at] as u32,
@@ -87,14 +99,23 @@ impl Dataset {
         Dataset {
             tokens: Tokens::Memory(v),
             train_len: train_tokens,
-            description: format!("synthetic corpus ({train_tokens} train + {eval_tokens} held-out tokens, vocab {})", vocab.min(SYNTH_VOCAB_CAP)),
+            description: format!(
+                "synthetic corpus ({train_tokens} train + {eval_tokens} held-out tokens, vocab {})",
+                vocab.min(SYNTH_VOCAB_CAP)
+            ),
         }
     }
 
     /// Memory-maps a token file; every token is checked against `vocab`. The last 5% is held out.
     pub fn open(path: &Path, format: DataFormat, vocab: usize) -> Result<Dataset, DataError> {
-        let io = |source| DataError::Io { path: path.to_path_buf(), source };
-        let invalid = |message: String| DataError::Invalid { path: path.to_path_buf(), message };
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let invalid = |message: String| DataError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the file is opened read-only; phalanx never writes to data files while training.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
@@ -112,7 +133,10 @@ impl Dataset {
             DataFormat::U16 => (0, 2),
             _ => (0, 4),
         };
-        if format != DataFormat::Text && map.len() >= LLMC_HEADER_BYTES && u32::from_le_bytes(map[..4].try_into().unwrap()) == LLMC_MAGIC {
+        if format != DataFormat::Text
+            && map.len() >= LLMC_HEADER_BYTES
+            && u32::from_le_bytes(map[..4].try_into().unwrap()) == LLMC_MAGIC
+        {
             let version = u32::from_le_bytes(map[4..8].try_into().unwrap());
             width = match version {
                 1 => 2,
@@ -123,24 +147,39 @@ impl Dataset {
         }
         let body = map.len() - offset;
         if body % width != 0 {
-            return Err(invalid(format!("{body} bytes is not a whole number of {width}-byte tokens")));
+            return Err(invalid(format!(
+                "{body} bytes is not a whole number of {width}-byte tokens"
+            )));
         }
         let len = body / width;
         if format == DataFormat::Text && vocab < 256 {
-            return Err(invalid(format!("text is read as bytes (256 token ids) but the model's vocab_size is {vocab}")));
+            return Err(invalid(format!(
+                "text is read as bytes (256 token ids) but the model's vocab_size is {vocab}"
+            )));
         }
-        let tokens = Tokens::Mapped { map, offset, width, len };
+        let tokens = Tokens::Mapped {
+            map,
+            offset,
+            width,
+            len,
+        };
         for i in 0..len {
             let t = tokens.get(i);
             if t as usize >= vocab {
-                return Err(invalid(format!("token {t} at position {i} is outside the vocabulary (vocab_size {vocab})")));
+                return Err(invalid(format!(
+                    "token {t} at position {i} is outside the vocabulary (vocab_size {vocab})"
+                )));
             }
         }
         let train_len = len - len / 20;
         Ok(Dataset {
             tokens,
             train_len,
-            description: format!("{} ({len} tokens of {width} byte(s); last {} held out)", path.display(), len - train_len),
+            description: format!(
+                "{} ({len} tokens of {width} byte(s); last {} held out)",
+                path.display(),
+                len - train_len
+            ),
         })
     }
 
@@ -154,10 +193,19 @@ impl Dataset {
 
     /// `batch` windows of `seq + 1` tokens for training step `step` (1-based), at offsets drawn
     /// from a stream seeded by (seed, step): any step can be reproduced on its own.
-    pub fn train_batch(&self, seed: u64, step: u64, batch: usize, seq: usize) -> Result<Vec<u32>, String> {
+    pub fn train_batch(
+        &self,
+        seed: u64,
+        step: u64,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<u32>, String> {
         let w = seq + 1;
         if self.train_len < w {
-            return Err(format!("the training split has {} tokens, fewer than one window of {w}", self.train_len));
+            return Err(format!(
+                "the training split has {} tokens, fewer than one window of {w}",
+                self.train_len
+            ));
         }
         let mut rng = Rng::stream(seed ^ step.wrapping_mul(0x9E37_79B9), "data");
         let mut out = Vec::with_capacity(batch * w);
@@ -175,7 +223,11 @@ impl Dataset {
         if start + batch * w > self.tokens.len() {
             return None;
         }
-        Some((start..start + batch * w).map(|j| self.tokens.get(j)).collect())
+        Some(
+            (start..start + batch * w)
+                .map(|j| self.tokens.get(j))
+                .collect(),
+        )
     }
 
     /// Every token of the whole file, in order (for evaluating a model over a file).
@@ -192,11 +244,13 @@ const SYNTH_VOCAB_CAP: usize = 512;
 /// earlier in the document (an induction pattern only attention can learn). Documents are separated
 /// by token 0. Uniform guessing costs ln(V); the Markov part alone has entropy ≈ 1.2 nats.
 pub fn synthetic_stream(vocab: usize, seed: u64, len: usize, split: &str) -> Vec<u32> {
-    let v = vocab.min(SYNTH_VOCAB_CAP).max(8) as u64;
+    let v = vocab.clamp(2, SYNTH_VOCAB_CAP) as u64;
     let topics = 8;
     // the grammar depends on the seed only, not on the split
     let mut g = Rng::stream(seed, "synthetic-grammar");
-    let succ: Vec<u32> = (0..topics * v as usize * 4).map(|_| 1 + g.below(v - 1) as u32).collect();
+    let succ: Vec<u32> = (0..topics * v as usize * 4)
+        .map(|_| 1 + g.below(v - 1) as u32)
+        .collect();
     let mut rng = Rng::stream(seed, split);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
@@ -217,7 +271,15 @@ pub fn synthetic_stream(vocab: usize, seed: u64, len: usize, split: &str) -> Vec
                 continue;
             }
             let r = rng.uniform();
-            let pick = if r < 0.5 { 0 } else if r < 0.75 { 1 } else if r < 0.9 { 2 } else { 3 };
+            let pick = if r < 0.5 {
+                0
+            } else if r < 0.75 {
+                1
+            } else if r < 0.9 {
+                2
+            } else {
+                3
+            };
             cur = succ[((topic * v as usize) + cur as usize) * 4 + pick];
             out.push(cur);
         }
@@ -251,7 +313,10 @@ mod tests {
             *counts.entry((w[0], w[1])).or_default() += 1;
         }
         let distinct = counts.len();
-        assert!(distinct < 512 * 60, "{distinct} distinct bigrams: too close to uniform");
+        assert!(
+            distinct < 512 * 60,
+            "{distinct} distinct bigrams: too close to uniform"
+        );
     }
 
     fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
@@ -270,16 +335,44 @@ mod tests {
         let d = Dataset::open(&p, DataFormat::Auto, 64).unwrap();
         assert_eq!(d.all_tokens(), toks);
         assert_eq!(d.train_len() + d.eval_len(), 100);
-        let e = Dataset::open(&p, DataFormat::Auto, 40).err().unwrap().to_string();
-        assert!(e.contains("a.u32") && e.contains("token 40 at position 40"), "{e}");
-        let b16: Vec<u8> = toks.iter().flat_map(|&t| (t as u16).to_le_bytes()).collect();
+        let e = Dataset::open(&p, DataFormat::Auto, 40)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("a.u32") && e.contains("token 40 at position 40"),
+            "{e}"
+        );
+        let b16: Vec<u8> = toks
+            .iter()
+            .flat_map(|&t| (t as u16).to_le_bytes())
+            .collect();
         let p = tmp("a.bin", &b16);
-        assert_eq!(Dataset::open(&p, DataFormat::Auto, 64).unwrap().all_tokens(), toks);
+        assert_eq!(
+            Dataset::open(&p, DataFormat::Auto, 64)
+                .unwrap()
+                .all_tokens(),
+            toks
+        );
         let p = tmp("odd.u32", &bytes[..7]);
-        assert!(Dataset::open(&p, DataFormat::Auto, 64).err().unwrap().to_string().contains("whole number"));
+        assert!(
+            Dataset::open(&p, DataFormat::Auto, 64)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("whole number")
+        );
         let p = tmp("t.txt", b"hello");
-        assert_eq!(Dataset::open(&p, DataFormat::Auto, 256).unwrap().all_tokens(), b"hello".iter().map(|&b| b as u32).collect::<Vec<_>>());
-        let missing = Dataset::open(Path::new("/nonexistent/x.bin"), DataFormat::Auto, 64).err().unwrap().to_string();
+        assert_eq!(
+            Dataset::open(&p, DataFormat::Auto, 256)
+                .unwrap()
+                .all_tokens(),
+            b"hello".iter().map(|&b| b as u32).collect::<Vec<_>>()
+        );
+        let missing = Dataset::open(Path::new("/nonexistent/x.bin"), DataFormat::Auto, 64)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(missing.contains("/nonexistent/x.bin"), "{missing}");
     }
 
@@ -292,6 +385,11 @@ mod tests {
             bytes.extend(t.to_le_bytes());
         }
         let p = tmp("h.bin", &bytes);
-        assert_eq!(Dataset::open(&p, DataFormat::Auto, 64).unwrap().all_tokens(), vec![5, 6, 7]);
+        assert_eq!(
+            Dataset::open(&p, DataFormat::Auto, 64)
+                .unwrap()
+                .all_tokens(),
+            vec![5, 6, 7]
+        );
     }
 }

@@ -24,15 +24,30 @@ pub struct HfLoadReport {
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> HfError {
-    HfError::File { path: path.to_path_buf(), message: message.into() }
+    HfError::File {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 fn to_f32(path: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, HfError> {
     match dtype {
-        Dtype::F32 => Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        Dtype::BF16 => Ok(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        Dtype::F16 => Ok(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        other => Err(file_err(path, format!("tensor {name} has dtype {other:?}; phalanx reads F32, BF16 and F16"))),
+        Dtype::F32 => Ok(data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        Dtype::BF16 => Ok(data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        Dtype::F16 => Ok(data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        other => Err(file_err(
+            path,
+            format!("tensor {name} has dtype {other:?}; phalanx reads F32, BF16 and F16"),
+        )),
     }
 }
 
@@ -46,12 +61,16 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
     let index = dir.join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index)
         .map_err(|e| file_err(&index, format!("no model.safetensors and no index ({e})")))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| file_err(&index, "no `weight_map` object"))?;
-    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
@@ -65,12 +84,16 @@ pub fn load_dir(dir: &Path, seed: u64) -> Result<(DeepSeekV3, HfLoadReport), HfE
     let mut report = HfLoadReport::default();
     let mut seen = vec![false; model.params.len()];
     for path in shard_files(dir)? {
-        let bytes = std::fs::read(&path).map_err(|e| file_err(&path, format!("cannot read: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| file_err(&path, format!("not a safetensors file: {e}")))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| file_err(&path, format!("cannot read: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| file_err(&path, format!("not a safetensors file: {e}")))?;
         let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
         names.sort();
         for name in names {
-            let view = st.tensor(&name).map_err(|e| file_err(&path, format!("{name}: {e}")))?;
+            let view = st
+                .tensor(&name)
+                .map_err(|e| file_err(&path, format!("{name}: {e}")))?;
             let values = to_f32(&path, &name, view.dtype(), view.data())?;
             let shape = view.shape().to_vec();
             for (target, data, tshape) in split_fused(&name, values, &shape) {
@@ -80,7 +103,12 @@ pub fn load_dir(dir: &Path, seed: u64) -> Result<(DeepSeekV3, HfLoadReport), HfE
                 };
                 let want = &model.params.tensors[id.0].shape;
                 if *want != tshape {
-                    return Err(file_err(&path, format!("tensor {target} has shape {tshape:?}, the config implies {want:?}")));
+                    return Err(file_err(
+                        &path,
+                        format!(
+                            "tensor {target} has shape {tshape:?}, the config implies {want:?}"
+                        ),
+                    ));
                 }
                 model.params.tensors[id.0].data = data;
                 seen[id.0] = true;
@@ -98,7 +126,10 @@ pub fn load_dir(dir: &Path, seed: u64) -> Result<(DeepSeekV3, HfLoadReport), HfE
         if mtp || name.starts_with(&mtp_prefix) || name.ends_with("e_score_correction_bias") {
             report.fresh.push(name.clone());
         } else {
-            return Err(file_err(dir, format!("tensor {name} is missing from the directory's safetensors")));
+            return Err(file_err(
+                dir,
+                format!("tensor {name} is missing from the directory's safetensors"),
+            ));
         }
     }
     Ok((model, report))
@@ -106,8 +137,15 @@ pub fn load_dir(dir: &Path, seed: u64) -> Result<(DeepSeekV3, HfLoadReport), HfE
 
 /// Splits transformers 5.x fused expert tensors (`mlp.experts.gate_up_proj` [E, 2I, H] and
 /// `mlp.experts.down_proj` [E, H, I]) into per-expert [out, in] matrices; passes others through.
-fn split_fused(name: &str, values: Vec<f32>, shape: &[usize]) -> Vec<(String, Vec<f32>, Vec<usize>)> {
-    let fused = |suffix: &str| name.strip_suffix(suffix).filter(|p| p.ends_with(".mlp.experts"));
+fn split_fused(
+    name: &str,
+    values: Vec<f32>,
+    shape: &[usize],
+) -> Vec<(String, Vec<f32>, Vec<usize>)> {
+    let fused = |suffix: &str| {
+        name.strip_suffix(suffix)
+            .filter(|p| p.ends_with(".mlp.experts"))
+    };
     if shape.len() == 3 {
         if let Some(prefix) = fused(".gate_up_proj").or_else(|| fused(".gate_up_proj.weight")) {
             let (e, two_i, h) = (shape[0], shape[1], shape[2]);
@@ -115,31 +153,59 @@ fn split_fused(name: &str, values: Vec<f32>, shape: &[usize]) -> Vec<(String, Ve
             let mut out = Vec::new();
             for x in 0..e {
                 let block = &values[x * two_i * h..(x + 1) * two_i * h];
-                out.push((format!("{prefix}.{x}.gate_proj.weight"), block[..i * h].to_vec(), vec![i, h]));
-                out.push((format!("{prefix}.{x}.up_proj.weight"), block[i * h..].to_vec(), vec![i, h]));
+                out.push((
+                    format!("{prefix}.{x}.gate_proj.weight"),
+                    block[..i * h].to_vec(),
+                    vec![i, h],
+                ));
+                out.push((
+                    format!("{prefix}.{x}.up_proj.weight"),
+                    block[i * h..].to_vec(),
+                    vec![i, h],
+                ));
             }
             return out;
         }
         if let Some(prefix) = fused(".down_proj").or_else(|| fused(".down_proj.weight")) {
             let (e, h, i) = (shape[0], shape[1], shape[2]);
             return (0..e)
-                .map(|x| (format!("{prefix}.{x}.down_proj.weight"), values[x * h * i..(x + 1) * h * i].to_vec(), vec![h, i]))
+                .map(|x| {
+                    (
+                        format!("{prefix}.{x}.down_proj.weight"),
+                        values[x * h * i..(x + 1) * h * i].to_vec(),
+                        vec![h, i],
+                    )
+                })
                 .collect();
         }
     }
     vec![(name.to_string(), values, shape.to_vec())]
 }
 
+/// Tensors by name: shape and values.
+pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Tensor name → values of a safetensors file, as f32 (for fixtures and tests).
-pub fn read_f32_tensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, HfError> {
+pub fn read_f32_tensors(path: &Path) -> Result<NamedTensors, HfError> {
     let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for name in st.names() {
-        let view = st.tensor(name).map_err(|e| file_err(path, format!("{name}: {e}")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| file_err(path, format!("{name}: {e}")))?;
         let values = match view.dtype() {
-            Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            Dtype::I32 => view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            Dtype::I64 => view
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            Dtype::I32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
             d => to_f32(path, name, d, view.data())?,
         };
         out.insert(name.to_string(), (view.shape().to_vec(), values));

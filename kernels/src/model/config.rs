@@ -203,10 +203,11 @@ where
         let path = e.path().to_string();
         let msg = e.inner().to_string();
         let msg = msg.lines().next().unwrap_or("").to_string();
+        let named = serde_field(&msg);
         let field = if path.is_empty() || path == "." {
-            serde_field(&msg)
-        } else if msg.contains("unknown field") {
-            format!("{path}.{}", serde_field(&msg))
+            named
+        } else if msg.contains("unknown field") && !path.ends_with(&named) {
+            format!("{path}.{named}")
         } else {
             path
         };
@@ -218,7 +219,8 @@ impl RunConfig {
     /// Reads a phalanx TOML config; unknown keys, missing keys and inconsistent values are refused.
     pub fn load(path: &Path) -> Result<RunConfig, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| err(&file, "-", format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(&file, "-", format!("cannot read: {e}")))?;
         RunConfig::parse(&text, &file)
     }
 
@@ -234,7 +236,11 @@ impl RunConfig {
         };
         for key in table.keys() {
             if !MODEL_KEYS.contains(&key.as_str()) {
-                return Err(err(file, key, "unknown key (not a DeepseekV3Config field or `training`)"));
+                return Err(err(
+                    file,
+                    key,
+                    "unknown key (not a DeepseekV3Config field or `training`)",
+                ));
             }
         }
         let model: ModelConfig = deserialize_named(toml::Value::Table(table), file, "")?;
@@ -256,7 +262,11 @@ impl TrainingConfig {
             }
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(err(file, "training.lr", format!("must be a positive number, got {}", self.lr)));
+            return Err(err(
+                file,
+                "training.lr",
+                format!("must be a positive number, got {}", self.lr),
+            ));
         }
         if !(0.0..=1.0).contains(&self.decay_start_frac) {
             return Err(err(file, "training.decay_start_frac", "must lie in [0, 1]"));
@@ -270,10 +280,13 @@ impl ModelConfig {
     /// ignored; keys HF may omit take HF's defaults; `rope_parameters` (5.x) is understood.
     pub fn load_hf_json(path: &Path) -> Result<ModelConfig, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| err(&file, "-", format!("cannot read: {e}")))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| err(&file, "-", format!("not valid JSON: {e}")))?;
-        let obj = json.as_object().ok_or_else(|| err(&file, "-", "top level is not an object"))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(&file, "-", format!("cannot read: {e}")))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| err(&file, "-", format!("not valid JSON: {e}")))?;
+        let obj = json
+            .as_object()
+            .ok_or_else(|| err(&file, "-", "top level is not an object"))?;
         let defaults = serde_json::json!({
             "num_nextn_predict_layers": 0, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
             "routed_scaling_factor": 1.0, "norm_topk_prob": true, "scoring_func": "sigmoid",
@@ -305,13 +318,19 @@ impl ModelConfig {
             if let Some(theta) = rp.get("rope_theta") {
                 m.insert("rope_theta".into(), theta.clone());
             }
-            let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(|v| v.as_str());
+            let kind = rp
+                .get("rope_type")
+                .or_else(|| rp.get("type"))
+                .and_then(|v| v.as_str());
             if kind == Some("yarn") {
                 m.insert("rope_scaling".into(), serde_json::Value::Object(rp.clone()));
             }
         }
         if let Some(rs) = m.get("rope_scaling").and_then(|v| v.as_object()) {
-            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|v| v.as_str());
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(|v| v.as_str());
             if kind == Some("yarn") {
                 let mut clean = serde_json::Map::new();
                 clean.insert("type".into(), "yarn".into());
@@ -352,45 +371,108 @@ impl ModelConfig {
                 return Err(err(file, f, "must be at least 1"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
-            return Err(err(file, "qk_rope_head_dim", format!("must be even for RoPE pairs, got {}", self.qk_rope_head_dim)));
+        if self.vocab_size < 2 {
+            return Err(err(
+                file,
+                "vocab_size",
+                format!("must be at least 2, got {}", self.vocab_size),
+            ));
+        }
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
+            return Err(err(
+                file,
+                "qk_rope_head_dim",
+                format!("must be even for RoPE pairs, got {}", self.qk_rope_head_dim),
+            ));
         }
         if self.num_key_value_heads != self.num_attention_heads {
-            return Err(err(file, "num_key_value_heads", format!("MLA needs num_key_value_heads == num_attention_heads ({}), got {}", self.num_attention_heads, self.num_key_value_heads)));
+            return Err(err(
+                file,
+                "num_key_value_heads",
+                format!(
+                    "MLA needs num_key_value_heads == num_attention_heads ({}), got {}",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
         }
-        if self.first_k_dense_replace < self.num_hidden_layers || self.num_nextn_predict_layers > 0 {
+        if self.first_k_dense_replace < self.num_hidden_layers || self.num_nextn_predict_layers > 0
+        {
             if self.n_routed_experts == 0 {
-                return Err(err(file, "n_routed_experts", "MoE layers need at least one routed expert"));
+                return Err(err(
+                    file,
+                    "n_routed_experts",
+                    "MoE layers need at least one routed expert",
+                ));
             }
             if self.moe_intermediate_size == 0 {
                 return Err(err(file, "moe_intermediate_size", "must be at least 1"));
             }
         }
         if self.n_routed_experts > 0 {
-            if self.n_routed_experts % self.n_group != 0 {
-                return Err(err(file, "n_group", format!("n_group ({}) must divide n_routed_experts ({})", self.n_group, self.n_routed_experts)));
+            if !self.n_routed_experts.is_multiple_of(self.n_group) {
+                return Err(err(
+                    file,
+                    "n_group",
+                    format!(
+                        "n_group ({}) must divide n_routed_experts ({})",
+                        self.n_group, self.n_routed_experts
+                    ),
+                ));
             }
             if self.topk_group > self.n_group {
-                return Err(err(file, "topk_group", format!("topk_group ({}) must not exceed n_group ({})", self.topk_group, self.n_group)));
+                return Err(err(
+                    file,
+                    "topk_group",
+                    format!(
+                        "topk_group ({}) must not exceed n_group ({})",
+                        self.topk_group, self.n_group
+                    ),
+                ));
             }
             let reachable = self.topk_group * (self.n_routed_experts / self.n_group);
             if self.num_experts_per_tok > reachable {
-                return Err(err(file, "num_experts_per_tok", format!("num_experts_per_tok ({}) exceeds the {} experts in topk_group ({}) groups", self.num_experts_per_tok, reachable, self.topk_group)));
+                return Err(err(
+                    file,
+                    "num_experts_per_tok",
+                    format!(
+                        "num_experts_per_tok ({}) exceeds the {} experts in topk_group ({}) groups",
+                        self.num_experts_per_tok, reachable, self.topk_group
+                    ),
+                ));
             }
         }
         if self.scoring_func != "sigmoid" {
-            return Err(err(file, "scoring_func", format!("only \"sigmoid\" (DeepSeek-V3) is supported, got {:?}", self.scoring_func)));
+            return Err(err(
+                file,
+                "scoring_func",
+                format!(
+                    "only \"sigmoid\" (DeepSeek-V3) is supported, got {:?}",
+                    self.scoring_func
+                ),
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(err(file, "hidden_act", format!("only \"silu\" is supported, got {:?}", self.hidden_act)));
+            return Err(err(
+                file,
+                "hidden_act",
+                format!("only \"silu\" is supported, got {:?}", self.hidden_act),
+            ));
         }
         if self.attention_bias {
-            return Err(err(file, "attention_bias", "DeepSeek-V3 has no linear biases; must be false"));
+            return Err(err(
+                file,
+                "attention_bias",
+                "DeepSeek-V3 has no linear biases; must be false",
+            ));
         }
         if self.tie_word_embeddings {
-            return Err(err(file, "tie_word_embeddings", "DeepSeek-V3 unties embedding and head; must be false"));
+            return Err(err(
+                file,
+                "tie_word_embeddings",
+                "DeepSeek-V3 unties embedding and head; must be false",
+            ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(err(file, "rms_norm_eps", "must be positive"));
         }
         Ok(())
@@ -398,7 +480,8 @@ impl ModelConfig {
 
     /// Whether decoder layer `l` (0-based, main model) has a MoE FFN.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        l >= self.first_k_dense_replace && (l - self.first_k_dense_replace) % self.moe_layer_freq == 0
+        l >= self.first_k_dense_replace
+            && (l - self.first_k_dense_replace).is_multiple_of(self.moe_layer_freq)
     }
 
     pub fn qk_head_dim(&self) -> usize {
@@ -421,9 +504,14 @@ impl ModelConfig {
     pub fn param_counts(&self) -> ParamCounts {
         let d = self.hidden_size as u64;
         let h = self.num_attention_heads as u64;
-        let (dn, dr, dv) = (self.qk_nope_head_dim as u64, self.qk_rope_head_dim as u64, self.v_head_dim as u64);
+        let (dn, dr, dv) = (
+            self.qk_nope_head_dim as u64,
+            self.qk_rope_head_dim as u64,
+            self.v_head_dim as u64,
+        );
         let (ql, kl) = (self.q_lora_rank as u64, self.kv_lora_rank as u64);
-        let attn = d * ql + ql + ql * h * (dn + dr) + d * (kl + dr) + kl + kl * h * (dn + dv) + h * dv * d;
+        let attn =
+            d * ql + ql + ql * h * (dn + dr) + d * (kl + dr) + kl + kl * h * (dn + dv) + h * dv * d;
         let dense = 3 * d * self.intermediate_size as u64;
         let e = self.n_routed_experts as u64;
         let expert = 3 * d * self.moe_intermediate_size as u64;
@@ -442,7 +530,8 @@ impl ModelConfig {
                 active += attn + dense + 2 * d;
             }
         }
-        let mtp = self.num_nextn_predict_layers as u64 * (2 * d + 2 * d * d + attn + moe + 2 * d + d);
+        let mtp =
+            self.num_nextn_predict_layers as u64 * (2 * d + 2 * d * d + attn + moe + 2 * d + d);
         ParamCounts { main, mtp, active }
     }
 }
@@ -466,14 +555,19 @@ mod tests {
     use super::*;
 
     fn cfg(name: &str) -> RunConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name);
         RunConfig::load(&path).unwrap()
     }
 
     #[test]
     fn parameter_counts_match_reference() {
         let tiny = cfg("tiny.toml").model.param_counts();
-        assert_eq!((tiny.main, tiny.mtp, tiny.total()), (1_744_432, 504_560, 2_248_992));
+        assert_eq!(
+            (tiny.main, tiny.mtp, tiny.total()),
+            (1_744_432, 504_560, 2_248_992)
+        );
         assert_eq!(tiny.active, 859_648);
         let micro = cfg("micro.toml").model.param_counts();
         assert_eq!((micro.main, micro.total()), (30_184, 49_328));
@@ -505,7 +599,10 @@ mod tests {
         let t = micro_text();
         let e = refused(&t.replace("n_group = 4", "n_group = 3"));
         assert_eq!(e.field, "n_group");
-        assert!(e.to_string().starts_with("bad.toml: field `n_group`"), "{e}");
+        assert!(
+            e.to_string().starts_with("bad.toml: field `n_group`"),
+            "{e}"
+        );
         let e = refused(&t.replace("topk_group = 2", "topk_group = 5"));
         assert_eq!(e.field, "topk_group");
         let e = refused(&t.replace("hidden_size = 32\n", ""));

@@ -70,7 +70,12 @@ impl Batch {
             inputs.extend_from_slice(&w[..seq]);
             targets.extend_from_slice(&w[1..]);
         }
-        Batch { batch, seq, inputs, targets }
+        Batch {
+            batch,
+            seq,
+            inputs,
+            targets,
+        }
     }
 }
 
@@ -125,11 +130,32 @@ impl DeepSeekV3 {
     pub fn new(cfg: &ModelConfig, init_std: f32, seed: u64) -> DeepSeekV3 {
         let mut p = ParamStore::default();
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = p.add("model.embed_tokens.weight".into(), &[v, d], Init::Normal(init_std), true, seed);
+        let embed = p.add(
+            "model.embed_tokens.weight".into(),
+            &[v, d],
+            Init::Normal(init_std),
+            true,
+            seed,
+        );
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|l| Block::new(&mut p, &format!("model.layers.{l}"), cfg, cfg.is_moe_layer(l), init_std, seed))
+            .map(|l| {
+                Block::new(
+                    &mut p,
+                    &format!("model.layers.{l}"),
+                    cfg,
+                    cfg.is_moe_layer(l),
+                    init_std,
+                    seed,
+                )
+            })
             .collect();
-        let norm = RmsNorm::new(&mut p, "model.norm.weight".into(), d, cfg.rms_norm_eps, seed);
+        let norm = RmsNorm::new(
+            &mut p,
+            "model.norm.weight".into(),
+            d,
+            cfg.rms_norm_eps,
+            seed,
+        );
         let head = Linear::new(&mut p, "lm_head.weight".into(), d, v, init_std, seed);
         let mtp = (0..cfg.num_nextn_predict_layers)
             .map(|k| {
@@ -138,13 +164,34 @@ impl DeepSeekV3 {
                 Mtp {
                     enorm: RmsNorm::new(&mut p, format!("{pre}.enorm.weight"), d, eps, seed),
                     hnorm: RmsNorm::new(&mut p, format!("{pre}.hnorm.weight"), d, eps, seed),
-                    eh_proj: Linear::new(&mut p, format!("{pre}.eh_proj.weight"), 2 * d, d, init_std, seed),
+                    eh_proj: Linear::new(
+                        &mut p,
+                        format!("{pre}.eh_proj.weight"),
+                        2 * d,
+                        d,
+                        init_std,
+                        seed,
+                    ),
                     block: Block::new(&mut p, &pre, cfg, true, init_std, seed),
-                    head_norm: RmsNorm::new(&mut p, format!("{pre}.shared_head.norm.weight"), d, eps, seed),
+                    head_norm: RmsNorm::new(
+                        &mut p,
+                        format!("{pre}.shared_head.norm.weight"),
+                        d,
+                        eps,
+                        seed,
+                    ),
                 }
             })
             .collect();
-        DeepSeekV3 { cfg: cfg.clone(), params: p, embed, blocks, norm, head, mtp }
+        DeepSeekV3 {
+            cfg: cfg.clone(),
+            params: p,
+            embed,
+            blocks,
+            norm,
+            head,
+            mtp,
+        }
     }
 
     /// The RoPE table for sequences of `seq` tokens (YaRN-corrected when the config asks).
@@ -155,13 +202,21 @@ impl DeepSeekV3 {
             beta_fast: r.beta_fast,
             beta_slow: r.beta_slow,
         });
-        RopeTable::new(self.cfg.qk_rope_head_dim, self.cfg.rope_theta, seq.max(1), yarn)
+        RopeTable::new(
+            self.cfg.qk_rope_head_dim,
+            self.cfg.rope_theta,
+            seq.max(1),
+            yarn,
+        )
     }
 
     /// Main-model logits [batch·seq, vocab] (no MTP), for evaluation and parity tests.
     pub fn logits(&self, batch: &Batch) -> Vec<f32> {
         let table = self.rope_table(batch.seq);
-        let rows = Rows { batch: batch.batch, seq: batch.seq };
+        let rows = Rows {
+            batch: batch.batch,
+            seq: batch.seq,
+        };
         let mut x = self.embed_rows(&batch.inputs);
         for b in &self.blocks {
             x = b.forward(&self.params, Arc::new(x), rows, &table).0;
@@ -173,7 +228,8 @@ impl DeepSeekV3 {
     /// Mean main-head cross-entropy of a batch, forward only.
     pub fn eval_loss(&self, batch: &Batch) -> f64 {
         let logits = self.logits(batch);
-        cross_entropy::forward(&logits, &batch.targets, self.cfg.vocab_size) / batch.targets.len() as f64
+        cross_entropy::forward(&logits, &batch.targets, self.cfg.vocab_size)
+            / batch.targets.len() as f64
     }
 
     fn embed_rows(&self, ids: &[u32]) -> Vec<f32> {
@@ -185,7 +241,12 @@ impl DeepSeekV3 {
 
     /// Forward and backward of one step; gradients are added into `grads` (shaped like params).
     /// `mtp_weight` is λ; with λ = 0 the MTP modules are skipped entirely.
-    pub fn forward_backward(&self, batch: &Batch, mtp_weight: f32, grads: &mut [Tensor]) -> StepStats {
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        mtp_weight: f32,
+        grads: &mut [Tensor],
+    ) -> StepStats {
         let mut q = WeightGradQueue::default();
         let stats = self.forward_backward_input(batch, mtp_weight, &mut q);
         q.run(&self.params, grads);
@@ -193,7 +254,12 @@ impl DeepSeekV3 {
     }
 
     /// Forward and input-gradient backward; every weight gradient is left in `q` (the W half).
-    pub fn forward_backward_input(&self, batch: &Batch, mtp_weight: f32, q: &mut WeightGradQueue) -> StepStats {
+    pub fn forward_backward_input(
+        &self,
+        batch: &Batch,
+        mtp_weight: f32,
+        q: &mut WeightGradQueue,
+    ) -> StepStats {
         let p = &self.params;
         let (bsz, t) = (batch.batch, batch.seq);
         let d = self.cfg.hidden_size;
@@ -248,13 +314,20 @@ impl DeepSeekV3 {
                 let (en, en_st) = m.enorm.forward(p, Arc::new(e));
                 let (hnn, hn_st) = m.hnorm.forward(p, Arc::new(h_rows));
                 let mut cat = vec![0.0; bsz * len * 2 * d];
-                for ((row, a), b) in cat.chunks_exact_mut(2 * d).zip(en.chunks_exact(d)).zip(hnn.chunks_exact(d)) {
+                for ((row, a), b) in cat
+                    .chunks_exact_mut(2 * d)
+                    .zip(en.chunks_exact(d))
+                    .zip(hnn.chunks_exact(d))
+                {
                     row[..d].copy_from_slice(a);
                     row[d..].copy_from_slice(b);
                 }
                 let cat = Arc::new(cat);
                 let hp = m.eh_proj.forward(p, &cat);
-                let mrows = Rows { batch: bsz, seq: len };
+                let mrows = Rows {
+                    batch: bsz,
+                    seq: len,
+                };
                 let (hout, bst, ms) = m.block.forward(p, Arc::new(hp), mrows, &table);
                 if let Some(ms) = ms {
                     stats.balance_loss += ms.balance_loss;
@@ -308,7 +381,10 @@ impl DeepSeekV3 {
                 self.head.backward(p, dl, st.z, &mut dz, false, q);
                 let mut dhout = dnext.take().unwrap_or_else(|| vec![0.0; bsz * len * d]);
                 m.head_norm.backward(p, dz, st.z_norm, &mut dhout, true, q);
-                let mrows = Rows { batch: bsz, seq: len };
+                let mrows = Rows {
+                    batch: bsz,
+                    seq: len,
+                };
                 let dhp = m.block.backward(p, dhout, st.block, mrows, &table, q);
                 let mut dcat = vec![0.0; bsz * len * 2 * d];
                 m.eh_proj.backward(p, dhp, st.cat, &mut dcat, false, q);
@@ -320,7 +396,11 @@ impl DeepSeekV3 {
                 }
                 let mut de = vec![0.0; den.len()];
                 m.enorm.backward(p, den, st.en, &mut de, false, q);
-                q.push(WeightGrad::Embedding { w: self.embed, ids: st.ids, dy: de });
+                q.push(WeightGrad::Embedding {
+                    w: self.embed,
+                    ids: st.ids,
+                    dy: de,
+                });
                 let mut dh_rows = vec![0.0; dhnn.len()];
                 m.hnorm.backward(p, dhnn, st.hn, &mut dh_rows, false, q);
                 // scatter into the previous hidden [bsz, prev_len, d]
@@ -342,7 +422,11 @@ impl DeepSeekV3 {
         for (b, st) in self.blocks.iter().zip(stashes).rev() {
             dx = b.backward(p, dx, st, rows, &table, q);
         }
-        q.push(WeightGrad::Embedding { w: self.embed, ids, dy: dx });
+        q.push(WeightGrad::Embedding {
+            w: self.embed,
+            ids,
+            dy: dx,
+        });
         stats
     }
 
@@ -357,7 +441,11 @@ impl DeepSeekV3 {
             }
             let mlps: Vec<&mut super::layers::SwiGlu> = match &mut b.ffn {
                 Ffn::Dense(m) => vec![m],
-                Ffn::Moe(m) => m.experts.iter_mut().chain(std::iter::once(&mut m.shared)).collect(),
+                Ffn::Moe(m) => m
+                    .experts
+                    .iter_mut()
+                    .chain(std::iter::once(&mut m.shared))
+                    .collect(),
             };
             for m in mlps {
                 m.gate.fp8 = fp8;

@@ -3,10 +3,10 @@
 
 use super::config::ModelConfig;
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
+use crate::fp8;
 use crate::ops::moe_dispatch::{self, DispatchPlan};
 use crate::ops::moe_gate::{self, RouteRule, Routing};
 use crate::ops::rope::RopeTable;
-use crate::fp8;
 use crate::ops::{attention, balance, linear, rmsnorm, rope, swiglu};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -35,9 +35,21 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(p: &mut ParamStore, name: String, d_in: usize, d_out: usize, std: f32, seed: u64) -> Linear {
+    pub fn new(
+        p: &mut ParamStore,
+        name: String,
+        d_in: usize,
+        d_out: usize,
+        std: f32,
+        seed: u64,
+    ) -> Linear {
         let w = p.add(name, &[d_out, d_in], Init::Normal(std), true, seed);
-        Linear { w, d_in, d_out, fp8: false }
+        Linear {
+            w,
+            d_in,
+            d_out,
+            fp8: false,
+        }
     }
 
     pub fn forward(&self, p: &ParamStore, x: &[f32]) -> Vec<f32> {
@@ -51,7 +63,15 @@ impl Linear {
     }
 
     /// dx (+)= dy·W, then queues dW += dyᵀ·x.
-    pub fn backward(&self, p: &ParamStore, dy: Vec<f32>, x: Arc<Vec<f32>>, dx: &mut [f32], acc: bool, q: &mut WeightGradQueue) {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        x: Arc<Vec<f32>>,
+        dx: &mut [f32],
+        acc: bool,
+        q: &mut WeightGradQueue,
+    ) {
         let n = dy.len() / self.d_out;
         if self.fp8 {
             let g = fp8::linear_dgrad_fp8(&dy, p.get(self.w), n, self.d_in, self.d_out);
@@ -62,7 +82,11 @@ impl Linear {
             }
             // the activation as Fprop saw it (1×128 E4M3), requantised to 128×1 tiles for Wgrad
             let xq = fp8::quant::quantize_1x128(&x, n, self.d_in, fp8::ScaleFormat::F32);
-            q.push(WeightGrad::LinearFp8 { w: self.w, dy, x: Arc::new(xq) });
+            q.push(WeightGrad::LinearFp8 {
+                w: self.w,
+                dy,
+                x: Arc::new(xq),
+            });
             return;
         }
         linear::backward_input(dx, &dy, p.get(self.w), n, self.d_in, self.d_out, acc);
@@ -96,13 +120,32 @@ impl RmsNorm {
         let mut y = vec![0.0; x.len()];
         let mut rstd = vec![0.0; n];
         rmsnorm::forward(&mut y, &mut rstd, &x, p.get(self.w), self.d, self.eps);
-        (y, NormStash { x, rstd: Arc::new(rstd) })
+        (
+            y,
+            NormStash {
+                x,
+                rstd: Arc::new(rstd),
+            },
+        )
     }
 
     /// dx (+)= ∂/∂x, queues the scale's gradient.
-    pub fn backward(&self, p: &ParamStore, dy: Vec<f32>, st: NormStash, dx: &mut [f32], acc: bool, q: &mut WeightGradQueue) {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        st: NormStash,
+        dx: &mut [f32],
+        acc: bool,
+        q: &mut WeightGradQueue,
+    ) {
         rmsnorm::backward_input(dx, &dy, &st.x, &st.rstd, p.get(self.w), self.d, acc);
-        q.push(WeightGrad::RmsNorm { w: self.w, dy, x: st.x, rstd: st.rstd });
+        q.push(WeightGrad::RmsNorm {
+            w: self.w,
+            dy,
+            x: st.x,
+            rstd: st.rstd,
+        });
     }
 }
 
@@ -148,13 +191,60 @@ impl Mla {
         let (d, h) = (c.hidden_size, c.num_attention_heads);
         let eps = c.rms_norm_eps;
         Mla {
-            q_a: Linear::new(p, format!("{prefix}.q_a_proj.weight"), d, c.q_lora_rank, std, seed),
-            q_a_norm: RmsNorm::new(p, format!("{prefix}.q_a_layernorm.weight"), c.q_lora_rank, eps, seed),
-            q_b: Linear::new(p, format!("{prefix}.q_b_proj.weight"), c.q_lora_rank, h * c.qk_head_dim(), std, seed),
-            kv_a: Linear::new(p, format!("{prefix}.kv_a_proj_with_mqa.weight"), d, c.kv_lora_rank + c.qk_rope_head_dim, std, seed),
-            kv_a_norm: RmsNorm::new(p, format!("{prefix}.kv_a_layernorm.weight"), c.kv_lora_rank, eps, seed),
-            kv_b: Linear::new(p, format!("{prefix}.kv_b_proj.weight"), c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), std, seed),
-            o: Linear::new(p, format!("{prefix}.o_proj.weight"), h * c.v_head_dim, d, std, seed),
+            q_a: Linear::new(
+                p,
+                format!("{prefix}.q_a_proj.weight"),
+                d,
+                c.q_lora_rank,
+                std,
+                seed,
+            ),
+            q_a_norm: RmsNorm::new(
+                p,
+                format!("{prefix}.q_a_layernorm.weight"),
+                c.q_lora_rank,
+                eps,
+                seed,
+            ),
+            q_b: Linear::new(
+                p,
+                format!("{prefix}.q_b_proj.weight"),
+                c.q_lora_rank,
+                h * c.qk_head_dim(),
+                std,
+                seed,
+            ),
+            kv_a: Linear::new(
+                p,
+                format!("{prefix}.kv_a_proj_with_mqa.weight"),
+                d,
+                c.kv_lora_rank + c.qk_rope_head_dim,
+                std,
+                seed,
+            ),
+            kv_a_norm: RmsNorm::new(
+                p,
+                format!("{prefix}.kv_a_layernorm.weight"),
+                c.kv_lora_rank,
+                eps,
+                seed,
+            ),
+            kv_b: Linear::new(
+                p,
+                format!("{prefix}.kv_b_proj.weight"),
+                c.kv_lora_rank,
+                h * (c.qk_nope_head_dim + c.v_head_dim),
+                std,
+                seed,
+            ),
+            o: Linear::new(
+                p,
+                format!("{prefix}.o_proj.weight"),
+                h * c.v_head_dim,
+                d,
+                std,
+                seed,
+            ),
             heads: h,
             nope: c.qk_nope_head_dim,
             rope: c.qk_rope_head_dim,
@@ -165,7 +255,13 @@ impl Mla {
     }
 
     /// h [n, d] (already normalised) → attention output [n, d].
-    pub fn forward(&self, p: &ParamStore, h: Arc<Vec<f32>>, rows: Rows, table: &RopeTable) -> (Vec<f32>, MlaStash) {
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        h: Arc<Vec<f32>>,
+        rows: Rows,
+        table: &RopeTable,
+    ) -> (Vec<f32>, MlaStash) {
         let (b, t, nh) = (rows.batch, rows.seq, self.heads);
         let n = rows.n();
         let dq = self.nope + self.rope;
@@ -175,12 +271,18 @@ impl Mla {
         let qf = self.q_b.forward(p, &cqn);
         let kva = self.kv_a.forward(p, &h);
         let kvw = self.kv_lora + self.rope;
-        let c: Vec<f32> = kva.chunks_exact(kvw).flat_map(|r| r[..self.kv_lora].iter().copied()).collect();
+        let c: Vec<f32> = kva
+            .chunks_exact(kvw)
+            .flat_map(|r| r[..self.kv_lora].iter().copied())
+            .collect();
         let (cn, kv_norm) = self.kv_a_norm.forward(p, Arc::new(c));
         let cn = Arc::new(cn);
         let kvf = self.kv_b.forward(p, &cn);
         // k^R: one rotated key per token shared by all heads
-        let mut kr: Vec<f32> = kva.chunks_exact(kvw).flat_map(|r| r[self.kv_lora..].iter().copied()).collect();
+        let mut kr: Vec<f32> = kva
+            .chunks_exact(kvw)
+            .flat_map(|r| r[self.kv_lora..].iter().copied())
+            .collect();
         rope::forward(&mut kr, self.rope, 0, &positions(n, t), table);
         // gather per-(sequence, head) contiguous q, k, v
         let kvh = self.nope + self.v;
@@ -195,7 +297,8 @@ impl Mla {
                     q[dst..dst + dq].copy_from_slice(&qf[row * nh * dq + hi * dq..][..dq]);
                     let kv = &kvf[row * nh * kvh + hi * kvh..][..kvh];
                     k[dst..dst + self.nope].copy_from_slice(&kv[..self.nope]);
-                    k[dst + self.nope..dst + dq].copy_from_slice(&kr[row * self.rope..(row + 1) * self.rope]);
+                    k[dst + self.nope..dst + dq]
+                        .copy_from_slice(&kr[row * self.rope..(row + 1) * self.rope]);
                     let vd = ((bi * nh + hi) * t + ti) * self.v;
                     v[vd..vd + self.v].copy_from_slice(&kv[self.nope..]);
                 }
@@ -211,18 +314,38 @@ impl Mla {
                 for ti in 0..t {
                     let src = ((bi * nh + hi) * t + ti) * self.v;
                     let row = bi * t + ti;
-                    o[row * nh * self.v + hi * self.v..][..self.v].copy_from_slice(&attn[src..src + self.v]);
+                    o[row * nh * self.v + hi * self.v..][..self.v]
+                        .copy_from_slice(&attn[src..src + self.v]);
                 }
             }
         }
         let o = Arc::new(o);
         let y = self.o.forward(p, &o);
-        let st = MlaStash { h, q_norm, cqn, kv_norm, cn, q, k, v, p: probs, o };
+        let st = MlaStash {
+            h,
+            q_norm,
+            cqn,
+            kv_norm,
+            cn,
+            q,
+            k,
+            v,
+            p: probs,
+            o,
+        };
         (y, st)
     }
 
     /// dy [n, d] → dh [n, d]; weight gradients go to the queue.
-    pub fn backward(&self, p: &ParamStore, dy: Vec<f32>, st: MlaStash, rows: Rows, table: &RopeTable, q: &mut WeightGradQueue) -> Vec<f32> {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        st: MlaStash,
+        rows: Rows,
+        table: &RopeTable,
+        q: &mut WeightGradQueue,
+    ) -> Vec<f32> {
         let (b, t, nh) = (rows.batch, rows.seq, self.heads);
         let n = rows.n();
         let dq_w = self.nope + self.rope;
@@ -234,14 +357,18 @@ impl Mla {
                 for ti in 0..t {
                     let dst = ((bi * nh + hi) * t + ti) * self.v;
                     let row = bi * t + ti;
-                    d_attn[dst..dst + self.v].copy_from_slice(&d_o[row * nh * self.v + hi * self.v..][..self.v]);
+                    d_attn[dst..dst + self.v]
+                        .copy_from_slice(&d_o[row * nh * self.v + hi * self.v..][..self.v]);
                 }
             }
         }
         let mut dqh = vec![0.0; st.q.len()];
         let mut dkh = vec![0.0; st.k.len()];
         let mut dvh = vec![0.0; st.v.len()];
-        attention::backward_input(&mut dqh, &mut dkh, &mut dvh, &d_attn, &st.p, &st.q, &st.k, &st.v, t, dq_w, self.v, self.scale);
+        attention::backward_input(
+            &mut dqh, &mut dkh, &mut dvh, &d_attn, &st.p, &st.q, &st.k, &st.v, t, dq_w, self.v,
+            self.scale,
+        );
         rope::backward_input(&mut dqh, dq_w, self.nope, &positions(b * nh * t, t), table);
         let kvh = self.nope + self.v;
         let mut dqf = vec![0.0; n * nh * dq_w];
@@ -252,12 +379,16 @@ impl Mla {
                 for ti in 0..t {
                     let row = bi * t + ti;
                     let src = ((bi * nh + hi) * t + ti) * dq_w;
-                    dqf[row * nh * dq_w + hi * dq_w..][..dq_w].copy_from_slice(&dqh[src..src + dq_w]);
+                    dqf[row * nh * dq_w + hi * dq_w..][..dq_w]
+                        .copy_from_slice(&dqh[src..src + dq_w]);
                     let kv = &mut dkvf[row * nh * kvh + hi * kvh..][..kvh];
                     kv[..self.nope].copy_from_slice(&dkh[src..src + self.nope]);
                     let vs = ((bi * nh + hi) * t + ti) * self.v;
                     kv[self.nope..].copy_from_slice(&dvh[vs..vs + self.v]);
-                    for (a, g) in dkr[row * self.rope..(row + 1) * self.rope].iter_mut().zip(&dkh[src + self.nope..src + dq_w]) {
+                    for (a, g) in dkr[row * self.rope..(row + 1) * self.rope]
+                        .iter_mut()
+                        .zip(&dkh[src + self.nope..src + dq_w])
+                    {
                         *a += g;
                     }
                 }
@@ -270,16 +401,21 @@ impl Mla {
         let mut dcqn = vec![0.0; n * self.q_a.d_out];
         self.q_b.backward(p, dqf, st.cqn, &mut dcqn, false, q);
         let mut dcq = vec![0.0; dcqn.len()];
-        self.q_a_norm.backward(p, dcqn, st.q_norm, &mut dcq, false, q);
+        self.q_a_norm
+            .backward(p, dcqn, st.q_norm, &mut dcq, false, q);
         self.q_a.backward(p, dcq, st.h.clone(), &mut dh, false, q);
         // key/value path
         let mut dcn = vec![0.0; n * self.kv_lora];
         self.kv_b.backward(p, dkvf, st.cn, &mut dcn, false, q);
         let mut dc = vec![0.0; dcn.len()];
-        self.kv_a_norm.backward(p, dcn, st.kv_norm, &mut dc, false, q);
+        self.kv_a_norm
+            .backward(p, dcn, st.kv_norm, &mut dc, false, q);
         let kvw = self.kv_lora + self.rope;
         let mut dkva = vec![0.0; n * kvw];
-        for (row, (c, r)) in dkva.chunks_exact_mut(kvw).zip(dc.chunks_exact(self.kv_lora).zip(dkr.chunks_exact(self.rope))) {
+        for (row, (c, r)) in dkva.chunks_exact_mut(kvw).zip(
+            dc.chunks_exact(self.kv_lora)
+                .zip(dkr.chunks_exact(self.rope)),
+        ) {
             row[..self.kv_lora].copy_from_slice(c);
             row[self.kv_lora..].copy_from_slice(r);
         }
@@ -306,7 +442,14 @@ pub struct SwiGluStash {
 }
 
 impl SwiGlu {
-    pub fn new(p: &mut ParamStore, prefix: &str, d: usize, inner: usize, std: f32, seed: u64) -> SwiGlu {
+    pub fn new(
+        p: &mut ParamStore,
+        prefix: &str,
+        d: usize,
+        inner: usize,
+        std: f32,
+        seed: u64,
+    ) -> SwiGlu {
         SwiGlu {
             gate: Linear::new(p, format!("{prefix}.gate_proj.weight"), d, inner, std, seed),
             up: Linear::new(p, format!("{prefix}.up_proj.weight"), d, inner, std, seed),
@@ -325,7 +468,15 @@ impl SwiGlu {
     }
 
     /// dx (+)= ∂/∂x; queues the three weight gradients.
-    pub fn backward(&self, p: &ParamStore, dy: Vec<f32>, st: SwiGluStash, dx: &mut [f32], acc: bool, q: &mut WeightGradQueue) {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        st: SwiGluStash,
+        dx: &mut [f32],
+        acc: bool,
+        q: &mut WeightGradQueue,
+    ) {
         let mut dh = vec![0.0; st.h.len()];
         self.down.backward(p, dy, st.h, &mut dh, false, q);
         let mut da = vec![0.0; dh.len()];
@@ -371,11 +522,33 @@ impl Moe {
         let d = c.hidden_size;
         let e = c.n_routed_experts;
         let gate = Linear::new(p, format!("{prefix}.gate.weight"), d, e, std, seed);
-        let bias = p.add(format!("{prefix}.gate.e_score_correction_bias"), &[e], Init::Zeros, false, seed);
+        let bias = p.add(
+            format!("{prefix}.gate.e_score_correction_bias"),
+            &[e],
+            Init::Zeros,
+            false,
+            seed,
+        );
         let experts = (0..e)
-            .map(|i| SwiGlu::new(p, &format!("{prefix}.experts.{i}"), d, c.moe_intermediate_size, std, seed))
+            .map(|i| {
+                SwiGlu::new(
+                    p,
+                    &format!("{prefix}.experts.{i}"),
+                    d,
+                    c.moe_intermediate_size,
+                    std,
+                    seed,
+                )
+            })
             .collect();
-        let shared = SwiGlu::new(p, &format!("{prefix}.shared_experts"), d, c.moe_intermediate_size * c.n_shared_experts, std, seed);
+        let shared = SwiGlu::new(
+            p,
+            &format!("{prefix}.shared_experts"),
+            d,
+            c.moe_intermediate_size * c.n_shared_experts,
+            std,
+            seed,
+        );
         Moe {
             gate,
             bias,
@@ -392,7 +565,12 @@ impl Moe {
         }
     }
 
-    pub fn forward(&self, p: &ParamStore, x: Arc<Vec<f32>>, rows: Rows) -> (Vec<f32>, MoeStash, MoeStats) {
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        x: Arc<Vec<f32>>,
+        rows: Rows,
+    ) -> (Vec<f32>, MoeStash, MoeStats) {
         let d = self.gate.d_in;
         let e = self.experts.len();
         let logits = self.gate.forward(p, &x);
@@ -425,22 +603,57 @@ impl Moe {
         let mut balance_loss = 0.0;
         if self.alpha > 0.0 {
             let (t, k) = (rows.seq, routing.k);
-            for (sq, ex) in s.chunks_exact(t * e).zip(routing.experts.chunks_exact(t * k)) {
-                balance_loss += balance::sequence_loss_forward(sq, ex, k, e, self.alpha) / rows.batch as f64;
+            for (sq, ex) in s
+                .chunks_exact(t * e)
+                .zip(routing.experts.chunks_exact(t * k))
+            {
+                balance_loss +=
+                    balance::sequence_loss_forward(sq, ex, k, e, self.alpha) / rows.batch as f64;
             }
         }
-        let stats = MoeStats { balance_loss, loads: plan.loads() };
-        (out, MoeStash { x, s, routing, plan, experts: stashes, ye, shared }, stats)
+        let stats = MoeStats {
+            balance_loss,
+            loads: plan.loads(),
+        };
+        (
+            out,
+            MoeStash {
+                x,
+                s,
+                routing,
+                plan,
+                experts: stashes,
+                ye,
+                shared,
+            },
+            stats,
+        )
     }
 
-    pub fn backward(&self, p: &ParamStore, dy: Vec<f32>, st: MoeStash, rows: Rows, q: &mut WeightGradQueue) -> Vec<f32> {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        st: MoeStash,
+        rows: Rows,
+        q: &mut WeightGradQueue,
+    ) -> Vec<f32> {
         let d = self.gate.d_in;
         let e = self.experts.len();
         let k = st.routing.k;
         let n = st.x.len() / d;
         let mut dye = vec![0.0; st.ye.len()];
         let mut dweights = vec![0.0; n * k];
-        moe_dispatch::combine_backward_input(&mut dye, &mut dweights, &dy, &st.ye, &st.routing.weights, k, &st.plan, d);
+        moe_dispatch::combine_backward_input(
+            &mut dye,
+            &mut dweights,
+            &dy,
+            &st.ye,
+            &st.routing.weights,
+            k,
+            &st.plan,
+            d,
+        );
         let mut dx = vec![0.0; n * d];
         self.shared.backward(p, dy, st.shared, &mut dx, false, q);
         let plan = &st.plan;
@@ -453,7 +666,14 @@ impl Moe {
                     let (lo, hi) = (plan.offsets[i], plan.offsets[i + 1]);
                     let mut dxe = vec![0.0; (hi - lo) * d];
                     let mut local = WeightGradQueue::default();
-                    self.experts[i].backward(p, dye[lo * d..hi * d].to_vec(), stash, &mut dxe, false, &mut local);
+                    self.experts[i].backward(
+                        p,
+                        dye[lo * d..hi * d].to_vec(),
+                        stash,
+                        &mut dxe,
+                        false,
+                        &mut local,
+                    );
                     (dxe, local)
                 })
             })
@@ -470,8 +690,19 @@ impl Moe {
         moe_gate::backward_input(&mut ds, &dweights, &st.s, &st.routing, &self.rule);
         if self.alpha > 0.0 {
             let t = rows.seq;
-            for ((dsq, sq), ex) in ds.chunks_exact_mut(t * e).zip(st.s.chunks_exact(t * e)).zip(st.routing.experts.chunks_exact(t * k)) {
-                balance::sequence_loss_backward_input(dsq, sq, ex, k, e, self.alpha / rows.batch as f32);
+            for ((dsq, sq), ex) in ds
+                .chunks_exact_mut(t * e)
+                .zip(st.s.chunks_exact(t * e))
+                .zip(st.routing.experts.chunks_exact(t * k))
+            {
+                balance::sequence_loss_backward_input(
+                    dsq,
+                    sq,
+                    ex,
+                    k,
+                    e,
+                    self.alpha / rows.batch as f32,
+                );
             }
         }
         let mut dlogits = vec![0.0; ds.len()];
@@ -491,7 +722,7 @@ pub enum Ffn {
 #[derive(Debug)]
 pub enum FfnStash {
     Dense(SwiGluStash),
-    Moe(MoeStash),
+    Moe(Box<MoeStash>),
 }
 
 /// Pre-norm decoder block: x += MLA(norm(x)); x += FFN(norm(x)).
@@ -514,20 +745,57 @@ pub struct BlockStash {
 
 impl Block {
     /// Layer `prefix` (e.g. "model.layers.3"); `moe` picks DeepSeekMoE over the dense FFN.
-    pub fn new(p: &mut ParamStore, prefix: &str, c: &ModelConfig, moe: bool, std: f32, seed: u64) -> Block {
+    pub fn new(
+        p: &mut ParamStore,
+        prefix: &str,
+        c: &ModelConfig,
+        moe: bool,
+        std: f32,
+        seed: u64,
+    ) -> Block {
         let d = c.hidden_size;
-        let input_norm = RmsNorm::new(p, format!("{prefix}.input_layernorm.weight"), d, c.rms_norm_eps, seed);
+        let input_norm = RmsNorm::new(
+            p,
+            format!("{prefix}.input_layernorm.weight"),
+            d,
+            c.rms_norm_eps,
+            seed,
+        );
         let attn = Mla::new(p, &format!("{prefix}.self_attn"), c, std, seed);
-        let post_norm = RmsNorm::new(p, format!("{prefix}.post_attention_layernorm.weight"), d, c.rms_norm_eps, seed);
+        let post_norm = RmsNorm::new(
+            p,
+            format!("{prefix}.post_attention_layernorm.weight"),
+            d,
+            c.rms_norm_eps,
+            seed,
+        );
         let ffn = if moe {
             Ffn::Moe(Moe::new(p, &format!("{prefix}.mlp"), c, std, seed))
         } else {
-            Ffn::Dense(SwiGlu::new(p, &format!("{prefix}.mlp"), d, c.intermediate_size, std, seed))
+            Ffn::Dense(SwiGlu::new(
+                p,
+                &format!("{prefix}.mlp"),
+                d,
+                c.intermediate_size,
+                std,
+                seed,
+            ))
         };
-        Block { input_norm, attn, post_norm, ffn }
+        Block {
+            input_norm,
+            attn,
+            post_norm,
+            ffn,
+        }
     }
 
-    pub fn forward(&self, p: &ParamStore, x: Arc<Vec<f32>>, rows: Rows, table: &RopeTable) -> (Vec<f32>, BlockStash, Option<MoeStats>) {
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        x: Arc<Vec<f32>>,
+        rows: Rows,
+        table: &RopeTable,
+    ) -> (Vec<f32>, BlockStash, Option<MoeStats>) {
         let (h, in_norm) = self.input_norm.forward(p, x.clone());
         let (a, attn) = self.attn.forward(p, Arc::new(h), rows, table);
         let x1: Vec<f32> = x.iter().zip(&a).map(|(u, v)| u + v).collect();
@@ -541,29 +809,48 @@ impl Block {
             }
             Ffn::Moe(m) => {
                 let (f, s, stats) = m.forward(p, h2, rows);
-                (f, FfnStash::Moe(s), Some(stats))
+                (f, FfnStash::Moe(Box::new(s)), Some(stats))
             }
         };
         let x2: Vec<f32> = x1.iter().zip(&f).map(|(u, v)| u + v).collect();
-        (x2, BlockStash { in_norm, attn, post_norm, ffn }, stats)
+        (
+            x2,
+            BlockStash {
+                in_norm,
+                attn,
+                post_norm,
+                ffn,
+            },
+            stats,
+        )
     }
 
     /// d(out) → d(in); weight gradients queued.
-    pub fn backward(&self, p: &ParamStore, dy: Vec<f32>, st: BlockStash, rows: Rows, table: &RopeTable, q: &mut WeightGradQueue) -> Vec<f32> {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        st: BlockStash,
+        rows: Rows,
+        table: &RopeTable,
+        q: &mut WeightGradQueue,
+    ) -> Vec<f32> {
         let dh2 = match (&self.ffn, st.ffn) {
             (Ffn::Dense(m), FfnStash::Dense(s)) => {
                 let mut dh2 = vec![0.0; dy.len()];
                 m.backward(p, dy.clone(), s, &mut dh2, false, q);
                 dh2
             }
-            (Ffn::Moe(m), FfnStash::Moe(s)) => m.backward(p, dy.clone(), s, rows, q),
+            (Ffn::Moe(m), FfnStash::Moe(s)) => m.backward(p, dy.clone(), *s, rows, q),
             _ => unreachable!("stash kind always matches the layer kind"),
         };
         let mut dx1 = dy;
-        self.post_norm.backward(p, dh2, st.post_norm, &mut dx1, true, q);
+        self.post_norm
+            .backward(p, dh2, st.post_norm, &mut dx1, true, q);
         let dh = self.attn.backward(p, dx1.clone(), st.attn, rows, table, q);
         let mut dx = dx1;
-        self.input_norm.backward(p, dh, st.in_norm, &mut dx, true, q);
+        self.input_norm
+            .backward(p, dh, st.in_norm, &mut dx, true, q);
         dx
     }
 }

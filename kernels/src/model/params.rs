@@ -35,8 +35,18 @@ pub struct ParamStore {
 impl ParamStore {
     /// Adds a tensor; its initial values come from a stream seeded by (seed, name), so they do not
     /// depend on the order tensors are created in.
-    pub fn add(&mut self, name: String, shape: &[usize], init: Init, trainable: bool, seed: u64) -> ParamId {
-        assert!(!self.index.contains_key(&name), "duplicate parameter {name}");
+    pub fn add(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        trainable: bool,
+        seed: u64,
+    ) -> ParamId {
+        assert!(
+            !self.index.contains_key(&name),
+            "duplicate parameter {name}"
+        );
         let n: usize = shape.iter().product();
         let data = match init {
             Init::Zeros => vec![0.0; n],
@@ -72,7 +82,12 @@ impl ParamStore {
 
     /// Number of trainable values.
     pub fn numel_trainable(&self) -> usize {
-        self.tensors.iter().zip(&self.trainable).filter(|(_, t)| **t).map(|(x, _)| x.numel()).sum()
+        self.tensors
+            .iter()
+            .zip(&self.trainable)
+            .filter(|(_, t)| **t)
+            .map(|(x, _)| x.numel())
+            .sum()
     }
 
     /// Ids sorted by name (the canonical order for hashing and checkpoints).
@@ -93,7 +108,10 @@ impl ParamStore {
 
     /// Zero-filled gradients shaped like the parameters.
     pub fn zeros_like(&self) -> Vec<Tensor> {
-        self.tensors.iter().map(|t| Tensor::zeros(&t.shape)).collect()
+        self.tensors
+            .iter()
+            .map(|t| Tensor::zeros(&t.shape))
+            .collect()
     }
 }
 
@@ -101,13 +119,30 @@ impl ParamStore {
 #[derive(Clone, Debug)]
 pub enum WeightGrad {
     /// dW += dyᵀ·x for y = x·Wᵀ
-    Linear { w: ParamId, dy: Vec<f32>, x: Arc<Vec<f32>> },
+    Linear {
+        w: ParamId,
+        dy: Vec<f32>,
+        x: Arc<Vec<f32>>,
+    },
     /// dw += Σ dy ⊙ x·rstd
-    RmsNorm { w: ParamId, dy: Vec<f32>, x: Arc<Vec<f32>>, rstd: Arc<Vec<f32>> },
+    RmsNorm {
+        w: ParamId,
+        dy: Vec<f32>,
+        x: Arc<Vec<f32>>,
+        rstd: Arc<Vec<f32>>,
+    },
     /// dW += dyᵀ·x through the FP8 Wgrad GEMM; `x` is the 1×128 E4M3 activation of Fprop.
-    LinearFp8 { w: ParamId, dy: Vec<f32>, x: Arc<Fp8Tensor> },
+    LinearFp8 {
+        w: ParamId,
+        dy: Vec<f32>,
+        x: Arc<Fp8Tensor>,
+    },
     /// dtable[ids] += dy
-    Embedding { w: ParamId, ids: Arc<Vec<u32>>, dy: Vec<f32> },
+    Embedding {
+        w: ParamId,
+        ids: Arc<Vec<u32>>,
+        dy: Vec<f32>,
+    },
 }
 
 /// Weight gradients waiting to run (DualPipe's W steps pop them; the plain loop runs them at once).
@@ -145,7 +180,11 @@ fn run_weight_grad(job: WeightGrad, params: &ParamStore, grads: &mut [Tensor]) {
             let dyq = quantize_128x1(&dy, n, d_out, ScaleFormat::F32);
             let mut dw = vec![0.0; d_out * d_in];
             fp8_gemm_wgrad(&mut dw, &dyq, &xt);
-            grads[w.0].data.iter_mut().zip(&dw).for_each(|(g, v)| *g += v);
+            grads[w.0]
+                .data
+                .iter_mut()
+                .zip(&dw)
+                .for_each(|(g, v)| *g += v);
         }
         WeightGrad::RmsNorm { w, dy, x, rstd } => {
             let d = params.tensors[w.0].numel();

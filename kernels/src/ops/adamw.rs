@@ -32,11 +32,24 @@ impl Moments {
 impl AdamW {
     /// One update of `param` from `grad` (already clipped) at 1-based step `t`.
     /// `decay` says whether weight decay applies to this tensor (matrices yes, norms no).
-    pub fn step(&self, param: &mut [f32], grad: &[f32], st: &mut Moments, lr: f32, t: u64, decay: bool) {
+    pub fn step(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        st: &mut Moments,
+        lr: f32,
+        t: u64,
+        decay: bool,
+    ) {
         let bc1 = 1.0 - self.beta1.powi(t as i32);
         let bc2 = 1.0 - self.beta2.powi(t as i32);
         let wd = if decay { lr * self.weight_decay } else { 0.0 };
-        for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(st.m.iter_mut()).zip(st.v.iter_mut()) {
+        for (((p, &g), m), v) in param
+            .iter_mut()
+            .zip(grad)
+            .zip(st.m.iter_mut())
+            .zip(st.v.iter_mut())
+        {
             *m = self.beta1 * *m + (1.0 - self.beta1) * g;
             *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
             if self.bf16_moments {
@@ -86,7 +99,8 @@ impl LrSchedule {
         if t <= self.decay_start || self.total <= self.decay_start {
             return self.peak;
         }
-        let progress = ((t - self.decay_start) as f32 / (self.total - self.decay_start) as f32).min(1.0);
+        let progress =
+            ((t - self.decay_start) as f32 / (self.total - self.decay_start) as f32).min(1.0);
         let min = self.peak * self.min_ratio;
         min + (self.peak - min) * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos())
     }

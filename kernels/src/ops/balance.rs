@@ -3,7 +3,13 @@
 
 /// L_Bal for one sequence of `t` tokens: `scores` [t, E] sigmoid affinities, `experts` [t, k] chosen.
 /// Returns α·Σᵢ fᵢ·Pᵢ with fᵢ = E/(k·t)·count(i), Pᵢ = mean over tokens of sᵢ/Σⱼsⱼ.
-pub fn sequence_loss_forward(scores: &[f32], experts: &[u32], k: usize, n_experts: usize, alpha: f32) -> f64 {
+pub fn sequence_loss_forward(
+    scores: &[f32],
+    experts: &[u32],
+    k: usize,
+    n_experts: usize,
+    alpha: f32,
+) -> f64 {
     let t = scores.len() / n_experts;
     let f = frequencies(experts, k, n_experts, t);
     let mut p = vec![0.0f64; n_experts];
@@ -36,7 +42,10 @@ pub fn sequence_loss_backward_input(
     let t = scores.len() / n_experts;
     let f = frequencies(experts, k, n_experts, t);
     let c = alpha as f64 / t as f64;
-    for (dr, s) in ds.chunks_exact_mut(n_experts).zip(scores.chunks_exact(n_experts)) {
+    for (dr, s) in ds
+        .chunks_exact_mut(n_experts)
+        .zip(scores.chunks_exact(n_experts))
+    {
         let sum: f64 = s.iter().map(|&v| v as f64).sum();
         let fs: f64 = f.iter().zip(s).map(|(a, &b)| a * b as f64).sum();
         for (d, fj) in dr.iter_mut().zip(&f) {

@@ -14,7 +14,11 @@ pub fn forward(logits: &[f32], targets: &[u32], v: usize) -> f64 {
 
 /// dlogits[n,v] = scale · (softmax(logits[n]) − onehot(targets[n]))
 pub fn backward_input(dlogits: &mut [f32], logits: &[f32], targets: &[u32], v: usize, scale: f32) {
-    for ((drow, row), &t) in dlogits.chunks_exact_mut(v).zip(logits.chunks_exact(v)).zip(targets) {
+    for ((drow, row), &t) in dlogits
+        .chunks_exact_mut(v)
+        .zip(logits.chunks_exact(v))
+        .zip(targets)
+    {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut sum = 0.0f32;
         for (d, &x) in drow.iter_mut().zip(row) {

@@ -33,12 +33,19 @@ impl DispatchPlan {
             token[r] = (i / k) as u32;
             slot[r] = (i % k) as u32;
         }
-        DispatchPlan { offsets, token, slot }
+        DispatchPlan {
+            offsets,
+            token,
+            slot,
+        }
     }
 
     /// Number of (token, slot) assignments per expert: the expert load.
     pub fn loads(&self) -> Vec<u32> {
-        self.offsets.windows(2).map(|w| (w[1] - w[0]) as u32).collect()
+        self.offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as u32)
+            .collect()
     }
 
     pub fn rows(&self) -> usize {
@@ -65,7 +72,14 @@ pub fn dispatch_backward_input(dx: &mut [f32], dxe: &[f32], plan: &DispatchPlan,
 }
 
 /// out[token[r], :] += weight(token, slot) · ye[r, :] in plan order.
-pub fn combine_forward(out: &mut [f32], ye: &[f32], weights: &[f32], k: usize, plan: &DispatchPlan, d: usize) {
+pub fn combine_forward(
+    out: &mut [f32],
+    ye: &[f32],
+    weights: &[f32],
+    k: usize,
+    plan: &DispatchPlan,
+    d: usize,
+) {
     for ((row, &t), &s) in ye.chunks_exact(d).zip(&plan.token).zip(&plan.slot) {
         let t = t as usize;
         let w = weights[t * k + s as usize];

@@ -78,7 +78,13 @@ pub fn forward(scores: &[f32], bias: &[f32], rule: &RouteRule) -> Routing {
 }
 
 /// ds[n,E] (+)= ∂L/∂s from ∂L/∂weights[n,k]; only the chosen experts' affinities receive gradient.
-pub fn backward_input(ds: &mut [f32], dweights: &[f32], scores: &[f32], routing: &Routing, rule: &RouteRule) {
+pub fn backward_input(
+    ds: &mut [f32],
+    dweights: &[f32],
+    scores: &[f32],
+    routing: &Routing,
+    rule: &RouteRule,
+) {
     let e = scores.len() / (routing.experts.len() / routing.k);
     let k = routing.k;
     for (n, s) in scores.chunks_exact(e).enumerate() {

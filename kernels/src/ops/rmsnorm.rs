@@ -3,7 +3,11 @@
 
 /// y[n,d] = w ⊙ x · rstd; rstd[n] = 1/sqrt(mean(x²)+eps)
 pub fn forward(y: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], d: usize, eps: f32) {
-    for ((yr, xr), r) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(rstd.iter_mut()) {
+    for ((yr, xr), r) in y
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(rstd.iter_mut())
+    {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
         *r = 1.0 / (ms + eps).sqrt();
         for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {

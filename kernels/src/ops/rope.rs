@@ -20,7 +20,7 @@ pub struct Yarn {
 
 impl RopeTable {
     pub fn new(dim: usize, base: f32, positions: usize, yarn: Option<Yarn>) -> RopeTable {
-        assert!(dim % 2 == 0, "rope dim {dim} must be even");
+        assert!(dim.is_multiple_of(2), "rope dim {dim} must be even");
         let half = dim / 2;
         let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
@@ -54,7 +54,14 @@ impl RopeTable {
     }
 }
 
-fn rotate(x: &mut [f32], stride: usize, offset: usize, positions: &[usize], t: &RopeTable, sign: f32) {
+fn rotate(
+    x: &mut [f32],
+    stride: usize,
+    offset: usize,
+    positions: &[usize],
+    t: &RopeTable,
+    sign: f32,
+) {
     let dim = 2 * t.half;
     for (row, &pos) in x.chunks_exact_mut(stride).zip(positions) {
         let part = &mut row[offset..offset + dim];
@@ -70,7 +77,13 @@ fn rotate(x: &mut [f32], stride: usize, offset: usize, positions: &[usize], t: &
 }
 
 /// Rotates, in place, columns [offset, offset+dim) of every row of x[rows, stride] by its position.
-pub fn forward(x: &mut [f32], stride: usize, offset: usize, positions: &[usize], table: &RopeTable) {
+pub fn forward(
+    x: &mut [f32],
+    stride: usize,
+    offset: usize,
+    positions: &[usize],
+    table: &RopeTable,
+) {
     rotate(x, stride, offset, positions, table, 1.0);
 }
 

@@ -20,7 +20,15 @@ pub fn configs_dir() -> PathBuf {
 
 /// Checks `grad` against central differences of `f` around `x` along three random directions.
 /// Returns the worst relative error |fd − g·u| / max(|fd|, floor).
-pub fn check_directional(name: &str, x: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> f64, eps: f32, tol: f64, seed: u64) -> f64 {
+pub fn check_directional(
+    name: &str,
+    x: &[f32],
+    grad: &[f32],
+    f: impl Fn(&[f32]) -> f64,
+    eps: f32,
+    tol: f64,
+    seed: u64,
+) -> f64 {
     check_directional_piecewise(name, x, grad, |v| Some(f(v)), eps, tol, seed)
 }
 
@@ -55,7 +63,10 @@ pub fn check_directional_piecewise(
         let an = dot(grad, &u);
         let floor = 1e-3f64.max(0.05 * dot(grad, grad).sqrt());
         let rel = (fd - an).abs() / fd.abs().max(floor);
-        assert!(rel < tol, "{name}: finite difference {fd:.6e} vs analytic {an:.6e} (rel {rel:.2e})");
+        assert!(
+            rel < tol,
+            "{name}: finite difference {fd:.6e} vs analytic {an:.6e} (rel {rel:.2e})"
+        );
         worst = worst.max(rel);
     }
     worst
