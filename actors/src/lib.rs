@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod trainer;
+pub mod formation;
 pub mod schedule;

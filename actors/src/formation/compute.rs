@@ -1,0 +1,230 @@
+//! The compute side of one pipeline rank, shared by the thread executor and the actor shells:
+//! turning a schedule instruction into stage operations, and the wire format of the messages.
+//!
+//! A rank holds one [`StageRunner`] per stage copy placed on it. An instruction becomes one or
+//! two [`StageOp`]s (F&B is a forward and a full backward); their inputs come from the rank's
+//! inbox and their outputs are addressed by the [`Arrival`] they will satisfy on the receiver.
+
+use super::executor::Arrival;
+use crate::schedule::{Instr, Schedule};
+use kernels::fp8::quant::{ScaleFormat, dequantize, quantize_1x128};
+use kernels::model::Batch;
+use kernels::model::stage::{StageRunner, StageStats};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// How activations and gradients travel between ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Wire {
+    /// Exact f32 (the reference; pipelined training equals single-process training bit for bit).
+    #[default]
+    F32,
+    /// Both directions rounded to BF16 (round to nearest even).
+    Bf16,
+    /// Activations as FP8 E4M3 in 1×128 tiles with FP32 scales, gradients as BF16.
+    Fp8,
+}
+
+impl Wire {
+    pub fn name(self) -> &'static str {
+        match self {
+            Wire::F32 => "f32",
+            Wire::Bf16 => "bf16",
+            Wire::Fp8 => "fp8",
+        }
+    }
+
+    /// What `x` looks like after the trip (`d` = row width, for FP8 tiles).
+    pub fn transmit(self, arrival: Arrival, x: Vec<f32>, d: usize) -> Vec<f32> {
+        match (self, arrival) {
+            (Wire::F32, _) => x,
+            (Wire::Fp8, Arrival::Activation { .. }) => {
+                let rows = x.len() / d.max(1);
+                dequantize(&quantize_1x128(&x, rows, d, ScaleFormat::F32))
+            }
+            (Wire::Bf16 | Wire::Fp8, _) => x.into_iter().map(round_bf16).collect(),
+        }
+    }
+}
+
+/// f32 → nearest BF16 (ties to even) → f32; NaN stays NaN.
+pub fn round_bf16(v: f32) -> f32 {
+    if v.is_nan() {
+        return v;
+    }
+    let b = v.to_bits();
+    let lsb = (b >> 16) & 1;
+    f32::from_bits((b.wrapping_add(0x7fff + lsb)) & 0xffff_0000)
+}
+
+impl fmt::Display for Wire {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Wire {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Wire, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(Wire::F32),
+            "bf16" => Ok(Wire::Bf16),
+            "fp8" => Ok(Wire::Fp8),
+            other => Err(format!(
+                "unknown wire format {other:?}: expected f32, bf16 or fp8"
+            )),
+        }
+    }
+}
+
+/// One operation on one stage copy.
+#[derive(Debug)]
+pub enum StageOp {
+    /// F: `input` is None on an entry copy.
+    Forward { mb: usize, input: Option<Vec<f32>> },
+    /// B*: `dy` is None on a loss copy.
+    BackwardInput { mb: usize, dy: Option<Vec<f32>> },
+    /// W of an earlier B*.
+    Weight { mb: usize },
+    /// B: B* and W at once.
+    Backward { mb: usize, dy: Option<Vec<f32>> },
+}
+
+impl StageOp {
+    pub fn mb(&self) -> usize {
+        match *self {
+            StageOp::Forward { mb, .. }
+            | StageOp::BackwardInput { mb, .. }
+            | StageOp::Weight { mb }
+            | StageOp::Backward { mb, .. } => mb,
+        }
+    }
+
+    /// `forward`, `backward` or `weight` (fault-injection phases).
+    pub fn phase(&self) -> &'static str {
+        match self {
+            StageOp::Forward { .. } => "forward",
+            StageOp::BackwardInput { .. } | StageOp::Backward { .. } => "backward",
+            StageOp::Weight { .. } => "weight",
+        }
+    }
+}
+
+/// What a stage operation produced.
+#[derive(Debug)]
+pub enum StageOpResult {
+    Forward {
+        out: Option<Vec<f32>>,
+        stats: StageStats,
+    },
+    Backward {
+        dx: Option<Vec<f32>>,
+    },
+    Weight,
+}
+
+/// Runs one operation on a stage copy; `batches` are the step's micro-batches.
+pub fn exec_op(runner: &mut StageRunner, batches: &[Batch], op: StageOp) -> StageOpResult {
+    match op {
+        StageOp::Forward { mb, input } => {
+            let (out, stats) = runner.forward(mb, &batches[mb], input);
+            StageOpResult::Forward { out, stats }
+        }
+        StageOp::BackwardInput { mb, dy } => StageOpResult::Backward {
+            dx: runner.backward_input(mb, dy),
+        },
+        StageOp::Weight { mb } => {
+            runner.backward_weight(mb);
+            StageOpResult::Weight
+        }
+        StageOp::Backward { mb, dy } => StageOpResult::Backward {
+            dx: runner.backward(mb, dy),
+        },
+    }
+}
+
+/// The `(stage copy, op)` parts of an instruction, inputs taken from `inbox`.
+pub fn ops_of(
+    schedule: &Schedule,
+    instr: Instr,
+    inbox: &mut BTreeMap<Arrival, Vec<f32>>,
+) -> Result<Vec<(usize, StageOp)>, String> {
+    let mut take = |a: Arrival, needed: bool| -> Result<Option<Vec<f32>>, String> {
+        if !needed {
+            return Ok(None);
+        }
+        inbox
+            .remove(&a)
+            .map(Some)
+            .ok_or_else(|| format!("{instr}: input {a:?} is missing"))
+    };
+    let mut parts = Vec::with_capacity(2);
+    if let Some((stage, mb)) = instr.forward() {
+        let has_prev = schedule.stages[stage].prev.is_some();
+        let input = take(Arrival::Activation { stage, mb }, has_prev)?;
+        parts.push((stage, StageOp::Forward { mb, input }));
+    }
+    let has_next = |stage: usize| schedule.stages[stage].next.is_some();
+    match instr {
+        Instr::B { stage, mb } | Instr::FB { b: (stage, mb), .. } => {
+            let dy = take(Arrival::Gradient { stage, mb }, has_next(stage))?;
+            parts.push((stage, StageOp::Backward { mb, dy }));
+        }
+        Instr::BInput { stage, mb } => {
+            let dy = take(Arrival::Gradient { stage, mb }, has_next(stage))?;
+            parts.push((stage, StageOp::BackwardInput { mb, dy }));
+        }
+        Instr::W { stage, mb } => parts.push((stage, StageOp::Weight { mb })),
+        Instr::F { .. } => {}
+    }
+    Ok(parts)
+}
+
+/// Where the output of a finished op goes (the arrival it satisfies on the receiving copy), and
+/// the payload; None when nothing leaves (a loss copy's forward, an entry copy's backward, W).
+pub fn route_of(
+    schedule: &Schedule,
+    stage: usize,
+    mb: usize,
+    result: &mut StageOpResult,
+) -> Option<(Arrival, Vec<f32>)> {
+    match result {
+        StageOpResult::Forward { out, .. } => {
+            let next = schedule.stages[stage].next?;
+            let x = out
+                .take()
+                .expect("a copy with a successor produces activations");
+            Some((Arrival::Activation { stage: next, mb }, x))
+        }
+        StageOpResult::Backward { dx } => {
+            let prev = schedule.stages[stage].prev?;
+            let g = dx
+                .take()
+                .expect("a copy with a predecessor produces an input gradient");
+            Some((Arrival::Gradient { stage: prev, mb }, g))
+        }
+        StageOpResult::Weight => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0)
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!("FP8".parse::<Wire>(), Ok(Wire::Fp8));
+        assert!(
+            "f16"
+                .parse::<Wire>()
+                .unwrap_err()
+                .contains("f32, bf16 or fp8")
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! The plain in-process pipeline executor: one OS thread per rank, std channels carrying the f32
+//! activation and gradient tensors, each rank driven by its sans-IO [`RankExecutor`].
+//!
+//! No actors and no failure handling: this is the reference that proves a schedule computes the
+//! single-process step (bit for bit with the f32 wire), and the engine behind `--pp` without
+//! fault injection.
+
+use super::compute::{StageOpResult, Wire, exec_op, ops_of, route_of};
+use super::executor::{Arrival, ExecCommand, ExecEvent, RankExecutor};
+use crate::schedule::{Schedule, check};
+use crate::trainer::{self, StepEngine, StepHyper, StepOutput, TrainState};
+use anyhow::{Result, anyhow, bail};
+use kernels::model::stage::{
+    Stage, StageGrads, StageRunner, StageStats, combine_microbatch_stats, partition, reduce,
+    scale_for_microbatches,
+};
+use kernels::model::{Batch, DeepSeekV3, ParamStore, StepStats};
+use kernels::tensor::Tensor;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::Duration;
+use storage::dataset::Dataset;
+
+type Message = (Arrival, Vec<f32>);
+/// Per micro-batch forward stats of one rank: `(micro-batch, model stage, stats)`.
+pub type RankStats = Vec<(usize, usize, StageStats)>;
+
+/// The stage copies one rank holds.
+#[derive(Debug)]
+pub struct RankState {
+    pub rank: usize,
+    /// Stage copy id → its runner.
+    pub copies: BTreeMap<usize, StageRunner>,
+}
+
+/// A model cut into the stage copies of a schedule, ready to run steps.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub schedule: Schedule,
+    pub wire: Wire,
+    pub ranks: Vec<RankState>,
+    hidden: usize,
+}
+
+/// Builds the runners of every stage copy of `schedule` from `model`.
+pub fn build_ranks(model: &DeepSeekV3, schedule: &Schedule, mtp_weight: f32) -> Vec<RankState> {
+    let ranges = partition(
+        model.cfg.num_hidden_layers,
+        schedule.kind.model_stages(schedule.ranks),
+    );
+    (0..schedule.ranks)
+        .map(|rank| RankState {
+            rank,
+            copies: schedule
+                .stages_on(rank)
+                .into_iter()
+                .map(|copy| {
+                    let st = Stage::from_model(model, &ranges, schedule.stages[copy].model_stage);
+                    (copy, StageRunner::new(st, mtp_weight))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Per micro-batch, whole-model stats from per-(micro-batch, model stage) stage stats.
+pub fn combine_stage_stats(
+    per: Vec<(usize, usize, StageStats)>,
+    microbatches: usize,
+    stages: usize,
+) -> Result<Vec<StepStats>, String> {
+    let mut grid: Vec<Vec<Option<StageStats>>> = (0..microbatches)
+        .map(|_| (0..stages).map(|_| None).collect())
+        .collect();
+    for (mb, s, st) in per {
+        grid[mb][s] = Some(st);
+    }
+    grid.into_iter()
+        .enumerate()
+        .map(|(mb, row)| {
+            let row: Option<Vec<StageStats>> = row.into_iter().collect();
+            row.map(|r| StageStats::combine(&r))
+                .ok_or_else(|| format!("micro-batch {mb} lacks the stats of a stage"))
+        })
+        .collect()
+}
+
+impl Pipeline {
+    /// Checks the schedule and cuts `model` into its stage copies.
+    pub fn new(
+        model: &DeepSeekV3,
+        schedule: Schedule,
+        mtp_weight: f32,
+        wire: Wire,
+    ) -> Result<Pipeline> {
+        check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", schedule.kind))?;
+        let ranks = build_ranks(model, &schedule, mtp_weight);
+        Ok(Pipeline {
+            schedule,
+            wire,
+            ranks,
+            hidden: model.cfg.hidden_size,
+        })
+    }
+
+    /// Installs whole-model parameter values in every stage copy.
+    pub fn load_params(&mut self, full: &ParamStore) {
+        for r in &mut self.ranks {
+            r.copies.values_mut().for_each(|c| c.load_from(full));
+        }
+    }
+
+    /// Runs one step's schedule over `batches` (one per micro-batch) and reduces the weight
+    /// gradients into `grads` (zero on entry) in micro-batch order; returns per-micro-batch stats.
+    pub fn step(
+        &mut self,
+        batches: &[Batch],
+        full: &ParamStore,
+        grads: &mut [Tensor],
+    ) -> Result<Vec<StepStats>> {
+        let s = &self.schedule;
+        if batches.len() != s.microbatches {
+            bail!(
+                "{} micro-batches for a schedule of {}",
+                batches.len(),
+                s.microbatches
+            );
+        }
+        let (wire, d) = (self.wire, self.hidden);
+        let abort = AtomicBool::new(false);
+        let (txs, rxs): (Vec<Sender<Message>>, Vec<Receiver<Message>>) =
+            (0..s.ranks).map(|_| channel()).unzip();
+        let results: Vec<Result<RankStats, String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .zip(rxs)
+                .map(|(rank, rx)| {
+                    let (txs, abort) = (txs.clone(), &abort);
+                    scope.spawn(move || {
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            run_rank(s, rank, batches, &rx, &txs, wire, d, abort)
+                        }));
+                        let r = r.unwrap_or_else(|p| Err(panic_text(&p)));
+                        if r.is_err() {
+                            abort.store(true, Ordering::SeqCst);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| Err(panic_text(&p))))
+                .collect()
+        });
+        let mut stats = Vec::new();
+        for (rank, r) in results.into_iter().enumerate() {
+            stats.extend(r.map_err(|e| anyhow!("pipeline rank {rank}: {e}"))?);
+        }
+        let mut parts = Vec::new();
+        for r in &mut self.ranks {
+            for c in r.copies.values_mut() {
+                parts.push((c.take_grads(), &c.stage));
+            }
+        }
+        let parts = parts
+            .into_iter()
+            .map(|(grads, stage)| StageGrads { stage, grads })
+            .collect();
+        reduce(grads, full, parts, s.microbatches).map_err(anyhow::Error::msg)?;
+        let stages = s.kind.model_stages(s.ranks);
+        combine_stage_stats(stats, s.microbatches, stages).map_err(anyhow::Error::msg)
+    }
+}
+
+pub(crate) fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("panicked: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("panicked: {s}")
+    } else {
+        "panicked".to_string()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rank(
+    s: &Schedule,
+    rank: &mut RankState,
+    batches: &[Batch],
+    rx: &Receiver<Message>,
+    txs: &[Sender<Message>],
+    wire: Wire,
+    d: usize,
+    abort: &AtomicBool,
+) -> Result<RankStats, String> {
+    let mut ex = RankExecutor::new(s, rank.rank);
+    let mut inbox: BTreeMap<Arrival, Vec<f32>> = BTreeMap::new();
+    let mut outbox: BTreeMap<Arrival, Vec<f32>> = BTreeMap::new();
+    let mut stats = Vec::new();
+    let mut pending: VecDeque<ExecEvent> = VecDeque::from([ExecEvent::Start]);
+    loop {
+        let event = match pending.pop_front() {
+            Some(e) => e,
+            None => loop {
+                if abort.load(Ordering::SeqCst) {
+                    return Err("stopped: another rank failed".into());
+                }
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok((a, x)) => {
+                        inbox.insert(a, x);
+                        break ExecEvent::Arrived(a);
+                    }
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(format!("channel closed; {:?}", ex.waiting_for()));
+                    }
+                }
+            },
+        };
+        for cmd in ex.on(event) {
+            match cmd {
+                ExecCommand::Run(instr) => {
+                    for (copy, op) in ops_of(s, instr, &mut inbox)? {
+                        let mb = op.mb();
+                        let runner = rank.copies.get_mut(&copy).ok_or_else(|| {
+                            format!("{instr}: stage copy s{copy} is not on this rank")
+                        })?;
+                        let mut res = exec_op(runner, batches, op);
+                        if let StageOpResult::Forward { stats: st, .. } = &mut res {
+                            stats.push((mb, s.stages[copy].model_stage, std::mem::take(st)));
+                        }
+                        if let Some((a, x)) = route_of(s, copy, mb, &mut res) {
+                            outbox.insert(a, x);
+                        }
+                    }
+                    pending.push_back(ExecEvent::Completed(instr));
+                }
+                ExecCommand::Send { to, arrival } => {
+                    let x = outbox
+                        .remove(&arrival)
+                        .ok_or_else(|| format!("nothing to send for {arrival:?}"))?;
+                    if to == rank.rank {
+                        inbox.insert(arrival, x);
+                        pending.push_back(ExecEvent::Arrived(arrival));
+                    } else {
+                        txs[to]
+                            .send((arrival, wire.transmit(arrival, x, d)))
+                            .map_err(|_| format!("rank {to} is gone"))?;
+                    }
+                }
+                ExecCommand::Finished => return Ok(stats),
+            }
+        }
+    }
+}
+
+/// The thread pipeline as a training-loop engine (no fault handling).
+pub struct ThreadEngine {
+    pub pipeline: Pipeline,
+    pub data: Arc<Dataset>,
+    pub seed: u64,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl StepEngine for ThreadEngine {
+    fn step(
+        &mut self,
+        mut state: TrainState,
+        step: u64,
+        h: &StepHyper,
+    ) -> Result<(TrainState, StepOutput)> {
+        let m = self.pipeline.schedule.microbatches;
+        let batches = trainer::microbatches(&self.data, self.seed, step, self.batch, self.seq, m)?;
+        let per = self
+            .pipeline
+            .step(&batches, &state.model.params, &mut state.grads)?;
+        scale_for_microbatches(&mut state.grads, m);
+        let stats = combine_microbatch_stats(per);
+        let out = trainer::finish_step(&mut state, step, stats, h)?;
+        self.pipeline.load_params(&state.model.params);
+        Ok((state, out))
+    }
+}
