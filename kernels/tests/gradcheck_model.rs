@@ -62,3 +62,51 @@ fn every_parameter_group_matches_finite_differences() {
         "all but the two routing biases"
     );
 }
+
+/// DeepGEMM's measure: 1 − 2·Σxy / Σ(x² + y²), 0 for identical tensors.
+fn calc_diff(x: &[f32], y: &[f32]) -> f64 {
+    let (mut xy, mut sq) = (0.0f64, 0.0f64);
+    for (&a, &b) in x.iter().zip(y) {
+        xy += a as f64 * b as f64;
+        sq += a as f64 * a as f64 + b as f64 * b as f64;
+    }
+    if sq == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / sq }
+}
+
+#[test]
+fn fp8_gradients_track_f32_gradients() {
+    let cfg = RunConfig::load(&configs_dir().join("micro.toml"))
+        .unwrap()
+        .model;
+    let reference = DeepSeekV3::new(&cfg, 0.02, 3);
+    let mut fp8 = reference.clone();
+    fp8.set_precision(kernels::model::Precision::Fp8);
+    let mut rng = Rng::new(5);
+    let (b, t) = (2, 16);
+    let windows: Vec<u32> = (0..b * (t + 1))
+        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let batch = Batch::from_windows(&windows, b, t);
+    let mut g32 = reference.params.zeros_like();
+    let s32 = reference.forward_backward(&batch, 0.3, &mut g32);
+    let mut g8 = fp8.params.zeros_like();
+    let s8 = fp8.forward_backward(&batch, 0.3, &mut g8);
+    assert_ne!(s32.loss, s8.loss, "fp8 must change the arithmetic");
+    assert!(
+        (s32.loss - s8.loss).abs() / s32.loss < 1e-2,
+        "{} vs {}",
+        s32.loss,
+        s8.loss
+    );
+    // a few tokens may route differently under fp8, so compare all gradients together
+    let all8: Vec<f32> = g8.iter().flat_map(|g| g.data.iter().copied()).collect();
+    let all32: Vec<f32> = g32.iter().flat_map(|g| g.data.iter().copied()).collect();
+    let d = calc_diff(&all8, &all32);
+    println!(
+        "fp8 vs f32: loss {} vs {}, gradients calc_diff {d:.2e}, same routing: {}",
+        s8.loss,
+        s32.loss,
+        s8.loads == s32.loads
+    );
+    assert!(d > 0.0 && d < 1e-2, "calc_diff {d}");
+}

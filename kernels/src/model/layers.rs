@@ -4,6 +4,8 @@
 use super::config::ModelConfig;
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
 use crate::fp8;
+use crate::fp8::quant::{quantize_1x128, quantize_128x128};
+use crate::fp8::{Fp8Tensor, ScaleFormat};
 use crate::ops::moe_dispatch::{self, DispatchPlan};
 use crate::ops::moe_gate::{self, RouteRule, Routing};
 use crate::ops::rope::RopeTable;
@@ -21,6 +23,20 @@ pub struct Rows {
 impl Rows {
     pub fn n(&self) -> usize {
         self.batch * self.seq
+    }
+}
+
+/// A Linear layer's input as kept for its weight gradient: f32, or under `--precision fp8` the
+/// 1×128-tile E4M3 codes Fprop consumed (DeepSeek-V3 caches activations in FP8 for Wgrad).
+#[derive(Clone, Debug)]
+pub enum Saved {
+    F32(Arc<Vec<f32>>),
+    Fp8(Arc<Fp8Tensor>),
+}
+
+impl From<Arc<Vec<f32>>> for Saved {
+    fn from(x: Arc<Vec<f32>>) -> Saved {
+        Saved::F32(x)
     }
 }
 
@@ -52,6 +68,16 @@ impl Linear {
         }
     }
 
+    /// Keeps an input for backward: as is in f32, quantised to 1×128 E4M3 tiles in fp8.
+    pub fn save(&self, x: Arc<Vec<f32>>) -> Saved {
+        if self.fp8 {
+            let n = x.len() / self.d_in;
+            Saved::Fp8(Arc::new(quantize_1x128(&x, n, self.d_in, ScaleFormat::F32)))
+        } else {
+            Saved::F32(x)
+        }
+    }
+
     pub fn forward(&self, p: &ParamStore, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.d_in;
         if self.fp8 {
@@ -62,35 +88,57 @@ impl Linear {
         y
     }
 
+    /// Forward from an input already kept with `save` (FP8 inputs are not quantised twice).
+    pub fn forward_saved(&self, p: &ParamStore, x: &Saved) -> Vec<f32> {
+        match x {
+            Saved::F32(x) => self.forward(p, x),
+            Saved::Fp8(xq) => {
+                let wq = quantize_128x128(p.get(self.w), self.d_out, self.d_in, ScaleFormat::F32);
+                let mut y = vec![0.0; xq.rows * self.d_out];
+                fp8::gemm::fp8_gemm_fprop(&mut y, xq, &wq);
+                y
+            }
+        }
+    }
+
     /// dx (+)= dy·W, then queues dW += dyᵀ·x.
     pub fn backward(
         &self,
         p: &ParamStore,
         dy: Vec<f32>,
-        x: Arc<Vec<f32>>,
+        x: impl Into<Saved>,
         dx: &mut [f32],
         acc: bool,
         q: &mut WeightGradQueue,
     ) {
         let n = dy.len() / self.d_out;
-        if self.fp8 {
-            let g = fp8::linear_dgrad_fp8(&dy, p.get(self.w), n, self.d_in, self.d_out);
-            if acc {
-                dx.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-            } else {
-                dx.copy_from_slice(&g);
-            }
-            // the activation as Fprop saw it (1×128 E4M3), requantised to 128×1 tiles for Wgrad
-            let xq = fp8::quant::quantize_1x128(&x, n, self.d_in, fp8::ScaleFormat::F32);
-            q.push(WeightGrad::LinearFp8 {
-                w: self.w,
-                dy,
-                x: Arc::new(xq),
-            });
+        if !self.fp8 {
+            linear::backward_input(dx, &dy, p.get(self.w), n, self.d_in, self.d_out, acc);
+            let x = match x.into() {
+                Saved::F32(x) => x,
+                Saved::Fp8(xq) => Arc::new(fp8::dequantize(&xq)),
+            };
+            q.push(WeightGrad::Linear { w: self.w, dy, x });
             return;
         }
-        linear::backward_input(dx, &dy, p.get(self.w), n, self.d_in, self.d_out, acc);
-        q.push(WeightGrad::Linear { w: self.w, dy, x });
+        let g = fp8::linear_dgrad_fp8(&dy, p.get(self.w), n, self.d_in, self.d_out);
+        if acc {
+            dx.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        } else {
+            dx.copy_from_slice(&g);
+        }
+        let x = match self.save_saved(x.into()) {
+            Saved::Fp8(xq) => xq,
+            Saved::F32(_) => unreachable!("save() quantises under fp8"),
+        };
+        q.push(WeightGrad::LinearFp8 { w: self.w, dy, x });
+    }
+
+    fn save_saved(&self, x: Saved) -> Saved {
+        match x {
+            Saved::F32(x) => self.save(x),
+            fp8 => fp8,
+        }
     }
 }
 
@@ -170,16 +218,16 @@ pub struct Mla {
 /// Activations MLA's backward needs.
 #[derive(Debug)]
 pub struct MlaStash {
-    h: Arc<Vec<f32>>,
+    h: Saved,
     q_norm: NormStash,
-    cqn: Arc<Vec<f32>>,
+    cqn: Saved,
     kv_norm: NormStash,
-    cn: Arc<Vec<f32>>,
+    cn: Saved,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     p: Vec<f32>,
-    o: Arc<Vec<f32>>,
+    o: Saved,
 }
 
 fn positions(rows: usize, seq: usize) -> Vec<usize> {
@@ -265,19 +313,20 @@ impl Mla {
         let (b, t, nh) = (rows.batch, rows.seq, self.heads);
         let n = rows.n();
         let dq = self.nope + self.rope;
-        let cq = Arc::new(self.q_a.forward(p, &h));
+        let h = self.q_a.save(h);
+        let cq = Arc::new(self.q_a.forward_saved(p, &h));
         let (cqn, q_norm) = self.q_a_norm.forward(p, cq);
-        let cqn = Arc::new(cqn);
-        let qf = self.q_b.forward(p, &cqn);
-        let kva = self.kv_a.forward(p, &h);
+        let cqn = self.q_b.save(Arc::new(cqn));
+        let qf = self.q_b.forward_saved(p, &cqn);
+        let kva = self.kv_a.forward_saved(p, &h);
         let kvw = self.kv_lora + self.rope;
         let c: Vec<f32> = kva
             .chunks_exact(kvw)
             .flat_map(|r| r[..self.kv_lora].iter().copied())
             .collect();
         let (cn, kv_norm) = self.kv_a_norm.forward(p, Arc::new(c));
-        let cn = Arc::new(cn);
-        let kvf = self.kv_b.forward(p, &cn);
+        let cn = self.kv_b.save(Arc::new(cn));
+        let kvf = self.kv_b.forward_saved(p, &cn);
         // k^R: one rotated key per token shared by all heads
         let mut kr: Vec<f32> = kva
             .chunks_exact(kvw)
@@ -319,8 +368,8 @@ impl Mla {
                 }
             }
         }
-        let o = Arc::new(o);
-        let y = self.o.forward(p, &o);
+        let o = self.o.save(Arc::new(o));
+        let y = self.o.forward_saved(p, &o);
         let st = MlaStash {
             h,
             q_norm,
@@ -435,10 +484,10 @@ pub struct SwiGlu {
 /// Activations SwiGLU's backward needs.
 #[derive(Debug)]
 pub struct SwiGluStash {
-    x: Arc<Vec<f32>>,
+    x: Saved,
     a: Vec<f32>,
     b: Vec<f32>,
-    h: Arc<Vec<f32>>,
+    h: Saved,
 }
 
 impl SwiGlu {
@@ -458,12 +507,13 @@ impl SwiGlu {
     }
 
     pub fn forward(&self, p: &ParamStore, x: Arc<Vec<f32>>) -> (Vec<f32>, SwiGluStash) {
-        let a = self.gate.forward(p, &x);
-        let b = self.up.forward(p, &x);
+        let x = self.gate.save(x);
+        let a = self.gate.forward_saved(p, &x);
+        let b = self.up.forward_saved(p, &x);
         let mut h = vec![0.0; a.len()];
         swiglu::forward(&mut h, &a, &b);
-        let h = Arc::new(h);
-        let y = self.down.forward(p, &h);
+        let h = self.down.save(Arc::new(h));
+        let y = self.down.forward_saved(p, &h);
         (y, SwiGluStash { x, a, b, h })
     }
 
@@ -477,7 +527,7 @@ impl SwiGlu {
         acc: bool,
         q: &mut WeightGradQueue,
     ) {
-        let mut dh = vec![0.0; st.h.len()];
+        let mut dh = vec![0.0; st.a.len()];
         self.down.backward(p, dy, st.h, &mut dh, false, q);
         let mut da = vec![0.0; dh.len()];
         let mut db = vec![0.0; dh.len()];
