@@ -1,6 +1,8 @@
 //! AdamW on FP32 master weights with decoupled weight decay, global grad-norm clipping and the
 //! warm-up / constant / cosine learning-rate schedule of DeepSeek-V3's pre-training.
 
+use rayon::prelude::*;
+
 /// Hyper-parameters of one AdamW update.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {
@@ -44,12 +46,7 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(t as i32);
         let bc2 = 1.0 - self.beta2.powi(t as i32);
         let wd = if decay { lr * self.weight_decay } else { 0.0 };
-        for (((p, &g), m), v) in param
-            .iter_mut()
-            .zip(grad)
-            .zip(st.m.iter_mut())
-            .zip(st.v.iter_mut())
-        {
+        let update = |(((p, &g), m), v): (((&mut f32, &f32), &mut f32), &mut f32)| {
             *m = self.beta1 * *m + (1.0 - self.beta1) * g;
             *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
             if self.bf16_moments {
@@ -59,7 +56,15 @@ impl AdamW {
             let mhat = *m / bc1;
             let vhat = *v / bc2;
             *p -= wd * *p + lr * mhat / (vhat.sqrt() + self.eps);
-        }
+        };
+        // elementwise, so splitting across threads cannot change a bit
+        param
+            .par_iter_mut()
+            .zip(grad.par_iter())
+            .zip(st.m.par_iter_mut())
+            .zip(st.v.par_iter_mut())
+            .with_min_len(1 << 14)
+            .for_each(update);
     }
 }
 

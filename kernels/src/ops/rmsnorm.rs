@@ -1,19 +1,20 @@
 //! RMSNorm over the last dimension: y = w ⊙ x / sqrt(mean(x²) + ε).
 //! Forward returns the per-row 1/rms that both backward passes reuse.
 
+use rayon::prelude::*;
+
 /// y[n,d] = w ⊙ x · rstd; rstd[n] = 1/sqrt(mean(x²)+eps)
 pub fn forward(y: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], d: usize, eps: f32) {
-    for ((yr, xr), r) in y
-        .chunks_exact_mut(d)
-        .zip(x.chunks_exact(d))
-        .zip(rstd.iter_mut())
-    {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        *r = 1.0 / (ms + eps).sqrt();
-        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-            *yv = wv * (xv * *r);
-        }
-    }
+    y.par_chunks_exact_mut(d)
+        .zip(x.par_chunks_exact(d))
+        .zip(rstd.par_iter_mut())
+        .for_each(|((yr, xr), r)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            *r = 1.0 / (ms + eps).sqrt();
+            for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                *yv = wv * (xv * *r);
+            }
+        });
 }
 
 /// dx[n,d] (+)= ∂L/∂x given dy; dx = rstd·(w⊙dy − x̂·mean(w⊙dy⊙x̂)), x̂ = x·rstd.
@@ -26,26 +27,25 @@ pub fn backward_input(
     d: usize,
     accumulate: bool,
 ) {
-    for (((dxr, dyr), xr), &r) in dx
-        .chunks_exact_mut(d)
-        .zip(dy.chunks_exact(d))
-        .zip(x.chunks_exact(d))
-        .zip(rstd)
-    {
-        let mut dot = 0.0f32;
-        for ((g, xv), wv) in dyr.iter().zip(xr).zip(w) {
-            dot += g * wv * xv * r;
-        }
-        let mean = dot / d as f32;
-        for (((dxv, g), xv), wv) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
-            let v = r * (g * wv - xv * r * mean);
-            if accumulate {
-                *dxv += v;
-            } else {
-                *dxv = v;
+    dx.par_chunks_exact_mut(d)
+        .zip(dy.par_chunks_exact(d))
+        .zip(x.par_chunks_exact(d))
+        .zip(rstd.par_iter())
+        .for_each(|(((dxr, dyr), xr), &r)| {
+            let mut dot = 0.0f32;
+            for ((g, xv), wv) in dyr.iter().zip(xr).zip(w) {
+                dot += g * wv * xv * r;
             }
-        }
-    }
+            let mean = dot / d as f32;
+            for (((dxv, g), xv), wv) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
+                let v = r * (g * wv - xv * r * mean);
+                if accumulate {
+                    *dxv += v;
+                } else {
+                    *dxv = v;
+                }
+            }
+        });
 }
 
 /// dw[d] += Σ_n dy ⊙ x̂
