@@ -19,7 +19,7 @@ fn check(kind: ScheduleKind, pp: usize, microbatches: usize) {
         microbatches,
         wire: Wire::F32,
     };
-    let got = formation::train(&opts, &layout, None, |_, _| {}).expect("pipelined run");
+    let got = formation::train_threads(&opts, &layout, |_, _| {}).expect("pipelined run");
     println!(
         "{kind} pp={pp} microbatches={microbatches}: loss {} vs {}, sha {} vs {}",
         got.final_loss, want.final_loss, got.params_sha256, want.params_sha256

@@ -7,16 +7,23 @@
 
 pub mod compute;
 pub mod executor;
+pub mod inject;
 pub mod restart;
+pub mod shell;
 pub mod threads;
 pub mod txn;
 
 pub use compute::Wire;
 
-use crate::schedule::{ScheduleKind, build};
+pub use inject::InjectPlan;
+
+use crate::schedule::{ScheduleKind, build, check};
 use crate::trainer::{self, StepRecord, TrainOptions, TrainSummary};
 use anyhow::{Result, anyhow, bail};
+use inject::FaultBook;
+use restart::RestartPolicy;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How the model is laid out over the formation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,40 +78,71 @@ impl Layout {
 }
 
 /// Trains with the formation: the model cut into the stage copies of `layout.schedule` on
-/// `layout.pp` ranks, `layout.microbatches` per step. With `inject`, faults are injected and
-/// healed (restart, restore, replay); the summary counts restarts and replayed steps.
+/// `layout.pp` ranks, `layout.microbatches` micro-batches per step, run by the supervised actors
+/// (Coordinator, DataLoader, NodeSupervisor, GpuActor, StageActor). With `inject`, the plan's
+/// faults fire once each and are healed (restart, restore from the last committed step, replay);
+/// the summary counts restarts and replayed steps. With the f32 wire the result equals
+/// [`trainer::train_microbatched`] with as many micro-batches, bit for bit.
 pub fn train(
     opts: &TrainOptions,
     layout: &Layout,
-    inject: Option<inject::InjectPlan>,
+    inject: Option<InjectPlan>,
+    on_step: impl FnMut(&StepRecord, u64),
+) -> Result<TrainSummary> {
+    layout.validate(opts)?;
+    let t = &opts.config.training;
+    let plan = inject.unwrap_or_default();
+    plan.validate(t.steps, layout.pp, layout.ep)
+        .map_err(anyhow::Error::msg)?;
+    let data = Arc::new(trainer::open_data(opts)?);
+    tracing::info!(data = %data.description, "data ready");
+    let model = trainer::build_model(opts)?;
+    let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
+    check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", layout.schedule))?;
+    let spec = shell::FormationSpec {
+        schedule,
+        wire: layout.wire,
+        mtp_weight: t.mtp_loss_weight,
+        faults: FaultBook::new(&plan),
+        policy: RestartPolicy::default(),
+        step_timeout: plan.step_timeout_ms.map(Duration::from_millis),
+        data: data.clone(),
+        seed: opts.seed,
+        batch: t.batch_size,
+        seq: t.seq_len,
+    };
+    let mut engine = shell::ActorEngine::start(&model, spec)?;
+    let summary = trainer::run(opts, &data, model, &mut engine, on_step);
+    let unfired = engine.unfired_faults();
+    engine.shutdown();
+    if !unfired.is_empty() {
+        tracing::warn!(
+            count = unfired.len(),
+            "injected faults that never fired: {unfired:?}"
+        );
+    }
+    summary
+}
+
+/// The same run on the plain thread executor (one OS thread per rank, no actors, no fault
+/// handling): the reference the actor formation is compared with.
+pub fn train_threads(
+    opts: &TrainOptions,
+    layout: &Layout,
     on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<TrainSummary> {
     layout.validate(opts)?;
     let data = Arc::new(trainer::open_data(opts)?);
-    tracing::info!(data = %data.description, "data ready");
     let model = trainer::build_model(opts)?;
     let t = &opts.config.training;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
-    match inject {
-        None => {
-            let pipeline =
-                threads::Pipeline::new(&model, schedule, t.mtp_loss_weight, layout.wire)?;
-            let mut engine = threads::ThreadEngine {
-                pipeline,
-                data: data.clone(),
-                seed: opts.seed,
-                batch: t.batch_size,
-                seq: t.seq_len,
-            };
-            trainer::run(opts, &data, model, &mut engine, on_step)
-        }
-        Some(_) => bail!("fault injection needs the actor formation, which is not built yet"),
-    }
-}
-
-pub mod inject {
-    //! Placeholder until the fault-injection plan lands.
-    /// Faults to inject into a run.
-    #[derive(Clone, Debug, Default, PartialEq)]
-    pub struct InjectPlan;
+    let pipeline = threads::Pipeline::new(&model, schedule, t.mtp_loss_weight, layout.wire)?;
+    let mut engine = threads::ThreadEngine {
+        pipeline,
+        data: data.clone(),
+        seed: opts.seed,
+        batch: t.batch_size,
+        seq: t.seq_len,
+    };
+    trainer::run(opts, &data, model, &mut engine, on_step)
 }
