@@ -67,3 +67,26 @@ fn one_microbatch_on_one_rank_is_the_plain_trainer() {
     let got = formation::train(&opts, &Layout::default(), None, |_, _| {}).expect("formation");
     assert_eq!(got.params_sha256, want.params_sha256);
 }
+
+#[test]
+fn lossy_wires_train_close_to_the_f32_wire() {
+    let opts = common::micro_options("wire-ref", 4, 8, 3);
+    let want = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("reference run");
+    for wire in [Wire::Bf16, Wire::Fp8] {
+        let opts = common::micro_options(&format!("wire-{wire}"), 4, 8, 3);
+        let layout = Layout {
+            pp: 2,
+            ep: 1,
+            schedule: ScheduleKind::DualPipe,
+            microbatches: 4,
+            wire,
+        };
+        let got = formation::train_threads(&opts, &layout, |_, _| {}).expect("lossy-wire run");
+        println!("{wire}: loss {} vs f32 {}", got.final_loss, want.final_loss);
+        assert!((got.final_loss - want.final_loss).abs() < 1e-2, "{wire}");
+        assert_ne!(
+            got.params_sha256, want.params_sha256,
+            "{wire} rounds something"
+        );
+    }
+}
