@@ -54,6 +54,17 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
     })
 }
 
+/// The formation layout named by `--pp --ep --schedule --microbatches --wire`.
+pub fn layout(a: &TrainArgs) -> Result<actors::formation::Layout> {
+    Ok(actors::formation::Layout {
+        pp: a.pp,
+        ep: a.ep,
+        schedule: a.schedule.parse().context("--schedule")?,
+        microbatches: a.microbatches,
+        wire: a.wire.parse().map_err(anyhow::Error::msg).context("--wire")?,
+    })
+}
+
 pub fn eval(a: EvalArgs) -> Result<()> {
     if a.seq_len == 0 {
         bail!("--seq-len must be at least 1");

@@ -67,6 +67,28 @@ pub struct TrainArgs {
     /// Start from a Hugging Face DeepseekV3 directory (config.json + model.safetensors).
     #[arg(long)]
     init_from_hf: Option<PathBuf>,
+    /// Pipeline ranks. With --pp, --microbatches, --schedule or --inject the run uses the actor
+    /// formation (Coordinator, NodeSupervisor, GpuActor, StageActor) instead of the plain loop.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Expert-parallel groups (only 1 is built so far).
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
+    /// Pipeline schedule: 1f1b, zb1p, dualpipe, dualpipev (dualpipev runs 2·pp stages on pp ranks).
+    #[arg(long, default_value = "1f1b")]
+    schedule: String,
+    /// Micro-batches per step (must divide the batch size; dualpipe needs ≥ 2·pp and even).
+    #[arg(long, default_value_t = 1)]
+    microbatches: usize,
+    /// Encoding of activations and gradients between stages: f32, bf16, fp8.
+    #[arg(long, default_value = "f32")]
+    wire: String,
+    /// Fault-injection plan (TOML [[fault]] tables: at_step, phase, actor, rank, kind).
+    #[arg(long)]
+    inject: Option<PathBuf>,
+    /// Run the formation on plain threads (no actors, no fault handling): the pipeline reference.
+    #[arg(long)]
+    threads: bool,
     /// Linear layers in f32 (bitwise-deterministic reference) or fp8 (DeepSeek-V3's E4M3 recipe).
     #[arg(long, default_value = "f32")]
     precision: String,
@@ -125,7 +147,13 @@ fn train(a: TrainArgs) -> Result<()> {
             .context("progress bar template")?,
     );
     let mut last_eval = f64::NAN;
-    let summary = actors::trainer::train(&opts, |r, total| {
+    let layout = commands::layout(&a)?;
+    let inject = match &a.inject {
+        Some(p) => Some(actors::formation::InjectPlan::load(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let formation = layout != actors::formation::Layout::default() || inject.is_some() || a.threads;
+    let on_step = |r: &actors::trainer::StepRecord, total: u64| {
         if let Some(e) = r.eval_loss {
             last_eval = e;
             tracing::info!(
@@ -144,7 +172,14 @@ fn train(a: TrainArgs) -> Result<()> {
         if r.step == total {
             bar.finish_and_clear();
         }
-    })?;
+    };
+    let summary = if a.threads {
+        actors::formation::train_threads(&opts, &layout, on_step)?
+    } else if formation {
+        actors::formation::train(&opts, &layout, inject, on_step)?
+    } else {
+        actors::trainer::train(&opts, on_step)?
+    };
     let json = serde_json::to_string_pretty(&summary)?;
     if let Some(p) = &a.summary_json {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
