@@ -61,7 +61,11 @@ pub fn layout(a: &TrainArgs) -> Result<actors::formation::Layout> {
         ep: a.ep,
         schedule: a.schedule.parse().context("--schedule")?,
         microbatches: a.microbatches,
-        wire: a.wire.parse().map_err(anyhow::Error::msg).context("--wire")?,
+        wire: a
+            .wire
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .context("--wire")?,
     })
 }
 
@@ -124,7 +128,8 @@ pub fn schedule(a: ScheduleArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: train (training step throughput of tiny and small vs the GEMM peak).
+    /// What to measure: `train` (training step throughput of tiny and small vs the GEMM peak) or
+    /// `pipeline` (the actor formation's step time vs the plain loop, same micro-batches).
     #[arg(default_value = "train")]
     what: String,
     /// Configs to measure (default: configs/tiny.toml and configs/small.toml).
@@ -142,9 +147,61 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    if a.what != "train" {
-        bail!("unknown benchmark {:?}: expected `train`", a.what);
+    match a.what.as_str() {
+        "train" => bench_train(a),
+        "pipeline" => bench_pipeline(a),
+        other => bail!("unknown benchmark {other:?}: expected `train` or `pipeline`"),
     }
+}
+
+/// `--pp 4 --schedule dualpipe` (8 micro-batches) on tiny against the plain loop.
+fn bench_pipeline(a: BenchArgs) -> Result<()> {
+    let config = a
+        .config
+        .first()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("configs/tiny.toml"));
+    let mut rc = RunConfig::load(&config)?;
+    rc.training.steps = a.steps.max(2) as u64;
+    rc.training.batch_size = a.batch_size;
+    rc.training.seq_len = a.seq_len;
+    rc.training.eval_every = u64::MAX;
+    rc.training.eval_batches = 1;
+    let opts = actors::trainer::TrainOptions {
+        config: rc,
+        config_path: config.display().to_string(),
+        seed: 0,
+        data: None,
+        data_format: DataFormat::Auto,
+        out_dir: std::env::temp_dir().join("phalanx-bench-pipeline"),
+        init_from_hf: None,
+        precision: kernels::model::Precision::F32,
+    };
+    let layout = actors::formation::Layout {
+        pp: 4,
+        ep: 1,
+        schedule: actors::schedule::ScheduleKind::DualPipe,
+        microbatches: 8,
+        wire: actors::formation::Wire::F32,
+    };
+    let r = actors::bench::pipeline_overhead(&opts, &layout)?;
+    println!(
+        "{} --pp {} --schedule {} --microbatches {}: {:.3} s/step vs plain loop {:.3} s/step = {:.3}x; {} messages per step; same weights: {}",
+        r.config,
+        r.pp,
+        r.schedule,
+        r.microbatches,
+        r.formation_step_s,
+        r.plain_step_s,
+        r.ratio,
+        r.messages_per_step,
+        r.same_weights
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn bench_train(a: BenchArgs) -> Result<()> {
     let configs = if a.config.is_empty() {
         vec![
             PathBuf::from("configs/tiny.toml"),

@@ -94,3 +94,60 @@ pub fn train_step_throughput(
         ratio_to_peak: achieved / peak,
     })
 }
+
+/// The cost of the choreography: the same steps run by the actor formation and by the plain
+/// single-process loop over the same micro-batches (same compute threads, same math).
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineBench {
+    pub config: String,
+    pub schedule: String,
+    pub pp: usize,
+    pub microbatches: usize,
+    pub steps: u64,
+    pub plain_step_s: f64,
+    pub formation_step_s: f64,
+    pub ratio: f64,
+    pub messages_per_step: usize,
+    pub same_weights: bool,
+}
+
+/// Seconds per step between the first and the last step callback of a run.
+fn step_seconds(
+    run: impl FnOnce(
+        &mut dyn FnMut(&crate::trainer::StepRecord, u64),
+    ) -> Result<crate::trainer::TrainSummary>,
+) -> Result<(f64, String)> {
+    let mut marks = Vec::new();
+    let summary = run(&mut |_, _| marks.push(Instant::now()))?;
+    let secs = marks.last().unwrap().duration_since(marks[0]).as_secs_f64();
+    Ok((
+        secs / (marks.len() - 1).max(1) as f64,
+        summary.params_sha256,
+    ))
+}
+
+pub fn pipeline_overhead(
+    opts: &crate::trainer::TrainOptions,
+    layout: &crate::formation::Layout,
+) -> Result<PipelineBench> {
+    let steps = opts.config.training.steps;
+    anyhow::ensure!(steps >= 2, "the pipeline benchmark needs at least 2 steps");
+    let (plain, plain_sha) =
+        step_seconds(|f| crate::trainer::train_microbatched(opts, layout.microbatches, f))?;
+    let (formation, formation_sha) =
+        step_seconds(|f| crate::formation::train(opts, layout, None, f))?;
+    let schedule = crate::schedule::build(layout.schedule, layout.pp, layout.microbatches)?;
+    let report = crate::schedule::check(&schedule)?;
+    Ok(PipelineBench {
+        config: opts.config_path.clone(),
+        schedule: layout.schedule.to_string(),
+        pp: layout.pp,
+        microbatches: layout.microbatches,
+        steps,
+        plain_step_s: plain,
+        formation_step_s: formation,
+        ratio: formation / plain,
+        messages_per_step: report.messages,
+        same_weights: plain_sha == formation_sha,
+    })
+}
