@@ -107,7 +107,21 @@ pub struct EvalArgs {
     seq_len: usize,
 }
 
+/// Keeps large buffers in the heap instead of fresh mmaps: a training step allocates and frees
+/// many multi-megabyte activations, and returning each to the kernel costs page faults and TLB
+/// shootdowns across the compute threads (≈10% of a step on 2 cores).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc allocator thresholds; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "phalanx=info,actors=info,warn".into());
     tracing_subscriber::fmt()

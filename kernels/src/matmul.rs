@@ -1,8 +1,29 @@
-//! The one GEMM entry point of phalanx on CPU, backed by the `gemm` crate.
-//! Every Linear forward, input-gradient and weight-gradient goes through `matmul`.
+//! The one GEMM entry point of phalanx on CPU: OpenBLAS (single-threaded calls, split over the
+//! rayon threads by us) when it was found at build time, else the pure-Rust `gemm` crate.
 
-use gemm::Parallelism;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Which library computes `matmul` in this process.
+pub fn backend() -> &'static str {
+    if use_openblas() {
+        "OpenBLAS (single-threaded calls split over rayon threads)"
+    } else {
+        "gemm crate (x86-v4)"
+    }
+}
+
+/// OpenBLAS is used only when linked and built thread-safe: a sequential (USE_THREAD=0) build
+/// shares one buffer pool between callers, and concurrent calls then return wrong values
+/// (observed with Debian's libopenblas0-serial). Such a build falls back to the gemm crate.
+fn use_openblas() -> bool {
+    #[cfg(openblas)]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(openblas::init_thread_safe)
+    }
+    #[cfg(not(openblas))]
+    false
+}
 
 /// Floating-point operations (2·m·n·k per call) executed by `matmul` since the process started.
 static FLOPS: AtomicU64 = AtomicU64::new(0);
@@ -60,6 +81,58 @@ pub fn matmul(
         }
         return;
     }
+    // Inside a rayon worker (e.g. attention over heads, experts) the caller already runs in parallel.
+    let threads = if m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_thread_index().is_none() {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    matmul_threads(c, a, b, m, k, n, trans_a, trans_b, accumulate, threads);
+}
+
+/// `matmul` on `threads` threads. Accumulating adds the finished product (c + a·b), never BLAS's
+/// beta = 1, which folds c into the K-block partial sums: the result of a sum of products must
+/// not depend on how it was split into calls (per micro-batch or per step).
+#[allow(clippy::too_many_arguments)]
+fn matmul_threads(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    threads: usize,
+) {
+    #[cfg(openblas)]
+    if use_openblas() {
+        if accumulate {
+            let mut prod = vec![0.0f32; m * n];
+            openblas_gemm(&mut prod, a, b, m, k, n, trans_a, trans_b, threads);
+            c.iter_mut().zip(&prod).for_each(|(x, p)| *x += p);
+        } else {
+            openblas_gemm(c, a, b, m, k, n, trans_a, trans_b, threads);
+        }
+        return;
+    }
+    gemm_crate(c, a, b, m, k, n, trans_a, trans_b, accumulate, threads);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    threads: usize,
+) {
     let (a_rs, a_cs) = if trans_a {
         (1, m as isize)
     } else {
@@ -70,15 +143,13 @@ pub fn matmul(
     } else {
         (n as isize, 1)
     };
-    // Inside a rayon worker (e.g. attention over heads) the caller already runs in parallel.
-    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_thread_index().is_none()
-    {
-        Parallelism::Rayon(rayon::current_num_threads())
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
     } else {
-        Parallelism::None
+        gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index gemm touches: c is m×n with row stride n,
-    // a and b are read through the strides computed from their stored shapes.
+    // SAFETY: `matmul` asserted the lengths: c is m×n with row stride n, a and b are read through
+    // the strides of their stored shapes.
     unsafe {
         gemm::gemm(
             m,
@@ -101,6 +172,155 @@ pub fn matmul(
             false,
             parallelism,
         );
+    }
+}
+
+#[cfg(openblas)]
+mod openblas {
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    #[link(name = "openblas")]
+    unsafe extern "C" {
+        fn cblas_sgemm(
+            layout: i32,
+            ta: i32,
+            tb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+        fn openblas_set_num_threads(n: i32);
+        fn openblas_get_parallel() -> i32;
+    }
+
+    /// Switches OpenBLAS's own threads off (phalanx splits the work itself, so the split and the
+    /// result depend only on shapes) and says whether concurrent calls are safe.
+    pub fn init_thread_safe() -> bool {
+        // SAFETY: plain FFI calls without pointers.
+        unsafe {
+            openblas_set_num_threads(1);
+            openblas_get_parallel() != 0
+        }
+    }
+
+    /// One single-threaded sgemm on raw row-major operands.
+    ///
+    /// # Safety
+    /// The pointers must address matrices of the given shapes and leading dimensions, and `c`'s
+    /// block must not be written by anyone else during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm(
+        c: *mut f32,
+        ldc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+        trans_a: bool,
+        trans_b: bool,
+    ) {
+        let (ta, tb) = (
+            if trans_a { TRANS } else { NO_TRANS },
+            if trans_b { TRANS } else { NO_TRANS },
+        );
+        let beta = 0.0;
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR, ta, tb, m as i32, n as i32, k as i32, 1.0, a, lda as i32, b, ldb as i32,
+                beta, c, ldc as i32,
+            )
+        }
+    }
+}
+
+/// A raw pointer handed to the threads that write disjoint blocks of one output.
+#[cfg(openblas)]
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+#[cfg(openblas)]
+// SAFETY: each thread writes a disjoint block of the matrix behind the pointer (see gemm_backend).
+unsafe impl Send for SendPtr {}
+#[cfg(openblas)]
+// SAFETY: as above; the pointer itself is only copied.
+unsafe impl Sync for SendPtr {}
+
+#[cfg(openblas)]
+#[allow(clippy::too_many_arguments)]
+fn openblas_gemm(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    threads: usize,
+) {
+    let lda = if trans_a { m } else { k };
+    let ldb = if trans_b { k } else { n };
+    // split the larger of m and n into one block per thread
+    let split_rows = m >= n;
+    let len = if split_rows { m } else { n };
+    let parts = threads.min(len.div_ceil(16)).max(1);
+    let out = SendPtr(c.as_mut_ptr());
+    let run = |i: usize| {
+        let (lo, hi) = (len * i / parts, len * (i + 1) / parts);
+        let out = out;
+        // SAFETY: block i covers rows (or columns) lo..hi of c only; a and b are read within the
+        // shapes `matmul` asserted.
+        unsafe {
+            if split_rows {
+                let a_off = if trans_a { lo } else { lo * k };
+                openblas::sgemm(
+                    out.0.add(lo * n),
+                    n,
+                    a.as_ptr().add(a_off),
+                    lda,
+                    b.as_ptr(),
+                    ldb,
+                    hi - lo,
+                    k,
+                    n,
+                    trans_a,
+                    trans_b,
+                );
+            } else {
+                let b_off = if trans_b { lo * k } else { lo };
+                openblas::sgemm(
+                    out.0.add(lo),
+                    n,
+                    a.as_ptr(),
+                    lda,
+                    b.as_ptr().add(b_off),
+                    ldb,
+                    m,
+                    k,
+                    hi - lo,
+                    trans_a,
+                    trans_b,
+                );
+            }
+        }
+    };
+    if parts == 1 {
+        run(0);
+    } else {
+        use rayon::prelude::*;
+        (0..parts).into_par_iter().for_each(run);
     }
 }
 
@@ -147,6 +367,86 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn result_does_not_depend_on_the_thread_split() {
+        // a GEMM called inside a rayon worker runs unsplit; the pipelined and the plain step must
+        // still agree bit for bit, so the split may not change any value
+        let mut rng = crate::rng::Rng::new(4);
+        for &(m, k, n) in &[
+            (300, 200, 100),
+            (64, 512, 700),
+            (1024, 128, 96),
+            (33, 1000, 17),
+        ] {
+            for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+                let mut one = vec![0.0f32; m * n];
+                let mut two = vec![0.0f32; m * n];
+                let mut c1 = one.clone();
+                matmul_threads(&mut one, &a, &b, m, k, n, ta, tb, false, 1);
+                matmul_threads(&mut two, &a, &b, m, k, n, ta, tb, false, 2);
+                // accumulating adds the finished product: c + a·b equals the sum of two calls
+                matmul_threads(&mut c1, &a, &b, m, k, n, ta, tb, false, 2);
+                matmul_threads(&mut c1, &a, &b, m, k, n, ta, tb, true, 1);
+                let twice: Vec<f32> = one.iter().map(|v| v + v).collect();
+                assert!(c1 == twice, "{m}x{k}x{n}: accumulate is not c + product");
+                assert!(
+                    one == two,
+                    "{m}x{k}x{n} {ta} {tb}: split changed the result"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_calls_return_the_serial_results() {
+        // stage actors and experts call matmul from several threads at once; a BLAS whose calls
+        // share buffers (a sequential OpenBLAS build) fails this
+        let mut rng = crate::rng::Rng::new(5);
+        let shapes = [
+            (16, 32, 16),
+            (16, 16, 32),
+            (32, 64, 16),
+            (8, 16, 48),
+            (64, 16, 32),
+        ];
+        let cases: Vec<_> = shapes
+            .iter()
+            .map(|&(m, k, n)| {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+                let mut c = vec![0.0f32; m * n];
+                matmul(&mut c, &a, &b, m, k, n, false, true, false);
+                (m, k, n, a, b, c)
+            })
+            .collect();
+        let bad: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|t| {
+                    let cases = &cases;
+                    s.spawn(move || {
+                        let mut bad = 0;
+                        for i in 0..3000 {
+                            let (m, k, n, a, b, want) = &cases[(i * 7 + t) % cases.len()];
+                            let mut c = vec![0.0f32; m * n];
+                            matmul(&mut c, a, b, *m, *k, *n, false, true, false);
+                            bad += (c != *want) as usize;
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(
+            bad,
+            0,
+            "{bad} of 9000 concurrent GEMMs differ ({})",
+            backend()
+        );
     }
 
     #[test]
