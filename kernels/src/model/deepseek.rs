@@ -39,6 +39,15 @@ pub struct Mtp {
     pub head_norm: RmsNorm,
 }
 
+/// The model's output end: final norm, output head and the MTP modules (which share the head and
+/// the embedding). The whole model and the last pipeline stage run it through the same code.
+#[derive(Clone, Debug)]
+pub struct Tail {
+    pub norm: RmsNorm,
+    pub head: Linear,
+    pub mtp: Vec<Mtp>,
+}
+
 /// A DeepSeek-V3 model: its parameters and the layer structure that indexes them.
 #[derive(Clone, Debug)]
 pub struct DeepSeekV3 {
@@ -46,9 +55,7 @@ pub struct DeepSeekV3 {
     pub params: ParamStore,
     pub embed: ParamId,
     pub blocks: Vec<Block>,
-    pub norm: RmsNorm,
-    pub head: Linear,
-    pub mtp: Vec<Mtp>,
+    pub tail: Tail,
 }
 
 /// Token windows for one step: `inputs[b*seq + i]` predicts `targets[b*seq + i]`.
@@ -110,19 +117,6 @@ impl StepStats {
             .collect();
         per.iter().sum::<f64>() / per.len() as f64
     }
-}
-
-struct MtpStash {
-    ids: Arc<Vec<u32>>,
-    targets: Vec<u32>,
-    en: NormStash,
-    hn: NormStash,
-    cat: Arc<Vec<f32>>,
-    block: BlockStash,
-    z_norm: NormStash,
-    z: Arc<Vec<f32>>,
-    logits: Vec<f32>,
-    len: usize,
 }
 
 impl DeepSeekV3 {
@@ -188,9 +182,7 @@ impl DeepSeekV3 {
             params: p,
             embed,
             blocks,
-            norm,
-            head,
-            mtp,
+            tail: Tail { norm, head, mtp },
         }
     }
 
@@ -221,8 +213,8 @@ impl DeepSeekV3 {
         for b in &self.blocks {
             x = b.forward(&self.params, Arc::new(x), rows, &table).0;
         }
-        let (hn, _) = self.norm.forward(&self.params, Arc::new(x));
-        self.head.forward(&self.params, &hn)
+        let (hn, _) = self.tail.norm.forward(&self.params, Arc::new(x));
+        self.tail.head.forward(&self.params, &hn)
     }
 
     /// Mean main-head cross-entropy of a batch, forward only.
@@ -233,10 +225,7 @@ impl DeepSeekV3 {
     }
 
     fn embed_rows(&self, ids: &[u32]) -> Vec<f32> {
-        let d = self.cfg.hidden_size;
-        let mut x = vec![0.0; ids.len() * d];
-        embedding::forward(&mut x, ids, self.params.get(self.embed), d);
-        x
+        embed_rows(&self.params, self.embed, ids, self.cfg.hidden_size)
     }
 
     /// Forward and backward of one step; gradients are added into `grads` (shaped like params).
@@ -262,9 +251,6 @@ impl DeepSeekV3 {
     ) -> StepStats {
         let p = &self.params;
         let (bsz, t) = (batch.batch, batch.seq);
-        let d = self.cfg.hidden_size;
-        let vocab = self.cfg.vocab_size;
-        let n = bsz * t;
         let table = self.rope_table(t);
         let rows = Rows { batch: bsz, seq: t };
         let ids = Arc::new(batch.inputs.clone());
@@ -282,141 +268,20 @@ impl DeepSeekV3 {
             stashes.push(st);
             x = Arc::new(y);
         }
-        let h_final = x;
-        let (hn, norm_st) = self.norm.forward(p, h_final.clone());
-        let hn = Arc::new(hn);
-        let logits = self.head.forward(p, &hn);
-        stats.loss = cross_entropy::forward(&logits, &batch.targets, vocab) / n as f64;
-
-        // MTP forward, depth by depth
-        let use_mtp = mtp_weight > 0.0 && !self.mtp.is_empty();
-        let depth = self.mtp.len() as f32;
-        let mut mtp_stashes = Vec::new();
-        if use_mtp {
-            let mut prev = h_final.clone();
-            let mut prev_len = t;
-            for (k0, m) in self.mtp.iter().enumerate() {
-                let k = k0 + 1;
-                let len = t - k;
-                if len == 0 {
-                    break;
-                }
-                let mut h_rows = Vec::with_capacity(bsz * len * d);
-                let mut mids = Vec::with_capacity(bsz * len);
-                let mut mtargets = Vec::with_capacity(bsz * len);
-                for b in 0..bsz {
-                    h_rows.extend_from_slice(&prev[b * prev_len * d..(b * prev_len + len) * d]);
-                    mids.extend_from_slice(&batch.inputs[b * t + k..b * t + k + len]);
-                    mtargets.extend_from_slice(&batch.targets[b * t + k..b * t + k + len]);
-                }
-                let mids = Arc::new(mids);
-                let e = self.embed_rows(&mids);
-                let (en, en_st) = m.enorm.forward(p, Arc::new(e));
-                let (hnn, hn_st) = m.hnorm.forward(p, Arc::new(h_rows));
-                let mut cat = vec![0.0; bsz * len * 2 * d];
-                for ((row, a), b) in cat
-                    .chunks_exact_mut(2 * d)
-                    .zip(en.chunks_exact(d))
-                    .zip(hnn.chunks_exact(d))
-                {
-                    row[..d].copy_from_slice(a);
-                    row[d..].copy_from_slice(b);
-                }
-                let cat = Arc::new(cat);
-                let hp = m.eh_proj.forward(p, &cat);
-                let mrows = Rows {
-                    batch: bsz,
-                    seq: len,
-                };
-                let (hout, bst, ms) = m.block.forward(p, Arc::new(hp), mrows, &table);
-                if let Some(ms) = ms {
-                    stats.balance_loss += ms.balance_loss;
-                    stats.loads.push(ms.loads);
-                }
-                let hout = Arc::new(hout);
-                let (z, z_st) = m.head_norm.forward(p, hout.clone());
-                let z = Arc::new(z);
-                let mlogits = self.head.forward(p, &z);
-                let sum = cross_entropy::forward(&mlogits, &mtargets, vocab);
-                stats.mtp_loss += sum / (bsz * len) as f64 / depth as f64;
-                stats.objective += mtp_weight as f64 / depth as f64 * sum / n as f64;
-                mtp_stashes.push(MtpStash {
-                    ids: mids,
-                    targets: mtargets,
-                    en: en_st,
-                    hn: hn_st,
-                    cat,
-                    block: bst,
-                    z_norm: z_st,
-                    z,
-                    logits: mlogits,
-                    len,
-                });
-                prev = hout;
-                prev_len = len;
-            }
+        let (tail_st, ts) = self
+            .tail
+            .forward(p, self.embed, &self.cfg, batch, x, mtp_weight, &table);
+        stats.loss = ts.loss;
+        stats.mtp_loss = ts.mtp_loss;
+        for (b, l) in ts.balance.into_iter().zip(ts.loads) {
+            stats.balance_loss += b;
+            stats.loads.push(l);
         }
+        stats.objective = ts.mtp_objective;
         stats.objective += stats.loss + stats.balance_loss;
-
-        // main head backward
-        let mut dlogits = vec![0.0; logits.len()];
-        cross_entropy::backward_input(&mut dlogits, &logits, &batch.targets, vocab, 1.0 / n as f32);
-        drop(logits);
-        let mut dhn = vec![0.0; n * d];
-        self.head.backward(p, dlogits, hn, &mut dhn, false, q);
-        let mut dx = vec![0.0; n * d];
-        self.norm.backward(p, dhn, norm_st, &mut dx, false, q);
-
-        // MTP backward, deepest first; each depth adds into the gradient of the hidden it read
-        if !mtp_stashes.is_empty() {
-            let mut dnext: Option<Vec<f32>> = None;
-            for (k0, st) in mtp_stashes.into_iter().enumerate().rev() {
-                let m = &self.mtp[k0];
-                let len = st.len;
-                let prev_len = len + 1;
-                let mut dl = vec![0.0; st.logits.len()];
-                let scale = mtp_weight / depth / n as f32;
-                cross_entropy::backward_input(&mut dl, &st.logits, &st.targets, vocab, scale);
-                let mut dz = vec![0.0; bsz * len * d];
-                self.head.backward(p, dl, st.z, &mut dz, false, q);
-                let mut dhout = dnext.take().unwrap_or_else(|| vec![0.0; bsz * len * d]);
-                m.head_norm.backward(p, dz, st.z_norm, &mut dhout, true, q);
-                let mrows = Rows {
-                    batch: bsz,
-                    seq: len,
-                };
-                let dhp = m.block.backward(p, dhout, st.block, mrows, &table, q);
-                let mut dcat = vec![0.0; bsz * len * 2 * d];
-                m.eh_proj.backward(p, dhp, st.cat, &mut dcat, false, q);
-                let mut den = Vec::with_capacity(bsz * len * d);
-                let mut dhnn = Vec::with_capacity(bsz * len * d);
-                for row in dcat.chunks_exact(2 * d) {
-                    den.extend_from_slice(&row[..d]);
-                    dhnn.extend_from_slice(&row[d..]);
-                }
-                let mut de = vec![0.0; den.len()];
-                m.enorm.backward(p, den, st.en, &mut de, false, q);
-                q.push(WeightGrad::Embedding {
-                    w: self.embed,
-                    ids: st.ids,
-                    dy: de,
-                });
-                let mut dh_rows = vec![0.0; dhnn.len()];
-                m.hnorm.backward(p, dhnn, st.hn, &mut dh_rows, false, q);
-                // scatter into the previous hidden [bsz, prev_len, d]
-                let target: &mut Vec<f32> = if k0 == 0 {
-                    &mut dx
-                } else {
-                    dnext.get_or_insert_with(|| vec![0.0; bsz * prev_len * d])
-                };
-                for b in 0..bsz {
-                    let dst = &mut target[b * prev_len * d..(b * prev_len + len) * d];
-                    for (a, g) in dst.iter_mut().zip(&dh_rows[b * len * d..(b + 1) * len * d]) {
-                        *a += g;
-                    }
-                }
-            }
-        }
+        let mut dx = self
+            .tail
+            .backward_input(p, self.embed, &self.cfg, tail_st, rows, &table, q);
 
         // blocks backward
         for (b, st) in self.blocks.iter().zip(stashes).rev() {
@@ -454,7 +319,10 @@ impl DeepSeekV3 {
             }
         };
         self.blocks.iter_mut().for_each(set_block);
-        self.mtp.iter_mut().for_each(|m| set_block(&mut m.block));
+        self.tail
+            .mtp
+            .iter_mut()
+            .for_each(|m| set_block(&mut m.block));
     }
 
     /// Number of trainable values.
@@ -465,11 +333,251 @@ impl DeepSeekV3 {
     /// All MoE layers in order (main then MTP), for the bias update.
     pub fn moe_biases(&self) -> Vec<ParamId> {
         let mut out = Vec::new();
-        for b in self.blocks.iter().chain(self.mtp.iter().map(|m| &m.block)) {
+        for b in self
+            .blocks
+            .iter()
+            .chain(self.tail.mtp.iter().map(|m| &m.block))
+        {
             if let Ffn::Moe(m) = &b.ffn {
                 out.push(m.bias);
             }
         }
         out
+    }
+}
+
+/// The RoPE table of `cfg` for sequences of `seq` tokens (YaRN-corrected when the config asks).
+pub fn rope_table(cfg: &ModelConfig, seq: usize) -> RopeTable {
+    let yarn = cfg.rope_scaling.as_ref().map(|r| Yarn {
+        factor: r.factor,
+        original_max_position: r.original_max_position_embeddings,
+        beta_fast: r.beta_fast,
+        beta_slow: r.beta_slow,
+    });
+    RopeTable::new(cfg.qk_rope_head_dim, cfg.rope_theta, seq.max(1), yarn)
+}
+
+/// Embedding rows [ids.len(), d] of table `embed` in `p`.
+pub fn embed_rows(p: &ParamStore, embed: ParamId, ids: &[u32], d: usize) -> Vec<f32> {
+    let mut x = vec![0.0; ids.len() * d];
+    embedding::forward(&mut x, ids, p.get(embed), d);
+    x
+}
+
+/// What the tail reports about one batch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TailStats {
+    /// Mean main cross-entropy.
+    pub loss: f64,
+    /// As [`StepStats::mtp_loss`].
+    pub mtp_loss: f64,
+    /// The λ-weighted MTP part of the objective.
+    pub mtp_objective: f64,
+    /// Balance loss per MTP MoE layer.
+    pub balance: Vec<f64>,
+    /// Expert loads per MTP MoE layer.
+    pub loads: Vec<Vec<u32>>,
+}
+
+struct MtpStash {
+    ids: Arc<Vec<u32>>,
+    targets: Vec<u32>,
+    en: NormStash,
+    hn: NormStash,
+    cat: Arc<Vec<f32>>,
+    block: BlockStash,
+    z_norm: NormStash,
+    z: Arc<Vec<f32>>,
+    logits: Vec<f32>,
+    len: usize,
+}
+
+/// Activations the tail's backward needs.
+pub struct TailStash {
+    targets: Vec<u32>,
+    norm: NormStash,
+    hn: Arc<Vec<f32>>,
+    logits: Vec<f32>,
+    mtp: Vec<MtpStash>,
+    mtp_weight: f32,
+}
+
+impl std::fmt::Debug for TailStash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TailStash({} MTP depths)", self.mtp.len())
+    }
+}
+
+impl Tail {
+    /// From the last block's output `h_final` [batch·seq, d]: the main loss and, with λ > 0, the
+    /// MTP modules depth by depth (depth k reads the previous depth's hidden and Emb(t_{i+k})).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        embed: ParamId,
+        cfg: &ModelConfig,
+        batch: &Batch,
+        h_final: Arc<Vec<f32>>,
+        mtp_weight: f32,
+        table: &RopeTable,
+    ) -> (TailStash, TailStats) {
+        let (bsz, t) = (batch.batch, batch.seq);
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let n = bsz * t;
+        let mut stats = TailStats::default();
+        let (hn, norm_st) = self.norm.forward(p, h_final.clone());
+        let hn = Arc::new(hn);
+        let logits = self.head.forward(p, &hn);
+        stats.loss = cross_entropy::forward(&logits, &batch.targets, vocab) / n as f64;
+        let depth = self.mtp.len() as f32;
+        let mut mtp = Vec::new();
+        if mtp_weight > 0.0 {
+            let mut prev = h_final;
+            let mut prev_len = t;
+            for (k0, m) in self.mtp.iter().enumerate() {
+                let k = k0 + 1;
+                let len = t.saturating_sub(k);
+                if len == 0 {
+                    break;
+                }
+                let mut h_rows = Vec::with_capacity(bsz * len * d);
+                let mut mids = Vec::with_capacity(bsz * len);
+                let mut mtargets = Vec::with_capacity(bsz * len);
+                for b in 0..bsz {
+                    h_rows.extend_from_slice(&prev[b * prev_len * d..(b * prev_len + len) * d]);
+                    mids.extend_from_slice(&batch.inputs[b * t + k..b * t + k + len]);
+                    mtargets.extend_from_slice(&batch.targets[b * t + k..b * t + k + len]);
+                }
+                let mids = Arc::new(mids);
+                let e = embed_rows(p, embed, &mids, d);
+                let (en, en_st) = m.enorm.forward(p, Arc::new(e));
+                let (hnn, hn_st) = m.hnorm.forward(p, Arc::new(h_rows));
+                let mut cat = vec![0.0; bsz * len * 2 * d];
+                for ((row, a), b) in cat
+                    .chunks_exact_mut(2 * d)
+                    .zip(en.chunks_exact(d))
+                    .zip(hnn.chunks_exact(d))
+                {
+                    row[..d].copy_from_slice(a);
+                    row[d..].copy_from_slice(b);
+                }
+                let cat = Arc::new(cat);
+                let hp = m.eh_proj.forward(p, &cat);
+                let mrows = Rows {
+                    batch: bsz,
+                    seq: len,
+                };
+                let (hout, bst, ms) = m.block.forward(p, Arc::new(hp), mrows, table);
+                if let Some(ms) = ms {
+                    stats.balance.push(ms.balance_loss);
+                    stats.loads.push(ms.loads);
+                }
+                let hout = Arc::new(hout);
+                let (z, z_st) = m.head_norm.forward(p, hout.clone());
+                let z = Arc::new(z);
+                let mlogits = self.head.forward(p, &z);
+                let sum = cross_entropy::forward(&mlogits, &mtargets, vocab);
+                stats.mtp_loss += sum / (bsz * len) as f64 / depth as f64;
+                stats.mtp_objective += mtp_weight as f64 / depth as f64 * sum / n as f64;
+                mtp.push(MtpStash {
+                    ids: mids,
+                    targets: mtargets,
+                    en: en_st,
+                    hn: hn_st,
+                    cat,
+                    block: bst,
+                    z_norm: z_st,
+                    z,
+                    logits: mlogits,
+                    len,
+                });
+                prev = hout;
+                prev_len = len;
+            }
+        }
+        let st = TailStash {
+            targets: batch.targets.clone(),
+            norm: norm_st,
+            hn,
+            logits,
+            mtp,
+            mtp_weight,
+        };
+        (st, stats)
+    }
+
+    /// The gradient of `h_final` from the main and MTP losses; weight gradients (the shared
+    /// head's and the embedding's MTP share included) go to `q`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_input(
+        &self,
+        p: &ParamStore,
+        embed: ParamId,
+        cfg: &ModelConfig,
+        st: TailStash,
+        rows: Rows,
+        table: &RopeTable,
+        q: &mut WeightGradQueue,
+    ) -> Vec<f32> {
+        let (bsz, n) = (rows.batch, rows.n());
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let mut dlogits = vec![0.0; st.logits.len()];
+        cross_entropy::backward_input(&mut dlogits, &st.logits, &st.targets, vocab, 1.0 / n as f32);
+        drop(st.logits);
+        let mut dhn = vec![0.0; n * d];
+        self.head.backward(p, dlogits, st.hn, &mut dhn, false, q);
+        let mut dx = vec![0.0; n * d];
+        self.norm.backward(p, dhn, st.norm, &mut dx, false, q);
+        // deepest depth first; each adds into the gradient of the hidden it read
+        let depth = self.mtp.len() as f32;
+        let mut dnext: Option<Vec<f32>> = None;
+        for (k0, ms) in st.mtp.into_iter().enumerate().rev() {
+            let m = &self.mtp[k0];
+            let len = ms.len;
+            let prev_len = len + 1;
+            let mut dl = vec![0.0; ms.logits.len()];
+            let scale = st.mtp_weight / depth / n as f32;
+            cross_entropy::backward_input(&mut dl, &ms.logits, &ms.targets, vocab, scale);
+            let mut dz = vec![0.0; bsz * len * d];
+            self.head.backward(p, dl, ms.z, &mut dz, false, q);
+            let mut dhout = dnext.take().unwrap_or_else(|| vec![0.0; bsz * len * d]);
+            m.head_norm.backward(p, dz, ms.z_norm, &mut dhout, true, q);
+            let mrows = Rows {
+                batch: bsz,
+                seq: len,
+            };
+            let dhp = m.block.backward(p, dhout, ms.block, mrows, table, q);
+            let mut dcat = vec![0.0; bsz * len * 2 * d];
+            m.eh_proj.backward(p, dhp, ms.cat, &mut dcat, false, q);
+            let mut den = Vec::with_capacity(bsz * len * d);
+            let mut dhnn = Vec::with_capacity(bsz * len * d);
+            for row in dcat.chunks_exact(2 * d) {
+                den.extend_from_slice(&row[..d]);
+                dhnn.extend_from_slice(&row[d..]);
+            }
+            let mut de = vec![0.0; den.len()];
+            m.enorm.backward(p, den, ms.en, &mut de, false, q);
+            q.push(WeightGrad::Embedding {
+                w: embed,
+                ids: ms.ids,
+                dy: de,
+            });
+            let mut dh_rows = vec![0.0; dhnn.len()];
+            m.hnorm.backward(p, dhnn, ms.hn, &mut dh_rows, false, q);
+            // scatter into the previous hidden [bsz, prev_len, d]
+            let target: &mut Vec<f32> = if k0 == 0 {
+                &mut dx
+            } else {
+                dnext.get_or_insert_with(|| vec![0.0; bsz * prev_len * d])
+            };
+            for b in 0..bsz {
+                let dst = &mut target[b * prev_len * d..(b * prev_len + len) * d];
+                for (a, g) in dst.iter_mut().zip(&dh_rows[b * len * d..(b + 1) * len * d]) {
+                    *a += g;
+                }
+            }
+        }
+        dx
     }
 }

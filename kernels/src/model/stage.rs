@@ -30,11 +30,10 @@
 //! so a pipelined step equals it bit for bit in f32.
 
 use super::config::ModelConfig;
-use super::deepseek::{Batch, DeepSeekV3, Mtp, StepStats};
-use super::layers::{Block, BlockStash, Ffn, Linear, Mla, Moe, NormStash, RmsNorm, Rows, SwiGlu};
+use super::deepseek::{Batch, DeepSeekV3, Mtp, StepStats, Tail, TailStash, embed_rows, rope_table};
+use super::layers::{Block, BlockStash, Ffn, Linear, Mla, Moe, RmsNorm, Rows, SwiGlu};
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
-use crate::ops::rope::{RopeTable, Yarn};
-use crate::ops::{cross_entropy, embedding};
+use crate::ops::rope::RopeTable;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -54,14 +53,6 @@ pub fn partition(layers: usize, stages: usize) -> Vec<Range<usize>> {
             r
         })
         .collect()
-}
-
-/// The last stage's extra layers: final norm, output head and the MTP modules.
-#[derive(Clone, Debug)]
-pub struct Tail {
-    pub norm: RmsNorm,
-    pub head: Linear,
-    pub mtp: Vec<Mtp>,
 }
 
 /// One pipeline stage: its layers and a parameter store holding only the tensors they use
@@ -155,16 +146,6 @@ fn job_param(job: &WeightGrad) -> ParamId {
     }
 }
 
-fn rope_table(cfg: &ModelConfig, seq: usize) -> RopeTable {
-    let yarn = cfg.rope_scaling.as_ref().map(|r| Yarn {
-        factor: r.factor,
-        original_max_position: r.original_max_position_embeddings,
-        beta_fast: r.beta_fast,
-        beta_slow: r.beta_slow,
-    });
-    RopeTable::new(cfg.qk_rope_head_dim, cfg.rope_theta, seq.max(1), yarn)
-}
-
 impl Stage {
     /// Stage `index` of `ranges.len()` cut out of `model` (values copied; layer structure remapped
     /// onto the stage's own store).
@@ -175,14 +156,14 @@ impl Stage {
         let last = index + 1 == count;
         let cfg = &model.cfg;
         let full = &model.params;
-        let has_mtp = !model.mtp.is_empty();
+        let has_mtp = !model.tail.mtp.is_empty();
         let mut prefixes: Vec<String> = layers
             .clone()
             .map(|l| format!("model.layers.{l}."))
             .collect();
         if last {
             prefixes.extend(
-                (0..model.mtp.len())
+                (0..model.tail.mtp.len())
                     .map(|k| format!("model.layers.{}.", cfg.num_hidden_layers + k)),
             );
         }
@@ -216,11 +197,7 @@ impl Stage {
             })
             .collect();
         let tail = last.then(|| {
-            let mut t = Tail {
-                norm: model.norm.clone(),
-                head: model.head.clone(),
-                mtp: model.mtp.clone(),
-            };
+            let mut t = model.tail.clone();
             remap_norm(&mut t.norm, &f);
             remap_linear(&mut t.head, &f);
             t.mtp.iter_mut().for_each(|m| remap_mtp(m, &f));
@@ -270,11 +247,8 @@ impl Stage {
     }
 
     fn embed_rows(&self, ids: &[u32]) -> Vec<f32> {
-        let d = self.cfg.hidden_size;
         let table = self.embed.expect("this stage holds the embedding");
-        let mut x = vec![0.0; ids.len() * d];
-        embedding::forward(&mut x, ids, self.params.get(table), d);
-        x
+        embed_rows(&self.params, table, ids, self.cfg.hidden_size)
     }
 
     /// Forward of one micro-batch. Stage 0 reads `batch.inputs`; every other stage reads
@@ -289,7 +263,6 @@ impl Stage {
         let p = &self.params;
         let (bsz, t) = (batch.batch, batch.seq);
         let d = self.cfg.hidden_size;
-        let vocab = self.cfg.vocab_size;
         let n = bsz * t;
         let table = rope_table(&self.cfg, t);
         let rows = Rows { batch: bsz, seq: t };
@@ -332,87 +305,13 @@ impl Stage {
                 stats,
             );
         };
-        // The last stage: mirrors DeepSeekV3::forward_backward_input from the final norm on.
-        let h_final = x;
-        let (hn, norm_st) = tail.norm.forward(p, h_final.clone());
-        let hn = Arc::new(hn);
-        let logits = tail.head.forward(p, &hn);
-        stats.loss = cross_entropy::forward(&logits, &batch.targets, vocab) / n as f64;
-        let use_mtp = mtp_weight > 0.0 && !tail.mtp.is_empty();
-        let depth = tail.mtp.len() as f32;
-        let mut mtp = Vec::new();
-        if use_mtp {
-            let mut prev = h_final.clone();
-            let mut prev_len = t;
-            for (k0, m) in tail.mtp.iter().enumerate() {
-                let k = k0 + 1;
-                let len = t - k;
-                if len == 0 {
-                    break;
-                }
-                let mut h_rows = Vec::with_capacity(bsz * len * d);
-                let mut mids = Vec::with_capacity(bsz * len);
-                let mut mtargets = Vec::with_capacity(bsz * len);
-                for b in 0..bsz {
-                    h_rows.extend_from_slice(&prev[b * prev_len * d..(b * prev_len + len) * d]);
-                    mids.extend_from_slice(&batch.inputs[b * t + k..b * t + k + len]);
-                    mtargets.extend_from_slice(&batch.targets[b * t + k..b * t + k + len]);
-                }
-                let mids = Arc::new(mids);
-                let e = self.embed_rows(&mids);
-                let (en, en_st) = m.enorm.forward(p, Arc::new(e));
-                let (hnn, hn_st) = m.hnorm.forward(p, Arc::new(h_rows));
-                let mut cat = vec![0.0; bsz * len * 2 * d];
-                for ((row, a), b) in cat
-                    .chunks_exact_mut(2 * d)
-                    .zip(en.chunks_exact(d))
-                    .zip(hnn.chunks_exact(d))
-                {
-                    row[..d].copy_from_slice(a);
-                    row[d..].copy_from_slice(b);
-                }
-                let cat = Arc::new(cat);
-                let hp = m.eh_proj.forward(p, &cat);
-                let mrows = Rows {
-                    batch: bsz,
-                    seq: len,
-                };
-                let (hout, bst, ms) = m.block.forward(p, Arc::new(hp), mrows, &table);
-                if let Some(ms) = ms {
-                    stats.balance.push(ms.balance_loss);
-                    stats.loads.push(ms.loads);
-                }
-                let hout = Arc::new(hout);
-                let (z, z_st) = m.head_norm.forward(p, hout.clone());
-                let z = Arc::new(z);
-                let mlogits = tail.head.forward(p, &z);
-                let sum = cross_entropy::forward(&mlogits, &mtargets, vocab);
-                stats.mtp_loss += sum / (bsz * len) as f64 / depth as f64;
-                stats.mtp_objective += mtp_weight as f64 / depth as f64 * sum / n as f64;
-                mtp.push(MtpStash {
-                    ids: mids,
-                    targets: mtargets,
-                    en: en_st,
-                    hn: hn_st,
-                    cat,
-                    block: bst,
-                    z_norm: z_st,
-                    z,
-                    logits: mlogits,
-                    len,
-                });
-                prev = hout;
-                prev_len = len;
-            }
-        }
-        let tail = TailStash {
-            targets: batch.targets.clone(),
-            norm: norm_st,
-            hn,
-            logits,
-            mtp,
-            mtp_weight,
-        };
+        let embed = self.embed.unwrap_or(ParamId(usize::MAX));
+        let (st, ts) = tail.forward(p, embed, &self.cfg, batch, x, mtp_weight, &table);
+        stats.loss = ts.loss;
+        stats.mtp_loss = ts.mtp_loss;
+        stats.mtp_objective = ts.mtp_objective;
+        stats.balance.extend(ts.balance);
+        stats.loads.extend(ts.loads);
         (
             None,
             StageStash {
@@ -420,7 +319,7 @@ impl Stage {
                 rows,
                 table,
                 blocks,
-                tail: Some(tail),
+                tail: Some(st),
             },
             stats,
         )
@@ -443,77 +342,10 @@ impl Stage {
             blocks,
             tail,
         } = stash;
-        let bsz = rows.batch;
-        let d = self.cfg.hidden_size;
-        let vocab = self.cfg.vocab_size;
-        let n = rows.n();
         let mut dx = match (&self.tail, tail) {
             (Some(tl), Some(st)) => {
-                let mut dlogits = vec![0.0; st.logits.len()];
-                cross_entropy::backward_input(
-                    &mut dlogits,
-                    &st.logits,
-                    &st.targets,
-                    vocab,
-                    1.0 / n as f32,
-                );
-                drop(st.logits);
-                let mut dhn = vec![0.0; n * d];
-                tl.head.backward(p, dlogits, st.hn, &mut dhn, false, q);
-                let mut dx = vec![0.0; n * d];
-                tl.norm.backward(p, dhn, st.norm, &mut dx, false, q);
-                let depth = tl.mtp.len() as f32;
-                let mtp_weight = st.mtp_weight;
-                let mut dnext: Option<Vec<f32>> = None;
-                for (k0, ms) in st.mtp.into_iter().enumerate().rev() {
-                    let m = &tl.mtp[k0];
-                    let len = ms.len;
-                    let prev_len = len + 1;
-                    let mut dl = vec![0.0; ms.logits.len()];
-                    let scale = mtp_weight / depth / n as f32;
-                    cross_entropy::backward_input(&mut dl, &ms.logits, &ms.targets, vocab, scale);
-                    let mut dz = vec![0.0; bsz * len * d];
-                    tl.head.backward(p, dl, ms.z, &mut dz, false, q);
-                    let mut dhout = dnext.take().unwrap_or_else(|| vec![0.0; bsz * len * d]);
-                    m.head_norm.backward(p, dz, ms.z_norm, &mut dhout, true, q);
-                    let mrows = Rows {
-                        batch: bsz,
-                        seq: len,
-                    };
-                    let dhp = m.block.backward(p, dhout, ms.block, mrows, &table, q);
-                    let mut dcat = vec![0.0; bsz * len * 2 * d];
-                    m.eh_proj.backward(p, dhp, ms.cat, &mut dcat, false, q);
-                    let mut den = Vec::with_capacity(bsz * len * d);
-                    let mut dhnn = Vec::with_capacity(bsz * len * d);
-                    for row in dcat.chunks_exact(2 * d) {
-                        den.extend_from_slice(&row[..d]);
-                        dhnn.extend_from_slice(&row[d..]);
-                    }
-                    let mut de = vec![0.0; den.len()];
-                    m.enorm.backward(p, den, ms.en, &mut de, false, q);
-                    let w = self
-                        .embed
-                        .expect("the last stage holds the embedding when the model has MTP");
-                    q.push(WeightGrad::Embedding {
-                        w,
-                        ids: ms.ids,
-                        dy: de,
-                    });
-                    let mut dh_rows = vec![0.0; dhnn.len()];
-                    m.hnorm.backward(p, dhnn, ms.hn, &mut dh_rows, false, q);
-                    let target: &mut Vec<f32> = if k0 == 0 {
-                        &mut dx
-                    } else {
-                        dnext.get_or_insert_with(|| vec![0.0; bsz * prev_len * d])
-                    };
-                    for b in 0..bsz {
-                        let dst = &mut target[b * prev_len * d..(b * prev_len + len) * d];
-                        for (a, g) in dst.iter_mut().zip(&dh_rows[b * len * d..(b + 1) * len * d]) {
-                            *a += g;
-                        }
-                    }
-                }
-                dx
+                let embed = self.embed.unwrap_or(ParamId(usize::MAX));
+                tl.backward_input(p, embed, &self.cfg, st, rows, &table, q)
             }
             (None, None) => dy.expect("a stage before the last needs the gradient of its output"),
             _ => unreachable!("the stash has a tail exactly on the last stage"),
@@ -580,28 +412,6 @@ impl StageStats {
         s.objective += s.loss + s.balance_loss;
         s
     }
-}
-
-struct MtpStash {
-    ids: Arc<Vec<u32>>,
-    targets: Vec<u32>,
-    en: NormStash,
-    hn: NormStash,
-    cat: Arc<Vec<f32>>,
-    block: BlockStash,
-    z_norm: NormStash,
-    z: Arc<Vec<f32>>,
-    logits: Vec<f32>,
-    len: usize,
-}
-
-struct TailStash {
-    targets: Vec<u32>,
-    norm: NormStash,
-    hn: Arc<Vec<f32>>,
-    logits: Vec<f32>,
-    mtp: Vec<MtpStash>,
-    mtp_weight: f32,
 }
 
 /// The activations one stage keeps between a micro-batch's forward and its backward.
