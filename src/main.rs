@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a DeepSeek-V3 model (defaults: configs/tiny.toml on the built-in synthetic corpus).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Mean main-head cross-entropy of a Hugging Face model over a u32 token file.
     Eval(EvalArgs),
     /// Print and draw a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev).
@@ -135,7 +135,7 @@ fn main() {
     }
     let result = match cli.command {
         None => unreachable!("filled in above"),
-        Some(Command::Train(a)) => train(a),
+        Some(Command::Train(a)) => train(*a),
         Some(Command::Eval(a)) => commands::eval(a),
         Some(Command::Schedule(a)) => commands::schedule(a),
         Some(Command::Bench(a)) => commands::bench(a),

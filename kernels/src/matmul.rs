@@ -251,6 +251,13 @@ mod openblas {
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 #[cfg(openblas)]
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, which is `Send`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+#[cfg(openblas)]
 // SAFETY: each thread writes a disjoint block of the matrix behind the pointer (see gemm_backend).
 unsafe impl Send for SendPtr {}
 #[cfg(openblas)]
@@ -279,14 +286,13 @@ fn openblas_gemm(
     let out = SendPtr(c.as_mut_ptr());
     let run = |i: usize| {
         let (lo, hi) = (len * i / parts, len * (i + 1) / parts);
-        let out = out;
         // SAFETY: block i covers rows (or columns) lo..hi of c only; a and b are read within the
         // shapes `matmul` asserted.
         unsafe {
             if split_rows {
                 let a_off = if trans_a { lo } else { lo * k };
                 openblas::sgemm(
-                    out.0.add(lo * n),
+                    out.get().add(lo * n),
                     n,
                     a.as_ptr().add(a_off),
                     lda,
@@ -301,7 +307,7 @@ fn openblas_gemm(
             } else {
                 let b_off = if trans_b { lo * k } else { lo };
                 openblas::sgemm(
-                    out.0.add(lo),
+                    out.get().add(lo),
                     n,
                     a.as_ptr(),
                     lda,
