@@ -212,7 +212,8 @@ fn bench_train(a: BenchArgs) -> Result<()> {
     };
     let peak = actors::bench::gemm_peak_gflops(2048, 5);
     println!(
-        "machine GEMM peak: {peak:.1} GFLOP/s (f32 2048x2048x2048 through kernels::matmul = gemm 0.19, {} rayon threads)",
+        "machine GEMM peak: {peak:.1} GFLOP/s (f32 2048x2048x2048 through kernels::matmul = {}, {} threads)",
+        kernels::matmul::backend(),
         rayon_threads()
     );
     for c in &configs {
