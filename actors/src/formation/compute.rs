@@ -7,12 +7,13 @@
 
 use super::executor::Arrival;
 use crate::schedule::{Instr, Schedule};
-use kernels::fp8::quant::{ScaleFormat, dequantize, quantize_1x128};
+use kernels::fp8::quant::ScaleFormat;
 use kernels::model::Batch;
 use kernels::model::stage::{StageRunner, StageStats};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use transport::{Frame, FrameMeta};
 
 /// How activations and gradients travel between ranks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,27 +36,33 @@ impl Wire {
         }
     }
 
-    /// What `x` looks like after the trip (`d` = row width, for FP8 tiles).
+    /// What `x` looks like after the trip (`d` = row width, for FP8 tiles): the tensor is encoded
+    /// as a `transport::Frame` (header, payload, CRC32C) and decoded again, so every message
+    /// crosses the same byte format a network link would carry. F32 is exact.
     pub fn transmit(self, arrival: Arrival, x: Vec<f32>, d: usize) -> Vec<f32> {
-        match (self, arrival) {
-            (Wire::F32, _) => x,
+        let d = d.max(1);
+        let (stage, mb) = match arrival {
+            Arrival::Activation { stage, mb } | Arrival::Gradient { stage, mb } => (stage, mb),
+        };
+        let meta = FrameMeta {
+            step: 0,
+            micro_batch: mb as u32,
+            source: stage as u32,
+            destination: stage as u32,
+        };
+        let shape = [x.len() / d, d];
+        let frame = match (self, arrival) {
+            (Wire::F32, _) => Frame::from_f32(meta, &shape, x),
             (Wire::Fp8, Arrival::Activation { .. }) => {
-                let rows = x.len() / d.max(1);
-                dequantize(&quantize_1x128(&x, rows, d, ScaleFormat::F32))
+                Frame::fp8_from_f32(meta, &shape, &x, ScaleFormat::F32)
             }
-            (Wire::Bf16 | Wire::Fp8, _) => x.into_iter().map(round_bf16).collect(),
+            (Wire::Bf16 | Wire::Fp8, _) => Frame::bf16_from_f32(meta, &shape, &x),
         }
+        .expect("a [rows, d] tensor always frames");
+        Frame::decode(&frame.encode())
+            .expect("a frame decodes from its own encoding")
+            .to_f32()
     }
-}
-
-/// f32 → nearest BF16 (ties to even) → f32; NaN stays NaN.
-pub fn round_bf16(v: f32) -> f32 {
-    if v.is_nan() {
-        return v;
-    }
-    let b = v.to_bits();
-    let lsb = (b >> 16) & 1;
-    f32::from_bits((b.wrapping_add(0x7fff + lsb)) & 0xffff_0000)
 }
 
 impl fmt::Display for Wire {
@@ -213,12 +220,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bf16_rounds_to_nearest_even() {
-        assert_eq!(round_bf16(1.0), 1.0);
-        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0)
-        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
-        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
-        assert!(round_bf16(f32::NAN).is_nan());
+    fn wires_round_as_their_formats() {
+        let g = Arrival::Gradient { stage: 1, mb: 0 };
+        let a = Arrival::Activation { stage: 1, mb: 0 };
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: BF16 ties to even (1.0)
+        let x = vec![1.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5];
+        assert_eq!(
+            Wire::Bf16.transmit(g, x.clone(), 4),
+            vec![1.0, 1.0, 1.0 + 4.0 / 256.0, -2.5]
+        );
+        assert_eq!(Wire::F32.transmit(a, x.clone(), 2), x);
+        // FP8 activations: the tile's amax maps to 448, other values round to E4M3
+        let y = Wire::Fp8.transmit(a, vec![448.0, 300.0, -1.0, 0.1], 4);
+        assert_eq!(y, vec![448.0, 288.0, -1.0, 0.1015625]);
+        assert_eq!(Wire::Fp8.transmit(g, vec![1.0 + 1.0 / 256.0], 1), vec![1.0]);
         assert_eq!("FP8".parse::<Wire>(), Ok(Wire::Fp8));
         assert!(
             "f16"
