@@ -537,6 +537,35 @@ impl SwiGlu {
     }
 }
 
+/// Where a routed-expert computation belongs: the decoder layer and the micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExpertSite {
+    pub layer: usize,
+    pub mb: usize,
+}
+
+/// What a remote expert returns from backward for one block of rows: the gradient of its input
+/// rows and its three weight gradients of this micro-batch (each run from a zero buffer).
+#[derive(Clone, Debug, Default)]
+pub struct ExpertGrads {
+    pub dx: Vec<f32>,
+    pub dgate: Vec<f32>,
+    pub dup: Vec<f32>,
+    pub ddown: Vec<f32>,
+}
+
+/// Routed experts computed outside the layer (expert parallelism). `blocks` are
+/// `(expert, rows)` in ascending expert order, only experts that received rows; the answers come
+/// back in the same order. The forward keeps whatever backward needs under `site`.
+pub trait ExpertCompute: Send + Sync + std::fmt::Debug {
+    fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>>;
+    fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads>;
+    /// Drops every kept activation (an aborted step).
+    fn reset(&mut self) {}
+    /// Installs parameter values from a whole-model store.
+    fn load_from(&mut self, _full: &ParamStore) {}
+}
+
 /// DeepSeekMoE: shared expert(s) plus routed experts chosen by the group-limited sigmoid router.
 #[derive(Clone, Debug)]
 pub struct Moe {
@@ -556,6 +585,8 @@ pub struct MoeStash {
     routing: Routing,
     plan: DispatchPlan,
     experts: Vec<Option<SwiGluStash>>,
+    /// The routed experts ran in an [`ExpertCompute`] (their stashes live there).
+    remote: bool,
     ye: Vec<f32>,
     shared: SwiGluStash,
 }
@@ -621,6 +652,18 @@ impl Moe {
         x: Arc<Vec<f32>>,
         rows: Rows,
     ) -> (Vec<f32>, MoeStash, MoeStats) {
+        self.forward_with(p, x, rows, None)
+    }
+
+    /// Forward with the routed experts in `remote` when given (same dispatch plan and combine
+    /// order as the in-place experts, so f32 results are identical).
+    pub fn forward_with(
+        &self,
+        p: &ParamStore,
+        x: Arc<Vec<f32>>,
+        rows: Rows,
+        remote: Option<(&mut dyn ExpertCompute, ExpertSite)>,
+    ) -> (Vec<f32>, MoeStash, MoeStats) {
         let d = self.gate.d_in;
         let e = self.experts.len();
         let logits = self.gate.forward(p, &x);
@@ -630,20 +673,42 @@ impl Moe {
         let plan = DispatchPlan::new(&routing, e);
         let mut xe = vec![0.0; plan.rows() * d];
         moe_dispatch::dispatch_forward(&mut xe, &x, &plan, d);
-        let outs: Vec<Option<(Vec<f32>, SwiGluStash)>> = (0..e)
-            .into_par_iter()
-            .map(|i| {
-                let (lo, hi) = (plan.offsets[i], plan.offsets[i + 1]);
-                (hi > lo).then(|| self.experts[i].forward(p, Arc::new(xe[lo * d..hi * d].to_vec())))
-            })
-            .collect();
+        let is_remote = remote.is_some();
+        let outs: Vec<Option<(Vec<f32>, Option<SwiGluStash>)>> = match remote {
+            None => (0..e)
+                .into_par_iter()
+                .map(|i| {
+                    let (lo, hi) = (plan.offsets[i], plan.offsets[i + 1]);
+                    (hi > lo).then(|| {
+                        let (y, st) =
+                            self.experts[i].forward(p, Arc::new(xe[lo * d..hi * d].to_vec()));
+                        (y, Some(st))
+                    })
+                })
+                .collect(),
+            Some((ec, site)) => {
+                let blocks: Vec<(usize, Vec<f32>)> = (0..e)
+                    .filter(|&i| plan.offsets[i + 1] > plan.offsets[i])
+                    .map(|i| (i, xe[plan.offsets[i] * d..plan.offsets[i + 1] * d].to_vec()))
+                    .collect();
+                let ids: Vec<usize> = blocks.iter().map(|b| b.0).collect();
+                let ys = ec.forward(site, blocks);
+                assert_eq!(ys.len(), ids.len(), "one output per dispatched expert");
+                let mut outs: Vec<Option<(Vec<f32>, Option<SwiGluStash>)>> =
+                    (0..e).map(|_| None).collect();
+                for (i, y) in ids.into_iter().zip(ys) {
+                    outs[i] = Some((y, None));
+                }
+                outs
+            }
+        };
         let mut ye = vec![0.0; plan.rows() * d];
         let mut stashes = Vec::with_capacity(e);
         for (i, o) in outs.into_iter().enumerate() {
             match o {
                 Some((y, st)) => {
                     ye[plan.offsets[i] * d..plan.offsets[i + 1] * d].copy_from_slice(&y);
-                    stashes.push(Some(st));
+                    stashes.push(st);
                 }
                 None => stashes.push(None),
             }
@@ -673,6 +738,7 @@ impl Moe {
                 routing,
                 plan,
                 experts: stashes,
+                remote: is_remote,
                 ye,
                 shared,
             },
@@ -687,6 +753,20 @@ impl Moe {
         st: MoeStash,
         rows: Rows,
         q: &mut WeightGradQueue,
+    ) -> Vec<f32> {
+        self.backward_with(p, dy, st, rows, q, None)
+    }
+
+    /// Backward; a stash from a remote forward needs the same `remote` (its weight gradients
+    /// come back computed and are queued as [`WeightGrad::Dense`]).
+    pub fn backward_with(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        st: MoeStash,
+        rows: Rows,
+        q: &mut WeightGradQueue,
+        remote: Option<(&mut dyn ExpertCompute, ExpertSite)>,
     ) -> Vec<f32> {
         let d = self.gate.d_in;
         let e = self.experts.len();
@@ -707,27 +787,62 @@ impl Moe {
         let mut dx = vec![0.0; n * d];
         self.shared.backward(p, dy, st.shared, &mut dx, false, q);
         let plan = &st.plan;
-        let results: Vec<Option<(Vec<f32>, WeightGradQueue)>> = st
-            .experts
-            .into_par_iter()
-            .enumerate()
-            .map(|(i, stash)| {
-                stash.map(|stash| {
-                    let (lo, hi) = (plan.offsets[i], plan.offsets[i + 1]);
-                    let mut dxe = vec![0.0; (hi - lo) * d];
-                    let mut local = WeightGradQueue::default();
-                    self.experts[i].backward(
-                        p,
-                        dye[lo * d..hi * d].to_vec(),
-                        stash,
-                        &mut dxe,
-                        false,
-                        &mut local,
-                    );
-                    (dxe, local)
+        let results: Vec<Option<(Vec<f32>, WeightGradQueue)>> = if st.remote {
+            let (ec, site) = remote.expect("a remote MoE forward needs its experts for backward");
+            let blocks: Vec<(usize, Vec<f32>)> = (0..e)
+                .filter(|&i| plan.offsets[i + 1] > plan.offsets[i])
+                .map(|i| {
+                    (
+                        i,
+                        dye[plan.offsets[i] * d..plan.offsets[i + 1] * d].to_vec(),
+                    )
                 })
-            })
-            .collect();
+                .collect();
+            let ids: Vec<usize> = blocks.iter().map(|b| b.0).collect();
+            let gs = ec.backward(site, blocks);
+            assert_eq!(gs.len(), ids.len(), "one gradient per dispatched expert");
+            let mut results: Vec<Option<(Vec<f32>, WeightGradQueue)>> =
+                (0..e).map(|_| None).collect();
+            for (i, g) in ids.into_iter().zip(gs) {
+                let x = &self.experts[i];
+                let mut local = WeightGradQueue::default();
+                local.push(WeightGrad::Dense {
+                    w: x.down.w,
+                    g: g.ddown,
+                });
+                local.push(WeightGrad::Dense {
+                    w: x.gate.w,
+                    g: g.dgate,
+                });
+                local.push(WeightGrad::Dense {
+                    w: x.up.w,
+                    g: g.dup,
+                });
+                results[i] = Some((g.dx, local));
+            }
+            results
+        } else {
+            st.experts
+                .into_par_iter()
+                .enumerate()
+                .map(|(i, stash)| {
+                    stash.map(|stash| {
+                        let (lo, hi) = (plan.offsets[i], plan.offsets[i + 1]);
+                        let mut dxe = vec![0.0; (hi - lo) * d];
+                        let mut local = WeightGradQueue::default();
+                        self.experts[i].backward(
+                            p,
+                            dye[lo * d..hi * d].to_vec(),
+                            stash,
+                            &mut dxe,
+                            false,
+                            &mut local,
+                        );
+                        (dxe, local)
+                    })
+                })
+                .collect()
+        };
         let mut dxe_all = vec![0.0; plan.rows() * d];
         for (i, r) in results.into_iter().enumerate() {
             if let Some((dxe, local)) = r {
@@ -846,6 +961,18 @@ impl Block {
         rows: Rows,
         table: &RopeTable,
     ) -> (Vec<f32>, BlockStash, Option<MoeStats>) {
+        self.forward_with(p, x, rows, table, None)
+    }
+
+    /// Forward with the routed experts of a MoE FFN in `remote` when given.
+    pub fn forward_with(
+        &self,
+        p: &ParamStore,
+        x: Arc<Vec<f32>>,
+        rows: Rows,
+        table: &RopeTable,
+        remote: Option<(&mut dyn ExpertCompute, ExpertSite)>,
+    ) -> (Vec<f32>, BlockStash, Option<MoeStats>) {
         let (h, in_norm) = self.input_norm.forward(p, x.clone());
         let (a, attn) = self.attn.forward(p, Arc::new(h), rows, table);
         let x1: Vec<f32> = x.iter().zip(&a).map(|(u, v)| u + v).collect();
@@ -858,7 +985,7 @@ impl Block {
                 (f, FfnStash::Dense(s), None)
             }
             Ffn::Moe(m) => {
-                let (f, s, stats) = m.forward(p, h2, rows);
+                let (f, s, stats) = m.forward_with(p, h2, rows, remote);
                 (f, FfnStash::Moe(Box::new(s)), Some(stats))
             }
         };
@@ -885,13 +1012,28 @@ impl Block {
         table: &RopeTable,
         q: &mut WeightGradQueue,
     ) -> Vec<f32> {
+        self.backward_with(p, dy, st, rows, table, q, None)
+    }
+
+    /// Backward; the same `remote` as the forward that made `st`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_with(
+        &self,
+        p: &ParamStore,
+        dy: Vec<f32>,
+        st: BlockStash,
+        rows: Rows,
+        table: &RopeTable,
+        q: &mut WeightGradQueue,
+        remote: Option<(&mut dyn ExpertCompute, ExpertSite)>,
+    ) -> Vec<f32> {
         let dh2 = match (&self.ffn, st.ffn) {
             (Ffn::Dense(m), FfnStash::Dense(s)) => {
                 let mut dh2 = vec![0.0; dy.len()];
                 m.backward(p, dy.clone(), s, &mut dh2, false, q);
                 dh2
             }
-            (Ffn::Moe(m), FfnStash::Moe(s)) => m.backward(p, dy.clone(), *s, rows, q),
+            (Ffn::Moe(m), FfnStash::Moe(s)) => m.backward_with(p, dy.clone(), *s, rows, q, remote),
             _ => unreachable!("stash kind always matches the layer kind"),
         };
         let mut dx1 = dy;

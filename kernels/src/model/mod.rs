@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod deepseek;
+pub mod experts;
 pub mod layers;
 pub mod params;
 pub mod stage;

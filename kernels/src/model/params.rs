@@ -143,6 +143,26 @@ pub enum WeightGrad {
         ids: Arc<Vec<u32>>,
         dy: Vec<f32>,
     },
+    /// dW += g: a gradient computed elsewhere (an expert group under `--ep`) from a zero buffer.
+    Dense { w: ParamId, g: Vec<f32> },
+}
+
+impl WeightGrad {
+    /// The tensor this job accumulates into.
+    pub fn param(&self) -> ParamId {
+        match self {
+            WeightGrad::Linear { w, .. }
+            | WeightGrad::LinearFp8 { w, .. }
+            | WeightGrad::RmsNorm { w, .. }
+            | WeightGrad::Embedding { w, .. }
+            | WeightGrad::Dense { w, .. } => *w,
+        }
+    }
+
+    /// Runs this job into `dw`, the gradient buffer of [`WeightGrad::param`].
+    pub fn run_into(self, params: &ParamStore, dw: &mut [f32]) {
+        run_weight_grad_into(self, params, dw);
+    }
 }
 
 /// Weight gradients waiting to run (DualPipe's W steps pop them; the plain loop runs them at once).
@@ -165,12 +185,17 @@ impl WeightGradQueue {
 }
 
 fn run_weight_grad(job: WeightGrad, params: &ParamStore, grads: &mut [Tensor]) {
+    let w = job.param();
+    run_weight_grad_into(job, params, &mut grads[w.0].data);
+}
+
+fn run_weight_grad_into(job: WeightGrad, params: &ParamStore, dw_out: &mut [f32]) {
     match job {
         WeightGrad::Linear { w, dy, x } => {
             let shape = &params.tensors[w.0].shape;
             let (d_out, d_in) = (shape[0], shape[1]);
             let n = x.len() / d_in;
-            linear::backward_weight(&mut grads[w.0].data, &dy, &x, n, d_in, d_out);
+            linear::backward_weight(dw_out, &dy, &x, n, d_in, d_out);
         }
         WeightGrad::LinearFp8 { w, dy, x } => {
             let shape = &params.tensors[w.0].shape;
@@ -180,19 +205,19 @@ fn run_weight_grad(job: WeightGrad, params: &ParamStore, grads: &mut [Tensor]) {
             let dyq = quantize_128x1(&dy, n, d_out, ScaleFormat::F32);
             let mut dw = vec![0.0; d_out * d_in];
             fp8_gemm_wgrad(&mut dw, &dyq, &xt);
-            grads[w.0]
-                .data
-                .iter_mut()
-                .zip(&dw)
-                .for_each(|(g, v)| *g += v);
+            dw_out.iter_mut().zip(&dw).for_each(|(g, v)| *g += v);
         }
         WeightGrad::RmsNorm { w, dy, x, rstd } => {
             let d = params.tensors[w.0].numel();
-            rmsnorm::backward_weight(&mut grads[w.0].data, &dy, &x, &rstd, d);
+            rmsnorm::backward_weight(dw_out, &dy, &x, &rstd, d);
+        }
+        WeightGrad::Dense { g, .. } => {
+            assert_eq!(dw_out.len(), g.len(), "dense gradient size");
+            dw_out.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
         }
         WeightGrad::Embedding { w, ids, dy } => {
             let d = params.tensors[w.0].shape[1];
-            embedding::backward_weight(&mut grads[w.0].data, &ids, &dy, d);
+            embedding::backward_weight(dw_out, &ids, &dy, d);
         }
     }
 }

@@ -31,7 +31,9 @@
 
 use super::config::ModelConfig;
 use super::deepseek::{Batch, DeepSeekV3, Mtp, StepStats, Tail, TailStash, embed_rows, rope_table};
-use super::layers::{Block, BlockStash, Ffn, Linear, Mla, Moe, RmsNorm, Rows, SwiGlu};
+use super::layers::{
+    Block, BlockStash, ExpertCompute, ExpertSite, Ffn, Linear, Mla, Moe, RmsNorm, Rows, SwiGlu,
+};
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
 use crate::ops::rope::RopeTable;
 use crate::tensor::Tensor;
@@ -134,16 +136,12 @@ fn remap_job(job: &WeightGrad, f: &dyn Fn(ParamId) -> ParamId) -> WeightGrad {
             rstd,
         },
         WeightGrad::Embedding { w, ids, dy } => WeightGrad::Embedding { w: f(w), ids, dy },
+        WeightGrad::Dense { w, g } => WeightGrad::Dense { w: f(w), g },
     }
 }
 
 fn job_param(job: &WeightGrad) -> ParamId {
-    match job {
-        WeightGrad::Linear { w, .. }
-        | WeightGrad::LinearFp8 { w, .. }
-        | WeightGrad::RmsNorm { w, .. }
-        | WeightGrad::Embedding { w, .. } => *w,
-    }
+    job.param()
 }
 
 impl Stage {
@@ -260,6 +258,19 @@ impl Stage {
         input: Option<Vec<f32>>,
         mtp_weight: f32,
     ) -> (Option<Vec<f32>>, StageStash, StageStats) {
+        self.forward_with(batch, input, mtp_weight, None, 0)
+    }
+
+    /// Forward with the routed experts of the decoder blocks in `experts` when given (`mb` names
+    /// the micro-batch there); MTP modules keep theirs in place.
+    pub fn forward_with(
+        &self,
+        batch: &Batch,
+        input: Option<Vec<f32>>,
+        mtp_weight: f32,
+        mut experts: Option<&mut dyn ExpertCompute>,
+        mb: usize,
+    ) -> (Option<Vec<f32>>, StageStash, StageStats) {
         let p = &self.params;
         let (bsz, t) = (batch.batch, batch.seq);
         let d = self.cfg.hidden_size;
@@ -282,8 +293,15 @@ impl Stage {
             Arc::new(x)
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let (y, st, ms) = b.forward(p, x, rows, &table);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let site = ExpertSite {
+                layer: self.layers.start + i,
+                mb,
+            };
+            let remote = experts
+                .as_deref_mut()
+                .map(|e| (e as &mut dyn ExpertCompute, site));
+            let (y, st, ms) = b.forward_with(p, x, rows, &table, remote);
             if let Some(ms) = ms {
                 stats.balance.push(ms.balance_loss);
                 stats.loads.push(ms.loads);
@@ -334,6 +352,18 @@ impl Stage {
         dy: Option<Vec<f32>>,
         q: &mut WeightGradQueue,
     ) -> Option<Vec<f32>> {
+        self.backward_input_with(stash, dy, q, None, 0)
+    }
+
+    /// Backward with the same `experts` and `mb` as the forward that made `stash`.
+    pub fn backward_input_with(
+        &self,
+        stash: StageStash,
+        dy: Option<Vec<f32>>,
+        q: &mut WeightGradQueue,
+        mut experts: Option<&mut dyn ExpertCompute>,
+        mb: usize,
+    ) -> Option<Vec<f32>> {
         let p = &self.params;
         let StageStash {
             ids,
@@ -350,8 +380,15 @@ impl Stage {
             (None, None) => dy.expect("a stage before the last needs the gradient of its output"),
             _ => unreachable!("the stash has a tail exactly on the last stage"),
         };
-        for (b, st) in self.blocks.iter().zip(blocks).rev() {
-            dx = b.backward(p, dx, st, rows, &table, q);
+        for (i, (b, st)) in self.blocks.iter().zip(blocks).enumerate().rev() {
+            let site = ExpertSite {
+                layer: self.layers.start + i,
+                mb,
+            };
+            let remote = experts
+                .as_deref_mut()
+                .map(|e| (e as &mut dyn ExpertCompute, site));
+            dx = b.backward_with(p, dx, st, rows, &table, q, remote);
         }
         if self.is_first() {
             let w = self.embed.expect("stage 0 holds the embedding");
@@ -461,6 +498,8 @@ pub struct StageRunner {
     stashes: BTreeMap<usize, StageStash>,
     queues: BTreeMap<usize, WeightGradQueue>,
     grads: BTreeMap<usize, MbGrads>,
+    /// The routed experts of this stage's decoder blocks when they run elsewhere (`--ep`).
+    experts: Option<Box<dyn ExpertCompute>>,
 }
 
 impl StageRunner {
@@ -471,7 +510,13 @@ impl StageRunner {
             stashes: BTreeMap::new(),
             queues: BTreeMap::new(),
             grads: BTreeMap::new(),
+            experts: None,
         }
+    }
+
+    /// Runs the routed experts of the decoder blocks in `experts` from now on.
+    pub fn set_experts(&mut self, experts: Box<dyn ExpertCompute>) {
+        self.experts = Some(experts);
     }
 
     /// F: runs micro-batch `mb` and keeps its stash. Returns the output activations (None on the
@@ -482,7 +527,15 @@ impl StageRunner {
         batch: &Batch,
         input: Option<Vec<f32>>,
     ) -> (Option<Vec<f32>>, StageStats) {
-        let (out, stash, stats) = self.stage.forward(batch, input, self.mtp_weight);
+        let (out, stash, stats) = self.stage.forward_with(
+            batch,
+            input,
+            self.mtp_weight,
+            self.experts
+                .as_deref_mut()
+                .map(|e| e as &mut dyn ExpertCompute),
+            mb,
+        );
         let old = self.stashes.insert(mb, stash);
         assert!(
             old.is_none(),
@@ -501,7 +554,15 @@ impl StageRunner {
             )
         });
         let mut q = WeightGradQueue::default();
-        let dx = self.stage.backward_input(stash, dy, &mut q);
+        let dx = self.stage.backward_input_with(
+            stash,
+            dy,
+            &mut q,
+            self.experts
+                .as_deref_mut()
+                .map(|e| e as &mut dyn ExpertCompute),
+            mb,
+        );
         let old = self.queues.insert(mb, q);
         assert!(
             old.is_none(),
@@ -554,11 +615,25 @@ impl StageRunner {
         self.stashes.clear();
         self.queues.clear();
         self.grads.clear();
+        if let Some(e) = self
+            .experts
+            .as_deref_mut()
+            .map(|e| e as &mut dyn ExpertCompute)
+        {
+            e.reset();
+        }
     }
 
     /// Installs parameter values from a whole-model store (after a commit or on restore).
     pub fn load_from(&mut self, full: &ParamStore) {
         self.stage.load_from(full);
+        if let Some(e) = self
+            .experts
+            .as_deref_mut()
+            .map(|e| e as &mut dyn ExpertCompute)
+        {
+            e.load_from(full);
+        }
     }
 }
 
@@ -750,6 +825,8 @@ mod tests {
     use crate::model::config::RunConfig;
     use crate::rng::Rng;
 
+    use crate::model::experts::LocalExpertGroups;
+
     fn micro() -> DeepSeekV3 {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/micro.toml");
         let cfg = RunConfig::load(std::path::Path::new(path)).expect("micro config");
@@ -804,10 +881,17 @@ mod tests {
         let mbs = split_batch(&full, 4).unwrap();
         let mut want = model.params.zeros_like();
         let ref_stats = forward_backward_microbatches(&model, &mbs, 0.3, &mut want);
-        for s in [1, 2, 3] {
+        for (s, ep) in [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)] {
             let mut runners: Vec<StageRunner> = Stage::split(&model, s)
                 .into_iter()
-                .map(|st| StageRunner::new(st, 0.3))
+                .map(|st| {
+                    let layers = st.layers.clone();
+                    let mut r = StageRunner::new(st, 0.3);
+                    if ep > 1 {
+                        r.set_experts(Box::new(LocalExpertGroups::new(&model, layers, ep)));
+                    }
+                    r
+                })
                 .collect();
             let mut stats = vec![vec![StageStats::default(); s]; mbs.len()];
             // forwards of all micro-batches, then backwards in reverse micro-batch order, W last
@@ -847,7 +931,7 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     a.data == b.data,
-                    "{} differs with {s} stages",
+                    "{} differs with {s} stages, ep {ep}",
                     model.params.names[i]
                 );
             }
