@@ -8,8 +8,10 @@
 use super::executor::Arrival;
 use crate::schedule::{Instr, Schedule};
 use kernels::fp8::quant::ScaleFormat;
-use kernels::model::Batch;
+use kernels::model::experts::LocalExpertGroups;
+use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
 use kernels::model::stage::{StageRunner, StageStats};
+use kernels::model::{Batch, ParamStore};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -62,6 +64,94 @@ impl Wire {
         Frame::decode(&frame.encode())
             .expect("a frame decodes from its own encoding")
             .to_f32()
+    }
+}
+
+/// Expert-parallel payloads (tokens to an expert group and back) as transport frames: dispatch
+/// is FP8 E4M3 in 1×128 tiles under `--wire fp8`, BF16 under `--wire bf16`; combine outputs and
+/// the backward's dy and dx are BF16 on both lossy wires; f32 frames on the exact wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpPayload {
+    /// Token rows dispatched to an expert.
+    Dispatch,
+    /// Expert outputs combined back, and backward gradients either way.
+    Combine,
+}
+
+impl Wire {
+    /// Encodes `rows × d` values for the expert-parallel exchange.
+    pub fn ep_encode(self, kind: EpPayload, x: &[f32], d: usize) -> Vec<u8> {
+        let d = d.max(1);
+        let shape = [x.len() / d, d];
+        let meta = FrameMeta::default();
+        let frame = match (self, kind) {
+            (Wire::F32, _) => Frame::from_f32(meta, &shape, x.to_vec()),
+            (Wire::Fp8, EpPayload::Dispatch) => {
+                Frame::fp8_from_f32(meta, &shape, x, ScaleFormat::F32)
+            }
+            (Wire::Bf16 | Wire::Fp8, _) => Frame::bf16_from_f32(meta, &shape, x),
+        };
+        frame.expect("a [rows, d] tensor always frames").encode()
+    }
+
+    /// Decodes a payload made by [`Wire::ep_encode`] (CRC checked).
+    pub fn ep_decode(bytes: &[u8]) -> Vec<f32> {
+        Frame::decode(bytes)
+            .unwrap_or_else(|e| panic!("corrupt expert payload: {e}"))
+            .to_f32()
+    }
+
+    /// `x` after the trip to or from an expert group.
+    pub fn ep_transmit(self, kind: EpPayload, x: &[f32], d: usize) -> Vec<f32> {
+        Wire::ep_decode(&self.ep_encode(kind, x, d))
+    }
+}
+
+/// In-process expert groups behind the wire: every payload is encoded to bytes and decoded, as
+/// it would be between processes (the thread executor's `--ep`).
+#[derive(Debug)]
+pub struct WiredExperts {
+    pub groups: LocalExpertGroups,
+    pub wire: Wire,
+    pub d: usize,
+}
+
+impl ExpertCompute for WiredExperts {
+    fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+        let (w, d) = (self.wire, self.d);
+        let blocks = blocks
+            .into_iter()
+            .map(|(i, x)| (i, w.ep_transmit(EpPayload::Dispatch, &x, d)))
+            .collect();
+        self.groups
+            .forward(site, blocks)
+            .into_iter()
+            .map(|y| w.ep_transmit(EpPayload::Combine, &y, d))
+            .collect()
+    }
+
+    fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads> {
+        let (w, d) = (self.wire, self.d);
+        let blocks = blocks
+            .into_iter()
+            .map(|(i, x)| (i, w.ep_transmit(EpPayload::Combine, &x, d)))
+            .collect();
+        self.groups
+            .backward(site, blocks)
+            .into_iter()
+            .map(|mut g| {
+                g.dx = w.ep_transmit(EpPayload::Combine, &g.dx, d);
+                g
+            })
+            .collect()
+    }
+
+    fn reset(&mut self) {
+        self.groups.reset();
+    }
+
+    fn load_from(&mut self, full: &ParamStore) {
+        self.groups.load_from(full);
     }
 }
 

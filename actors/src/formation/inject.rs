@@ -134,7 +134,7 @@ impl InjectPlan {
             }
             if f.actor == Target::Expert && ep <= 1 {
                 return Err(format!(
-                    "{at}: field `actor` = \"expert\": there are no expert-group actors (needs --ep > 1, which is not built yet)"
+                    "{at}: field `actor` = \"expert\": there are no expert-group actors (needs --ep > 1, the layout has --ep {ep})"
                 ));
             }
         }

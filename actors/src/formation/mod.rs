@@ -30,7 +30,8 @@ use std::time::Duration;
 pub struct Layout {
     /// Pipeline ranks (`--pp`); DualPipeV runs `2·pp` model stages on them.
     pub pp: usize,
-    /// Expert groups (`--ep`); only 1 is supported so far.
+    /// Expert groups (`--ep`): the routed experts of every MoE decoder layer split over `ep`
+    /// ExpertGroupActors (must divide n_routed_experts and n_group).
     pub ep: usize,
     pub schedule: ScheduleKind,
     /// Micro-batches per step; the batch size must be a multiple.
@@ -58,11 +59,26 @@ impl Layout {
         if self.pp == 0 {
             bail!("--pp must be at least 1");
         }
-        if self.ep != 1 {
-            bail!(
-                "--ep {}: expert parallelism is not built yet (only --ep 1)",
-                self.ep
-            );
+        let m = &opts.config.model;
+        if self.ep == 0 {
+            bail!("--ep must be at least 1");
+        }
+        if self.ep > 1 {
+            if m.n_routed_experts == 0 || !m.n_routed_experts.is_multiple_of(self.ep) {
+                bail!(
+                    "--ep {}: the expert groups must split the {} routed experts (n_routed_experts) evenly",
+                    self.ep,
+                    m.n_routed_experts
+                );
+            }
+            if m.n_group == 0 || !m.n_group.is_multiple_of(self.ep) {
+                bail!(
+                    "--ep {}: must equal or divide n_group = {} so that group-limited routing sends a token to at most topk_group = {} expert groups",
+                    self.ep,
+                    m.n_group,
+                    m.topk_group
+                );
+            }
         }
         if self.microbatches == 0 || !t.batch_size.is_multiple_of(self.microbatches) {
             bail!(
@@ -102,6 +118,7 @@ pub fn train(
     let spec = shell::FormationSpec {
         schedule,
         wire: layout.wire,
+        ep: layout.ep,
         mtp_weight: t.mtp_loss_weight,
         faults: FaultBook::new(&plan),
         policy: RestartPolicy::default(),
@@ -136,7 +153,8 @@ pub fn train_threads(
     let model = trainer::build_model(opts)?;
     let t = &opts.config.training;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
-    let pipeline = threads::Pipeline::new(&model, schedule, t.mtp_loss_weight, layout.wire)?;
+    let pipeline = threads::Pipeline::new(&model, schedule, t.mtp_loss_weight, layout.wire)?
+        .with_ep(&model, layout.ep);
     let mut engine = threads::ThreadEngine {
         pipeline,
         data: data.clone(),

@@ -7,8 +7,18 @@
 //!                   └─ GpuActor ×pp         runs its rank's instruction list (RankExecutor),
 //!                        │                  exchanges activations/gradients with its peers
 //!                        └─ StageActor ×copies   one stage copy: params, stash, W queue, grads;
-//!                                                computes on the blocking pool
+//!                             │                  computes on the blocking pool
+//!                             └─ ExpertGroupActor ×ep   (--ep > 1) routed experts [g·E/G, (g+1)·E/G)
+//!                                                of the copy's MoE layers: FP8/BF16/f32 frames in,
+//!                                                outputs and per-micro-batch expert W grads out
 //! ```
+//!
+//! Under `--ep` the stage's MoE layers dispatch each expert's token block to the group owning
+//! it and combine the answers in the dispatch plan's order (so f32 is bit-identical to `--ep
+//! 1`); the group computes its experts' weight gradients of the micro-batch from zero buffers
+//! and returns them with dx, the stage queues them for its W, and the coordinator's reduce sums
+//! them in micro-batch order like every other gradient. A failed or hung group fails its stage,
+//! which is restarted with fresh groups and the step replayed.
 //!
 //! A step is a transaction ([`StepTxn`]): the coordinator opens attempt `a` of step `t` on every
 //! GpuActor, waits for each rank's "done" (which carries its per-micro-batch gradients), reduces
@@ -22,7 +32,7 @@
 //! probes every rank; a rank kills the stage it waits on, and a rank that does not answer is
 //! killed by the coordinator.
 
-use super::compute::{StageOp, StageOpResult, Wire, exec_op, ops_of, route_of};
+use super::compute::{EpPayload, StageOp, StageOpResult, Wire, exec_op, ops_of, route_of};
 use super::executor::{Arrival, ExecCommand, ExecEvent, RankExecutor};
 use super::inject::{FaultBook, FaultKind, Phase, Target};
 use super::restart::{RestartDecision, RestartPolicy, RestartTracker};
@@ -31,6 +41,8 @@ use super::txn::{StepTxn, TxnCommand, TxnEvent};
 use crate::schedule::{Instr, Schedule};
 use crate::trainer::{self, StepEngine, StepHyper, StepOutput, TrainState};
 use anyhow::{Result, anyhow};
+use kernels::model::experts::{ExpertGroup, LocalExpertGroups, gather};
+use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
 use kernels::model::stage::{
     MbGrads, Stage, StageGrads, StageRunner, combine_microbatch_stats, reduce,
     scale_for_microbatches,
@@ -62,6 +74,7 @@ pub struct Ctx {
     ranges: Vec<Range<usize>>,
     mtp_weight: f32,
     wire: Wire,
+    ep: usize,
     hidden: usize,
     faults: FaultBook,
     policy: RestartPolicy,
@@ -121,6 +134,285 @@ fn is_child_event(evt: &SupervisionEvent) -> Option<(ActorId, String)> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ExpertGroupActor
+
+/// How long a stage waits for an expert group before giving up on the step (a hung group is
+/// normally caught earlier by the coordinator's step timeout, which kills the waiting stage).
+const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One expert's backward answer on the wire: dx as a frame, weight gradients (gate, up, down) as
+/// they are (they stay with the expert's owner until the reduce).
+pub struct WireGrads {
+    dx: Vec<u8>,
+    dw: [Vec<f32>; 3],
+}
+
+/// Messages of an [`ExpertGroupActor`]. Payloads are transport frames ([`Wire::ep_encode`]).
+pub enum ExpertMsg {
+    Forward {
+        step: u64,
+        site: ExpertSite,
+        blocks: Vec<(usize, Vec<u8>)>,
+        reply: RpcReplyPort<Vec<Vec<u8>>>,
+    },
+    Backward {
+        step: u64,
+        site: ExpertSite,
+        blocks: Vec<(usize, Vec<u8>)>,
+        reply: RpcReplyPort<Vec<WireGrads>>,
+    },
+    /// Drop kept activations; install `restore` when given.
+    Reset {
+        restore: Option<Arc<ParamStore>>,
+        reply: RpcReplyPort<()>,
+    },
+    /// Install committed-to-be parameters (the optimizer phase of `step`).
+    Install {
+        step: u64,
+        params: Arc<ParamStore>,
+        reply: RpcReplyPort<()>,
+    },
+}
+
+/// Routed experts `[g·E/G, (g+1)·E/G)` of one stage copy's MoE decoder layers: their parameters,
+/// the activations between forward and backward, and their weight gradients per micro-batch
+/// (returned with the backward's dx). Supervised by the StageActor it serves: a failed group
+/// fails that stage, which its GpuActor restarts (new groups, restored parameters, replay).
+pub struct ExpertGroupActor;
+
+pub struct ExpertArgs {
+    ctx: Arc<Ctx>,
+    rank: usize,
+    copy: usize,
+    group: usize,
+}
+
+pub struct ExpertState {
+    ctx: Arc<Ctx>,
+    rank: usize,
+    copy: usize,
+    group: Option<ExpertGroup>,
+}
+
+impl ExpertState {
+    async fn blocking<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut ExpertGroup) -> R + Send + 'static,
+    ) -> Result<R, ActorProcessingErr> {
+        let mut g = self.group.take().ok_or("the expert group was lost")?;
+        let (g, r) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut g);
+            (g, r)
+        })
+        .await?;
+        self.group = Some(g);
+        Ok(r)
+    }
+
+    async fn maybe_fail(&self, step: u64, phase: Phase) {
+        if let Some(kind) = self.ctx.faults.take(step, phase, Target::Expert, self.rank) {
+            let g = self.group.as_ref().map_or(usize::MAX, |g| g.index);
+            let what = format!(
+                "expert group {g} of stage copy s{} on rank {} at step {step}, phase {phase:?}",
+                self.copy, self.rank
+            );
+            fire(kind, what).await;
+        }
+    }
+}
+
+impl Actor for ExpertGroupActor {
+    type Msg = ExpertMsg;
+    type State = ExpertState;
+    type Arguments = ExpertArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ExpertMsg>,
+        a: ExpertArgs,
+    ) -> Result<ExpertState, ActorProcessingErr> {
+        let ctx = a.ctx.clone();
+        let (copy, group) = (a.copy, a.group);
+        let g = tokio::task::spawn_blocking(move || {
+            let model_stage = ctx.schedule.stages[copy].model_stage;
+            let layers = ctx.ranges[model_stage].clone();
+            ExpertGroup::new(&ctx.template, layers, group, ctx.ep)
+        })
+        .await?;
+        Ok(ExpertState {
+            ctx: a.ctx,
+            rank: a.rank,
+            copy: a.copy,
+            group: Some(g),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ExpertMsg>,
+        msg: ExpertMsg,
+        st: &mut ExpertState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (wire, d) = (st.ctx.wire, st.ctx.hidden);
+        match msg {
+            ExpertMsg::Forward {
+                step,
+                site,
+                blocks,
+                reply,
+            } => {
+                st.maybe_fail(step, Phase::Forward).await;
+                let out = st
+                    .blocking(move |g| {
+                        let blocks = blocks
+                            .into_iter()
+                            .map(|(i, b)| (i, Wire::ep_decode(&b)))
+                            .collect();
+                        g.forward(site, blocks)
+                            .into_iter()
+                            .map(|y| wire.ep_encode(EpPayload::Combine, &y, d))
+                            .collect::<Vec<_>>()
+                    })
+                    .await?;
+                let _ = reply.send(out);
+            }
+            ExpertMsg::Backward {
+                step,
+                site,
+                blocks,
+                reply,
+            } => {
+                st.maybe_fail(step, Phase::Backward).await;
+                st.maybe_fail(step, Phase::Weight).await;
+                let out = st
+                    .blocking(move |g| {
+                        let blocks = blocks
+                            .into_iter()
+                            .map(|(i, b)| (i, Wire::ep_decode(&b)))
+                            .collect();
+                        g.backward(site, blocks)
+                            .into_iter()
+                            .map(|e| WireGrads {
+                                dx: wire.ep_encode(EpPayload::Combine, &e.dx, d),
+                                dw: [e.dgate, e.dup, e.ddown],
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .await?;
+                let _ = reply.send(out);
+            }
+            ExpertMsg::Reset { restore, reply } => {
+                st.blocking(move |g| {
+                    g.reset();
+                    if let Some(p) = restore {
+                        g.load_from(&p);
+                    }
+                })
+                .await?;
+                let _ = reply.send(());
+            }
+            ExpertMsg::Install {
+                step,
+                params,
+                reply,
+            } => {
+                st.maybe_fail(step, Phase::Optimizer).await;
+                st.blocking(move |g| g.load_from(&params)).await?;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stage's routed experts in its ExpertGroupActors: blocks go out as frames, by owning group,
+/// and come back in block order. Runs on the stage's blocking-pool thread and waits there; a
+/// failed or silent group panics the stage's compute (the stage fails and is healed).
+#[derive(Debug)]
+pub struct RemoteExperts {
+    groups: Vec<ActorRef<ExpertMsg>>,
+    n_experts: usize,
+    wire: Wire,
+    d: usize,
+    step: Arc<AtomicU64>,
+    rt: tokio::runtime::Handle,
+}
+
+impl RemoteExperts {
+    fn exchange<A: Send + 'static>(
+        &self,
+        blocks: Vec<(usize, Vec<f32>)>,
+        kind: EpPayload,
+        msg: impl Fn(u64, Vec<(usize, Vec<u8>)>, RpcReplyPort<Vec<A>>) -> ExpertMsg,
+    ) -> Vec<A> {
+        let n = blocks.len();
+        let step = self.step.load(Ordering::SeqCst);
+        let per = LocalExpertGroups::split(self.n_experts, self.groups.len(), blocks);
+        let mut parts = Vec::with_capacity(per.len());
+        for (g, b) in per.into_iter().enumerate() {
+            if b.is_empty() {
+                continue;
+            }
+            let pos: Vec<usize> = b.iter().map(|t| t.0).collect();
+            let payload: Vec<(usize, Vec<u8>)> = b
+                .into_iter()
+                .map(|(_, i, x)| (i, self.wire.ep_encode(kind, &x, self.d)))
+                .collect();
+            let actor = &self.groups[g];
+            let r = self
+                .rt
+                .block_on(actor.call(|reply| msg(step, payload, reply), Some(EXPERT_CALL_TIMEOUT)));
+            match r {
+                Ok(CallResult::Success(v)) => parts.push((pos, v)),
+                Ok(CallResult::Timeout) => panic!("expert group {g} did not answer (step {step})"),
+                Ok(CallResult::SenderError) | Err(_) => {
+                    panic!("expert group {g} failed (step {step})")
+                }
+            }
+        }
+        gather(n, parts)
+    }
+}
+
+impl ExpertCompute for RemoteExperts {
+    fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+        self.exchange(blocks, EpPayload::Dispatch, |step, blocks, reply| {
+            ExpertMsg::Forward {
+                step,
+                site,
+                blocks,
+                reply,
+            }
+        })
+        .into_iter()
+        .map(|y| Wire::ep_decode(&y))
+        .collect()
+    }
+
+    fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads> {
+        self.exchange(blocks, EpPayload::Combine, |step, blocks, reply| {
+            ExpertMsg::Backward {
+                step,
+                site,
+                blocks,
+                reply,
+            }
+        })
+        .into_iter()
+        .map(|w| {
+            let [dgate, dup, ddown] = w.dw;
+            ExpertGrads {
+                dx: Wire::ep_decode(&w.dx),
+                dgate,
+                dup,
+                ddown,
+            }
+        })
+        .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // StageActor
 
 /// Messages of a [`StageActor`].
@@ -160,6 +452,9 @@ pub struct StageState {
     copy: usize,
     parent: ActorRef<GpuMsg>,
     runner: Option<StageRunner>,
+    /// Its ExpertGroupActors under `--ep` > 1 (children), and the step they serve.
+    groups: Vec<ActorRef<ExpertMsg>>,
+    step: Arc<AtomicU64>,
 }
 
 impl StageState {
@@ -176,6 +471,20 @@ impl StageState {
         .await?;
         self.runner = Some(runner);
         Ok(r)
+    }
+
+    /// Sends `msg` to every expert group and waits for each to acknowledge.
+    async fn to_groups(
+        &self,
+        msg: impl Fn(RpcReplyPort<()>) -> ExpertMsg,
+    ) -> Result<(), ActorProcessingErr> {
+        for (g, a) in self.groups.iter().enumerate() {
+            match a.call(&msg, Some(EXPERT_CALL_TIMEOUT)).await? {
+                CallResult::Success(()) => {}
+                _ => return Err(format!("expert group {g} did not acknowledge").into()),
+            }
+        }
+        Ok(())
     }
 
     async fn maybe_fail(&self, step: u64, phase: Phase) {
@@ -196,24 +505,76 @@ impl Actor for StageActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<StageMsg>,
+        myself: ActorRef<StageMsg>,
         a: StageArgs,
     ) -> Result<StageState, ActorProcessingErr> {
         let ctx = a.ctx.clone();
         let copy = a.copy;
-        let runner = tokio::task::spawn_blocking(move || {
+        let mut runner = tokio::task::spawn_blocking(move || {
             let model_stage = ctx.schedule.stages[copy].model_stage;
             let stage = Stage::from_model(&ctx.template, &ctx.ranges, model_stage);
             StageRunner::new(stage, ctx.mtp_weight)
         })
         .await?;
+        let step = Arc::new(AtomicU64::new(0));
+        let mut groups = Vec::new();
+        if a.ctx.ep > 1 {
+            for group in 0..a.ctx.ep {
+                let args = ExpertArgs {
+                    ctx: a.ctx.clone(),
+                    rank: a.rank,
+                    copy,
+                    group,
+                };
+                let (g, _) =
+                    Actor::spawn_linked(None, ExpertGroupActor, args, myself.get_cell()).await?;
+                groups.push(g);
+            }
+            runner.set_experts(Box::new(RemoteExperts {
+                groups: groups.clone(),
+                n_experts: a.ctx.template.cfg.n_routed_experts,
+                wire: a.ctx.wire,
+                d: a.ctx.hidden,
+                step: step.clone(),
+                rt: tokio::runtime::Handle::current(),
+            }));
+        }
         Ok(StageState {
             ctx: a.ctx,
             rank: a.rank,
             copy: a.copy,
             parent: a.parent,
             runner: Some(runner),
+            groups,
+            step,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<StageMsg>,
+        st: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.groups.iter().for_each(|g| g.kill());
+        Ok(())
+    }
+
+    /// A failed expert group fails its stage: the GpuActor restarts the stage (with new groups)
+    /// and the step is replayed, as for a stage failure.
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<StageMsg>,
+        evt: SupervisionEvent,
+        st: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        match is_child_event(&evt) {
+            Some((_, what)) if !st.ctx.stopping() => Err(format!(
+                "an expert group of stage copy s{} on rank {} {what}",
+                st.copy, st.rank
+            )
+            .into()),
+            _ => Ok(()),
+        }
     }
 
     async fn handle(
@@ -224,6 +585,12 @@ impl Actor for StageActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             StageMsg::Reset { restore } => {
+                let r2 = restore.clone();
+                st.to_groups(|reply| ExpertMsg::Reset {
+                    restore: r2.clone(),
+                    reply,
+                })
+                .await?;
                 st.blocking(move |r| {
                     r.reset();
                     if let Some(p) = restore {
@@ -248,6 +615,7 @@ impl Actor for StageActor {
                         st.maybe_fail(step, Phase::Weight).await;
                     }
                 }
+                st.step.store(step, Ordering::SeqCst);
                 let result = st.blocking(move |r| exec_op(r, &batches, op)).await?;
                 let _ = st.parent.cast(GpuMsg::OpDone {
                     copy: st.copy,
@@ -263,6 +631,13 @@ impl Actor for StageActor {
                 params,
             } => {
                 st.maybe_fail(step, Phase::Optimizer).await;
+                let p2 = params.clone();
+                st.to_groups(|reply| ExpertMsg::Install {
+                    step,
+                    params: p2.clone(),
+                    reply,
+                })
+                .await?;
                 st.blocking(move |r| r.load_from(&params)).await?;
                 let _ = st.parent.cast(GpuMsg::StageInstalled {
                     copy: st.copy,
@@ -1432,6 +1807,8 @@ impl Actor for Coordinator {
 pub struct FormationSpec {
     pub schedule: Schedule,
     pub wire: Wire,
+    /// Expert groups per stage copy (`--ep`); 1 runs the experts inside the stage.
+    pub ep: usize,
     pub mtp_weight: f32,
     pub faults: FaultBook,
     pub policy: RestartPolicy,
@@ -1469,6 +1846,7 @@ impl ActorEngine {
             template: Arc::new(model.clone()),
             mtp_weight: spec.mtp_weight,
             wire: spec.wire,
+            ep: spec.ep.max(1),
             hidden: model.cfg.hidden_size,
             faults: spec.faults,
             policy: spec.policy,

@@ -5,11 +5,12 @@
 //! single-process step (bit for bit with the f32 wire), and the engine behind `--pp` without
 //! fault injection.
 
-use super::compute::{StageOpResult, Wire, exec_op, ops_of, route_of};
+use super::compute::{StageOpResult, Wire, WiredExperts, exec_op, ops_of, route_of};
 use super::executor::{Arrival, ExecCommand, ExecEvent, RankExecutor};
 use crate::schedule::{Schedule, check};
 use crate::trainer::{self, StepEngine, StepHyper, StepOutput, TrainState};
 use anyhow::{Result, anyhow, bail};
+use kernels::model::experts::LocalExpertGroups;
 use kernels::model::stage::{
     Stage, StageGrads, StageRunner, StageStats, combine_microbatch_stats, partition, reduce,
     scale_for_microbatches,
@@ -103,6 +104,24 @@ impl Pipeline {
             ranks,
             hidden: model.cfg.hidden_size,
         })
+    }
+
+    /// Expert parallelism: the routed experts of every stage copy's decoder blocks run in `ep`
+    /// in-process expert groups behind the wire (payloads really encoded to frames). No-op for 1.
+    pub fn with_ep(mut self, model: &DeepSeekV3, ep: usize) -> Pipeline {
+        if ep > 1 {
+            for r in &mut self.ranks {
+                for c in r.copies.values_mut() {
+                    let layers = c.stage.layers.clone();
+                    c.set_experts(Box::new(WiredExperts {
+                        groups: LocalExpertGroups::new(model, layers, ep),
+                        wire: self.wire,
+                        d: self.hidden,
+                    }));
+                }
+            }
+        }
+        self
     }
 
     /// Installs whole-model parameter values in every stage copy.
