@@ -193,3 +193,93 @@ fn train_from_hugging_face_weights() {
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(s["eval_loss"].as_f64().unwrap() < s["initial_eval_loss"].as_f64().unwrap());
 }
+
+#[test]
+fn schedule_prints_the_dualpipe_program_and_draws_it() {
+    let svg = tmp("schedule").join("dp.svg");
+    let o = phalanx(&[
+        "schedule",
+        "--kind",
+        "dualpipe",
+        "--ranks",
+        "4",
+        "--microbatches",
+        "8",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("F0 F0 F0 F1 B1* W F1 (F0&B1) (F1&B0) B1 (F1&B0) B1 B0* W B0* W"),
+        "{out}"
+    );
+    assert!(out.contains("bubble"), "{out}");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.starts_with("<svg") && drawn.trim_end().ends_with("</svg>"));
+    let e = refused(&[
+        "schedule",
+        "--kind",
+        "dualpipe",
+        "--ranks",
+        "3",
+        "--microbatches",
+        "8",
+    ]);
+    assert!(e.contains("even"), "{e}");
+}
+
+#[test]
+fn injected_faults_heal_to_the_clean_weights() {
+    let plan = tmp("inject").join("faults.toml");
+    std::fs::write(
+        &plan,
+        "step_timeout_ms = 1500\n\
+         [[fault]]\nat_step = 2\nphase = \"backward\"\nactor = \"stage\"\nrank = 1\nkind = \"panic\"\n\
+         [[fault]]\nat_step = 4\nphase = \"forward\"\nactor = \"gpu\"\nrank = 0\nkind = \"hang\"\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str], name: &str| -> serde_json::Value {
+        let out = tmp(name);
+        let mut args = vec![
+            "train",
+            "--config",
+            "configs/micro.toml",
+            "--steps",
+            "6",
+            "--pp",
+            "2",
+            "--schedule",
+            "1f1b",
+            "--microbatches",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = phalanx(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let clean = run(&[], "clean");
+    let healed = run(&["--inject", plan.to_str().unwrap()], "healed");
+    assert_eq!(healed["params_sha256"], clean["params_sha256"]);
+    assert_eq!(healed["restarts"], 2);
+    assert_eq!(healed["replayed_steps"], 2);
+    let bad = tmp("inject").join("bad.toml");
+    std::fs::write(&bad, "[[fault]]\nat_step = 2\nphase = \"lunch\"\nactor = \"stage\"\nrank = 0\nkind = \"panic\"\n").unwrap();
+    let e = refused(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--steps",
+        "3",
+        "--pp",
+        "2",
+        "--microbatches",
+        "4",
+        "--inject",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(e.contains("bad.toml") && e.contains("phase"), "{e}");
+}
