@@ -1,6 +1,7 @@
 //! AdamW on FP32 master weights with decoupled weight decay, global grad-norm clipping and the
 //! warm-up / constant / cosine learning-rate schedule of DeepSeek-V3's pre-training.
 
+use half::bf16;
 use rayon::prelude::*;
 
 /// Hyper-parameters of one AdamW update.
@@ -10,24 +11,73 @@ pub struct AdamW {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
-    /// Keep the moments at BF16 precision (DeepSeek-V3's FP8 recipe): each is rounded to the
-    /// nearest bf16 after its update.
+    /// Store the moments in BF16 (DeepSeek-V3's FP8 recipe): each is computed in f32 from its
+    /// stored value and rounded to the nearest bf16 when stored back. Halves optimizer memory.
     pub bf16_moments: bool,
 }
 
-/// Per-parameter optimizer state: first and second moments.
+/// Per-parameter optimizer state: first and second moments, in f32 or in BF16.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Moments {
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+pub enum Moments {
+    F32 { m: Vec<f32>, v: Vec<f32> },
+    Bf16 { m: Vec<bf16>, v: Vec<bf16> },
 }
 
 impl Moments {
+    /// Zero moments; they switch to BF16 storage on the first step of an optimizer with
+    /// `bf16_moments` (zeros convert exactly).
     pub fn zeros(n: usize) -> Moments {
-        Moments {
+        Moments::F32 {
             m: vec![0.0; n],
             v: vec![0.0; n],
         }
+    }
+
+    /// The stored moments as f32 (for inspection and tests).
+    pub fn to_f32(&self) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            Moments::F32 { m, v } => (m.clone(), v.clone()),
+            Moments::Bf16 { m, v } => (
+                m.iter().map(|x| x.to_f32()).collect(),
+                v.iter().map(|x| x.to_f32()).collect(),
+            ),
+        }
+    }
+
+    fn ensure_bf16(&mut self) {
+        if let Moments::F32 { m, v } = self {
+            let conv = |x: &Vec<f32>| x.iter().map(|&y| bf16::from_f32(y)).collect();
+            *self = Moments::Bf16 {
+                m: conv(m),
+                v: conv(v),
+            };
+        }
+    }
+}
+
+/// The new first and second moments of one element, in f32.
+#[inline(always)]
+fn moments(g: f32, m: f32, v: f32, c: &StepConsts) -> (f32, f32) {
+    let mi = c.b1 * m + (1.0 - c.b1) * g;
+    let vi = c.b2 * v + (1.0 - c.b2) * g * g;
+    (mi, vi)
+}
+
+/// Per-step constants of an update.
+struct StepConsts {
+    b1: f32,
+    b2: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+    lr: f32,
+    wd: f32,
+}
+
+impl StepConsts {
+    #[inline(always)]
+    fn apply(&self, p: &mut f32, mi: f32, vi: f32) {
+        *p -= self.wd * *p + self.lr * (mi / self.bc1) / ((vi / self.bc2).sqrt() + self.eps);
     }
 }
 
@@ -43,31 +93,45 @@ impl AdamW {
         t: u64,
         decay: bool,
     ) {
-        let bc1 = 1.0 - self.beta1.powi(t as i32);
-        let bc2 = 1.0 - self.beta2.powi(t as i32);
-        let wd = if decay { lr * self.weight_decay } else { 0.0 };
-        let (b1, b2, eps, bf16) = (self.beta1, self.beta2, self.eps, self.bf16_moments);
+        let c = StepConsts {
+            b1: self.beta1,
+            b2: self.beta2,
+            bc1: 1.0 - self.beta1.powi(t as i32),
+            bc2: 1.0 - self.beta2.powi(t as i32),
+            eps: self.eps,
+            lr,
+            wd: if decay { lr * self.weight_decay } else { 0.0 },
+        };
+        if self.bf16_moments {
+            st.ensure_bf16();
+        }
         // one plain loop per chunk (vectorisable); elementwise, so the split cannot change a bit
         const CHUNK: usize = 1 << 14;
-        param
-            .par_chunks_mut(CHUNK)
-            .zip(grad.par_chunks(CHUNK))
-            .zip(st.m.par_chunks_mut(CHUNK))
-            .zip(st.v.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    let g = g[i];
-                    let mut mi = b1 * m[i] + (1.0 - b1) * g;
-                    let mut vi = b2 * v[i] + (1.0 - b2) * g * g;
-                    if bf16 {
-                        mi = half::bf16::from_f32(mi).to_f32();
-                        vi = half::bf16::from_f32(vi).to_f32();
+        let chunks = param.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
+        match st {
+            Moments::F32 { m, v } => chunks
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| {
+                    for i in 0..p.len() {
+                        let (mi, vi) = moments(g[i], m[i], v[i], &c);
+                        m[i] = mi;
+                        v[i] = vi;
+                        c.apply(&mut p[i], mi, vi);
                     }
-                    m[i] = mi;
-                    v[i] = vi;
-                    p[i] -= wd * p[i] + lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
-                }
-            });
+                }),
+            Moments::Bf16 { m, v } => chunks
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| {
+                    for i in 0..p.len() {
+                        let (mi, vi) = moments(g[i], m[i].to_f32(), v[i].to_f32(), &c);
+                        m[i] = bf16::from_f32(mi);
+                        v[i] = bf16::from_f32(vi);
+                        c.apply(&mut p[i], m[i].to_f32(), v[i].to_f32());
+                    }
+                }),
+        }
     }
 }
 
@@ -146,9 +210,41 @@ mod tests {
         let mut p = vec![1.0f32, -2.0];
         let mut st = Moments::zeros(2);
         opt.step(&mut p, &[0.5, -3.0], &mut st, 0.01, 1, true);
+        assert!(matches!(st, Moments::F32 { .. }));
         // decay 1.0·0.001, then the bias-corrected step is sign(g)·lr
         assert!((p[0] - (1.0 - 0.001 - 0.01)).abs() < 1e-6);
         assert!((p[1] - (-2.0 + 0.002 + 0.01)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bf16_moments_are_stored_in_bf16_and_round_to_nearest() {
+        let opt = AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            bf16_moments: true,
+        };
+        let g = [0.123_456_7f32, -3.3];
+        let mut p = vec![1.0f32, 1.0];
+        let mut st = Moments::zeros(2);
+        opt.step(&mut p, &g, &mut st, 0.01, 1, false);
+        let Moments::Bf16 { m, v } = &st else {
+            panic!("moments not stored as bf16")
+        };
+        assert_eq!(m[0], bf16::from_f32(0.1 * g[0]));
+        assert_eq!(v[1], bf16::from_f32(0.05 * g[1] * g[1]));
+        // the f32 reference differs only by that rounding
+        let mut st32 = Moments::zeros(2);
+        let mut p32 = vec![1.0f32, 1.0];
+        AdamW {
+            bf16_moments: false,
+            ..opt
+        }
+        .step(&mut p32, &g, &mut st32, 0.01, 1, false);
+        let (m32, _) = st32.to_f32();
+        assert_ne!(m32[0], m[0].to_f32());
+        assert!((m32[0] - m[0].to_f32()).abs() <= m32[0].abs() / 256.0);
     }
 
     #[test]
