@@ -210,7 +210,7 @@ fn bench_train(a: BenchArgs) -> Result<()> {
     } else {
         a.config.clone()
     };
-    let peak = actors::bench::gemm_peak_gflops(2048, 5);
+    let peak = actors::bench::gemm_peak_gflops(2048, 10);
     println!(
         "machine GEMM peak: {peak:.1} GFLOP/s (f32 2048x2048x2048 through kernels::matmul = {}, {} threads)",
         kernels::matmul::backend(),
