@@ -283,3 +283,47 @@ fn injected_faults_heal_to_the_clean_weights() {
     ]);
     assert!(e.contains("bad.toml") && e.contains("phase"), "{e}");
 }
+
+#[test]
+fn trains_on_a_raw_text_file() {
+    // byte-level tokens from a real text file (this repository's README), tiny's vocab of 512
+    let out = tmp("text");
+    let o = phalanx(&[
+        "train",
+        "--config",
+        "configs/tiny.toml",
+        "--data",
+        "README.md",
+        "--steps",
+        "12",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--lr",
+        "0.01",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(s["data"].as_str().unwrap().contains("README.md"), "{s}");
+    assert!(
+        s["eval_loss"].as_f64().unwrap() < s["initial_eval_loss"].as_f64().unwrap(),
+        "{s}"
+    );
+    // text is one token per byte, so a model with fewer than 256 tokens cannot read it
+    let e = refused(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--data",
+        "README.md",
+        "--steps",
+        "1",
+    ]);
+    assert!(
+        e.contains("README.md") && e.contains("vocab_size is 64"),
+        "{e}"
+    );
+}
