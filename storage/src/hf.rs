@@ -116,14 +116,13 @@ pub fn load_dir(dir: &Path, seed: u64) -> Result<(DeepSeekV3, HfLoadReport), HfE
             }
         }
     }
-    let mtp_prefix = format!("model.layers.{}.", cfg.num_hidden_layers);
     for (i, name) in model.params.names.iter().enumerate() {
         if seen[i] {
             continue;
         }
         let mtp = (cfg.num_hidden_layers..cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
             .any(|l| name.starts_with(&format!("model.layers.{l}.")));
-        if mtp || name.starts_with(&mtp_prefix) || name.ends_with("e_score_correction_bias") {
+        if mtp || name.ends_with("e_score_correction_bias") {
             report.fresh.push(name.clone());
         } else {
             return Err(file_err(
