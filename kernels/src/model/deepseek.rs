@@ -2,7 +2,9 @@
 //! (shared embedding and head); one training step's forward, split backward and losses.
 
 use super::config::ModelConfig;
-use super::layers::{Block, BlockStash, Ffn, Linear, NormStash, RmsNorm, Rows};
+use super::layers::{
+    Block, BlockStash, ExpertCompute, ExpertSite, Ffn, Linear, NormStash, RmsNorm, Rows,
+};
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
 use crate::ops::rope::{RopeTable, Yarn};
 use crate::ops::{cross_entropy, embedding};
@@ -268,9 +270,9 @@ impl DeepSeekV3 {
             stashes.push(st);
             x = Arc::new(y);
         }
-        let (tail_st, ts) = self
-            .tail
-            .forward(p, self.embed, &self.cfg, batch, x, mtp_weight, &table);
+        let (tail_st, ts) = self.tail.forward(
+            p, self.embed, &self.cfg, batch, x, mtp_weight, &table, None, 0,
+        );
         stats.loss = ts.loss;
         stats.mtp_loss = ts.mtp_loss;
         for (b, l) in ts.balance.into_iter().zip(ts.loads) {
@@ -281,7 +283,7 @@ impl DeepSeekV3 {
         stats.objective += stats.loss + stats.balance_loss;
         let mut dx = self
             .tail
-            .backward_input(p, self.embed, &self.cfg, tail_st, rows, &table, q);
+            .backward_input(p, self.embed, &self.cfg, tail_st, rows, &table, q, None, 0);
 
         // blocks backward
         for (b, st) in self.blocks.iter().zip(stashes).rev() {
@@ -411,6 +413,8 @@ impl std::fmt::Debug for TailStash {
 impl Tail {
     /// From the last block's output `h_final` [batch·seq, d]: the main loss and, with λ > 0, the
     /// MTP modules depth by depth (depth k reads the previous depth's hidden and Emb(t_{i+k})).
+    /// With `experts`, the MTP MoE layers' routed experts run there (site layer
+    /// `num_hidden_layers + k`, micro-batch `mb`).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -421,6 +425,8 @@ impl Tail {
         h_final: Arc<Vec<f32>>,
         mtp_weight: f32,
         table: &RopeTable,
+        mut experts: Option<&mut dyn ExpertCompute>,
+        mb: usize,
     ) -> (TailStash, TailStats) {
         let (bsz, t) = (batch.batch, batch.seq);
         let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
@@ -468,7 +474,14 @@ impl Tail {
                     batch: bsz,
                     seq: len,
                 };
-                let (hout, bst, ms) = m.block.forward(p, Arc::new(hp), mrows, table);
+                let site = ExpertSite {
+                    layer: cfg.num_hidden_layers + k0,
+                    mb,
+                };
+                let remote = experts
+                    .as_deref_mut()
+                    .map(|e| (e as &mut dyn ExpertCompute, site));
+                let (hout, bst, ms) = m.block.forward_with(p, Arc::new(hp), mrows, table, remote);
                 if let Some(ms) = ms {
                     stats.balance.push(ms.balance_loss);
                     stats.loads.push(ms.loads);
@@ -519,6 +532,8 @@ impl Tail {
         rows: Rows,
         table: &RopeTable,
         q: &mut WeightGradQueue,
+        mut experts: Option<&mut dyn ExpertCompute>,
+        mb: usize,
     ) -> Vec<f32> {
         let (bsz, n) = (rows.batch, rows.n());
         let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
@@ -547,7 +562,16 @@ impl Tail {
                 batch: bsz,
                 seq: len,
             };
-            let dhp = m.block.backward(p, dhout, ms.block, mrows, table, q);
+            let site = ExpertSite {
+                layer: cfg.num_hidden_layers + k0,
+                mb,
+            };
+            let remote = experts
+                .as_deref_mut()
+                .map(|e| (e as &mut dyn ExpertCompute, site));
+            let dhp = m
+                .block
+                .backward_with(p, dhout, ms.block, mrows, table, q, remote);
             let mut dcat = vec![0.0; bsz * len * 2 * d];
             m.eh_proj.backward(p, dhp, ms.cat, &mut dcat, false, q);
             let mut den = Vec::with_capacity(bsz * len * d);

@@ -18,7 +18,8 @@ pub fn group_of(expert: usize, n_experts: usize, groups: usize) -> usize {
     expert / (n_experts / groups)
 }
 
-/// One expert group: its experts of every MoE decoder layer in `layers`.
+/// One expert group: its experts of every MoE decoder layer in `layers` (and of the MTP modules'
+/// MoE layers, numbered from `num_hidden_layers`, when `layers` ends at the last decoder layer).
 #[derive(Debug)]
 pub struct ExpertGroup {
     pub index: usize,
@@ -56,8 +57,22 @@ impl ExpertGroup {
             global.push(l.w);
             Linear { w: id, ..l.clone() }
         };
-        for l in layers {
-            if let Ffn::Moe(m) = &model.blocks[l].ffn {
+        // the last stage also runs the MTP modules: their MoE layers are layers n, n+1, …
+        let n = model.cfg.num_hidden_layers;
+        let mtp_blocks = model
+            .tail
+            .mtp
+            .iter()
+            .enumerate()
+            .map(|(k, m)| (n + k, &m.block));
+        let blocks = layers.clone().map(|l| (l, &model.blocks[l]));
+        let blocks: Vec<_> = if layers.end == n {
+            blocks.chain(mtp_blocks).collect()
+        } else {
+            blocks.collect()
+        };
+        for (l, block) in blocks {
+            if let Ffn::Moe(m) = &block.ffn {
                 for i in index * per..(index + 1) * per {
                     let x = &m.experts[i];
                     let sw = SwiGlu {

@@ -261,8 +261,8 @@ impl Stage {
         self.forward_with(batch, input, mtp_weight, None, 0)
     }
 
-    /// Forward with the routed experts of the decoder blocks in `experts` when given (`mb` names
-    /// the micro-batch there); MTP modules keep theirs in place.
+    /// Forward with the routed experts of the decoder blocks and MTP modules in `experts` when
+    /// given (`mb` names the micro-batch there).
     pub fn forward_with(
         &self,
         batch: &Batch,
@@ -324,7 +324,17 @@ impl Stage {
             );
         };
         let embed = self.embed.unwrap_or(ParamId(usize::MAX));
-        let (st, ts) = tail.forward(p, embed, &self.cfg, batch, x, mtp_weight, &table);
+        let (st, ts) = tail.forward(
+            p,
+            embed,
+            &self.cfg,
+            batch,
+            x,
+            mtp_weight,
+            &table,
+            experts.as_deref_mut().map(|e| e as &mut dyn ExpertCompute),
+            mb,
+        );
         stats.loss = ts.loss;
         stats.mtp_loss = ts.mtp_loss;
         stats.mtp_objective = ts.mtp_objective;
@@ -375,7 +385,17 @@ impl Stage {
         let mut dx = match (&self.tail, tail) {
             (Some(tl), Some(st)) => {
                 let embed = self.embed.unwrap_or(ParamId(usize::MAX));
-                tl.backward_input(p, embed, &self.cfg, st, rows, &table, q)
+                tl.backward_input(
+                    p,
+                    embed,
+                    &self.cfg,
+                    st,
+                    rows,
+                    &table,
+                    q,
+                    experts.as_deref_mut().map(|e| e as &mut dyn ExpertCompute),
+                    mb,
+                )
             }
             (None, None) => dy.expect("a stage before the last needs the gradient of its output"),
             _ => unreachable!("the stash has a tail exactly on the last stage"),
