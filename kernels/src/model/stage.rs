@@ -332,7 +332,7 @@ impl Stage {
             x,
             mtp_weight,
             &table,
-            experts.as_deref_mut().map(|e| e as &mut dyn ExpertCompute),
+            experts,
             mb,
         );
         stats.loss = ts.loss;
