@@ -325,15 +325,7 @@ impl Stage {
         };
         let embed = self.embed.unwrap_or(ParamId(usize::MAX));
         let (st, ts) = tail.forward(
-            p,
-            embed,
-            &self.cfg,
-            batch,
-            x,
-            mtp_weight,
-            &table,
-            experts,
-            mb,
+            p, embed, &self.cfg, batch, x, mtp_weight, &table, experts, mb,
         );
         stats.loss = ts.loss;
         stats.mtp_loss = ts.mtp_loss;
