@@ -169,13 +169,16 @@ fn train(a: TrainArgs) -> Result<()> {
     let on_step = |r: &actors::trainer::StepRecord, total: u64| {
         if let Some(e) = r.eval_loss {
             last_eval = e;
-            tracing::info!(
-                step = r.step,
-                loss = format!("{:.4}", r.loss),
-                eval_loss = format!("{e:.4}"),
-                tokens_per_s = format!("{:.0}", r.tokens_per_s),
-                "eval"
-            );
+            // the log line goes above the bar instead of through it
+            bar.suspend(|| {
+                tracing::info!(
+                    step = r.step,
+                    loss = format!("{:.4}", r.loss),
+                    eval_loss = format!("{e:.4}"),
+                    tokens_per_s = format!("{:.0}", r.tokens_per_s),
+                    "eval"
+                )
+            });
         }
         bar.set_position(r.step);
         bar.set_message(format!(
