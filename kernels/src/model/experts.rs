@@ -232,8 +232,13 @@ pub fn gather<T>(n: usize, parts: Vec<(Vec<usize>, Vec<T>)>) -> Vec<T> {
         .collect()
 }
 
-impl ExpertCompute for LocalExpertGroups {
-    fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+impl LocalExpertGroups {
+    /// Hands each group its blocks (expert, rows) and puts the answers back in block order.
+    fn each_group<T>(
+        &mut self,
+        blocks: Vec<(usize, Vec<f32>)>,
+        mut run: impl FnMut(&mut ExpertGroup, Vec<(usize, Vec<f32>)>) -> Vec<T>,
+    ) -> Vec<T> {
         let n = blocks.len();
         let per = Self::split(self.n_experts, self.groups.len(), blocks);
         let parts = per
@@ -241,30 +246,20 @@ impl ExpertCompute for LocalExpertGroups {
             .zip(&mut self.groups)
             .map(|(b, g)| {
                 let pos = b.iter().map(|t| t.0).collect();
-                (
-                    pos,
-                    g.forward(site, b.into_iter().map(|t| (t.1, t.2)).collect()),
-                )
+                (pos, run(g, b.into_iter().map(|t| (t.1, t.2)).collect()))
             })
             .collect();
         gather(n, parts)
     }
+}
+
+impl ExpertCompute for LocalExpertGroups {
+    fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+        self.each_group(blocks, |g, b| g.forward(site, b))
+    }
 
     fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads> {
-        let n = blocks.len();
-        let per = Self::split(self.n_experts, self.groups.len(), blocks);
-        let parts = per
-            .into_iter()
-            .zip(&mut self.groups)
-            .map(|(b, g)| {
-                let pos = b.iter().map(|t| t.0).collect();
-                (
-                    pos,
-                    g.backward(site, b.into_iter().map(|t| (t.1, t.2)).collect()),
-                )
-            })
-            .collect();
-        gather(n, parts)
+        self.each_group(blocks, |g, b| g.backward(site, b))
     }
 
     fn reset(&mut self) {
