@@ -129,7 +129,8 @@ pub fn schedule(a: ScheduleArgs) -> Result<()> {
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// What to measure: `train` (training step throughput of tiny and small vs the GEMM peak) or
-    /// `pipeline` (the actor formation's step time vs the plain loop, same micro-batches).
+    /// `pipeline` (the actor formation's step time vs the plain loop, same micro-batches) or `fp8`
+    /// (FP8 quantise+encode vs memcpy, FP8 GEMM vs f32 GEMM).
     #[arg(default_value = "train")]
     what: String,
     /// Configs to measure (default: configs/tiny.toml and configs/small.toml).
@@ -150,7 +151,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     match a.what.as_str() {
         "train" => bench_train(a),
         "pipeline" => bench_pipeline(a),
-        other => bail!("unknown benchmark {other:?}: expected `train` or `pipeline`"),
+        "fp8" => {
+            print!("{}", kernels::fp8::bench::report(4096, 4096, 1024));
+            Ok(())
+        }
+        other => bail!("unknown benchmark {other:?}: expected `train`, `pipeline` or `fp8`"),
     }
 }
 

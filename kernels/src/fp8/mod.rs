@@ -36,6 +36,7 @@ macro_rules! simd_fn {
 }
 // (Defined above the `mod` lines so that the submodules see it by textual scope.)
 
+pub mod bench;
 pub mod format;
 pub mod gemm;
 pub mod quant;
