@@ -90,9 +90,10 @@ pub fn matmul(
     matmul_threads(c, a, b, m, k, n, trans_a, trans_b, accumulate, threads);
 }
 
-/// `matmul` on `threads` threads. Accumulating adds the finished product (c + a·b), never BLAS's
-/// beta = 1, which folds c into the K-block partial sums: the result of a sum of products must
-/// not depend on how it was split into calls (per micro-batch or per step).
+/// `matmul` on `threads` threads. Accumulating adds the finished product (c + a·b), never a
+/// library's in-place accumulation (BLAS beta = 1, gemm's read_dst), which folds c into the
+/// K-block partial sums: a sum of products must not depend on how it was split into calls (per
+/// micro-batch or per step).
 #[allow(clippy::too_many_arguments)]
 fn matmul_threads(
     c: &mut [f32],
@@ -106,18 +107,34 @@ fn matmul_threads(
     accumulate: bool,
     threads: usize,
 ) {
+    if accumulate {
+        let mut prod = vec![0.0f32; m * n];
+        product(&mut prod, a, b, m, k, n, trans_a, trans_b, threads);
+        c.iter_mut().zip(&prod).for_each(|(x, p)| *x += p);
+    } else {
+        product(c, a, b, m, k, n, trans_a, trans_b, threads);
+    }
+}
+
+/// c = a·b on the backend of this process.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    threads: usize,
+) {
     #[cfg(openblas)]
     if use_openblas() {
-        if accumulate {
-            let mut prod = vec![0.0f32; m * n];
-            openblas_gemm(&mut prod, a, b, m, k, n, trans_a, trans_b, threads);
-            c.iter_mut().zip(&prod).for_each(|(x, p)| *x += p);
-        } else {
-            openblas_gemm(c, a, b, m, k, n, trans_a, trans_b, threads);
-        }
+        openblas_gemm(c, a, b, m, k, n, trans_a, trans_b, threads);
         return;
     }
-    gemm_crate(c, a, b, m, k, n, trans_a, trans_b, accumulate, threads);
+    gemm_crate(c, a, b, m, k, n, trans_a, trans_b, threads);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -130,7 +147,6 @@ fn gemm_crate(
     n: usize,
     trans_a: bool,
     trans_b: bool,
-    accumulate: bool,
     threads: usize,
 ) {
     let (a_rs, a_cs) = if trans_a {
@@ -158,7 +174,7 @@ fn gemm_crate(
             c.as_mut_ptr(),
             1,
             n as isize,
-            accumulate,
+            false,
             a.as_ptr(),
             a_cs,
             a_rs,
