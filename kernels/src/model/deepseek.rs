@@ -3,7 +3,7 @@
 
 use super::config::ModelConfig;
 use super::layers::{
-    Block, BlockStash, ExpertCompute, ExpertSite, Ffn, Linear, NormStash, RmsNorm, Rows,
+    Block, BlockStash, ExpertCompute, Ffn, Linear, NormStash, RmsNorm, Rows, experts_at,
 };
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
 use crate::ops::rope::{RopeTable, Yarn};
@@ -474,13 +474,7 @@ impl Tail {
                     batch: bsz,
                     seq: len,
                 };
-                let site = ExpertSite {
-                    layer: cfg.num_hidden_layers + k0,
-                    mb,
-                };
-                let remote = experts
-                    .as_deref_mut()
-                    .map(|e| (e as &mut dyn ExpertCompute, site));
+                let remote = experts_at(&mut experts, cfg.num_hidden_layers + k0, mb);
                 let (hout, bst, ms) = m.block.forward_with(p, Arc::new(hp), mrows, table, remote);
                 if let Some(ms) = ms {
                     stats.balance.push(ms.balance_loss);
@@ -562,13 +556,7 @@ impl Tail {
                 batch: bsz,
                 seq: len,
             };
-            let site = ExpertSite {
-                layer: cfg.num_hidden_layers + k0,
-                mb,
-            };
-            let remote = experts
-                .as_deref_mut()
-                .map(|e| (e as &mut dyn ExpertCompute, site));
+            let remote = experts_at(&mut experts, cfg.num_hidden_layers + k0, mb);
             let dhp = m
                 .block
                 .backward_with(p, dhout, ms.block, mrows, table, q, remote);

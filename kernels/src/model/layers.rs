@@ -554,6 +554,19 @@ pub struct ExpertGrads {
     pub ddown: Vec<f32>,
 }
 
+/// The remote experts of MoE layer `layer` for micro-batch `mb`, reborrowed from an optional
+/// `ExpertCompute` (None runs the experts in place).
+pub fn experts_at<'a>(
+    experts: &'a mut Option<&mut dyn ExpertCompute>,
+    layer: usize,
+    mb: usize,
+) -> Option<(&'a mut dyn ExpertCompute, ExpertSite)> {
+    let site = ExpertSite { layer, mb };
+    experts
+        .as_deref_mut()
+        .map(|e| (e as &mut dyn ExpertCompute, site))
+}
+
 /// Routed experts computed outside the layer (expert parallelism). `blocks` are
 /// `(expert, rows)` in ascending expert order, only experts that received rows; the answers come
 /// back in the same order. The forward keeps whatever backward needs under `site`.

@@ -32,7 +32,7 @@
 use super::config::ModelConfig;
 use super::deepseek::{Batch, DeepSeekV3, Mtp, StepStats, Tail, TailStash, embed_rows, rope_table};
 use super::layers::{
-    Block, BlockStash, ExpertCompute, ExpertSite, Ffn, Linear, Mla, Moe, RmsNorm, Rows, SwiGlu,
+    Block, BlockStash, ExpertCompute, Ffn, Linear, Mla, Moe, RmsNorm, Rows, SwiGlu, experts_at,
 };
 use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
 use crate::ops::rope::RopeTable;
@@ -294,13 +294,7 @@ impl Stage {
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (i, b) in self.blocks.iter().enumerate() {
-            let site = ExpertSite {
-                layer: self.layers.start + i,
-                mb,
-            };
-            let remote = experts
-                .as_deref_mut()
-                .map(|e| (e as &mut dyn ExpertCompute, site));
+            let remote = experts_at(&mut experts, self.layers.start + i, mb);
             let (y, st, ms) = b.forward_with(p, x, rows, &table, remote);
             if let Some(ms) = ms {
                 stats.balance.push(ms.balance_loss);
@@ -393,13 +387,7 @@ impl Stage {
             _ => unreachable!("the stash has a tail exactly on the last stage"),
         };
         for (i, (b, st)) in self.blocks.iter().zip(blocks).enumerate().rev() {
-            let site = ExpertSite {
-                layer: self.layers.start + i,
-                mb,
-            };
-            let remote = experts
-                .as_deref_mut()
-                .map(|e| (e as &mut dyn ExpertCompute, site));
+            let remote = experts_at(&mut experts, self.layers.start + i, mb);
             dx = b.backward_with(p, dx, st, rows, &table, q, remote);
         }
         if self.is_first() {
