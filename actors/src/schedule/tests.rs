@@ -567,3 +567,43 @@ fn bubble_table() {
         }
     }
 }
+
+/// Table 2's DualPipe formula is a statement about the paper's setting, a backward costing two
+/// forwards (B = 2F) with W ≤ F. Over random costs of that shape and any overlap F&B in
+/// [B, F + B], the exact timeline never exceeds the formula on any rank, and its largest bubble
+/// meets it exactly when W = F (the README figure's ratios). Outside that shape (e.g. B = F) the formula is not a bound.
+#[test]
+fn bubble_dualpipe_never_exceeds_table2_when_b_is_two_f() {
+    let mut rng = Rng::new(5);
+    let (mut checked, mut exact) = (0, 0);
+    while checked < 300 {
+        let f = 1.0 + rng.below(6) as f64;
+        let b = 2.0 * f;
+        let w = 1.0 + rng.below(f as u64) as f64;
+        let fb = b + rng.below(f as u64 + 1) as f64;
+        let c = Costs { f, b, w, fb };
+        for kind in [ScheduleKind::DualPipe, ScheduleKind::DualPipeV] {
+            for pp in PPS {
+                let n = if rng.below(2) == 0 { 2 * pp } else { 4 * pp };
+                let t = timeline(&build(kind, ranks_for(kind, pp), n).unwrap(), &c);
+                let formula = table2(kind, pp, &c);
+                assert!(
+                    t.max_bubble() <= formula,
+                    "{c:?} {kind} PP={pp} N={n}: {:?} > {formula}",
+                    t.bubble
+                );
+                if w == f {
+                    assert_eq!(
+                        t.max_bubble(),
+                        formula,
+                        "{c:?} {kind} PP={pp} N={n}: {:?}",
+                        t.bubble
+                    );
+                    exact += 1;
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(exact > 20, "the sweep must include W = F cases ({exact})");
+}
