@@ -118,14 +118,12 @@ impl TrainState {
         let factor = adamw::clip_factor(norm, clip);
         for i in 0..p.len() {
             if let Some(m) = self.moments[i].as_mut() {
-                let g = &mut self.grads[i].data;
-                if factor != 1.0 {
-                    g.iter_mut().for_each(|v| *v *= factor);
-                }
                 let decay = p.tensors[i].shape.len() >= 2;
-                opt.step(&mut p.tensors[i].data, g, m, lr, self.step, decay);
+                let g = &mut self.grads[i].data;
+                opt.step(&mut p.tensors[i].data, g, factor, m, lr, self.step, decay);
+            } else {
+                self.grads[i].zero_();
             }
-            self.grads[i].zero_();
         }
         for (bias, l) in self.model.moe_biases().into_iter().zip(loads) {
             balance::bias_update(&mut self.model.params.tensors[bias.0].data, l, gamma);

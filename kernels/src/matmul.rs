@@ -33,6 +33,11 @@ pub fn flops_executed() -> u64 {
     FLOPS.load(Ordering::Relaxed)
 }
 
+thread_local! {
+    /// Per-thread buffer for the product of an accumulating `matmul`.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Below this many multiply-adds a GEMM runs on the calling thread.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 
@@ -108,9 +113,22 @@ fn matmul_threads(
     threads: usize,
 ) {
     if accumulate {
-        let mut prod = vec![0.0f32; m * n];
+        // the product goes to this thread's reused scratch buffer (a nested call on the same
+        // thread, e.g. from rayon work-stealing, finds it taken and allocates its own)
+        let mut prod = SCRATCH.with(|s| s.take());
+        prod.clear();
+        prod.resize(m * n, 0.0);
         product(&mut prod, a, b, m, k, n, trans_a, trans_b, threads);
-        c.iter_mut().zip(&prod).for_each(|(x, p)| *x += p);
+        if threads > 1 {
+            use rayon::prelude::*;
+            const CHUNK: usize = 1 << 15;
+            c.par_chunks_mut(CHUNK)
+                .zip(prod.par_chunks(CHUNK))
+                .for_each(|(c, p)| c.iter_mut().zip(p).for_each(|(x, p)| *x += p));
+        } else {
+            c.iter_mut().zip(&prod).for_each(|(x, p)| *x += p);
+        }
+        SCRATCH.with(|s| s.set(prod));
     } else {
         product(c, a, b, m, k, n, trans_a, trans_b, threads);
     }

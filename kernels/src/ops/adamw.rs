@@ -82,12 +82,15 @@ impl StepConsts {
 }
 
 impl AdamW {
-    /// One update of `param` from `grad` (already clipped) at 1-based step `t`.
+    /// One update of `param` from the gradient `grad · grad_scale` (the clip factor; 1 for none) at
+    /// 1-based step `t`, leaving `grad` zeroed for the next accumulation: one pass over the memory.
     /// `decay` says whether weight decay applies to this tensor (matrices yes, norms no).
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &self,
         param: &mut [f32],
-        grad: &[f32],
+        grad: &mut [f32],
+        grad_scale: f32,
         st: &mut Moments,
         lr: f32,
         t: u64,
@@ -107,14 +110,15 @@ impl AdamW {
         }
         // one plain loop per chunk (vectorisable); elementwise, so the split cannot change a bit
         const CHUNK: usize = 1 << 14;
-        let chunks = param.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
+        let chunks = param.par_chunks_mut(CHUNK).zip(grad.par_chunks_mut(CHUNK));
         match st {
             Moments::F32 { m, v } => chunks
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| {
                     for i in 0..p.len() {
-                        let (mi, vi) = moments(g[i], m[i], v[i], &c);
+                        let (mi, vi) = moments(g[i] * grad_scale, m[i], v[i], &c);
+                        g[i] = 0.0;
                         m[i] = mi;
                         v[i] = vi;
                         c.apply(&mut p[i], mi, vi);
@@ -125,7 +129,9 @@ impl AdamW {
                 .zip(v.par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| {
                     for i in 0..p.len() {
-                        let (mi, vi) = moments(g[i], m[i].to_f32(), v[i].to_f32(), &c);
+                        let gi = g[i] * grad_scale;
+                        g[i] = 0.0;
+                        let (mi, vi) = moments(gi, m[i].to_f32(), v[i].to_f32(), &c);
                         m[i] = bf16::from_f32(mi);
                         v[i] = bf16::from_f32(vi);
                         c.apply(&mut p[i], m[i].to_f32(), v[i].to_f32());
@@ -135,12 +141,33 @@ impl AdamW {
     }
 }
 
-/// The L2 norm of all gradients together, summed in the given (fixed) order in f64.
+/// The L2 norm of all gradients together, in f64: each tensor in fixed 16 Ki-element chunks, each
+/// chunk over 8 interleaved lanes, chunk sums then tensor sums added in order. The order depends
+/// only on the shapes, so the value is the same on any number of threads.
 pub fn global_norm<'a>(grads: impl Iterator<Item = &'a [f32]>) -> f64 {
+    const CHUNK: usize = 1 << 14;
     grads
-        .map(|g| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        .map(|g| {
+            let chunks: Vec<f64> = g.par_chunks(CHUNK).map(sum_of_squares).collect();
+            chunks.iter().sum::<f64>()
+        })
         .sum::<f64>()
         .sqrt()
+}
+
+/// Σx² in f64 over 8 lanes (lane i takes elements i, i+8, …), lanes added in order.
+fn sum_of_squares(x: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let mut blocks = x.chunks_exact(8);
+    for b in &mut blocks {
+        for (l, &v) in lanes.iter_mut().zip(b) {
+            *l += v as f64 * v as f64;
+        }
+    }
+    for (l, &v) in lanes.iter_mut().zip(blocks.remainder()) {
+        *l += v as f64 * v as f64;
+    }
+    lanes.iter().sum()
 }
 
 /// The factor that brings a gradient of norm `norm` under `max_norm` (1 when already under).
@@ -209,7 +236,9 @@ mod tests {
         };
         let mut p = vec![1.0f32, -2.0];
         let mut st = Moments::zeros(2);
-        opt.step(&mut p, &[0.5, -3.0], &mut st, 0.01, 1, true);
+        let mut g = [0.5, -3.0];
+        opt.step(&mut p, &mut g, 1.0, &mut st, 0.01, 1, true);
+        assert_eq!(g, [0.0, 0.0], "the gradient is consumed");
         assert!(matches!(st, Moments::F32 { .. }));
         // decay 1.0·0.001, then the bias-corrected step is sign(g)·lr
         assert!((p[0] - (1.0 - 0.001 - 0.01)).abs() < 1e-6);
@@ -228,7 +257,7 @@ mod tests {
         let g = [0.123_456_7f32, -3.3];
         let mut p = vec![1.0f32, 1.0];
         let mut st = Moments::zeros(2);
-        opt.step(&mut p, &g, &mut st, 0.01, 1, false);
+        opt.step(&mut p, &mut g.clone(), 1.0, &mut st, 0.01, 1, false);
         let Moments::Bf16 { m, v } = &st else {
             panic!("moments not stored as bf16")
         };
@@ -241,7 +270,7 @@ mod tests {
             bf16_moments: false,
             ..opt
         }
-        .step(&mut p32, &g, &mut st32, 0.01, 1, false);
+        .step(&mut p32, &mut g.clone(), 1.0, &mut st32, 0.01, 1, false);
         let (m32, _) = st32.to_f32();
         assert_ne!(m32[0], m[0].to_f32());
         assert!((m32[0] - m[0].to_f32()).abs() <= m32[0].abs() / 256.0);
@@ -253,5 +282,34 @@ mod tests {
         assert_eq!(n, 5.0);
         assert!((clip_factor(n, 1.0) - 0.2).abs() < 1e-6);
         assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        // lanes, chunks and tensors: the value is the plain sum up to rounding
+        let big: Vec<f32> = (0..40_003)
+            .map(|i| ((i % 13) as f32 - 6.0) * 0.25)
+            .collect();
+        let plain: f64 = big.iter().map(|&x| x as f64 * x as f64).sum();
+        let n = global_norm([&big[..], &big[..7]].into_iter());
+        let want = (plain + big[..7].iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sqrt();
+        assert!((n - want).abs() <= 1e-12 * want, "{n} vs {want}");
+    }
+
+    #[test]
+    fn clipped_step_equals_step_on_scaled_gradient() {
+        let opt = AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            bf16_moments: false,
+        };
+        let g: Vec<f32> = (0..50_000)
+            .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
+            .collect();
+        let (mut p1, mut p2) = (vec![0.5f32; g.len()], vec![0.5f32; g.len()]);
+        let (mut s1, mut s2) = (Moments::zeros(g.len()), Moments::zeros(g.len()));
+        let mut scaled: Vec<f32> = g.iter().map(|&x| x * 0.3).collect();
+        opt.step(&mut p1, &mut g.clone(), 0.3, &mut s1, 0.01, 1, true);
+        opt.step(&mut p2, &mut scaled, 1.0, &mut s2, 0.01, 1, true);
+        assert_eq!(p1, p2);
+        assert_eq!(s1, s2);
     }
 }
