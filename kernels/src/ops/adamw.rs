@@ -225,15 +225,19 @@ mod tests {
         assert!((s.at(100) - 0.1).abs() < 1e-6);
     }
 
-    #[test]
-    fn adamw_first_step_moves_by_lr() {
-        let opt = AdamW {
+    fn test_opt(weight_decay: f32, bf16_moments: bool) -> AdamW {
+        AdamW {
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
-            weight_decay: 0.1,
-            bf16_moments: false,
-        };
+            weight_decay,
+            bf16_moments,
+        }
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr() {
+        let opt = test_opt(0.1, false);
         let mut p = vec![1.0f32, -2.0];
         let mut st = Moments::zeros(2);
         let mut g = [0.5, -3.0];
@@ -247,13 +251,7 @@ mod tests {
 
     #[test]
     fn bf16_moments_are_stored_in_bf16_and_round_to_nearest() {
-        let opt = AdamW {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            bf16_moments: true,
-        };
+        let opt = test_opt(0.0, true);
         let g = [0.123_456_7f32, -3.3];
         let mut p = vec![1.0f32, 1.0];
         let mut st = Moments::zeros(2);
@@ -294,13 +292,7 @@ mod tests {
 
     #[test]
     fn clipped_step_equals_step_on_scaled_gradient() {
-        let opt = AdamW {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            bf16_moments: false,
-        };
+        let opt = test_opt(0.1, false);
         let g: Vec<f32> = (0..50_000)
             .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
             .collect();
