@@ -8,13 +8,22 @@ use kernels::model::{Batch, RunConfig};
 use std::path::PathBuf;
 use storage::dataset::{DataFormat, Dataset};
 
+/// `configs/tiny.toml` as it was when this binary was built: the default of `phalanx train`.
+const EMBEDDED_TINY: &str = include_str!("../configs/tiny.toml");
+
 pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
     let precision: kernels::model::Precision = a
         .precision
         .parse()
         .map_err(anyhow::Error::msg)
         .context("--precision")?;
-    let mut config = RunConfig::load(&a.config)?;
+    let (mut config, file) = match &a.config {
+        Some(path) => (RunConfig::load(path)?, path.display().to_string()),
+        None => {
+            let file = "configs/tiny.toml (built in)".to_string();
+            (RunConfig::parse(EMBEDDED_TINY, &file)?, file)
+        }
+    };
     let t = &mut config.training;
     if let Some(s) = a.steps {
         t.steps = s;
@@ -31,7 +40,6 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
     if let Some(g) = a.bias_update_speed {
         t.bias_update_speed = g;
     }
-    let file = a.config.display().to_string();
     t.validate(&file)
         .context("after applying command-line flags")?;
     if t.steps == 0 {

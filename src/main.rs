@@ -31,9 +31,10 @@ enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Model + training config (TOML with Hugging Face DeepseekV3Config keys and a [training] table).
-    #[arg(long, default_value = "configs/tiny.toml")]
-    config: PathBuf,
+    /// Model + training config (TOML with Hugging Face DeepseekV3Config keys and a [training]
+    /// table). Default: configs/tiny.toml as built into the binary, so it runs from any directory.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Number of optimizer steps (default: the config's training.steps).
     #[arg(long)]
     steps: Option<u64>,

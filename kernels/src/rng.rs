@@ -31,6 +31,14 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// Skips `draws` calls of `next_u64` in O(1) (SplitMix64's state is a counter), so a long
+    /// stream can be generated in parallel chunks with the same values as in one sequence.
+    pub fn advance(&mut self, draws: u64) {
+        self.state = self
+            .state
+            .wrapping_add(draws.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
@@ -46,5 +54,21 @@ impl Rng {
         let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_skips_exactly_that_many_draws() {
+        let mut seq = Rng::stream(7, "w");
+        let drawn: Vec<u64> = (0..1000).map(|_| seq.next_u64()).collect();
+        for skip in [0usize, 1, 2, 517, 999] {
+            let mut r = Rng::stream(7, "w");
+            r.advance(skip as u64);
+            assert_eq!(r.next_u64(), drawn[skip], "skip {skip}");
+        }
     }
 }

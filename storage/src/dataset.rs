@@ -34,7 +34,7 @@ impl std::str::FromStr for DataFormat {
 /// A data file that cannot be used, naming the path.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("data file {path}: {source}")]
+    #[error("data file {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

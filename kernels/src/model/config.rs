@@ -121,14 +121,26 @@ pub struct RunConfig {
     pub training: TrainingConfig,
 }
 
-/// A config that cannot be used, with the file and the field at fault.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: field `{field}`: {message}")]
+/// A config that cannot be used, with the file and the field at fault (`field` is empty when the
+/// whole file is: unreadable, not TOML/JSON).
+#[derive(Debug)]
 pub struct ConfigError {
     pub file: String,
     pub field: String,
     pub message: String,
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: field `{}`: {}", self.file, self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 const MODEL_KEYS: &[&str] = &[
     "vocab_size",
@@ -220,7 +232,7 @@ impl RunConfig {
     pub fn load(path: &Path) -> Result<RunConfig, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| err(&file, "-", format!("cannot read: {e}")))?;
+            .map_err(|e| err(&file, "", format!("cannot read: {e}")))?;
         RunConfig::parse(&text, &file)
     }
 
@@ -228,7 +240,7 @@ impl RunConfig {
     pub fn parse(text: &str, file: &str) -> Result<RunConfig, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
             let msg = e.message().to_string();
-            err(file, "-", format!("not valid TOML: {msg}"))
+            err(file, "", format!("not valid TOML: {msg}"))
         })?;
         let training = match table.remove("training") {
             None => TrainingConfig::default(),
@@ -281,12 +293,12 @@ impl ModelConfig {
     pub fn load_hf_json(path: &Path) -> Result<ModelConfig, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| err(&file, "-", format!("cannot read: {e}")))?;
+            .map_err(|e| err(&file, "", format!("cannot read: {e}")))?;
         let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| err(&file, "-", format!("not valid JSON: {e}")))?;
+            .map_err(|e| err(&file, "", format!("not valid JSON: {e}")))?;
         let obj = json
             .as_object()
-            .ok_or_else(|| err(&file, "-", "top level is not an object"))?;
+            .ok_or_else(|| err(&file, "", "top level is not an object"))?;
         let defaults = serde_json::json!({
             "num_nextn_predict_layers": 0, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
             "routed_scaling_factor": 1.0, "norm_topk_prob": true, "scoring_func": "sigmoid",

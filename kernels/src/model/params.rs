@@ -7,6 +7,7 @@ use crate::fp8::{Fp8Tensor, ScaleFormat, ScaleLayout};
 use crate::ops::{embedding, linear, rmsnorm};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -52,8 +53,15 @@ impl ParamStore {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
             Init::Normal(std) => {
-                let mut rng = Rng::stream(seed, &name);
-                (0..n).map(|_| rng.normal() * std).collect()
+                // element i takes draws 2i and 2i+1 of the (seed, name) stream, whatever the chunk
+                const CHUNK: usize = 1 << 16;
+                let mut data = vec![0.0f32; n];
+                data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+                    let mut rng = Rng::stream(seed, &name);
+                    rng.advance(2 * (c * CHUNK) as u64);
+                    out.iter_mut().for_each(|v| *v = rng.normal() * std);
+                });
+                data
             }
         };
         let id = ParamId(self.tensors.len());
