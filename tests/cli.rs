@@ -102,6 +102,32 @@ fn write_config(name: &str, edit: impl Fn(String) -> String) -> String {
     p.to_str().unwrap().to_string()
 }
 
+/// With no --config, `phalanx train` uses the tiny config built into the binary, so it runs from a
+/// directory that has no `configs/`.
+#[test]
+fn default_config_is_built_in() {
+    let dir = tmp("elsewhere");
+    let o = Command::new(env!("CARGO_BIN_EXE_phalanx"))
+        .args([
+            "train",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "16",
+        ])
+        .current_dir(&dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("phalanx runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["config"], "configs/tiny.toml (built in)");
+    assert_eq!(s["steps"], 2);
+    assert!(dir.join("runs/latest/metrics.jsonl").exists());
+}
+
 #[test]
 fn bad_input_is_refused_with_the_file_and_field() {
     let c = write_config("groups.toml", |t| t.replace("n_group = 4", "n_group = 3"));
@@ -120,7 +146,7 @@ fn bad_input_is_refused_with_the_file_and_field() {
         "{e}"
     );
     let e = refused(&["train", "--config", "configs/nope.toml"]);
-    assert!(e.contains("configs/nope.toml"), "{e}");
+    assert!(e.contains("configs/nope.toml: cannot read"), "{e}");
     let e = refused(&[
         "train",
         "--config",
@@ -131,6 +157,7 @@ fn bad_input_is_refused_with_the_file_and_field() {
         "1",
     ]);
     assert!(e.contains("/no/such/corpus.bin"), "{e}");
+    assert_eq!(e.matches("No such file").count(), 1, "the cause once: {e}");
     let e = refused(&[
         "train",
         "--config",
