@@ -11,18 +11,80 @@ use storage::dataset::{DataFormat, Dataset};
 /// `configs/tiny.toml` as it was when this binary was built: the default of `phalanx train`.
 const EMBEDDED_TINY: &str = include_str!("../configs/tiny.toml");
 
-pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
-    let precision: kernels::model::Precision = a
+/// What a run is made of before the flags that tune it: config, seed, data, precision.
+struct RunBase {
+    config: RunConfig,
+    file: String,
+    seed: u64,
+    data: Option<PathBuf>,
+    data_format: DataFormat,
+    precision: kernels::model::Precision,
+}
+
+/// The run as the flags describe it.
+fn base_from_flags(a: &TrainArgs) -> Result<RunBase> {
+    let precision = a
         .precision
         .parse()
         .map_err(anyhow::Error::msg)
         .context("--precision")?;
-    let (mut config, file) = match &a.config {
+    let (config, file) = match &a.config {
         Some(path) => (RunConfig::load(path)?, path.display().to_string()),
         None => {
             let file = "configs/tiny.toml (built in)".to_string();
             (RunConfig::parse(EMBEDDED_TINY, &file)?, file)
         }
+    };
+    let data_format = a
+        .data_format
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("--data-format")?;
+    Ok(RunBase {
+        config,
+        file,
+        seed: a.seed,
+        data: a.data.clone(),
+        data_format,
+        precision,
+    })
+}
+
+/// The run as the newest checkpoint of `store` recorded it.
+fn base_from_checkpoint(store: &str) -> Result<RunBase> {
+    let m = actors::checkpoint::latest_manifest(store)?;
+    let at = format!("{store}: checkpoint of step {}", m.step);
+    let text = |key: &str| {
+        m.meta[key]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `{key}`"))
+    };
+    let file = format!("{} (from {at})", text("config_path")?);
+    Ok(RunBase {
+        config: RunConfig::parse(&text("config_toml")?, &file)?,
+        seed: m.meta["seed"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `seed`"))?,
+        data: m.meta["data"].as_str().map(PathBuf::from),
+        data_format: text("data_format")?.parse().map_err(anyhow::Error::msg)?,
+        precision: text("precision")?.parse().map_err(anyhow::Error::msg)?,
+        file,
+    })
+}
+
+pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
+    let plan = checkpoint_plan(a)?;
+    let RunBase {
+        mut config,
+        file,
+        seed,
+        data,
+        data_format,
+        precision,
+    } = match plan.as_ref().filter(|p| p.resume) {
+        Some(p) => base_from_checkpoint(&p.store)?,
+        None => base_from_flags(a)?,
     };
     let t = &mut config.training;
     if let Some(s) = a.steps {
@@ -45,21 +107,44 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
     if t.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let data_format: DataFormat = a
-        .data_format
-        .parse()
-        .map_err(anyhow::Error::msg)
-        .context("--data-format")?;
     Ok(actors::trainer::TrainOptions {
         config,
         config_path: file,
-        seed: a.seed,
-        data: a.data.clone(),
+        seed,
+        data,
         data_format,
         out_dir: a.out.clone(),
-        init_from_hf: a.init_from_hf.clone(),
+        init_from_hf: if a.resume {
+            None
+        } else {
+            a.init_from_hf.clone()
+        },
         precision,
+        checkpoints: plan,
     })
+}
+
+/// The store a run checkpoints to: `--store`, else the directory `store` inside `--out`.
+fn checkpoint_plan(a: &TrainArgs) -> Result<Option<actors::trainer::CheckpointPlan>> {
+    if a.no_checkpoint {
+        if a.resume {
+            bail!("--no-checkpoint: resuming reads and writes checkpoints");
+        }
+        return Ok(None);
+    }
+    if a.resume && (a.config.is_some() || a.init_from_hf.is_some() || a.data.is_some()) {
+        bail!(
+            "resume: the config, weights and data come from the checkpoint; drop --config, --init-from-hf and --data"
+        );
+    }
+    Ok(Some(actors::trainer::CheckpointPlan {
+        store: a
+            .store
+            .clone()
+            .unwrap_or_else(|| a.out.join("store").display().to_string()),
+        every: a.ckpt_every,
+        resume: a.resume,
+    }))
 }
 
 /// The formation layout named by `--pp --ep --schedule --microbatches --wire`.
@@ -189,6 +274,7 @@ fn bench_pipeline(a: BenchArgs) -> Result<()> {
         out_dir: std::env::temp_dir().join("phalanx-bench-pipeline"),
         init_from_hf: None,
         precision: kernels::model::Precision::F32,
+        checkpoints: None,
     };
     let layout = actors::formation::Layout {
         pp: 4,

@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Train a DeepSeek-V3 model (defaults: configs/tiny.toml on the built-in synthetic corpus).
     Train(Box<TrainArgs>),
+    /// Continue a run from the newest checkpoint of its store (`phalanx train --resume`).
+    Resume(Box<TrainArgs>),
     /// Mean main-head cross-entropy of a Hugging Face model over a u32 token file.
     Eval(EvalArgs),
     /// Print and draw a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev).
@@ -59,9 +61,22 @@ pub struct TrainArgs {
     /// How to read --data: auto (by extension), text, u16, u32.
     #[arg(long, default_value = "auto")]
     data_format: String,
-    /// Directory for metrics.jsonl.
+    /// Directory for metrics.jsonl (and the default checkpoint store, DIR/store).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
+    /// Checkpoint store: a directory, file://DIR or memory:// (default: DIR/store of --out).
+    #[arg(long)]
+    store: Option<String>,
+    /// Checkpoint every N steps; the last step is always checkpointed (0: only the last).
+    #[arg(long, default_value_t = 100)]
+    ckpt_every: u64,
+    /// Write no checkpoints.
+    #[arg(long)]
+    no_checkpoint: bool,
+    /// Continue from the newest checkpoint in the store (its config, seed, data and precision;
+    /// --steps may extend the run). `phalanx resume` is the same as `phalanx train --resume`.
+    #[arg(long)]
+    resume: bool,
     /// Write the end-of-run summary JSON here (also printed).
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -136,6 +151,10 @@ fn main() {
     let result = match cli.command {
         None => unreachable!("filled in above"),
         Some(Command::Train(a)) => train(*a),
+        Some(Command::Resume(mut a)) => {
+            a.resume = true;
+            train(*a)
+        }
         Some(Command::Eval(a)) => commands::eval(a),
         Some(Command::Schedule(a)) => commands::schedule(a),
         Some(Command::Bench(a)) => commands::bench(a),

@@ -354,3 +354,86 @@ fn trains_on_a_raw_text_file() {
         "{e}"
     );
 }
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let o = phalanx(args);
+    assert!(
+        o.status.success(),
+        "{:?}: {}",
+        args,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A run killed after its step-10 checkpoint (simulated by deleting the step-20 checkpoint, or
+/// by leaving a step-20 shard without its manifest) resumes from the store and ends with the
+/// weights of the uninterrupted run, also onto a different pipeline layout. A corrupt shard is
+/// refused by name.
+#[test]
+fn resume_from_the_store_reaches_the_uninterrupted_weights() {
+    for (name, layout, resume_layout) in [
+        ("plain", vec![], vec![]),
+        (
+            "pipeline",
+            vec!["--pp", "2", "--schedule", "zb1p", "--microbatches", "4"],
+            vec!["--pp", "2", "--schedule", "dualpipe", "--microbatches", "4"],
+        ),
+    ] {
+        let out = tmp(&format!("resume-{name}"));
+        let _ = std::fs::remove_dir_all(&out);
+        let o = out.to_str().unwrap();
+        let mut args = vec![
+            "train",
+            "--config",
+            "configs/micro.toml",
+            "--steps",
+            "20",
+            "--ckpt-every",
+            "10",
+            "--out",
+            o,
+        ];
+        args.extend(&layout);
+        let full = run_json(&args);
+        assert_eq!(full["checkpoints"], 2, "{name}");
+        let ckpts = out.join("store/checkpoints");
+        let step20 = ckpts.join("step-0000000020");
+        // the crash left the step-20 shard but never wrote its manifest
+        std::fs::remove_file(step20.join("manifest.json")).unwrap();
+        let mut resume = vec!["resume", "--out", o];
+        resume.extend(&resume_layout);
+        let resumed = run_json(&resume);
+        assert_eq!(resumed["resumed_from"], 10, "{name}");
+        assert_eq!(resumed["params_sha256"], full["params_sha256"], "{name}");
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, (1..=20).collect::<Vec<_>>(), "{name}");
+        // nothing left to do: said plainly
+        let e = refused(&["resume", "--out", o]);
+        assert!(e.contains("at step 20") && e.contains("--steps"), "{e}");
+        if name == "plain" {
+            // a flipped byte in the newest shard is caught by its checksum
+            std::fs::remove_dir_all(&step20).unwrap();
+            let dir = ckpts.join("step-0000000010");
+            let shard = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .unwrap();
+            let mut bytes = std::fs::read(&shard).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x40;
+            std::fs::write(&shard, &bytes).unwrap();
+            let e = refused(&["resume", "--out", o]);
+            assert!(e.contains("shard-0-") && e.contains("SHA-256"), "{e}");
+        }
+    }
+}

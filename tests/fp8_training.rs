@@ -20,6 +20,7 @@ fn run(precision: Precision) -> Vec<f64> {
             .join(format!("phalanx-fp8-{}-{precision:?}", std::process::id())),
         init_from_hf: None,
         precision,
+        checkpoints: None,
     };
     let mut losses = Vec::new();
     train(&opts, |r, _| losses.push(r.loss)).unwrap();

@@ -2,6 +2,7 @@
 //! Actor shells (ractor) sit on top of the plain state machines here.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod formation;
 pub mod schedule;
 pub mod trainer;

@@ -27,6 +27,19 @@ pub struct TrainOptions {
     pub out_dir: PathBuf,
     pub init_from_hf: Option<PathBuf>,
     pub precision: Precision,
+    /// Checkpoints to an object store (none: the run keeps no state beyond its metrics).
+    pub checkpoints: Option<CheckpointPlan>,
+}
+
+/// Where `run` checkpoints, how often, and whether it continues from the newest checkpoint.
+#[derive(Clone, Debug)]
+pub struct CheckpointPlan {
+    /// Object store URL (`file://DIR`, a directory, `memory://`).
+    pub store: String,
+    /// Checkpoint every this many steps (0: only after the last step, which always is).
+    pub every: u64,
+    /// Start from the store's newest committed checkpoint instead of step 0.
+    pub resume: bool,
 }
 
 /// One finished step, as logged to metrics.jsonl and shown on the progress bar.
@@ -67,6 +80,12 @@ pub struct TrainSummary {
     /// Steps replayed at least once after a failure.
     #[serde(default)]
     pub replayed_steps: u64,
+    /// Checkpoints committed to the store during this run.
+    #[serde(default)]
+    pub checkpoints: u64,
+    /// The checkpoint step this run continued from (absent for a fresh run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
 /// Model plus optimizer state: what a step changes.
@@ -198,6 +217,29 @@ pub fn build_model(opts: &TrainOptions) -> Result<DeepSeekV3> {
     model.set_precision(opts.precision);
     tracing::info!(parameters = model.num_params(), precision = ?opts.precision, "model built");
     Ok(model)
+}
+
+/// The state a run starts from: the model the options ask for with fresh optimizer moments, or,
+/// when the options say resume, the newest checkpoint of their store (parameters, moments, step).
+pub fn build_state(opts: &TrainOptions) -> Result<TrainState> {
+    let mut state = TrainState::new(build_model(opts)?);
+    if let Some(plan) = opts.checkpoints.as_ref().filter(|p| p.resume) {
+        let (manifest, tensors) = crate::checkpoint::load_latest(&plan.store)?;
+        let step = manifest.meta["optimizer_step"]
+            .as_u64()
+            .unwrap_or(manifest.step);
+        crate::checkpoint::restore(&mut state, tensors, step)
+            .with_context(|| format!("{}: checkpoint of step {}", plan.store, manifest.step))?;
+        if step >= opts.config.training.steps {
+            bail!(
+                "{}: the newest checkpoint is at step {step}, the run has {} steps; pass --steps to go further",
+                plan.store,
+                opts.config.training.steps
+            );
+        }
+        tracing::info!(step, store = %plan.store, "resumed from checkpoint");
+    }
+    Ok(state)
 }
 
 /// What one step's update needs besides the gradients.
@@ -334,7 +376,7 @@ pub fn train_microbatched(
 ) -> Result<TrainSummary> {
     let data = Arc::new(open_data(opts)?);
     tracing::info!(data = %data.description, "data ready");
-    let model = build_model(opts)?;
+    let state = build_state(opts)?;
     let t = &opts.config.training;
     let mut engine = Sequential {
         data: data.clone(),
@@ -343,19 +385,30 @@ pub fn train_microbatched(
         seq: t.seq_len,
         microbatches,
     };
-    run(opts, &data, model, &mut engine, on_step)
+    run(opts, &data, state, &mut engine, on_step)
 }
 
-/// The training loop around an engine: LR schedule, evaluation, metrics and the summary.
+/// The training loop around an engine: LR schedule, evaluation, metrics, checkpoints and the
+/// summary. Runs steps `state.step + 1 ..= training.steps` (all of them for a fresh state).
 pub fn run(
     opts: &TrainOptions,
     data: &Dataset,
-    model: DeepSeekV3,
+    mut state: TrainState,
     engine: &mut dyn StepEngine,
     mut on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<TrainSummary> {
     let t = &opts.config.training;
-    let mut state = TrainState::new(model);
+    let resumed_from = opts
+        .checkpoints
+        .as_ref()
+        .filter(|p| p.resume)
+        .map(|_| state.step);
+    let first_step = state.step + 1;
+    let mut uploader = opts
+        .checkpoints
+        .as_ref()
+        .map(|p| crate::checkpoint::Uploader::start(&p.store))
+        .transpose()?;
     let opt = AdamW {
         beta1: t.beta1,
         beta2: t.beta2,
@@ -370,8 +423,11 @@ pub fn run(
         total: t.steps,
         min_ratio: t.min_lr_ratio,
     };
-    let mut log = MetricsLog::create(&opts.out_dir)
-        .with_context(|| format!("cannot write metrics in {}", opts.out_dir.display()))?;
+    let mut log = match resumed_from {
+        Some(step) => MetricsLog::resume(&opts.out_dir, step),
+        None => MetricsLog::create(&opts.out_dir),
+    }
+    .with_context(|| format!("cannot write metrics in {}", opts.out_dir.display()))?;
     let initial_eval = evaluate(&state.model, data, t.eval_batches, t.batch_size, t.seq_len)?;
     tracing::info!(eval_loss = initial_eval, "before training");
     let started = Instant::now();
@@ -379,7 +435,7 @@ pub fn run(
     let mut last_losses = Vec::new();
     let mut eval_loss = initial_eval;
     let mut last_stats = StepStats::default();
-    for step in 1..=t.steps {
+    for step in first_step..=t.steps {
         let lr = schedule.at(step);
         let h = StepHyper {
             opt,
@@ -413,10 +469,20 @@ pub fn run(
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
         };
         log.write(&serde_json::to_value(&record)?)?;
+        if let (Some(up), Some(plan)) = (uploader.as_mut(), opts.checkpoints.as_ref())
+            && (step == t.steps || (plan.every > 0 && step % plan.every == 0))
+        {
+            let meta = crate::checkpoint::meta(opts, &state, plan.every);
+            up.save(step, crate::checkpoint::snapshot(&state), meta)?;
+        }
         on_step(&record, t.steps);
         last_losses.push(stats.loss);
         last_stats = stats;
     }
+    let checkpoints = match uploader.as_mut() {
+        Some(up) => up.finish()?,
+        None => 0,
+    };
     let wall = started.elapsed().as_secs_f64();
     let tail = &last_losses[last_losses.len().saturating_sub(10)..];
     Ok(TrainSummary {
@@ -436,5 +502,7 @@ pub fn run(
         metrics: log.path().display().to_string(),
         restarts: engine.restarts(),
         replayed_steps: engine.replayed_steps(),
+        checkpoints,
+        resumed_from,
     })
 }

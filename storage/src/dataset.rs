@@ -16,6 +16,17 @@ pub enum DataFormat {
     U32,
 }
 
+impl std::fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Text => "text",
+            DataFormat::U16 => "u16",
+            DataFormat::U32 => "u32",
+        })
+    }
+}
+
 impl std::str::FromStr for DataFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -18,6 +18,33 @@ impl MetricsLog {
         Ok(MetricsLog { path, file })
     }
 
+    /// Continues `<dir>/metrics.jsonl` after step `after`: the lines of steps up to `after` are
+    /// kept, later ones (written after the checkpoint a run resumes from) are dropped.
+    pub fn resume(dir: &Path, after: u64) -> std::io::Result<MetricsLog> {
+        let path = dir.join("metrics.jsonl");
+        let kept: Vec<String> = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= after)
+                })
+                .map(str::to_string)
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut log = MetricsLog::create(dir)?;
+        for line in kept {
+            log.file.write_all(line.as_bytes())?;
+            log.file.write_all(b"\n")?;
+        }
+        log.file.flush()?;
+        Ok(log)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -112,7 +112,7 @@ pub fn train(
         .map_err(anyhow::Error::msg)?;
     let data = Arc::new(trainer::open_data(opts)?);
     tracing::info!(data = %data.description, "data ready");
-    let model = trainer::build_model(opts)?;
+    let state = trainer::build_state(opts)?;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
     check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", layout.schedule))?;
     let spec = shell::FormationSpec {
@@ -127,9 +127,10 @@ pub fn train(
         seed: opts.seed,
         batch: t.batch_size,
         seq: t.seq_len,
+        committed: state.step,
     };
-    let mut engine = shell::ActorEngine::start(&model, spec)?;
-    let summary = trainer::run(opts, &data, model, &mut engine, on_step);
+    let mut engine = shell::ActorEngine::start(&state.model, spec)?;
+    let summary = trainer::run(opts, &data, state, &mut engine, on_step);
     let unfired = engine.unfired_faults();
     engine.shutdown();
     if !unfired.is_empty() {
@@ -150,11 +151,11 @@ pub fn train_threads(
 ) -> Result<TrainSummary> {
     layout.validate(opts)?;
     let data = Arc::new(trainer::open_data(opts)?);
-    let model = trainer::build_model(opts)?;
+    let state = trainer::build_state(opts)?;
     let t = &opts.config.training;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
-    let pipeline = threads::Pipeline::new(&model, schedule, t.mtp_loss_weight, layout.wire)?
-        .with_ep(&model, layout.ep);
+    let pipeline = threads::Pipeline::new(&state.model, schedule, t.mtp_loss_weight, layout.wire)?
+        .with_ep(&state.model, layout.ep);
     let mut engine = threads::ThreadEngine {
         pipeline,
         data: data.clone(),
@@ -162,5 +163,5 @@ pub fn train_threads(
         batch: t.batch_size,
         seq: t.seq_len,
     };
-    trainer::run(opts, &data, model, &mut engine, on_step)
+    trainer::run(opts, &data, state, &mut engine, on_step)
 }

@@ -1384,6 +1384,8 @@ pub struct Coordinator;
 pub struct CoordArgs {
     ctx: Arc<Ctx>,
     data: DataArgs,
+    /// Steps committed before this formation started (a resumed run).
+    committed: u64,
 }
 
 pub struct CoordState {
@@ -1602,7 +1604,7 @@ impl Actor for Coordinator {
         let mut st = CoordState {
             ctx: ctx.clone(),
             data_args: a.data,
-            txn: StepTxn::new(ranks, MAX_ATTEMPTS),
+            txn: StepTxn::new(ranks, MAX_ATTEMPTS).after(a.committed),
             meta: Arc::new(meta),
             loader: Some(loader),
             node: None,
@@ -1817,6 +1819,8 @@ pub struct FormationSpec {
     pub seed: u64,
     pub batch: usize,
     pub seq: usize,
+    /// Steps already committed (a resumed run): the first step is `committed + 1`.
+    pub committed: u64,
 }
 
 /// The actor formation as a training-loop engine: each step is one `RunStep` call to the
@@ -1863,6 +1867,7 @@ impl ActorEngine {
                 seq: spec.seq,
                 microbatches: ctx.schedule.microbatches,
             },
+            committed: spec.committed,
         };
         let name = format!("{}coordinator", ctx.prefix);
         let (coord, handle) = rt

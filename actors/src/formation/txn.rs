@@ -105,6 +105,13 @@ impl StepTxn {
         }
     }
 
+    /// The same machine for a run that already committed steps `1..=committed` (a resumed run):
+    /// the next step to open is `committed + 1`.
+    pub fn after(mut self, committed: u64) -> StepTxn {
+        self.last_committed = committed;
+        self
+    }
+
     pub fn step(&self) -> u64 {
         self.step
     }

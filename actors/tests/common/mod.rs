@@ -27,6 +27,7 @@ pub fn micro_options(name: &str, layers: usize, batch: usize, steps: u64) -> Tra
         out_dir,
         init_from_hf: None,
         precision: Precision::F32,
+        checkpoints: None,
     }
 }
 

@@ -1,11 +1,11 @@
 //! The DeepSeek-V3 model config (Hugging Face `DeepseekV3Config` key names) and phalanx's training
 //! table, loaded from phalanx TOML or a Hugging Face config.json, validated with errors naming file and field.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// YaRN rope scaling as in the released config (`rope_scaling`).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RopeScaling {
     #[serde(rename = "type", alias = "rope_type")]
@@ -25,7 +25,7 @@ fn one() -> f32 {
 }
 
 /// The model hyper-parameters, named exactly as Hugging Face's `DeepseekV3Config`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct ModelConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -60,12 +60,12 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     pub aux_loss_alpha: f32,
     pub seq_aux: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
 }
 
 /// phalanx's own training settings (the `[training]` table); every key has a default.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
     pub seq_len: usize,
@@ -237,6 +237,14 @@ impl RunConfig {
     }
 
     /// Parses TOML text; `file` names the source in errors.
+    /// The config as phalanx TOML (what `parse` reads back to an equal config).
+    pub fn to_toml(&self) -> String {
+        let mut table = toml::Table::try_from(&self.model).expect("a model config is a table");
+        let training = toml::Table::try_from(&self.training).expect("training is a table");
+        table.insert("training".into(), toml::Value::Table(training));
+        table.to_string()
+    }
+
     pub fn parse(text: &str, file: &str) -> Result<RunConfig, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
             let msg = e.message().to_string();
@@ -571,6 +579,20 @@ mod tests {
             .join("../configs")
             .join(name);
         RunConfig::load(&path).unwrap()
+    }
+
+    #[test]
+    fn to_toml_reads_back_equal() {
+        for name in [
+            "micro.toml",
+            "tiny.toml",
+            "small.toml",
+            "deepseek-v3-671b.toml",
+        ] {
+            let c = cfg(name);
+            let back = RunConfig::parse(&c.to_toml(), name).unwrap();
+            assert_eq!(back, c, "{name}");
+        }
     }
 
     #[test]

@@ -31,6 +31,15 @@ impl std::str::FromStr for Precision {
     }
 }
 
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Fp8 => "fp8",
+        })
+    }
+}
+
 /// One multi-token-prediction module (depth k), stored as layer `num_hidden_layers + k − 1`.
 #[derive(Clone, Debug)]
 pub struct Mtp {
