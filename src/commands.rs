@@ -338,3 +338,53 @@ fn rayon_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
 }
+
+#[derive(Args, Debug)]
+pub struct RunsArgs {
+    /// The run directory whose journal to read (`--out` of `phalanx train`).
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+}
+
+/// `phalanx runs`: the runs recorded in a run directory's journal, oldest first.
+pub fn runs(a: RunsArgs) -> Result<()> {
+    let dir = a.out.join("journal");
+    if !dir.exists() {
+        bail!(
+            "{}: no journal (no run has used --out {})",
+            dir.display(),
+            a.out.display()
+        );
+    }
+    let journal = storage::journal::Journal::open(&dir)?;
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
+    println!(
+        "{:<24} {:<9} {:>11} {:>8} {:>8} {:>12} {:>8}  config",
+        "run", "status", "step", "loss", "eval", "checkpoints", "restarts"
+    );
+    for r in journal.runs()? {
+        let ckpt = match r.checkpoints.last() {
+            Some(last) => format!("{} (last {last})", r.checkpoints.len()),
+            None => "0".into(),
+        };
+        let resumed = r
+            .resumed_from
+            .map(|s| format!(", resumed from {s}"))
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<9} {:>11} {:>8} {:>8} {:>12} {:>8}  {}{resumed}",
+            r.id,
+            r.status,
+            format!("{}/{}", r.last_step, r.total_steps),
+            fmt(r.last_loss),
+            fmt(r.eval_loss),
+            ckpt,
+            r.restarts,
+            r.config,
+        );
+        if let Some(e) = &r.error {
+            println!("    error: {e}");
+        }
+    }
+    Ok(())
+}

@@ -29,6 +29,8 @@ enum Command {
     Schedule(commands::ScheduleArgs),
     /// Measure training throughput against this machine's GEMM peak.
     Bench(commands::BenchArgs),
+    /// List the runs recorded in a run directory's journal (status, steps, losses, checkpoints).
+    Runs(commands::RunsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -158,6 +160,7 @@ fn main() {
         Some(Command::Eval(a)) => commands::eval(a),
         Some(Command::Schedule(a)) => commands::schedule(a),
         Some(Command::Bench(a)) => commands::bench(a),
+        Some(Command::Runs(a)) => commands::runs(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -416,6 +416,19 @@ fn resume_from_the_store_reaches_the_uninterrupted_weights() {
             })
             .collect();
         assert_eq!(steps, (1..=20).collect::<Vec<_>>(), "{name}");
+        // the journal tells both runs apart after the processes are gone
+        let o2 = phalanx(&["runs", "--out", o]);
+        let listing = String::from_utf8_lossy(&o2.stdout);
+        assert!(o2.status.success(), "{listing}");
+        assert_eq!(listing.matches(" finished ").count(), 2, "{listing}");
+        assert!(
+            listing.contains("2 (last 20)") && listing.contains("1 (last 20)"),
+            "{listing}"
+        );
+        assert!(
+            listing.contains("resumed from 10") && listing.contains("20/20"),
+            "{listing}"
+        );
         // nothing left to do: said plainly
         let e = refused(&["resume", "--out", o]);
         assert!(e.contains("at step 20") && e.contains("--steps"), "{e}");

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use storage::checkpoint::{self, CheckpointManifest, SnapData, SnapTensor};
+use storage::journal::Journal;
 use storage::store::{Store, block_on};
 
 /// Names of a parameter's AdamW moments in a checkpoint (PyTorch's state names).
@@ -132,8 +133,10 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    pub fn start(url: &str) -> Result<Uploader> {
+    /// Starts the uploader of store `url`; each commit is recorded in `journal` under `run`.
+    pub fn start(url: &str, journal: Journal, run: &str) -> Result<Uploader> {
         let store = Store::open(url)?;
+        let run = run.to_string();
         let (tx, rx) = mpsc::sync_channel::<Job>(0);
         let thread = std::thread::Builder::new()
             .name("checkpoint-upload".into())
@@ -143,6 +146,7 @@ impl Uploader {
                     block_on(checkpoint::write(&store, job.step, &job.tensors, job.meta))
                         .with_context(|| format!("checkpoint of step {}", job.step))?;
                     tracing::info!(step = job.step, store = %store.url, "checkpoint committed");
+                    journal.update(&run, |e| e.checkpoints.push(job.step))?;
                     committed += 1;
                 }
                 Ok(committed)

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use storage::dataset::{DataFormat, Dataset};
+use storage::journal::{Journal, RunEntry};
 use storage::metrics::MetricsLog;
 
 /// Everything `phalanx train` decides before the first step.
@@ -393,21 +394,89 @@ pub fn train_microbatched(
 pub fn run(
     opts: &TrainOptions,
     data: &Dataset,
-    mut state: TrainState,
+    state: TrainState,
     engine: &mut dyn StepEngine,
-    mut on_step: impl FnMut(&StepRecord, u64),
+    on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<TrainSummary> {
-    let t = &opts.config.training;
+    let dir = opts.out_dir.join("journal");
+    let journal = Journal::open(&dir)?;
     let resumed_from = opts
         .checkpoints
         .as_ref()
         .filter(|p| p.resume)
         .map(|_| state.step);
+    let id = run_id();
+    journal.begin(&RunEntry {
+        id: id.clone(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        config: opts.config_path.clone(),
+        seed: opts.seed,
+        total_steps: opts.config.training.steps,
+        resumed_from,
+        store: opts.checkpoints.as_ref().map(|p| p.store.clone()),
+        status: "running".into(),
+        last_step: state.step,
+        last_loss: None,
+        eval_loss: None,
+        checkpoints: vec![],
+        restarts: 0,
+        error: None,
+    })?;
+    let result = run_steps(
+        opts,
+        data,
+        state,
+        engine,
+        on_step,
+        &journal,
+        &id,
+        resumed_from,
+    );
+    journal.update(&id, |e| match &result {
+        Ok(s) => {
+            e.status = "finished".into();
+            e.restarts = s.restarts;
+        }
+        Err(err) => {
+            e.status = "failed".into();
+            e.error = Some(format!("{err:#}"));
+        }
+    })?;
+    journal.flush()?;
+    result
+}
+
+/// A run id unique on this machine: start time, process, and a counter within the process.
+fn run_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{t}-{}-{n}", std::process::id())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_steps(
+    opts: &TrainOptions,
+    data: &Dataset,
+    mut state: TrainState,
+    engine: &mut dyn StepEngine,
+    mut on_step: impl FnMut(&StepRecord, u64),
+    journal: &Journal,
+    run: &str,
+    resumed_from: Option<u64>,
+) -> Result<TrainSummary> {
+    let t = &opts.config.training;
     let first_step = state.step + 1;
     let mut uploader = opts
         .checkpoints
         .as_ref()
-        .map(|p| crate::checkpoint::Uploader::start(&p.store))
+        .map(|p| crate::checkpoint::Uploader::start(&p.store, journal.clone(), run))
         .transpose()?;
     let opt = AdamW {
         beta1: t.beta1,
@@ -468,7 +537,9 @@ pub fn run(
             expert_load_max_over_mean: stats.load_imbalance(),
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
         };
-        log.write(&serde_json::to_value(&record)?)?;
+        let line = serde_json::to_value(&record)?;
+        log.write(&line)?;
+        journal.step(run, step, &line)?;
         if let (Some(up), Some(plan)) = (uploader.as_mut(), opts.checkpoints.as_ref())
             && (step == t.steps || (plan.every > 0 && step % plan.every == 0))
         {

@@ -1,0 +1,226 @@
+//! The local run journal (sled): runs, their steps, checkpoints, restarts and outcome, kept on
+//! disk next to the run so `phalanx runs` can tell what happened after the process is gone.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A journal that cannot be opened or written, naming its directory.
+#[derive(Debug, thiserror::Error)]
+#[error("journal {dir}: {source}")]
+pub struct JournalError {
+    dir: String,
+    source: sled::Error,
+}
+
+/// One run as the journal knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunEntry {
+    pub id: String,
+    pub started_unix: u64,
+    pub config: String,
+    pub seed: u64,
+    pub total_steps: u64,
+    /// The checkpoint step the run continued from, if it was a resume.
+    pub resumed_from: Option<u64>,
+    pub store: Option<String>,
+    /// `running`, `finished` or `failed`.
+    pub status: String,
+    pub last_step: u64,
+    pub last_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub checkpoints: Vec<u64>,
+    pub restarts: u64,
+    pub error: Option<String>,
+}
+
+/// The journal of one directory. Cheap to clone; safe to share between threads.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    dir: String,
+    runs: sled::Tree,
+    steps: sled::Tree,
+}
+
+impl Journal {
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        let name = dir.display().to_string();
+        let err = |source| JournalError {
+            dir: name.clone(),
+            source,
+        };
+        let db = sled::open(dir).map_err(err)?;
+        Ok(Journal {
+            runs: db.open_tree("runs").map_err(err)?,
+            steps: db.open_tree("steps").map_err(err)?,
+            dir: name,
+        })
+    }
+
+    fn err(&self) -> impl Fn(sled::Error) -> JournalError + '_ {
+        |source| JournalError {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    /// Records a new run (status `running`) and writes it to disk. Later updates reach the disk
+    /// within sled's flush interval (0.5 s) or at `flush`.
+    pub fn begin(&self, entry: &RunEntry) -> Result<(), JournalError> {
+        let v = serde_json::to_vec(entry).expect("a run entry serialises");
+        self.runs
+            .insert(entry.id.as_bytes(), v)
+            .map_err(self.err())?;
+        self.flush()
+    }
+
+    /// Changes the run `id` with `f` (a run that is not there, or not readable, is left alone).
+    pub fn update(&self, id: &str, f: impl Fn(&mut RunEntry)) -> Result<(), JournalError> {
+        self.runs
+            .fetch_and_update(id.as_bytes(), |old| {
+                // returning None would delete the entry: an unreadable one is kept as it is
+                let old = old?;
+                let Ok(mut e) = serde_json::from_slice::<RunEntry>(old) else {
+                    return Some(old.to_vec());
+                };
+                f(&mut e);
+                Some(serde_json::to_vec(&e).expect("a run entry serialises"))
+            })
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records one finished step (its metrics line) and moves the run's last step.
+    pub fn step(
+        &self,
+        id: &str,
+        step: u64,
+        record: &serde_json::Value,
+    ) -> Result<(), JournalError> {
+        let mut key = id.as_bytes().to_vec();
+        key.push(0);
+        key.extend(step.to_be_bytes());
+        self.steps
+            .insert(key, serde_json::to_vec(record).expect("json"))
+            .map_err(self.err())?;
+        let loss = record["loss"].as_f64();
+        let eval = record["eval_loss"].as_f64();
+        self.update(id, |e| {
+            e.last_step = step;
+            e.last_loss = loss;
+            if eval.is_some() {
+                e.eval_loss = eval;
+            }
+        })
+    }
+
+    /// The step records of run `id`, in step order.
+    pub fn steps(&self, id: &str) -> Result<Vec<serde_json::Value>, JournalError> {
+        let mut prefix = id.as_bytes().to_vec();
+        prefix.push(0);
+        self.steps
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| {
+                v.map(|v| serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null))
+                    .map_err(self.err())
+            })
+            .collect()
+    }
+
+    /// Every run, oldest first.
+    pub fn runs(&self) -> Result<Vec<RunEntry>, JournalError> {
+        let mut out: Vec<RunEntry> = self
+            .runs
+            .iter()
+            .values()
+            .filter_map(|v| match v {
+                Ok(v) => serde_json::from_slice(&v).ok().map(Ok),
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(self.err())?;
+        out.sort_by(|a, b| (a.started_unix, &a.id).cmp(&(b.started_unix, &b.id)));
+        Ok(out)
+    }
+
+    /// Writes everything to disk.
+    pub fn flush(&self) -> Result<(), JournalError> {
+        self.steps.flush().map_err(self.err())?;
+        self.runs.flush().map_err(self.err())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, started: u64) -> RunEntry {
+        RunEntry {
+            id: id.into(),
+            started_unix: started,
+            config: "configs/micro.toml".into(),
+            seed: 1,
+            total_steps: 3,
+            resumed_from: None,
+            store: None,
+            status: "running".into(),
+            last_step: 0,
+            last_loss: None,
+            eval_loss: None,
+            checkpoints: vec![],
+            restarts: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn runs_steps_and_outcome_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("phalanx-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let j = Journal::open(&dir).unwrap();
+            j.begin(&entry("b", 20)).unwrap();
+            j.begin(&entry("a", 10)).unwrap();
+            for s in 1..=3 {
+                j.step(
+                    "a",
+                    s,
+                    &serde_json::json!({"step": s, "loss": 4.0 - s as f64}),
+                )
+                .unwrap();
+            }
+            j.step(
+                "a",
+                3,
+                &serde_json::json!({"step": 3, "loss": 1.0, "eval_loss": 1.5}),
+            )
+            .unwrap();
+            j.update("a", |e| {
+                e.checkpoints.push(3);
+                e.status = "finished".into();
+            })
+            .unwrap();
+            j.flush().unwrap();
+        }
+        let j = Journal::open(&dir).unwrap();
+        let runs = j.runs().unwrap();
+        assert_eq!(
+            runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let a = &runs[0];
+        assert_eq!(
+            (a.last_step, a.last_loss, a.eval_loss),
+            (3, Some(1.0), Some(1.5))
+        );
+        assert_eq!(
+            (a.status.as_str(), a.checkpoints.clone()),
+            ("finished", vec![3])
+        );
+        let steps = j.steps("a").unwrap();
+        assert_eq!(steps.len(), 3);
+        assert_eq!(steps[2]["eval_loss"], 1.5);
+        assert!(j.steps("b").unwrap().is_empty());
+    }
+}
