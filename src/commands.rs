@@ -51,9 +51,9 @@ fn base_from_flags(a: &TrainArgs) -> Result<RunBase> {
 }
 
 /// The run as the newest checkpoint of `store` recorded it.
-fn base_from_checkpoint(store: &str) -> Result<RunBase> {
-    let m = actors::checkpoint::latest_manifest(store)?;
-    let at = format!("{store}: checkpoint of step {}", m.step);
+fn base_from_checkpoint(store: &str, run: Option<&str>) -> Result<RunBase> {
+    let m = actors::checkpoint::latest_manifest(store, run)?;
+    let at = format!("{store}: run {} checkpoint of step {}", m.run, m.step);
     let text = |key: &str| {
         m.meta[key]
             .as_str()
@@ -83,7 +83,7 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
         data_format,
         precision,
     } = match plan.as_ref().filter(|p| p.resume) {
-        Some(p) => base_from_checkpoint(&p.store)?,
+        Some(p) => base_from_checkpoint(&p.store, p.run.as_deref())?,
         None => base_from_flags(a)?,
     };
     let t = &mut config.training;
@@ -126,6 +126,9 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
 
 /// The store a run checkpoints to: `--store`, else the directory `store` inside `--out`.
 fn checkpoint_plan(a: &TrainArgs) -> Result<Option<actors::trainer::CheckpointPlan>> {
+    if a.run.is_some() && !a.resume {
+        bail!("--run names the run to resume; add --resume (or use phalanx resume)");
+    }
     if a.no_checkpoint {
         if a.resume {
             bail!("--no-checkpoint: resuming reads and writes checkpoints");
@@ -144,6 +147,7 @@ fn checkpoint_plan(a: &TrainArgs) -> Result<Option<actors::trainer::CheckpointPl
             .unwrap_or_else(|| a.out.join("store").display().to_string()),
         every: a.ckpt_every,
         resume: a.resume,
+        run: a.run.clone(),
     }))
 }
 

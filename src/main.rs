@@ -79,6 +79,10 @@ pub struct TrainArgs {
     /// --steps may extend the run). `phalanx resume` is the same as `phalanx train --resume`.
     #[arg(long)]
     resume: bool,
+    /// With --resume: the run to continue, by its name in the store (default: the newest run
+    /// that has a checkpoint).
+    #[arg(long)]
+    run: Option<String>,
     /// Write the end-of-run summary JSON here (also printed).
     #[arg(long)]
     summary_json: Option<PathBuf>,

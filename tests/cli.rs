@@ -397,7 +397,13 @@ fn resume_from_the_store_reaches_the_uninterrupted_weights() {
         args.extend(&layout);
         let full = run_json(&args);
         assert_eq!(full["checkpoints"], 2, "{name}");
-        let ckpts = out.join("store/checkpoints");
+        // checkpoints live under the run's name in the store
+        let runs: Vec<_> = std::fs::read_dir(out.join("store"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        let ckpts = runs[0].join("checkpoints");
         let step20 = ckpts.join("step-0000000020");
         // the crash left the step-20 shard but never wrote its manifest
         std::fs::remove_file(step20.join("manifest.json")).unwrap();
@@ -449,4 +455,32 @@ fn resume_from_the_store_reaches_the_uninterrupted_weights() {
             assert!(e.contains("shard-0-") && e.contains("SHA-256"), "{e}");
         }
     }
+}
+
+/// Training twice into the same directory keeps both runs: each checkpoints under its own name
+/// in the store, and the journal lists both.
+#[test]
+fn a_second_run_into_the_same_directory_keeps_the_first() {
+    let out = tmp("twice");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_str().unwrap();
+    let args = [
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--steps",
+        "5",
+        "--out",
+        o,
+    ];
+    let a = run_json(&args);
+    let b = run_json(&args);
+    assert_eq!(a["params_sha256"], b["params_sha256"]);
+    assert_eq!(
+        (a["checkpoints"].as_u64(), b["checkpoints"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(std::fs::read_dir(out.join("store")).unwrap().count(), 2);
+    let listing = String::from_utf8_lossy(&phalanx(&["runs", "--out", o]).stdout).to_string();
+    assert_eq!(listing.matches(" finished ").count(), 2, "{listing}");
 }

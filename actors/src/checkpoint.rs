@@ -103,20 +103,21 @@ pub fn meta(opts: &TrainOptions, state: &TrainState, every: u64) -> serde_json::
     })
 }
 
-/// The newest committed checkpoint of `url`: its manifest and tensors (checksums verified).
-pub fn load_latest(url: &str) -> Result<(CheckpointManifest, Vec<SnapTensor>)> {
+/// The newest committed checkpoint in `url` (of `run`, else of the newest run that has one):
+/// its manifest and tensors (checksums verified).
+pub fn load_latest(url: &str, run: Option<&str>) -> Result<(CheckpointManifest, Vec<SnapTensor>)> {
     let store = Store::open(url)?;
     block_on(async {
-        let m = checkpoint::latest_manifest(&store).await?;
+        let m = checkpoint::latest_manifest(&store, run).await?;
         let t = checkpoint::read_tensors(&store, &m).await?;
         Ok::<_, anyhow::Error>((m, t))
     })
 }
 
-/// The manifest of the newest committed checkpoint of `url`.
-pub fn latest_manifest(url: &str) -> Result<CheckpointManifest> {
+/// The manifest of the newest committed checkpoint in `url` (of `run`, else of any run).
+pub fn latest_manifest(url: &str, run: Option<&str>) -> Result<CheckpointManifest> {
     let store = Store::open(url)?;
-    Ok(block_on(checkpoint::latest_manifest(&store))?)
+    Ok(block_on(checkpoint::latest_manifest(&store, run))?)
 }
 
 struct Job {
@@ -133,18 +134,26 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    /// Starts the uploader of store `url`; each commit is recorded in `journal` under `run`.
-    pub fn start(url: &str, journal: Journal, run: &str) -> Result<Uploader> {
+    /// Starts the uploader of checkpoints of run `ckpt_run` to store `url`; each commit is also
+    /// recorded in `journal` under the journal's run id `run`.
+    pub fn start(url: &str, ckpt_run: &str, journal: Journal, run: &str) -> Result<Uploader> {
         let store = Store::open(url)?;
         let run = run.to_string();
+        let ckpt_run = ckpt_run.to_string();
         let (tx, rx) = mpsc::sync_channel::<Job>(0);
         let thread = std::thread::Builder::new()
             .name("checkpoint-upload".into())
             .spawn(move || -> Result<u64> {
                 let mut committed = 0;
                 for job in rx {
-                    block_on(checkpoint::write(&store, job.step, &job.tensors, job.meta))
-                        .with_context(|| format!("checkpoint of step {}", job.step))?;
+                    block_on(checkpoint::write(
+                        &store,
+                        &ckpt_run,
+                        job.step,
+                        &job.tensors,
+                        job.meta,
+                    ))
+                    .with_context(|| format!("checkpoint of step {}", job.step))?;
                     tracing::info!(step = job.step, store = %store.url, "checkpoint committed");
                     journal.update(&run, |e| e.checkpoints.push(job.step))?;
                     committed += 1;

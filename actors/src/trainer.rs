@@ -41,6 +41,8 @@ pub struct CheckpointPlan {
     pub every: u64,
     /// Start from the store's newest committed checkpoint instead of step 0.
     pub resume: bool,
+    /// The run to resume (its name in the store); default: the newest run with a checkpoint.
+    pub run: Option<String>,
 }
 
 /// One finished step, as logged to metrics.jsonl and shown on the progress bar.
@@ -225,7 +227,7 @@ pub fn build_model(opts: &TrainOptions) -> Result<DeepSeekV3> {
 pub fn build_state(opts: &TrainOptions) -> Result<TrainState> {
     let mut state = TrainState::new(build_model(opts)?);
     if let Some(plan) = opts.checkpoints.as_ref().filter(|p| p.resume) {
-        let (manifest, tensors) = crate::checkpoint::load_latest(&plan.store)?;
+        let (manifest, tensors) = crate::checkpoint::load_latest(&plan.store, plan.run.as_deref())?;
         let step = manifest.meta["optimizer_step"]
             .as_u64()
             .unwrap_or(manifest.step);
@@ -425,6 +427,15 @@ pub fn run(
         restarts: 0,
         error: None,
     })?;
+    // checkpoints go under the run's name in the store: a resumed run continues the one it resumes
+    let ckpt_run = match opts.checkpoints.as_ref().filter(|p| p.resume) {
+        Some(p) => crate::checkpoint::latest_manifest(&p.store, p.run.as_deref())?.run,
+        None => id.clone(),
+    };
+    let ids = RunIds {
+        journal: &id,
+        checkpoints: &ckpt_run,
+    };
     let result = run_steps(
         opts,
         data,
@@ -432,7 +443,7 @@ pub fn run(
         engine,
         on_step,
         &journal,
-        &id,
+        ids,
         resumed_from,
     );
     journal.update(&id, |e| match &result {
@@ -449,15 +460,23 @@ pub fn run(
     result
 }
 
-/// A run id unique on this machine: start time, process, and a counter within the process.
+/// A run id unique on this machine: start time (ms), process, and a counter within the process.
 fn run_id() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
+    let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis())
         .unwrap_or(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{t}-{}-{n}", std::process::id())
+    // zero-padded milliseconds first, so names sort by start time
+    format!("{ms:013}-{}-{n}", std::process::id())
+}
+
+/// A run's names: its journal entry and its key prefix in the checkpoint store.
+#[derive(Clone, Copy)]
+struct RunIds<'a> {
+    journal: &'a str,
+    checkpoints: &'a str,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -468,15 +487,18 @@ fn run_steps(
     engine: &mut dyn StepEngine,
     mut on_step: impl FnMut(&StepRecord, u64),
     journal: &Journal,
-    run: &str,
+    ids: RunIds,
     resumed_from: Option<u64>,
 ) -> Result<TrainSummary> {
+    let run = ids.journal;
     let t = &opts.config.training;
     let first_step = state.step + 1;
     let mut uploader = opts
         .checkpoints
         .as_ref()
-        .map(|p| crate::checkpoint::Uploader::start(&p.store, journal.clone(), run))
+        .map(|p| {
+            crate::checkpoint::Uploader::start(&p.store, ids.checkpoints, journal.clone(), run)
+        })
         .transpose()?;
     let opt = AdamW {
         beta1: t.beta1,

@@ -1,6 +1,6 @@
-//! Checkpoints in an object store: a step's tensors as one safetensors shard (named by its
-//! SHA-256, uploaded in 5 MiB multipart parts), then a manifest written create-only. No manifest,
-//! no checkpoint.
+//! Checkpoints in an object store, under `<run>/checkpoints/step-<t>/`: a step's tensors as one
+//! safetensors shard (named by its SHA-256, uploaded in 5 MiB multipart parts), then a manifest
+//! written create-only. No manifest, no checkpoint.
 
 use crate::store::Store;
 use half::bf16;
@@ -43,6 +43,8 @@ pub struct ShardEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointManifest {
     pub format: u32,
+    /// The run this checkpoint belongs to (its key prefix in the store).
+    pub run: String,
     pub step: u64,
     pub tensors: usize,
     pub shards: Vec<ShardEntry>,
@@ -65,7 +67,7 @@ pub enum CheckpointError {
         key: String,
         message: String,
     },
-    #[error("{url}: no complete checkpoint (no checkpoints/step-*/manifest.json)")]
+    #[error("{url}: no complete checkpoint (no <run>/checkpoints/step-*/manifest.json)")]
     None { url: String },
 }
 
@@ -74,14 +76,15 @@ fn step_dir(step: u64) -> String {
     format!("step-{step:010}")
 }
 
-fn manifest_key(step: u64) -> ObjPath {
-    Store::key(&["checkpoints", &step_dir(step), "manifest.json"])
+fn manifest_key(run: &str, step: u64) -> ObjPath {
+    Store::key(&[run, "checkpoints", &step_dir(step), "manifest.json"])
 }
 
 /// Writes the checkpoint of `step`: the shard, then the manifest (create-only: an existing
 /// checkpoint of the same step is never replaced). Returns the manifest.
 pub async fn write(
     store: &Store,
+    run: &str,
     step: u64,
     tensors: &[SnapTensor],
     meta: serde_json::Value,
@@ -93,13 +96,13 @@ pub async fn write(
     };
     let bytes = serialize(tensors).map_err(|message| CheckpointError::Corrupt {
         url: store.url.clone(),
-        key: format!("checkpoints/{}", step_dir(step)),
+        key: format!("{run}/checkpoints/{}", step_dir(step)),
         message,
     })?;
     let sha256 = hex(&Sha256::digest(&bytes));
     // content-addressed: a second attempt at a committed step never touches the committed shard
     let shard_name = format!("shard-0-{}.safetensors", &sha256[..16]);
-    let shard_key = Store::key(&["checkpoints", &step_dir(step), &shard_name]);
+    let shard_key = Store::key(&[run, "checkpoints", &step_dir(step), &shard_name]);
     let upload = store
         .inner
         .put_multipart(&shard_key)
@@ -113,6 +116,7 @@ pub async fn write(
     w.finish().await.map_err(err(&shard_key))?;
     let manifest = CheckpointManifest {
         format: FORMAT,
+        run: run.to_string(),
         step,
         tensors: tensors.len(),
         shards: vec![ShardEntry {
@@ -122,7 +126,7 @@ pub async fn write(
         }],
         meta,
     };
-    let key = manifest_key(step);
+    let key = manifest_key(run, step);
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     let opts = PutOptions {
         mode: PutMode::Create,
@@ -136,35 +140,57 @@ pub async fn write(
     Ok(manifest)
 }
 
-/// Steps that have a manifest, newest first (a step whose manifest is missing was never
-/// committed and is skipped).
-pub async fn committed_steps(store: &Store) -> Result<Vec<u64>, CheckpointError> {
-    let root = Store::key(&["checkpoints"]);
+/// The names under `prefix` (the store root when None), like a directory listing.
+async fn children(store: &Store, prefix: Option<&ObjPath>) -> Result<Vec<String>, CheckpointError> {
     let listing = store
         .inner
-        .list_with_delimiter(Some(&root))
+        .list_with_delimiter(prefix)
         .await
         .map_err(|source| CheckpointError::Store {
             url: store.url.clone(),
-            key: root.to_string(),
+            key: prefix.map(|p| p.to_string()).unwrap_or_default(),
             source,
         })?;
+    Ok(listing
+        .common_prefixes
+        .iter()
+        .filter_map(|p| p.filename().map(str::to_string))
+        .collect())
+}
+
+/// Runs with a checkpoint directory in the store, newest name first (run names start with
+/// their start time).
+pub async fn runs(store: &Store) -> Result<Vec<String>, CheckpointError> {
+    let mut out = Vec::new();
+    for run in children(store, None).await? {
+        if children(store, Some(&Store::key(&[&run])))
+            .await?
+            .iter()
+            .any(|c| c == "checkpoints")
+        {
+            out.push(run);
+        }
+    }
+    out.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(out)
+}
+
+/// Steps of `run` that have a manifest, newest first (a step whose manifest is missing was
+/// never committed and is skipped).
+pub async fn committed_steps(store: &Store, run: &str) -> Result<Vec<u64>, CheckpointError> {
+    let root = Store::key(&[run, "checkpoints"]);
     let mut steps = Vec::new();
-    for p in listing.common_prefixes {
-        let Some(step) = p
-            .filename()
-            .and_then(|d| d.strip_prefix("step-"))
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
+    for d in children(store, Some(&root)).await? {
+        let Some(step) = d.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) else {
             continue;
         };
-        match store.inner.head(&manifest_key(step)).await {
+        match store.inner.head(&manifest_key(run, step)).await {
             Ok(_) => steps.push(step),
             Err(object_store::Error::NotFound { .. }) => {}
             Err(source) => {
                 return Err(CheckpointError::Store {
                     url: store.url.clone(),
-                    key: manifest_key(step).to_string(),
+                    key: manifest_key(run, step).to_string(),
                     source,
                 });
             }
@@ -174,23 +200,32 @@ pub async fn committed_steps(store: &Store) -> Result<Vec<u64>, CheckpointError>
     Ok(steps)
 }
 
-/// The manifest of the newest committed checkpoint.
-pub async fn latest_manifest(store: &Store) -> Result<CheckpointManifest, CheckpointError> {
-    let step = *committed_steps(store)
-        .await?
-        .first()
-        .ok_or_else(|| CheckpointError::None {
-            url: store.url.clone(),
-        })?;
-    read_manifest(store, step).await
+/// The manifest of the newest committed checkpoint of `run`, or of the newest run that has one.
+pub async fn latest_manifest(
+    store: &Store,
+    run: Option<&str>,
+) -> Result<CheckpointManifest, CheckpointError> {
+    let candidates = match run {
+        Some(r) => vec![r.to_string()],
+        None => runs(store).await?,
+    };
+    for run in candidates {
+        if let Some(&step) = committed_steps(store, &run).await?.first() {
+            return read_manifest(store, &run, step).await;
+        }
+    }
+    Err(CheckpointError::None {
+        url: store.url.clone(),
+    })
 }
 
-/// The manifest of the checkpoint of `step`.
+/// The manifest of the checkpoint of `run` at `step`.
 pub async fn read_manifest(
     store: &Store,
+    run: &str,
     step: u64,
 ) -> Result<CheckpointManifest, CheckpointError> {
-    let key = manifest_key(step);
+    let key = manifest_key(run, step);
     let bytes = get(store, &key).await?;
     let m: CheckpointManifest =
         serde_json::from_slice(&bytes).map_err(|e| corrupt(store, &key, format!("{e}")))?;
@@ -201,11 +236,14 @@ pub async fn read_manifest(
             format!("format {} (this build reads {FORMAT})", m.format),
         ));
     }
-    if m.step != step {
+    if m.step != step || m.run != run {
         return Err(corrupt(
             store,
             &key,
-            format!("says step {} inside step {step}'s directory", m.step),
+            format!(
+                "says run {} step {} inside run {run} step {step}'s directory",
+                m.run, m.step
+            ),
         ));
     }
     Ok(m)
@@ -240,7 +278,7 @@ pub async fn read_tensors(
     if out.len() != manifest.tensors {
         return Err(corrupt(
             store,
-            &manifest_key(manifest.step),
+            &manifest_key(&manifest.run, manifest.step),
             format!(
                 "lists {} tensors, the shards hold {}",
                 manifest.tensors,
@@ -358,32 +396,43 @@ mod tests {
             let store = Store::open(&url).unwrap();
             block_on(async {
                 assert!(matches!(
-                    latest_manifest(&store).await,
+                    latest_manifest(&store, None).await,
                     Err(CheckpointError::None { .. })
                 ));
-                write(&store, 5, &tensors(1.0), serde_json::json!({"seed": 3}))
+                let seed = serde_json::json!({"seed": 3});
+                write(&store, "r1", 5, &tensors(1.0), seed.clone())
                     .await
                     .unwrap();
-                write(&store, 12, &tensors(2.0), serde_json::json!({"seed": 3}))
-                    .await
-                    .unwrap();
-                assert_eq!(committed_steps(&store).await.unwrap(), vec![12, 5]);
-                let m = latest_manifest(&store).await.unwrap();
+                write(&store, "r1", 12, &tensors(2.0), seed).await.unwrap();
+                assert_eq!(committed_steps(&store, "r1").await.unwrap(), vec![12, 5]);
+                let m = latest_manifest(&store, None).await.unwrap();
                 assert_eq!((m.step, m.meta["seed"].as_u64()), (12, Some(3)));
                 assert_eq!(
                     read_tensors(&store, &m).await.unwrap(),
                     sorted(tensors(2.0))
                 );
                 // a second commit of the same step is refused; the first stays
-                let e = write(&store, 12, &tensors(9.0), serde_json::Value::Null)
+                let e = write(&store, "r1", 12, &tensors(9.0), serde_json::Value::Null)
                     .await
-                    .unwrap_err();
-                assert!(e.to_string().contains("manifest.json"), "{e}");
-                let m = read_manifest(&store, 12).await.unwrap();
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains("r1/checkpoints/step-0000000012/manifest.json"),
+                    "{e}"
+                );
+                let m = read_manifest(&store, "r1", 12).await.unwrap();
                 assert_eq!(
                     read_tensors(&store, &m).await.unwrap(),
                     sorted(tensors(2.0))
                 );
+                // a newer run's checkpoint is the latest; an older run is still reachable by name
+                write(&store, "r2", 3, &tensors(3.0), serde_json::Value::Null)
+                    .await
+                    .unwrap();
+                assert_eq!(runs(&store).await.unwrap(), ["r2", "r1"]);
+                let m = latest_manifest(&store, None).await.unwrap();
+                assert_eq!((m.run.as_str(), m.step), ("r2", 3));
+                assert_eq!(latest_manifest(&store, Some("r1")).await.unwrap().step, 12);
             });
         }
     }
@@ -392,19 +441,24 @@ mod tests {
     fn uncommitted_and_corrupt_checkpoints() {
         let store = Store::open("memory://").unwrap();
         block_on(async {
-            write(&store, 1, &tensors(1.0), serde_json::Value::Null)
+            write(&store, "r", 1, &tensors(1.0), serde_json::Value::Null)
                 .await
                 .unwrap();
             // a shard without a manifest (a crash mid-checkpoint) is not a checkpoint
-            let orphan = Store::key(&["checkpoints", "step-0000000002", "shard-0-0.safetensors"]);
+            let orphan = Store::key(&[
+                "r",
+                "checkpoints",
+                "step-0000000002",
+                "shard-0-0.safetensors",
+            ]);
             store
                 .inner
                 .put(&orphan, PutPayload::from(vec![1u8, 2, 3]))
                 .await
                 .unwrap();
-            assert_eq!(committed_steps(&store).await.unwrap(), vec![1]);
+            assert_eq!(committed_steps(&store, "r").await.unwrap(), vec![1]);
             // a flipped byte in the shard is caught by the checksum, naming the object
-            let m = read_manifest(&store, 1).await.unwrap();
+            let m = read_manifest(&store, "r", 1).await.unwrap();
             let key = ObjPath::from(m.shards[0].key.as_str());
             let mut bytes = get(&store, &key).await.unwrap();
             let last = bytes.len() - 1;
@@ -417,14 +471,17 @@ mod tests {
             let e = read_tensors(&store, &m).await.unwrap_err().to_string();
             assert!(e.contains("/shard-0-") && e.contains("SHA-256"), "{e}");
             // a manifest that is not JSON names itself
-            let mk = manifest_key(3);
+            let mk = manifest_key("r", 3);
             store
                 .inner
                 .put(&mk, PutPayload::from(b"{".to_vec()))
                 .await
                 .unwrap();
-            let e = latest_manifest(&store).await.unwrap_err().to_string();
-            assert!(e.contains("step-0000000003/manifest.json"), "{e}");
+            let e = latest_manifest(&store, None).await.unwrap_err().to_string();
+            assert!(
+                e.contains("r/checkpoints/step-0000000003/manifest.json"),
+                "{e}"
+            );
         });
     }
 }
