@@ -225,7 +225,7 @@ pub fn schedule(a: ScheduleArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: `train` (training step throughput of tiny and small vs the GEMM peak) or
+    /// What to measure: `checkpoint` (snapshot stall, store write and read), `train` (training step throughput of tiny and small vs the GEMM peak) or
     /// `pipeline` (the actor formation's step time vs the plain loop, same micro-batches) or `fp8`
     /// (FP8 quantise+encode vs memcpy, FP8 GEMM vs f32 GEMM).
     #[arg(default_value = "train")]
@@ -252,8 +252,46 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             print!("{}", kernels::fp8::bench::report(4096, 4096, 1024));
             Ok(())
         }
-        other => bail!("unknown benchmark {other:?}: expected `train`, `pipeline` or `fp8`"),
+        "checkpoint" => bench_checkpoint(a),
+        other => bail!(
+            "unknown benchmark {other:?}: expected `train`, `pipeline`, `fp8` or `checkpoint`"
+        ),
     }
+}
+
+/// The configs a benchmark measures: `--config` (repeatable), else tiny and small.
+fn bench_configs(a: &BenchArgs) -> Vec<PathBuf> {
+    if a.config.is_empty() {
+        vec![
+            PathBuf::from("configs/tiny.toml"),
+            PathBuf::from("configs/small.toml"),
+        ]
+    } else {
+        a.config.clone()
+    }
+}
+
+/// Snapshot stall, store write and read of a checkpoint of tiny and small (or `--config`).
+fn bench_checkpoint(a: BenchArgs) -> Result<()> {
+    let configs = bench_configs(&a);
+    for c in configs {
+        let r = actors::bench::checkpoint_costs(&c, a.batch_size, a.seq_len)?;
+        println!(
+            "{}: checkpoint {:.1} MB; snapshot copy {:.3} s = {:.1}% of a {:.2} s step; store write {:.2} GB/s vs plain file write {:.2} GB/s = {:.0}%; verified read {:.2} GB/s; read back equal: {}",
+            r.config,
+            r.checkpoint_bytes as f64 / 1e6,
+            r.snapshot_s,
+            100.0 * r.stall_per_step,
+            r.step_s,
+            r.store_write_gb_per_s,
+            r.file_write_gb_per_s,
+            100.0 * r.write_ratio,
+            r.store_read_gb_per_s,
+            r.same_after_read
+        );
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
 }
 
 /// `--pp 4 --schedule dualpipe` (8 micro-batches) on tiny against the plain loop.
@@ -305,14 +343,7 @@ fn bench_pipeline(a: BenchArgs) -> Result<()> {
 }
 
 fn bench_train(a: BenchArgs) -> Result<()> {
-    let configs = if a.config.is_empty() {
-        vec![
-            PathBuf::from("configs/tiny.toml"),
-            PathBuf::from("configs/small.toml"),
-        ]
-    } else {
-        a.config.clone()
-    };
+    let configs = bench_configs(&a);
     let peak = actors::bench::gemm_peak_gflops(2048, 10);
     println!(
         "machine GEMM peak: {peak:.1} GFLOP/s (f32 2048x2048x2048 through kernels::matmul = {}, {} threads)",

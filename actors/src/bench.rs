@@ -151,3 +151,99 @@ pub fn pipeline_overhead(
         same_weights: plain_sha == formation_sha,
     })
 }
+
+/// What a checkpoint costs: the in-memory copy the step loop pays (against a training step),
+/// the write to a local-directory store (against a plain file write of the same bytes), and
+/// the verified read back.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointBench {
+    pub config: String,
+    pub checkpoint_bytes: u64,
+    pub snapshot_s: f64,
+    pub step_s: f64,
+    /// snapshot_s / step_s: the stall as a fraction of one step.
+    pub stall_per_step: f64,
+    pub store_write_gb_per_s: f64,
+    pub file_write_gb_per_s: f64,
+    pub write_ratio: f64,
+    pub store_read_gb_per_s: f64,
+    pub same_after_read: bool,
+}
+
+/// Best wall time of `reps` runs of `f`.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+pub fn checkpoint_costs(config: &Path, batch: usize, seq: usize) -> Result<CheckpointBench> {
+    use storage::checkpoint;
+    use storage::store::{Store, block_on};
+    let step_s =
+        (batch * seq) as f64 / train_step_throughput(config, batch, seq, 2, 1.0)?.tokens_per_s;
+    let rc = RunConfig::load(config)?;
+    let state = TrainState::new(DeepSeekV3::new(&rc.model, rc.training.init_std, 0));
+    let mut snap = Vec::new();
+    let snapshot_s = best_of(3, || snap = crate::checkpoint::snapshot(&state));
+    let bytes: u64 = snap
+        .iter()
+        .map(|t| match &t.data {
+            storage::checkpoint::SnapData::F32(v) => 4 * v.len() as u64,
+            storage::checkpoint::SnapData::Bf16(v) => 2 * v.len() as u64,
+        })
+        .sum();
+    let dir = std::env::temp_dir().join(format!("phalanx-bench-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(&dir.display().to_string())?;
+    let mut step = 0;
+    let mut failed = None;
+    let write_s = best_of(3, || {
+        step += 1;
+        if let Err(e) = block_on(checkpoint::write(
+            &store,
+            "bench",
+            step,
+            &snap,
+            serde_json::Value::Null,
+        )) {
+            failed = Some(e);
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    let raw = vec![7u8; bytes as usize];
+    let file = dir.join("plain-write.bin");
+    let file_s = best_of(3, || {
+        std::fs::write(&file, &raw).expect("temp dir is writable");
+    });
+    let mut back = Vec::new();
+    let read_s = best_of(3, || {
+        back = block_on(async {
+            let m = checkpoint::read_manifest(&store, "bench", step).await?;
+            checkpoint::read_tensors(&store, &m).await
+        })
+        .unwrap_or_default();
+    });
+    let mut sorted = snap.clone();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gb = bytes as f64 / 1e9;
+    Ok(CheckpointBench {
+        config: config.display().to_string(),
+        checkpoint_bytes: bytes,
+        snapshot_s,
+        step_s,
+        stall_per_step: snapshot_s / step_s,
+        store_write_gb_per_s: gb / write_s,
+        file_write_gb_per_s: gb / file_s,
+        write_ratio: file_s / write_s,
+        store_read_gb_per_s: gb / read_s,
+        same_after_read: back == sorted,
+    })
+}

@@ -6,7 +6,7 @@ use crate::store::Store;
 use half::bf16;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -311,28 +311,61 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The tensors as safetensors bytes, little-endian, in name order.
+/// One snapshot tensor seen by the safetensors writer: its values as bytes, borrowed.
+struct ShardView<'a>(&'a SnapTensor);
+
+impl safetensors::View for ShardView<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.0.data {
+            SnapData::F32(_) => Dtype::F32,
+            SnapData::Bf16(_) => Dtype::BF16,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        // safetensors stores little-endian values: on a little-endian machine they are the
+        // in-memory bytes (the build refuses other targets below)
+        match &self.0.data {
+            SnapData::F32(v) => bytemuck::cast_slice(v).into(),
+            SnapData::Bf16(v) => bytemuck::cast_slice(v).into(),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match &self.0.data {
+            SnapData::F32(v) => 4 * v.len(),
+            SnapData::Bf16(v) => 2 * v.len(),
+        }
+    }
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("checkpoint shards are written from in-memory bytes: little-endian targets only");
+
+/// The tensors as safetensors bytes, in name order.
 fn serialize(tensors: &[SnapTensor]) -> Result<Vec<u8>, String> {
-    let raw: Vec<(Dtype, Vec<u8>)> = tensors
-        .iter()
-        .map(|t| match &t.data {
-            SnapData::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            SnapData::Bf16(v) => (
-                Dtype::BF16,
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ),
-        })
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&raw)
-        .map(|(t, (dtype, bytes))| {
-            TensorView::new(*dtype, t.shape.clone(), bytes)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| format!("tensor {}: {e}", t.name))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    safetensors::serialize(views, None).map_err(|e| e.to_string())
+    for t in tensors {
+        let n: usize = t.shape.iter().product();
+        let len = match &t.data {
+            SnapData::F32(v) => v.len(),
+            SnapData::Bf16(v) => v.len(),
+        };
+        if n != len {
+            return Err(format!(
+                "tensor {}: shape {:?} but {len} values",
+                t.name, t.shape
+            ));
+        }
+    }
+    safetensors::serialize(
+        tensors.iter().map(|t| (t.name.as_str(), ShardView(t))),
+        None,
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn deserialize(bytes: &[u8]) -> Result<Vec<SnapTensor>, String> {
