@@ -1,5 +1,5 @@
-//! Where checkpoints live: an object store opened from a URL (`file://DIR` or a plain directory,
-//! `memory://`), with a key prefix, and the small runtime its async API runs on.
+//! Where checkpoints live: an object store opened from a URL (a directory or `file://DIR`,
+//! `memory://`, `s3://`, `gs://`, `az://`), under the URL's path, and the runtime its API runs on.
 
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
@@ -23,9 +23,24 @@ pub struct Store {
 
 impl Store {
     /// Opens `url`: `file:///abs/dir`, `file://rel/dir` or a plain path (a local directory,
-    /// created if missing), or `memory://` (in this process only). Cloud schemes (`s3://`,
-    /// `gs://`, `az://`) are refused by name: this build has no cloud client compiled in.
+    /// created if missing), `memory://` (in this process only), or a cloud bucket with a key
+    /// prefix, `s3://bucket/prefix` (any S3-compatible endpoint), `gs://…`, `az://…`, configured
+    /// from the environment as object_store reads it (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT`,
+    /// `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, …).
     pub fn open(url: &str) -> Result<Store, StoreError> {
+        let prefixes = ["AWS_", "GOOGLE_", "AZURE_"];
+        let env = std::env::vars()
+            .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v));
+        Store::open_with(url, env)
+    }
+
+    /// [`Store::open`] with the cloud options given (object_store's keys, e.g. `aws_endpoint`,
+    /// `aws_access_key_id`, `aws_allow_http`) instead of read from the environment.
+    pub fn open_with(
+        url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Store, StoreError> {
         let unusable = |message: String| StoreError::Unusable {
             url: url.to_string(),
             message,
@@ -34,14 +49,10 @@ impl Store {
             Some(("memory", "")) => Arc::new(InMemory::new()),
             Some(("memory", _)) => return Err(unusable("memory:// takes no path".into())),
             Some(("file", dir)) => Arc::new(local(dir).map_err(unusable)?),
-            Some((scheme @ ("s3" | "gs" | "az" | "http" | "https"), _)) => {
-                return Err(unusable(format!(
-                    "{scheme}:// stores are not built into this binary yet; use file:// or a directory"
-                )));
-            }
+            Some(("s3" | "gs" | "az", _)) => cloud(url, options).map_err(unusable)?,
             Some((scheme, _)) => {
                 return Err(unusable(format!(
-                    "unknown scheme {scheme}:// (expected file:// or memory://)"
+                    "unknown scheme {scheme}:// (expected file://, memory://, s3://, gs:// or az://)"
                 )));
             }
             None if url.is_empty() => return Err(unusable("empty store URL".into())),
@@ -59,6 +70,25 @@ impl Store {
     }
 }
 
+/// A bucket store, narrowed to the URL's path.
+fn cloud(
+    url: &str,
+    options: impl IntoIterator<Item = (String, String)>,
+) -> Result<Arc<dyn ObjectStore>, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    if parsed.host_str().unwrap_or("").is_empty() {
+        return Err("names no bucket".into());
+    }
+    let (store, prefix) =
+        object_store::parse_url_opts(&parsed, options).map_err(|e| e.to_string())?;
+    let store: Arc<dyn ObjectStore> = Arc::from(store);
+    Ok(if prefix.as_ref().is_empty() {
+        store
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    })
+}
+
 fn local(dir: &str) -> Result<LocalFileSystem, String> {
     if dir.is_empty() {
         return Err("file:// needs a directory".into());
@@ -67,10 +97,12 @@ fn local(dir: &str) -> Result<LocalFileSystem, String> {
     LocalFileSystem::new_with_prefix(dir).map_err(|e| e.to_string())
 }
 
-/// Runs one future of the store's async API to completion on a current-thread runtime. Call it
+/// Runs one future of the store's async API to completion on a current-thread runtime (with the
+/// timers and sockets the cloud clients need). Call it
 /// from a plain thread (the trainer's loop, a test, a background uploader), never from a task.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("a current-thread runtime needs no resources that can be missing")
         .block_on(f)
@@ -88,7 +120,7 @@ mod tests {
         assert!(Store::open(&format!("file://{d}")).is_ok());
         assert!(Store::open("memory://").is_ok());
         for (url, says) in [
-            ("s3://bucket/x", "s3:// stores are not built"),
+            ("s3:///x", "names no bucket"),
             ("ftp://x", "unknown scheme ftp://"),
             ("memory://x", "takes no path"),
             ("", "empty store URL"),
