@@ -5,7 +5,7 @@ use crate::{EvalArgs, TrainArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use kernels::model::{Batch, RunConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use storage::dataset::{DataFormat, Dataset};
 
 /// `configs/tiny.toml` as it was when this binary was built: the default of `phalanx train`.
@@ -19,6 +19,8 @@ struct RunBase {
     data: Option<PathBuf>,
     data_format: DataFormat,
     precision: kernels::model::Precision,
+    /// The checkpoint interval the run was started with (resume only).
+    ckpt_every: Option<u64>,
 }
 
 /// The run as the flags describe it.
@@ -47,6 +49,7 @@ fn base_from_flags(a: &TrainArgs) -> Result<RunBase> {
         data: a.data.clone(),
         data_format,
         precision,
+        ckpt_every: None,
     })
 }
 
@@ -69,12 +72,13 @@ fn base_from_checkpoint(store: &str, run: Option<&str>) -> Result<RunBase> {
         data: m.meta["data"].as_str().map(PathBuf::from),
         data_format: text("data_format")?.parse().map_err(anyhow::Error::msg)?,
         precision: text("precision")?.parse().map_err(anyhow::Error::msg)?,
+        ckpt_every: m.meta["checkpoint_every"].as_u64(),
         file,
     })
 }
 
 pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
-    let plan = checkpoint_plan(a)?;
+    let mut plan = checkpoint_plan(a)?;
     let RunBase {
         mut config,
         file,
@@ -82,10 +86,14 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
         data,
         data_format,
         precision,
+        ckpt_every,
     } = match plan.as_ref().filter(|p| p.resume) {
         Some(p) => base_from_checkpoint(&p.store, p.run.as_deref())?,
         None => base_from_flags(a)?,
     };
+    if let (Some(p), None, Some(every)) = (plan.as_mut(), a.ckpt_every, ckpt_every) {
+        p.every = every;
+    }
     let t = &mut config.training;
     if let Some(s) = a.steps {
         t.steps = s;
@@ -145,7 +153,7 @@ fn checkpoint_plan(a: &TrainArgs) -> Result<Option<actors::trainer::CheckpointPl
             .store
             .clone()
             .unwrap_or_else(|| a.out.join("store").display().to_string()),
-        every: a.ckpt_every,
+        every: a.ckpt_every.unwrap_or(100),
         resume: a.resume,
         run: a.run.clone(),
     }))
@@ -397,7 +405,12 @@ pub fn runs(a: RunsArgs) -> Result<()> {
         "{:<24} {:<9} {:>11} {:>8} {:>8} {:>12} {:>8}  config",
         "run", "status", "step", "loss", "eval", "checkpoints", "restarts"
     );
-    for r in journal.runs()? {
+    for mut r in journal.runs()? {
+        // a run still marked running whose process is gone was killed (or crashed hard)
+        let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+        if r.status == "running" && r.pid.is_some_and(|p| !alive(p)) {
+            r.status = "died".into();
+        }
         let ckpt = match r.checkpoints.last() {
             Some(last) => format!("{} (last {last})", r.checkpoints.len()),
             None => "0".into(),

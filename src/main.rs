@@ -70,8 +70,9 @@ pub struct TrainArgs {
     #[arg(long)]
     store: Option<String>,
     /// Checkpoint every N steps; the last step is always checkpointed (0: only the last).
-    #[arg(long, default_value_t = 100)]
-    ckpt_every: u64,
+    /// Default 100, or on resume the resumed run's own interval.
+    #[arg(long)]
+    ckpt_every: Option<u64>,
     /// Write no checkpoints.
     #[arg(long)]
     no_checkpoint: bool,

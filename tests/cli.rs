@@ -484,3 +484,76 @@ fn a_second_run_into_the_same_directory_keeps_the_first() {
     let listing = String::from_utf8_lossy(&phalanx(&["runs", "--out", o]).stdout).to_string();
     assert_eq!(listing.matches(" finished ").count(), 2, "{listing}");
 }
+
+/// A real crash: the process is killed (SIGKILL) once its step-100 checkpoint is committed, mid
+/// run and possibly mid-upload. `phalanx resume` continues from the newest committed checkpoint
+/// and ends with the weights of the run that was never interrupted; the journal shows the
+/// killed run as died.
+#[test]
+fn killed_run_resumes_to_the_uninterrupted_weights() {
+    let steps = "3000";
+    let clean_out = tmp("kill-clean");
+    let _ = std::fs::remove_dir_all(&clean_out);
+    let clean = run_json(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--steps",
+        steps,
+        "--no-checkpoint",
+        "--out",
+        clean_out.to_str().unwrap(),
+    ]);
+    let out = tmp("kill");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phalanx"))
+        .args([
+            "train",
+            "--config",
+            "configs/micro.toml",
+            "--steps",
+            steps,
+            "--ckpt-every",
+            "20",
+            "--out",
+            o,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let committed = |step: &str| {
+        std::fs::read_dir(out.join("store"))
+            .ok()
+            .is_some_and(|runs| {
+                runs.flatten().any(|r| {
+                    r.path()
+                        .join(format!("checkpoints/step-{step}/manifest.json"))
+                        .exists()
+                })
+            })
+    };
+    let started = std::time::Instant::now();
+    while !committed("0000000100") {
+        assert!(started.elapsed().as_secs() < 120, "no step-100 checkpoint");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!committed("0000003000"), "killed before the end");
+    let resumed = run_json(&["resume", "--out", o]);
+    assert!(resumed["resumed_from"].as_u64().unwrap() >= 100);
+    assert_eq!(resumed["params_sha256"], clean["params_sha256"]);
+    let listing = String::from_utf8_lossy(&phalanx(&["runs", "--out", o]).stdout).to_string();
+    assert!(
+        listing.contains(" died ") && listing.contains(" finished "),
+        "{listing}"
+    );
+}

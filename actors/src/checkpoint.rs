@@ -155,7 +155,9 @@ impl Uploader {
                     ))
                     .with_context(|| format!("checkpoint of step {}", job.step))?;
                     tracing::info!(step = job.step, store = %store.url, "checkpoint committed");
+                    // on disk at once: the journal's record of commits survives a kill
                     journal.update(&run, |e| e.checkpoints.push(job.step))?;
+                    journal.flush()?;
                     committed += 1;
                 }
                 Ok(committed)

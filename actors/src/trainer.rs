@@ -420,6 +420,7 @@ pub fn run(
         resumed_from,
         store: opts.checkpoints.as_ref().map(|p| p.store.clone()),
         status: "running".into(),
+        pid: Some(std::process::id()),
         last_step: state.step,
         last_loss: None,
         eval_loss: None,

@@ -25,6 +25,9 @@ pub struct RunEntry {
     pub store: Option<String>,
     /// `running`, `finished` or `failed`.
     pub status: String,
+    /// The process that ran it (tells a run still going from one whose process died).
+    #[serde(default)]
+    pub pid: Option<u32>,
     pub last_step: u64,
     pub last_loss: Option<f64>,
     pub eval_loss: Option<f64>,
@@ -165,6 +168,7 @@ mod tests {
             resumed_from: None,
             store: None,
             status: "running".into(),
+            pid: None,
             last_step: 0,
             last_loss: None,
             eval_loss: None,
