@@ -153,7 +153,7 @@ pub fn pipeline_overhead(
 }
 
 /// What a checkpoint costs: the in-memory copy the step loop pays (against a training step),
-/// the write to a local-directory store (against a plain file write of the same bytes), and
+/// the write to a local-directory store (against a plain fsynced file write of the same bytes), and
 /// the verified read back.
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckpointBench {
@@ -219,8 +219,12 @@ pub fn checkpoint_costs(config: &Path, batch: usize, seq: usize) -> Result<Check
     }
     let raw = vec![7u8; bytes as usize];
     let file = dir.join("plain-write.bin");
+    // the store fsyncs (a committed checkpoint must be on disk), so the baseline does too
     let file_s = best_of(3, || {
-        std::fs::write(&file, &raw).expect("temp dir is writable");
+        use std::io::Write;
+        let mut f = std::fs::File::create(&file).expect("temp dir is writable");
+        f.write_all(&raw).expect("temp dir is writable");
+        f.sync_all().expect("fsync");
     });
     let mut back = Vec::new();
     let read_s = best_of(3, || {

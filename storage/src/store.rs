@@ -94,7 +94,11 @@ fn local(dir: &str) -> Result<LocalFileSystem, String> {
         return Err("file:// needs a directory".into());
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create directory {dir}: {e}"))?;
-    LocalFileSystem::new_with_prefix(dir).map_err(|e| e.to_string())
+    // fsync on: a shard must be on disk before its manifest is, or a power cut could leave a
+    // committed checkpoint without its data (remote stores promise this by themselves)
+    LocalFileSystem::new_with_prefix(dir)
+        .map(|fs| fs.with_fsync(true))
+        .map_err(|e| e.to_string())
 }
 
 /// Runs one future of the store's async API to completion on a current-thread runtime (with the
