@@ -189,11 +189,9 @@ impl Uploader {
             })
             .unwrap_or(false);
         if !sent {
-            // the uploader stopped: its error says why
-            return self
-                .finish()
-                .map(|_| ())
-                .and_then(|_| bail!("the checkpoint uploader stopped before step {step}"));
+            // the uploader stopped: its own error says why
+            self.finish()?;
+            bail!("the checkpoint uploader stopped before step {step}");
         }
         Ok(())
     }
