@@ -436,3 +436,76 @@ pub fn runs(a: RunsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct CkptArgs {
+    /// `ls` (runs and their committed checkpoints) or `verify` (read every committed checkpoint
+    /// back, checking sizes and SHA-256).
+    pub what: String,
+    /// The store (a directory, file://, memory://, s3://, gs://, az://); default: DIR/store of --out.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Run directory whose store to use when --store is not given.
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+}
+
+/// `phalanx ckpt ls|verify`: what a store holds, and whether it reads back intact.
+pub fn ckpt(a: CkptArgs) -> Result<()> {
+    use storage::checkpoint;
+    use storage::store::{Store, block_on};
+    let url = a
+        .store
+        .clone()
+        .unwrap_or_else(|| a.out.join("store").display().to_string());
+    let verify = match a.what.as_str() {
+        "ls" => false,
+        "verify" => true,
+        other => bail!("unknown ckpt command {other:?}: expected `ls` or `verify`"),
+    };
+    let store = Store::open(&url)?;
+    let mut bad = 0;
+    block_on(async {
+        let runs = checkpoint::runs(&store).await?;
+        if runs.is_empty() {
+            println!("{url}: no checkpoints");
+        }
+        for run in runs {
+            let steps = checkpoint::committed_steps(&store, &run).await?;
+            let shown = |s: &[u64]| {
+                s.iter()
+                    .rev()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!("{url}/{run}: {} committed: {}", steps.len(), shown(&steps));
+            for &step in steps.iter().take(if verify { usize::MAX } else { 1 }) {
+                let m = checkpoint::read_manifest(&store, &run, step).await?;
+                let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
+                let status = if verify {
+                    match checkpoint::read_tensors(&store, &m).await {
+                        Ok(_) => "ok".to_string(),
+                        Err(e) => {
+                            bad += 1;
+                            format!("FAILED: {e}")
+                        }
+                    }
+                } else {
+                    "newest".to_string()
+                };
+                println!(
+                    "  step {step}: {} tensors, {:.1} MB, sha256 {}…  {status}",
+                    m.tensors,
+                    bytes as f64 / 1e6,
+                    &m.shards[0].sha256[..12]
+                );
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    if bad > 0 {
+        bail!("{bad} checkpoint(s) in {url} failed verification");
+    }
+    Ok(())
+}

@@ -31,6 +31,8 @@ enum Command {
     Bench(commands::BenchArgs),
     /// List the runs recorded in a run directory's journal (status, steps, losses, checkpoints).
     Runs(commands::RunsArgs),
+    /// List a checkpoint store's runs and committed checkpoints (`ls`) or read them all back (`verify`).
+    Ckpt(commands::CkptArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -166,6 +168,7 @@ fn main() {
         Some(Command::Schedule(a)) => commands::schedule(a),
         Some(Command::Bench(a)) => commands::bench(a),
         Some(Command::Runs(a)) => commands::runs(a),
+        Some(Command::Ckpt(a)) => commands::ckpt(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -453,6 +453,20 @@ fn resume_from_the_store_reaches_the_uninterrupted_weights() {
             std::fs::write(&shard, &bytes).unwrap();
             let e = refused(&["resume", "--out", o]);
             assert!(e.contains("shard-0-") && e.contains("SHA-256"), "{e}");
+            // `phalanx ckpt` lists the committed step and finds the corrupt shard
+            let ls = phalanx(&["ckpt", "ls", "--out", o]);
+            let ls_out = String::from_utf8_lossy(&ls.stdout);
+            assert!(
+                ls.status.success() && ls_out.contains("1 committed: 10"),
+                "{ls_out}"
+            );
+            let v = phalanx(&["ckpt", "verify", "--out", o]);
+            let v_out = String::from_utf8_lossy(&v.stdout);
+            assert_eq!(v.status.code(), Some(1), "{v_out}");
+            assert!(
+                v_out.contains("step 10") && v_out.contains("FAILED") && v_out.contains("SHA-256"),
+                "{v_out}"
+            );
         }
     }
 }
