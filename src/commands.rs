@@ -53,8 +53,8 @@ fn base_from_flags(a: &TrainArgs) -> Result<RunBase> {
     })
 }
 
-/// The run as the newest checkpoint of `store` recorded it.
-fn base_from_checkpoint(store: &str, run: Option<&str>) -> Result<RunBase> {
+/// The run as the newest checkpoint of `store` recorded it, and that run's name in the store.
+fn base_from_checkpoint(store: &str, run: Option<&str>) -> Result<(RunBase, String)> {
     let m = actors::checkpoint::latest_manifest(store, run)?;
     let at = format!("{store}: run {} checkpoint of step {}", m.run, m.step);
     let text = |key: &str| {
@@ -64,7 +64,7 @@ fn base_from_checkpoint(store: &str, run: Option<&str>) -> Result<RunBase> {
             .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `{key}`"))
     };
     let file = format!("{} (from {at})", text("config_path")?);
-    Ok(RunBase {
+    let base = RunBase {
         config: RunConfig::parse(&text("config_toml")?, &file)?,
         seed: m.meta["seed"]
             .as_u64()
@@ -74,7 +74,8 @@ fn base_from_checkpoint(store: &str, run: Option<&str>) -> Result<RunBase> {
         precision: text("precision")?.parse().map_err(anyhow::Error::msg)?,
         ckpt_every: m.meta["checkpoint_every"].as_u64(),
         file,
-    })
+    };
+    Ok((base, m.run))
 }
 
 pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
@@ -88,7 +89,14 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
         precision,
         ckpt_every,
     } = match plan.as_ref().filter(|p| p.resume) {
-        Some(p) => base_from_checkpoint(&p.store, p.run.as_deref())?,
+        Some(p) => {
+            let (base, run) = base_from_checkpoint(&p.store, p.run.as_deref())?;
+            // the weights are read from the same run the config came from
+            if let Some(p) = plan.as_mut() {
+                p.run = Some(run);
+            }
+            base
+        }
         None => base_from_flags(a)?,
     };
     if let (Some(p), None, Some(every)) = (plan.as_mut(), a.ckpt_every, ckpt_every) {

@@ -46,9 +46,15 @@ pub fn snapshot(state: &TrainState) -> Vec<SnapTensor> {
     out
 }
 
-/// Puts a checkpoint's tensors into `state` (built for the same config) and sets its step.
-/// Every parameter and every moment of a trainable parameter must be present with its shape.
-pub fn restore(state: &mut TrainState, tensors: Vec<SnapTensor>, step: u64) -> Result<()> {
+/// Puts the tensors of a checkpoint of store run `run` into `state` (built for the same config)
+/// and sets its step. Every parameter and every moment of a trainable parameter must be present
+/// with its shape.
+pub fn restore(
+    state: &mut TrainState,
+    tensors: Vec<SnapTensor>,
+    run: &str,
+    step: u64,
+) -> Result<()> {
     let mut by_name: HashMap<String, SnapTensor> =
         tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
     let mut take = |name: &str, shape: &[usize]| -> Result<SnapData> {
@@ -85,6 +91,7 @@ pub fn restore(state: &mut TrainState, tensors: Vec<SnapTensor>, step: u64) -> R
         bail!("tensor {extra} is not part of this model");
     }
     state.step = step;
+    state.restored_from = Some(run.to_string());
     Ok(())
 }
 
@@ -99,7 +106,6 @@ pub fn meta(opts: &TrainOptions, state: &TrainState, every: u64) -> serde_json::
         "data_format": opts.data_format.to_string(),
         "precision": opts.precision.to_string(),
         "checkpoint_every": every,
-        "params_sha256": state.model.params.sha256(),
     })
 }
 

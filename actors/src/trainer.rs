@@ -98,6 +98,8 @@ pub struct TrainState {
     pub moments: Vec<Option<Moments>>,
     pub grads: Vec<Tensor>,
     pub step: u64,
+    /// The store run this state was restored from (its checkpoints continue there).
+    pub restored_from: Option<String>,
 }
 
 impl TrainState {
@@ -115,6 +117,7 @@ impl TrainState {
             moments,
             grads,
             step: 0,
+            restored_from: None,
         }
     }
 
@@ -231,7 +234,7 @@ pub fn build_state(opts: &TrainOptions) -> Result<TrainState> {
         let step = manifest.meta["optimizer_step"]
             .as_u64()
             .unwrap_or(manifest.step);
-        crate::checkpoint::restore(&mut state, tensors, step)
+        crate::checkpoint::restore(&mut state, tensors, &manifest.run, step)
             .with_context(|| format!("{}: checkpoint of step {}", plan.store, manifest.step))?;
         if step >= opts.config.training.steps {
             bail!(
@@ -429,10 +432,7 @@ pub fn run(
         error: None,
     })?;
     // checkpoints go under the run's name in the store: a resumed run continues the one it resumes
-    let ckpt_run = match opts.checkpoints.as_ref().filter(|p| p.resume) {
-        Some(p) => crate::checkpoint::latest_manifest(&p.store, p.run.as_deref())?.run,
-        None => id.clone(),
-    };
+    let ckpt_run = state.restored_from.clone().unwrap_or_else(|| id.clone());
     let ids = RunIds {
         journal: &id,
         checkpoints: &ckpt_run,
