@@ -20,7 +20,7 @@
 //!
 //! The payload follows, then a CRC32C of header + payload (u32).
 
-use crate::frame::FrameError;
+use crate::error::FrameError;
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PHXF";

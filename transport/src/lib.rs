@@ -1,7 +1,19 @@
 //! Moving bytes between actors: tensor frames, codecs and links.
 //! Frames carry dtype, shape and a checksum; nothing travels as an unframed blob.
+//!
+//! Layers (each module imports only those before it): `error` (FrameError, Dtype) ←
+//! `codec` (the frame header's bytes) ← `frame` (tensor frames). `link` (envelopes around any
+//! payload, the `Link` trait, the in-process link) stands on its own; a frame travels as an
+//! envelope's payload.
 
 pub mod codec;
+pub mod error;
 pub mod frame;
+pub mod link;
 
-pub use frame::{Dtype, Frame, FrameError, FrameMeta, Payload};
+pub use error::{Dtype, FrameError};
+pub use frame::{Frame, FrameMeta, Payload};
+pub use link::{
+    Envelope, InProcEndpoint, Link, LinkConfig, LinkError, LinkStats, Message, Received,
+    decode_envelope, encode_envelope, in_process_network,
+};

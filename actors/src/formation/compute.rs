@@ -5,14 +5,13 @@
 //! two [`StageOp`]s (F&B is a forward and a full backward); their inputs come from the rank's
 //! inbox and their outputs are addressed by the [`Arrival`] they will satisfy on the receiver.
 
-use super::executor::Arrival;
-use crate::schedule::{Instr, Schedule};
+use crate::core::executor::Arrival;
+use crate::core::ops::{StageOp, StageOpResult};
 use kernels::fp8::quant::ScaleFormat;
 use kernels::model::experts::LocalExpertGroups;
 use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
-use kernels::model::stage::{StageRunner, StageStats};
+use kernels::model::stage::StageRunner;
 use kernels::model::{Batch, ParamStore};
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use transport::{Frame, FrameMeta};
@@ -38,10 +37,9 @@ impl Wire {
         }
     }
 
-    /// What `x` looks like after the trip (`d` = row width, for FP8 tiles): the tensor is encoded
-    /// as a `transport::Frame` (header, payload, CRC32C) and decoded again, so every message
-    /// crosses the same byte format a network link would carry. F32 is exact.
-    pub fn transmit(self, arrival: Arrival, x: Vec<f32>, d: usize) -> Vec<f32> {
+    /// The bytes of `x` on the wire (`d` = row width, for FP8 tiles): a `transport::Frame`
+    /// (header, payload, CRC32C) in this wire's format.
+    pub fn encode(self, arrival: Arrival, x: Vec<f32>, d: usize) -> Vec<u8> {
         let d = d.max(1);
         let (stage, mb) = match arrival {
             Arrival::Activation { stage, mb } | Arrival::Gradient { stage, mb } => (stage, mb),
@@ -61,9 +59,19 @@ impl Wire {
             (Wire::Bf16 | Wire::Fp8, _) => Frame::bf16_from_f32(meta, &shape, &x),
         }
         .expect("a [rows, d] tensor always frames");
-        Frame::decode(&frame.encode())
-            .expect("a frame decodes from its own encoding")
-            .to_f32()
+        frame.encode()
+    }
+
+    /// The tensor a frame made by [`Wire::encode`] carries; a damaged frame (bad checksum,
+    /// version or length) is refused with the reason.
+    pub fn decode(bytes: &[u8]) -> Result<Vec<f32>, transport::FrameError> {
+        Frame::decode(bytes).map(|f| f.to_f32())
+    }
+
+    /// What `x` looks like after the trip: encoded to a frame and decoded again, so every
+    /// message crosses the same byte format a network link would carry. F32 is exact.
+    pub fn transmit(self, arrival: Arrival, x: Vec<f32>, d: usize) -> Vec<f32> {
+        Wire::decode(&self.encode(arrival, x, d)).expect("a frame decodes from its own encoding")
     }
 }
 
@@ -175,52 +183,6 @@ impl FromStr for Wire {
     }
 }
 
-/// One operation on one stage copy.
-#[derive(Debug)]
-pub enum StageOp {
-    /// F: `input` is None on an entry copy.
-    Forward { mb: usize, input: Option<Vec<f32>> },
-    /// B*: `dy` is None on a loss copy.
-    BackwardInput { mb: usize, dy: Option<Vec<f32>> },
-    /// W of an earlier B*.
-    Weight { mb: usize },
-    /// B: B* and W at once.
-    Backward { mb: usize, dy: Option<Vec<f32>> },
-}
-
-impl StageOp {
-    pub fn mb(&self) -> usize {
-        match *self {
-            StageOp::Forward { mb, .. }
-            | StageOp::BackwardInput { mb, .. }
-            | StageOp::Weight { mb }
-            | StageOp::Backward { mb, .. } => mb,
-        }
-    }
-
-    /// `forward`, `backward` or `weight` (fault-injection phases).
-    pub fn phase(&self) -> &'static str {
-        match self {
-            StageOp::Forward { .. } => "forward",
-            StageOp::BackwardInput { .. } | StageOp::Backward { .. } => "backward",
-            StageOp::Weight { .. } => "weight",
-        }
-    }
-}
-
-/// What a stage operation produced.
-#[derive(Debug)]
-pub enum StageOpResult {
-    Forward {
-        out: Option<Vec<f32>>,
-        stats: StageStats,
-    },
-    Backward {
-        dx: Option<Vec<f32>>,
-    },
-    Weight,
-}
-
 /// Runs one operation on a stage copy; `batches` are the step's micro-batches.
 pub fn exec_op(runner: &mut StageRunner, batches: &[Batch], op: StageOp) -> StageOpResult {
     match op {
@@ -238,70 +200,6 @@ pub fn exec_op(runner: &mut StageRunner, batches: &[Batch], op: StageOp) -> Stag
         StageOp::Backward { mb, dy } => StageOpResult::Backward {
             dx: runner.backward(mb, dy),
         },
-    }
-}
-
-/// The `(stage copy, op)` parts of an instruction, inputs taken from `inbox`.
-pub fn ops_of(
-    schedule: &Schedule,
-    instr: Instr,
-    inbox: &mut BTreeMap<Arrival, Vec<f32>>,
-) -> Result<Vec<(usize, StageOp)>, String> {
-    let mut take = |a: Arrival, needed: bool| -> Result<Option<Vec<f32>>, String> {
-        if !needed {
-            return Ok(None);
-        }
-        inbox
-            .remove(&a)
-            .map(Some)
-            .ok_or_else(|| format!("{instr}: input {a:?} is missing"))
-    };
-    let mut parts = Vec::with_capacity(2);
-    if let Some((stage, mb)) = instr.forward() {
-        let has_prev = schedule.stages[stage].prev.is_some();
-        let input = take(Arrival::Activation { stage, mb }, has_prev)?;
-        parts.push((stage, StageOp::Forward { mb, input }));
-    }
-    let has_next = |stage: usize| schedule.stages[stage].next.is_some();
-    match instr {
-        Instr::B { stage, mb } | Instr::FB { b: (stage, mb), .. } => {
-            let dy = take(Arrival::Gradient { stage, mb }, has_next(stage))?;
-            parts.push((stage, StageOp::Backward { mb, dy }));
-        }
-        Instr::BInput { stage, mb } => {
-            let dy = take(Arrival::Gradient { stage, mb }, has_next(stage))?;
-            parts.push((stage, StageOp::BackwardInput { mb, dy }));
-        }
-        Instr::W { stage, mb } => parts.push((stage, StageOp::Weight { mb })),
-        Instr::F { .. } => {}
-    }
-    Ok(parts)
-}
-
-/// Where the output of a finished op goes (the arrival it satisfies on the receiving copy), and
-/// the payload; None when nothing leaves (a loss copy's forward, an entry copy's backward, W).
-pub fn route_of(
-    schedule: &Schedule,
-    stage: usize,
-    mb: usize,
-    result: &mut StageOpResult,
-) -> Option<(Arrival, Vec<f32>)> {
-    match result {
-        StageOpResult::Forward { out, .. } => {
-            let next = schedule.stages[stage].next?;
-            let x = out
-                .take()
-                .expect("a copy with a successor produces activations");
-            Some((Arrival::Activation { stage: next, mb }, x))
-        }
-        StageOpResult::Backward { dx } => {
-            let prev = schedule.stages[stage].prev?;
-            let g = dx
-                .take()
-                .expect("a copy with a predecessor produces an input gradient");
-            Some((Arrival::Gradient { stage: prev, mb }, g))
-        }
-        StageOpResult::Weight => None,
     }
 }
 

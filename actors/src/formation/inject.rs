@@ -1,25 +1,50 @@
-//! Fault injection: a plan of `[[fault]]` tables (step, phase, actor, rank, panic or hang) read
-//! from TOML, and the book the actors consult so that each fault fires exactly once.
+//! Fault injection: a plan of `[[fault]]` tables (step, phase, actor, rank, kind) read from TOML,
+//! and the book the actors consult so that each fault fires exactly once.
 //!
 //! ```toml
 //! step_timeout_ms = 3000   # optional: the coordinator's step timeout (default adaptive)
 //!
 //! [[fault]]
-//! at_step = 3
-//! phase = "forward"        # forward | backward | weight | optimizer
-//! actor = "stage"          # stage | expert | gpu
-//! rank = 1
-//! kind = "panic"           # panic | hang
+//! at_step = 3              # required: 1..=steps
+//! phase = "forward"        # forward | backward | weight | optimizer   (default forward)
+//! actor = "stage"          # stage | expert | gpu | coordinator | dataloader   (required)
+//! rank = 1                 # pipeline rank (default 0; must be 0 for coordinator and dataloader)
+//! kind = "slow"            # panic | hang | slow | drop | corrupt | dup   (default panic)
+//! factor = 4.0             # slow only: the op takes factor× longer (default 3.0, finite, > 1)
 //! ```
+//!
+//! Kinds:
+//! - `panic`: the actor panics (its supervisor sees `ActorFailed`).
+//! - `hang`: the actor gets stuck forever and never answers (the coordinator's step timeout
+//!   catches it).
+//! - `slow`: the actor is a straggler: the op takes `factor`× its normal time, then completes.
+//! - `drop`: a message the actor sends (or, for the dataloader, the batch it answers with)
+//!   vanishes on the way.
+//! - `corrupt`: bytes of a frame are flipped on the link, so the receiver sees a damaged message.
+//! - `dup`: a message is delivered twice.
+//!
+//! Actors: `stage` (a StageActor), `expert` (an ExpertGroupActor, needs `--ep` > 1), `gpu` (the
+//! rank's GpuActor), `coordinator` (the single Coordinator; any phase, rank 0) and `dataloader`
+//! (the single DataLoader; it fires on the batch request, so its phase must be `forward`, rank 0).
+//!
+//! `phase` defaults to `forward` for every actor (for the dataloader it is the only valid one).
+//! `factor` may only be written on a `slow` fault: on any other kind it is refused, naming the
+//! field. Validation (`InjectPlan::validate`) also checks the step range, the rank range and that
+//! expert faults have expert groups to hit; every error names the file, the fault (`[[fault]] #N`,
+//! 1-based in file order) and the field.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where in a step a fault fires.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// The forward pass (for the dataloader: the batch request).
+    #[default]
     Forward,
     Backward,
     Weight,
@@ -27,14 +52,32 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in step order.
+    pub const ALL: [Phase; 4] = [
+        Phase::Forward,
+        Phase::Backward,
+        Phase::Weight,
+        Phase::Optimizer,
+    ];
+
     pub fn parse(s: &str) -> Option<Phase> {
-        match s {
-            "forward" => Some(Phase::Forward),
-            "backward" => Some(Phase::Backward),
-            "weight" => Some(Phase::Weight),
-            "optimizer" => Some(Phase::Optimizer),
-            _ => None,
+        Phase::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// The TOML name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Backward => "backward",
+            Phase::Weight => "weight",
+            Phase::Optimizer => "optimizer",
         }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -48,27 +91,157 @@ pub enum Target {
     Expert,
     /// The rank's GpuActor (its stage actors go down with it).
     Gpu,
+    /// The Coordinator (a single actor: rank 0; any phase).
+    Coordinator,
+    /// The DataLoader (a single actor: rank 0; fires on the batch request, phase `forward`).
+    Dataloader,
+}
+
+impl Target {
+    /// Every actor kind, in declaration order.
+    pub const ALL: [Target; 5] = [
+        Target::Stage,
+        Target::Expert,
+        Target::Gpu,
+        Target::Coordinator,
+        Target::Dataloader,
+    ];
+
+    /// The TOML name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Stage => "stage",
+            Target::Expert => "expert",
+            Target::Gpu => "gpu",
+            Target::Coordinator => "coordinator",
+            Target::Dataloader => "dataloader",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// A single actor for the whole run (not one per rank): its `rank` must be 0.
+    pub fn is_singleton(self) -> bool {
+        matches!(self, Target::Coordinator | Target::Dataloader)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How it fails.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FaultKind {
     /// The actor panics (its supervisor sees `ActorFailed`).
+    #[default]
     Panic,
-    /// The actor stops answering (the coordinator's step timeout catches it).
+    /// The actor is stuck forever (the coordinator's step timeout catches it).
     Hang,
+    /// A straggler: the op takes `factor`× longer, then completes.
+    Slow,
+    /// A message vanishes.
+    Drop,
+    /// Bytes of a frame are flipped on the link.
+    Corrupt,
+    /// A message is delivered twice.
+    Dup,
 }
 
+impl FaultKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::Panic,
+        FaultKind::Hang,
+        FaultKind::Slow,
+        FaultKind::Drop,
+        FaultKind::Corrupt,
+        FaultKind::Dup,
+    ];
+
+    /// The TOML name (also the key of `FaultBook::fired_counts`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Panic => "panic",
+            FaultKind::Hang => "hang",
+            FaultKind::Slow => "slow",
+            FaultKind::Drop => "drop",
+            FaultKind::Corrupt => "corrupt",
+            FaultKind::Dup => "dup",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A slow fault's factor when the plan does not give one.
+pub const DEFAULT_SLOW_FACTOR: f64 = 3.0;
+
 /// One injected fault.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
     pub at_step: u64,
+    /// Default `forward`.
+    #[serde(default)]
     pub phase: Phase,
     pub actor: Target,
+    /// Default 0.
+    #[serde(default)]
     pub rank: usize,
+    /// Default `panic`.
+    #[serde(default)]
     pub kind: FaultKind,
+    /// The factor as written in the plan (`None`: not given); read it with [`Fault::factor`].
+    #[serde(default)]
+    pub factor: Option<f64>,
+}
+
+impl Fault {
+    /// A fault with the defaults: phase forward, rank 0, kind panic, no factor.
+    pub fn new(at_step: u64, actor: Target) -> Fault {
+        Fault {
+            at_step,
+            phase: Phase::Forward,
+            actor,
+            rank: 0,
+            kind: FaultKind::Panic,
+            factor: None,
+        }
+    }
+
+    /// How many times longer a `slow` fault makes the op (default 3.0; meaningless for the other
+    /// kinds).
+    pub fn factor(&self) -> f64 {
+        self.factor.unwrap_or(DEFAULT_SLOW_FACTOR)
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} on {} rank {} at step {}, phase {}",
+            self.kind, self.actor, self.rank, self.at_step, self.phase
+        )?;
+        if self.kind == FaultKind::Slow {
+            write!(f, " (factor {})", self.factor())?;
+        }
+        Ok(())
+    }
 }
 
 /// A whole plan.
@@ -126,6 +299,12 @@ impl InjectPlan {
                     f.at_step
                 ));
             }
+            if f.actor.is_singleton() && f.rank != 0 {
+                return Err(format!(
+                    "{at}: field `rank` = {}: the {} is a single actor, its rank must be 0",
+                    f.rank, f.actor
+                ));
+            }
             if f.rank >= ranks {
                 return Err(format!(
                     "{at}: field `rank` = {}: the layout has {ranks} pipeline rank(s) (0..{ranks})",
@@ -136,6 +315,25 @@ impl InjectPlan {
                 return Err(format!(
                     "{at}: field `actor` = \"expert\": there are no expert-group actors (needs --ep > 1, the layout has --ep {ep})"
                 ));
+            }
+            if f.actor == Target::Dataloader && f.phase != Phase::Forward {
+                return Err(format!(
+                    "{at}: field `phase` = \"{}\": a dataloader fault fires on the batch request, its phase must be \"forward\"",
+                    f.phase
+                ));
+            }
+            match (f.kind, f.factor) {
+                (FaultKind::Slow, Some(x)) if !(x.is_finite() && x > 1.0) => {
+                    return Err(format!(
+                        "{at}: field `factor` = {x}: a slow fault's factor must be finite and > 1"
+                    ));
+                }
+                (FaultKind::Slow, _) | (_, None) => {}
+                (kind, Some(x)) => {
+                    return Err(format!(
+                        "{at}: field `factor` = {x}: only a \"slow\" fault takes a factor (this one is \"{kind}\")"
+                    ));
+                }
             }
         }
         Ok(())
@@ -158,8 +356,20 @@ fn name_path(path: &str) -> String {
     format!("field `{path}`")
 }
 
+/// Kind name → count, with every kind present.
+fn count_kinds(kinds: impl Iterator<Item = FaultKind>) -> BTreeMap<String, u64> {
+    let mut m: BTreeMap<String, u64> = FaultKind::ALL
+        .iter()
+        .map(|k| (k.name().to_string(), 0))
+        .collect();
+    for k in kinds {
+        *m.entry(k.name().to_string()).or_default() += 1;
+    }
+    m
+}
+
 /// The faults of a plan with a fired flag each: every fault fires at most once, even when its
-/// step is replayed.
+/// step is replayed. Shared between threads (`&self` everywhere).
 #[derive(Debug, Default)]
 pub struct FaultBook {
     faults: Vec<(Fault, AtomicBool)>,
@@ -177,10 +387,10 @@ impl FaultBook {
     }
 
     /// The first unfired fault for this (step, phase, actor, rank), now marked fired.
-    pub fn take(&self, step: u64, phase: Phase, actor: Target, rank: usize) -> Option<FaultKind> {
+    pub fn take(&self, step: u64, phase: Phase, actor: Target, rank: usize) -> Option<Fault> {
         self.faults.iter().find_map(|(f, fired)| {
             let hit = f.at_step == step && f.phase == phase && f.actor == actor && f.rank == rank;
-            (hit && !fired.swap(true, Ordering::SeqCst)).then_some(f.kind)
+            (hit && !fired.swap(true, Ordering::SeqCst)).then_some(*f)
         })
     }
 
@@ -192,11 +402,37 @@ impl FaultBook {
             .map(|(f, _)| *f)
             .collect()
     }
+
+    /// Kind name → how many faults of that kind have fired; every kind is present (0 if none).
+    pub fn fired_counts(&self) -> BTreeMap<String, u64> {
+        count_kinds(
+            self.faults
+                .iter()
+                .filter(|(_, fired)| fired.load(Ordering::SeqCst))
+                .map(|(f, _)| f.kind),
+        )
+    }
+
+    /// Kind name → how many faults of that kind the plan holds; every kind is present.
+    pub fn scheduled_counts(&self) -> BTreeMap<String, u64> {
+        count_kinds(self.faults.iter().map(|(f, _)| f.kind))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one(body: &str) -> Result<InjectPlan, String> {
+        InjectPlan::parse(&format!("[[fault]]\n{body}"), "plan.toml")
+    }
+
+    /// Parses one fault and validates it on 10 steps, 2 ranks, ep 2.
+    fn check(body: &str) -> Result<Fault, String> {
+        let p = one(body)?;
+        p.validate(10, 2, 2)?;
+        Ok(p.faults[0])
+    }
 
     #[test]
     fn parses_a_plan() {
@@ -213,16 +449,15 @@ mod tests {
                 phase: Phase::Weight,
                 actor: Target::Gpu,
                 rank: 1,
-                kind: FaultKind::Hang
+                kind: FaultKind::Hang,
+                factor: None,
             }]
         );
         p.validate(10, 2, 1).unwrap();
         let book = FaultBook::new(&p);
         assert_eq!(book.take(3, Phase::Weight, Target::Gpu, 0), None);
-        assert_eq!(
-            book.take(3, Phase::Weight, Target::Gpu, 1),
-            Some(FaultKind::Hang)
-        );
+        let f = book.take(3, Phase::Weight, Target::Gpu, 1).unwrap();
+        assert_eq!(f.kind, FaultKind::Hang);
         assert_eq!(
             book.take(3, Phase::Weight, Target::Gpu, 1),
             None,
@@ -232,28 +467,84 @@ mod tests {
     }
 
     #[test]
+    fn parses_every_kind() {
+        for k in FaultKind::ALL {
+            let f = check(&format!("at_step = 2\nactor = \"stage\"\nkind = \"{k}\"\n")).unwrap();
+            assert_eq!(f.kind, k);
+            assert_eq!(FaultKind::parse(k.name()), Some(k));
+        }
+        let names: Vec<_> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names, ["panic", "hang", "slow", "drop", "corrupt", "dup"]);
+        assert_eq!(FaultKind::parse("nope"), None);
+    }
+
+    #[test]
+    fn parses_every_actor() {
+        for t in Target::ALL {
+            let f = check(&format!("at_step = 2\nactor = \"{t}\"\n")).unwrap();
+            assert_eq!(f.actor, t);
+            assert_eq!(Target::parse(t.name()), Some(t));
+        }
+        // Message kinds on the dataloader are allowed.
+        for k in [FaultKind::Drop, FaultKind::Corrupt, FaultKind::Dup] {
+            let f = check(&format!(
+                "at_step = 2\nactor = \"dataloader\"\nphase = \"forward\"\nkind = \"{k}\"\n"
+            ))
+            .unwrap();
+            assert_eq!((f.actor, f.kind), (Target::Dataloader, k));
+        }
+        // The coordinator takes any phase.
+        for p in Phase::ALL {
+            let f = check(&format!(
+                "at_step = 2\nactor = \"coordinator\"\nphase = \"{p}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(f.phase, p);
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let f = check("at_step = 4\nactor = \"coordinator\"\n").unwrap();
+        assert_eq!(f, Fault::new(4, Target::Coordinator));
+        assert_eq!(f.kind, FaultKind::Panic);
+        assert_eq!(f.phase, Phase::Forward);
+        assert_eq!(f.rank, 0);
+        assert_eq!(f.factor, None);
+        assert_eq!(f.factor(), 3.0);
+        let f = check("at_step = 4\nactor = \"stage\"\nkind = \"slow\"\n").unwrap();
+        assert_eq!(f.factor(), 3.0);
+        let f = check("at_step = 4\nactor = \"stage\"\nkind = \"slow\"\nfactor = 7.5\n").unwrap();
+        assert_eq!(f.factor(), 7.5);
+        // An integer factor is accepted too.
+        let f = check("at_step = 4\nactor = \"gpu\"\nkind = \"slow\"\nfactor = 4\n").unwrap();
+        assert_eq!(f.factor(), 4.0);
+        assert_eq!(
+            f.to_string(),
+            "slow on gpu rank 0 at step 4, phase forward (factor 4)"
+        );
+    }
+
+    #[test]
     fn errors_name_the_file_and_the_field() {
-        let e = InjectPlan::parse(
-            "[[fault]]\nat_step = 3\nphase = \"fwd\"\nactor = \"gpu\"\nrank = 1\nkind = \"hang\"\n",
-            "plan.toml",
-        )
-        .unwrap_err();
+        let e = one("at_step = 3\nphase = \"fwd\"\nactor = \"gpu\"\nrank = 1\nkind = \"hang\"\n")
+            .unwrap_err();
         assert!(
             e.starts_with("plan.toml: [[fault]] #1: field `phase`: unknown variant `fwd`"),
             "{e}"
         );
         assert!(e.contains("forward"), "{e}");
-        let e = InjectPlan::parse("[[fault]]\nat_step = 3\n", "plan.toml").unwrap_err();
-        assert!(e.contains("missing field `phase`"), "{e}");
-        let e = InjectPlan::parse(
-            "[[fault]]\nat_step = 3\nphase = \"forward\"\nactor = \"stage\"\nrank = 4\nkind = \"panic\"\nextra = 1\n",
-            "plan.toml",
+        let e = one("at_step = 3\n").unwrap_err();
+        assert!(e.contains("missing field `actor`"), "{e}");
+        let e = one("phase = \"forward\"\nactor = \"gpu\"\n").unwrap_err();
+        assert!(e.contains("missing field `at_step`"), "{e}");
+        let e = one(
+            "at_step = 3\nphase = \"forward\"\nactor = \"stage\"\nrank = 4\nkind = \"panic\"\nextra = 1\n",
         )
         .unwrap_err();
         assert!(e.contains("unknown field `extra`"), "{e}");
-        let p = InjectPlan::parse(
-            "[[fault]]\nat_step = 3\nphase = \"forward\"\nactor = \"stage\"\nrank = 4\nkind = \"panic\"\n",
-            "plan.toml",
+        let p = one(
+            "at_step = 3\nphase = \"forward\"\nactor = \"stage\"\nrank = 4\nkind = \"panic\"\n",
         )
         .unwrap();
         let e = p.validate(10, 2, 1).unwrap_err();
@@ -263,5 +554,192 @@ mod tests {
         );
         let e = p.validate(2, 8, 1).unwrap_err();
         assert!(e.contains("field `at_step` = 3"), "{e}");
+    }
+
+    #[test]
+    fn refuses_unknown_kind_and_actor() {
+        let e = one("at_step = 3\nactor = \"stage\"\nkind = \"explode\"\n").unwrap_err();
+        assert!(
+            e.starts_with("plan.toml: [[fault]] #1: field `kind`: unknown variant `explode`"),
+            "{e}"
+        );
+        for k in FaultKind::ALL {
+            assert!(e.contains(&format!("`{k}`")), "{e}");
+        }
+        let e = one("at_step = 3\nactor = \"scheduler\"\n").unwrap_err();
+        assert!(
+            e.starts_with("plan.toml: [[fault]] #1: field `actor`: unknown variant `scheduler`"),
+            "{e}"
+        );
+        for t in Target::ALL {
+            assert!(e.contains(&format!("`{t}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_targets() {
+        let e = check("at_step = 3\nactor = \"dataloader\"\nphase = \"backward\"\n").unwrap_err();
+        assert_eq!(
+            e,
+            "plan.toml: [[fault]] #1: field `phase` = \"backward\": a dataloader fault fires on the batch request, its phase must be \"forward\""
+        );
+        let e = check("at_step = 3\nactor = \"coordinator\"\nrank = 1\n").unwrap_err();
+        assert_eq!(
+            e,
+            "plan.toml: [[fault]] #1: field `rank` = 1: the coordinator is a single actor, its rank must be 0"
+        );
+        let e = check("at_step = 3\nactor = \"dataloader\"\nrank = 5\n").unwrap_err();
+        assert!(
+            e.contains("field `rank` = 5: the dataloader is a single actor"),
+            "{e}"
+        );
+        // Fault numbers count in file order.
+        let p = InjectPlan::parse(
+            "[[fault]]\nat_step = 1\nactor = \"stage\"\n[[fault]]\nat_step = 11\nactor = \"gpu\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let e = p.validate(10, 2, 1).unwrap_err();
+        assert_eq!(
+            e,
+            "p.toml: [[fault]] #2: field `at_step` = 11: the run has steps 1..=10"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_factors() {
+        let e =
+            check("at_step = 3\nactor = \"stage\"\nkind = \"slow\"\nfactor = 0.5\n").unwrap_err();
+        assert_eq!(
+            e,
+            "plan.toml: [[fault]] #1: field `factor` = 0.5: a slow fault's factor must be finite and > 1"
+        );
+        for bad in ["1.0", "-2.0", "nan", "inf", "0"] {
+            let e = check(&format!(
+                "at_step = 3\nactor = \"stage\"\nkind = \"slow\"\nfactor = {bad}\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("field `factor`"), "{bad}: {e}");
+        }
+        let e =
+            check("at_step = 3\nactor = \"gpu\"\nkind = \"panic\"\nfactor = 2.0\n").unwrap_err();
+        assert_eq!(
+            e,
+            "plan.toml: [[fault]] #1: field `factor` = 2: only a \"slow\" fault takes a factor (this one is \"panic\")"
+        );
+        // Also when the kind is left to its default.
+        let e = check("at_step = 3\nactor = \"gpu\"\nfactor = 2.0\n").unwrap_err();
+        assert!(
+            e.contains("field `factor`") && e.contains("\"panic\""),
+            "{e}"
+        );
+        let e =
+            one("at_step = 3\nactor = \"gpu\"\nkind = \"slow\"\nfactor = \"fast\"\n").unwrap_err();
+        assert!(
+            e.starts_with("plan.toml: [[fault]] #1: field `factor`: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn refuses_step_beyond_steps() {
+        let e = check("at_step = 11\nactor = \"stage\"\n").unwrap_err();
+        assert_eq!(
+            e,
+            "plan.toml: [[fault]] #1: field `at_step` = 11: the run has steps 1..=10"
+        );
+        let e = check("at_step = 0\nactor = \"stage\"\n").unwrap_err();
+        assert!(e.contains("field `at_step` = 0"), "{e}");
+    }
+
+    #[test]
+    fn counts_fired_and_scheduled_faults() {
+        let p = InjectPlan::parse(
+            "[[fault]]\nat_step = 1\nactor = \"stage\"\nkind = \"slow\"\nfactor = 2.0\n\
+             [[fault]]\nat_step = 2\nactor = \"dataloader\"\nkind = \"drop\"\n\
+             [[fault]]\nat_step = 2\nactor = \"dataloader\"\nkind = \"drop\"\n\
+             [[fault]]\nat_step = 3\nactor = \"coordinator\"\nphase = \"optimizer\"\nkind = \"dup\"\n\
+             [[fault]]\nat_step = 4\nactor = \"gpu\"\nrank = 1\nkind = \"corrupt\"\n",
+            "plan.toml",
+        )
+        .unwrap();
+        p.validate(10, 2, 1).unwrap();
+        let book = FaultBook::new(&p);
+        let zero: BTreeMap<String, u64> = FaultKind::ALL
+            .iter()
+            .map(|k| (k.name().to_string(), 0))
+            .collect();
+        assert_eq!(book.fired_counts(), zero);
+        let sched = book.scheduled_counts();
+        assert_eq!(sched.len(), 6);
+        assert_eq!(
+            (
+                sched["panic"],
+                sched["hang"],
+                sched["slow"],
+                sched["drop"],
+                sched["corrupt"],
+                sched["dup"]
+            ),
+            (0, 0, 1, 2, 1, 1)
+        );
+
+        let f = book.take(1, Phase::Forward, Target::Stage, 0).unwrap();
+        assert_eq!((f.kind, f.factor()), (FaultKind::Slow, 2.0));
+        assert_eq!(book.take(1, Phase::Forward, Target::Stage, 0), None);
+        // Two identical faults: each fires once.
+        assert!(
+            book.take(2, Phase::Forward, Target::Dataloader, 0)
+                .is_some()
+        );
+        assert!(
+            book.take(2, Phase::Forward, Target::Dataloader, 0)
+                .is_some()
+        );
+        assert_eq!(book.take(2, Phase::Forward, Target::Dataloader, 0), None);
+        assert_eq!(book.take(3, Phase::Forward, Target::Coordinator, 0), None);
+        let f = book
+            .take(3, Phase::Optimizer, Target::Coordinator, 0)
+            .unwrap();
+        assert_eq!(f.kind, FaultKind::Dup);
+
+        let fired = book.fired_counts();
+        assert_eq!(fired.len(), 6);
+        assert_eq!(
+            (
+                fired["panic"],
+                fired["hang"],
+                fired["slow"],
+                fired["drop"],
+                fired["corrupt"],
+                fired["dup"]
+            ),
+            (0, 0, 1, 2, 0, 1)
+        );
+        let unfired = book.unfired();
+        assert_eq!(unfired.len(), 1);
+        assert_eq!(unfired[0].kind, FaultKind::Corrupt);
+        assert_eq!(
+            book.scheduled_counts(),
+            sched,
+            "scheduled counts do not move"
+        );
+    }
+
+    #[test]
+    fn fires_once_across_threads() {
+        let p =
+            InjectPlan::parse("[[fault]]\nat_step = 1\nactor = \"stage\"\n", "plan.toml").unwrap();
+        let book = FaultBook::new(&p);
+        let hits: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| book.take(1, Phase::Forward, Target::Stage, 0).is_some() as usize)
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(hits, 1);
+        assert_eq!(book.fired_counts()["panic"], 1);
     }
 }

@@ -1,17 +1,14 @@
 //! The formation: the trainer as a pipeline of stage copies, run by a thread executor or by
 //! supervised actors, with step transactions, fault injection, restart and replay.
 //!
-//! Sans-IO parts: [`executor`] (which instruction a rank may run next), [`txn`] (the step
-//! transaction) and [`restart`] (the restart policy). Shells: [`threads`] (one OS thread per rank,
-//! no failures) and the ractor formation.
+//! The decisions are the pure machines of [`crate::core`]; here are the engines that drive them:
+//! [`threads`] (one OS thread per rank, no failures) and the ractor formation
+//! ([`crate::shell`], feature `shells`), plus the compute of one rank ([`compute`]) and the
+//! fault-injection plan ([`inject`]).
 
 pub mod compute;
-pub mod executor;
 pub mod inject;
-pub mod restart;
-pub mod shell;
 pub mod threads;
-pub mod txn;
 
 pub use compute::Wire;
 
@@ -20,10 +17,7 @@ pub use inject::InjectPlan;
 use crate::schedule::{ScheduleKind, build, check};
 use crate::trainer::{self, StepRecord, TrainOptions, TrainSummary};
 use anyhow::{Result, anyhow, bail};
-use inject::FaultBook;
-use restart::RestartPolicy;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// How the model is laid out over the formation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +93,7 @@ impl Layout {
 /// faults fire once each and are healed (restart, restore from the last committed step, replay);
 /// the summary counts restarts and replayed steps. With the f32 wire the result equals
 /// [`trainer::train_microbatched`] with as many micro-batches, bit for bit.
+#[cfg(feature = "shells")]
 pub fn train(
     opts: &TrainOptions,
     layout: &Layout,
@@ -115,21 +110,25 @@ pub fn train(
     let state = trainer::build_state(opts)?;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
     check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", layout.schedule))?;
-    let spec = shell::FormationSpec {
+    let spec = crate::shell::FormationSpec {
         schedule,
         wire: layout.wire,
         ep: layout.ep,
         mtp_weight: t.mtp_loss_weight,
-        faults: FaultBook::new(&plan),
-        policy: RestartPolicy::default(),
-        step_timeout: plan.step_timeout_ms.map(Duration::from_millis),
+        faults: Arc::new(inject::FaultBook::new(&plan)),
+        policy: crate::core::supervisor::RestartPolicy::default(),
+        timeouts: crate::core::coordinator::TimeoutPolicy {
+            fixed_ms: plan.step_timeout_ms,
+            ..Default::default()
+        },
+        coordinator_dead_after: std::time::Duration::from_millis(2_000),
         data: data.clone(),
         seed: opts.seed,
         batch: t.batch_size,
         seq: t.seq_len,
         committed: state.step,
     };
-    let mut engine = shell::ActorEngine::start(&state.model, spec)?;
+    let mut engine = crate::shell::ActorEngine::start(&state.model, spec)?;
     let summary = trainer::run(opts, &data, state, &mut engine, on_step);
     let unfired = engine.unfired_faults();
     engine.shutdown();

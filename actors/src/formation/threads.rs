@@ -1,12 +1,14 @@
 //! The plain in-process pipeline executor: one OS thread per rank, std channels carrying the f32
-//! activation and gradient tensors, each rank driven by its sans-IO [`RankExecutor`].
+//! activation and gradient tensors, each rank driven by its sans-IO [`RankMachine`] (the same
+//! machine the GpuActor drives).
 //!
 //! No actors and no failure handling: this is the reference that proves a schedule computes the
 //! single-process step (bit for bit with the f32 wire), and the engine behind `--pp` without
 //! fault injection.
 
-use super::compute::{StageOpResult, Wire, WiredExperts, exec_op, ops_of, route_of};
-use super::executor::{Arrival, ExecCommand, ExecEvent, RankExecutor};
+use super::compute::{Wire, WiredExperts, exec_op};
+use crate::core::executor::Arrival;
+use crate::core::rank::{RankCommand, RankEvent, RankMachine, RankStats};
 use crate::schedule::{Schedule, check};
 use crate::trainer::{self, StepEngine, StepHyper, StepOutput, TrainState};
 use anyhow::{Result, anyhow, bail};
@@ -25,8 +27,6 @@ use std::time::Duration;
 use storage::dataset::Dataset;
 
 type Message = (Arrival, Vec<f32>);
-/// Per micro-batch forward stats of one rank: `(micro-batch, model stage, stats)`.
-pub type RankStats = Vec<(usize, usize, StageStats)>;
 
 /// The stage copies one rank holds.
 #[derive(Debug)]
@@ -205,6 +205,7 @@ pub(crate) fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// One rank's part of a step: its machine decides, this thread computes and sends.
 #[allow(clippy::too_many_arguments)]
 fn run_rank(
     s: &Schedule,
@@ -216,11 +217,11 @@ fn run_rank(
     d: usize,
     abort: &AtomicBool,
 ) -> Result<RankStats, String> {
-    let mut ex = RankExecutor::new(s, rank.rank);
-    let mut inbox: BTreeMap<Arrival, Vec<f32>> = BTreeMap::new();
-    let mut outbox: BTreeMap<Arrival, Vec<f32>> = BTreeMap::new();
-    let mut stats = Vec::new();
-    let mut pending: VecDeque<ExecEvent> = VecDeque::from([ExecEvent::Start]);
+    let mut m: RankMachine<()> = RankMachine::new(s, rank.rank);
+    let mut pending: VecDeque<RankEvent<()>> = VecDeque::from([RankEvent::Open {
+        step: 0,
+        attempt: 0,
+    }]);
     loop {
         let event = match pending.pop_front() {
             Some(e) => e,
@@ -229,49 +230,63 @@ fn run_rank(
                     return Err("stopped: another rank failed".into());
                 }
                 match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok((a, x)) => {
-                        inbox.insert(a, x);
-                        break ExecEvent::Arrived(a);
+                    Ok((arrival, data)) => {
+                        break RankEvent::Deliver {
+                            step: 0,
+                            attempt: 0,
+                            arrival,
+                            data,
+                        };
                     }
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => {
-                        return Err(format!("channel closed; {:?}", ex.waiting_for()));
+                        return Err(format!("channel closed; {:?}", m.waiting_for()));
                     }
                 }
             },
         };
-        for cmd in ex.on(event) {
+        for cmd in m.on(event)? {
             match cmd {
-                ExecCommand::Run(instr) => {
-                    for (copy, op) in ops_of(s, instr, &mut inbox)? {
-                        let mb = op.mb();
-                        let runner = rank.copies.get_mut(&copy).ok_or_else(|| {
-                            format!("{instr}: stage copy s{copy} is not on this rank")
-                        })?;
-                        let mut res = exec_op(runner, batches, op);
-                        if let StageOpResult::Forward { stats: st, .. } = &mut res {
-                            stats.push((mb, s.stages[copy].model_stage, std::mem::take(st)));
-                        }
-                        if let Some((a, x)) = route_of(s, copy, mb, &mut res) {
-                            outbox.insert(a, x);
-                        }
-                    }
-                    pending.push_back(ExecEvent::Completed(instr));
+                RankCommand::Starting { .. } => {}
+                RankCommand::RunOp {
+                    copy,
+                    step,
+                    attempt,
+                    op,
+                } => {
+                    let mb = op.mb();
+                    let runner = rank
+                        .copies
+                        .get_mut(&copy)
+                        .ok_or_else(|| format!("stage copy s{copy} is not on this rank"))?;
+                    let result = exec_op(runner, batches, op);
+                    pending.push_back(RankEvent::OpDone {
+                        copy,
+                        step,
+                        attempt,
+                        mb,
+                        result,
+                    });
                 }
-                ExecCommand::Send { to, arrival } => {
-                    let x = outbox
-                        .remove(&arrival)
-                        .ok_or_else(|| format!("nothing to send for {arrival:?}"))?;
-                    if to == rank.rank {
-                        inbox.insert(arrival, x);
-                        pending.push_back(ExecEvent::Arrived(arrival));
-                    } else {
-                        txs[to]
-                            .send((arrival, wire.transmit(arrival, x, d)))
-                            .map_err(|_| format!("rank {to} is gone"))?;
-                    }
-                }
-                ExecCommand::Finished => return Ok(stats),
+                RankCommand::Send {
+                    to, arrival, data, ..
+                } => txs[to]
+                    .send((arrival, wire.transmit(arrival, data, d)))
+                    .map_err(|_| format!("rank {to} is gone"))?,
+                RankCommand::TakeGrads {
+                    copy,
+                    step,
+                    attempt,
+                } => pending.push_back(RankEvent::Grads {
+                    copy,
+                    step,
+                    attempt,
+                    grads: (),
+                }),
+                RankCommand::Done { stats, .. } => return Ok(stats),
+                RankCommand::InstallStage { .. }
+                | RankCommand::Installed { .. }
+                | RankCommand::Busy { .. } => {}
             }
         }
     }

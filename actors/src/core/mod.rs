@@ -1,0 +1,22 @@
+//! The control plane as pure machines: every fault-tolerance decision of a run, written once as
+//! `on(now, event) -> commands` with no ractor, no tokio, no clock and no threads. Time is an
+//! input and timers are commands, so the ractor shells, the thread engine and the simulator all
+//! drive the same code.
+//!
+//! - [`txn`]: the step transaction (open, done, reduce, install, commit; abort and replay).
+//! - [`coordinator`]: around the transaction: waiting for down ranks, deadlines, the probe
+//!   protocol, restore decisions, give-up.
+//! - [`executor`]: which instruction of a rank's program may run next.
+//! - [`ops`]: an instruction as stage operations, and where their results go.
+//! - [`rank`]: one pipeline rank around its executor (attempt filtering, early buffer, sends,
+//!   gradient hand-over, installs).
+//! - [`supervisor`]: restart budgets, backoff timers, subtree restarts and escalation.
+//! - [`detector`]: heartbeats and work progress: slow versus dead.
+
+pub mod coordinator;
+pub mod detector;
+pub mod executor;
+pub mod ops;
+pub mod rank;
+pub mod supervisor;
+pub mod txn;

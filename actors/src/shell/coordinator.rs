@@ -1,0 +1,859 @@
+//! The Coordinator actor and the engine around it. The actor drives the pure
+//! [`crate::core::coordinator::Coordinator`] machine (step transaction, deadlines, probes) and a
+//! root [`Supervisor`] over its children (DataLoader, NodeSupervisor); it does the reduce and the
+//! optimizer on the blocking pool. The [`ActorEngine`] supervises the coordinator itself: a
+//! coordinator that fails, or stops answering its heartbeat within the bound, is replaced by a
+//! fresh formation built from the last committed state, and the open step runs again.
+
+use super::data_loader::{DataArgs, DataLoader, batches_crc};
+use super::node::NodeSupervisor;
+use super::protocol::{CoordMsg, DataMsg, GpuMsg, NodeMsg, RankGrads, StepReply};
+use super::{AddressBook, Ctx, fire, is_child_event};
+use crate::core::coordinator::{CoordCommand, CoordEvent, Coordinator as Machine, TimeoutPolicy};
+use crate::core::rank::RankStats;
+use crate::core::supervisor::{RestartPolicy, SupCommand, SupEvent, Supervisor};
+use crate::formation::Wire;
+use crate::formation::inject::{Fault, FaultBook, FaultKind, Phase, Target};
+use crate::formation::threads::combine_stage_stats;
+use crate::schedule::Schedule;
+use crate::trainer::{self, StepEngine, StepHyper, StepOutput, TrainState};
+use anyhow::{Result, anyhow};
+use kernels::model::stage::{
+    Stage, StageGrads, combine_microbatch_stats, reduce, scale_for_microbatches,
+};
+use kernels::model::{Batch, DeepSeekV3, ParamStore};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+use storage::dataset::Dataset;
+
+/// How long the coordinator waits for the data loader before asking a fresh one.
+const DATA_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// Data requests of one step before the run gives up.
+const DATA_ATTEMPTS: u32 = 8;
+
+/// The coordinator's children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Child {
+    Loader,
+    Node,
+}
+
+/// The open step's data and results.
+struct Job {
+    step: u64,
+    snapshot: Box<TrainState>,
+    restore: Option<Arc<ParamStore>>,
+    hyper: StepHyper,
+    reply: Option<RpcReplyPort<Result<StepReply, String>>>,
+    batches: Option<Arc<Vec<Batch>>>,
+    data_tries: u32,
+    done: BTreeMap<usize, (RankGrads, RankStats)>,
+    work: Option<Box<TrainState>>,
+    out: Option<StepOutput>,
+}
+
+impl Job {
+    fn restore_params(&mut self) -> Arc<ParamStore> {
+        self.restore
+            .get_or_insert_with(|| Arc::new(self.snapshot.model.params.clone()))
+            .clone()
+    }
+
+    fn fail(&mut self, reason: String) {
+        if let Some(r) = self.reply.take() {
+            let _ = r.send(Err(reason));
+        }
+    }
+}
+
+/// The root of the formation's tree.
+pub struct Coordinator;
+
+pub struct CoordArgs {
+    ctx: Arc<Ctx>,
+    data: DataArgs,
+    committed: u64,
+    timeouts: TimeoutPolicy,
+}
+
+pub struct CoordState {
+    ctx: Arc<Ctx>,
+    data_args: DataArgs,
+    machine: Machine,
+    sup: Supervisor<Child>,
+    meta: Arc<Vec<Stage>>,
+    loader: Option<ActorRef<DataMsg>>,
+    node: Option<ActorRef<NodeMsg>>,
+    job: Option<Job>,
+    /// Message faults armed for the next broadcast.
+    armed: Vec<Fault>,
+}
+
+/// The check a rank verifies on an open (a damaged open is refused as a lost message).
+pub fn open_check(step: u64, attempt: u32) -> u32 {
+    let mut b = step.to_le_bytes().to_vec();
+    b.extend(attempt.to_le_bytes());
+    crc32c::crc32c(&b)
+}
+
+impl Coordinator {
+    fn ranks(st: &CoordState) -> usize {
+        st.ctx.schedule.ranks
+    }
+
+    /// Sends `f(rank)` to every rank, applying armed message faults to it.
+    fn broadcast(st: &mut CoordState, f: impl Fn(usize) -> GpuMsg) {
+        let faults = std::mem::take(&mut st.armed);
+        let has = |k: FaultKind| faults.iter().any(|f| f.kind == k);
+        for r in 0..Coordinator::ranks(st) {
+            let Some(g) = st.ctx.book.gpu(r) else {
+                continue;
+            };
+            let mut msg = f(r);
+            if r == 0 && has(FaultKind::Drop) {
+                tracing::warn!("injected drop of a coordinator message to rank 0");
+                continue;
+            }
+            if r == 0 && has(FaultKind::Dup) {
+                let _ = g.cast(f(r));
+            }
+            if r == 0
+                && has(FaultKind::Corrupt)
+                && let GpuMsg::Open { check, .. } = &mut msg
+            {
+                *check ^= 0x0100_0000;
+                tracing::warn!("injected corruption of the open sent to rank 0");
+            }
+            let _ = g.cast(msg);
+        }
+    }
+
+    /// A coordinator fault at (step, phase): panic, hang and slow fire now; message faults arm.
+    async fn maybe_fail(st: &mut CoordState, step: u64, phase: Phase) {
+        if let Some(f) = st.ctx.faults.take(step, phase, Target::Coordinator, 0) {
+            let what = format!("coordinator at step {step}, phase {phase:?}");
+            match f.kind {
+                FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => st.armed.push(f),
+                _ => fire(f, what, Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Asks the loader for the open step's batches without blocking this actor: the answer
+    /// comes back as [`CoordMsg::Batches`].
+    fn request_data(myself: &ActorRef<CoordMsg>, st: &mut CoordState) {
+        let Some(job) = st.job.as_mut() else { return };
+        job.data_tries += 1;
+        let step = job.step;
+        let loader = st.loader.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let r = match loader {
+                None => Err("the data loader is restarting".to_string()),
+                Some(l) => match l
+                    .call(|r| DataMsg::Get { step, reply: r }, Some(DATA_TIMEOUT))
+                    .await
+                {
+                    Ok(CallResult::Success(Ok((crc, b)))) if batches_crc(&b) == crc => Ok(b),
+                    Ok(CallResult::Success(Ok(_))) => {
+                        Err("the batches failed their checksum".to_string())
+                    }
+                    Ok(CallResult::Success(Err(e))) => Err(format!("fatal: {e}")),
+                    Ok(CallResult::Timeout) => {
+                        l.kill();
+                        Err(format!(
+                            "no answer within {} ms; killed it",
+                            DATA_TIMEOUT.as_millis()
+                        ))
+                    }
+                    _ => Err("the data loader is gone".to_string()),
+                },
+            };
+            let _ = me.cast(CoordMsg::Batches { step, result: r });
+        });
+    }
+
+    /// Carries out the machine's commands (and what they cause) in order.
+    async fn exec(
+        myself: &ActorRef<CoordMsg>,
+        st: &mut CoordState,
+        first: Vec<CoordCommand>,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut cmds: std::collections::VecDeque<CoordCommand> = first.into();
+        while let Some(cmd) = cmds.pop_front() {
+            match cmd {
+                CoordCommand::Open {
+                    step,
+                    attempt,
+                    restore,
+                } => {
+                    let Some(job) = st.job.as_mut() else { continue };
+                    let Some(batches) = job.batches.clone() else {
+                        continue;
+                    };
+                    let restore = restore.then(|| job.restore_params());
+                    if attempt > 0 {
+                        tracing::warn!(step, attempt, "replaying step");
+                    }
+                    let check = open_check(step, attempt);
+                    Coordinator::broadcast(st, |_| GpuMsg::Open {
+                        step,
+                        attempt,
+                        check,
+                        batches: batches.clone(),
+                        restore: restore.clone(),
+                    });
+                }
+                CoordCommand::SetTimer { at_ms, timer } => {
+                    let after = Duration::from_millis(at_ms.saturating_sub(st.ctx.now_ms()));
+                    ractor::time::send_after(after, myself.get_cell(), move || {
+                        CoordMsg::Timer(timer)
+                    });
+                }
+                CoordCommand::Reduce { step, attempt } => {
+                    Coordinator::maybe_fail(st, step, Phase::Optimizer).await;
+                    let Some(job) = st.job.as_mut() else { continue };
+                    let done = std::mem::take(&mut job.done);
+                    let mut work = job.snapshot.clone();
+                    let meta = st.meta.clone();
+                    let schedule = st.ctx.schedule.clone();
+                    let hyper = job.hyper;
+                    let (work, r) = tokio::task::spawn_blocking(move || {
+                        let r = reduce_and_apply(&mut work, &meta, &schedule, done, step, &hyper);
+                        (work, r)
+                    })
+                    .await?;
+                    match r {
+                        Ok(out) => {
+                            job.work = Some(work);
+                            job.out = Some(out);
+                            let now = st.ctx.now_ms();
+                            cmds.extend(st.machine.on(now, CoordEvent::Reduced { step, attempt }));
+                        }
+                        Err(e) => {
+                            job.fail(format!("{e:#}"));
+                            st.job = None;
+                            return Ok(());
+                        }
+                    }
+                }
+                CoordCommand::Install { step, attempt } => {
+                    let Some(work) = st.job.as_ref().and_then(|j| j.work.as_ref()) else {
+                        continue;
+                    };
+                    let params = Arc::new(work.model.params.clone());
+                    Coordinator::broadcast(st, |_| GpuMsg::Install {
+                        step,
+                        attempt,
+                        params: params.clone(),
+                    });
+                }
+                CoordCommand::Commit { step, attempts } => {
+                    let Some(mut job) = st.job.take() else {
+                        continue;
+                    };
+                    tracing::debug!(step, attempts, "step committed");
+                    let now = st.ctx.now_ms();
+                    st.sup.on(now, SupEvent::Progress);
+                    if let Some(n) = &st.node {
+                        let _ = n.cast(NodeMsg::Progress);
+                    }
+                    for r in 0..Coordinator::ranks(st) {
+                        if let Some(g) = st.ctx.book.gpu(r) {
+                            let _ = g.cast(GpuMsg::Progress);
+                        }
+                    }
+                    let (Some(work), Some(out)) = (job.work.take(), job.out.take()) else {
+                        job.fail(format!("step {step} committed without a result"));
+                        continue;
+                    };
+                    if let Some(r) = job.reply.take() {
+                        let _ = r.send(Ok(StepReply {
+                            state: work,
+                            out,
+                            restarts: st.machine.restarts,
+                            replayed_steps: st.machine.txn().replayed_steps,
+                        }));
+                    }
+                }
+                CoordCommand::Abort {
+                    step,
+                    attempt,
+                    reason,
+                } => {
+                    tracing::warn!(step, attempt, "aborting step: {reason}");
+                    if let Some(job) = st.job.as_mut() {
+                        job.done.clear();
+                        job.work = None;
+                        job.out = None;
+                    }
+                    Coordinator::broadcast(st, |_| GpuMsg::Abort { step, attempt });
+                }
+                CoordCommand::Probe { step, attempt } => {
+                    tracing::warn!(step, attempt, "step overdue; probing the ranks");
+                    Coordinator::broadcast(st, |_| GpuMsg::Probe { step, attempt });
+                }
+                CoordCommand::Kill { rank } => {
+                    tracing::warn!(rank, "rank did not answer the probe; killing it");
+                    if let Some(g) = st.ctx.book.gpu(rank) {
+                        g.kill();
+                    }
+                }
+                CoordCommand::GiveUp { step, reason } => {
+                    if let Some(mut job) = st.job.take() {
+                        job.fail(format!("step {step}: {reason}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out the root Supervisor machine's commands.
+    async fn supervise(
+        myself: &ActorRef<CoordMsg>,
+        st: &mut CoordState,
+        cmds: Vec<SupCommand<Child>>,
+    ) -> Result<(), ActorProcessingErr> {
+        for cmd in cmds {
+            match cmd {
+                SupCommand::StartTimer { after_ms, token } => {
+                    ractor::time::send_after(
+                        Duration::from_millis(after_ms),
+                        myself.get_cell(),
+                        move || CoordMsg::RestartTimer { token },
+                    );
+                }
+                SupCommand::Restart {
+                    child: Child::Loader,
+                    ..
+                } => {
+                    let (l, _) = Actor::spawn_linked(
+                        None,
+                        DataLoader,
+                        st.data_args.clone(),
+                        myself.get_cell(),
+                    )
+                    .await?;
+                    st.loader = Some(l);
+                    if st.job.as_ref().is_some_and(|j| j.batches.is_none()) {
+                        Coordinator::request_data(myself, st);
+                    }
+                }
+                SupCommand::Restart {
+                    child: Child::Node, ..
+                } => {
+                    let (n, _) = Actor::spawn_linked(
+                        None,
+                        NodeSupervisor,
+                        st.ctx.clone(),
+                        myself.get_cell(),
+                    )
+                    .await?;
+                    st.node = Some(n);
+                }
+                SupCommand::RestartAll { reason } => {
+                    tracing::warn!("{reason}");
+                    if let Some(n) = st.node.take() {
+                        n.kill();
+                    }
+                    let now = st.ctx.now_ms();
+                    let cmds = st.machine.on(now, CoordEvent::AllDown { reason });
+                    Box::pin(Coordinator::exec(myself, st, cmds)).await?;
+                    let (n, _) = Actor::spawn_linked(
+                        None,
+                        NodeSupervisor,
+                        st.ctx.clone(),
+                        myself.get_cell(),
+                    )
+                    .await?;
+                    st.node = Some(n);
+                }
+                SupCommand::Escalate { reason } | SupCommand::GiveUp { reason } => {
+                    if let Some(mut job) = st.job.take() {
+                        job.fail(format!("giving up: {reason}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The step's reduce: per-micro-batch gradients of every stage copy summed in micro-batch order
+/// into `state.grads`, averaged, then clipping, AdamW and the bias update.
+fn reduce_and_apply(
+    state: &mut TrainState,
+    meta: &[Stage],
+    schedule: &Schedule,
+    done: BTreeMap<usize, (RankGrads, RankStats)>,
+    step: u64,
+    h: &StepHyper,
+) -> Result<StepOutput> {
+    let m = schedule.microbatches;
+    let mut parts = Vec::new();
+    let mut stats = Vec::new();
+    for (_, (grads, st)) in done {
+        stats.extend(st);
+        for (copy, g) in grads {
+            let stage = &meta[schedule.stages[copy].model_stage];
+            parts.push(StageGrads { stage, grads: g });
+        }
+    }
+    state.grads.iter_mut().for_each(|g| g.zero_());
+    reduce(&mut state.grads, &state.model.params, parts, m).map_err(anyhow::Error::msg)?;
+    scale_for_microbatches(&mut state.grads, m);
+    let per = combine_stage_stats(stats, m, schedule.kind.model_stages(schedule.ranks))
+        .map_err(anyhow::Error::msg)?;
+    trainer::finish_step(state, step, combine_microbatch_stats(per), h)
+}
+
+impl Actor for Coordinator {
+    type Msg = CoordMsg;
+    type State = CoordState;
+    type Arguments = CoordArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CoordMsg>,
+        a: CoordArgs,
+    ) -> Result<CoordState, ActorProcessingErr> {
+        let ctx = a.ctx;
+        ctx.book.set_coord(myself.clone());
+        let meta_ctx = ctx.clone();
+        let meta = tokio::task::spawn_blocking(move || {
+            let n = meta_ctx.ranges.len();
+            (0..n)
+                .map(|s| Stage::from_model(&meta_ctx.template, &meta_ctx.ranges, s))
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        let (loader, _) =
+            Actor::spawn_linked(None, DataLoader, a.data.clone(), myself.get_cell()).await?;
+        let ranks = ctx.schedule.ranks;
+        let mut st = CoordState {
+            ctx: ctx.clone(),
+            data_args: a.data,
+            machine: Machine::new(ranks, a.committed, a.timeouts),
+            sup: Supervisor::new("the coordinator", ctx.policy, true),
+            meta: Arc::new(meta),
+            loader: Some(loader),
+            node: None,
+            job: None,
+            armed: Vec::new(),
+        };
+        let (node, _) =
+            Actor::spawn_linked(None, NodeSupervisor, ctx.clone(), myself.get_cell()).await?;
+        st.node = Some(node);
+        Ok(st)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<CoordMsg>,
+        st: &mut CoordState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(n) = st.node.take() {
+            n.kill();
+        }
+        if let Some(l) = st.loader.take() {
+            l.kill();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<CoordMsg>,
+        msg: CoordMsg,
+        st: &mut CoordState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = st.ctx.now_ms();
+        let event = match msg {
+            CoordMsg::Ping { reply } => {
+                let _ = reply.send(());
+                return Ok(());
+            }
+            CoordMsg::RunStep {
+                step,
+                state,
+                hyper,
+                reply,
+            } => {
+                st.job = Some(Job {
+                    step,
+                    snapshot: state,
+                    restore: None,
+                    hyper,
+                    reply: Some(reply),
+                    batches: None,
+                    data_tries: 0,
+                    done: BTreeMap::new(),
+                    work: None,
+                    out: None,
+                });
+                Coordinator::request_data(&myself, st);
+                return Ok(());
+            }
+            CoordMsg::Batches { step, result } => {
+                let Some(job) = st.job.as_mut().filter(|j| j.step == step) else {
+                    return Ok(());
+                };
+                match result {
+                    Ok(b) => {
+                        job.batches = Some(b);
+                        Coordinator::maybe_fail(st, step, Phase::Forward).await;
+                        CoordEvent::Begin { step }
+                    }
+                    Err(e) if e.starts_with("fatal: ") || job.data_tries >= DATA_ATTEMPTS => {
+                        job.fail(format!("step {step}: the data loader: {e}"));
+                        st.job = None;
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(step, "data loader: {e}; asking again");
+                        Coordinator::request_data(&myself, st);
+                        return Ok(());
+                    }
+                }
+            }
+            CoordMsg::Done {
+                rank,
+                step,
+                attempt,
+                grads,
+                stats,
+            } => {
+                if !st.machine.is_current(step, attempt) {
+                    return Ok(());
+                }
+                let first = st.job.as_ref().is_some_and(|j| j.done.is_empty());
+                if let Some(job) = st.job.as_mut() {
+                    job.done.insert(rank, (grads, stats));
+                }
+                if first {
+                    Coordinator::maybe_fail(st, step, Phase::Backward).await;
+                    Coordinator::maybe_fail(st, step, Phase::Weight).await;
+                }
+                CoordEvent::Done {
+                    rank,
+                    step,
+                    attempt,
+                }
+            }
+            CoordMsg::Installed {
+                rank,
+                step,
+                attempt,
+            } => CoordEvent::Installed {
+                rank,
+                step,
+                attempt,
+            },
+            CoordMsg::RankDown { rank, reason } => {
+                tracing::warn!(rank, "rank down: {reason}");
+                CoordEvent::RankDown { rank, reason }
+            }
+            CoordMsg::RankUp { rank } => CoordEvent::RankUp { rank },
+            CoordMsg::Lost {
+                rank,
+                step,
+                attempt,
+                reason,
+            } => CoordEvent::Lost {
+                rank,
+                step,
+                attempt,
+                reason,
+            },
+            CoordMsg::ProbeAck {
+                rank,
+                step,
+                attempt,
+            } => CoordEvent::ProbeAck {
+                rank,
+                step,
+                attempt,
+            },
+            CoordMsg::Timer(t) => CoordEvent::Timer(t),
+            CoordMsg::RestartTimer { token } => {
+                let cmds = st.sup.on(now, SupEvent::Timer { token });
+                return Coordinator::supervise(&myself, st, cmds).await;
+            }
+        };
+        let now = st.ctx.now_ms();
+        let cmds = st.machine.on(now, event);
+        Coordinator::exec(&myself, st, cmds).await
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<CoordMsg>,
+        evt: SupervisionEvent,
+        st: &mut CoordState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((id, what)) = is_child_event(&evt) else {
+            return Ok(());
+        };
+        if st.ctx.stopping() {
+            return Ok(());
+        }
+        let now = st.ctx.now_ms();
+        let child = if st.loader.as_ref().is_some_and(|l| l.get_id() == id) {
+            st.loader = None;
+            Child::Loader
+        } else if st.node.as_ref().is_some_and(|n| n.get_id() == id) {
+            st.node = None;
+            let cmds = st.machine.on(
+                now,
+                CoordEvent::AllDown {
+                    reason: format!("node supervisor {what}"),
+                },
+            );
+            Coordinator::exec(&myself, st, cmds).await?;
+            Child::Node
+        } else {
+            return Ok(());
+        };
+        tracing::warn!("{child:?} {what}; restarting it");
+        let what = format!("the {child:?} {what}");
+        let cmds = st.sup.on(now, SupEvent::Failed { child, what });
+        Coordinator::supervise(&myself, st, cmds).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+
+/// Everything a formation needs besides the model.
+pub struct FormationSpec {
+    pub schedule: Schedule,
+    pub wire: Wire,
+    /// Expert groups per stage copy (`--ep`); 1 runs the experts inside the stage.
+    pub ep: usize,
+    pub mtp_weight: f32,
+    pub faults: Arc<FaultBook>,
+    pub policy: RestartPolicy,
+    pub timeouts: TimeoutPolicy,
+    /// The coordinator is declared dead when it has not answered a heartbeat for this long.
+    pub coordinator_dead_after: Duration,
+    pub data: Arc<Dataset>,
+    pub seed: u64,
+    pub batch: usize,
+    pub seq: usize,
+    /// Steps already committed (a resumed run): the first step is `committed + 1`.
+    pub committed: u64,
+}
+
+/// A running formation: its runtime-side handles.
+struct Formation {
+    ctx: Arc<Ctx>,
+    coord: ActorRef<CoordMsg>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The actor formation as a training-loop engine: each step is one `RunStep` call to the
+/// coordinator, which returns once the step is committed (after any number of replays).
+pub struct ActorEngine {
+    rt: tokio::runtime::Runtime,
+    spec: FormationSpec,
+    formation: Option<Formation>,
+    /// Restarts of earlier formations (replaced coordinators), and coordinator replacements.
+    restarts_before: u64,
+    replayed_before: u64,
+    restarts: u64,
+    replayed: u64,
+    pub coordinator_restarts: u64,
+}
+
+impl ActorEngine {
+    /// Starts the supervision tree for `model` cut as `spec.schedule` says.
+    pub fn start(model: &DeepSeekV3, spec: FormationSpec) -> Result<ActorEngine> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let mut e = ActorEngine {
+            rt,
+            spec,
+            formation: None,
+            restarts_before: 0,
+            replayed_before: 0,
+            restarts: 0,
+            replayed: 0,
+            coordinator_restarts: 0,
+        };
+        e.formation = Some(e.launch(model, e.spec.committed)?);
+        Ok(e)
+    }
+
+    fn launch(&self, model: &DeepSeekV3, committed: u64) -> Result<Formation> {
+        let spec = &self.spec;
+        let stages = spec.schedule.kind.model_stages(spec.schedule.ranks);
+        let ctx = Arc::new(Ctx {
+            ranges: kernels::model::stage::partition(model.cfg.num_hidden_layers, stages),
+            schedule: spec.schedule.clone(),
+            template: Arc::new(model.clone()),
+            mtp_weight: spec.mtp_weight,
+            wire: spec.wire,
+            ep: spec.ep.max(1),
+            hidden: model.cfg.hidden_size,
+            faults: spec.faults.clone(),
+            policy: spec.policy,
+            epoch: Instant::now(),
+            book: AddressBook::new(spec.schedule.ranks),
+            stopping: AtomicBool::new(false),
+        });
+        let args = CoordArgs {
+            ctx: ctx.clone(),
+            data: DataArgs {
+                ctx: ctx.clone(),
+                data: spec.data.clone(),
+                seed: spec.seed,
+                batch: spec.batch,
+                seq: spec.seq,
+                microbatches: ctx.schedule.microbatches,
+            },
+            committed,
+            timeouts: spec.timeouts,
+        };
+        let (coord, handle) = self
+            .rt
+            .block_on(Actor::spawn(None, Coordinator, args))
+            .map_err(|e| anyhow!("cannot start the coordinator: {e}"))?;
+        Ok(Formation {
+            ctx,
+            coord,
+            handle: Some(handle),
+        })
+    }
+
+    /// Faults of the plan that never fired.
+    pub fn unfired_faults(&self) -> Vec<Fault> {
+        self.spec.faults.unfired()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut f) = self.formation.take() {
+            f.ctx
+                .stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            f.coord.kill();
+            if let Some(h) = f.handle.take() {
+                let _ = self.rt.block_on(h);
+            }
+        }
+    }
+
+    /// Stops the tree and waits for it.
+    pub fn shutdown(&mut self) {
+        self.stop();
+    }
+
+    /// One `RunStep` call, with the coordinator's heartbeat watched meanwhile. `Ok(None)`: the
+    /// coordinator died or went silent past the bound (the caller replaces the formation).
+    fn call_step(
+        &mut self,
+        state: TrainState,
+        step: u64,
+        hyper: StepHyper,
+    ) -> Result<Option<StepReply>> {
+        let f = self
+            .formation
+            .as_ref()
+            .ok_or_else(|| anyhow!("no formation"))?;
+        let coord = f.coord.clone();
+        let dead_after = self.spec.coordinator_dead_after;
+        let state = Box::new(state);
+        self.rt.block_on(async move {
+            let c2 = coord.clone();
+            let call = c2.call(
+                move |reply| CoordMsg::RunStep {
+                    step,
+                    state,
+                    hyper,
+                    reply,
+                },
+                None,
+            );
+            tokio::pin!(call);
+            let mut last_answer = Instant::now();
+            loop {
+                tokio::select! {
+                    r = &mut call => {
+                        return match r {
+                            Ok(CallResult::Success(Ok(reply))) => Ok(Some(reply)),
+                            Ok(CallResult::Success(Err(e))) => Err(anyhow!("{e}")),
+                            _ => Ok(None),
+                        };
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        let ping = coord.call(|reply| CoordMsg::Ping { reply }, Some(Duration::from_millis(100)));
+                        if let Ok(CallResult::Success(())) = ping.await {
+                            last_answer = Instant::now();
+                        } else if last_answer.elapsed() >= dead_after {
+                            tracing::warn!(step, "the coordinator is silent for {} ms: declared dead", last_answer.elapsed().as_millis());
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Drop for ActorEngine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl StepEngine for ActorEngine {
+    fn step(
+        &mut self,
+        state: TrainState,
+        step: u64,
+        h: &StepHyper,
+    ) -> Result<(TrainState, StepOutput)> {
+        let mut tries = 0;
+        loop {
+            match self.call_step(state.clone(), step, *h)? {
+                Some(reply) => {
+                    self.restarts = self.restarts_before + reply.restarts;
+                    self.replayed = self.replayed_before + reply.replayed_steps;
+                    return Ok((*reply.state, reply.out));
+                }
+                None => {
+                    tries += 1;
+                    if tries > self.spec.policy.max_restarts {
+                        return Err(anyhow!(
+                            "step {step}: the coordinator failed {tries} times in a row; giving up"
+                        ));
+                    }
+                    // the coordinator is the formation's root: replace the whole formation from
+                    // the last committed state and run the step again
+                    tracing::warn!(step, "replacing the coordinator's formation");
+                    self.stop();
+                    self.coordinator_restarts += 1;
+                    self.restarts_before = self.restarts + 1;
+                    self.restarts = self.restarts_before;
+                    self.replayed_before = self.replayed + 1;
+                    self.replayed = self.replayed_before;
+                    self.formation = Some(self.launch(&state.model, step - 1)?);
+                }
+            }
+        }
+    }
+
+    fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    fn replayed_steps(&self) -> u64 {
+        self.replayed
+    }
+}

@@ -1,0 +1,261 @@
+//! The ExpertGroupActor: routed experts `[g·E/G, (g+1)·E/G)` of one stage copy's MoE layers,
+//! served over wire frames (FP8 dispatch, BF16 combine), and [`RemoteExperts`], the stage's side
+//! of that exchange.
+
+use super::protocol::{ExpertMsg, WireGrads};
+use super::{Ctx, fire};
+use crate::formation::Wire;
+use crate::formation::compute::EpPayload;
+use crate::formation::inject::{Phase, Target};
+use kernels::model::experts::{ExpertGroup, LocalExpertGroups, gather};
+use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How much longer a `slow` expert group takes per message (it does not time its work).
+const SLOW_UNIT: Duration = Duration::from_millis(20);
+
+/// How long a stage waits for an expert group before giving up on the step (a hung group is
+/// normally caught earlier by the coordinator's step timeout, which kills the waiting stage).
+const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Routed experts `[g·E/G, (g+1)·E/G)` of one stage copy's MoE decoder layers: their parameters,
+/// the activations between forward and backward, and their weight gradients per micro-batch
+/// (returned with the backward's dx). Supervised by the StageActor it serves: a failed group
+/// fails that stage, which its GpuActor restarts (new groups, restored parameters, replay).
+pub struct ExpertGroupActor;
+
+pub struct ExpertArgs {
+    pub ctx: Arc<Ctx>,
+    pub rank: usize,
+    pub copy: usize,
+    pub group: usize,
+}
+
+pub struct ExpertState {
+    ctx: Arc<Ctx>,
+    rank: usize,
+    copy: usize,
+    group: Option<ExpertGroup>,
+}
+
+impl ExpertState {
+    async fn blocking<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut ExpertGroup) -> R + Send + 'static,
+    ) -> Result<R, ActorProcessingErr> {
+        let mut g = self.group.take().ok_or("the expert group was lost")?;
+        let (g, r) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut g);
+            (g, r)
+        })
+        .await?;
+        self.group = Some(g);
+        Ok(r)
+    }
+
+    async fn maybe_fail(&self, step: u64, phase: Phase) {
+        if let Some(f) = self.ctx.faults.take(step, phase, Target::Expert, self.rank) {
+            let g = self.group.as_ref().map_or(usize::MAX, |g| g.index);
+            let what = format!(
+                "expert group {g} of stage copy s{} on rank {} at step {step}, phase {phase:?}",
+                self.copy, self.rank
+            );
+            fire(f, what, SLOW_UNIT).await;
+        }
+    }
+}
+
+impl Actor for ExpertGroupActor {
+    type Msg = ExpertMsg;
+    type State = ExpertState;
+    type Arguments = ExpertArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ExpertMsg>,
+        a: ExpertArgs,
+    ) -> Result<ExpertState, ActorProcessingErr> {
+        let ctx = a.ctx.clone();
+        let (copy, group) = (a.copy, a.group);
+        let g = tokio::task::spawn_blocking(move || {
+            let model_stage = ctx.schedule.stages[copy].model_stage;
+            let layers = ctx.ranges[model_stage].clone();
+            ExpertGroup::new(&ctx.template, layers, group, ctx.ep)
+        })
+        .await?;
+        Ok(ExpertState {
+            ctx: a.ctx,
+            rank: a.rank,
+            copy: a.copy,
+            group: Some(g),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ExpertMsg>,
+        msg: ExpertMsg,
+        st: &mut ExpertState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (wire, d) = (st.ctx.wire, st.ctx.hidden);
+        match msg {
+            ExpertMsg::Forward {
+                step,
+                site,
+                blocks,
+                reply,
+            } => {
+                st.maybe_fail(step, Phase::Forward).await;
+                let out = st
+                    .blocking(move |g| {
+                        let blocks = blocks
+                            .into_iter()
+                            .map(|(i, b)| (i, Wire::ep_decode(&b)))
+                            .collect();
+                        g.forward(site, blocks)
+                            .into_iter()
+                            .map(|y| wire.ep_encode(EpPayload::Combine, &y, d))
+                            .collect::<Vec<_>>()
+                    })
+                    .await?;
+                let _ = reply.send(out);
+            }
+            ExpertMsg::Backward {
+                step,
+                site,
+                blocks,
+                reply,
+            } => {
+                st.maybe_fail(step, Phase::Backward).await;
+                st.maybe_fail(step, Phase::Weight).await;
+                let out = st
+                    .blocking(move |g| {
+                        let blocks = blocks
+                            .into_iter()
+                            .map(|(i, b)| (i, Wire::ep_decode(&b)))
+                            .collect();
+                        g.backward(site, blocks)
+                            .into_iter()
+                            .map(|e| WireGrads {
+                                dx: wire.ep_encode(EpPayload::Combine, &e.dx, d),
+                                dw: [e.dgate, e.dup, e.ddown],
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .await?;
+                let _ = reply.send(out);
+            }
+            ExpertMsg::Reset { restore, reply } => {
+                st.blocking(move |g| {
+                    g.reset();
+                    if let Some(p) = restore {
+                        g.load_from(&p);
+                    }
+                })
+                .await?;
+                let _ = reply.send(());
+            }
+            ExpertMsg::Install {
+                step,
+                params,
+                reply,
+            } => {
+                st.maybe_fail(step, Phase::Optimizer).await;
+                st.blocking(move |g| g.load_from(&params)).await?;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stage's routed experts in its ExpertGroupActors: blocks go out as frames, by owning group,
+/// and come back in block order. Runs on the stage's blocking-pool thread and waits there; a
+/// failed or silent group panics the stage's compute (the stage fails and is healed).
+#[derive(Debug)]
+pub struct RemoteExperts {
+    pub groups: Vec<ActorRef<ExpertMsg>>,
+    pub n_experts: usize,
+    pub wire: Wire,
+    pub d: usize,
+    pub step: Arc<AtomicU64>,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl RemoteExperts {
+    fn exchange<A: Send + 'static>(
+        &self,
+        blocks: Vec<(usize, Vec<f32>)>,
+        kind: EpPayload,
+        msg: impl Fn(u64, Vec<(usize, Vec<u8>)>, RpcReplyPort<Vec<A>>) -> ExpertMsg,
+    ) -> Vec<A> {
+        let n = blocks.len();
+        let step = self.step.load(Ordering::SeqCst);
+        let per = LocalExpertGroups::split(self.n_experts, self.groups.len(), blocks);
+        let mut parts = Vec::with_capacity(per.len());
+        for (g, b) in per.into_iter().enumerate() {
+            if b.is_empty() {
+                continue;
+            }
+            let pos: Vec<usize> = b.iter().map(|t| t.0).collect();
+            let payload: Vec<(usize, Vec<u8>)> = b
+                .into_iter()
+                .map(|(_, i, x)| (i, self.wire.ep_encode(kind, &x, self.d)))
+                .collect();
+            let actor = &self.groups[g];
+            let r = self
+                .rt
+                .block_on(actor.call(|reply| msg(step, payload, reply), Some(EXPERT_CALL_TIMEOUT)));
+            match r {
+                Ok(CallResult::Success(v)) => parts.push((pos, v)),
+                Ok(CallResult::Timeout) => panic!("expert group {g} did not answer (step {step})"),
+                Ok(CallResult::SenderError) | Err(_) => {
+                    panic!("expert group {g} failed (step {step})")
+                }
+            }
+        }
+        gather(n, parts)
+    }
+}
+
+impl ExpertCompute for RemoteExperts {
+    fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+        self.exchange(blocks, EpPayload::Dispatch, |step, blocks, reply| {
+            ExpertMsg::Forward {
+                step,
+                site,
+                blocks,
+                reply,
+            }
+        })
+        .into_iter()
+        .map(|y| Wire::ep_decode(&y))
+        .collect()
+    }
+
+    fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads> {
+        self.exchange(blocks, EpPayload::Combine, |step, blocks, reply| {
+            ExpertMsg::Backward {
+                step,
+                site,
+                blocks,
+                reply,
+            }
+        })
+        .into_iter()
+        .map(|w| {
+            let [dgate, dup, ddown] = w.dw;
+            ExpertGrads {
+                dx: Wire::ep_decode(&w.dx),
+                dgate,
+                dup,
+                ddown,
+            }
+        })
+        .collect()
+    }
+}

@@ -1,0 +1,488 @@
+//! The GpuActor: one pipeline rank. A thin driver of its [`RankMachine`] (which op runs next,
+//! what goes where, when to report) and of a [`Supervisor`] machine over its stage copies
+//! (restart after a backoff timer, restart every copy when one is past its budget, escalate to
+//! the NodeSupervisor past its own). Activations and gradients leave as encoded wire frames and
+//! are decoded on arrival; a frame that fails its checks is a lost message (the step replays).
+
+use super::protocol::{CoordMsg, GpuMsg, StageMsg};
+use super::stage::{StageActor, StageArgs};
+use super::{Ctx, fire, is_child_event, open_check};
+use crate::core::rank::{RankCommand, RankEvent, RankMachine};
+use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
+use crate::formation::Wire;
+use crate::formation::inject::{Fault, FaultKind, Phase, Target};
+use crate::schedule::Instr;
+use kernels::model::stage::MbGrads;
+use kernels::model::{Batch, ParamStore};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How much longer a `slow` rank takes per instruction (it does not time the stages' work).
+const SLOW_UNIT: Duration = Duration::from_millis(20);
+
+/// One pipeline rank (the device).
+pub struct GpuActor;
+
+pub struct GpuArgs {
+    pub ctx: Arc<Ctx>,
+    pub rank: usize,
+}
+
+pub struct GpuState {
+    ctx: Arc<Ctx>,
+    rank: usize,
+    machine: RankMachine<BTreeMap<usize, MbGrads>>,
+    sup: Supervisor<usize>,
+    stages: BTreeMap<usize, ActorRef<StageMsg>>,
+    ids: BTreeMap<ActorId, usize>,
+    /// Copies whose death this rank already reported (killed after a probe).
+    reported: BTreeSet<usize>,
+    batches: Option<Arc<Vec<Batch>>>,
+    params: Option<Arc<ParamStore>>,
+    /// Message faults armed for the next frame this rank sends.
+    armed: Vec<Fault>,
+}
+
+impl GpuActor {
+    async fn spawn_stage(
+        myself: &ActorRef<GpuMsg>,
+        st: &mut GpuState,
+        copy: usize,
+    ) -> Result<(), ActorProcessingErr> {
+        let args = StageArgs {
+            ctx: st.ctx.clone(),
+            rank: st.rank,
+            copy,
+            parent: myself.clone(),
+        };
+        let (r, _) = Actor::spawn_linked(None, StageActor, args, myself.get_cell()).await?;
+        st.ids.insert(r.get_id(), copy);
+        st.stages.insert(copy, r);
+        Ok(())
+    }
+
+    async fn maybe_fail(st: &mut GpuState, step: u64, phase: Phase) {
+        if let Some(f) = st.ctx.faults.take(step, phase, Target::Gpu, st.rank) {
+            let what = format!("gpu rank {} at step {step}, phase {phase:?}", st.rank);
+            match f.kind {
+                FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => st.armed.push(f),
+                _ => fire(f, what, SLOW_UNIT).await,
+            }
+        }
+    }
+
+    /// Feeds the machine one event and carries out what it says.
+    async fn drive(
+        st: &mut GpuState,
+        ev: RankEvent<BTreeMap<usize, MbGrads>>,
+    ) -> Result<(), ActorProcessingErr> {
+        let cmds = st.machine.on(ev)?;
+        for cmd in cmds {
+            GpuActor::exec(st, cmd).await?;
+        }
+        Ok(())
+    }
+
+    async fn exec(
+        st: &mut GpuState,
+        cmd: RankCommand<BTreeMap<usize, MbGrads>>,
+    ) -> Result<(), ActorProcessingErr> {
+        match cmd {
+            RankCommand::Starting { step, instr } => {
+                for phase in gpu_phases(&instr) {
+                    GpuActor::maybe_fail(st, step, *phase).await;
+                }
+            }
+            RankCommand::RunOp {
+                copy,
+                step,
+                attempt,
+                op,
+            } => {
+                let batches = st.batches.clone().ok_or("no batches for the attempt")?;
+                if let Some(s) = st.stages.get(&copy) {
+                    let _ = s.cast(StageMsg::Op {
+                        step,
+                        attempt,
+                        op,
+                        batches,
+                    });
+                }
+            }
+            RankCommand::Send {
+                to,
+                step,
+                attempt,
+                arrival,
+                data,
+            } => {
+                let mut frame = st.ctx.wire.encode(arrival, data, st.ctx.hidden);
+                let faults = std::mem::take(&mut st.armed);
+                if faults.iter().any(|f| f.kind == FaultKind::Drop) {
+                    tracing::warn!(rank = st.rank, to, "injected drop of {arrival:?}");
+                    return Ok(());
+                }
+                if faults.iter().any(|f| f.kind == FaultKind::Corrupt) {
+                    let i = frame.len() / 2;
+                    frame[i] ^= 0x5a;
+                    tracing::warn!(rank = st.rank, to, "injected corruption of {arrival:?}");
+                }
+                let copies = if faults.iter().any(|f| f.kind == FaultKind::Dup) {
+                    2
+                } else {
+                    1
+                };
+                // a peer that is down loses the message; the step is replayed
+                if let Some(peer) = st.ctx.book.gpu(to) {
+                    for _ in 0..copies {
+                        let _ = peer.cast(GpuMsg::Deliver {
+                            step,
+                            attempt,
+                            arrival,
+                            frame: frame.clone(),
+                        });
+                    }
+                }
+            }
+            RankCommand::TakeGrads {
+                copy,
+                step,
+                attempt,
+            } => {
+                if let Some(s) = st.stages.get(&copy) {
+                    let _ = s.cast(StageMsg::TakeGrads { step, attempt });
+                }
+            }
+            RankCommand::Done {
+                step,
+                attempt,
+                grads,
+                stats,
+            } => st.ctx.to_coord(CoordMsg::Done {
+                rank: st.rank,
+                step,
+                attempt,
+                grads,
+                stats,
+            }),
+            RankCommand::InstallStage {
+                copy,
+                step,
+                attempt,
+            } => {
+                let params = st.params.clone().ok_or("no parameters to install")?;
+                if let Some(s) = st.stages.get(&copy) {
+                    let _ = s.cast(StageMsg::Install {
+                        step,
+                        attempt,
+                        params,
+                    });
+                }
+            }
+            RankCommand::Installed { step, attempt } => {
+                st.params = None;
+                st.ctx.to_coord(CoordMsg::Installed {
+                    rank: st.rank,
+                    step,
+                    attempt,
+                });
+            }
+            RankCommand::Busy {
+                step,
+                attempt,
+                copies,
+            } => {
+                for copy in copies {
+                    if let Some(s) = st.stages.get(&copy) {
+                        if st.reported.insert(copy) {
+                            st.ctx.to_coord(CoordMsg::RankDown {
+                                rank: st.rank,
+                                reason: format!(
+                                    "stage copy s{copy} on rank {} did not answer before the step deadline",
+                                    st.rank
+                                ),
+                            });
+                        }
+                        s.kill();
+                    }
+                }
+                st.ctx.to_coord(CoordMsg::ProbeAck {
+                    rank: st.rank,
+                    step,
+                    attempt,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out the Supervisor machine's commands.
+    async fn supervise(
+        myself: &ActorRef<GpuMsg>,
+        st: &mut GpuState,
+        cmds: Vec<SupCommand<usize>>,
+    ) -> Result<(), ActorProcessingErr> {
+        for cmd in cmds {
+            match cmd {
+                SupCommand::StartTimer { after_ms, token } => {
+                    ractor::time::send_after(
+                        Duration::from_millis(after_ms),
+                        myself.get_cell(),
+                        move || GpuMsg::RestartTimer { token },
+                    );
+                }
+                SupCommand::Restart { child, restart } => {
+                    tracing::warn!(
+                        rank = st.rank,
+                        copy = child,
+                        restart,
+                        "restarting stage actor"
+                    );
+                    GpuActor::spawn_stage(myself, st, child).await?;
+                    if st.sup_idle() {
+                        st.ctx.to_coord(CoordMsg::RankUp { rank: st.rank });
+                    }
+                }
+                SupCommand::RestartAll { reason } => {
+                    tracing::warn!(rank = st.rank, "{reason}");
+                    st.ids.clear();
+                    for (_, s) in std::mem::take(&mut st.stages) {
+                        s.kill();
+                    }
+                    for copy in st.ctx.schedule.stages_on(st.rank) {
+                        GpuActor::spawn_stage(myself, st, copy).await?;
+                    }
+                    st.ctx.to_coord(CoordMsg::RankUp { rank: st.rank });
+                }
+                SupCommand::Escalate { reason } | SupCommand::GiveUp { reason } => {
+                    return Err(reason.into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GpuState {
+    /// Every stage copy is up and no restart is pending.
+    fn sup_idle(&self) -> bool {
+        !self.sup.is_waiting() && self.stages.len() == self.ctx.schedule.stages_on(self.rank).len()
+    }
+}
+
+/// The phases at which a GpuActor fault can fire when it dispatches `instr`.
+fn gpu_phases(instr: &Instr) -> &'static [Phase] {
+    match instr {
+        Instr::F { .. } => &[Phase::Forward],
+        Instr::B { .. } => &[Phase::Backward, Phase::Weight],
+        Instr::BInput { .. } => &[Phase::Backward],
+        Instr::W { .. } => &[Phase::Weight],
+        Instr::FB { .. } => &[Phase::Forward, Phase::Backward, Phase::Weight],
+    }
+}
+
+impl Actor for GpuActor {
+    type Msg = GpuMsg;
+    type State = GpuState;
+    type Arguments = GpuArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<GpuMsg>,
+        a: GpuArgs,
+    ) -> Result<GpuState, ActorProcessingErr> {
+        let mut st = GpuState {
+            ctx: a.ctx.clone(),
+            rank: a.rank,
+            machine: RankMachine::new(&a.ctx.schedule, a.rank),
+            sup: Supervisor::new(format!("gpu actor of rank {}", a.rank), a.ctx.policy, false),
+            stages: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            reported: BTreeSet::new(),
+            batches: None,
+            params: None,
+            armed: Vec::new(),
+        };
+        for copy in a.ctx.schedule.stages_on(a.rank) {
+            GpuActor::spawn_stage(&myself, &mut st, copy).await?;
+        }
+        a.ctx.book.set_gpu(a.rank, myself.clone());
+        Ok(st)
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<GpuMsg>,
+        st: &mut GpuState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.ctx.to_coord(CoordMsg::RankUp { rank: st.rank });
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<GpuMsg>,
+        msg: GpuMsg,
+        st: &mut GpuState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            GpuMsg::Open {
+                step,
+                attempt,
+                check,
+                batches,
+                restore,
+            } => {
+                if check != open_check(step, attempt) {
+                    tracing::warn!(rank = st.rank, step, attempt, "refused a damaged open");
+                    st.ctx.to_coord(CoordMsg::Lost {
+                        rank: st.rank,
+                        step,
+                        attempt,
+                        reason: format!("refused a damaged open of step {step} attempt {attempt}"),
+                    });
+                    return Ok(());
+                }
+                if st.machine.current().is_some_and(|c| c >= (step, attempt)) {
+                    // a duplicate (or stale) open must not reset the stages mid-attempt
+                    return Ok(());
+                }
+                for s in st.stages.values() {
+                    let _ = s.cast(StageMsg::Reset {
+                        restore: restore.clone(),
+                    });
+                }
+                st.batches = Some(batches);
+                st.armed.clear();
+                GpuActor::drive(st, RankEvent::Open { step, attempt }).await?;
+            }
+            GpuMsg::Deliver {
+                step,
+                attempt,
+                arrival,
+                frame,
+            } => match Wire::decode(&frame) {
+                Ok(data) => {
+                    let ev = RankEvent::Deliver {
+                        step,
+                        attempt,
+                        arrival,
+                        data,
+                    };
+                    GpuActor::drive(st, ev).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(rank = st.rank, "refused a frame for {arrival:?}: {e}");
+                    st.ctx.to_coord(CoordMsg::Lost {
+                        rank: st.rank,
+                        step,
+                        attempt,
+                        reason: format!("refused the frame of {arrival:?}: {e}"),
+                    });
+                }
+            },
+            GpuMsg::OpDone {
+                copy,
+                step,
+                attempt,
+                mb,
+                result,
+            } => {
+                let ev = RankEvent::OpDone {
+                    copy,
+                    step,
+                    attempt,
+                    mb,
+                    result,
+                };
+                GpuActor::drive(st, ev).await?;
+            }
+            GpuMsg::StageGrads {
+                copy,
+                step,
+                attempt,
+                grads,
+            } => {
+                let ev = RankEvent::Grads {
+                    copy,
+                    step,
+                    attempt,
+                    grads,
+                };
+                GpuActor::drive(st, ev).await?;
+            }
+            GpuMsg::Install {
+                step,
+                attempt,
+                params,
+            } => {
+                if st.machine.current() != Some((step, attempt)) {
+                    return Ok(());
+                }
+                GpuActor::maybe_fail(st, step, Phase::Optimizer).await;
+                st.params = Some(params);
+                GpuActor::drive(st, RankEvent::Install { step, attempt }).await?;
+            }
+            GpuMsg::StageInstalled {
+                copy,
+                step,
+                attempt,
+            } => {
+                let ev = RankEvent::StageInstalled {
+                    copy,
+                    step,
+                    attempt,
+                };
+                GpuActor::drive(st, ev).await?;
+            }
+            GpuMsg::Abort { step, attempt } => {
+                GpuActor::drive(st, RankEvent::Abort { step, attempt }).await?;
+            }
+            GpuMsg::Probe { step, attempt } => {
+                GpuActor::drive(st, RankEvent::Probe { step, attempt }).await?;
+            }
+            GpuMsg::RestartTimer { token } => {
+                let cmds = st.sup.on(st.ctx.now_ms(), SupEvent::Timer { token });
+                GpuActor::supervise(&myself, st, cmds).await?;
+            }
+            GpuMsg::Progress => {
+                st.sup.on(st.ctx.now_ms(), SupEvent::Progress);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<GpuMsg>,
+        evt: SupervisionEvent,
+        st: &mut GpuState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((id, what)) = is_child_event(&evt) else {
+            return Ok(());
+        };
+        let Some(copy) = st.ids.remove(&id) else {
+            return Ok(());
+        };
+        if st.ctx.stopping() {
+            return Ok(());
+        }
+        st.stages.remove(&copy);
+        if let Some((step, attempt)) = st.machine.current() {
+            GpuActor::drive(st, RankEvent::Abort { step, attempt }).await?;
+        }
+        let what = format!("stage copy s{copy} on rank {} {what}", st.rank);
+        if !st.reported.remove(&copy) {
+            st.ctx.to_coord(CoordMsg::RankDown {
+                rank: st.rank,
+                reason: what.clone(),
+            });
+        }
+        let cmds = st
+            .sup
+            .on(st.ctx.now_ms(), SupEvent::Failed { child: copy, what });
+        GpuActor::supervise(&myself, st, cmds).await
+    }
+}

@@ -1,0 +1,153 @@
+//! The ractor shells: one thin actor per file, each driving a pure machine of [`crate::core`]
+//! (the Coordinator machine, the RankMachine, the Supervisor) and carrying out its commands.
+//!
+//! ```text
+//! Coordinator ─┬─ DataLoader                the step's micro-batches (same ones on a replay)
+//!              └─ NodeSupervisor            restarts GpuActors (Supervisor machine)
+//!                   └─ GpuActor ×pp         one rank: RankMachine + Supervisor of its stages,
+//!                        │                  exchanges activations/gradients as wire frames
+//!                        └─ StageActor ×copies   one stage copy: params, stash, W queue, grads;
+//!                             │                  computes on the blocking pool
+//!                             └─ ExpertGroupActor ×ep   (--ep > 1) routed experts of the copy
+//! ```
+//!
+//! A step is a transaction: the coordinator opens attempt `a` of step `t` on every GpuActor, waits
+//! for each rank's "done" (with its per-micro-batch gradients), reduces them in micro-batch order,
+//! applies AdamW to a copy of the committed state, installs the new parameters on every rank and
+//! commits once all installed them. Any failure aborts the attempt; the failed actor's supervisor
+//! restarts it after a backoff timer and the coordinator replays the step once every rank is up,
+//! every rank restoring the last committed parameters. Actors find each other through the
+//! formation's [`AddressBook`], never by a global name.
+
+mod coordinator;
+mod data_loader;
+mod expert_group;
+mod gpu;
+mod node;
+mod protocol;
+mod stage;
+
+pub use coordinator::{ActorEngine, FormationSpec, open_check};
+
+use crate::core::supervisor::RestartPolicy;
+use crate::formation::Wire;
+use crate::formation::inject::{Fault, FaultBook, FaultKind};
+use crate::schedule::Schedule;
+use kernels::model::DeepSeekV3;
+use protocol::{CoordMsg, GpuMsg};
+use ractor::{ActorId, ActorRef, SupervisionEvent};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the formation's actors are now; each registers itself when it starts.
+#[derive(Default)]
+pub struct AddressBook {
+    gpus: Mutex<Vec<Option<ActorRef<GpuMsg>>>>,
+    coord: Mutex<Option<ActorRef<CoordMsg>>>,
+}
+
+impl AddressBook {
+    fn new(ranks: usize) -> AddressBook {
+        AddressBook {
+            gpus: Mutex::new(vec![None; ranks]),
+            coord: Mutex::new(None),
+        }
+    }
+
+    fn set_gpu(&self, rank: usize, r: ActorRef<GpuMsg>) {
+        if let Ok(mut g) = self.gpus.lock() {
+            g[rank] = Some(r);
+        }
+    }
+
+    fn gpu(&self, rank: usize) -> Option<ActorRef<GpuMsg>> {
+        self.gpus
+            .lock()
+            .ok()
+            .and_then(|g| g.get(rank).cloned().flatten())
+    }
+
+    fn set_coord(&self, r: ActorRef<CoordMsg>) {
+        if let Ok(mut c) = self.coord.lock() {
+            *c = Some(r);
+        }
+    }
+
+    fn coord(&self) -> Option<ActorRef<CoordMsg>> {
+        self.coord.lock().ok().and_then(|c| c.clone())
+    }
+}
+
+/// What every actor of one formation shares (read-only, except the address book and the
+/// shutdown flag).
+pub struct Ctx {
+    schedule: Schedule,
+    /// The initial model: structure for every stage, initial values for fresh actors.
+    template: Arc<DeepSeekV3>,
+    ranges: Vec<Range<usize>>,
+    mtp_weight: f32,
+    wire: Wire,
+    ep: usize,
+    hidden: usize,
+    faults: Arc<FaultBook>,
+    policy: RestartPolicy,
+    epoch: Instant,
+    book: AddressBook,
+    stopping: AtomicBool,
+}
+
+impl Ctx {
+    fn to_coord(&self, msg: CoordMsg) {
+        if let Some(c) = self.book.coord() {
+            let _ = c.cast(msg);
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// Carries out an injected fault that stops the actor where it stands (panic, hang) or delays it
+/// (slow: `extra` is how long the work would take `factor - 1` more times). Message faults
+/// (drop, corrupt, dup) are carried out where the message is sent; here they do nothing.
+async fn fire(fault: Fault, what: String, extra: Duration) {
+    match fault.kind {
+        FaultKind::Panic => panic!("injected fault: {what}"),
+        FaultKind::Hang => {
+            tracing::warn!("injected hang: {what}");
+            // stuck for good, as a real hang inside compute: the actor waits on a parked thread
+            // that never returns; only a kill (by the probe protocol) gets it out
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                let _keep = tx;
+                loop {
+                    std::thread::park();
+                }
+            });
+            let _ = rx.await;
+        }
+        FaultKind::Slow => {
+            tracing::warn!("injected straggler ({}x): {what}", fault.factor());
+            tokio::time::sleep(extra.mul_f64((fault.factor() - 1.0).max(0.0))).await;
+        }
+        FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => {}
+    }
+}
+
+fn is_child_event(evt: &SupervisionEvent) -> Option<(ActorId, String)> {
+    match evt {
+        SupervisionEvent::ActorFailed(cell, err) => Some((cell.get_id(), format!("failed: {err}"))),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => Some((
+            cell.get_id(),
+            format!("terminated: {}", reason.as_deref().unwrap_or("killed")),
+        )),
+        _ => None,
+    }
+}

@@ -1,0 +1,303 @@
+//! The StageActor: one stage copy on one rank (parameters, activation stash, queued W, gradients).
+//! It computes on the blocking pool, answers its GpuActor, and supervises its expert groups (a
+//! failed group fails the stage, which its GpuActor restarts).
+
+use super::expert_group::{ExpertArgs, ExpertGroupActor, RemoteExperts};
+use super::protocol::{ExpertMsg, GpuMsg, StageMsg};
+use super::{Ctx, fire, is_child_event};
+use crate::core::ops::StageOp;
+use crate::formation::compute::exec_op;
+use crate::formation::inject::{Fault, FaultKind, Phase, Target};
+use kernels::model::stage::{Stage, StageRunner};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a stage waits for an expert group to acknowledge a reset or an install.
+const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One stage copy on one rank.
+pub struct StageActor;
+
+pub struct StageArgs {
+    pub ctx: Arc<Ctx>,
+    pub rank: usize,
+    pub copy: usize,
+    pub parent: ActorRef<GpuMsg>,
+}
+
+pub struct StageState {
+    ctx: Arc<Ctx>,
+    rank: usize,
+    copy: usize,
+    parent: ActorRef<GpuMsg>,
+    runner: Option<StageRunner>,
+    /// Its ExpertGroupActors under `--ep` > 1 (children), and the step they serve.
+    groups: Vec<ActorRef<ExpertMsg>>,
+    step: Arc<AtomicU64>,
+}
+
+impl StageState {
+    /// Runs `f` on the runner on the blocking pool (compute never runs on a tokio worker).
+    async fn blocking<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut StageRunner) -> R + Send + 'static,
+    ) -> Result<R, ActorProcessingErr> {
+        let mut runner = self.runner.take().ok_or("the stage runner was lost")?;
+        let (runner, r) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut runner);
+            (runner, r)
+        })
+        .await?;
+        self.runner = Some(runner);
+        Ok(r)
+    }
+
+    /// Sends `msg` to every expert group and waits for each to acknowledge.
+    async fn to_groups(
+        &self,
+        msg: impl Fn(RpcReplyPort<()>) -> ExpertMsg,
+    ) -> Result<(), ActorProcessingErr> {
+        for (g, a) in self.groups.iter().enumerate() {
+            match a.call(&msg, Some(EXPERT_CALL_TIMEOUT)).await? {
+                CallResult::Success(()) => {}
+                _ => return Err(format!("expert group {g} did not acknowledge").into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn what(&self, step: u64, phase: Phase) -> String {
+        format!(
+            "stage copy s{} on rank {} at step {step}, phase {phase:?}",
+            self.copy, self.rank
+        )
+    }
+
+    /// The faults of this stage at (step, phase): a panic or hang fires now; a straggler or a
+    /// message fault is returned for the shell to carry out around the work.
+    async fn faults(&self, step: u64, phases: &[Phase]) -> Vec<Fault> {
+        let mut later = Vec::new();
+        for &phase in phases {
+            if let Some(f) = self.ctx.faults.take(step, phase, Target::Stage, self.rank) {
+                match f.kind {
+                    FaultKind::Panic | FaultKind::Hang => {
+                        fire(f, self.what(step, phase), Duration::ZERO).await
+                    }
+                    _ => later.push(f),
+                }
+            }
+        }
+        later
+    }
+
+    /// Sends `msg` to the parent, unless a `drop` fault eats it; `again` too under `dup`.
+    fn answer(&self, faults: &[Fault], msg: GpuMsg, again: impl FnOnce() -> GpuMsg) {
+        if faults.iter().any(|f| f.kind == FaultKind::Drop) {
+            tracing::warn!(
+                rank = self.rank,
+                copy = self.copy,
+                "injected drop of a stage answer"
+            );
+            return;
+        }
+        let dup = faults.iter().any(|f| f.kind == FaultKind::Dup);
+        let second = dup.then(again);
+        let _ = self.parent.cast(msg);
+        if let Some(m) = second {
+            let _ = self.parent.cast(m);
+        }
+    }
+}
+
+/// The fault-injection phases an op passes.
+fn phases_of(op: &StageOp) -> &'static [Phase] {
+    match op {
+        StageOp::Forward { .. } => &[Phase::Forward],
+        StageOp::BackwardInput { .. } => &[Phase::Backward],
+        StageOp::Weight { .. } => &[Phase::Weight],
+        StageOp::Backward { .. } => &[Phase::Backward, Phase::Weight],
+    }
+}
+
+impl Actor for StageActor {
+    type Msg = StageMsg;
+    type State = StageState;
+    type Arguments = StageArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<StageMsg>,
+        a: StageArgs,
+    ) -> Result<StageState, ActorProcessingErr> {
+        let ctx = a.ctx.clone();
+        let copy = a.copy;
+        let mut runner = tokio::task::spawn_blocking(move || {
+            let model_stage = ctx.schedule.stages[copy].model_stage;
+            let stage = Stage::from_model(&ctx.template, &ctx.ranges, model_stage);
+            StageRunner::new(stage, ctx.mtp_weight)
+        })
+        .await?;
+        let step = Arc::new(AtomicU64::new(0));
+        let mut groups = Vec::new();
+        if a.ctx.ep > 1 {
+            for group in 0..a.ctx.ep {
+                let args = ExpertArgs {
+                    ctx: a.ctx.clone(),
+                    rank: a.rank,
+                    copy,
+                    group,
+                };
+                let (g, _) =
+                    Actor::spawn_linked(None, ExpertGroupActor, args, myself.get_cell()).await?;
+                groups.push(g);
+            }
+            runner.set_experts(Box::new(RemoteExperts {
+                groups: groups.clone(),
+                n_experts: a.ctx.template.cfg.n_routed_experts,
+                wire: a.ctx.wire,
+                d: a.ctx.hidden,
+                step: step.clone(),
+                rt: tokio::runtime::Handle::current(),
+            }));
+        }
+        Ok(StageState {
+            ctx: a.ctx,
+            rank: a.rank,
+            copy: a.copy,
+            parent: a.parent,
+            runner: Some(runner),
+            groups,
+            step,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<StageMsg>,
+        st: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.groups.iter().for_each(|g| g.kill());
+        Ok(())
+    }
+
+    /// A failed expert group fails its stage: the GpuActor restarts the stage (with new groups)
+    /// and the step is replayed, as for a stage failure.
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<StageMsg>,
+        evt: SupervisionEvent,
+        st: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        match is_child_event(&evt) {
+            Some((_, what)) if !st.ctx.stopping() => Err(format!(
+                "an expert group of stage copy s{} on rank {} {what}",
+                st.copy, st.rank
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<StageMsg>,
+        msg: StageMsg,
+        st: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            StageMsg::Reset { restore } => {
+                let r2 = restore.clone();
+                st.to_groups(|reply| ExpertMsg::Reset {
+                    restore: r2.clone(),
+                    reply,
+                })
+                .await?;
+                st.blocking(move |r| {
+                    r.reset();
+                    if let Some(p) = restore {
+                        r.load_from(&p);
+                    }
+                })
+                .await?;
+            }
+            StageMsg::Op {
+                step,
+                attempt,
+                op,
+                batches,
+            } => {
+                let mb = op.mb();
+                let faults = st.faults(step, phases_of(&op)).await;
+                st.step.store(step, Ordering::SeqCst);
+                let started = Instant::now();
+                let result = st.blocking(move |r| exec_op(r, &batches, op)).await?;
+                for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
+                    fire(*f, st.what(step, Phase::Forward), started.elapsed()).await;
+                }
+                let copy = st.copy;
+                // results carry activations: copied only when a duplicate will be sent
+                let again = faults
+                    .iter()
+                    .any(|f| f.kind == FaultKind::Dup)
+                    .then(|| result.clone());
+                let msg = GpuMsg::OpDone {
+                    copy,
+                    step,
+                    attempt,
+                    mb,
+                    result,
+                };
+                st.answer(&faults, msg, move || GpuMsg::OpDone {
+                    copy,
+                    step,
+                    attempt,
+                    mb,
+                    result: again.expect("cloned for the duplicate"),
+                });
+            }
+            StageMsg::Install {
+                step,
+                attempt,
+                params,
+            } => {
+                let faults = st.faults(step, &[Phase::Optimizer]).await;
+                let p2 = params.clone();
+                st.to_groups(|reply| ExpertMsg::Install {
+                    step,
+                    params: p2.clone(),
+                    reply,
+                })
+                .await?;
+                let started = Instant::now();
+                st.blocking(move |r| r.load_from(&params)).await?;
+                for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
+                    fire(*f, st.what(step, Phase::Optimizer), started.elapsed()).await;
+                }
+                let copy = st.copy;
+                let msg = GpuMsg::StageInstalled {
+                    copy,
+                    step,
+                    attempt,
+                };
+                st.answer(&faults, msg, move || GpuMsg::StageInstalled {
+                    copy,
+                    step,
+                    attempt,
+                });
+            }
+            StageMsg::TakeGrads { step, attempt } => {
+                let grads = st.blocking(|r| r.take_grads()).await?;
+                let _ = st.parent.cast(GpuMsg::StageGrads {
+                    copy: st.copy,
+                    step,
+                    attempt,
+                    grads,
+                });
+            }
+        }
+        Ok(())
+    }
+}
