@@ -83,6 +83,12 @@ pub struct TrainSummary {
     /// Steps replayed at least once after a failure.
     #[serde(default)]
     pub replayed_steps: u64,
+    /// Injected faults that fired, by kind (`--inject`; empty otherwise).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub faults_fired: std::collections::BTreeMap<String, u64>,
+    /// Coordinators replaced (each a whole formation rebuilt from the committed state).
+    #[serde(default)]
+    pub coordinator_restarts: u64,
     /// Checkpoints committed to the store during this run.
     #[serde(default)]
     pub checkpoints: u64,
@@ -596,6 +602,8 @@ fn run_steps(
         metrics: log.path().display().to_string(),
         restarts: engine.restarts(),
         replayed_steps: engine.replayed_steps(),
+        faults_fired: Default::default(),
+        coordinator_restarts: 0,
         checkpoints,
         resumed_from,
     })

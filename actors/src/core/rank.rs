@@ -33,8 +33,10 @@ pub enum RankEvent<G> {
         arrival: Arrival,
         data: Vec<f32>,
     },
-    /// A stage copy finished the op last handed to it.
+    /// A stage copy finished the op `op_id` handed to it (a duplicate or stale answer, with
+    /// another id, is dropped).
     OpDone {
+        op_id: u64,
         copy: usize,
         step: u64,
         attempt: u32,
@@ -75,8 +77,9 @@ pub enum RankEvent<G> {
 pub enum RankCommand<G> {
     /// An instruction starts (the shell's fault-injection point for the rank).
     Starting { step: u64, instr: Instr },
-    /// Hand `op` to stage copy `copy`; answer with [`RankEvent::OpDone`].
+    /// Hand `op` to stage copy `copy`; answer with [`RankEvent::OpDone`] naming `op_id`.
     RunOp {
+        op_id: u64,
         copy: usize,
         step: u64,
         attempt: u32,
@@ -138,6 +141,9 @@ struct Attempt<G> {
     outbox: BTreeMap<Arrival, Vec<f32>>,
     queue: VecDeque<(usize, StageOp)>,
     instr: Option<Instr>,
+    /// The op handed out and not yet answered, and the count of ops handed out.
+    op_inflight: Option<u64>,
+    ops: u64,
     waiting_on: BTreeSet<usize>,
     stats: RankStats,
     grads: Vec<(usize, G)>,
@@ -201,6 +207,8 @@ impl<G> RankMachine<G> {
                     outbox: BTreeMap::new(),
                     queue: VecDeque::new(),
                     instr: None,
+                    op_inflight: None,
+                    ops: 0,
                     waiting_on: BTreeSet::new(),
                     stats: Vec::new(),
                     grads: Vec::new(),
@@ -240,6 +248,7 @@ impl<G> RankMachine<G> {
                 }
             }
             RankEvent::OpDone {
+                op_id,
                 copy,
                 step,
                 attempt,
@@ -252,10 +261,12 @@ impl<G> RankMachine<G> {
                 }
                 let schedule = &self.schedule;
                 let cur = self.cur.as_mut().expect("current attempt");
-                if cur.stage != Stage::Running || !cur.waiting_on.remove(&copy) {
+                if cur.stage != Stage::Running || cur.op_inflight != Some(op_id) {
                     self.dropped += 1;
                     return Ok(out);
                 }
+                cur.op_inflight = None;
+                cur.waiting_on.remove(&copy);
                 if let StageOpResult::Forward { stats, .. } = &mut result {
                     let model_stage = schedule.stages[copy].model_stage;
                     cur.stats.push((mb, model_stage, std::mem::take(stats)));
@@ -427,7 +438,10 @@ impl<G> RankMachine<G> {
         let cur = self.cur.as_mut().expect("current attempt");
         if let Some((copy, op)) = cur.queue.pop_front() {
             cur.waiting_on.insert(copy);
+            cur.ops += 1;
+            cur.op_inflight = Some(cur.ops);
             out.push(RankCommand::RunOp {
+                op_id: cur.ops,
                 copy,
                 step: cur.step,
                 attempt: cur.attempt,

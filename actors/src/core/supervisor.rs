@@ -302,4 +302,114 @@ mod tests {
         );
         assert_eq!(t.total, 4);
     }
+
+    fn policy(max: u32) -> RestartPolicy {
+        RestartPolicy {
+            max_restarts: max,
+            window_ms: 1_000,
+            backoff_base_ms: 10,
+            backoff_max_ms: 40,
+        }
+    }
+
+    fn failed(child: usize) -> SupEvent<usize> {
+        SupEvent::Failed {
+            child,
+            what: format!("stage copy s{child} panicked"),
+        }
+    }
+
+    #[test]
+    fn backoff_is_a_timer_and_the_restart_waits_for_it() {
+        let mut s = Supervisor::new("gpu actor of rank 0", policy(3), false);
+        let c = s.on(0, failed(1));
+        assert_eq!(
+            c,
+            vec![SupCommand::StartTimer {
+                after_ms: 10,
+                token: 1
+            }]
+        );
+        assert!(s.is_waiting());
+        // an unknown or stale token does nothing; the right one restarts the child once
+        assert!(s.on(5, SupEvent::Timer { token: 9 }).is_empty());
+        assert_eq!(
+            s.on(10, SupEvent::Timer { token: 1 }),
+            vec![SupCommand::Restart {
+                child: 1,
+                restart: 1
+            }]
+        );
+        assert!(
+            s.on(11, SupEvent::Timer { token: 1 }).is_empty(),
+            "a duplicated timer"
+        );
+        assert!(!s.is_waiting());
+    }
+
+    #[test]
+    fn a_child_past_its_budget_restarts_the_subtree_and_progress_clears_budgets() {
+        let mut s = Supervisor::new("gpu actor of rank 0", policy(2), false);
+        for t in [0, 1] {
+            assert!(matches!(
+                s.on(t, failed(0))[0],
+                SupCommand::StartTimer { .. }
+            ));
+        }
+        // the third failure inside the window is the supervisor's own: subtree restart
+        let c = s.on(2, failed(0));
+        let SupCommand::StartTimer { token, .. } = c[0] else {
+            panic!("{c:?}")
+        };
+        // failures while the subtree restart is pending are absorbed by it
+        assert!(s.on(3, failed(1)).is_empty());
+        let c = s.on(20, SupEvent::Timer { token });
+        let SupCommand::RestartAll { reason } = &c[0] else {
+            panic!("{c:?}")
+        };
+        assert!(
+            reason.contains("stage copy s0 panicked; it failed 3 times"),
+            "{reason}"
+        );
+        assert_eq!(s.subtree_restarts, 1);
+        // fresh children have fresh budgets
+        assert!(matches!(
+            s.on(30, failed(0))[0],
+            SupCommand::StartTimer { .. }
+        ));
+        // a committed step clears every window: one failure per step never escalates
+        for k in 0..50u64 {
+            s.on(100 + k, SupEvent::Progress);
+            let c = s.on(100 + k, failed(0));
+            assert!(matches!(c[0], SupCommand::StartTimer { .. }), "{k}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_root_gives_up_and_says_who_failed_how_often() {
+        for root in [false, true] {
+            let mut s = Supervisor::new("the node supervisor", policy(1), root);
+            s.on(0, failed(3));
+            let c = s.on(1, failed(3));
+            let SupCommand::StartTimer { token, .. } = c[0] else {
+                panic!("{c:?}")
+            };
+            s.on(2, SupEvent::Timer { token });
+            s.on(3, failed(3));
+            let c = s.on(4, failed(3));
+            let reason = match (&c[0], root) {
+                (SupCommand::GiveUp { reason }, true) => reason,
+                (SupCommand::Escalate { reason }, false) => reason,
+                other => panic!("{other:?}"),
+            };
+            assert!(
+                reason.contains("stage copy s3 panicked; it failed 2 times"),
+                "{reason}"
+            );
+            assert!(
+                reason.contains("the node supervisor restarted its subtree 1 times"),
+                "{reason}"
+            );
+        }
+    }
 }

@@ -129,7 +129,13 @@ pub fn train(
         committed: state.step,
     };
     let mut engine = crate::shell::ActorEngine::start(&state.model, spec)?;
-    let summary = trainer::run(opts, &data, state, &mut engine, on_step);
+    let summary = trainer::run(opts, &data, state, &mut engine, on_step).map(|mut s| {
+        if !plan.faults.is_empty() {
+            s.faults_fired = engine.faults_fired();
+        }
+        s.coordinator_restarts = engine.coordinator_restarts;
+        s
+    });
     let unfired = engine.unfired_faults();
     engine.shutdown();
     if !unfired.is_empty() {

@@ -249,6 +249,7 @@ fn run_rank(
             match cmd {
                 RankCommand::Starting { .. } => {}
                 RankCommand::RunOp {
+                    op_id,
                     copy,
                     step,
                     attempt,
@@ -261,6 +262,7 @@ fn run_rank(
                         .ok_or_else(|| format!("stage copy s{copy} is not on this rank"))?;
                     let result = exec_op(runner, batches, op);
                     pending.push_back(RankEvent::OpDone {
+                        op_id,
                         copy,
                         step,
                         attempt,

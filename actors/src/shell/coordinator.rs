@@ -737,6 +737,11 @@ impl ActorEngine {
         self.spec.faults.unfired()
     }
 
+    /// Faults that fired, by kind.
+    pub fn faults_fired(&self) -> BTreeMap<String, u64> {
+        self.spec.faults.fired_counts()
+    }
+
     fn stop(&mut self) {
         if let Some(mut f) = self.formation.take() {
             f.ctx

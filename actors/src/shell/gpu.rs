@@ -96,6 +96,7 @@ impl GpuActor {
                 }
             }
             RankCommand::RunOp {
+                op_id,
                 copy,
                 step,
                 attempt,
@@ -104,6 +105,7 @@ impl GpuActor {
                 let batches = st.batches.clone().ok_or("no batches for the attempt")?;
                 if let Some(s) = st.stages.get(&copy) {
                     let _ = s.cast(StageMsg::Op {
+                        op_id,
                         step,
                         attempt,
                         op,
@@ -384,6 +386,7 @@ impl Actor for GpuActor {
                 }
             },
             GpuMsg::OpDone {
+                op_id,
                 copy,
                 step,
                 attempt,
@@ -391,6 +394,7 @@ impl Actor for GpuActor {
                 result,
             } => {
                 let ev = RankEvent::OpDone {
+                    op_id,
                     copy,
                     step,
                     attempt,

@@ -54,6 +54,7 @@ pub enum StageMsg {
     Reset { restore: Option<Arc<ParamStore>> },
     /// Run one operation; the answer goes to the parent as [`GpuMsg::OpDone`].
     Op {
+        op_id: u64,
         step: u64,
         attempt: u32,
         op: StageOp,
@@ -88,6 +89,7 @@ pub enum GpuMsg {
         frame: Vec<u8>,
     },
     OpDone {
+        op_id: u64,
         copy: usize,
         step: u64,
         attempt: u32,

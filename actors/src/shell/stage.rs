@@ -224,6 +224,7 @@ impl Actor for StageActor {
                 .await?;
             }
             StageMsg::Op {
+                op_id,
                 step,
                 attempt,
                 op,
@@ -244,6 +245,7 @@ impl Actor for StageActor {
                     .any(|f| f.kind == FaultKind::Dup)
                     .then(|| result.clone());
                 let msg = GpuMsg::OpDone {
+                    op_id,
                     copy,
                     step,
                     attempt,
@@ -251,6 +253,7 @@ impl Actor for StageActor {
                     result,
                 };
                 st.answer(&faults, msg, move || GpuMsg::OpDone {
+                    op_id,
                     copy,
                     step,
                     attempt,
