@@ -32,6 +32,8 @@ use storage::dataset::Dataset;
 
 /// How long the coordinator waits for the data loader before asking a fresh one.
 const DATA_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// Pause before asking the data loader again.
+const DATA_RETRY: Duration = Duration::from_millis(100);
 /// Data requests of one step before the run gives up.
 const DATA_ATTEMPTS: u32 = 8;
 
@@ -503,6 +505,10 @@ impl Actor for Coordinator {
                 let Some(job) = st.job.as_mut().filter(|j| j.step == step) else {
                     return Ok(());
                 };
+                if job.batches.is_some() {
+                    // a second answer (a retry raced a restarted loader): the first one counts
+                    return Ok(());
+                }
                 match result {
                     Ok(b) => {
                         job.batches = Some(b);
@@ -516,7 +522,9 @@ impl Actor for Coordinator {
                     }
                     Err(e) => {
                         tracing::warn!(step, "data loader: {e}; asking again");
-                        Coordinator::request_data(&myself, st);
+                        ractor::time::send_after(DATA_RETRY, myself.get_cell(), move || {
+                            CoordMsg::RetryData { step }
+                        });
                         return Ok(());
                     }
                 }
@@ -579,6 +587,16 @@ impl Actor for Coordinator {
                 step,
                 attempt,
             },
+            CoordMsg::RetryData { step } => {
+                if st
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| j.step == step && j.batches.is_none())
+                {
+                    Coordinator::request_data(&myself, st);
+                }
+                return Ok(());
+            }
             CoordMsg::Timer(t) => CoordEvent::Timer(t),
             CoordMsg::RestartTimer { token } => {
                 let cmds = st.sup.on(now, SupEvent::Timer { token });

@@ -6,7 +6,7 @@ use super::protocol::{ExpertMsg, WireGrads};
 use super::{Ctx, fire};
 use crate::formation::Wire;
 use crate::formation::compute::EpPayload;
-use crate::formation::inject::{Phase, Target};
+use crate::formation::inject::{FaultKind, Phase, Target};
 use kernels::model::experts::{ExpertGroup, LocalExpertGroups, gather};
 use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
 use ractor::rpc::CallResult;
@@ -20,7 +20,23 @@ const SLOW_UNIT: Duration = Duration::from_millis(20);
 
 /// How long a stage waits for an expert group before giving up on the step (a hung group is
 /// normally caught earlier by the coordinator's step timeout, which kills the waiting stage).
-const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Flips a byte of a frame under a `corrupt` fault (the stage's decode refuses it by CRC).
+fn damage(fault: Option<FaultKind>, frame: &mut [u8]) {
+    if fault == Some(FaultKind::Corrupt) && !frame.is_empty() {
+        let i = frame.len() / 2;
+        frame[i] ^= 0x5a;
+    }
+}
+
+/// Answers unless a `drop` fault eats the answer. Under `dup` the answer is sent once: a reply
+/// port takes one value, so the second delivery is refused by construction.
+fn answer<T>(fault: Option<FaultKind>, reply: RpcReplyPort<T>, value: T) {
+    if fault != Some(FaultKind::Drop) {
+        let _ = reply.send(value);
+    }
+}
 
 /// Routed experts `[g·E/G, (g+1)·E/G)` of one stage copy's MoE decoder layers: their parameters,
 /// the activations between forward and backward, and their weight gradients per micro-batch
@@ -57,14 +73,27 @@ impl ExpertState {
         Ok(r)
     }
 
-    async fn maybe_fail(&self, step: u64, phase: Phase) {
-        if let Some(f) = self.ctx.faults.take(step, phase, Target::Expert, self.rank) {
-            let g = self.group.as_ref().map_or(usize::MAX, |g| g.index);
-            let what = format!(
-                "expert group {g} of stage copy s{} on rank {} at step {step}, phase {phase:?}",
-                self.copy, self.rank
-            );
-            fire(f, what, SLOW_UNIT).await;
+    /// A fault of this group at (step, phase): panic, hang and slow fire now; a message fault
+    /// is returned for the answer.
+    async fn maybe_fail(&self, step: u64, phase: Phase) -> Option<FaultKind> {
+        let f = self
+            .ctx
+            .faults
+            .take(step, phase, Target::Expert, self.rank)?;
+        let g = self.group.as_ref().map_or(usize::MAX, |g| g.index);
+        let what = format!(
+            "expert group {g} of stage copy s{} on rank {} at step {step}, phase {phase:?}",
+            self.copy, self.rank
+        );
+        match f.kind {
+            FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => {
+                tracing::warn!("injected {} of the answer of {what}", f.kind.name());
+                Some(f.kind)
+            }
+            _ => {
+                fire(f, what, SLOW_UNIT).await;
+                None
+            }
         }
     }
 }
@@ -109,8 +138,8 @@ impl Actor for ExpertGroupActor {
                 blocks,
                 reply,
             } => {
-                st.maybe_fail(step, Phase::Forward).await;
-                let out = st
+                let fault = st.maybe_fail(step, Phase::Forward).await;
+                let mut out = st
                     .blocking(move |g| {
                         let blocks = blocks
                             .into_iter()
@@ -122,7 +151,10 @@ impl Actor for ExpertGroupActor {
                             .collect::<Vec<_>>()
                     })
                     .await?;
-                let _ = reply.send(out);
+                if let Some(b) = out.first_mut() {
+                    damage(fault, b);
+                }
+                answer(fault, reply, out);
             }
             ExpertMsg::Backward {
                 step,
@@ -130,9 +162,9 @@ impl Actor for ExpertGroupActor {
                 blocks,
                 reply,
             } => {
-                st.maybe_fail(step, Phase::Backward).await;
-                st.maybe_fail(step, Phase::Weight).await;
-                let out = st
+                let a = st.maybe_fail(step, Phase::Backward).await;
+                let fault = st.maybe_fail(step, Phase::Weight).await.or(a);
+                let mut out = st
                     .blocking(move |g| {
                         let blocks = blocks
                             .into_iter()
@@ -147,7 +179,10 @@ impl Actor for ExpertGroupActor {
                             .collect::<Vec<_>>()
                     })
                     .await?;
-                let _ = reply.send(out);
+                if let Some(w) = out.first_mut() {
+                    damage(fault, &mut w.dx);
+                }
+                answer(fault, reply, out);
             }
             ExpertMsg::Reset { restore, reply } => {
                 st.blocking(move |g| {
@@ -164,9 +199,9 @@ impl Actor for ExpertGroupActor {
                 params,
                 reply,
             } => {
-                st.maybe_fail(step, Phase::Optimizer).await;
+                let fault = st.maybe_fail(step, Phase::Optimizer).await;
                 st.blocking(move |g| g.load_from(&params)).await?;
-                let _ = reply.send(());
+                answer(fault, reply, ());
             }
         }
         Ok(())

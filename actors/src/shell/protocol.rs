@@ -202,6 +202,10 @@ pub enum CoordMsg {
         step: u64,
         result: Result<Arc<Vec<Batch>>, String>,
     },
+    /// Ask the data loader again for the batches of `step`.
+    RetryData {
+        step: u64,
+    },
     /// The engine's heartbeat: answered at once.
     Ping {
         reply: RpcReplyPort<()>,
