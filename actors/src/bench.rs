@@ -112,6 +112,7 @@ pub struct PipelineBench {
 }
 
 /// Seconds per step between the first and the last step callback of a run.
+#[cfg(feature = "shells")]
 fn step_seconds(
     run: impl FnOnce(
         &mut dyn FnMut(&crate::trainer::StepRecord, u64),
@@ -126,6 +127,7 @@ fn step_seconds(
     ))
 }
 
+#[cfg(feature = "shells")]
 pub fn pipeline_overhead(
     opts: &crate::trainer::TrainOptions,
     layout: &crate::formation::Layout,

@@ -40,6 +40,8 @@ fn every_parameter_group_matches_finite_differences() {
     let base = model.forward_backward(&batch, lambda, &mut grads);
     assert!(base.mtp_loss > 0.0 && base.balance_loss > 0.0);
     let mut checked = 0;
+    // `i` indexes four parallel arrays (flags, names, tensors, grads) and seeds the check
+    #[allow(clippy::needless_range_loop)]
     for i in 0..model.params.len() {
         if !model.params.trainable[i] {
             continue;

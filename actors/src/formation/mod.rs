@@ -14,7 +14,7 @@ pub use compute::Wire;
 
 pub use inject::InjectPlan;
 
-use crate::schedule::{ScheduleKind, build, check};
+use crate::schedule::{ScheduleKind, build};
 use crate::trainer::{self, StepRecord, TrainOptions, TrainSummary};
 use anyhow::{Result, anyhow, bail};
 use std::sync::Arc;
@@ -109,7 +109,7 @@ pub fn train(
     tracing::info!(data = %data.description, "data ready");
     let state = trainer::build_state(opts)?;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
-    check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", layout.schedule))?;
+    crate::schedule::check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", layout.schedule))?;
     let spec = crate::shell::FormationSpec {
         schedule,
         wire: layout.wire,

@@ -135,12 +135,15 @@ pub enum NodeMsg {
     Progress,
 }
 
+/// A step's micro-batches with the loader's CRC32C of their tokens.
+pub type Checked = (u32, Arc<Vec<Batch>>);
+
 /// Messages of the DataLoader.
 pub enum DataMsg {
     /// The micro-batches of a step with their CRC32C (a replay asks again and gets the same).
     Get {
         step: u64,
-        reply: RpcReplyPort<Result<(u32, Arc<Vec<Batch>>), String>>,
+        reply: RpcReplyPort<Result<Checked, String>>,
     },
 }
 
