@@ -343,7 +343,7 @@ fn bench_pipeline(a: BenchArgs) -> Result<()> {
     };
     let r = actors::bench::pipeline_overhead(&opts, &layout)?;
     println!(
-        "{} --pp {} --schedule {} --microbatches {}: {:.3} s/step vs plain loop {:.3} s/step = {:.3}x; {} messages per step; same weights: {}",
+        "{} --pp {} --schedule {} --microbatches {}: {:.3} s/step vs plain loop {:.3} s/step = {:.3}x; {} messages per step; same weights: {}; peak RSS {:.2} GB vs plain loop {:.2} GB = {:.2}x",
         r.config,
         r.pp,
         r.schedule,
@@ -352,7 +352,10 @@ fn bench_pipeline(a: BenchArgs) -> Result<()> {
         r.plain_step_s,
         r.ratio,
         r.messages_per_step,
-        r.same_weights
+        r.same_weights,
+        r.formation_peak_rss_bytes as f64 / 1e9,
+        r.plain_peak_rss_bytes as f64 / 1e9,
+        r.rss_ratio
     );
     println!("{}", serde_json::to_string(&r)?);
     Ok(())

@@ -109,6 +109,25 @@ pub struct PipelineBench {
     pub ratio: f64,
     pub messages_per_step: usize,
     pub same_weights: bool,
+    /// Peak resident memory of each run (VmHWM, reset before each; 0 where /proc is missing).
+    pub plain_peak_rss_bytes: u64,
+    pub formation_peak_rss_bytes: u64,
+    pub rss_ratio: f64,
+}
+
+/// Resets this process's peak-RSS mark (Linux `clear_refs` 5); false where unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// This process's peak resident set since start or the last [`reset_peak_rss`], in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Seconds per step between the first and the last step callback of a run.
@@ -134,10 +153,14 @@ pub fn pipeline_overhead(
 ) -> Result<PipelineBench> {
     let steps = opts.config.training.steps;
     anyhow::ensure!(steps >= 2, "the pipeline benchmark needs at least 2 steps");
+    reset_peak_rss();
     let (plain, plain_sha) =
         step_seconds(|f| crate::trainer::train_microbatched(opts, layout.microbatches, f))?;
+    let plain_rss = peak_rss_bytes();
+    reset_peak_rss();
     let (formation, formation_sha) =
         step_seconds(|f| crate::formation::train(opts, layout, None, f))?;
+    let formation_rss = peak_rss_bytes();
     let schedule = crate::schedule::build(layout.schedule, layout.pp, layout.microbatches)?;
     let report = crate::schedule::check(&schedule)?;
     Ok(PipelineBench {
@@ -151,6 +174,9 @@ pub fn pipeline_overhead(
         ratio: formation / plain,
         messages_per_step: report.messages,
         same_weights: plain_sha == formation_sha,
+        plain_peak_rss_bytes: plain_rss,
+        formation_peak_rss_bytes: formation_rss,
+        rss_ratio: formation_rss as f64 / plain_rss.max(1) as f64,
     })
 }
 

@@ -3,12 +3,15 @@
 //! written create-only. No manifest, no checkpoint.
 
 use crate::store::Store;
+use futures_util::StreamExt;
 use half::bf16;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
 
 /// The manifest format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -69,15 +72,100 @@ pub enum CheckpointError {
     },
     #[error("{url}: no complete checkpoint (no <run>/checkpoints/step-*/manifest.json)")]
     None { url: String },
+    #[error("{url}: no intact checkpoint; {}", list_skipped(skipped))]
+    NoneIntact { url: String, skipped: Vec<Skipped> },
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
+}
+
+impl CheckpointError {
+    /// Whether the error says the checkpoint itself is broken (an object corrupt, truncated or
+    /// missing) rather than that the store could not be asked (network, permissions …).
+    pub fn is_broken(&self) -> bool {
+        match self {
+            CheckpointError::Corrupt { .. } => true,
+            CheckpointError::Store { source, .. } => {
+                matches!(source, object_store::Error::NotFound { .. })
+            }
+            _ => false,
+        }
+    }
+
+    /// The object at fault, if the error names one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            CheckpointError::Store { key, .. } | CheckpointError::Corrupt { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// A committed checkpoint passed over because it is corrupt or incomplete, and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Skipped {
+    pub run: String,
+    pub step: u64,
+    /// The object at fault (key relative to the store root).
+    pub key: String,
+    /// What is wrong with it, naming the object (`checksum mismatch …`, `… bytes, the manifest
+    /// says …`, `… not found …`, an unreadable manifest).
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "skipped run {} step {}: {}",
+            self.run, self.step, self.reason
+        )
+    }
+}
+
+fn list_skipped(skipped: &[Skipped]) -> String {
+    skipped
+        .iter()
+        .map(Skipped::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How far [`verify`] goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depth {
+    /// Every shard is there with the size the manifest gives (one HEAD per shard).
+    Sizes,
+    /// Every shard is read back (streamed, not kept) and its size and SHA-256 checked.
+    Checksums,
 }
 
 /// The directory of the checkpoint of `step`.
-fn step_dir(step: u64) -> String {
+pub(crate) fn step_dir(step: u64) -> String {
     format!("step-{step:010}")
 }
 
-fn manifest_key(run: &str, step: u64) -> ObjPath {
+pub(crate) fn manifest_key(run: &str, step: u64) -> ObjPath {
     Store::key(&[run, "checkpoints", &step_dir(step), "manifest.json"])
+}
+
+/// A snapshot serialised as one safetensors shard, with its SHA-256: what an upload sends, kept
+/// so that a retried upload does not serialise and hash again.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+    pub tensors: usize,
+}
+
+/// Serialises `tensors` (in name order) and hashes the result.
+pub fn encode(tensors: &[SnapTensor]) -> Result<Encoded, String> {
+    let bytes = serialize(tensors)?;
+    let sha256 = hex(&Sha256::digest(&bytes));
+    Ok(Encoded {
+        bytes,
+        sha256,
+        tensors: tensors.len(),
+    })
 }
 
 /// Writes the checkpoint of `step`: the shard, then the manifest (create-only: an existing
@@ -89,19 +177,32 @@ pub async fn write(
     tensors: &[SnapTensor],
     meta: serde_json::Value,
 ) -> Result<CheckpointManifest, CheckpointError> {
+    let encoded = encode(tensors).map_err(|message| CheckpointError::Corrupt {
+        url: store.url.clone(),
+        key: format!("{run}/checkpoints/{}", step_dir(step)),
+        message,
+    })?;
+    write_encoded(store, run, step, &encoded, meta).await
+}
+
+/// [`write`] of an already encoded snapshot. Safe to call again after a failure: the shard is
+/// named by its content, and a manifest already committed with the same shards and meta (a
+/// retry whose first commit succeeded but whose answer was lost) counts as this commit.
+pub async fn write_encoded(
+    store: &Store,
+    run: &str,
+    step: u64,
+    encoded: &Encoded,
+    meta: serde_json::Value,
+) -> Result<CheckpointManifest, CheckpointError> {
     let err = |key: &ObjPath| {
         let url = store.url.clone();
         let key = key.to_string();
         move |source| CheckpointError::Store { url, key, source }
     };
-    let bytes = serialize(tensors).map_err(|message| CheckpointError::Corrupt {
-        url: store.url.clone(),
-        key: format!("{run}/checkpoints/{}", step_dir(step)),
-        message,
-    })?;
-    let sha256 = hex(&Sha256::digest(&bytes));
+    let bytes = &encoded.bytes;
     // content-addressed: a second attempt at a committed step never touches the committed shard
-    let shard_name = format!("shard-0-{}.safetensors", &sha256[..16]);
+    let shard_name = format!("shard-0-{}.safetensors", &encoded.sha256[..16]);
     let shard_key = Store::key(&[run, "checkpoints", &step_dir(step), &shard_name]);
     let upload = store
         .inner
@@ -118,11 +219,11 @@ pub async fn write(
         format: FORMAT,
         run: run.to_string(),
         step,
-        tensors: tensors.len(),
+        tensors: encoded.tensors,
         shards: vec![ShardEntry {
             key: shard_key.to_string(),
             bytes: bytes.len() as u64,
-            sha256,
+            sha256: encoded.sha256.clone(),
         }],
         meta,
     };
@@ -132,12 +233,26 @@ pub async fn write(
         mode: PutMode::Create,
         ..Default::default()
     };
-    store
+    match store
         .inner
         .put_opts(&key, PutPayload::from(json), opts)
         .await
-        .map_err(err(&key))?;
-    Ok(manifest)
+    {
+        Ok(_) => Ok(manifest),
+        Err(source @ object_store::Error::AlreadyExists { .. }) => {
+            match read_manifest(store, run, step).await {
+                Ok(existing)
+                    if existing.shards == manifest.shards
+                        && existing.tensors == manifest.tensors
+                        && existing.meta == manifest.meta =>
+                {
+                    Ok(existing)
+                }
+                _ => Err(err(&key)(source)),
+            }
+        }
+        Err(source) => Err(err(&key)(source)),
+    }
 }
 
 /// The names under `prefix` (the store root when None), like a directory listing.
@@ -258,21 +373,9 @@ pub async fn read_tensors(
     for shard in &manifest.shards {
         let key = ObjPath::from(shard.key.as_str());
         let bytes = get(store, &key).await?;
-        if bytes.len() as u64 != shard.bytes {
-            return Err(corrupt(
-                store,
-                &key,
-                format!("{} bytes, the manifest says {}", bytes.len(), shard.bytes),
-            ));
-        }
+        check_size(store, &key, bytes.len() as u64, shard)?;
         let sha = hex(&Sha256::digest(&bytes));
-        if sha != shard.sha256 {
-            return Err(corrupt(
-                store,
-                &key,
-                format!("SHA-256 {sha}, the manifest says {}", shard.sha256),
-            ));
-        }
+        check_sha(store, &key, &sha, shard)?;
         out.extend(deserialize(&bytes).map_err(|m| corrupt(store, &key, m))?);
     }
     if out.len() != manifest.tensors {
@@ -287,6 +390,195 @@ pub async fn read_tensors(
         ));
     }
     Ok(out)
+}
+
+fn check_size(
+    store: &Store,
+    key: &ObjPath,
+    bytes: u64,
+    shard: &ShardEntry,
+) -> Result<(), CheckpointError> {
+    if bytes == shard.bytes {
+        return Ok(());
+    }
+    Err(corrupt(
+        store,
+        key,
+        format!(
+            "incomplete: {bytes} bytes, the manifest says {}",
+            shard.bytes
+        ),
+    ))
+}
+
+fn check_sha(
+    store: &Store,
+    key: &ObjPath,
+    sha: &str,
+    shard: &ShardEntry,
+) -> Result<(), CheckpointError> {
+    if sha == shard.sha256 {
+        return Ok(());
+    }
+    Err(corrupt(
+        store,
+        key,
+        format!(
+            "checksum mismatch: SHA-256 {sha}, the manifest says {}",
+            shard.sha256
+        ),
+    ))
+}
+
+/// Checks that the shards of `manifest` are there and whole: their sizes (one HEAD each), and
+/// with [`Depth::Checksums`] their SHA-256 (each shard streamed through the hash, not kept).
+pub async fn verify(
+    store: &Store,
+    manifest: &CheckpointManifest,
+    depth: Depth,
+) -> Result<(), CheckpointError> {
+    for shard in &manifest.shards {
+        let key = ObjPath::from(shard.key.as_str());
+        let err = |source| CheckpointError::Store {
+            url: store.url.clone(),
+            key: key.to_string(),
+            source,
+        };
+        match depth {
+            Depth::Sizes => {
+                let meta = store.inner.head(&key).await.map_err(err)?;
+                check_size(store, &key, meta.size, shard)?;
+            }
+            Depth::Checksums => {
+                let r = store.inner.get(&key).await.map_err(err)?;
+                check_size(store, &key, r.meta.size, shard)?;
+                let mut stream = r.into_stream();
+                let mut hasher = Sha256::new();
+                let mut n = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(err)?;
+                    n += chunk.len() as u64;
+                    hasher.update(&chunk);
+                }
+                check_size(store, &key, n, shard)?;
+                check_sha(store, &key, &hex(&hasher.finalize()), shard)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Logs a skipped checkpoint once per process (a resume looks at the same checkpoints twice:
+/// for its config, then for its tensors).
+fn warn_skipped(store: &Store, s: &Skipped) {
+    static WARNED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let seen = WARNED.get_or_init(Default::default);
+    let fresh = seen
+        .lock()
+        .map(|mut set| set.insert(format!("{} {s}", store.url)))
+        .unwrap_or(true);
+    if fresh {
+        tracing::warn!(
+            store = %store.url,
+            run = %s.run,
+            step = s.step,
+            "checkpoint {} is corrupt or incomplete, falling back to an older one: {}",
+            s.key,
+            s.reason
+        );
+    }
+}
+
+/// Walks the committed checkpoints of `run` (else of every run, newest run first), newest
+/// first, and returns what `accept` makes of the first one it accepts, with the ones passed over
+/// before it. A checkpoint is passed over (and logged) when its manifest or `accept` reports it
+/// broken ([`CheckpointError::is_broken`]); any other error (the store cannot be asked) ends
+/// the walk, so a network failure never silently resumes from an older checkpoint.
+async fn newest_accepted<T, F, Fut>(
+    store: &Store,
+    run: Option<&str>,
+    mut accept: F,
+) -> Result<(T, Vec<Skipped>), CheckpointError>
+where
+    F: FnMut(CheckpointManifest) -> Fut,
+    Fut: std::future::Future<Output = Result<T, CheckpointError>>,
+{
+    let candidates = match run {
+        Some(r) => vec![r.to_string()],
+        None => runs(store).await?,
+    };
+    let mut skipped = Vec::new();
+    for run in candidates {
+        for step in committed_steps(store, &run).await? {
+            let checked = match read_manifest(store, &run, step).await {
+                Ok(m) => accept(m).await,
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(t) => return Ok((t, skipped)),
+                Err(e) if e.is_broken() => {
+                    let s = Skipped {
+                        run: run.clone(),
+                        step,
+                        key: e.key().unwrap_or_default().to_string(),
+                        reason: e.to_string(),
+                    };
+                    warn_skipped(store, &s);
+                    skipped.push(s);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Err(if skipped.is_empty() {
+        CheckpointError::None {
+            url: store.url.clone(),
+        }
+    } else {
+        CheckpointError::NoneIntact {
+            url: store.url.clone(),
+            skipped,
+        }
+    })
+}
+
+/// The manifest of the newest committed checkpoint of `run` (else of the newest run that has
+/// one) that passes [`verify`] at `depth`, and the newer ones skipped as corrupt or incomplete.
+pub async fn latest_verified(
+    store: &Store,
+    run: Option<&str>,
+    depth: Depth,
+) -> Result<(CheckpointManifest, Vec<Skipped>), CheckpointError> {
+    newest_accepted(store, run, |m| async move {
+        verify(store, &m, depth).await.map(|()| m)
+    })
+    .await
+}
+
+/// The newest intact checkpoint: read, verified and decoded.
+#[derive(Clone, Debug)]
+pub struct Intact {
+    pub manifest: CheckpointManifest,
+    pub tensors: Vec<SnapTensor>,
+    /// Newer committed checkpoints passed over, newest first, each with its reason.
+    pub skipped: Vec<Skipped>,
+}
+
+/// The newest committed checkpoint of `run` (else of the newest run that has one) whose shards
+/// read back whole (size and SHA-256) and decode: a corrupt or incomplete newer one is skipped,
+/// logged with `tracing::warn!` and listed in [`Intact::skipped`]. When none is intact the
+/// error ([`CheckpointError::NoneIntact`]) lists every reason.
+pub async fn latest_intact(store: &Store, run: Option<&str>) -> Result<Intact, CheckpointError> {
+    let ((manifest, tensors), skipped) = newest_accepted(store, run, |m| async move {
+        let t = read_tensors(store, &m).await?;
+        Ok((m, t))
+    })
+    .await?;
+    Ok(Intact {
+        manifest,
+        tensors,
+        skipped,
+    })
 }
 
 async fn get(store: &Store, key: &ObjPath) -> Result<Vec<u8>, CheckpointError> {

@@ -1,11 +1,16 @@
 //! Where checkpoints live: an object store opened from a URL (a directory or `file://DIR`,
 //! `memory://`, `s3://`, `gs://`, `az://`), under the URL's path, and the runtime its API runs on.
 
-use object_store::ObjectStore;
+use futures_util::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A store URL that cannot be opened, naming the URL.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +115,136 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("a current-thread runtime needs no resources that can be missing")
         .block_on(f)
+}
+
+/// A store that fails on purpose: the next `n` writes (puts and multipart uploads) or reads
+/// (gets) whose key contains a given text fail with a generic (transient-looking) error before
+/// reaching the wrapped store. For tests of retries, fallbacks and missed checkpoints.
+#[derive(Debug)]
+pub struct Faulty {
+    inner: Arc<dyn ObjectStore>,
+    only: String,
+    writes: AtomicUsize,
+    reads: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl Faulty {
+    /// Wraps `store`; only keys containing `only` can fail (`""`: every key). Returns the wrapped
+    /// store (same URL) and the handle that arms the failures.
+    pub fn wrap(store: &Store, only: &str) -> (Store, Arc<Faulty>) {
+        let faulty = Arc::new(Faulty {
+            inner: store.inner.clone(),
+            only: only.to_string(),
+            writes: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+        });
+        let wrapped = Store {
+            url: store.url.clone(),
+            inner: faulty.clone(),
+        };
+        (wrapped, faulty)
+    }
+
+    /// The next `n` matching writes fail.
+    pub fn fail_writes(&self, n: usize) {
+        self.writes.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` matching reads fail.
+    pub fn fail_reads(&self, n: usize) {
+        self.reads.store(n, Ordering::SeqCst);
+    }
+
+    /// How many requests failed on purpose so far.
+    pub fn failed(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn trip(&self, counter: &AtomicUsize, op: &str, key: &ObjPath) -> object_store::Result<()> {
+        if !key.as_ref().contains(&self.only) {
+            return Ok(());
+        }
+        let armed = counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !armed {
+            return Ok(());
+        }
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        Err(object_store::Error::Generic {
+            store: "Faulty",
+            source: format!("injected failure of {op} {key}").into(),
+        })
+    }
+}
+
+impl std::fmt::Display for Faulty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Faulty({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.trip(&self.writes, "put", location)?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.trip(&self.writes, "multipart upload", location)?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.trip(&self.reads, "get", location)?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
-//! The schedule checker: proves completeness (one F, one backward, one W per B*) and
-//! deadlock-freedom under buffered message passing; measures activations and messages.
+//! The schedule checker: proves completeness (one F, one backward, one W per B*, each on the
+//! rank of its stage) by counting, and deadlock-freedom under buffered message passing by
+//! driving every rank's [`RankExecutor`] with instant delivery, so the rule for when an
+//! instruction may run lives in the executor alone; measures activations and messages.
 
+use std::collections::VecDeque;
 use std::fmt;
 
 use serde::Serialize;
 
 use super::{Instr, Schedule, ScheduleError};
+use crate::core::executor::{Arrival, ExecCommand, ExecEvent, RankExecutor};
 
 /// At most this many problems are listed in [`ScheduleError::Incomplete`].
 const MAX_PROBLEMS: usize = 16;
@@ -68,25 +72,15 @@ pub struct CheckReport {
     pub sweeps: usize,
 }
 
-/// Status of one (stage copy, micro-batch) cell.
-#[derive(Clone, Copy, Default)]
-struct Cell {
-    f: bool,
-    /// Backward done (B, B* or B of F&B).
-    b: bool,
-    /// The backward was a B* (its W is owed).
-    split: bool,
-    w: bool,
-}
-
 /// Check `schedule`: every stage copy × micro-batch of its lane has exactly one F and exactly one
 /// backward (B, or B* plus exactly one later W on the same rank), every instruction sits on the
-/// rank holding its stage, and executing each rank's list in order — an instruction runs only
-/// once its inputs have arrived, sends are buffered without bound — finishes every list.
+/// rank holding its stage (structural checks), and every rank's [`RankExecutor`] — the same
+/// machine that runs a real step — reaches `Finished` when sends are delivered instantly and
+/// buffered without bound and every instruction completes as soon as it is handed out.
 pub fn check(schedule: &Schedule) -> Result<CheckReport, ScheduleError> {
     completeness(schedule)?;
-    let sweeps = execute(schedule)?;
-    Ok(measure(schedule, sweeps))
+    let traffic = execute(schedule)?;
+    Ok(measure(schedule, traffic))
 }
 
 fn completeness(s: &Schedule) -> Result<(), ScheduleError> {
@@ -193,95 +187,87 @@ fn completeness(s: &Schedule) -> Result<(), ScheduleError> {
     }
 }
 
-/// What instruction `instr` still waits for, given the cell table; None when it can run.
-fn waiting_for(s: &Schedule, cells: &[Cell], instr: &Instr) -> Option<String> {
-    let n = s.microbatches;
-    let fwd_ready = |stage: usize, mb: usize| -> Option<String> {
-        let prev = s.stages[stage].prev?;
-        (!cells[prev * n + mb].f).then(|| {
-            format!(
-                "activation of F(s{prev},m{mb}) from rank {}",
-                s.stages[prev].rank
-            )
-        })
-    };
-    let bwd_ready = |stage: usize, mb: usize| -> Option<String> {
-        if !cells[stage * n + mb].f {
-            return Some(format!("its own F(s{stage},m{mb})"));
-        }
-        let next = s.stages[stage].next?;
-        (!cells[next * n + mb].b).then(|| {
-            format!(
-                "gradient of B(s{next},m{mb}) from rank {}",
-                s.stages[next].rank
-            )
-        })
-    };
-    match *instr {
-        Instr::F { stage, mb } => fwd_ready(stage, mb),
-        Instr::B { stage, mb } | Instr::BInput { stage, mb } => bwd_ready(stage, mb),
-        Instr::W { stage, mb } => {
-            (!cells[stage * n + mb].b).then(|| format!("its own B*(s{stage},m{mb})"))
-        }
-        Instr::FB { f, b } => fwd_ready(f.0, f.1).or_else(|| bwd_ready(b.0, b.1)),
-    }
+/// What the execution observed: the sweeps it took and the `Send`s the executors issued.
+struct Traffic {
+    sweeps: usize,
+    sent_activations: Vec<usize>,
+    sent_gradients: Vec<usize>,
+    received: Vec<usize>,
+    local_handoffs: usize,
+    /// `per_step[k]`: cross-rank messages sent by instructions with step label `k + 1`.
+    per_step: Vec<usize>,
 }
 
-fn apply(n: usize, cells: &mut [Cell], instr: &Instr) {
-    match *instr {
-        Instr::F { stage, mb } => cells[stage * n + mb].f = true,
-        Instr::B { stage, mb } => cells[stage * n + mb].b = true,
-        Instr::BInput { stage, mb } => {
-            cells[stage * n + mb].b = true;
-            cells[stage * n + mb].split = true;
-        }
-        Instr::W { stage, mb } => cells[stage * n + mb].w = true,
-        Instr::FB { f, b } => {
-            cells[f.0 * n + f.1].f = true;
-            cells[b.0 * n + b.1].b = true;
-        }
-    }
-}
-
-/// Message-driven execution: sweep over ranks, each running its list in order while the next
-/// instruction's inputs are present, until all lists finish or a sweep makes no progress.
-/// Returns the number of sweeps.
-fn execute(s: &Schedule) -> Result<usize, ScheduleError> {
-    let n = s.microbatches;
-    let mut cells = vec![Cell::default(); s.stages.len() * n];
-    let mut pc = vec![0usize; s.programs.len()];
-    let mut sweeps = 0;
+/// Instant-delivery execution: every rank gets `Start`; in each sweep over the ranks, a rank
+/// takes the events in its inbox in order, completes every `Run` at once (feeding `Completed`
+/// back) and posts every `Send` to the target rank's inbox as `Arrived` (a rank later in the
+/// sweep sees it in the same sweep). Ends when every executor has said `Finished`, or fails with
+/// the stuck ranks when a sweep runs nothing.
+fn execute(s: &Schedule) -> Result<Traffic, ScheduleError> {
+    let nr = s.programs.len();
+    let labels = s
+        .steps
+        .iter()
+        .flat_map(|v| v.iter().copied())
+        .max()
+        .unwrap_or(0) as usize;
+    let mut t = Traffic {
+        sweeps: 0,
+        sent_activations: vec![0; nr],
+        sent_gradients: vec![0; nr],
+        received: vec![0; nr],
+        local_handoffs: 0,
+        per_step: vec![0; labels],
+    };
+    let mut ex: Vec<RankExecutor> = (0..nr).map(|r| RankExecutor::new(s, r)).collect();
+    let mut inbox: Vec<VecDeque<ExecEvent>> = (0..nr)
+        .map(|_| VecDeque::from([ExecEvent::Start]))
+        .collect();
+    let mut finished = vec![false; nr];
     loop {
-        sweeps += 1;
+        t.sweeps += 1;
         let mut progressed = false;
-        for (rank, prog) in s.programs.iter().enumerate() {
-            while let Some(instr) = prog.get(pc[rank]) {
-                if waiting_for(s, &cells, instr).is_some() {
-                    break;
+        for r in 0..nr {
+            while let Some(event) = inbox[r].pop_front() {
+                for cmd in ex[r].on(event) {
+                    match cmd {
+                        ExecCommand::Run(instr) => {
+                            progressed = true;
+                            inbox[r].push_back(ExecEvent::Completed(instr));
+                        }
+                        ExecCommand::Send { to, arrival } => {
+                            // Sends answer a `Completed`: the sender is the last completed one.
+                            let index = ex[r].completed() - 1;
+                            let label = s
+                                .steps
+                                .get(r)
+                                .and_then(|v| v.get(index))
+                                .copied()
+                                .unwrap_or(0) as usize;
+                            t.count(r, to, arrival, label);
+                            inbox[to].push_back(ExecEvent::Arrived(arrival));
+                        }
+                        ExecCommand::Finished => finished[r] = true,
+                    }
                 }
-                apply(n, &mut cells, instr);
-                pc[rank] += 1;
-                progressed = true;
             }
         }
-        let done = s.programs.iter().zip(&pc).all(|(p, &c)| c == p.len());
-        if done {
-            debug_assert!(cells.iter().all(|c| c.w == c.split));
-            return Ok(sweeps);
+        if finished.iter().all(|&f| f) {
+            return Ok(t);
         }
         if !progressed {
-            let blocked = s
-                .programs
+            let blocked = ex
                 .iter()
-                .enumerate()
-                .filter_map(|(rank, prog)| {
-                    let instr = prog.get(pc[rank])?;
-                    Some(Blocked {
-                        rank,
-                        index: pc[rank],
-                        instr: *instr,
-                        waiting_for: waiting_for(s, &cells, instr).unwrap_or_default(),
-                    })
+                .filter(|e| !e.is_finished())
+                .map(|e| {
+                    let index = e.completed();
+                    let instr = e.program()[index];
+                    Blocked {
+                        rank: e.rank,
+                        index,
+                        instr,
+                        waiting_for: describe_wait(s, e, &instr),
+                    }
                 })
                 .collect();
             return Err(ScheduleError::Deadlock { blocked });
@@ -289,17 +275,56 @@ fn execute(s: &Schedule) -> Result<usize, ScheduleError> {
     }
 }
 
-fn measure(s: &Schedule, sweeps: usize) -> CheckReport {
-    let labels = s
-        .steps
-        .iter()
-        .flat_map(|v| v.iter().copied())
-        .max()
-        .unwrap_or(0) as usize;
-    let mut per_step = vec![0usize; labels];
-    let mut messages = 0;
-    let mut local = 0;
-    let mut received = vec![0usize; s.ranks];
+impl Traffic {
+    fn count(&mut self, from: usize, to: usize, arrival: Arrival, label: usize) {
+        if to == from {
+            self.local_handoffs += 1;
+            return;
+        }
+        match arrival {
+            Arrival::Activation { .. } => self.sent_activations[from] += 1,
+            Arrival::Gradient { .. } => self.sent_gradients[from] += 1,
+        }
+        self.received[to] += 1;
+        if label >= 1 {
+            self.per_step[label - 1] += 1;
+        }
+    }
+}
+
+/// What the stuck executor `e` (next instruction `instr`) waits for, naming the sender of a
+/// missing message: the message is found by offering a copy of the executor each message
+/// `instr` could take and keeping the first that changes what it waits for. Otherwise (its own
+/// F or B* is missing) the executor's own words.
+fn describe_wait(s: &Schedule, e: &RankExecutor, instr: &Instr) -> String {
+    let words = e.waiting_for().unwrap_or_default();
+    for (stage, mb) in instr.parts() {
+        for arrival in [
+            Arrival::Activation { stage, mb },
+            Arrival::Gradient { stage, mb },
+        ] {
+            let mut probe = e.clone();
+            probe.on(ExecEvent::Arrived(arrival));
+            if probe.waiting_for().as_deref() == Some(words.as_str()) {
+                continue;
+            }
+            let from = match arrival {
+                Arrival::Activation { .. } => s.stages[stage].prev.map(|p| ("activation", 'F', p)),
+                Arrival::Gradient { .. } => s.stages[stage].next.map(|n| ("gradient", 'B', n)),
+            };
+            if let Some((what, pass, other)) = from {
+                let rank = s.stages[other].rank;
+                return format!("{what} of {pass}(s{other},m{mb}) from rank {rank}");
+            }
+        }
+    }
+    let prefix = format!("rank {}: {instr} waits for ", e.rank);
+    words.strip_prefix(&prefix).unwrap_or(&words).to_string()
+}
+
+/// Program-order measures per rank (work counts, peak activations and stash) plus the traffic
+/// the execution observed.
+fn measure(s: &Schedule, t: Traffic) -> CheckReport {
     let mut ranks = Vec::with_capacity(s.ranks);
     for (rank, prog) in s.programs.iter().enumerate() {
         let mut rc = RankCheck {
@@ -311,41 +336,20 @@ fn measure(s: &Schedule, sweeps: usize) -> CheckReport {
             overlapped_pairs: 0,
             peak_activations: 0,
             peak_stash: 0,
-            sent_activations: 0,
-            sent_gradients: 0,
-            received: 0,
+            sent_activations: t.sent_activations[rank],
+            sent_gradients: t.sent_gradients[rank],
+            received: t.received[rank],
         };
         let (mut live, mut stash) = (0usize, 0usize);
-        for (idx, instr) in prog.iter().enumerate() {
-            let label = s
-                .steps
-                .get(rank)
-                .and_then(|v| v.get(idx))
-                .copied()
-                .unwrap_or(0) as usize;
-            let mut send = |to: Option<usize>, kind: &mut usize| {
-                if let Some(to) = to {
-                    if to == rank {
-                        local += 1;
-                    } else {
-                        *kind += 1;
-                        messages += 1;
-                        received[to] += 1;
-                        if label >= 1 {
-                            per_step[label - 1] += 1;
-                        }
-                    }
-                }
-            };
-            if let Some((stage, _)) = instr.forward() {
+        for instr in prog {
+            if instr.forward().is_some() {
                 rc.forwards += 1;
                 live += 1;
                 stash += 1;
                 rc.peak_activations = rc.peak_activations.max(live);
                 rc.peak_stash = rc.peak_stash.max(stash);
-                send(s.next_rank(stage), &mut rc.sent_activations);
             }
-            if let Some((stage, _)) = instr.backward() {
+            if instr.backward().is_some() {
                 rc.backwards += 1;
                 live -= 1;
                 if matches!(instr, Instr::BInput { .. }) {
@@ -353,8 +357,6 @@ fn measure(s: &Schedule, sweeps: usize) -> CheckReport {
                 } else {
                     stash -= 1;
                 }
-                // The gradient of an entry copy has nowhere to go; a local turn is not a message.
-                send(s.prev_rank(stage), &mut rc.sent_gradients);
             }
             match instr {
                 Instr::W { .. } => {
@@ -367,14 +369,11 @@ fn measure(s: &Schedule, sweeps: usize) -> CheckReport {
         }
         ranks.push(rc);
     }
-    for (rc, r) in ranks.iter_mut().zip(received) {
-        rc.received = r;
-    }
     CheckReport {
         ranks,
-        messages,
-        messages_per_step: per_step,
-        local_handoffs: local,
-        sweeps,
+        messages: t.received.iter().sum(),
+        messages_per_step: t.per_step,
+        local_handoffs: t.local_handoffs,
+        sweeps: t.sweeps,
     }
 }

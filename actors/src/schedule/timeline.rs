@@ -1,9 +1,15 @@
 //! The timeline: per-instruction costs turn a schedule into start/end times per rank (zero
-//! communication latency), a makespan and a bubble per rank.
+//! communication latency), a makespan and a bubble per rank. It drives every rank's
+//! [`RankExecutor`] in a discrete-event loop in virtual time, so the rule for when an
+//! instruction may run lives in the executor alone.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 
 use serde::Serialize;
 
 use super::{Instr, Schedule, ScheduleKind};
+use crate::core::executor::{ExecCommand, ExecEvent, RankExecutor};
 
 /// Costs of one chunk: `f` forward, `b` full backward (input + weight), `w` weight part of `b`,
 /// `fb` an overlapped forward+backward pair. `B*` costs `b − w`, `W` costs `w`.
@@ -81,91 +87,110 @@ impl Timeline {
     }
 }
 
-/// Cell end times, indexed stage * n + mb.
-struct Ends {
-    f: Vec<Option<f64>>,
-    b: Vec<Option<f64>>,
+/// An event due at rank `rank` at time `at`; `seq` keeps equal (time, rank) pairs in posting order.
+struct Due {
+    at: f64,
+    rank: usize,
+    seq: usize,
+    event: ExecEvent,
 }
 
-/// When `instr`'s inputs are ready (None if some have not been produced yet).
-fn ready_at(s: &Schedule, e: &Ends, instr: &Instr) -> Option<f64> {
-    let n = s.microbatches;
-    let fwd = |stage: usize, mb: usize| -> Option<f64> {
-        match s.stages[stage].prev {
-            None => Some(0.0),
-            Some(p) => e.f[p * n + mb],
-        }
-    };
-    let bwd = |stage: usize, mb: usize| -> Option<f64> {
-        let own = e.f[stage * n + mb]?;
-        match s.stages[stage].next {
-            None => Some(own),
-            Some(nx) => e.b[nx * n + mb].map(|g| g.max(own)),
-        }
-    };
-    match *instr {
-        Instr::F { stage, mb } => fwd(stage, mb),
-        Instr::B { stage, mb } | Instr::BInput { stage, mb } => bwd(stage, mb),
-        Instr::W { stage, mb } => e.b[stage * n + mb],
-        Instr::FB { f, b } => Some(fwd(f.0, f.1)?.max(bwd(b.0, b.1)?)),
+impl Due {
+    fn key(&self) -> (usize, usize) {
+        (self.rank, self.seq)
     }
 }
 
-/// Run `schedule` with `costs`: each instruction starts at max(its rank is free, its inputs have
-/// arrived), communication takes no time. Bubble of rank r = makespan − busy time of rank r.
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    /// Reversed, so the max-heap pops the earliest (time, rank, seq) first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .at
+            .total_cmp(&self.at)
+            .then_with(|| other.key().cmp(&self.key()))
+    }
+}
+
+/// Run `schedule` with `costs` by driving every rank's [`RankExecutor`] in virtual time: events
+/// are taken in (time, rank) order; a `Run` handed out at time t occupies its rank (the executor
+/// runs one instruction at a time) until t + its cost, when `Completed` is fed back; `Send`s are
+/// delivered as `Arrived` at that completion time (communication takes no time). So each
+/// instruction starts at max(its rank is free, its inputs have arrived). Bubble of rank r =
+/// makespan − busy time of rank r.
 pub fn timeline(schedule: &Schedule, costs: &Costs) -> Timeline {
     let s = schedule;
-    let n = s.microbatches;
-    let cells = s.stages.len() * n;
-    let mut e = Ends {
-        f: vec![None; cells],
-        b: vec![None; cells],
-    };
-    let mut pc = vec![0usize; s.programs.len()];
-    let mut free = vec![0.0f64; s.programs.len()];
+    let nr = s.programs.len();
+    let mut ex: Vec<RankExecutor> = (0..nr).map(|r| RankExecutor::new(s, r)).collect();
+    let mut finished = vec![false; nr];
     let mut ranks: Vec<Vec<Span>> = s
         .programs
         .iter()
         .map(|p| Vec::with_capacity(p.len()))
         .collect();
-    loop {
-        let mut progressed = false;
-        for (r, prog) in s.programs.iter().enumerate() {
-            while let Some(instr) = prog.get(pc[r]) {
-                let Some(ready) = ready_at(s, &e, instr) else {
-                    break;
-                };
-                let start = free[r].max(ready);
-                let end = start + costs.of(instr);
-                if let Some((st, mb)) = instr.forward() {
-                    e.f[st * n + mb] = Some(end);
+    let mut queue = BinaryHeap::new();
+    let mut seq = 0;
+    let mut post = |queue: &mut BinaryHeap<Due>, at: f64, rank: usize, event: ExecEvent| {
+        queue.push(Due {
+            at,
+            rank,
+            seq,
+            event,
+        });
+        seq += 1;
+    };
+    for r in 0..nr {
+        post(&mut queue, 0.0, r, ExecEvent::Start);
+    }
+    while let Some(Due {
+        at: now,
+        rank: r,
+        event,
+        ..
+    }) = queue.pop()
+    {
+        for cmd in ex[r].on(event) {
+            match cmd {
+                ExecCommand::Run(instr) => {
+                    // A handed-out instruction does not advance the count: it is the next one.
+                    let index = ex[r].completed();
+                    let end = now + costs.of(&instr);
+                    let st = instr.parts()[0].0;
+                    ranks[r].push(Span {
+                        instr,
+                        chunk: s.stages[st].chunk,
+                        step: s
+                            .steps
+                            .get(r)
+                            .and_then(|v| v.get(index))
+                            .copied()
+                            .unwrap_or(0),
+                        start: now,
+                        end,
+                    });
+                    post(&mut queue, end, r, ExecEvent::Completed(instr));
                 }
-                if let Some((st, mb)) = instr.backward() {
-                    e.b[st * n + mb] = Some(end);
+                ExecCommand::Send { to, arrival } => {
+                    post(&mut queue, now, to, ExecEvent::Arrived(arrival));
                 }
-                let st = instr.parts()[0].0;
-                ranks[r].push(Span {
-                    instr: *instr,
-                    chunk: s.stages[st].chunk,
-                    step: s
-                        .steps
-                        .get(r)
-                        .and_then(|v| v.get(pc[r]))
-                        .copied()
-                        .unwrap_or(0),
-                    start,
-                    end,
-                });
-                free[r] = end;
-                pc[r] += 1;
-                progressed = true;
+                ExecCommand::Finished => finished[r] = true,
             }
         }
-        if !progressed {
-            break;
-        }
     }
-    let complete = s.programs.iter().zip(&pc).all(|(p, &c)| c == p.len());
+    let complete = finished.iter().all(|&f| f);
     let makespan = ranks
         .iter()
         .filter_map(|v| v.last().map(|x| x.end))
@@ -177,11 +202,120 @@ pub fn timeline(schedule: &Schedule, costs: &Costs) -> Timeline {
     let bubble = busy.iter().map(|b| makespan - b).collect();
     Timeline {
         kind: s.kind,
-        microbatches: n,
+        microbatches: s.microbatches,
         ranks,
         makespan,
         busy,
         bubble,
         complete,
+    }
+}
+
+#[cfg(test)]
+#[path = "/tmp/oldsched/old_check.rs"]
+mod old_check;
+#[cfg(test)]
+#[path = "/tmp/oldsched/old_timeline.rs"]
+mod old_timeline;
+
+#[cfg(test)]
+mod tmp_equiv {
+    use super::*;
+    use crate::schedule::{ScheduleKind, build, check};
+    use kernels::rng::Rng;
+
+    fn compare(s: &Schedule, costs: &[Costs], what: &str) -> (bool, bool) {
+        let a = format!("{:?}", check(s));
+        let b = format!("{:?}", super::old_check::check(s));
+        assert_eq!(a, b, "check {what}");
+        let mut complete = true;
+        for c in costs {
+            let n = timeline(s, c);
+            let o = super::old_timeline::timeline(s, c);
+            assert_eq!(n, o, "timeline {what} {c:?}");
+            complete &= n.complete;
+        }
+        (check(s).is_ok(), complete)
+    }
+
+    #[test]
+    fn tmp_equivalence() {
+        let mut rng = Rng::stream(7, "tmp-equiv");
+        let mut costs = vec![
+            Costs::EXAMPLE,
+            Costs {
+                f: 1.0,
+                b: 2.0,
+                w: 1.0,
+                fb: 3.0,
+            },
+            Costs {
+                f: 1.0,
+                b: 1.0,
+                w: 0.0,
+                fb: 0.0,
+            },
+            Costs {
+                f: 1.0,
+                b: 1.0,
+                w: 1.0,
+                fb: 1.0,
+            },
+            Costs {
+                f: 0.1,
+                b: 0.3,
+                w: 0.7,
+                fb: 0.2,
+            },
+        ];
+        for _ in 0..4 {
+            costs.push(Costs {
+                f: rng.below(5) as f64 * 0.5,
+                b: rng.below(9) as f64 * 0.25,
+                w: rng.below(3) as f64 * 0.3,
+                fb: rng.below(7) as f64 * 0.7,
+            });
+        }
+        let (mut ok, mut dead, mut partial) = (0, 0, 0);
+        for kind in ScheduleKind::ALL {
+            for ranks in 1..=9 {
+                for n in 1..=40 {
+                    let Ok(s) = build(kind, ranks, n) else {
+                        continue;
+                    };
+                    let (c, t) = compare(&s, &costs, &format!("{kind} {ranks}x{n}"));
+                    assert!(c && t);
+                    ok += 1;
+                    // mutations: random swaps, removals, duplicates
+                    for m in 0..6 {
+                        let mut s2 = s.clone();
+                        let r = rng.below(ranks as u64) as usize;
+                        let len = s2.programs[r].len();
+                        if len < 2 {
+                            continue;
+                        }
+                        let i = rng.below(len as u64) as usize;
+                        let j = rng.below(len as u64) as usize;
+                        match m % 3 {
+                            0 | 1 => {
+                                s2.programs[r].swap(i, j);
+                            }
+                            _ => {
+                                s2.programs[r].remove(i);
+                                s2.steps[r].remove(i);
+                            }
+                        }
+                        let (c, t) = compare(&s2, &costs, &format!("{kind} {ranks}x{n} mut{m}"));
+                        if !c {
+                            dead += 1;
+                        }
+                        if !t {
+                            partial += 1;
+                        }
+                    }
+                }
+            }
+        }
+        println!("equiv: {ok} schedules, {dead} failing checks, {partial} incomplete timelines");
     }
 }

@@ -47,7 +47,9 @@ enum Child {
 /// The open step's data and results.
 struct Job {
     step: u64,
-    snapshot: Box<TrainState>,
+    /// The committed state the step starts from (shared with the engine, never copied whole
+    /// except into `work`).
+    snapshot: Arc<TrainState>,
     restore: Option<Arc<ParamStore>>,
     hyper: StepHyper,
     reply: Option<RpcReplyPort<Result<StepReply, String>>>,
@@ -55,6 +57,9 @@ struct Job {
     data_tries: u32,
     done: BTreeMap<usize, (RankGrads, RankStats)>,
     work: Option<Box<TrainState>>,
+    /// The new parameters while the ranks install them (moved out of `work`, moved back at
+    /// the commit: no copy).
+    installing: Option<Arc<ParamStore>>,
     out: Option<StepOutput>,
 }
 
@@ -136,7 +141,7 @@ impl Coordinator {
 
     /// A coordinator fault at (step, phase): panic, hang and slow fire now; message faults arm.
     async fn maybe_fail(st: &mut CoordState, step: u64, phase: Phase) {
-        if let Some(f) = st.ctx.faults.take(step, phase, Target::Coordinator, 0) {
+        while let Some(f) = st.ctx.faults.take(step, phase, Target::Coordinator, 0) {
             let what = format!("coordinator at step {step}, phase {phase:?}");
             match f.kind {
                 FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => st.armed.push(f),
@@ -220,7 +225,7 @@ impl Coordinator {
                     Coordinator::maybe_fail(st, step, Phase::Optimizer).await;
                     let Some(job) = st.job.as_mut() else { continue };
                     let done = std::mem::take(&mut job.done);
-                    let mut work = job.snapshot.clone();
+                    let mut work = Box::new((*job.snapshot).clone());
                     let meta = st.meta.clone();
                     let schedule = st.ctx.schedule.clone();
                     let hyper = job.hyper;
@@ -244,10 +249,12 @@ impl Coordinator {
                     }
                 }
                 CoordCommand::Install { step, attempt } => {
-                    let Some(work) = st.job.as_ref().and_then(|j| j.work.as_ref()) else {
+                    let Some(job) = st.job.as_mut() else { continue };
+                    let Some(work) = job.work.as_mut() else {
                         continue;
                     };
-                    let params = Arc::new(work.model.params.clone());
+                    let params = Arc::new(std::mem::take(&mut work.model.params));
+                    job.installing = Some(params.clone());
                     Coordinator::broadcast(st, |_| GpuMsg::Install {
                         step,
                         attempt,
@@ -269,10 +276,15 @@ impl Coordinator {
                             let _ = g.cast(GpuMsg::Progress);
                         }
                     }
-                    let (Some(work), Some(out)) = (job.work.take(), job.out.take()) else {
+                    let (Some(mut work), Some(out)) = (job.work.take(), job.out.take()) else {
                         job.fail(format!("step {step} committed without a result"));
                         continue;
                     };
+                    if let Some(p) = job.installing.take() {
+                        // every rank installed and dropped its reference; a straggling one
+                        // costs a copy, never a wrong value
+                        work.model.params = Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone());
+                    }
                     if let Some(r) = job.reply.take() {
                         let _ = r.send(Ok(StepReply {
                             state: work,
@@ -291,6 +303,7 @@ impl Coordinator {
                     if let Some(job) = st.job.as_mut() {
                         job.done.clear();
                         job.work = None;
+                        job.installing = None;
                         job.out = None;
                     }
                     Coordinator::broadcast(st, |_| GpuMsg::Abort { step, attempt });
@@ -496,6 +509,7 @@ impl Actor for Coordinator {
                     data_tries: 0,
                     done: BTreeMap::new(),
                     work: None,
+                    installing: None,
                     out: None,
                 });
                 Coordinator::request_data(&myself, st);
@@ -781,7 +795,7 @@ impl ActorEngine {
     /// coordinator died or went silent past the bound (the caller replaces the formation).
     fn call_step(
         &mut self,
-        state: TrainState,
+        state: Arc<TrainState>,
         step: u64,
         hyper: StepHyper,
     ) -> Result<Option<StepReply>> {
@@ -791,7 +805,6 @@ impl ActorEngine {
             .ok_or_else(|| anyhow!("no formation"))?;
         let coord = f.coord.clone();
         let dead_after = self.spec.coordinator_dead_after;
-        let state = Box::new(state);
         self.rt.block_on(async move {
             let c2 = coord.clone();
             let call = c2.call(
@@ -842,6 +855,8 @@ impl StepEngine for ActorEngine {
         step: u64,
         h: &StepHyper,
     ) -> Result<(TrainState, StepOutput)> {
+        // shared with the coordinator: kept here (not copied) to start a new formation from
+        let state = Arc::new(state);
         let mut tries = 0;
         loop {
             match self.call_step(state.clone(), step, *h)? {

@@ -58,14 +58,16 @@ impl Actor for DataLoader {
         let DataMsg::Get { step, reply } = msg;
         let (a, cache) = st;
         let started = Instant::now();
-        let fault = a
+        let mut faults = Vec::new();
+        while let Some(f) = a
             .ctx
             .faults
-            .take(step, Phase::Forward, Target::Dataloader, 0);
-        if let Some(f) = fault
-            && matches!(f.kind, FaultKind::Panic | FaultKind::Hang)
+            .take(step, Phase::Forward, Target::Dataloader, 0)
         {
-            fire(f, format!("data loader at step {step}"), Duration::ZERO).await;
+            if matches!(f.kind, FaultKind::Panic | FaultKind::Hang) {
+                fire(f, format!("data loader at step {step}"), Duration::ZERO).await;
+            }
+            faults.push(f);
         }
         let r = match cache.as_ref() {
             Some((s, b)) if *s == step => Ok(b.clone()),
@@ -77,29 +79,31 @@ impl Actor for DataLoader {
             *cache = Some((step, b.clone()));
         }
         let mut r = r.map(|b| (batches_crc(&b), b));
-        match fault.map(|f| f.kind) {
-            Some(FaultKind::Slow) => {
-                let f = fault.expect("a slow fault");
-                let took = started.elapsed().max(Duration::from_millis(20));
-                fire(f, format!("data loader at step {step}"), took).await;
-            }
-            Some(FaultKind::Drop) => {
-                tracing::warn!(step, "injected drop of the data loader's answer");
-                return Ok(());
-            }
-            Some(FaultKind::Corrupt) => {
-                // a flipped token after the checksum was taken: the coordinator refuses it
-                if let Ok((_, b)) = &mut r {
-                    let mut damaged = (**b).clone();
-                    if let Some(t) = damaged.first_mut().and_then(|mb| mb.inputs.first_mut()) {
-                        *t ^= 1;
-                    }
-                    *b = Arc::new(damaged);
+        for f in faults {
+            match f.kind {
+                FaultKind::Slow => {
+                    let took = started.elapsed().max(Duration::from_millis(20));
+                    fire(f, format!("data loader at step {step}"), took).await;
                 }
-                tracing::warn!(step, "injected corruption of the data loader's answer");
+                FaultKind::Drop => {
+                    tracing::warn!(step, "injected drop of the data loader's answer");
+                    return Ok(());
+                }
+                FaultKind::Corrupt => {
+                    // a flipped token after the checksum was taken: the coordinator refuses it
+                    if let Ok((_, b)) = &mut r {
+                        let mut damaged = (**b).clone();
+                        if let Some(t) = damaged.first_mut().and_then(|mb| mb.inputs.first_mut()) {
+                            *t ^= 1;
+                        }
+                        *b = Arc::new(damaged);
+                    }
+                    tracing::warn!(step, "injected corruption of the data loader's answer");
+                }
+                // a second delivery of the same answer: the reply port takes one, the copy is
+                // refused by construction
+                FaultKind::Dup | FaultKind::Panic | FaultKind::Hang => {}
             }
-            // a second delivery of the same answer: the reply port takes one, the copy is lost
-            Some(FaultKind::Dup) | Some(_) | None => {}
         }
         let _ = reply.send(r);
         Ok(())

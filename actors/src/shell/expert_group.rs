@@ -23,8 +23,8 @@ const SLOW_UNIT: Duration = Duration::from_millis(20);
 const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Flips a byte of a frame under a `corrupt` fault (the stage's decode refuses it by CRC).
-fn damage(fault: Option<FaultKind>, frame: &mut [u8]) {
-    if fault == Some(FaultKind::Corrupt) && !frame.is_empty() {
+fn damage(faults: &[FaultKind], frame: &mut [u8]) {
+    if faults.contains(&FaultKind::Corrupt) && !frame.is_empty() {
         let i = frame.len() / 2;
         frame[i] ^= 0x5a;
     }
@@ -32,8 +32,8 @@ fn damage(fault: Option<FaultKind>, frame: &mut [u8]) {
 
 /// Answers unless a `drop` fault eats the answer. Under `dup` the answer is sent once: a reply
 /// port takes one value, so the second delivery is refused by construction.
-fn answer<T>(fault: Option<FaultKind>, reply: RpcReplyPort<T>, value: T) {
-    if fault != Some(FaultKind::Drop) {
+fn answer<T>(faults: &[FaultKind], reply: RpcReplyPort<T>, value: T) {
+    if !faults.contains(&FaultKind::Drop) {
         let _ = reply.send(value);
     }
 }
@@ -73,28 +73,25 @@ impl ExpertState {
         Ok(r)
     }
 
-    /// A fault of this group at (step, phase): panic, hang and slow fire now; a message fault
-    /// is returned for the answer.
-    async fn maybe_fail(&self, step: u64, phase: Phase) -> Option<FaultKind> {
-        let f = self
-            .ctx
-            .faults
-            .take(step, phase, Target::Expert, self.rank)?;
-        let g = self.group.as_ref().map_or(usize::MAX, |g| g.index);
-        let what = format!(
-            "expert group {g} of stage copy s{} on rank {} at step {step}, phase {phase:?}",
-            self.copy, self.rank
-        );
-        match f.kind {
-            FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => {
-                tracing::warn!("injected {} of the answer of {what}", f.kind.name());
-                Some(f.kind)
-            }
-            _ => {
-                fire(f, what, SLOW_UNIT).await;
-                None
+    /// The faults of this group at (step, phase): panic, hang and slow fire now; message
+    /// faults are returned for the answer.
+    async fn maybe_fail(&self, step: u64, phase: Phase) -> Vec<FaultKind> {
+        let mut later = Vec::new();
+        while let Some(f) = self.ctx.faults.take(step, phase, Target::Expert, self.rank) {
+            let g = self.group.as_ref().map_or(usize::MAX, |g| g.index);
+            let what = format!(
+                "expert group {g} of stage copy s{} on rank {} at step {step}, phase {phase:?}",
+                self.copy, self.rank
+            );
+            match f.kind {
+                FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => {
+                    tracing::warn!("injected {} of the answer of {what}", f.kind.name());
+                    later.push(f.kind);
+                }
+                _ => fire(f, what, SLOW_UNIT).await,
             }
         }
+        later
     }
 }
 
@@ -152,9 +149,9 @@ impl Actor for ExpertGroupActor {
                     })
                     .await?;
                 if let Some(b) = out.first_mut() {
-                    damage(fault, b);
+                    damage(&fault, b);
                 }
-                answer(fault, reply, out);
+                answer(&fault, reply, out);
             }
             ExpertMsg::Backward {
                 step,
@@ -162,8 +159,8 @@ impl Actor for ExpertGroupActor {
                 blocks,
                 reply,
             } => {
-                let a = st.maybe_fail(step, Phase::Backward).await;
-                let fault = st.maybe_fail(step, Phase::Weight).await.or(a);
+                let mut fault = st.maybe_fail(step, Phase::Backward).await;
+                fault.extend(st.maybe_fail(step, Phase::Weight).await);
                 let mut out = st
                     .blocking(move |g| {
                         let blocks = blocks
@@ -180,9 +177,9 @@ impl Actor for ExpertGroupActor {
                     })
                     .await?;
                 if let Some(w) = out.first_mut() {
-                    damage(fault, &mut w.dx);
+                    damage(&fault, &mut w.dx);
                 }
-                answer(fault, reply, out);
+                answer(&fault, reply, out);
             }
             ExpertMsg::Reset { restore, reply } => {
                 st.blocking(move |g| {
@@ -201,7 +198,7 @@ impl Actor for ExpertGroupActor {
             } => {
                 let fault = st.maybe_fail(step, Phase::Optimizer).await;
                 st.blocking(move |g| g.load_from(&params)).await?;
-                answer(fault, reply, ());
+                answer(&fault, reply, ());
             }
         }
         Ok(())

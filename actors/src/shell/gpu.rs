@@ -64,7 +64,8 @@ impl GpuActor {
     }
 
     async fn maybe_fail(st: &mut GpuState, step: u64, phase: Phase) {
-        if let Some(f) = st.ctx.faults.take(step, phase, Target::Gpu, st.rank) {
+        // every fault planned for this point fires (a panic or hang leaves the rest to the replay)
+        while let Some(f) = st.ctx.faults.take(step, phase, Target::Gpu, st.rank) {
             let what = format!("gpu rank {} at step {step}, phase {phase:?}", st.rank);
             match f.kind {
                 FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => st.armed.push(f),

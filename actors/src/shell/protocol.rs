@@ -163,7 +163,7 @@ pub enum CoordMsg {
     /// Run one step on the committed state `state` (the snapshot a failure rolls back to).
     RunStep {
         step: u64,
-        state: Box<TrainState>,
+        state: Arc<TrainState>,
         hyper: StepHyper,
         reply: RpcReplyPort<Result<StepReply, String>>,
     },

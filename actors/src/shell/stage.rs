@@ -81,7 +81,7 @@ impl StageState {
     async fn faults(&self, step: u64, phases: &[Phase]) -> Vec<Fault> {
         let mut later = Vec::new();
         for &phase in phases {
-            if let Some(f) = self.ctx.faults.take(step, phase, Target::Stage, self.rank) {
+            while let Some(f) = self.ctx.faults.take(step, phase, Target::Stage, self.rank) {
                 match f.kind {
                     FaultKind::Panic | FaultKind::Hang => {
                         fire(f, self.what(step, phase), Duration::ZERO).await
