@@ -89,6 +89,12 @@ pub struct TrainSummary {
     /// Coordinators replaced (each a whole formation rebuilt from the committed state).
     #[serde(default)]
     pub coordinator_restarts: u64,
+    /// For each actor the failure detector declared dead: ms from its last sign of life.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detections_ms: Vec<u64>,
+    /// Stragglers the failure detector reported (slow, so not restarted).
+    #[serde(default)]
+    pub stragglers: u64,
     /// Checkpoints committed to the store during this run.
     #[serde(default)]
     pub checkpoints: u64,
@@ -604,6 +610,8 @@ fn run_steps(
         replayed_steps: engine.replayed_steps(),
         faults_fired: Default::default(),
         coordinator_restarts: 0,
+        detections_ms: Vec::new(),
+        stragglers: 0,
         checkpoints,
         resumed_from,
     })

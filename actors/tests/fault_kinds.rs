@@ -112,3 +112,46 @@ fn stragglers_are_slow_not_dead() {
         (0, 0, 0)
     );
 }
+
+#[test]
+fn hangs_are_declared_dead_by_the_detector_within_its_bound() {
+    // a step deadline of a minute: only the failure detectors (2 s bound) can catch these
+    let mut text = String::from("step_timeout_ms = 60000\n");
+    for (i, (actor, rank, phase)) in [
+        ("stage", 0, "forward"),
+        ("gpu", 1, "backward"),
+        ("expert", 1, "forward"),
+        ("stage", 1, "weight"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        text.push_str(&format!(
+            "\n[[fault]]\nat_step = {}\nactor = \"{actor}\"\nrank = {rank}\nphase = \"{phase}\"\nkind = \"hang\"\n",
+            2 + i
+        ));
+    }
+    let plan = InjectPlan::parse(&text, "hangs.toml").expect("plan parses");
+    let opts = common::micro_options("hang-ref", 2, 4, 7);
+    let clean = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("clean run");
+    let opts = common::micro_options("hang", 2, 4, 7);
+    let t = Instant::now();
+    let got = formation::train(&opts, &layout(), Some(plan), |_, _| {}).expect("run");
+    println!(
+        "4 hangs healed in {:.1} s; declared dead after {:?} ms (bound 1800 ms + one 100 ms tick), restarts {}",
+        t.elapsed().as_secs_f64(),
+        got.detections_ms,
+        got.restarts
+    );
+    assert_eq!(got.params_sha256, clean.params_sha256);
+    assert_eq!(got.faults_fired.get("hang"), Some(&4));
+    assert_eq!(
+        got.detections_ms.len(),
+        4,
+        "each hang found by a detector, none by the deadline"
+    );
+    for d in &got.detections_ms {
+        // the bound, plus at most a tick of lateness on a loaded machine
+        assert!(*d >= 1_800 && *d < 3_600, "declared after {d} ms");
+    }
+}

@@ -122,6 +122,10 @@ pub fn train(
             ..Default::default()
         },
         coordinator_dead_after: std::time::Duration::from_millis(2_000),
+        detector: crate::core::detector::DetectorPolicy {
+            dead_after_ms: 1_800,
+            ..Default::default()
+        },
         data: data.clone(),
         seed: opts.seed,
         batch: t.batch_size,
@@ -134,6 +138,7 @@ pub fn train(
             s.faults_fired = engine.faults_fired();
         }
         s.coordinator_restarts = engine.coordinator_restarts;
+        (s.detections_ms, s.stragglers) = engine.detections();
         s
     });
     let unfired = engine.unfired_faults();

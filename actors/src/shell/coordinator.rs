@@ -10,6 +10,7 @@ use super::node::NodeSupervisor;
 use super::protocol::{CoordMsg, DataMsg, GpuMsg, NodeMsg, RankGrads, StepReply};
 use super::{AddressBook, Ctx, fire, is_child_event};
 use crate::core::coordinator::{CoordCommand, CoordEvent, Coordinator as Machine, TimeoutPolicy};
+use crate::core::detector::{Detector, DetectorCommand, DetectorEvent, DetectorPolicy};
 use crate::core::rank::RankStats;
 use crate::core::supervisor::{RestartPolicy, SupCommand, SupEvent, Supervisor};
 use crate::formation::Wire;
@@ -98,6 +99,8 @@ pub struct CoordState {
     job: Option<Job>,
     /// Message faults armed for the next broadcast.
     armed: Vec<Fault>,
+    /// Heartbeats of the ranks: a GpuActor silent past the bound is declared dead and killed.
+    detector: Detector,
 }
 
 /// The check a rank verifies on an open (a damaged open is refused as a lost message).
@@ -460,10 +463,13 @@ impl Actor for Coordinator {
             node: None,
             job: None,
             armed: Vec::new(),
+            detector: Detector::new(ctx.detector),
         };
         let (node, _) =
             Actor::spawn_linked(None, NodeSupervisor, ctx.clone(), myself.get_cell()).await?;
         st.node = Some(node);
+        let every = Duration::from_millis(ctx.detector.heartbeat_interval_ms);
+        ractor::time::send_after(every, myself.get_cell(), || CoordMsg::Tick);
         Ok(st)
     }
 
@@ -578,9 +584,45 @@ impl Actor for Coordinator {
             },
             CoordMsg::RankDown { rank, reason } => {
                 tracing::warn!(rank, "rank down: {reason}");
+                st.detector.on(now, DetectorEvent::Leave { member: rank });
                 CoordEvent::RankDown { rank, reason }
             }
-            CoordMsg::RankUp { rank } => CoordEvent::RankUp { rank },
+            CoordMsg::RankUp { rank } => {
+                st.detector.on(now, DetectorEvent::Join { member: rank });
+                CoordEvent::RankUp { rank }
+            }
+            CoordMsg::Heartbeat { rank } => {
+                let hb = DetectorEvent::Heartbeat {
+                    member: rank,
+                    progress: 0,
+                };
+                st.detector.on(now, hb);
+                return Ok(());
+            }
+            CoordMsg::Tick => {
+                for cmd in st.detector.on(now, DetectorEvent::Tick) {
+                    if let DetectorCommand::Dead {
+                        member, silent_ms, ..
+                    } = cmd
+                    {
+                        tracing::warn!(
+                            rank = member,
+                            "gpu actor silent for {silent_ms} ms: declared dead, killing it"
+                        );
+                        st.ctx
+                            .detections_ms
+                            .lock()
+                            .map(|mut d| d.push(silent_ms))
+                            .ok();
+                        if let Some(g) = st.ctx.book.gpu(member) {
+                            g.kill();
+                        }
+                    }
+                }
+                let every = Duration::from_millis(st.ctx.detector.heartbeat_interval_ms);
+                ractor::time::send_after(every, myself.get_cell(), || CoordMsg::Tick);
+                return Ok(());
+            }
             CoordMsg::Lost {
                 rank,
                 step,
@@ -673,6 +715,8 @@ pub struct FormationSpec {
     pub timeouts: TimeoutPolicy,
     /// The coordinator is declared dead when it has not answered a heartbeat for this long.
     pub coordinator_dead_after: Duration,
+    /// The ranks' and stages' failure detectors.
+    pub detector: DetectorPolicy,
     pub data: Arc<Dataset>,
     pub seed: u64,
     pub batch: usize,
@@ -700,6 +744,8 @@ pub struct ActorEngine {
     restarts: u64,
     replayed: u64,
     pub coordinator_restarts: u64,
+    /// Detections and stragglers of replaced formations.
+    earlier_detections: (Vec<u64>, u64),
 }
 
 impl ActorEngine {
@@ -718,6 +764,7 @@ impl ActorEngine {
             restarts: 0,
             replayed: 0,
             coordinator_restarts: 0,
+            earlier_detections: (Vec::new(), 0),
         };
         e.formation = Some(e.launch(model, e.spec.committed)?);
         Ok(e)
@@ -738,6 +785,9 @@ impl ActorEngine {
             policy: spec.policy,
             epoch: Instant::now(),
             book: AddressBook::new(spec.schedule.ranks),
+            detector: spec.detector,
+            detections_ms: std::sync::Mutex::new(Vec::new()),
+            stragglers: std::sync::atomic::AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         });
         let args = CoordArgs {
@@ -767,6 +817,23 @@ impl ActorEngine {
     /// Faults of the plan that never fired.
     pub fn unfired_faults(&self) -> Vec<Fault> {
         self.spec.faults.unfired()
+    }
+
+    /// How long after their last sign of life hung actors were declared dead (ms), over every
+    /// formation of the run, and how many stragglers were reported.
+    pub fn detections(&self) -> (Vec<u64>, u64) {
+        let (mut d, mut s) = self.earlier_detections.clone();
+        if let Some(f) = &self.formation {
+            d.extend(
+                f.ctx
+                    .detections_ms
+                    .lock()
+                    .map(|v| v.clone())
+                    .unwrap_or_default(),
+            );
+            s += f.ctx.stragglers.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        (d, s)
     }
 
     /// Faults that fired, by kind.
@@ -875,6 +942,7 @@ impl StepEngine for ActorEngine {
                     // the coordinator is the formation's root: replace the whole formation from
                     // the last committed state and run the step again
                     tracing::warn!(step, "replacing the coordinator's formation");
+                    self.earlier_detections = self.detections();
                     self.stop();
                     self.coordinator_restarts += 1;
                     self.restarts_before = self.restarts + 1;

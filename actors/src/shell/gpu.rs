@@ -7,6 +7,7 @@
 use super::protocol::{CoordMsg, GpuMsg, StageMsg};
 use super::stage::{StageActor, StageArgs};
 use super::{Ctx, fire, is_child_event, open_check};
+use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
 use crate::core::rank::{RankCommand, RankEvent, RankMachine};
 use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
 use crate::formation::Wire;
@@ -17,6 +18,7 @@ use kernels::model::{Batch, ParamStore};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How much longer a `slow` rank takes per instruction (it does not time the stages' work).
@@ -43,6 +45,9 @@ pub struct GpuState {
     params: Option<Arc<ParamStore>>,
     /// Message faults armed for the next frame this rank sends.
     armed: Vec<Fault>,
+    /// Slow versus dead for this rank's stage copies (fed their progress counters each tick).
+    detector: Detector,
+    progress: BTreeMap<usize, Arc<AtomicU64>>,
 }
 
 impl GpuActor {
@@ -51,15 +56,20 @@ impl GpuActor {
         st: &mut GpuState,
         copy: usize,
     ) -> Result<(), ActorProcessingErr> {
+        let progress = Arc::new(AtomicU64::new(0));
         let args = StageArgs {
             ctx: st.ctx.clone(),
             rank: st.rank,
             copy,
             parent: myself.clone(),
+            progress: progress.clone(),
         };
         let (r, _) = Actor::spawn_linked(None, StageActor, args, myself.get_cell()).await?;
         st.ids.insert(r.get_id(), copy);
         st.stages.insert(copy, r);
+        st.progress.insert(copy, progress);
+        st.detector
+            .on(st.ctx.now_ms(), DetectorEvent::Join { member: copy });
         Ok(())
     }
 
@@ -104,6 +114,14 @@ impl GpuActor {
                 op,
             } => {
                 let batches = st.batches.clone().ok_or("no batches for the attempt")?;
+                let now = st.ctx.now_ms();
+                st.detector.on(
+                    now,
+                    DetectorEvent::WorkStarted {
+                        member: copy,
+                        work: op_id,
+                    },
+                );
                 if let Some(s) = st.stages.get(&copy) {
                     let _ = s.cast(StageMsg::Op {
                         op_id,
@@ -221,6 +239,75 @@ impl GpuActor {
         Ok(())
     }
 
+    /// The failure detector's tick: every stage copy's progress counter is its heartbeat; a
+    /// copy whose progress froze during an op for the detector's bound is declared dead (hung)
+    /// and killed, a straggler is only reported. The rank beats to the coordinator.
+    async fn tick(myself: &ActorRef<GpuMsg>, st: &mut GpuState) -> Result<(), ActorProcessingErr> {
+        let now = st.ctx.now_ms();
+        let beats: Vec<(usize, u64)> = st
+            .progress
+            .iter()
+            .filter(|(c, _)| st.stages.contains_key(c))
+            .map(|(&c, p)| (c, p.load(Ordering::Relaxed)))
+            .collect();
+        for (member, progress) in beats {
+            st.detector
+                .on(now, DetectorEvent::Heartbeat { member, progress });
+        }
+        for cmd in st.detector.on(now, DetectorEvent::Tick) {
+            match cmd {
+                DetectorCommand::Dead {
+                    member: copy,
+                    silent_ms,
+                    reason,
+                } => {
+                    let Some(s) = st.stages.get(&copy) else {
+                        continue;
+                    };
+                    tracing::warn!(
+                        rank = st.rank,
+                        copy,
+                        silent_ms,
+                        "stage copy declared dead ({reason:?}) {silent_ms} ms after its last progress"
+                    );
+                    st.ctx
+                        .detections_ms
+                        .lock()
+                        .map(|mut d| d.push(silent_ms))
+                        .ok();
+                    if st.reported.insert(copy) {
+                        st.ctx.to_coord(CoordMsg::RankDown {
+                            rank: st.rank,
+                            reason: format!(
+                                "stage copy s{copy} on rank {} made no progress for {silent_ms} ms",
+                                st.rank
+                            ),
+                        });
+                    }
+                    s.kill();
+                }
+                DetectorCommand::Slow {
+                    member,
+                    elapsed_ms,
+                    typical_ms,
+                    ..
+                } => {
+                    tracing::warn!(
+                        rank = st.rank,
+                        copy = member,
+                        "straggler: an op has taken {elapsed_ms} ms (typical {typical_ms} ms); still progressing, not restarted"
+                    );
+                    st.ctx.stragglers.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        st.ctx.to_coord(CoordMsg::Heartbeat { rank: st.rank });
+        let every = Duration::from_millis(st.ctx.detector.heartbeat_interval_ms);
+        ractor::time::send_after(every, myself.get_cell(), || GpuMsg::Tick);
+        Ok(())
+    }
+
     /// Carries out the Supervisor machine's commands.
     async fn supervise(
         myself: &ActorRef<GpuMsg>,
@@ -307,6 +394,8 @@ impl Actor for GpuActor {
             batches: None,
             params: None,
             armed: Vec::new(),
+            detector: Detector::new(a.ctx.detector),
+            progress: BTreeMap::new(),
         };
         for copy in a.ctx.schedule.stages_on(a.rank) {
             GpuActor::spawn_stage(&myself, &mut st, copy).await?;
@@ -317,10 +406,12 @@ impl Actor for GpuActor {
 
     async fn post_start(
         &self,
-        _myself: ActorRef<GpuMsg>,
+        myself: ActorRef<GpuMsg>,
         st: &mut GpuState,
     ) -> Result<(), ActorProcessingErr> {
         st.ctx.to_coord(CoordMsg::RankUp { rank: st.rank });
+        let every = Duration::from_millis(st.ctx.detector.heartbeat_interval_ms);
+        ractor::time::send_after(every, myself.get_cell(), || GpuMsg::Tick);
         Ok(())
     }
 
@@ -394,6 +485,14 @@ impl Actor for GpuActor {
                 mb,
                 result,
             } => {
+                let now = st.ctx.now_ms();
+                st.detector.on(
+                    now,
+                    DetectorEvent::WorkDone {
+                        member: copy,
+                        work: op_id,
+                    },
+                );
                 let ev = RankEvent::OpDone {
                     op_id,
                     copy,
@@ -455,6 +554,9 @@ impl Actor for GpuActor {
             GpuMsg::Progress => {
                 st.sup.on(st.ctx.now_ms(), SupEvent::Progress);
             }
+            GpuMsg::Tick => {
+                GpuActor::tick(&myself, st).await?;
+            }
         }
         Ok(())
     }
@@ -475,6 +577,8 @@ impl Actor for GpuActor {
             return Ok(());
         }
         st.stages.remove(&copy);
+        st.detector
+            .on(st.ctx.now_ms(), DetectorEvent::Leave { member: copy });
         if let Some((step, attempt)) = st.machine.current() {
             GpuActor::drive(st, RankEvent::Abort { step, attempt }).await?;
         }

@@ -29,6 +29,7 @@ mod stage;
 
 pub use coordinator::{ActorEngine, FormationSpec, open_check};
 
+use crate::core::detector::DetectorPolicy;
 use crate::core::supervisor::RestartPolicy;
 use crate::formation::Wire;
 use crate::formation::inject::{Fault, FaultBook, FaultKind};
@@ -37,7 +38,7 @@ use kernels::model::DeepSeekV3;
 use protocol::{CoordMsg, GpuMsg};
 use ractor::{ActorId, ActorRef, SupervisionEvent};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -95,6 +96,12 @@ pub struct Ctx {
     policy: RestartPolicy,
     epoch: Instant,
     book: AddressBook,
+    /// The failure detectors' policy (heartbeat interval, dead-after bound).
+    detector: DetectorPolicy,
+    /// How long after its last progress each hung actor was declared dead, in ms.
+    detections_ms: Mutex<Vec<u64>>,
+    /// Stragglers reported (slow, not restarted).
+    stragglers: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -135,9 +142,22 @@ async fn fire(fault: Fault, what: String, extra: Duration) {
         }
         FaultKind::Slow => {
             tracing::warn!("injected straggler ({}x): {what}", fault.factor());
-            tokio::time::sleep(extra.mul_f64((fault.factor() - 1.0).max(0.0))).await;
+            straggle(extra.mul_f64((fault.factor() - 1.0).max(0.0)), None).await;
         }
         FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => {}
+    }
+}
+
+/// A straggler's extra time: spent in slices, each one a sign of life on `progress` (a slow
+/// actor keeps working; the failure detector tells it from a hung one by that).
+async fn straggle(extra: Duration, progress: Option<&AtomicU64>) {
+    let slice = Duration::from_millis(50);
+    let end = Instant::now() + extra;
+    while Instant::now() < end {
+        tokio::time::sleep(slice.min(end - Instant::now())).await;
+        if let Some(p) = progress {
+            p.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -127,6 +127,8 @@ pub enum GpuMsg {
     },
     /// A step committed: restart budgets count from here.
     Progress,
+    /// The failure detector's clock: read the stages' progress, beat to the coordinator.
+    Tick,
 }
 
 /// Messages of the NodeSupervisor.
@@ -205,6 +207,12 @@ pub enum CoordMsg {
         step: u64,
         result: Result<Arc<Vec<Batch>>, String>,
     },
+    /// A rank's heartbeat (sent by its GpuActor on every detector tick).
+    Heartbeat {
+        rank: usize,
+    },
+    /// The coordinator's failure-detector clock.
+    Tick,
     /// Ask the data loader again for the batches of `step`.
     RetryData {
         step: u64,

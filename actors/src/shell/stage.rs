@@ -4,7 +4,7 @@
 
 use super::expert_group::{ExpertArgs, ExpertGroupActor, RemoteExperts};
 use super::protocol::{ExpertMsg, GpuMsg, StageMsg};
-use super::{Ctx, fire, is_child_event};
+use super::{Ctx, fire, is_child_event, straggle};
 use crate::core::ops::StageOp;
 use crate::formation::compute::exec_op;
 use crate::formation::inject::{Fault, FaultKind, Phase, Target};
@@ -26,6 +26,8 @@ pub struct StageArgs {
     pub rank: usize,
     pub copy: usize,
     pub parent: ActorRef<GpuMsg>,
+    /// Bumped whenever the stage makes progress (its parent's failure detector reads it).
+    pub progress: Arc<AtomicU64>,
 }
 
 pub struct StageState {
@@ -37,6 +39,7 @@ pub struct StageState {
     /// Its ExpertGroupActors under `--ep` > 1 (children), and the step they serve.
     groups: Vec<ActorRef<ExpertMsg>>,
     step: Arc<AtomicU64>,
+    progress: Arc<AtomicU64>,
 }
 
 impl StageState {
@@ -171,6 +174,7 @@ impl Actor for StageActor {
             runner: Some(runner),
             groups,
             step,
+            progress: a.progress,
         })
     }
 
@@ -207,6 +211,7 @@ impl Actor for StageActor {
         msg: StageMsg,
         st: &mut StageState,
     ) -> Result<(), ActorProcessingErr> {
+        st.progress.fetch_add(1, Ordering::Relaxed);
         match msg {
             StageMsg::Reset { restore } => {
                 let r2 = restore.clone();
@@ -235,8 +240,15 @@ impl Actor for StageActor {
                 st.step.store(step, Ordering::SeqCst);
                 let started = Instant::now();
                 let result = st.blocking(move |r| exec_op(r, &batches, op)).await?;
+                st.progress.fetch_add(1, Ordering::Relaxed);
                 for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
-                    fire(*f, st.what(step, Phase::Forward), started.elapsed()).await;
+                    tracing::warn!(
+                        "injected straggler ({}x): {}",
+                        f.factor(),
+                        st.what(step, f.phase)
+                    );
+                    let extra = started.elapsed().mul_f64(f.factor() - 1.0);
+                    straggle(extra, Some(&st.progress)).await;
                 }
                 let copy = st.copy;
                 // results carry activations: copied only when a duplicate will be sent
@@ -277,7 +289,13 @@ impl Actor for StageActor {
                 let started = Instant::now();
                 st.blocking(move |r| r.load_from(&params)).await?;
                 for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
-                    fire(*f, st.what(step, Phase::Optimizer), started.elapsed()).await;
+                    tracing::warn!(
+                        "injected straggler ({}x): {}",
+                        f.factor(),
+                        st.what(step, f.phase)
+                    );
+                    let extra = started.elapsed().mul_f64(f.factor() - 1.0);
+                    straggle(extra, Some(&st.progress)).await;
                 }
                 let copy = st.copy;
                 let msg = GpuMsg::StageInstalled {
