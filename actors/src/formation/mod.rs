@@ -124,6 +124,7 @@ pub fn train(
         coordinator_dead_after: std::time::Duration::from_millis(2_000),
         detector: crate::core::detector::DetectorPolicy {
             dead_after_ms: 1_800,
+            slow_factor: 2.5,
             ..Default::default()
         },
         data: data.clone(),

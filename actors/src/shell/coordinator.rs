@@ -228,7 +228,16 @@ impl Coordinator {
                     Coordinator::maybe_fail(st, step, Phase::Optimizer).await;
                     let Some(job) = st.job.as_mut() else { continue };
                     let done = std::mem::take(&mut job.done);
-                    let mut work = Box::new((*job.snapshot).clone());
+                    // the committed state travels without a gradient buffer: the new state gets
+                    // its own, zeroed by the reduce
+                    let snap = &job.snapshot;
+                    let mut work = Box::new(TrainState {
+                        model: snap.model.clone(),
+                        moments: snap.moments.clone(),
+                        grads: snap.model.params.zeros_like(),
+                        step: snap.step,
+                        restored_from: snap.restored_from.clone(),
+                    });
                     let meta = st.meta.clone();
                     let schedule = st.ctx.schedule.clone();
                     let hyper = job.hyper;
@@ -446,7 +455,16 @@ impl Actor for Coordinator {
         let meta = tokio::task::spawn_blocking(move || {
             let n = meta_ctx.ranges.len();
             (0..n)
-                .map(|s| Stage::from_model(&meta_ctx.template, &meta_ctx.ranges, s))
+                .map(|s| {
+                    // the reduce reads a stage's structure (ids, deferred flags), never its
+                    // values: keep no copy of the parameters here
+                    let mut st = Stage::from_model(&meta_ctx.template, &meta_ctx.ranges, s);
+                    st.params
+                        .tensors
+                        .iter_mut()
+                        .for_each(|t| t.data = Vec::new());
+                    st
+                })
                 .collect::<Vec<_>>()
         })
         .await?;
@@ -922,7 +940,10 @@ impl StepEngine for ActorEngine {
         step: u64,
         h: &StepHyper,
     ) -> Result<(TrainState, StepOutput)> {
-        // shared with the coordinator: kept here (not copied) to start a new formation from
+        // shared with the coordinator: kept here (not copied) to start a new formation from;
+        // its gradient buffer is dead weight between steps
+        let mut state = state;
+        state.grads = Vec::new();
         let state = Arc::new(state);
         let mut tries = 0;
         loop {
