@@ -1,6 +1,7 @@
 //! The single-process training loop: data → forward/backward → clip → AdamW → bias update → eval,
 //! writing metrics and a summary. The actor formation drives the same pieces step by step.
 
+use crate::core::run::{RunCommand, RunController, RunEvent, RunPlan};
 use anyhow::{Context, Result, bail};
 use kernels::model::stage::{
     combine_microbatch_stats, forward_backward_microbatches, scale_for_microbatches, split_batch,
@@ -537,54 +538,77 @@ fn run_steps(
     let started = Instant::now();
     let mut tokens = 0u64;
     let mut last_losses = Vec::new();
-    let mut eval_loss = initial_eval;
     let mut last_stats = StepStats::default();
-    for step in first_step..=t.steps {
-        let lr = schedule.at(step);
-        let h = StepHyper {
-            opt,
-            lr,
-            clip: t.grad_clip,
-            gamma: t.bias_update_speed,
-            mtp_weight: t.mtp_loss_weight,
+    // the loop's decisions are the RunController's; this is its driver
+    let mut ctl = RunController::new(RunPlan {
+        first_step,
+        total_steps: t.steps,
+        eval_every: t.eval_every,
+        ckpt_every: opts.checkpoints.as_ref().map(|p| p.every),
+        lr: schedule,
+    });
+    let mut pending: Option<(f32, StepOutput)> = None;
+    let mut queue: std::collections::VecDeque<RunCommand> = ctl.on(RunEvent::Start).into();
+    while let Some(cmd) = queue.pop_front() {
+        let next = match cmd {
+            RunCommand::Step { step, lr } => {
+                let h = StepHyper {
+                    opt,
+                    lr,
+                    clip: t.grad_clip,
+                    gamma: t.bias_update_speed,
+                    mtp_weight: t.mtp_loss_weight,
+                };
+                let (s, out) = engine.step(state, step, &h)?;
+                state = s;
+                tokens += (t.batch_size * t.seq_len) as u64;
+                let loss = out.stats.loss;
+                pending = Some((lr, out));
+                ctl.on(RunEvent::StepDone { step, loss })
+            }
+            RunCommand::Eval { step } => {
+                let loss = evaluate(&state.model, data, t.eval_batches, t.batch_size, t.seq_len)?;
+                ctl.on(RunEvent::EvalDone { step, loss })
+            }
+            RunCommand::Record { step, eval_loss } => {
+                let (lr, out) = pending
+                    .take()
+                    .ok_or_else(|| anyhow::anyhow!("step {step}: recorded before it ran"))?;
+                let StepOutput {
+                    stats,
+                    grad_norm: norm,
+                } = out;
+                let record = StepRecord {
+                    step,
+                    loss: stats.loss,
+                    mtp_loss: stats.mtp_loss,
+                    balance_loss: stats.balance_loss,
+                    eval_loss,
+                    lr,
+                    grad_norm: norm,
+                    expert_load_max_over_mean: stats.load_imbalance(),
+                    tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+                };
+                let line = serde_json::to_value(&record)?;
+                log.write(&line)?;
+                journal.step(run, step, &line)?;
+                on_step(&record, t.steps);
+                last_losses.push(stats.loss);
+                last_stats = stats;
+                vec![]
+            }
+            RunCommand::Checkpoint { step } => {
+                if let (Some(up), Some(plan)) = (uploader.as_mut(), opts.checkpoints.as_ref()) {
+                    let meta = crate::checkpoint::meta(opts, &state, plan.every);
+                    up.save(step, crate::checkpoint::snapshot(&state), meta)?;
+                }
+                vec![]
+            }
+            RunCommand::Finish => vec![],
         };
-        let (s, out) = engine.step(state, step, &h)?;
-        state = s;
-        let StepOutput {
-            stats,
-            grad_norm: norm,
-        } = out;
-        tokens += (t.batch_size * t.seq_len) as u64;
-        let eval = (step % t.eval_every == 0 || step == t.steps)
-            .then(|| evaluate(&state.model, data, t.eval_batches, t.batch_size, t.seq_len))
-            .transpose()?;
-        if let Some(e) = eval {
-            eval_loss = e;
-        }
-        let record = StepRecord {
-            step,
-            loss: stats.loss,
-            mtp_loss: stats.mtp_loss,
-            balance_loss: stats.balance_loss,
-            eval_loss: eval,
-            lr,
-            grad_norm: norm,
-            expert_load_max_over_mean: stats.load_imbalance(),
-            tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
-        };
-        let line = serde_json::to_value(&record)?;
-        log.write(&line)?;
-        journal.step(run, step, &line)?;
-        if let (Some(up), Some(plan)) = (uploader.as_mut(), opts.checkpoints.as_ref())
-            && (step == t.steps || (plan.every > 0 && step % plan.every == 0))
-        {
-            let meta = crate::checkpoint::meta(opts, &state, plan.every);
-            up.save(step, crate::checkpoint::snapshot(&state), meta)?;
-        }
-        on_step(&record, t.steps);
-        last_losses.push(stats.loss);
-        last_stats = stats;
+        queue.extend(next);
     }
+    let eval_loss = ctl.eval_loss.unwrap_or(initial_eval);
     let checkpoints = match uploader.as_mut() {
         Some(up) => up.finish()?,
         None => 0,

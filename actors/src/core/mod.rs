@@ -10,6 +10,7 @@
 //! - [`ops`]: an instruction as stage operations, and where their results go.
 //! - [`rank`]: one pipeline rank around its executor (attempt filtering, early buffer, sends,
 //!   gradient hand-over, installs).
+//! - [`run`]: the loop around steps (LR, evaluation, records, checkpoints, the end).
 //! - [`supervisor`]: restart budgets, backoff timers, subtree restarts and escalation.
 //! - [`detector`]: heartbeats and work progress: slow versus dead.
 
@@ -18,5 +19,6 @@ pub mod detector;
 pub mod executor;
 pub mod ops;
 pub mod rank;
+pub mod run;
 pub mod supervisor;
 pub mod txn;
