@@ -450,8 +450,8 @@ pub fn runs(a: RunsArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct CkptArgs {
-    /// `ls` (runs and their committed checkpoints) or `verify` (read every committed checkpoint
-    /// back, checking sizes and SHA-256).
+    /// `ls` (runs and their committed checkpoints), `verify` (read every committed checkpoint
+    /// back, checking sizes and SHA-256) or `gc` (remove orphans and old checkpoints).
     pub what: String,
     /// The store (a directory, file://, memory://, s3://, gs://, az://); default: DIR/store of --out.
     #[arg(long)]
@@ -459,9 +459,20 @@ pub struct CkptArgs {
     /// Run directory whose store to use when --store is not given.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
+    /// Only this run (by its name in the store).
+    #[arg(long)]
+    pub run: Option<String>,
+    /// gc: intact checkpoints kept per run (default 3; 0 is taken as 1, the newest intact one
+    /// is never removed).
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// gc: list what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
-/// `phalanx ckpt ls|verify`: what a store holds, and whether it reads back intact.
+/// `phalanx ckpt ls|verify|gc`: what a store holds, whether it reads back intact, and removing
+/// what is no longer needed.
 pub fn ckpt(a: CkptArgs) -> Result<()> {
     use storage::checkpoint;
     use storage::store::{Store, block_on};
@@ -472,12 +483,19 @@ pub fn ckpt(a: CkptArgs) -> Result<()> {
     let verify = match a.what.as_str() {
         "ls" => false,
         "verify" => true,
-        other => bail!("unknown ckpt command {other:?}: expected `ls` or `verify`"),
+        "gc" => return ckpt_gc(&a, &url),
+        other => bail!("unknown ckpt command {other:?}: expected `ls`, `verify` or `gc`"),
     };
+    if a.keep.is_some() || a.dry_run {
+        bail!("--keep and --dry-run are for `phalanx ckpt gc`");
+    }
     let store = Store::open(&url)?;
     let mut bad = 0;
     block_on(async {
-        let runs = checkpoint::runs(&store).await?;
+        let runs = match &a.run {
+            Some(r) => vec![r.clone()],
+            None => checkpoint::runs(&store).await?,
+        };
         if runs.is_empty() {
             println!("{url}: no checkpoints");
         }
@@ -518,5 +536,58 @@ pub fn ckpt(a: CkptArgs) -> Result<()> {
     if bad > 0 {
         bail!("{bad} checkpoint(s) in {url} failed verification");
     }
+    Ok(())
+}
+
+/// `phalanx ckpt gc`: the flags to [`storage::gc::gc`], its report printed.
+fn ckpt_gc(a: &CkptArgs, url: &str) -> Result<()> {
+    let opts = storage::gc::GcOptions {
+        run: a.run.clone(),
+        keep: a.keep.unwrap_or(3),
+        dry_run: a.dry_run,
+        lease_expiry: actors::checkpoint::UploadPolicy::from_env()?.lease_expiry,
+    };
+    let store = storage::store::Store::open(url)?;
+    let report = storage::store::block_on(storage::gc::gc(&store, &opts))?;
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    println!(
+        "{url}: gc keeping the newest {} intact checkpoint(s) per run{}",
+        report.keep,
+        if report.dry_run { " (dry run)" } else { "" }
+    );
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    if report.runs.is_empty() {
+        println!("{url}: no checkpoints");
+    }
+    for r in &report.runs {
+        let kept: Vec<String> = r.kept.iter().map(u64::to_string).collect();
+        println!("{url}/{}: kept step(s) {}", r.run, kept.join(", "));
+        for note in &r.notes {
+            println!("  note: {note}");
+        }
+        for c in &r.corrupt {
+            println!("  corrupt: {c}");
+        }
+        for x in &r.removed {
+            println!("  {verb} {} ({} bytes): {}", x.key, x.bytes, x.why);
+        }
+    }
+    let freed = report.bytes_freed();
+    println!(
+        "{verb} {} object(s), {} {freed} bytes ({:.1} MB)",
+        report.removed().count(),
+        if report.dry_run {
+            "would free"
+        } else {
+            "freed"
+        },
+        freed as f64 / 1e6
+    );
     Ok(())
 }

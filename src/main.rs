@@ -31,7 +31,8 @@ enum Command {
     Bench(commands::BenchArgs),
     /// List the runs recorded in a run directory's journal (status, steps, losses, checkpoints).
     Runs(commands::RunsArgs),
-    /// List a checkpoint store's runs and committed checkpoints (`ls`) or read them all back (`verify`).
+    /// List a checkpoint store's runs and committed checkpoints (`ls`), read them all back
+    /// (`verify`), or remove orphans and all but the newest N intact checkpoints (`gc`).
     Ckpt(commands::CkptArgs),
 }
 

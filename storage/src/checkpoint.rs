@@ -187,7 +187,9 @@ pub async fn write(
 
 /// [`write`] of an already encoded snapshot. Safe to call again after a failure: the shard is
 /// named by its content, and a manifest already committed with the same shards and meta (a
-/// retry whose first commit succeeded but whose answer was lost) counts as this commit.
+/// retry whose first commit succeeded but whose answer was lost) counts as this commit. Another
+/// committed checkpoint of the step is kept (an error) when it is intact, and replaced when it is
+/// corrupt or incomplete (its shards fail [`verify`]).
 pub async fn write_encoded(
     store: &Store,
     run: &str,
@@ -240,18 +242,52 @@ pub async fn write_encoded(
     {
         Ok(_) => Ok(manifest),
         Err(source @ object_store::Error::AlreadyExists { .. }) => {
-            match read_manifest(store, run, step).await {
+            // what is committed there: this very commit (a retry), an intact other one (kept),
+            // or a broken one (replaced: a resume that fell back past it reaches its step again)
+            let broken = match read_manifest(store, run, step).await {
                 Ok(existing)
                     if existing.shards == manifest.shards
                         && existing.tensors == manifest.tensors
                         && existing.meta == manifest.meta =>
                 {
-                    Ok(existing)
+                    return Ok(existing);
                 }
-                _ => Err(err(&key)(source)),
-            }
+                Ok(existing) => match verify(store, &existing, Depth::Checksums).await {
+                    Err(e) if e.is_broken() => e,
+                    _ => return Err(err(&key)(source)),
+                },
+                Err(e) if e.is_broken() => e,
+                Err(_) => return Err(err(&key)(source)),
+            };
+            tracing::warn!(
+                store = %store.url,
+                run,
+                step,
+                "replacing the corrupt committed checkpoint of step {step} ({broken})"
+            );
+            let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+            store
+                .inner
+                .put(&key, PutPayload::from(json))
+                .await
+                .map_err(err(&key))?;
+            Ok(manifest)
         }
         Err(source) => Err(err(&key)(source)),
+    }
+}
+
+impl CheckpointError {
+    /// Whether trying the same write again cannot help: the snapshot does not serialise, or an
+    /// intact checkpoint of the step is already committed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            CheckpointError::Corrupt { .. } => true,
+            CheckpointError::Store { source, .. } => {
+                matches!(source, object_store::Error::AlreadyExists { .. })
+            }
+            _ => false,
+        }
     }
 }
 

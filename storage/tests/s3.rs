@@ -1,10 +1,13 @@
 //! Checkpoints through a real S3-compatible server on 127.0.0.1 (s3s-fs, served in this process):
-//! multipart shards, create-only manifests (conditional put), listing, verified reads.
+//! multipart shards, create-only manifests (conditional put), listing, verified reads, the run
+//! lease (create-only, then If-Match updates) and gc.
 
 use half::bf16;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use storage::checkpoint::{self, CheckpointError, SnapData, SnapTensor};
+use storage::gc::{GcOptions, gc};
+use storage::lease::{self, Lease};
 use storage::store::{Store, block_on};
 
 /// Starts s3s-fs over `root` with bucket `ckpt` on a free port; returns the endpoint.
@@ -125,6 +128,43 @@ fn checkpoints_round_trip_through_s3_with_create_only_manifests() {
             checkpoint::read_tensors(&store, &m).await.unwrap(),
             tensors(2.0, 64)
         );
+    });
+    // the lease: create-only to take it, a conditional (If-Match) update to renew it
+    block_on(async {
+        let expiry = std::time::Duration::from_secs(60);
+        let mut held = Lease::acquire(&store, "run-a", "train", expiry)
+            .await
+            .unwrap();
+        let e = Lease::acquire(&store, "run-a", "train", expiry)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&held.owner().id()), "{e}");
+        held.renew().await.unwrap();
+        held.renew().await.unwrap();
+        held.release().await.unwrap();
+        assert!(lease::holder(&store, "run-a").await.unwrap().is_none());
+        // gc through S3 (the lease taken and given back): both checkpoints stay under --keep 3;
+        // the shard of the refused second commit of step 20 is an orphan
+        let report = gc(&store, &GcOptions::default()).await.unwrap();
+        assert_eq!(report.runs[0].kept, [20, 10]);
+        let removed: Vec<_> = report.removed().collect();
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert!(
+            removed[0]
+                .key
+                .starts_with("run-a/checkpoints/step-0000000020/shard-0-")
+        );
+        assert!(removed[0].why.starts_with("orphan"));
+        let m = checkpoint::read_manifest(&store, "run-a", 20)
+            .await
+            .unwrap();
+        assert_ne!(removed[0].key, m.shards[0].key);
+        assert_eq!(
+            checkpoint::read_tensors(&store, &m).await.unwrap(),
+            tensors(2.0, 64)
+        );
+        assert!(lease::holder(&store, "run-a").await.unwrap().is_none());
     });
     // the objects sit under the URL's prefix in the bucket
     assert!(
