@@ -99,6 +99,9 @@ pub struct TrainSummary {
     /// Checkpoints committed to the store during this run.
     #[serde(default)]
     pub checkpoints: u64,
+    /// Checkpoints given up after every upload try failed (the run went on).
+    #[serde(default)]
+    pub checkpoints_missed: u64,
     /// The checkpoint step this run continued from (absent for a fresh run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from: Option<u64>,
@@ -243,7 +246,11 @@ pub fn build_model(opts: &TrainOptions) -> Result<DeepSeekV3> {
 pub fn build_state(opts: &TrainOptions) -> Result<TrainState> {
     let mut state = TrainState::new(build_model(opts)?);
     if let Some(plan) = opts.checkpoints.as_ref().filter(|p| p.resume) {
-        let (manifest, tensors) = crate::checkpoint::load_latest(&plan.store, plan.run.as_deref())?;
+        let loaded = crate::checkpoint::load_latest_checked(&plan.store, plan.run.as_deref())?;
+        for skip in &loaded.skipped {
+            eprintln!("resume: skipped a checkpoint: {skip}");
+        }
+        let (manifest, tensors) = (loaded.manifest, loaded.tensors);
         let step = manifest.meta["optimizer_step"]
             .as_u64()
             .unwrap_or(manifest.step);
@@ -609,10 +616,11 @@ fn run_steps(
         queue.extend(next);
     }
     let eval_loss = ctl.eval_loss.unwrap_or(initial_eval);
-    let checkpoints = match uploader.as_mut() {
-        Some(up) => up.finish()?,
-        None => 0,
+    let uploads = match uploader.as_mut() {
+        Some(up) => up.finish_summary()?,
+        None => Default::default(),
     };
+    let checkpoints = uploads.committed;
     let wall = started.elapsed().as_secs_f64();
     let tail = &last_losses[last_losses.len().saturating_sub(10)..];
     Ok(TrainSummary {
@@ -637,6 +645,7 @@ fn run_steps(
         detections_ms: Vec::new(),
         stragglers: 0,
         checkpoints,
+        checkpoints_missed: uploads.checkpoints_missed,
         resumed_from,
     })
 }
