@@ -21,13 +21,15 @@
 
 mod coordinator;
 mod data_loader;
+mod engine;
 mod expert_group;
 mod gpu;
 mod node;
 mod protocol;
 mod stage;
 
-pub use coordinator::{ActorEngine, FormationSpec, open_check};
+pub use coordinator::open_check;
+pub use engine::{ActorEngine, FormationSpec};
 
 use crate::core::detector::DetectorPolicy;
 use crate::core::supervisor::RestartPolicy;
