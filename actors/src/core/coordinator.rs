@@ -7,6 +7,7 @@
 //! rank). The same machine runs under the ractor formation and in the simulator.
 
 use super::txn::{StepTxn, TxnCommand, TxnEvent};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, VecDeque};
 
 /// How long an attempt may run before the ranks are probed, as data.
@@ -39,14 +40,14 @@ impl Default for TimeoutPolicy {
 }
 
 /// The coordinator's timers; each names the attempt it guards, so a stale one does nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum CoordTimer {
     StepDeadline { step: u64, attempt: u32 },
     ProbeDeadline { step: u64, attempt: u32 },
 }
 
 /// What the coordinator's shell observed.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CoordEvent {
     /// Run step `step` (its micro-batches are ready).
     Begin {
@@ -100,7 +101,7 @@ pub enum CoordEvent {
 }
 
 /// What the shell must do.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CoordCommand {
     /// Send attempt `attempt` of `step` to every rank; `restore`: reset the stages to the last
     /// committed parameters first.

@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 
 /// A message a rank can wait for: the input of `F(stage, mb)` or the output gradient of the
 /// backward of `(stage, mb)`. `stage` is the receiving stage copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Arrival {
     Activation { stage: usize, mb: usize },
     Gradient { stage: usize, mb: usize },

@@ -3,6 +3,7 @@
 //! input and timers are commands, so the ractor shells, the thread engine and the simulator all
 //! drive the same code.
 //!
+//! - [`codec`]: every machine message as bytes (postcard in a CRC-checked link envelope).
 //! - [`txn`]: the step transaction (open, done, reduce, install, commit; abort and replay).
 //! - [`coordinator`]: around the transaction: waiting for down ranks, deadlines, the probe
 //!   protocol, restore decisions, give-up.
@@ -14,6 +15,7 @@
 //! - [`supervisor`]: restart budgets, backoff timers, subtree restarts and escalation.
 //! - [`detector`]: heartbeats and work progress: slow versus dead.
 
+pub mod codec;
 pub mod coordinator;
 pub mod detector;
 pub mod executor;

@@ -6,10 +6,11 @@
 use super::executor::Arrival;
 use crate::schedule::{Instr, Schedule};
 use kernels::model::stage::StageStats;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One operation on one stage copy.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StageOp {
     /// F: `input` is None on an entry copy.
     Forward { mb: usize, input: Option<Vec<f32>> },
@@ -42,7 +43,7 @@ impl StageOp {
 }
 
 /// What a stage operation produced.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StageOpResult {
     Forward {
         out: Option<Vec<f32>>,

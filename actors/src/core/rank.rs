@@ -10,6 +10,7 @@ use super::executor::{Arrival, ExecCommand, ExecEvent, RankExecutor};
 use super::ops::{StageOp, StageOpResult, ops_of, route_of};
 use crate::schedule::{Instr, Schedule};
 use kernels::model::stage::StageStats;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Per micro-batch forward stats of one rank: `(micro-batch, model stage, stats)`.
@@ -19,7 +20,7 @@ pub type RankStats = Vec<(usize, usize, StageStats)>;
 const EARLY_LIMIT: usize = 4_096;
 
 /// What the rank's shell observed.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum RankEvent<G> {
     /// The coordinator opened attempt `attempt` of `step` (the shell reset its stages first).
     Open {
@@ -73,7 +74,7 @@ pub enum RankEvent<G> {
 }
 
 /// What the shell must do.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum RankCommand<G> {
     /// An instruction starts (the shell's fault-injection point for the rank).
     Starting { step: u64, instr: Instr },

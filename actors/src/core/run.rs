@@ -23,7 +23,7 @@ pub struct RunPlan {
 }
 
 /// What the driver observed.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum RunEvent {
     Start,
     /// Step `step` committed with this training loss.
@@ -39,7 +39,7 @@ pub enum RunEvent {
 }
 
 /// What the driver must do, in order.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum RunCommand {
     /// Run step `step` at learning rate `lr`.
     Step { step: u64, lr: f32 },

@@ -105,7 +105,7 @@ impl RestartTracker {
 }
 
 /// What a supervising shell observed.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum SupEvent<K> {
     /// A child failed; `what` names it and says how ("stage copy s1 on rank 0 panicked: …").
     Failed { child: K, what: String },
@@ -116,7 +116,7 @@ pub enum SupEvent<K> {
 }
 
 /// What the shell must do.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum SupCommand<K> {
     /// Call back with [`SupEvent::Timer`] after `after_ms` (the backoff).
     StartTimer { after_ms: u64, token: u64 },

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 /// What the coordinator's shell observed.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum TxnEvent {
     /// Start step `step` (the previous one is committed).
     Begin { step: u64 },
@@ -37,7 +37,7 @@ pub enum TxnEvent {
 }
 
 /// What the shell must do.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum TxnCommand {
     /// Send the step's work to every participant (attempt > 0 is a replay: restore first).
     Open { step: u64, attempt: u32 },

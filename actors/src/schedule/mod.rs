@@ -123,7 +123,9 @@ impl FromStr for ScheduleKind {
 
 /// One instruction of a rank's program. `stage` is a virtual stage id (an index into
 /// [`Schedule::stages`]), `mb` a micro-batch id in `0..N`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 pub enum Instr {
     /// Forward of `mb` through stage copy `stage`.
     F { stage: usize, mb: usize },

@@ -415,7 +415,7 @@ impl Stage {
 }
 
 /// What one stage reports about one micro-batch's forward.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageStats {
     /// Mean main cross-entropy (last stage only, else 0).
     pub loss: f64,
