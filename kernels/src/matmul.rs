@@ -313,13 +313,18 @@ fn openblas_gemm(
 ) {
     let lda = if trans_a { m } else { k };
     let ldb = if trans_b { k } else { n };
-    // split the larger of m and n into one block per thread
+    // split the larger of m and n into one block per thread, at multiples of 64 rows (columns):
+    // OpenBLAS computes a tile of its micro-kernel the same way wherever the call starts, but an
+    // edge tile differently, so blocks that start on a tile boundary give the unsplit bits
+    const ALIGN: usize = 64;
     let split_rows = m >= n;
     let len = if split_rows { m } else { n };
-    let parts = threads.min(len.div_ceil(16)).max(1);
+    let tiles = len.div_ceil(ALIGN);
+    let parts = threads.min(tiles).max(1);
     let out = SendPtr(c.as_mut_ptr());
     let run = |i: usize| {
-        let (lo, hi) = (len * i / parts, len * (i + 1) / parts);
+        let lo = (tiles * i / parts * ALIGN).min(len);
+        let hi = (tiles * (i + 1) / parts * ALIGN).min(len);
         // SAFETY: block i covers rows (or columns) lo..hi of c only; a and b are read within the
         // shapes `matmul` asserted.
         unsafe {
