@@ -3,7 +3,7 @@
 //! background uploader (the step pays for the in-memory copy, the upload overlaps later steps;
 //! it holds the run's lease, retries failed uploads and rides out missed checkpoints).
 
-use crate::trainer::{TrainOptions, TrainState};
+use crate::state::{TrainOptions, TrainState};
 use anyhow::{Context, Result, anyhow, bail};
 use kernels::ops::adamw::Moments;
 use std::collections::HashMap;

@@ -10,4 +10,5 @@ pub mod formation;
 pub mod schedule;
 #[cfg(feature = "shells")]
 pub mod shell;
+pub mod state;
 pub mod trainer;
