@@ -4,9 +4,9 @@
 use crate::{EvalArgs, TrainArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use kernels::model::{Batch, RunConfig};
-use std::path::{Path, PathBuf};
-use storage::dataset::{DataFormat, Dataset};
+use kernels::model::RunConfig;
+use std::path::PathBuf;
+use storage::dataset::DataFormat;
 
 /// `configs/tiny.toml` as it was when this binary was built: the default of `phalanx train`.
 const EMBEDDED_TINY: &str = include_str!("../configs/tiny.toml");
@@ -55,27 +55,17 @@ fn base_from_flags(a: &TrainArgs) -> Result<RunBase> {
 
 /// The run as the newest checkpoint of `store` recorded it, and that run's name in the store.
 fn base_from_checkpoint(store: &str, run: Option<&str>) -> Result<(RunBase, String)> {
-    let m = actors::checkpoint::latest_manifest(store, run)?;
-    let at = format!("{store}: run {} checkpoint of step {}", m.run, m.step);
-    let text = |key: &str| {
-        m.meta[key]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `{key}`"))
-    };
-    let file = format!("{} (from {at})", text("config_path")?);
+    let r = actors::checkpoint::recorded_run(store, run)?;
     let base = RunBase {
-        config: RunConfig::parse(&text("config_toml")?, &file)?,
-        seed: m.meta["seed"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `seed`"))?,
-        data: m.meta["data"].as_str().map(PathBuf::from),
-        data_format: text("data_format")?.parse().map_err(anyhow::Error::msg)?,
-        precision: text("precision")?.parse().map_err(anyhow::Error::msg)?,
-        ckpt_every: m.meta["checkpoint_every"].as_u64(),
-        file,
+        config: r.config,
+        file: r.config_file,
+        seed: r.seed,
+        data: r.data,
+        data_format: r.data_format,
+        precision: r.precision,
+        ckpt_every: r.ckpt_every,
     };
-    Ok((base, m.run))
+    Ok((base, r.run))
 }
 
 pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
@@ -188,23 +178,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let (model, report) = storage::hf::load_dir(&a.hf, 0)?;
     tracing::info!(loaded = report.loaded, "loaded {}", a.hf.display());
-    let data = Dataset::open(&a.data, DataFormat::U32, model.cfg.vocab_size)?;
-    let tokens = data.all_tokens();
-    let w = a.seq_len + 1;
-    let windows = tokens.len() / w;
-    if windows == 0 {
-        bail!(
-            "{}: {} tokens is shorter than one window of {w}",
-            a.data.display(),
-            tokens.len()
-        );
-    }
-    let mut total = 0.0;
-    for chunk in tokens[..windows * w].chunks_exact(w) {
-        total += model.eval_loss(&Batch::from_windows(chunk, 1, a.seq_len));
-    }
+    let (windows, loss) = actors::trainer::eval_token_file(&model, &a.data, a.seq_len)?;
     println!("windows={windows} seq_len={}", a.seq_len);
-    println!("loss={:.6}", total / windows as f64);
+    println!("loss={loss:.6}");
     Ok(())
 }
 
@@ -416,12 +392,7 @@ pub fn runs(a: RunsArgs) -> Result<()> {
         "{:<24} {:<9} {:>11} {:>8} {:>8} {:>12} {:>8}  config",
         "run", "status", "step", "loss", "eval", "checkpoints", "restarts"
     );
-    for mut r in journal.runs()? {
-        // a run still marked running whose process is gone was killed (or crashed hard)
-        let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
-        if r.status == "running" && r.pid.is_some_and(|p| !alive(p)) {
-            r.status = "died".into();
-        }
+    for r in journal.runs_observed()? {
         let ckpt = match r.checkpoints.last() {
             Some(last) => format!("{} (last {last})", r.checkpoints.len()),
             None => "0".into(),

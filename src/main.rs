@@ -201,7 +201,6 @@ fn train(a: TrainArgs) -> Result<()> {
         Some(p) => Some(actors::formation::InjectPlan::load(p).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let formation = layout != actors::formation::Layout::default() || inject.is_some() || a.threads;
     let on_step = |r: &actors::trainer::StepRecord, total: u64| {
         if let Some(e) = r.eval_loss {
             last_eval = e;
@@ -225,13 +224,7 @@ fn train(a: TrainArgs) -> Result<()> {
             bar.finish_and_clear();
         }
     };
-    let summary = if a.threads {
-        actors::formation::train_threads(&opts, &layout, on_step)?
-    } else if formation {
-        actors::formation::train(&opts, &layout, inject, on_step)?
-    } else {
-        actors::trainer::train(&opts, on_step)?
-    };
+    let summary = actors::formation::train_with(&opts, &layout, inject, a.threads, on_step)?;
     let json = serde_json::to_string_pretty(&summary)?;
     if let Some(p) = &a.summary_json {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -140,6 +140,51 @@ pub struct Loaded {
     pub skipped: Vec<Skipped>,
 }
 
+/// What a run was, as its newest checkpoint's manifest recorded it.
+pub struct RecordedRun {
+    pub config: kernels::model::RunConfig,
+    /// Where the config came from, for error messages ("configs/tiny.toml (from …)").
+    pub config_file: String,
+    pub seed: u64,
+    pub data: Option<std::path::PathBuf>,
+    pub data_format: storage::dataset::DataFormat,
+    pub precision: kernels::model::Precision,
+    /// The checkpoint interval the run was started with.
+    pub ckpt_every: Option<u64>,
+    /// The run's name in the store.
+    pub run: String,
+}
+
+/// Decodes the newest checkpoint manifest of `url` (of `run`, or of the newest run with one)
+/// into the run it records; a missing or malformed field is named with the store and step.
+pub fn recorded_run(url: &str, run: Option<&str>) -> Result<RecordedRun> {
+    let m = latest_manifest(url, run)?;
+    let at = format!("{url}: run {} checkpoint of step {}", m.run, m.step);
+    let text = |key: &str| {
+        m.meta[key]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `{key}`"))
+    };
+    let config_file = format!("{} (from {at})", text("config_path")?);
+    Ok(RecordedRun {
+        config: kernels::model::RunConfig::parse(&text("config_toml")?, &config_file)?,
+        seed: m.meta["seed"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `seed`"))?,
+        data: m.meta["data"].as_str().map(std::path::PathBuf::from),
+        data_format: text("data_format")?
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{at}: data_format: {e}"))?,
+        precision: text("precision")?
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{at}: precision: {e}"))?,
+        ckpt_every: m.meta["checkpoint_every"].as_u64(),
+        config_file,
+        run: m.run,
+    })
+}
+
 /// [`load_latest_checked`] without the list of skipped checkpoints (they are logged).
 pub fn load_latest(url: &str, run: Option<&str>) -> Result<(CheckpointManifest, Vec<SnapTensor>)> {
     let l = load_latest_checked(url, run)?;

@@ -12,7 +12,7 @@ use kernels::ops::adamw::{AdamW, LrSchedule};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Instant;
-use storage::dataset::Dataset;
+use storage::dataset::{DataFormat, Dataset};
 use storage::journal::{Journal, RunEntry};
 use storage::metrics::MetricsLog;
 
@@ -105,6 +105,34 @@ pub fn evaluate(
 }
 
 /// Opens the data the options name (the synthetic corpus when none).
+/// The mean main-head cross-entropy of `model` over the non-overlapping windows of
+/// `seq_len + 1` tokens of a u32 token file (the last partial window dropped): (windows, loss).
+pub fn eval_token_file(
+    model: &DeepSeekV3,
+    path: &std::path::Path,
+    seq_len: usize,
+) -> Result<(usize, f64)> {
+    if seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
+    let data = Dataset::open(path, DataFormat::U32, model.cfg.vocab_size)?;
+    let tokens = data.all_tokens();
+    let w = seq_len + 1;
+    let windows = tokens.len() / w;
+    if windows == 0 {
+        bail!(
+            "{}: {} tokens is shorter than one window of {w}",
+            path.display(),
+            tokens.len()
+        );
+    }
+    let mut total = 0.0;
+    for chunk in tokens[..windows * w].chunks_exact(w) {
+        total += model.eval_loss(&Batch::from_windows(chunk, 1, seq_len));
+    }
+    Ok((windows, total / windows as f64))
+}
+
 pub fn open_data(opts: &TrainOptions) -> Result<Dataset> {
     let vocab = opts.config.model.vocab_size;
     Ok(match &opts.data {

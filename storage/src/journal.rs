@@ -131,6 +131,19 @@ impl Journal {
     }
 
     /// Every run, oldest first.
+    /// [`Journal::runs`] as they are now: a run still marked running whose process on this
+    /// machine is gone was killed (or crashed hard) and shows as `died`.
+    pub fn runs_observed(&self) -> Result<Vec<RunEntry>, JournalError> {
+        let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let mut runs = self.runs()?;
+        for r in &mut runs {
+            if r.status == "running" && r.pid.is_some_and(|p| !alive(p)) {
+                r.status = "died".into();
+            }
+        }
+        Ok(runs)
+    }
+
     pub fn runs(&self) -> Result<Vec<RunEntry>, JournalError> {
         let mut out: Vec<RunEntry> = self
             .runs

@@ -153,6 +153,30 @@ pub fn train(
     summary
 }
 
+/// Trains with the engine the layout calls for: the plain loop for the default layout without
+/// faults, the thread executor when `threads` is asked for, else the actor formation.
+#[cfg(feature = "shells")]
+pub fn train_with(
+    opts: &TrainOptions,
+    layout: &Layout,
+    inject: Option<InjectPlan>,
+    threads: bool,
+    on_step: impl FnMut(&StepRecord, u64),
+) -> Result<TrainSummary> {
+    if threads {
+        if inject.is_some() {
+            bail!(
+                "--inject needs the actor formation: the thread executor (--threads) has no fault handling"
+            );
+        }
+        train_threads(opts, layout, on_step)
+    } else if *layout != Layout::default() || inject.is_some() {
+        train(opts, layout, inject, on_step)
+    } else {
+        trainer::train(opts, on_step)
+    }
+}
+
 /// The same run on the plain thread executor (one OS thread per rank, no actors, no fault
 /// handling): the reference the actor formation is compared with.
 pub fn train_threads(
