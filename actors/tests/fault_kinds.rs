@@ -155,3 +155,28 @@ fn hangs_are_declared_dead_by_the_detector_within_its_bound() {
         assert!(*d >= 1_800 && *d < 3_600, "declared after {d} ms");
     }
 }
+
+#[test]
+fn a_dead_coordinator_is_replaced_while_the_ranks_live_on() {
+    let text = "step_timeout_ms = 5000\n\
+        [[fault]]\nat_step = 3\nactor = \"coordinator\"\nphase = \"optimizer\"\nkind = \"panic\"\n\
+        [[fault]]\nat_step = 5\nactor = \"coordinator\"\nphase = \"backward\"\nkind = \"hang\"\n";
+    let plan = InjectPlan::parse(text, "coordinator.toml").expect("plan parses");
+    let opts = common::micro_options("coord-ref", 2, 4, 7);
+    let clean = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("clean run");
+    let opts = common::micro_options("coord", 2, 4, 7);
+    let got = formation::train(&opts, &layout(), Some(plan), |_, _| {}).expect("run");
+    println!(
+        "coordinator panic and hang: restarts {}, coordinator restarts {}, silent coordinator declared dead after {:?} ms",
+        got.restarts, got.coordinator_restarts, got.detections_ms
+    );
+    assert_eq!(got.params_sha256, clean.params_sha256);
+    assert_eq!(got.coordinator_restarts, 2);
+    // no rank went down: the only restarts are the two coordinators
+    assert_eq!(got.restarts, 2, "the ranks kept their actors");
+    assert_eq!(
+        got.detections_ms.len(),
+        1,
+        "the hang found by the engine's heartbeat"
+    );
+}

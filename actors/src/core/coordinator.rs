@@ -179,6 +179,12 @@ impl Coordinator {
         self.txn.is_open() && self.txn.step() == step && self.txn.attempt() == attempt
     }
 
+    /// The next open restores the committed state on every rank (a coordinator that replaces a
+    /// dead one cannot know what the ranks installed meanwhile).
+    pub fn restore_on_next_open(&mut self) {
+        self.restore_next = true;
+    }
+
     /// The deadline of the next attempt, in milliseconds.
     pub fn step_timeout_ms(&self) -> u64 {
         let p = &self.policy;

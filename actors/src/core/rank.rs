@@ -71,6 +71,9 @@ pub enum RankEvent<G> {
         step: u64,
         attempt: u32,
     },
+    /// A new coordinator took over: forget the open attempt and every buffered message (the
+    /// new one numbers its attempts afresh).
+    Reset,
 }
 
 /// What the shell must do.
@@ -349,6 +352,10 @@ impl<G> RankMachine<G> {
                 if self.is_current(step, attempt) {
                     self.cur = None;
                 }
+            }
+            RankEvent::Reset => {
+                self.cur = None;
+                self.early.clear();
             }
             RankEvent::Probe { step, attempt } => {
                 let copies = match self.cur.as_ref() {

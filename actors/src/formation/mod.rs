@@ -121,7 +121,7 @@ pub fn train(
             fixed_ms: plan.step_timeout_ms,
             ..Default::default()
         },
-        coordinator_dead_after: std::time::Duration::from_millis(2_000),
+        coordinator_dead_after: std::time::Duration::from_millis(1_800),
         detector: crate::core::detector::DetectorPolicy {
             dead_after_ms: 1_800,
             slow_factor: 2.5,

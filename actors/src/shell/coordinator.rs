@@ -1,10 +1,10 @@
 //! The Coordinator actor: drives the pure [`crate::core::coordinator::Coordinator`] machine
-//! (step transaction, deadlines, probes), a root [`Supervisor`] over its children (DataLoader,
-//! NodeSupervisor) and a failure detector over the ranks' heartbeats; it does the reduce and the
-//! optimizer on the blocking pool. The engine that supervises it is in `engine.rs`.
+//! (step transaction, deadlines, probes), a [`Supervisor`] over its DataLoader and a failure
+//! detector over the ranks' heartbeats; it does the reduce and the optimizer on the blocking
+//! pool. It is a child of the Root, beside the NodeSupervisor: when it dies the ranks live on,
+//! and its replacement rebuilds its view from their reports.
 
 use super::data_loader::{DataArgs, DataLoader, batches_crc};
-use super::node::NodeSupervisor;
 use super::protocol::{CoordMsg, DataMsg, GpuMsg, NodeMsg, RankGrads, StepReply};
 use super::{Ctx, fire, is_child_event};
 use crate::core::coordinator::{CoordCommand, CoordEvent, Coordinator as Machine, TimeoutPolicy};
@@ -33,11 +33,10 @@ const DATA_RETRY: Duration = Duration::from_millis(100);
 /// Data requests of one step before the run gives up.
 const DATA_ATTEMPTS: u32 = 8;
 
-/// The coordinator's children.
+/// The coordinator's child.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Child {
     Loader,
-    Node,
 }
 
 /// The open step's data and results.
@@ -90,7 +89,6 @@ pub struct CoordState {
     sup: Supervisor<Child>,
     meta: Arc<Vec<Stage>>,
     loader: Option<ActorRef<DataMsg>>,
-    node: Option<ActorRef<NodeMsg>>,
     job: Option<Job>,
     /// Message faults armed for the next broadcast.
     armed: Vec<Fault>,
@@ -275,7 +273,7 @@ impl Coordinator {
                     tracing::debug!(step, attempts, "step committed");
                     let now = st.ctx.now_ms();
                     st.sup.on(now, SupEvent::Progress);
-                    if let Some(n) = &st.node {
+                    if let Some(n) = st.ctx.book.node() {
                         let _ = n.cast(NodeMsg::Progress);
                     }
                     for r in 0..Coordinator::ranks(st) {
@@ -366,39 +364,23 @@ impl Coordinator {
                         Coordinator::request_data(myself, st);
                     }
                 }
-                SupCommand::Restart {
-                    child: Child::Node, ..
-                } => {
-                    let (n, _) = Actor::spawn_linked(
+                SupCommand::RestartAll { .. } => {
+                    // the loader is the only child: restart it as above
+                    let (l, _) = Actor::spawn_linked(
                         None,
-                        NodeSupervisor,
-                        st.ctx.clone(),
+                        DataLoader,
+                        st.data_args.clone(),
                         myself.get_cell(),
                     )
                     .await?;
-                    st.node = Some(n);
-                }
-                SupCommand::RestartAll { reason } => {
-                    tracing::warn!("{reason}");
-                    if let Some(n) = st.node.take() {
-                        n.kill();
+                    st.loader = Some(l);
+                    if st.job.as_ref().is_some_and(|j| j.batches.is_none()) {
+                        Coordinator::request_data(myself, st);
                     }
-                    let now = st.ctx.now_ms();
-                    let cmds = st.machine.on(now, CoordEvent::AllDown { reason });
-                    Box::pin(Coordinator::exec(myself, st, cmds)).await?;
-                    let (n, _) = Actor::spawn_linked(
-                        None,
-                        NodeSupervisor,
-                        st.ctx.clone(),
-                        myself.get_cell(),
-                    )
-                    .await?;
-                    st.node = Some(n);
                 }
                 SupCommand::Escalate { reason } | SupCommand::GiveUp { reason } => {
-                    if let Some(mut job) = st.job.take() {
-                        job.fail(format!("giving up: {reason}"));
-                    }
+                    // the coordinator fails; the root starts a new one
+                    return Err(reason.into());
                 }
             }
         }
@@ -470,17 +452,27 @@ impl Actor for Coordinator {
             ctx: ctx.clone(),
             data_args: a.data,
             machine: Machine::new(ranks, a.committed, a.timeouts),
-            sup: Supervisor::new("the coordinator", ctx.policy, true),
+            sup: Supervisor::new("the coordinator", ctx.policy, false),
             meta: Arc::new(meta),
             loader: Some(loader),
-            node: None,
             job: None,
             armed: Vec::new(),
             detector: Detector::new(ctx.detector),
         };
-        let (node, _) =
-            Actor::spawn_linked(None, NodeSupervisor, ctx.clone(), myself.get_cell()).await?;
-        st.node = Some(node);
+        // a replacement rebuilds its view from the ranks: each drops the attempt it was in and
+        // reports in; the first open restores the committed state everywhere
+        if ctx
+            .coordinators
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            st.machine.restore_on_next_open();
+            for r in 0..ranks {
+                if let Some(g) = ctx.book.gpu(r) {
+                    let _ = g.cast(GpuMsg::Hello);
+                }
+            }
+        }
         let every = Duration::from_millis(ctx.detector.heartbeat_interval_ms);
         ractor::time::send_after(every, myself.get_cell(), || CoordMsg::Tick);
         Ok(st)
@@ -491,9 +483,6 @@ impl Actor for Coordinator {
         _myself: ActorRef<CoordMsg>,
         st: &mut CoordState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(n) = st.node.take() {
-            n.kill();
-        }
         if let Some(l) = st.loader.take() {
             l.kill();
         }
@@ -667,6 +656,10 @@ impl Actor for Coordinator {
                 return Ok(());
             }
             CoordMsg::Timer(t) => CoordEvent::Timer(t),
+            CoordMsg::AllDown { reason } => {
+                tracing::warn!("every rank down: {reason}");
+                CoordEvent::AllDown { reason }
+            }
             CoordMsg::RestartTimer { token } => {
                 let cmds = st.sup.on(now, SupEvent::Timer { token });
                 return Coordinator::supervise(&myself, st, cmds).await;
@@ -693,16 +686,6 @@ impl Actor for Coordinator {
         let child = if st.loader.as_ref().is_some_and(|l| l.get_id() == id) {
             st.loader = None;
             Child::Loader
-        } else if st.node.as_ref().is_some_and(|n| n.get_id() == id) {
-            st.node = None;
-            let cmds = st.machine.on(
-                now,
-                CoordEvent::AllDown {
-                    reason: format!("node supervisor {what}"),
-                },
-            );
-            Coordinator::exec(&myself, st, cmds).await?;
-            Child::Node
         } else {
             return Ok(());
         };

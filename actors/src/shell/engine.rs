@@ -1,11 +1,12 @@
-//! The engine around a formation: starts the supervision tree, runs each step as one call to
-//! the Coordinator, and supervises the Coordinator itself: a coordinator that fails, or stops
-//! answering its heartbeat within the bound, is replaced by a fresh formation built from the last
-//! committed state, and the open step runs again.
+//! The engine around a formation: starts the supervision tree (the Root, with the Coordinator
+//! and the NodeSupervisor under it), runs each step as one call to the current Coordinator, and
+//! watches that Coordinator's heartbeat: one that dies, or stays silent past the bound (killed),
+//! is replaced by the Root while the ranks live on, and the open step is sent to its successor.
 
-use super::coordinator::{CoordArgs, Coordinator};
+use super::coordinator::CoordArgs;
 use super::data_loader::DataArgs;
-use super::protocol::{CoordMsg, StepReply};
+use super::protocol::{CoordMsg, RootMsg, StepReply};
+use super::root::{Root, RootArgs};
 use super::{AddressBook, Ctx};
 use crate::core::coordinator::TimeoutPolicy;
 use crate::core::detector::DetectorPolicy;
@@ -49,7 +50,7 @@ pub struct FormationSpec {
 /// A running formation: its runtime-side handles.
 struct Formation {
     ctx: Arc<Ctx>,
-    coord: ActorRef<CoordMsg>,
+    root: ActorRef<RootMsg>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -109,6 +110,9 @@ impl ActorEngine {
             detector: spec.detector,
             detections_ms: std::sync::Mutex::new(Vec::new()),
             stragglers: std::sync::atomic::AtomicU64::new(0),
+            committed: std::sync::atomic::AtomicU64::new(committed),
+            coordinators: std::sync::atomic::AtomicU64::new(0),
+            fatal: std::sync::Mutex::new(None),
             stopping: AtomicBool::new(false),
         });
         let args = CoordArgs {
@@ -124,13 +128,17 @@ impl ActorEngine {
             committed,
             timeouts: spec.timeouts,
         };
-        let (coord, handle) = self
+        let root_args = RootArgs {
+            ctx: ctx.clone(),
+            coord: args,
+        };
+        let (root, handle) = self
             .rt
-            .block_on(Actor::spawn(None, Coordinator, args))
-            .map_err(|e| anyhow!("cannot start the coordinator: {e}"))?;
+            .block_on(Actor::spawn(None, Root, root_args))
+            .map_err(|e| anyhow!("cannot start the formation: {e}"))?;
         Ok(Formation {
             ctx,
-            coord,
+            root,
             handle: Some(handle),
         })
     }
@@ -167,7 +175,7 @@ impl ActorEngine {
             f.ctx
                 .stopping
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            f.coord.kill();
+            f.root.kill();
             if let Some(h) = f.handle.take() {
                 let _ = self.rt.block_on(h);
             }
@@ -179,8 +187,9 @@ impl ActorEngine {
         self.stop();
     }
 
-    /// One `RunStep` call, with the coordinator's heartbeat watched meanwhile. `Ok(None)`: the
-    /// coordinator died or went silent past the bound (the caller replaces the formation).
+    /// One `RunStep` call to the current coordinator, with its heartbeat watched meanwhile.
+    /// `Ok(None)`: the coordinator died, or went silent past the bound and was killed; the Root
+    /// starts a new one.
     fn call_step(
         &mut self,
         state: Arc<TrainState>,
@@ -191,9 +200,25 @@ impl ActorEngine {
             .formation
             .as_ref()
             .ok_or_else(|| anyhow!("no formation"))?;
-        let coord = f.coord.clone();
+        let ctx = f.ctx.clone();
         let dead_after = self.spec.coordinator_dead_after;
         self.rt.block_on(async move {
+            // a replacement coordinator takes a moment to start (its backoff and its start-up)
+            let started = Instant::now();
+            let coord = loop {
+                if let Some(c) = ctx.book.coord()
+                    && c.get_status() == ractor::ActorStatus::Running
+                {
+                    break c;
+                }
+                if let Some(reason) = ctx.fatal.lock().ok().and_then(|f| f.clone()) {
+                    return Err(anyhow!("step {step}: {reason}"));
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    return Err(anyhow!("step {step}: no coordinator came up within 60 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
             let c2 = coord.clone();
             let call = c2.call(
                 move |reply| CoordMsg::RunStep {
@@ -220,7 +245,18 @@ impl ActorEngine {
                         if let Ok(CallResult::Success(())) = ping.await {
                             last_answer = Instant::now();
                         } else if last_answer.elapsed() >= dead_after {
-                            tracing::warn!(step, "the coordinator is silent for {} ms: declared dead", last_answer.elapsed().as_millis());
+                            let silent = last_answer.elapsed().as_millis() as u64;
+                            tracing::warn!(step, "the coordinator is silent for {silent} ms: declared dead, killing it");
+                            ctx.detections_ms.lock().map(|mut d| d.push(silent)).ok();
+                            coord.kill();
+                            // not a coordinator any more once it has stopped: the next call
+                            // must go to its successor
+                            let killed = Instant::now();
+                            while coord.get_status() != ractor::ActorStatus::Stopped
+                                && killed.elapsed() < Duration::from_secs(5)
+                            {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
                             return Ok(None);
                         }
                     }
@@ -248,6 +284,11 @@ impl StepEngine for ActorEngine {
         let mut state = state;
         state.grads = Vec::new();
         let state = Arc::new(state);
+        if let Some(f) = &self.formation {
+            f.ctx
+                .committed
+                .store(step - 1, std::sync::atomic::Ordering::SeqCst);
+        }
         let mut tries = 0;
         loop {
             match self.call_step(state.clone(), step, *h)? {
@@ -263,17 +304,18 @@ impl StepEngine for ActorEngine {
                             "step {step}: the coordinator failed {tries} times in a row; giving up"
                         ));
                     }
-                    // the coordinator is the formation's root: replace the whole formation from
-                    // the last committed state and run the step again
-                    tracing::warn!(step, "replacing the coordinator's formation");
-                    self.earlier_detections = self.detections();
-                    self.stop();
+                    // the Root starts a new coordinator beside the living ranks; it rebuilds
+                    // its view from their reports and the step runs again from the committed
+                    // state (counters of the dead one are carried over)
+                    tracing::warn!(
+                        step,
+                        "the coordinator is gone; sending the step to its successor"
+                    );
                     self.coordinator_restarts += 1;
                     self.restarts_before = self.restarts + 1;
                     self.restarts = self.restarts_before;
                     self.replayed_before = self.replayed + 1;
                     self.replayed = self.replayed_before;
-                    self.formation = Some(self.launch(&state.model, step - 1)?);
                 }
             }
         }

@@ -554,6 +554,10 @@ impl Actor for GpuActor {
             GpuMsg::Progress => {
                 st.sup.on(st.ctx.now_ms(), SupEvent::Progress);
             }
+            GpuMsg::Hello => {
+                GpuActor::drive(st, RankEvent::Reset).await?;
+                st.ctx.to_coord(CoordMsg::RankUp { rank: st.rank });
+            }
             GpuMsg::Tick => {
                 GpuActor::tick(&myself, st).await?;
             }

@@ -26,6 +26,7 @@ mod expert_group;
 mod gpu;
 mod node;
 mod protocol;
+mod root;
 mod stage;
 
 pub use coordinator::open_check;
@@ -37,7 +38,7 @@ use crate::formation::Wire;
 use crate::formation::inject::{Fault, FaultBook, FaultKind};
 use crate::schedule::Schedule;
 use kernels::model::DeepSeekV3;
-use protocol::{CoordMsg, GpuMsg};
+use protocol::{CoordMsg, GpuMsg, NodeMsg};
 use ractor::{ActorId, ActorRef, SupervisionEvent};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,6 +50,7 @@ use std::time::{Duration, Instant};
 pub struct AddressBook {
     gpus: Mutex<Vec<Option<ActorRef<GpuMsg>>>>,
     coord: Mutex<Option<ActorRef<CoordMsg>>>,
+    node: Mutex<Option<ActorRef<NodeMsg>>>,
 }
 
 impl AddressBook {
@@ -56,6 +58,7 @@ impl AddressBook {
         AddressBook {
             gpus: Mutex::new(vec![None; ranks]),
             coord: Mutex::new(None),
+            node: Mutex::new(None),
         }
     }
 
@@ -81,6 +84,16 @@ impl AddressBook {
     fn coord(&self) -> Option<ActorRef<CoordMsg>> {
         self.coord.lock().ok().and_then(|c| c.clone())
     }
+
+    fn set_node(&self, r: ActorRef<NodeMsg>) {
+        if let Ok(mut n) = self.node.lock() {
+            *n = Some(r);
+        }
+    }
+
+    fn node(&self) -> Option<ActorRef<NodeMsg>> {
+        self.node.lock().ok().and_then(|n| n.clone())
+    }
 }
 
 /// What every actor of one formation shares (read-only, except the address book and the
@@ -104,6 +117,12 @@ pub struct Ctx {
     detections_ms: Mutex<Vec<u64>>,
     /// Stragglers reported (slow, not restarted).
     stragglers: AtomicU64,
+    /// The last committed step (kept by the engine): where a replacement coordinator starts.
+    committed: AtomicU64,
+    /// Coordinators started so far (a replacement restores the committed state first).
+    coordinators: AtomicU64,
+    /// Why the root gave up, when it did.
+    fatal: Mutex<Option<String>>,
     stopping: AtomicBool,
 }
 

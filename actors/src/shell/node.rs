@@ -84,6 +84,7 @@ impl Actor for NodeSupervisor {
         myself: ActorRef<NodeMsg>,
         ctx: Arc<Ctx>,
     ) -> Result<NodeState, ActorProcessingErr> {
+        ctx.book.set_node(myself.clone());
         let mut st = NodeState {
             sup: Supervisor::new("the node supervisor", ctx.policy, false),
             ctx: ctx.clone(),

@@ -129,6 +129,13 @@ pub enum GpuMsg {
     Progress,
     /// The failure detector's clock: read the stages' progress, beat to the coordinator.
     Tick,
+    /// A (new) coordinator took over: drop the open attempt and report in.
+    Hello,
+}
+
+/// Messages of the Root (the parent of the Coordinator and the NodeSupervisor).
+pub enum RootMsg {
+    RestartTimer { token: u64 },
 }
 
 /// Messages of the NodeSupervisor.
@@ -222,6 +229,10 @@ pub enum CoordMsg {
         reply: RpcReplyPort<()>,
     },
     Timer(CoordTimer),
+    /// Every rank went down at once (the root restarts the NodeSupervisor).
+    AllDown {
+        reason: String,
+    },
     /// A restart backoff of a coordinator child ended.
     RestartTimer {
         token: u64,
