@@ -12,3 +12,4 @@ pub mod schedule;
 pub mod shell;
 pub mod state;
 pub mod trainer;
+pub mod uploader;
