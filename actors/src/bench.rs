@@ -131,7 +131,7 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// Seconds per step between the first and the last step callback of a run.
-#[cfg(feature = "shells")]
+#[cfg(feature = "runtime")]
 fn step_seconds(
     run: impl FnOnce(
         &mut dyn FnMut(&crate::trainer::StepRecord, u64),
@@ -146,7 +146,7 @@ fn step_seconds(
     ))
 }
 
-#[cfg(feature = "shells")]
+#[cfg(feature = "runtime")]
 pub fn pipeline_overhead(
     opts: &crate::trainer::TrainOptions,
     layout: &crate::formation::Layout,

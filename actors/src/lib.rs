@@ -1,15 +1,20 @@
-//! Coordinating training: the training loop, pipeline schedules, the control plane as pure
-//! machines ([`core`]) and the ractor shells that drive them ([`shell`], behind the default
-//! `shells` feature: without it this crate has neither ractor nor tokio, so the simulator can
-//! depend on the machines alone).
+//! Coordinating training: the control plane as pure machines ([`core`]), the pipeline schedules,
+//! the run state, and behind the default `runtime` feature the training loop, checkpoints and
+//! the ractor shells that drive the machines. Without `runtime` this crate has neither ractor nor
+//! tokio, so the simulator can depend on the machines alone.
 
+#[cfg(feature = "runtime")]
 pub mod bench;
+#[cfg(feature = "runtime")]
 pub mod checkpoint;
 pub mod core;
+#[cfg(feature = "runtime")]
 pub mod formation;
 pub mod schedule;
-#[cfg(feature = "shells")]
+#[cfg(feature = "runtime")]
 pub mod shell;
 pub mod state;
+#[cfg(feature = "runtime")]
 pub mod trainer;
+#[cfg(feature = "runtime")]
 pub mod uploader;

@@ -93,7 +93,7 @@ impl Layout {
 /// faults fire once each and are healed (restart, restore from the last committed step, replay);
 /// the summary counts restarts and replayed steps. With the f32 wire the result equals
 /// [`trainer::train_microbatched`] with as many micro-batches, bit for bit.
-#[cfg(feature = "shells")]
+#[cfg(feature = "runtime")]
 pub fn train(
     opts: &TrainOptions,
     layout: &Layout,
@@ -155,7 +155,7 @@ pub fn train(
 
 /// Trains with the engine the layout calls for: the plain loop for the default layout without
 /// faults, the thread executor when `threads` is asked for, else the actor formation.
-#[cfg(feature = "shells")]
+#[cfg(feature = "runtime")]
 pub fn train_with(
     opts: &TrainOptions,
     layout: &Layout,
