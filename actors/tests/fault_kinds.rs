@@ -180,3 +180,25 @@ fn a_dead_coordinator_is_replaced_while_the_ranks_live_on() {
         "the hang found by the engine's heartbeat"
     );
 }
+
+#[test]
+fn a_hang_in_the_optimizer_phase_is_found_by_the_detector_too() {
+    let text = "step_timeout_ms = 60000\n\
+        [[fault]]\nat_step = 2\nactor = \"stage\"\nrank = 1\nphase = \"optimizer\"\nkind = \"hang\"\n\
+        [[fault]]\nat_step = 3\nactor = \"expert\"\nrank = 0\nphase = \"optimizer\"\nkind = \"hang\"\n";
+    let plan = InjectPlan::parse(text, "install-hangs.toml").expect("plan parses");
+    let opts = common::micro_options("install-hang-ref", 2, 4, 4);
+    let clean = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("clean run");
+    let opts = common::micro_options("install-hang", 2, 4, 4);
+    let got = formation::train(&opts, &layout(), Some(plan), |_, _| {}).expect("run");
+    println!(
+        "install hangs declared dead after {:?} ms",
+        got.detections_ms
+    );
+    assert_eq!(got.params_sha256, clean.params_sha256);
+    assert_eq!(
+        got.detections_ms.len(),
+        2,
+        "found by the detector, not the minute-long deadline"
+    );
+}

@@ -194,6 +194,15 @@ impl GpuActor {
                 attempt,
             } => {
                 let params = st.params.clone().ok_or("no parameters to install")?;
+                // an install is work too: a stage (or expert group) stuck in it is hung
+                let now = st.ctx.now_ms();
+                st.detector.on(
+                    now,
+                    DetectorEvent::WorkStarted {
+                        member: copy,
+                        work: install_work(step, attempt),
+                    },
+                );
                 if let Some(s) = st.stages.get(&copy) {
                     let _ = s.cast(StageMsg::Install {
                         step,
@@ -360,6 +369,11 @@ impl GpuState {
     fn sup_idle(&self) -> bool {
         !self.sup.is_waiting() && self.stages.len() == self.ctx.schedule.stages_on(self.rank).len()
     }
+}
+
+/// The failure detector's id of the install of (step, attempt): above every op id.
+fn install_work(step: u64, attempt: u32) -> u64 {
+    (1 << 63) | (step << 16) | u64::from(attempt & 0xffff)
 }
 
 /// The phases at which a GpuActor fault can fire when it dispatches `instr`.
@@ -534,6 +548,14 @@ impl Actor for GpuActor {
                 step,
                 attempt,
             } => {
+                let now = st.ctx.now_ms();
+                st.detector.on(
+                    now,
+                    DetectorEvent::WorkDone {
+                        member: copy,
+                        work: install_work(step, attempt),
+                    },
+                );
                 let ev = RankEvent::StageInstalled {
                     copy,
                     step,
