@@ -6,7 +6,7 @@
 
 use super::data_loader::{DataArgs, DataLoader, batches_crc};
 use super::protocol::{CoordMsg, DataMsg, GpuMsg, NodeMsg, RankGrads, StepReply};
-use super::{Ctx, fire, is_child_event};
+use super::{Ctx, backoff, fire, is_child_event};
 use crate::core::coordinator::{CoordCommand, CoordEvent, Coordinator as Machine, TimeoutPolicy};
 use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
 use crate::core::rank::RankStats;
@@ -342,11 +342,7 @@ impl Coordinator {
         for cmd in cmds {
             match cmd {
                 SupCommand::StartTimer { after_ms, token } => {
-                    ractor::time::send_after(
-                        Duration::from_millis(after_ms),
-                        myself.get_cell(),
-                        move || CoordMsg::RestartTimer { token },
-                    );
+                    backoff(myself, after_ms, move || CoordMsg::RestartTimer { token })
                 }
                 SupCommand::Restart {
                     child: Child::Loader,

@@ -6,7 +6,7 @@
 
 use super::protocol::{CoordMsg, GpuMsg, StageMsg};
 use super::stage::{StageActor, StageArgs};
-use super::{Ctx, fire, is_child_event, open_check};
+use super::{Ctx, backoff, fire, is_child_event, open_check};
 use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
 use crate::core::rank::{RankCommand, RankEvent, RankMachine};
 use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
@@ -326,11 +326,7 @@ impl GpuActor {
         for cmd in cmds {
             match cmd {
                 SupCommand::StartTimer { after_ms, token } => {
-                    ractor::time::send_after(
-                        Duration::from_millis(after_ms),
-                        myself.get_cell(),
-                        move || GpuMsg::RestartTimer { token },
-                    );
+                    backoff(myself, after_ms, move || GpuMsg::RestartTimer { token })
                 }
                 SupCommand::Restart { child, restart } => {
                     tracing::warn!(

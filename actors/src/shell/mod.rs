@@ -169,6 +169,15 @@ async fn fire(fault: Fault, what: String, extra: Duration) {
     }
 }
 
+/// A Supervisor machine's backoff timer: `msg` comes back to `myself` after `after_ms`.
+fn backoff<M: ractor::Message>(
+    myself: &ActorRef<M>,
+    after_ms: u64,
+    msg: impl FnOnce() -> M + Send + 'static,
+) {
+    ractor::time::send_after(Duration::from_millis(after_ms), myself.get_cell(), msg);
+}
+
 /// A straggler's extra time: spent in slices, each one a sign of life on `progress` (a slow
 /// actor keeps working; the failure detector tells it from a hung one by that).
 async fn straggle(extra: Duration, progress: Option<&AtomicU64>) {

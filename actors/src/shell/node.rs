@@ -4,12 +4,11 @@
 
 use super::gpu::{GpuActor, GpuArgs};
 use super::protocol::{CoordMsg, NodeMsg};
-use super::{Ctx, is_child_event};
+use super::{Ctx, backoff, is_child_event};
 use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub struct NodeSupervisor;
 
@@ -42,11 +41,7 @@ impl NodeSupervisor {
         for cmd in cmds {
             match cmd {
                 SupCommand::StartTimer { after_ms, token } => {
-                    ractor::time::send_after(
-                        Duration::from_millis(after_ms),
-                        myself.get_cell(),
-                        move || NodeMsg::RestartTimer { token },
-                    );
+                    backoff(myself, after_ms, move || NodeMsg::RestartTimer { token })
                 }
                 SupCommand::Restart { child, restart } => {
                     tracing::warn!(rank = child, restart, "restarting gpu actor");

@@ -7,11 +7,10 @@
 use super::coordinator::{CoordArgs, Coordinator};
 use super::node::NodeSupervisor;
 use super::protocol::{CoordMsg, RootMsg};
-use super::{Ctx, is_child_event};
+use super::{Ctx, backoff, is_child_event};
 use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The Root's children.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -73,11 +72,7 @@ impl Root {
         for cmd in cmds {
             match cmd {
                 SupCommand::StartTimer { after_ms, token } => {
-                    ractor::time::send_after(
-                        Duration::from_millis(after_ms),
-                        myself.get_cell(),
-                        move || RootMsg::RestartTimer { token },
-                    );
+                    backoff(myself, after_ms, move || RootMsg::RestartTimer { token })
                 }
                 SupCommand::Restart { child, restart } => {
                     tracing::warn!(restart, "starting a new {child:?}");
