@@ -27,6 +27,8 @@ struct RunBase {
 fn base_from_flags(a: &TrainArgs) -> Result<RunBase> {
     let precision = a
         .precision
+        .as_deref()
+        .unwrap_or("f32")
         .parse()
         .map_err(anyhow::Error::msg)
         .context("--precision")?;
@@ -39,13 +41,15 @@ fn base_from_flags(a: &TrainArgs) -> Result<RunBase> {
     };
     let data_format = a
         .data_format
+        .as_deref()
+        .unwrap_or("auto")
         .parse()
         .map_err(anyhow::Error::msg)
         .context("--data-format")?;
     Ok(RunBase {
         config,
         file,
-        seed: a.seed,
+        seed: a.seed.unwrap_or(0),
         data: a.data.clone(),
         data_format,
         precision,
@@ -108,8 +112,10 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
     if let Some(g) = a.bias_update_speed {
         t.bias_update_speed = g;
     }
-    t.validate(&file)
+    config
+        .validate_run(&file)
         .context("after applying command-line flags")?;
+    let t = &config.training;
     if t.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -145,6 +151,27 @@ fn checkpoint_plan(a: &TrainArgs) -> Result<Option<actors::trainer::CheckpointPl
         bail!(
             "resume: the config, weights and data come from the checkpoint; drop --config, --init-from-hf and --data"
         );
+    }
+    if a.resume {
+        // a resumed run is the run it continues: what would make it another run is refused
+        let changed: Vec<&str> = [
+            ("--seed", a.seed.is_some()),
+            ("--precision", a.precision.is_some()),
+            ("--data-format", a.data_format.is_some()),
+            ("--batch-size", a.batch_size.is_some()),
+            ("--seq-len", a.seq_len.is_some()),
+            ("--lr", a.lr.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        if !changed.is_empty() {
+            bail!(
+                "resume: {} would change the run being continued (the checkpoint records its own); drop {} or start a new run with `phalanx train`",
+                changed.join(", "),
+                if changed.len() == 1 { "it" } else { "them" }
+            );
+        }
     }
     Ok(Some(actors::trainer::CheckpointPlan {
         store: a

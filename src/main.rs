@@ -45,9 +45,9 @@ pub struct TrainArgs {
     /// Number of optimizer steps (default: the config's training.steps).
     #[arg(long)]
     steps: Option<u64>,
-    /// Seed of initialisation, data order and synthetic corpus.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seed of initialisation, data order and synthetic corpus [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Sequences per step (default: training.batch_size).
     #[arg(long)]
     batch_size: Option<usize>,
@@ -63,9 +63,9 @@ pub struct TrainArgs {
     /// Token file: raw text (bytes), .bin/.u16 (u16, llm.c header understood) or .u32. Default: synthetic corpus.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// How to read --data: auto (by extension), text, u16, u32.
-    #[arg(long, default_value = "auto")]
-    data_format: String,
+    /// How to read --data: auto (by extension), text, u16, u32 [default: auto].
+    #[arg(long)]
+    data_format: Option<String>,
     /// Directory for metrics.jsonl (and the default checkpoint store, DIR/store).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
@@ -115,9 +115,10 @@ pub struct TrainArgs {
     /// Run the formation on plain threads (no actors, no fault handling): the pipeline reference.
     #[arg(long)]
     threads: bool,
-    /// Linear layers in f32 (bitwise-deterministic reference) or fp8 (DeepSeek-V3's E4M3 recipe).
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    /// Linear layers in f32 (bitwise-deterministic reference) or fp8 (DeepSeek-V3's E4M3 recipe)
+    /// [default: f32].
+    #[arg(long)]
+    precision: Option<String>,
 }
 
 #[derive(Args, Debug)]

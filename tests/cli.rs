@@ -182,6 +182,48 @@ fn bad_input_is_refused_with_the_file_and_field() {
     let o = phalanx(&["train", "--stepz", "3"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--stepz"));
+    // values that trained silently (or panicked) before
+    let c = write_config("eval0.toml", |t| {
+        t.replace("[training]", "[training]\neval_every = 0")
+    });
+    let e = refused(&["train", "--config", &c, "--steps", "1"]);
+    assert!(
+        e.contains("eval0.toml") && e.contains("training.eval_every"),
+        "{e}"
+    );
+    let c = write_config("beta2.toml", |t| {
+        t.replace("[training]", "[training]\nbeta2 = 1.0")
+    });
+    let e = refused(&["train", "--config", &c, "--steps", "1"]);
+    assert!(e.contains("training.beta2"), "{e}");
+    let e = refused(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--seq-len",
+        "100000",
+        "--steps",
+        "1",
+    ]);
+    assert!(
+        e.contains("training.seq_len") && e.contains("max_position_embeddings"),
+        "{e}"
+    );
+    // a resume is the run it continues: flags that would make it another run are refused
+    let out = tmp("resume-flags");
+    let e = refused(&[
+        "resume",
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--lr",
+        "0.1",
+    ]);
+    assert!(
+        e.contains("--seed, --lr") && e.contains("would change the run"),
+        "{e}"
+    );
 }
 
 #[test]

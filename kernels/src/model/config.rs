@@ -265,8 +265,27 @@ impl RunConfig {
         }
         let model: ModelConfig = deserialize_named(toml::Value::Table(table), file, "")?;
         model.validate(file)?;
-        training.validate(file)?;
-        Ok(RunConfig { model, training })
+        let rc = RunConfig { model, training };
+        rc.validate_run(file)?;
+        Ok(rc)
+    }
+
+    /// The training table on its own and against the model (a sequence longer than the
+    /// model's positions); run again after command-line flags change the training table.
+    pub fn validate_run(&self, file: &str) -> Result<(), ConfigError> {
+        self.training.validate(file)?;
+        let (t, m) = (&self.training, &self.model);
+        if t.seq_len > m.max_position_embeddings {
+            return Err(err(
+                file,
+                "training.seq_len",
+                format!(
+                    "{} is longer than the model's max_position_embeddings = {}",
+                    t.seq_len, m.max_position_embeddings
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -290,6 +309,45 @@ impl TrainingConfig {
         }
         if !(0.0..=1.0).contains(&self.decay_start_frac) {
             return Err(err(file, "training.decay_start_frac", "must lie in [0, 1]"));
+        }
+        if self.eval_every == 0 {
+            return Err(err(file, "training.eval_every", "must be at least 1"));
+        }
+        if self.eval_batches == 0 {
+            return Err(err(file, "training.eval_batches", "must be at least 1"));
+        }
+        for (f, v) in [
+            ("training.beta1", self.beta1),
+            ("training.beta2", self.beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(err(file, f, format!("must lie in [0, 1), got {v}")));
+            }
+        }
+        if !(self.adam_eps > 0.0 && self.adam_eps.is_finite()) {
+            return Err(err(
+                file,
+                "training.adam_eps",
+                format!("must be a positive number, got {}", self.adam_eps),
+            ));
+        }
+        let non_negative = [
+            ("training.grad_clip", self.grad_clip),
+            ("training.weight_decay", self.weight_decay),
+            ("training.bias_update_speed", self.bias_update_speed),
+            ("training.mtp_loss_weight", self.mtp_loss_weight),
+        ];
+        for (f, v) in non_negative {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(err(
+                    file,
+                    f,
+                    format!("must be zero or positive (0 turns it off), got {v}"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(err(file, "training.min_lr_ratio", "must lie in [0, 1]"));
         }
         Ok(())
     }
@@ -650,5 +708,35 @@ mod tests {
         assert_eq!(e.field, "hidden_size", "{e}");
         let e = refused("not toml [");
         assert!(e.message.contains("TOML"));
+    }
+
+    #[test]
+    fn bad_training_values_are_refused_naming_the_field() {
+        let t = micro_text();
+        let with =
+            |line: &str| refused(&t.replace("seq_len = 16", &format!("seq_len = 16\n{line}")));
+        for (line, field) in [
+            ("eval_every = 0", "training.eval_every"),
+            ("eval_batches = 0", "training.eval_batches"),
+            ("beta2 = 1.0", "training.beta2"),
+            ("beta1 = -0.1", "training.beta1"),
+            ("grad_clip = -1.0", "training.grad_clip"),
+            ("adam_eps = 0.0", "training.adam_eps"),
+            ("weight_decay = -0.5", "training.weight_decay"),
+            ("min_lr_ratio = 2.0", "training.min_lr_ratio"),
+        ] {
+            let e = with(line);
+            assert_eq!(e.field, field, "{line}: {e}");
+        }
+        // a sequence longer than the model's positions
+        let e = refused(&t.replace("seq_len = 16", "seq_len = 100000"));
+        assert_eq!(e.field, "training.seq_len");
+        assert!(e.message.contains("max_position_embeddings"), "{e}");
+        // zero turns clipping and decay off: allowed
+        RunConfig::parse(
+            &t.replace("seq_len = 16", "seq_len = 16\ngrad_clip = 0.0"),
+            "ok.toml",
+        )
+        .expect("grad_clip = 0 is allowed");
     }
 }
