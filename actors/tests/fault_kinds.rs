@@ -202,3 +202,24 @@ fn a_hang_in_the_optimizer_phase_is_found_by_the_detector_too() {
         "found by the detector, not the minute-long deadline"
     );
 }
+
+#[test]
+fn damaged_frames_are_lost_messages_not_crashes() {
+    // a corrupted activation between ranks and a corrupted expert answer: both refused by CRC
+    // on arrival, the attempt replays, no actor restarts
+    let text = "step_timeout_ms = 60000\n\
+        [[fault]]\nat_step = 2\nactor = \"gpu\"\nrank = 0\nphase = \"forward\"\nkind = \"corrupt\"\n\
+        [[fault]]\nat_step = 3\nactor = \"expert\"\nrank = 1\nphase = \"forward\"\nkind = \"corrupt\"\n";
+    let plan = InjectPlan::parse(text, "corrupt.toml").expect("plan parses");
+    let opts = common::micro_options("corrupt-ref", 2, 4, 4);
+    let clean = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("clean run");
+    let opts = common::micro_options("corrupt", 2, 4, 4);
+    let got = formation::train(&opts, &layout(), Some(plan), |_, _| {}).expect("run");
+    assert_eq!(got.params_sha256, clean.params_sha256);
+    assert_eq!(got.faults_fired.get("corrupt"), Some(&2));
+    assert_eq!(
+        (got.restarts, got.replayed_steps),
+        (0, 2),
+        "replayed, nothing restarted"
+    );
+}

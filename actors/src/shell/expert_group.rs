@@ -206,8 +206,10 @@ impl Actor for ExpertGroupActor {
 }
 
 /// A stage's routed experts in its ExpertGroupActors: blocks go out as frames, by owning group,
-/// and come back in block order. Runs on the stage's blocking-pool thread and waits there; a
-/// failed or silent group panics the stage's compute (the stage fails and is healed).
+/// and come back in block order. Runs on the stage's blocking-pool thread and waits there. An
+/// answer whose frame fails its checks is a lost message: the block reads as zeros, `lost` says
+/// why, and the stage reports the attempt lost instead of answering (the step replays). A failed
+/// or silent group panics the stage's compute (the stage fails and is healed).
 #[derive(Debug)]
 pub struct RemoteExperts {
     pub groups: Vec<ActorRef<ExpertMsg>>,
@@ -216,6 +218,8 @@ pub struct RemoteExperts {
     pub d: usize,
     pub step: Arc<AtomicU64>,
     pub rt: tokio::runtime::Handle,
+    /// Why an answer of the current op was refused (taken by the stage after the op).
+    pub lost: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl RemoteExperts {
@@ -254,8 +258,30 @@ impl RemoteExperts {
     }
 }
 
+impl RemoteExperts {
+    /// `frame` decoded, or zeros of `len` values with the refusal recorded.
+    fn decode_or_lose(&self, frame: &[u8], len: usize) -> Vec<f32> {
+        match Wire::ep_try_decode(frame) {
+            Ok(v) if v.len() == len => v,
+            Ok(v) => self.lose(
+                format!("an expert answer of {} values, {len} expected", v.len()),
+                len,
+            ),
+            Err(e) => self.lose(format!("an expert answer refused: {e}"), len),
+        }
+    }
+
+    fn lose(&self, why: String, len: usize) -> Vec<f32> {
+        if let Ok(mut l) = self.lost.lock() {
+            l.get_or_insert(why);
+        }
+        vec![0.0; len]
+    }
+}
+
 impl ExpertCompute for RemoteExperts {
     fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+        let lens: Vec<usize> = blocks.iter().map(|b| b.1.len()).collect();
         self.exchange(blocks, EpPayload::Dispatch, |step, blocks, reply| {
             ExpertMsg::Forward {
                 step,
@@ -265,11 +291,13 @@ impl ExpertCompute for RemoteExperts {
             }
         })
         .into_iter()
-        .map(|y| Wire::ep_decode(&y))
+        .zip(lens)
+        .map(|(y, len)| self.decode_or_lose(&y, len))
         .collect()
     }
 
     fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads> {
+        let lens: Vec<usize> = blocks.iter().map(|b| b.1.len()).collect();
         self.exchange(blocks, EpPayload::Combine, |step, blocks, reply| {
             ExpertMsg::Backward {
                 step,
@@ -279,10 +307,11 @@ impl ExpertCompute for RemoteExperts {
             }
         })
         .into_iter()
-        .map(|w| {
+        .zip(lens)
+        .map(|(w, len)| {
             let [dgate, dup, ddown] = w.dw;
             ExpertGrads {
-                dx: Wire::ep_decode(&w.dx),
+                dx: self.decode_or_lose(&w.dx, len),
                 dgate,
                 dup,
                 ddown,

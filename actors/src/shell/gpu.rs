@@ -361,6 +361,15 @@ impl GpuActor {
 }
 
 impl GpuState {
+    /// A new or aborted attempt: work handed out before it will not be answered, so the failure
+    /// detector stops waiting for it (each stage starts afresh).
+    fn forget_work(&mut self) {
+        let now = self.ctx.now_ms();
+        for &copy in self.stages.keys() {
+            self.detector.on(now, DetectorEvent::Join { member: copy });
+        }
+    }
+
     /// Every stage copy is up and no restart is pending.
     fn sup_idle(&self) -> bool {
         !self.sup.is_waiting() && self.stages.len() == self.ctx.schedule.stages_on(self.rank).len()
@@ -460,6 +469,7 @@ impl Actor for GpuActor {
                 }
                 st.batches = Some(batches);
                 st.armed.clear();
+                st.forget_work();
                 GpuActor::drive(st, RankEvent::Open { step, attempt }).await?;
             }
             GpuMsg::Deliver {
@@ -560,6 +570,7 @@ impl Actor for GpuActor {
                 GpuActor::drive(st, ev).await?;
             }
             GpuMsg::Abort { step, attempt } => {
+                st.forget_work();
                 GpuActor::drive(st, RankEvent::Abort { step, attempt }).await?;
             }
             GpuMsg::Probe { step, attempt } => {

@@ -3,7 +3,7 @@
 //! failed group fails the stage, which its GpuActor restarts).
 
 use super::expert_group::{ExpertArgs, ExpertGroupActor, RemoteExperts};
-use super::protocol::{ExpertMsg, GpuMsg, StageMsg};
+use super::protocol::{CoordMsg, ExpertMsg, GpuMsg, StageMsg};
 use super::{Ctx, fire, is_child_event, straggle};
 use crate::core::ops::StageOp;
 use crate::formation::compute::exec_op;
@@ -40,6 +40,8 @@ pub struct StageState {
     groups: Vec<ActorRef<ExpertMsg>>,
     step: Arc<AtomicU64>,
     progress: Arc<AtomicU64>,
+    /// Why an expert answer of the running op was refused (see `RemoteExperts`).
+    lost: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl StageState {
@@ -144,6 +146,7 @@ impl Actor for StageActor {
         })
         .await?;
         let step = Arc::new(AtomicU64::new(0));
+        let lost = Arc::new(std::sync::Mutex::new(None));
         let mut groups = Vec::new();
         if a.ctx.ep > 1 {
             for group in 0..a.ctx.ep {
@@ -164,6 +167,7 @@ impl Actor for StageActor {
                 d: a.ctx.hidden,
                 step: step.clone(),
                 rt: tokio::runtime::Handle::current(),
+                lost: lost.clone(),
             }));
         }
         Ok(StageState {
@@ -175,6 +179,7 @@ impl Actor for StageActor {
             groups,
             step,
             progress: a.progress,
+            lost,
         })
     }
 
@@ -214,6 +219,9 @@ impl Actor for StageActor {
         st.progress.fetch_add(1, Ordering::Relaxed);
         match msg {
             StageMsg::Reset { restore } => {
+                if let Ok(mut l) = st.lost.lock() {
+                    l.take();
+                }
                 let r2 = restore.clone();
                 st.to_groups(|reply| ExpertMsg::Reset {
                     restore: r2.clone(),
@@ -241,6 +249,18 @@ impl Actor for StageActor {
                 let started = Instant::now();
                 let result = st.blocking(move |r| exec_op(r, &batches, op)).await?;
                 st.progress.fetch_add(1, Ordering::Relaxed);
+                let lost = st.lost.lock().ok().and_then(|mut l| l.take());
+                if let Some(why) = lost {
+                    // the op's result is built on a refused message: report the attempt lost
+                    tracing::warn!(rank = st.rank, copy = st.copy, step, "{why}");
+                    st.ctx.to_coord(CoordMsg::Lost {
+                        rank: st.rank,
+                        step,
+                        attempt,
+                        reason: format!("stage copy s{}: {why}", st.copy),
+                    });
+                    return Ok(());
+                }
                 for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
                     tracing::warn!(
                         "injected straggler ({}x): {}",
