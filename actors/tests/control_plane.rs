@@ -538,10 +538,11 @@ fn random_faults_commit_every_step_exactly_once_or_give_up_cleanly() {
         replays += w.coord.txn().replays;
     }
     println!("{finished} runs committed every step, {gave_up} gave up cleanly, {replays} replays");
-    assert!(finished >= 100, "most runs heal: {finished}");
-    assert!(
-        replays >= 100,
-        "the faults really happened: {replays} replays"
+    // seeded: the outcome of every sequence is fixed
+    assert_eq!(
+        (finished, gave_up, replays),
+        (135, 15, 4600),
+        "runs healed, runs given up, replays"
     );
 }
 

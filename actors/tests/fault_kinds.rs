@@ -84,7 +84,10 @@ fn every_kind_on_every_actor_heals_to_the_clean_weights() {
         faulty.coordinator_restarts, 2,
         "the coordinator's panic and hang each replace it"
     );
-    assert!(faulty.replayed_steps >= 10, "{}", faulty.replayed_steps);
+    // 10 restarts: the panics and hangs of stage, expert and gpu actors; the coordinator's two
+    // are counted apart, the data loader's are not restarts of a rank; every fault that aborts an
+    // attempt replays its step once (14 steps)
+    assert_eq!((faulty.restarts, faulty.replayed_steps), (10, 14));
 }
 
 #[test]
@@ -150,9 +153,10 @@ fn hangs_are_declared_dead_by_the_detector_within_its_bound() {
         4,
         "each hang found by a detector, none by the deadline"
     );
+    assert_eq!(got.restarts, 4, "one restart per hung actor");
     for d in &got.detections_ms {
-        // the bound, plus at most a tick of lateness on a loaded machine
-        assert!(*d >= 1_800 && *d < 3_600, "declared after {d} ms");
+        // the bound plus a tick (100 ms) and its lateness under load (measured 1,816-1,902 ms)
+        assert!((1_800..=2_000).contains(d), "declared after {d} ms");
     }
 }
 
