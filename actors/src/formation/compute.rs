@@ -102,16 +102,10 @@ impl Wire {
         frame.expect("a [rows, d] tensor always frames").encode()
     }
 
-    /// Decodes a payload made by [`Wire::ep_encode`]; a damaged one is refused with the reason.
-    pub fn ep_try_decode(bytes: &[u8]) -> Result<Vec<f32>, transport::FrameError> {
-        Frame::decode(bytes).map(|f| f.to_f32())
-    }
-
-    /// Decodes a payload made by [`Wire::ep_encode`] (CRC checked).
+    /// Decodes a payload made by [`Wire::ep_encode`] (CRC checked) where a damaged one cannot
+    /// happen (in-process groups); [`Wire::decode`] refuses it with the reason instead.
     pub fn ep_decode(bytes: &[u8]) -> Vec<f32> {
-        Frame::decode(bytes)
-            .unwrap_or_else(|e| panic!("corrupt expert payload: {e}"))
-            .to_f32()
+        Wire::decode(bytes).unwrap_or_else(|e| panic!("corrupt expert payload: {e}"))
     }
 
     /// `x` after the trip to or from an expert group.

@@ -60,14 +60,12 @@ pub struct ActorEngine {
     rt: tokio::runtime::Runtime,
     spec: FormationSpec,
     formation: Option<Formation>,
-    /// Restarts of earlier formations (replaced coordinators), and coordinator replacements.
+    /// Restarts and replays counted by coordinators that died (each replacement adds one).
     restarts_before: u64,
     replayed_before: u64,
     restarts: u64,
     replayed: u64,
     pub coordinator_restarts: u64,
-    /// Detections and stragglers of replaced formations.
-    earlier_detections: (Vec<u64>, u64),
 }
 
 impl ActorEngine {
@@ -86,7 +84,6 @@ impl ActorEngine {
             restarts: 0,
             replayed: 0,
             coordinator_restarts: 0,
-            earlier_detections: (Vec::new(), 0),
         };
         e.formation = Some(e.launch(model, e.spec.committed)?);
         Ok(e)
@@ -148,21 +145,22 @@ impl ActorEngine {
         self.spec.faults.unfired()
     }
 
-    /// How long after their last sign of life hung actors were declared dead (ms), over every
-    /// formation of the run, and how many stragglers were reported.
+    /// How long after their last sign of life hung actors were declared dead (ms), and how many
+    /// stragglers were reported.
     pub fn detections(&self) -> (Vec<u64>, u64) {
-        let (mut d, mut s) = self.earlier_detections.clone();
-        if let Some(f) = &self.formation {
-            d.extend(
-                f.ctx
-                    .detections_ms
-                    .lock()
-                    .map(|v| v.clone())
-                    .unwrap_or_default(),
-            );
-            s += f.ctx.stragglers.load(std::sync::atomic::Ordering::Relaxed);
-        }
-        (d, s)
+        let Some(f) = &self.formation else {
+            return (Vec::new(), 0);
+        };
+        let d = f
+            .ctx
+            .detections_ms
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        (
+            d,
+            f.ctx.stragglers.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Faults that fired, by kind.
@@ -279,7 +277,7 @@ impl StepEngine for ActorEngine {
         step: u64,
         h: &StepHyper,
     ) -> Result<(TrainState, StepOutput)> {
-        // shared with the coordinator: kept here (not copied) to start a new formation from;
+        // shared with the coordinator: kept here (not copied) for its successor if it dies;
         // its gradient buffer is dead weight between steps
         let mut state = state;
         state.grads = Vec::new();

@@ -261,7 +261,7 @@ impl RemoteExperts {
 impl RemoteExperts {
     /// `frame` decoded, or zeros of `len` values with the refusal recorded.
     fn decode_or_lose(&self, frame: &[u8], len: usize) -> Vec<f32> {
-        match Wire::ep_try_decode(frame) {
+        match Wire::decode(frame) {
             Ok(v) if v.len() == len => v,
             Ok(v) => self.lose(
                 format!("an expert answer of {} values, {len} expected", v.len()),

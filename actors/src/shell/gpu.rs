@@ -114,14 +114,7 @@ impl GpuActor {
                 op,
             } => {
                 let batches = st.batches.clone().ok_or("no batches for the attempt")?;
-                let now = st.ctx.now_ms();
-                st.detector.on(
-                    now,
-                    DetectorEvent::WorkStarted {
-                        member: copy,
-                        work: op_id,
-                    },
-                );
+                st.work(copy, op_id, true);
                 if let Some(s) = st.stages.get(&copy) {
                     let _ = s.cast(StageMsg::Op {
                         op_id,
@@ -195,14 +188,7 @@ impl GpuActor {
             } => {
                 let params = st.params.clone().ok_or("no parameters to install")?;
                 // an install is work too: a stage (or expert group) stuck in it is hung
-                let now = st.ctx.now_ms();
-                st.detector.on(
-                    now,
-                    DetectorEvent::WorkStarted {
-                        member: copy,
-                        work: install_work(step, attempt),
-                    },
-                );
+                st.work(copy, install_work(step, attempt), true);
                 if let Some(s) = st.stages.get(&copy) {
                     let _ = s.cast(StageMsg::Install {
                         step,
@@ -361,6 +347,17 @@ impl GpuActor {
 }
 
 impl GpuState {
+    /// Tells the failure detector that stage copy `copy` started (or finished) work `work`.
+    fn work(&mut self, copy: usize, work: u64, started: bool) {
+        let now = self.ctx.now_ms();
+        let ev = if started {
+            DetectorEvent::WorkStarted { member: copy, work }
+        } else {
+            DetectorEvent::WorkDone { member: copy, work }
+        };
+        self.detector.on(now, ev);
+    }
+
     /// A new or aborted attempt: work handed out before it will not be answered, so the failure
     /// detector stops waiting for it (each stage starts afresh).
     fn forget_work(&mut self) {
@@ -505,14 +502,7 @@ impl Actor for GpuActor {
                 mb,
                 result,
             } => {
-                let now = st.ctx.now_ms();
-                st.detector.on(
-                    now,
-                    DetectorEvent::WorkDone {
-                        member: copy,
-                        work: op_id,
-                    },
-                );
+                st.work(copy, op_id, false);
                 let ev = RankEvent::OpDone {
                     op_id,
                     copy,
@@ -554,14 +544,7 @@ impl Actor for GpuActor {
                 step,
                 attempt,
             } => {
-                let now = st.ctx.now_ms();
-                st.detector.on(
-                    now,
-                    DetectorEvent::WorkDone {
-                        member: copy,
-                        work: install_work(step, attempt),
-                    },
-                );
+                st.work(copy, install_work(step, attempt), false);
                 let ev = RankEvent::StageInstalled {
                     copy,
                     step,
