@@ -141,11 +141,14 @@ pub struct EvalArgs {
 /// the blocking pool, rayon) would each get one (peak RSS of `bench pipeline` on small: 13.8 GB
 /// with glibc's default, 11.0 GB with two).
 fn tune_allocator() {
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc allocator thresholds; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

@@ -97,6 +97,7 @@ pub fn restore(
 pub fn meta(opts: &TrainOptions, state: &TrainState, every: u64) -> serde_json::Value {
     serde_json::json!({
         "optimizer_step": state.step,
+        "monitor": state.monitor,
         "config_toml": opts.config.to_toml(),
         "config_path": opts.config_path,
         "seed": opts.seed,
@@ -105,6 +106,23 @@ pub fn meta(opts: &TrainOptions, state: &TrainState, every: u64) -> serde_json::
         "precision": opts.precision.to_string(),
         "checkpoint_every": every,
     })
+}
+
+/// The newest checkpoint of store run `run` at or before `step`, read and verified (size and
+/// SHA-256 of every shard); None when there is none.
+pub fn load_at_or_before(url: &str, run: &str, step: u64) -> Result<Option<Loaded>> {
+    let store = Store::open(url)?;
+    let steps = block_on(checkpoint::committed_steps(&store, run))?;
+    let Some(&at) = steps.iter().find(|&&s| s <= step) else {
+        return Ok(None);
+    };
+    let manifest = block_on(checkpoint::read_manifest(&store, run, at))?;
+    let tensors = block_on(checkpoint::read_tensors(&store, &manifest))?;
+    Ok(Some(Loaded {
+        manifest,
+        tensors,
+        skipped: Vec::new(),
+    }))
 }
 
 /// The newest intact checkpoint in `url` (of `run`, else of the newest run that has one): its

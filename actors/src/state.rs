@@ -3,6 +3,7 @@
 //! gradients, step) with the optimizer step itself. The trainer and the checkpoint code both use
 //! these; neither imports the other for them.
 
+use crate::core::monitor::MonitorState;
 use kernels::model::{DeepSeekV3, Precision, RunConfig};
 use kernels::ops::adamw::{self, AdamW, Moments};
 use kernels::ops::balance;
@@ -38,6 +39,17 @@ pub struct CheckpointPlan {
     pub run: Option<String>,
 }
 
+/// One optimizer update's settings: AdamW at `lr`, clipping at `clip`, the bias update with γ
+/// from the step's expert `loads`.
+#[derive(Clone, Copy)]
+pub struct Update<'a> {
+    pub opt: &'a AdamW,
+    pub lr: f32,
+    pub clip: f32,
+    pub gamma: f32,
+    pub loads: &'a [Vec<u32>],
+}
+
 /// Model plus optimizer state: what a step changes.
 #[derive(Clone)]
 pub struct TrainState {
@@ -47,6 +59,9 @@ pub struct TrainState {
     pub step: u64,
     /// The store run this state was restored from (its checkpoints continue there).
     pub restored_from: Option<String>,
+    /// The loss monitor's memory as of `step` (travels with checkpoints, so that a resumed run
+    /// judges its steps as the uninterrupted one would).
+    pub monitor: MonitorState,
 }
 
 impl TrainState {
@@ -65,6 +80,7 @@ impl TrainState {
             grads,
             step: 0,
             restored_from: None,
+            monitor: MonitorState::default(),
         }
     }
 
@@ -78,28 +94,148 @@ impl TrainState {
         gamma: f32,
         loads: &[Vec<u32>],
     ) -> f64 {
+        let norm = self.grad_norm();
+        let u = Update {
+            opt,
+            lr,
+            clip,
+            gamma,
+            loads,
+        };
+        self.apply_with_norm(norm, &u);
+        norm
+    }
+
+    /// The pre-clip global norm of the accumulated gradients (trainable tensors, in order).
+    pub fn grad_norm(&self) -> f64 {
+        grad_norm(&self.grads, &self.model.params.trainable)
+    }
+
+    /// [`TrainState::apply`] with the norm already computed by [`TrainState::grad_norm`].
+    pub fn apply_with_norm(&mut self, norm: f64, u: &Update<'_>) {
+        let Update {
+            opt,
+            lr,
+            clip,
+            gamma,
+            loads,
+        } = *u;
         self.step += 1;
         let p = &mut self.model.params;
-        let norm = adamw::global_norm(
-            self.grads
-                .iter()
-                .zip(&p.trainable)
-                .filter(|(_, t)| **t)
-                .map(|(g, _)| g.data.as_slice()),
-        );
         let factor = adamw::clip_factor(norm, clip);
         for i in 0..p.len() {
-            if let Some(m) = self.moments[i].as_mut() {
-                let decay = p.tensors[i].shape.len() >= 2;
-                let g = &mut self.grads[i].data;
-                opt.step(&mut p.tensors[i].data, g, factor, m, lr, self.step, decay);
-            } else {
-                self.grads[i].zero_();
-            }
+            let t = &mut p.tensors[i];
+            update_tensor(
+                opt,
+                t,
+                &mut self.grads[i],
+                self.moments[i].as_mut(),
+                factor,
+                lr,
+                self.step,
+            );
         }
-        for (bias, l) in self.model.moe_biases().into_iter().zip(loads) {
-            balance::bias_update(&mut self.model.params.tensors[bias.0].data, l, gamma);
+        bias_update(&mut self.model, loads, gamma);
+    }
+
+    /// A copy without gradient buffers (for the rollback ring, or a refused step's result).
+    pub fn copy_without_grads(&self) -> TrainState {
+        TrainState {
+            model: self.model.clone(),
+            moments: self.moments.clone(),
+            grads: Vec::new(),
+            step: self.step,
+            restored_from: self.restored_from.clone(),
+            monitor: self.monitor.clone(),
         }
-        norm
+    }
+
+    /// A step whose update was refused: the step is counted (its data is consumed), the
+    /// parameters and moments stay as they are, the gradients are zeroed.
+    pub fn skip(&mut self) {
+        self.step += 1;
+        self.grads.iter_mut().for_each(|g| g.zero_());
+    }
+
+    /// The state one optimizer step after this one, on `grads`, with this one left as it is (the
+    /// committed state a failed step replays from). Exactly [`TrainState::apply`]'s arithmetic,
+    /// built a tensor at a time with each gradient dropped once used: at its peak it holds this
+    /// state and the new one, never a third copy. The new state has no gradient buffers.
+    pub fn advanced(&self, mut grads: Vec<Tensor>, norm: f64, u: &Update<'_>) -> TrainState {
+        let Update {
+            opt,
+            lr,
+            clip,
+            gamma,
+            loads,
+        } = *u;
+        let step = self.step + 1;
+        let p = &self.model.params;
+        assert_eq!(grads.len(), p.len(), "one gradient per parameter");
+        let factor = adamw::clip_factor(norm, clip);
+        let mut tensors = Vec::with_capacity(p.len());
+        let mut moments = Vec::with_capacity(p.len());
+        for (i, g) in grads.iter_mut().enumerate() {
+            let mut t = p.tensors[i].clone();
+            let mut m = self.moments[i].clone();
+            update_tensor(opt, &mut t, g, m.as_mut(), factor, lr, step);
+            *g = Tensor::from_vec(&[0], Vec::new());
+            tensors.push(t);
+            moments.push(m);
+        }
+        let mut model = DeepSeekV3 {
+            cfg: self.model.cfg.clone(),
+            params: p.with_tensors(tensors),
+            embed: self.model.embed,
+            blocks: self.model.blocks.clone(),
+            tail: self.model.tail.clone(),
+        };
+        bias_update(&mut model, loads, gamma);
+        TrainState {
+            model,
+            moments,
+            grads: Vec::new(),
+            step,
+            restored_from: self.restored_from.clone(),
+            monitor: self.monitor.clone(),
+        }
+    }
+}
+
+/// The pre-clip global norm over the trainable tensors' gradients, in tensor order.
+pub fn grad_norm(grads: &[Tensor], trainable: &[bool]) -> f64 {
+    adamw::global_norm(
+        grads
+            .iter()
+            .zip(trainable)
+            .filter(|(_, t)| **t)
+            .map(|(g, _)| g.data.as_slice()),
+    )
+}
+
+/// AdamW on one tensor (weight decay on matrices only); a tensor without moments (a buffer)
+/// only has its gradient zeroed.
+fn update_tensor(
+    opt: &AdamW,
+    t: &mut Tensor,
+    g: &mut Tensor,
+    m: Option<&mut Moments>,
+    factor: f32,
+    lr: f32,
+    step: u64,
+) {
+    match m {
+        Some(m) => {
+            let decay = t.shape.len() >= 2;
+            opt.step(&mut t.data, &mut g.data, factor, m, lr, step, decay);
+        }
+        None => g.zero_(),
+    }
+}
+
+/// The auxiliary-loss-free bias update of every MoE layer from the step's expert loads.
+fn bias_update(model: &mut DeepSeekV3, loads: &[Vec<u32>], gamma: f32) {
+    for (bias, l) in model.moe_biases().into_iter().zip(loads) {
+        balance::bias_update(&mut model.params.tensors[bias.0].data, l, gamma);
     }
 }

@@ -1,6 +1,7 @@
 //! The single-process training loop: data → forward/backward → clip → AdamW → bias update → eval,
 //! writing metrics and a summary. The actor formation drives the same pieces step by step.
 
+use crate::core::monitor::{Spike, SpikeGate, SpikeRules};
 use crate::core::run::{RunCommand, RunController, RunEvent, RunPlan};
 pub use crate::state::{CheckpointPlan, TrainOptions, TrainState};
 use anyhow::{Context, Result, bail};
@@ -29,6 +30,12 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub expert_load_max_over_mean: f64,
     pub tokens_per_s: f64,
+    /// Why the loss monitor rejected this step (its update was discarded), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+    /// The committed step the run went back to after rejecting this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<u64>,
 }
 
 /// The end-of-run summary (`--summary-json`).
@@ -75,6 +82,12 @@ pub struct TrainSummary {
     /// The checkpoint step this run continued from (absent for a fresh run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from: Option<u64>,
+    /// Steps rejected by the loss monitor over the whole run (a resumed run counts those
+    /// before its checkpoint too), and the steps whose data those rollbacks skipped.
+    #[serde(default)]
+    pub rollbacks: u64,
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 /// Mean held-out main loss over up to `batches` eval batches.
@@ -188,6 +201,14 @@ pub fn build_state(opts: &TrainOptions) -> Result<TrainState> {
             .unwrap_or(manifest.step);
         crate::checkpoint::restore(&mut state, tensors, &manifest.run, step)
             .with_context(|| format!("{}: checkpoint of step {}", plan.store, manifest.step))?;
+        if let Some(m) = manifest.meta.get("monitor") {
+            state.monitor = serde_json::from_value(m.clone()).with_context(|| {
+                format!(
+                    "{}: checkpoint of step {}: field `monitor`",
+                    plan.store, manifest.step
+                )
+            })?;
+        }
         if step >= opts.config.training.steps {
             bail!(
                 "{}: the newest checkpoint is at step {step}, the run has {} steps; pass --steps to go further",
@@ -208,6 +229,21 @@ pub struct StepHyper {
     pub clip: f32,
     pub gamma: f32,
     pub mtp_weight: f32,
+    /// The loss-spike limits the step's update must pass to be applied.
+    pub gate: SpikeGate,
+}
+
+impl StepHyper {
+    /// The optimizer update of a step whose expert loads are `loads`.
+    pub fn update<'a>(&'a self, loads: &'a [Vec<u32>]) -> crate::state::Update<'a> {
+        crate::state::Update {
+            opt: &self.opt,
+            lr: self.lr,
+            clip: self.clip,
+            gamma: self.gamma,
+            loads,
+        }
+    }
 }
 
 /// What one step reports.
@@ -216,6 +252,8 @@ pub struct StepOutput {
     pub stats: StepStats,
     /// Pre-clip global gradient norm.
     pub grad_norm: f64,
+    /// Why the gate refused the update (the committed state is unchanged), or None.
+    pub rejected: Option<Spike>,
 }
 
 /// How a step's gradients are computed and applied: the single-process loop, the thread
@@ -236,6 +274,49 @@ pub trait StepEngine {
     /// Steps that were replayed at least once so far.
     fn replayed_steps(&self) -> u64 {
         0
+    }
+    /// The run went back to an older committed state (a loss-spike rollback past the step
+    /// before the spike): copies of the parameters the engine keeps must be replaced by
+    /// `state`'s before the next step.
+    fn reload(&mut self, _state: &TrainState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An engine whose learning rate is multiplied by a factor at some steps (`--inject`'s
+/// `loss_spike` with a `factor`): a damaging update, whose effect the next step's loss shows.
+pub struct LrSpikes<'a> {
+    pub inner: &'a mut dyn StepEngine,
+    /// Step → LR factor.
+    pub at: std::collections::BTreeMap<u64, f32>,
+}
+
+impl StepEngine for LrSpikes<'_> {
+    fn step(
+        &mut self,
+        state: TrainState,
+        step: u64,
+        h: &StepHyper,
+    ) -> Result<(TrainState, StepOutput)> {
+        let mut h = *h;
+        if let Some(f) = self.at.get(&step) {
+            tracing::warn!(
+                step,
+                factor = f,
+                "injected loss spike: the learning rate is multiplied"
+            );
+            h.lr *= f;
+        }
+        self.inner.step(state, step, &h)
+    }
+    fn restarts(&self) -> u64 {
+        self.inner.restarts()
+    }
+    fn replayed_steps(&self) -> u64 {
+        self.inner.replayed_steps()
+    }
+    fn reload(&mut self, state: &TrainState) -> Result<()> {
+        self.inner.reload(state)
     }
 }
 
@@ -258,22 +339,66 @@ pub fn microbatches(
     split_batch(&b, microbatches).map_err(anyhow::Error::msg)
 }
 
-/// The common end of a step once `state.grads` holds its gradient: the divergence check, then
-/// clipping, AdamW and the bias update.
+/// The common end of a step once `state.grads` holds its gradient: the loss-spike gate, then
+/// clipping, AdamW and the bias update (or, for a refused step, nothing but the step count).
 pub fn finish_step(
     state: &mut TrainState,
-    step: u64,
+    _step: u64,
     stats: StepStats,
     h: &StepHyper,
 ) -> Result<StepOutput> {
-    if !stats.objective.is_finite() {
-        bail!(
-            "step {step}: the loss is {} (diverged); lower --lr",
-            stats.objective
-        );
+    let grad_norm = state.grad_norm();
+    let rejected = judge(&stats, grad_norm, h);
+    match rejected {
+        Some(_) => state.skip(),
+        None => state.apply_with_norm(grad_norm, &h.update(&stats.loads)),
     }
-    let grad_norm = state.apply(&h.opt, h.lr, h.clip, h.gamma, &stats.loads);
-    Ok(StepOutput { stats, grad_norm })
+    Ok(StepOutput {
+        stats,
+        grad_norm,
+        rejected,
+    })
+}
+
+/// [`finish_step`] for an engine that keeps the committed state until the step commits: the new
+/// state is built beside `committed` from the step's gradients `grads` (see
+/// [`TrainState::advanced`]); a refused step's new state is a copy with the step counted.
+pub fn finish_step_beside(
+    committed: &TrainState,
+    grads: Vec<kernels::tensor::Tensor>,
+    _step: u64,
+    stats: StepStats,
+    h: &StepHyper,
+) -> Result<(TrainState, StepOutput)> {
+    let grad_norm = crate::state::grad_norm(&grads, &committed.model.params.trainable);
+    let rejected = judge(&stats, grad_norm, h);
+    let next = match rejected {
+        Some(_) => {
+            drop(grads);
+            let mut same = committed.copy_without_grads();
+            same.step += 1;
+            same
+        }
+        None => committed.advanced(grads, grad_norm, &h.update(&stats.loads)),
+    };
+    Ok((
+        next,
+        StepOutput {
+            stats,
+            grad_norm,
+            rejected,
+        },
+    ))
+}
+
+/// The gate's verdict on a step: a non-finite objective counts as a non-finite loss.
+fn judge(stats: &StepStats, grad_norm: f64, h: &StepHyper) -> Option<Spike> {
+    let loss = if stats.objective.is_finite() {
+        stats.loss
+    } else {
+        f64::NAN
+    };
+    h.gate.judge(loss, grad_norm)
 }
 
 /// The single-process engine: micro-batches one at a time in order (one micro-batch is the
@@ -432,6 +557,82 @@ struct RunIds<'a> {
     checkpoints: &'a str,
 }
 
+/// The loss monitor's rules from the config's `[training]` table.
+pub fn spike_rules(t: &kernels::model::TrainingConfig) -> SpikeRules {
+    SpikeRules {
+        loss_factor: t.spike_loss_factor,
+        window: t.spike_window,
+        zscore: t.spike_zscore,
+        ema_decay: t.spike_ema_decay,
+        grad_factor: t.spike_grad_factor,
+        min_history: t.spike_min_history,
+        skip_steps: t.rollback_skip_steps,
+        lr_factor: t.rollback_lr_factor,
+        lr_steps: t.rollback_lr_steps,
+        max_consecutive: t.max_consecutive_rollbacks,
+    }
+}
+
+/// A rejected step `spike_step` left the state at `spike_step − 1` (its update was never
+/// applied). When the rules ask to go back further, to `to_step`, the newest committed state at
+/// or before it comes from the ring, else from the store; the steps after it are skipped (the
+/// state's step becomes `spike_step`, so the data goes on after the spike). Returns the step
+/// the run went back to.
+#[allow(clippy::too_many_arguments)]
+fn rollback(
+    opts: &TrainOptions,
+    state: &mut TrainState,
+    ring: &mut std::collections::VecDeque<TrainState>,
+    uploader: Option<&crate::checkpoint::Uploader>,
+    ckpt_run: &str,
+    spike_step: u64,
+    to_step: u64,
+    engine: &mut dyn StepEngine,
+) -> Result<u64> {
+    if to_step + 1 >= spike_step {
+        return Ok(spike_step - 1);
+    }
+    let mut older = None;
+    while let Some(s) = ring.pop_back() {
+        if s.step <= to_step {
+            older = Some((s, "memory"));
+            break;
+        }
+    }
+    if older.is_none()
+        && let (Some(up), Some(plan)) = (uploader, opts.checkpoints.as_ref())
+    {
+        up.wait_idle();
+        if let Some(loaded) = crate::checkpoint::load_at_or_before(&plan.store, ckpt_run, to_step)?
+        {
+            let mut s = state.copy_without_grads();
+            let at = loaded.manifest.step;
+            crate::checkpoint::restore(&mut s, loaded.tensors, &loaded.manifest.run, at)
+                .with_context(|| format!("{}: checkpoint of step {at}", plan.store))?;
+            older = Some((s, "the store"));
+        }
+    }
+    let Some((mut back, from)) = older else {
+        tracing::warn!(
+            to_step,
+            "no committed state at or before the rollback target in memory or in the store: only the spike step is skipped"
+        );
+        return Ok(spike_step - 1);
+    };
+    let at = back.step;
+    tracing::info!(step = at, from, "rolled back to a committed state");
+    back.step = spike_step;
+    back.restored_from = state.restored_from.clone();
+    back.grads = if state.grads.is_empty() {
+        Vec::new()
+    } else {
+        back.model.params.zeros_like()
+    };
+    *state = back;
+    engine.reload(state)?;
+    Ok(at)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_steps(
     opts: &TrainOptions,
@@ -479,31 +680,79 @@ fn run_steps(
     let mut last_losses = Vec::new();
     let mut last_stats = StepStats::default();
     // the loop's decisions are the RunController's; this is its driver
-    let mut ctl = RunController::new(RunPlan {
-        first_step,
-        total_steps: t.steps,
-        eval_every: t.eval_every,
-        ckpt_every: opts.checkpoints.as_ref().map(|p| p.every),
-        lr: schedule,
-    });
+    let mut ctl = RunController::new(
+        RunPlan {
+            first_step,
+            total_steps: t.steps,
+            eval_every: t.eval_every,
+            ckpt_every: opts.checkpoints.as_ref().map(|p| p.every),
+            lr: schedule,
+            spike: spike_rules(t),
+        },
+        state.monitor.clone(),
+    );
+    // committed states kept for rollbacks past the step before a spike, oldest first
+    let mut ring: std::collections::VecDeque<TrainState> = Default::default();
+    let mut rejected_at: Option<(u64, String)> = None;
     let mut pending: Option<(f32, StepOutput)> = None;
     let mut queue: std::collections::VecDeque<RunCommand> = ctl.on(RunEvent::Start).into();
     while let Some(cmd) = queue.pop_front() {
         let next = match cmd {
-            RunCommand::Step { step, lr } => {
+            RunCommand::Step { step, lr, gate } => {
                 let h = StepHyper {
                     opt,
                     lr,
                     clip: t.grad_clip,
                     gamma: t.bias_update_speed,
                     mtp_weight: t.mtp_loss_weight,
+                    gate,
                 };
+                if t.rollback_ring > 0 {
+                    ring.push_back(state.copy_without_grads());
+                    while ring.len() > t.rollback_ring {
+                        ring.pop_front();
+                    }
+                }
                 let (s, out) = engine.step(state, step, &h)?;
                 state = s;
                 tokens += (t.batch_size * t.seq_len) as u64;
-                let loss = out.stats.loss;
+                let (loss, grad_norm, rejected) = (out.stats.loss, out.grad_norm, out.rejected);
                 pending = Some((lr, out));
-                ctl.on(RunEvent::StepDone { step, loss })
+                ctl.on(RunEvent::StepDone {
+                    step,
+                    loss,
+                    grad_norm,
+                    rejected,
+                })
+            }
+            RunCommand::Rollback {
+                spike_step,
+                to_step,
+                why,
+            } => {
+                let back = rollback(
+                    opts,
+                    &mut state,
+                    &mut ring,
+                    uploader.as_ref(),
+                    ids.checkpoints,
+                    spike_step,
+                    to_step,
+                    engine,
+                )?;
+                tracing::warn!(
+                    step = spike_step,
+                    %why,
+                    back_to = back,
+                    "loss spike: the step's update is discarded and its data skipped"
+                );
+                rejected_at = Some((back, why.to_string()));
+                vec![]
+            }
+            RunCommand::Diverged { step, why, times } => {
+                bail!(
+                    "step {step}: {why}; {times} steps in a row were rejected as loss spikes (diverged); lower --lr"
+                );
             }
             RunCommand::Eval { step } => {
                 let loss = evaluate(&state.model, data, t.eval_batches, t.batch_size, t.seq_len)?;
@@ -516,7 +765,9 @@ fn run_steps(
                 let StepOutput {
                     stats,
                     grad_norm: norm,
+                    rejected,
                 } = out;
+                let rolled = rejected_at.take().filter(|_| rejected.is_some());
                 let record = StepRecord {
                     step,
                     loss: stats.loss,
@@ -527,17 +778,22 @@ fn run_steps(
                     grad_norm: norm,
                     expert_load_max_over_mean: stats.load_imbalance(),
                     tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+                    rejected: rolled.as_ref().map(|(_, why)| why.clone()),
+                    rolled_back_to: rolled.as_ref().map(|(back, _)| *back),
                 };
                 let line = serde_json::to_value(&record)?;
                 log.write(&line)?;
                 journal.step(run, step, &line)?;
                 on_step(&record, t.steps);
-                last_losses.push(stats.loss);
-                last_stats = stats;
+                if rejected.is_none() {
+                    last_losses.push(stats.loss);
+                    last_stats = stats;
+                }
                 vec![]
             }
             RunCommand::Checkpoint { step } => {
                 if let (Some(up), Some(plan)) = (uploader.as_mut(), opts.checkpoints.as_ref()) {
+                    state.monitor = ctl.monitor.state.clone();
                     let meta = crate::checkpoint::meta(opts, &state, plan.every);
                     up.save(step, crate::checkpoint::snapshot(&state), meta)?;
                 }
@@ -579,5 +835,7 @@ fn run_steps(
         checkpoints,
         checkpoints_missed: uploads.checkpoints_missed,
         resumed_from,
+        rollbacks: ctl.monitor.state.rollbacks,
+        skipped_steps: ctl.monitor.state.skipped_steps,
     })
 }

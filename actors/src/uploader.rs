@@ -132,6 +132,8 @@ pub struct Uploader {
     thread: Option<JoinHandle<Result<()>>>,
     counters: Arc<Counters>,
     finished: Option<UploadSummary>,
+    /// Snapshots handed over so far.
+    saved: u64,
 }
 
 impl Uploader {
@@ -185,6 +187,7 @@ impl Uploader {
             thread: Some(thread),
             counters,
             finished: None,
+            saved: 0,
         })
     }
 
@@ -213,7 +216,21 @@ impl Uploader {
             self.finish()?;
             bail!("the checkpoint uploader stopped before step {step}");
         }
+        self.saved += 1;
         Ok(())
+    }
+
+    /// Waits until every handed-over snapshot is committed or missed (a rollback that reads
+    /// the store needs the newest one there).
+    pub fn wait_idle(&self) {
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            let c = &self.counters;
+            let done = c.committed.load(Ordering::SeqCst) + c.missed.load(Ordering::SeqCst);
+            if done >= self.saved {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Checkpoints missed so far (every try failed; the run went on).

@@ -94,6 +94,10 @@ pub struct Dataset {
     tokens: Tokens,
     train_len: usize,
     pub description: String,
+    /// Training steps whose batch is a pathological one (see [`Dataset::poison`]).
+    poisoned: std::collections::BTreeSet<u64>,
+    /// The largest token id + 1 the model accepts.
+    vocab: usize,
 }
 
 /// llm.c's `.bin` header: 256 little-endian i32, magic 20240520, version 1 (u16) or 2 (u32).
@@ -114,6 +118,8 @@ impl Dataset {
                 "synthetic corpus ({train_tokens} train + {eval_tokens} held-out tokens, vocab {})",
                 vocab.min(SYNTH_VOCAB_CAP)
             ),
+            poisoned: Default::default(),
+            vocab,
         }
     }
 
@@ -191,6 +197,8 @@ impl Dataset {
                 path.display(),
                 len - train_len
             ),
+            poisoned: Default::default(),
+            vocab,
         })
     }
 
@@ -218,6 +226,10 @@ impl Dataset {
                 self.train_len
             ));
         }
+        if self.poisoned.contains(&step) {
+            // one token repeated: the last id, which neither corpus kind is made of
+            return Ok(vec![self.vocab.saturating_sub(1) as u32; batch * w]);
+        }
         let mut rng = Rng::stream(seed ^ step.wrapping_mul(0x9E37_79B9), "data");
         let mut out = Vec::with_capacity(batch * w);
         for _ in 0..batch {
@@ -225,6 +237,12 @@ impl Dataset {
             out.extend((start..start + w).map(|i| self.tokens.get(i)));
         }
         Ok(out)
+    }
+
+    /// Makes step `step`'s training batch a pathological one, every token the last id of the
+    /// vocabulary (a bad data shard, the usual cause of a loss spike): `--inject`'s `loss_spike`.
+    pub fn poison(&mut self, step: u64) {
+        self.poisoned.insert(step);
     }
 
     /// The i-th held-out batch: consecutive non-overlapping windows from the start of the eval split.

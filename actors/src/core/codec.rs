@@ -165,7 +165,14 @@ mod tests {
             step: 5,
             attempt: 0,
         });
-        round_trip(RunCommand::Step { step: 10, lr: 3e-4 });
+        round_trip(RunCommand::Step {
+            step: 10,
+            lr: 3e-4,
+            gate: crate::core::monitor::SpikeGate {
+                max_loss: 9.5,
+                max_grad_norm: f64::INFINITY,
+            },
+        });
         round_trip(DetectorEvent::Heartbeat {
             member: 1,
             progress: 99,

@@ -12,6 +12,7 @@
 //! - [`rank`]: one pipeline rank around its executor (attempt filtering, early buffer, sends,
 //!   gradient hand-over, installs).
 //! - [`run`]: the loop around steps (LR, evaluation, records, checkpoints, the end).
+//! - [`monitor`]: loss-spike rules: the gate a step is judged by, rollback and skip decisions.
 //! - [`supervisor`]: restart budgets, backoff timers, subtree restarts and escalation.
 //! - [`detector`]: heartbeats and work progress: slow versus dead.
 
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod coordinator;
 pub mod detector;
 pub mod executor;
+pub mod monitor;
 pub mod ops;
 pub mod rank;
 pub mod run;

@@ -9,7 +9,7 @@
 //! phase = "forward"        # forward | backward | weight | optimizer   (default forward)
 //! actor = "stage"          # stage | expert | gpu | coordinator | dataloader   (required)
 //! rank = 1                 # pipeline rank (default 0; must be 0 for coordinator and dataloader)
-//! kind = "slow"            # panic | hang | slow | drop | corrupt | dup   (default panic)
+//! kind = "slow"            # panic | hang | slow | drop | corrupt | dup | loss_spike   (default panic)
 //! factor = 4.0             # slow only: the op takes factor× longer (default 3.0, finite, > 1)
 //! ```
 //!
@@ -22,6 +22,12 @@
 //!   vanishes on the way.
 //! - `corrupt`: bytes of a frame are flipped on the link, so the receiver sees a damaged message.
 //! - `dup`: a message is delivered twice.
+//! - `loss_spike`: without `factor`, the step's batch is a pathological one (one token
+//!   repeated: a bad data shard; it stands out only once the model has learned something);
+//!   with `factor`, the step's learning rate is multiplied by it, so the next step's loss
+//!   spikes. The run's loss monitor rejects the spiking step and rolls back (see
+//!   `core::monitor`; `rollback_skip_steps = 2` also discards the damaging update). Its actor
+//!   must be `dataloader`.
 //!
 //! Actors: `stage` (a StageActor), `expert` (an ExpertGroupActor, needs `--ep` > 1), `gpu` (the
 //! rank's GpuActor), `coordinator` (the single Coordinator; any phase, rank 0) and `dataloader`
@@ -151,17 +157,21 @@ pub enum FaultKind {
     Corrupt,
     /// A message is delivered twice.
     Dup,
+    /// The step's batch is pathological (handled by the data, not by an actor).
+    #[serde(rename = "loss_spike")]
+    LossSpike,
 }
 
 impl FaultKind {
     /// Every kind, in declaration order.
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::Panic,
         FaultKind::Hang,
         FaultKind::Slow,
         FaultKind::Drop,
         FaultKind::Corrupt,
         FaultKind::Dup,
+        FaultKind::LossSpike,
     ];
 
     /// The TOML name (also the key of `FaultBook::fired_counts`).
@@ -173,6 +183,7 @@ impl FaultKind {
             FaultKind::Drop => "drop",
             FaultKind::Corrupt => "corrupt",
             FaultKind::Dup => "dup",
+            FaultKind::LossSpike => "loss_spike",
         }
     }
 
@@ -282,6 +293,19 @@ impl InjectPlan {
         Ok(plan)
     }
 
+    /// The `loss_spike` faults as (step, LR factor: None for a pathological batch), and the
+    /// plan without them (what the actors consult).
+    pub fn split_loss_spikes(mut self) -> (Vec<(u64, Option<f64>)>, InjectPlan) {
+        let steps = self
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::LossSpike)
+            .map(|f| (f.at_step, f.factor))
+            .collect();
+        self.faults.retain(|f| f.kind != FaultKind::LossSpike);
+        (steps, self)
+    }
+
     /// Checks the plan against a run of `steps` steps on `ranks` pipeline ranks and `ep` expert
     /// groups; errors name the file, the fault (1-based, in file order) and the field.
     pub fn validate(&self, steps: u64, ranks: usize, ep: usize) -> Result<(), String> {
@@ -322,16 +346,27 @@ impl InjectPlan {
                     f.phase
                 ));
             }
+            if f.kind == FaultKind::LossSpike && f.actor != Target::Dataloader {
+                return Err(format!(
+                    "{at}: field `actor` = \"{}\": a loss spike is a pathological batch, its actor must be \"dataloader\"",
+                    f.actor
+                ));
+            }
             match (f.kind, f.factor) {
                 (FaultKind::Slow, Some(x)) if !(x.is_finite() && x > 1.0) => {
                     return Err(format!(
                         "{at}: field `factor` = {x}: a slow fault's factor must be finite and > 1"
                     ));
                 }
-                (FaultKind::Slow, _) | (_, None) => {}
+                (FaultKind::LossSpike, Some(x)) if !(x.is_finite() && x > 1.0) => {
+                    return Err(format!(
+                        "{at}: field `factor` = {x}: a loss spike's LR factor must be finite and > 1"
+                    ));
+                }
+                (FaultKind::Slow | FaultKind::LossSpike, _) | (_, None) => {}
                 (kind, Some(x)) => {
                     return Err(format!(
-                        "{at}: field `factor` = {x}: only a \"slow\" fault takes a factor (this one is \"{kind}\")"
+                        "{at}: field `factor` = {x}: only a \"slow\" or \"loss_spike\" fault takes a factor (this one is \"{kind}\")"
                     ));
                 }
             }
@@ -625,7 +660,7 @@ mod tests {
             check("at_step = 3\nactor = \"gpu\"\nkind = \"panic\"\nfactor = 2.0\n").unwrap_err();
         assert_eq!(
             e,
-            "plan.toml: [[fault]] #1: field `factor` = 2: only a \"slow\" fault takes a factor (this one is \"panic\")"
+            "plan.toml: [[fault]] #1: field `factor` = 2: only a \"slow\" or \"loss_spike\" fault takes a factor (this one is \"panic\")"
         );
         // Also when the kind is left to its default.
         let e = check("at_step = 3\nactor = \"gpu\"\nfactor = 2.0\n").unwrap_err();

@@ -105,7 +105,15 @@ pub fn train(
     let plan = inject.unwrap_or_default();
     plan.validate(t.steps, layout.pp, layout.ep)
         .map_err(anyhow::Error::msg)?;
-    let data = Arc::new(trainer::open_data(opts)?);
+    // loss spikes are pathological batches: the data makes them, on every engine
+    let (spikes, plan) = plan.split_loss_spikes();
+    let mut data = trainer::open_data(opts)?;
+    for &(step, factor) in &spikes {
+        if factor.is_none() {
+            data.poison(step);
+        }
+    }
+    let data = Arc::new(data);
     tracing::info!(data = %data.description, "data ready");
     let state = trainer::build_state(opts)?;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
@@ -134,9 +142,20 @@ pub fn train(
         committed: state.step,
     };
     let mut engine = crate::shell::ActorEngine::start(&state.model, spec)?;
-    let summary = trainer::run(opts, &data, state, &mut engine, on_step).map(|mut s| {
-        if !plan.faults.is_empty() {
+    let first_step = state.step + 1;
+    let lr_spikes: std::collections::BTreeMap<u64, f32> = spikes
+        .iter()
+        .filter_map(|&(s, f)| f.map(|f| (s, f as f32)))
+        .collect();
+    let mut spiking = trainer::LrSpikes {
+        inner: &mut engine,
+        at: lr_spikes,
+    };
+    let summary = trainer::run(opts, &data, state, &mut spiking, on_step).map(|mut s| {
+        if !plan.faults.is_empty() || !spikes.is_empty() {
             s.faults_fired = engine.faults_fired();
+            let ran = spikes.iter().filter(|&&(x, _)| x >= first_step).count() as u64;
+            s.faults_fired.insert("loss_spike".into(), ran);
         }
         s.coordinator_restarts = engine.coordinator_restarts;
         (s.detections_ms, s.stragglers) = engine.detections();

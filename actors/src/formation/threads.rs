@@ -59,7 +59,10 @@ pub fn build_ranks(model: &DeepSeekV3, schedule: &Schedule, mtp_weight: f32) -> 
                 .into_iter()
                 .map(|copy| {
                     let st = Stage::from_model(model, &ranges, schedule.stages[copy].model_stage);
-                    (copy, StageRunner::new(st, mtp_weight))
+                    (
+                        copy,
+                        StageRunner::new(st, mtp_weight, schedule.microbatches),
+                    )
                 })
                 .collect(),
         })
@@ -132,13 +135,12 @@ impl Pipeline {
     }
 
     /// Runs one step's schedule over `batches` (one per micro-batch) and reduces the weight
-    /// gradients into `grads` (zero on entry) in micro-batch order; returns per-micro-batch stats.
+    /// gradients (see [`reduce`]); returns them and the per-micro-batch stats.
     pub fn step(
         &mut self,
         batches: &[Batch],
         full: &ParamStore,
-        grads: &mut [Tensor],
-    ) -> Result<Vec<StepStats>> {
+    ) -> Result<(Vec<Tensor>, Vec<StepStats>)> {
         let s = &self.schedule;
         if batches.len() != s.microbatches {
             bail!(
@@ -182,16 +184,17 @@ impl Pipeline {
         let mut parts = Vec::new();
         for r in &mut self.ranks {
             for c in r.copies.values_mut() {
-                parts.push((c.take_grads(), &c.stage));
+                parts.push(StageGrads {
+                    sums: c.take_grads(),
+                    stage: &c.stage,
+                });
             }
         }
-        let parts = parts
-            .into_iter()
-            .map(|(grads, stage)| StageGrads { stage, grads })
-            .collect();
-        reduce(grads, full, parts, s.microbatches).map_err(anyhow::Error::msg)?;
+        let grads = reduce(full, parts, s.microbatches).map_err(anyhow::Error::msg)?;
         let stages = s.kind.model_stages(s.ranks);
-        combine_stage_stats(stats, s.microbatches, stages).map_err(anyhow::Error::msg)
+        let stats =
+            combine_stage_stats(stats, s.microbatches, stages).map_err(anyhow::Error::msg)?;
+        Ok((grads, stats))
     }
 }
 
@@ -304,6 +307,11 @@ pub struct ThreadEngine {
 }
 
 impl StepEngine for ThreadEngine {
+    fn reload(&mut self, state: &TrainState) -> Result<()> {
+        self.pipeline.load_params(&state.model.params);
+        Ok(())
+    }
+
     fn step(
         &mut self,
         mut state: TrainState,
@@ -312,9 +320,10 @@ impl StepEngine for ThreadEngine {
     ) -> Result<(TrainState, StepOutput)> {
         let m = self.pipeline.schedule.microbatches;
         let batches = trainer::microbatches(&self.data, self.seed, step, self.batch, self.seq, m)?;
-        let per = self
-            .pipeline
-            .step(&batches, &state.model.params, &mut state.grads)?;
+        // the reduce's sums become the state's gradients: the old buffer goes first
+        state.grads = Vec::new();
+        let (grads, per) = self.pipeline.step(&batches, &state.model.params)?;
+        state.grads = grads;
         scale_for_microbatches(&mut state.grads, m);
         let stats = combine_microbatch_stats(per);
         let out = trainer::finish_step(&mut state, step, stats, h)?;

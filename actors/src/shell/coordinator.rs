@@ -221,27 +221,19 @@ impl Coordinator {
                     Coordinator::maybe_fail(st, step, Phase::Optimizer).await;
                     let Some(job) = st.job.as_mut() else { continue };
                     let done = std::mem::take(&mut job.done);
-                    // the committed state travels without a gradient buffer: the new state gets
-                    // its own, zeroed by the reduce
-                    let snap = &job.snapshot;
-                    let mut work = Box::new(TrainState {
-                        model: snap.model.clone(),
-                        moments: snap.moments.clone(),
-                        grads: snap.model.params.zeros_like(),
-                        step: snap.step,
-                        restored_from: snap.restored_from.clone(),
-                    });
+                    // the new state is built beside the committed one from the ranks' sums
+                    // (moved in by the reduce): the step can still replay from the old one
+                    let snap = job.snapshot.clone();
                     let meta = st.meta.clone();
                     let schedule = st.ctx.schedule.clone();
                     let hyper = job.hyper;
-                    let (work, r) = tokio::task::spawn_blocking(move || {
-                        let r = reduce_and_apply(&mut work, &meta, &schedule, done, step, &hyper);
-                        (work, r)
+                    let r = tokio::task::spawn_blocking(move || {
+                        reduce_and_apply(&snap, &meta, &schedule, done, step, &hyper)
                     })
                     .await?;
                     match r {
-                        Ok(out) => {
-                            job.work = Some(work);
+                        Ok((work, out)) => {
+                            job.work = Some(Box::new(work));
                             job.out = Some(out);
                             let now = st.ctx.now_ms();
                             cmds.extend(st.machine.on(now, CoordEvent::Reduced { step, attempt }));
@@ -384,16 +376,16 @@ impl Coordinator {
     }
 }
 
-/// The step's reduce: per-micro-batch gradients of every stage copy summed in micro-batch order
-/// into `state.grads`, averaged, then clipping, AdamW and the bias update.
+/// The step's reduce: the half sums of every stage copy put together (see `reduce`), averaged,
+/// then clipping, AdamW and the bias update into a new state beside the committed one.
 fn reduce_and_apply(
-    state: &mut TrainState,
+    committed: &TrainState,
     meta: &[Stage],
     schedule: &Schedule,
     done: BTreeMap<usize, (RankGrads, RankStats)>,
     step: u64,
     h: &StepHyper,
-) -> Result<StepOutput> {
+) -> Result<(TrainState, StepOutput)> {
     let m = schedule.microbatches;
     let mut parts = Vec::new();
     let mut stats = Vec::new();
@@ -401,15 +393,14 @@ fn reduce_and_apply(
         stats.extend(st);
         for (copy, g) in grads {
             let stage = &meta[schedule.stages[copy].model_stage];
-            parts.push(StageGrads { stage, grads: g });
+            parts.push(StageGrads { stage, sums: g });
         }
     }
-    state.grads.iter_mut().for_each(|g| g.zero_());
-    reduce(&mut state.grads, &state.model.params, parts, m).map_err(anyhow::Error::msg)?;
-    scale_for_microbatches(&mut state.grads, m);
+    let mut grads = reduce(&committed.model.params, parts, m).map_err(anyhow::Error::msg)?;
+    scale_for_microbatches(&mut grads, m);
     let per = combine_stage_stats(stats, m, schedule.kind.model_stages(schedule.ranks))
         .map_err(anyhow::Error::msg)?;
-    trainer::finish_step(state, step, combine_microbatch_stats(per), h)
+    trainer::finish_step_beside(committed, grads, step, combine_microbatch_stats(per), h)
 }
 
 impl Actor for Coordinator {
@@ -501,8 +492,12 @@ impl Actor for Coordinator {
                 step,
                 state,
                 hyper,
+                restore,
                 reply,
             } => {
+                if restore {
+                    st.machine.restore_on_next_open();
+                }
                 st.job = Some(Job {
                     step,
                     snapshot: state,

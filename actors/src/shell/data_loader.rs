@@ -102,7 +102,7 @@ impl Actor for DataLoader {
                 }
                 // a second delivery of the same answer: the reply port takes one, the copy is
                 // refused by construction
-                FaultKind::Dup | FaultKind::Panic | FaultKind::Hang => {}
+                FaultKind::Dup | FaultKind::Panic | FaultKind::Hang | FaultKind::LossSpike => {}
             }
         }
         let _ = reply.send(r);

@@ -63,6 +63,8 @@ pub struct ActorEngine {
     /// Restarts and replays counted by coordinators that died (each replacement adds one).
     restarts_before: u64,
     replayed_before: u64,
+    /// The next step restores its committed state on every rank (after a rollback).
+    reload_next: bool,
     restarts: u64,
     replayed: u64,
     pub coordinator_restarts: u64,
@@ -81,6 +83,7 @@ impl ActorEngine {
             formation: None,
             restarts_before: 0,
             replayed_before: 0,
+            reload_next: false,
             restarts: 0,
             replayed: 0,
             coordinator_restarts: 0,
@@ -193,6 +196,7 @@ impl ActorEngine {
         state: Arc<TrainState>,
         step: u64,
         hyper: StepHyper,
+        restore: bool,
     ) -> Result<Option<StepReply>> {
         let f = self
             .formation
@@ -223,6 +227,7 @@ impl ActorEngine {
                     step,
                     state,
                     hyper,
+                    restore,
                     reply,
                 },
                 None,
@@ -271,6 +276,12 @@ impl Drop for ActorEngine {
 }
 
 impl StepEngine for ActorEngine {
+    fn reload(&mut self, _state: &TrainState) -> Result<()> {
+        // the next step's open restores its committed state on every rank
+        self.reload_next = true;
+        Ok(())
+    }
+
     fn step(
         &mut self,
         state: TrainState,
@@ -289,7 +300,8 @@ impl StepEngine for ActorEngine {
         }
         let mut tries = 0;
         loop {
-            match self.call_step(state.clone(), step, *h)? {
+            let restore = std::mem::take(&mut self.reload_next);
+            match self.call_step(state.clone(), step, *h, restore)? {
                 Some(reply) => {
                     self.restarts = self.restarts_before + reply.restarts;
                     self.replayed = self.replayed_before + reply.replayed_steps;

@@ -13,7 +13,7 @@ use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
 use crate::formation::Wire;
 use crate::formation::inject::{Fault, FaultKind, Phase, Target};
 use crate::schedule::Instr;
-use kernels::model::stage::MbGrads;
+use kernels::model::stage::GradSums;
 use kernels::model::{Batch, ParamStore};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,7 +35,7 @@ pub struct GpuArgs {
 pub struct GpuState {
     ctx: Arc<Ctx>,
     rank: usize,
-    machine: RankMachine<BTreeMap<usize, MbGrads>>,
+    machine: RankMachine<GradSums>,
     sup: Supervisor<usize>,
     stages: BTreeMap<usize, ActorRef<StageMsg>>,
     ids: BTreeMap<ActorId, usize>,
@@ -85,10 +85,7 @@ impl GpuActor {
     }
 
     /// Feeds the machine one event and carries out what it says.
-    async fn drive(
-        st: &mut GpuState,
-        ev: RankEvent<BTreeMap<usize, MbGrads>>,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn drive(st: &mut GpuState, ev: RankEvent<GradSums>) -> Result<(), ActorProcessingErr> {
         let cmds = st.machine.on(ev)?;
         for cmd in cmds {
             GpuActor::exec(st, cmd).await?;
@@ -96,10 +93,7 @@ impl GpuActor {
         Ok(())
     }
 
-    async fn exec(
-        st: &mut GpuState,
-        cmd: RankCommand<BTreeMap<usize, MbGrads>>,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn exec(st: &mut GpuState, cmd: RankCommand<GradSums>) -> Result<(), ActorProcessingErr> {
         match cmd {
             RankCommand::Starting { step, instr } => {
                 for phase in gpu_phases(&instr) {

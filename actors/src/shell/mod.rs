@@ -165,7 +165,8 @@ async fn fire(fault: Fault, what: String, extra: Duration) {
             tracing::warn!("injected straggler ({}x): {what}", fault.factor());
             straggle(extra.mul_f64((fault.factor() - 1.0).max(0.0)), None).await;
         }
-        FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup => {}
+        // message faults fire where the message is sent; a loss spike is made by the data
+        FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup | FaultKind::LossSpike => {}
     }
 }
 

@@ -8,10 +8,9 @@ use crate::core::ops::{StageOp, StageOpResult};
 use crate::core::rank::RankStats;
 use crate::trainer::{StepHyper, StepOutput, TrainState};
 use kernels::model::layers::ExpertSite;
-use kernels::model::stage::MbGrads;
+use kernels::model::stage::GradSums;
 use kernels::model::{Batch, ParamStore};
 use ractor::RpcReplyPort;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// One expert's backward answer on the wire: dx as a frame, weight gradients (gate, up, down) as
@@ -100,7 +99,7 @@ pub enum GpuMsg {
         copy: usize,
         step: u64,
         attempt: u32,
-        grads: BTreeMap<usize, MbGrads>,
+        grads: GradSums,
     },
     Install {
         step: u64,
@@ -165,7 +164,7 @@ pub struct StepReply {
 }
 
 /// A rank's gradient hand-over: per stage copy, its per-micro-batch gradients.
-pub type RankGrads = Vec<(usize, BTreeMap<usize, MbGrads>)>;
+pub type RankGrads = Vec<(usize, GradSums)>;
 
 /// Messages of the Coordinator.
 pub enum CoordMsg {
@@ -174,6 +173,8 @@ pub enum CoordMsg {
         step: u64,
         state: Arc<TrainState>,
         hyper: StepHyper,
+        /// Restore `state` on every rank first (the run rolled back past the last step).
+        restore: bool,
         reply: RpcReplyPort<Result<StepReply, String>>,
     },
     Done {

@@ -142,7 +142,7 @@ impl Actor for StageActor {
         let mut runner = tokio::task::spawn_blocking(move || {
             let model_stage = ctx.schedule.stages[copy].model_stage;
             let stage = Stage::from_model(&ctx.template, &ctx.ranges, model_stage);
-            StageRunner::new(stage, ctx.mtp_weight)
+            StageRunner::new(stage, ctx.mtp_weight, ctx.schedule.microbatches)
         })
         .await?;
         let step = Arc::new(AtomicU64::new(0));

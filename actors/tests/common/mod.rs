@@ -17,14 +17,18 @@ pub fn micro_options(name: &str, layers: usize, batch: usize, steps: u64) -> Tra
     config.training.steps = steps;
     config.training.eval_every = steps;
     config.training.eval_batches = 1;
-    let out_dir = scratch(name);
+    options(name, path, config)
+}
+
+/// Seed 11, synthetic data, f32, no checkpoints, in a fresh scratch directory.
+fn options(name: &str, path: &str, config: RunConfig) -> TrainOptions {
     TrainOptions {
         config,
         config_path: path.to_string(),
         seed: 11,
         data: None,
         data_format: DataFormat::Auto,
-        out_dir,
+        out_dir: scratch(name),
         init_from_hf: None,
         precision: Precision::F32,
         checkpoints: None,
@@ -37,4 +41,14 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
+}
+
+/// Options for a tiny run (configs/tiny.toml) of `steps` steps, evaluated once at the end.
+pub fn tiny_options(name: &str, steps: u64) -> TrainOptions {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.toml");
+    let mut config = RunConfig::load(std::path::Path::new(path)).expect("configs/tiny.toml loads");
+    config.training.steps = steps;
+    config.training.eval_every = steps;
+    config.training.eval_batches = 2;
+    options(name, path, config)
 }

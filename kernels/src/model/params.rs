@@ -114,6 +114,24 @@ impl ParamStore {
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The same names and flags holding `tensors` instead (one per name, same shapes).
+    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> ParamStore {
+        assert_eq!(
+            tensors.len(),
+            self.tensors.len(),
+            "one tensor per parameter"
+        );
+        for (i, (a, b)) in tensors.iter().zip(&self.tensors).enumerate() {
+            assert_eq!(a.shape, b.shape, "shape of {}", self.names[i]);
+        }
+        ParamStore {
+            names: self.names.clone(),
+            tensors,
+            trainable: self.trainable.clone(),
+            index: self.index.clone(),
+        }
+    }
+
     /// Zero-filled gradients shaped like the parameters.
     pub fn zeros_like(&self) -> Vec<Tensor> {
         self.tensors

@@ -1,6 +1,6 @@
 //! Micro-batches of one step: splitting a batch, the single-process reference that sums their
-//! gradients in order, the reduce that sums stage copies' per-micro-batch gradients in the same
-//! order (so a pipelined step equals it bit for bit), and their stats combined.
+//! gradients per half in order, the reduce that adds stage copies' half sums the same way (so a
+//! pipelined step equals it bit for bit), and their stats combined.
 
 use super::*;
 
@@ -23,116 +23,148 @@ pub fn scale_for_microbatches(grads: &mut [Tensor], microbatches: usize) {
     }
 }
 
-/// Everything one stage copy hands to the reduce: its stage and its per-micro-batch gradients.
+/// Everything one stage copy hands to the reduce: its stage and its gradient sums.
 pub struct StageGrads<'a> {
     pub stage: &'a Stage,
-    pub grads: BTreeMap<usize, MbGrads>,
+    pub sums: GradSums,
 }
 
-/// Sums per-micro-batch stage gradients into whole-model `grads` (zero on entry): micro-batches
-/// in order `0..microbatches`; within one, each tensor's buffer from the highest stage holding it,
-/// then the deferred jobs of lower stages in descending stage order (see the module docs).
-/// Every micro-batch must be present exactly once per model stage (DualPipe's two copies of a
-/// stage each bring their own micro-batches; together they bring all of them once).
+/// The whole-model gradients of a step from its stage copies' sums: per tensor, the first half's
+/// sum (moved, not copied) plus the second half's. A shared tensor's jobs run here, per half into
+/// one zeroed buffer: micro-batches in order, within one the stages in descending order (see the
+/// module docs). Every micro-batch must have run its W exactly once per model stage (DualPipe's
+/// two copies of a stage each bring one half).
 pub fn reduce(
-    grads: &mut [Tensor],
     full: &ParamStore,
-    parts: Vec<StageGrads<'_>>,
+    mut parts: Vec<StageGrads<'_>>,
     microbatches: usize,
-) -> Result<(), String> {
+) -> Result<Vec<Tensor>, String> {
     let stages = parts.first().map_or(0, |p| p.stage.count);
-    // per micro-batch, per model stage: (stage, grads)
-    let mut by_mb: Vec<Vec<Option<(&Stage, MbGrads)>>> = (0..microbatches)
-        .map(|_| (0..stages).map(|_| None).collect())
-        .collect();
-    for part in parts {
-        for (mb, g) in part.grads {
-            let slot = by_mb.get_mut(mb).ok_or_else(|| {
-                format!(
-                    "stage {} has gradients of micro-batch {mb} of {microbatches}",
-                    part.stage.index
-                )
-            })?;
-            if slot[part.stage.index].is_some() {
-                return Err(format!(
-                    "micro-batch {mb} of stage {} reduced twice",
-                    part.stage.index
-                ));
-            }
-            slot[part.stage.index] = Some((part.stage, g));
+    for p in &parts {
+        if let Some(mb) = p.sums.waiting().next() {
+            return Err(format!(
+                "stage {}: the W of micro-batch {mb} still waits for an earlier one",
+                p.stage.index
+            ));
         }
     }
-    let mut seen = vec![false; full.len()];
-    for (mb, row) in by_mb.into_iter().enumerate() {
-        seen.iter_mut().for_each(|s| *s = false);
-        let mut deferred: Vec<WeightGrad> = Vec::new();
-        let mut mb_bufs: Vec<Option<Tensor>> = (0..full.len()).map(|_| None).collect();
-        for (s, cell) in row.into_iter().enumerate().rev() {
-            let (stage, g) =
-                cell.ok_or_else(|| format!("micro-batch {mb} has no gradients from stage {s}"))?;
-            let MbGrads {
-                dense,
-                deferred: jobs,
-            } = g;
-            for (local, t) in dense.into_iter().enumerate() {
-                if stage.deferred[local] {
+    // descending stage order, for the shared tensors' jobs
+    parts.sort_by_key(|p| std::cmp::Reverse(p.stage.index));
+    let mut out: Vec<Option<Tensor>> = (0..full.len()).map(|_| None).collect();
+    let mut shared: Vec<usize> = Vec::new();
+    for p in &parts {
+        for (local, &s) in p.stage.shared.iter().enumerate() {
+            let g = p.stage.global[local].0;
+            if s && !shared.contains(&g) {
+                shared.push(g);
+            }
+        }
+    }
+    shared.sort_unstable();
+    for h in 0..2 {
+        let range = half_range(h, microbatches);
+        if range.is_empty() {
+            continue;
+        }
+        for s in 0..stages {
+            let mut found = parts
+                .iter()
+                .filter(|p| p.stage.index == s && p.sums.halves[h].is_some());
+            let Some(p) = found.next() else {
+                return Err(format!(
+                    "micro-batches {range:?} have no gradients from stage {s}"
+                ));
+            };
+            if found.next().is_some() {
+                return Err(format!(
+                    "micro-batches {range:?} of stage {s} reduced twice"
+                ));
+            }
+            let next = p.sums.halves[h].as_ref().map_or(0, |x| x.next);
+            if next != range.end {
+                return Err(format!(
+                    "stage {s} ran W of micro-batches {range:?} only up to {next}"
+                ));
+            }
+        }
+        for p in parts.iter_mut() {
+            let Some(half) = p.sums.halves[h].take() else {
+                continue;
+            };
+            for (local, t) in half.sums.into_iter().enumerate() {
+                if p.stage.shared[local] {
                     continue;
                 }
-                let gid = stage.global[local];
-                if seen[gid.0] {
-                    return Err(format!(
-                        "tensor {} reduced by two stages",
-                        full.names[gid.0]
-                    ));
+                let g = p.stage.global[local].0;
+                fold_half(&mut out[g], t, h, &full.names[g])?;
+            }
+        }
+        for &g in &shared {
+            let mut buf = Tensor::zeros(&full.tensors[g].shape);
+            for mb in range.clone() {
+                for p in parts.iter_mut() {
+                    let Some(jobs) = p.sums.shared.remove(&mb) else {
+                        continue;
+                    };
+                    let mut rest = Vec::new();
+                    for job in jobs {
+                        if p.stage.global[job.param().0].0 == g {
+                            job.run_into(&p.stage.params, &mut buf.data);
+                        } else {
+                            rest.push(job);
+                        }
+                    }
+                    if !rest.is_empty() {
+                        p.sums.shared.insert(mb, rest);
+                    }
                 }
-                seen[gid.0] = true;
-                mb_bufs[gid.0] = Some(t);
             }
-            let f = |id: ParamId| stage.global[id.0];
-            deferred.extend(jobs.iter().map(|j| remap_job(j, &f)));
+            fold_half(&mut out[g], buf, h, &full.names[g])?;
         }
-        for (i, b) in mb_bufs.iter_mut().enumerate() {
-            if b.is_none() {
-                *b = Some(Tensor::zeros(&full.tensors[i].shape));
-            }
-        }
-        let mut bufs: Vec<Tensor> = mb_bufs
-            .into_iter()
-            .map(|b| b.expect("filled above"))
-            .collect();
-        WeightGradQueue { jobs: deferred }.run(full, &mut bufs);
-        for (dst, src) in grads.iter_mut().zip(bufs) {
-            if mb == 0 {
-                dst.data.copy_from_slice(&src.data);
-            } else {
-                add_into(&mut dst.data, &src.data);
-            }
-        }
+    }
+    Ok(out
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.unwrap_or_else(|| Tensor::zeros(&full.tensors[i].shape)))
+        .collect())
+}
+
+/// Puts half `h`'s sum of one tensor into the step's gradient: the first half's moves in, the
+/// second half's is added.
+fn fold_half(slot: &mut Option<Tensor>, t: Tensor, h: usize, name: &str) -> Result<(), String> {
+    match (h, slot.as_mut()) {
+        (0, None) => *slot = Some(t),
+        (0, Some(_)) => return Err(format!("tensor {name} reduced by two stages")),
+        (_, Some(dst)) => add_into(&mut dst.data, &t.data),
+        (_, None) => return Err(format!("tensor {name} has gradients of one half only")),
     }
     Ok(())
 }
 
-/// The single-process reference of a pipelined step: micro-batches one at a time in order, each
-/// with `forward_backward` into zero-initialised gradients, summed in micro-batch order into
-/// `grads` (zero on entry). Returns each micro-batch's stats.
+/// The single-process reference of a pipelined step: micro-batches in order, each with
+/// `forward_backward` running its W jobs straight into the sum of its half (the first half into
+/// `grads`, zero on entry; the second into a zeroed buffer added at the end). Returns each
+/// micro-batch's stats.
 pub fn forward_backward_microbatches(
     model: &DeepSeekV3,
     batches: &[Batch],
     mtp_weight: f32,
     grads: &mut [Tensor],
 ) -> Vec<StepStats> {
+    let mid = batches.len().div_ceil(2);
     let mut out = Vec::with_capacity(batches.len());
-    let mut scratch: Option<Vec<Tensor>> = None;
+    let mut second: Option<Vec<Tensor>> = None;
     for (i, b) in batches.iter().enumerate() {
-        if i == 0 {
+        if i < mid {
             out.push(model.forward_backward(b, mtp_weight, grads));
         } else {
-            let s = scratch.get_or_insert_with(|| model.params.zeros_like());
-            s.iter_mut().for_each(|t| t.zero_());
+            let s = second.get_or_insert_with(|| model.params.zeros_like());
             out.push(model.forward_backward(b, mtp_weight, s));
-            for (dst, src) in grads.iter_mut().zip(s.iter()) {
-                add_into(&mut dst.data, &src.data);
-            }
+        }
+    }
+    if let Some(s) = second {
+        for (dst, src) in grads.iter_mut().zip(&s) {
+            add_into(&mut dst.data, &src.data);
         }
     }
     out

@@ -15,19 +15,19 @@
 //! the same values at every parameter load. Its gradient is a *shared tensor*: per micro-batch the
 //! whole-model backward (see [`DeepSeekV3::forward_backward_input`]) queues the MTP embedding
 //! jobs first (they sit in the last stage) and the main embedding job last (stage 0). To reproduce
-//! that sum bit for bit, the highest stage holding a shared tensor runs its W jobs for it into its
-//! own per-micro-batch buffer like any other parameter, while every lower stage *defers* its jobs
-//! for that tensor ([`MbGrads::deferred`]); the step's reduce ([`reduce`]) runs them into the
-//! highest stage's buffer, stages in descending order, exactly where the single-process backward
-//! would have run them.
+//! that sum bit for bit, every stage holding a shared tensor hands its jobs for it to the reduce
+//! ([`GradSums::shared`], activation-sized); the reduce runs them per micro-batch, stages in
+//! descending order, exactly where the single-process backward would have run them.
 //!
 //! # Canonical reduction
 //!
-//! Weight gradients are kept per micro-batch ([`MbGrads`], zero-initialised buffers), because a
-//! pipeline runs W steps out of micro-batch order and DualPipe splits micro-batches over two
-//! copies of each stage. [`reduce`] then sums them in micro-batch order: `g = G₀ + G₁ + … `.
-//! [`forward_backward_microbatches`] is the single-process reference with the same arithmetic,
-//! so a pipelined step equals it bit for bit in f32.
+//! A step's micro-batches form two halves, `0..⌈m/2⌉` and the rest (DualPipe's two lanes). Each
+//! half's W jobs run, micro-batch by micro-batch in order, straight into one zeroed buffer per
+//! tensor; the step's gradient is the first half's sum plus the second's: `g = H₀ + H₁`. A stage
+//! copy keeps one running sum per half it runs ([`GradSums`]; a W that comes early waits as its
+//! queued jobs), so it holds at most two gradient copies, never one per micro-batch.
+//! [`forward_backward_microbatches`] is the single-process reference with the same arithmetic and
+//! [`reduce`] puts the copies' sums together, so a pipelined step equals it bit for bit in f32.
 
 use super::config::ModelConfig;
 use super::deepseek::{Batch, DeepSeekV3, Mtp, StepStats, Tail, TailStash, embed_rows, rope_table};
@@ -42,7 +42,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 mod microbatch;
+mod sum;
 pub use microbatch::*;
+pub use sum::*;
 
 /// Contiguous layer ranges of `stages` pipeline stages over `layers` decoder blocks; the first
 /// `layers % stages` stages get one block more. Stages past the last block are empty.
@@ -77,8 +79,9 @@ pub struct Stage {
     pub embed: Option<ParamId>,
     pub blocks: Vec<Block>,
     pub tail: Option<Tail>,
-    /// Per local tensor: its W jobs go to the reduce instead of this stage's buffers.
-    pub deferred: Vec<bool>,
+    /// Per local tensor: another stage holds it too (the embedding, with MTP and `S > 1`); its W
+    /// jobs go to the reduce instead of this stage's running sums.
+    pub shared: Vec<bool>,
 }
 
 fn remap_linear(l: &mut Linear, f: &dyn Fn(ParamId) -> ParamId) {
@@ -126,21 +129,6 @@ fn remap_mtp(m: &mut Mtp, f: &dyn Fn(ParamId) -> ParamId) {
     remap_linear(&mut m.eh_proj, f);
     remap_block(&mut m.block, f);
     remap_norm(&mut m.head_norm, f);
-}
-
-fn remap_job(job: &WeightGrad, f: &dyn Fn(ParamId) -> ParamId) -> WeightGrad {
-    match job.clone() {
-        WeightGrad::Linear { w, dy, x } => WeightGrad::Linear { w: f(w), dy, x },
-        WeightGrad::LinearFp8 { w, dy, x } => WeightGrad::LinearFp8 { w: f(w), dy, x },
-        WeightGrad::RmsNorm { w, dy, x, rstd } => WeightGrad::RmsNorm {
-            w: f(w),
-            dy,
-            x,
-            rstd,
-        },
-        WeightGrad::Embedding { w, ids, dy } => WeightGrad::Embedding { w: f(w), ids, dy },
-        WeightGrad::Dense { w, g } => WeightGrad::Dense { w: f(w), g },
-    }
 }
 
 fn job_param(job: &WeightGrad) -> ParamId {
@@ -205,10 +193,10 @@ impl Stage {
             t
         });
         let embed = want_embed.then(|| f(model.embed));
-        let mut deferred = vec![false; params.len()];
-        // The embedding is shared with the last stage when the model has MTP: stage 0 defers.
-        if index == 0 && count > 1 && has_mtp {
-            deferred[f(model.embed).0] = true;
+        let mut shared = vec![false; params.len()];
+        // The embedding is shared by stage 0 and the last stage when the model has MTP.
+        if count > 1 && has_mtp && (index == 0 || last) {
+            shared[f(model.embed).0] = true;
         }
         Stage {
             cfg: cfg.clone(),
@@ -220,7 +208,7 @@ impl Stage {
             embed,
             blocks,
             tail,
-            deferred,
+            shared,
         }
     }
 
@@ -402,18 +390,20 @@ impl Stage {
         }
     }
 
-    /// Runs W jobs of one micro-batch into `grads` (this stage's per-micro-batch buffers); jobs on
-    /// deferred (shared) tensors are handed back for the reduce, in queue order.
-    pub fn backward_weight(&self, q: &mut WeightGradQueue, grads: &mut MbGrads) {
+    /// Runs W jobs of one micro-batch into `sums` (this stage's running sums of its half of the
+    /// micro-batches); jobs on shared tensors are handed back for the reduce, in queue order.
+    pub fn backward_weight(&self, q: &mut WeightGradQueue, sums: &mut [Tensor]) -> Vec<WeightGrad> {
         let mut now = WeightGradQueue::default();
+        let mut handed = Vec::new();
         for job in q.jobs.drain(..) {
-            if self.deferred[job_param(&job).0] {
-                grads.deferred.push(job);
+            if self.shared[job_param(&job).0] {
+                handed.push(job);
             } else {
                 now.push(job);
             }
         }
-        now.run(&self.params, &mut grads.dense);
+        now.run(&self.params, sums);
+        handed
     }
 }
 
@@ -474,24 +464,6 @@ impl std::fmt::Debug for StageStash {
     }
 }
 
-/// One stage's weight gradients of one micro-batch.
-#[derive(Clone, Debug)]
-pub struct MbGrads {
-    /// Per local tensor, zero-initialised, W jobs accumulated in queue order.
-    pub dense: Vec<Tensor>,
-    /// Jobs on shared tensors this stage does not reduce itself (local ids), in queue order.
-    pub deferred: Vec<WeightGrad>,
-}
-
-impl MbGrads {
-    pub fn zeros(stage: &Stage) -> MbGrads {
-        MbGrads {
-            dense: stage.params.zeros_like(),
-            deferred: Vec::new(),
-        }
-    }
-}
-
 /// A stage plus its per-micro-batch state: stashes between F and B, queued W jobs between B* and
 /// W, and weight gradients until the reduce takes them.
 #[derive(Debug)]
@@ -500,19 +472,20 @@ pub struct StageRunner {
     pub mtp_weight: f32,
     stashes: BTreeMap<usize, StageStash>,
     queues: BTreeMap<usize, WeightGradQueue>,
-    grads: BTreeMap<usize, MbGrads>,
+    grads: GradSums,
     /// The routed experts of this stage's decoder blocks when they run elsewhere (`--ep`).
     experts: Option<Box<dyn ExpertCompute>>,
 }
 
 impl StageRunner {
-    pub fn new(stage: Stage, mtp_weight: f32) -> StageRunner {
+    /// A runner of `stage` for steps of `microbatches` micro-batches.
+    pub fn new(stage: Stage, mtp_weight: f32, microbatches: usize) -> StageRunner {
         StageRunner {
             stage,
             mtp_weight,
             stashes: BTreeMap::new(),
             queues: BTreeMap::new(),
-            grads: BTreeMap::new(),
+            grads: GradSums::new(microbatches),
             experts: None,
         }
     }
@@ -575,20 +548,16 @@ impl StageRunner {
         dx
     }
 
-    /// W: runs the queued weight-gradient jobs of `mb` into its gradient buffers.
+    /// W: runs the queued weight-gradient jobs of `mb` into the running sum of its half (or
+    /// keeps them until the micro-batches before it in that half have run theirs).
     pub fn backward_weight(&mut self, mb: usize) {
-        let mut q = self.queues.remove(&mb).unwrap_or_else(|| {
+        let q = self.queues.remove(&mb).unwrap_or_else(|| {
             panic!(
                 "stage {}: W of micro-batch {mb} before its backward",
                 self.stage.index
             )
         });
-        let stage = &self.stage;
-        let g = self
-            .grads
-            .entry(mb)
-            .or_insert_with(|| MbGrads::zeros(stage));
-        stage.backward_weight(&mut q, g);
+        self.grads.weight(&self.stage, mb, q);
     }
 
     /// B: B* then W at once.
@@ -608,16 +577,17 @@ impl StageRunner {
         self.queues.len()
     }
 
-    /// Hands over the finished per-micro-batch gradients (micro-batch → grads).
-    pub fn take_grads(&mut self) -> BTreeMap<usize, MbGrads> {
-        std::mem::take(&mut self.grads)
+    /// Hands over the step's gradient sums.
+    pub fn take_grads(&mut self) -> GradSums {
+        let m = self.grads.microbatches();
+        std::mem::replace(&mut self.grads, GradSums::new(m))
     }
 
     /// Drops every stash, queued W and gradient (an aborted step).
     pub fn reset(&mut self) {
         self.stashes.clear();
         self.queues.clear();
-        self.grads.clear();
+        self.grads = GradSums::new(self.grads.microbatches());
         if let Some(e) = self
             .experts
             .as_deref_mut()
@@ -707,7 +677,7 @@ mod tests {
                 .into_iter()
                 .map(|st| {
                     let layers = st.layers.clone();
-                    let mut r = StageRunner::new(st, 0.3);
+                    let mut r = StageRunner::new(st, 0.3, mbs.len());
                     if ep > 1 {
                         r.set_experts(Box::new(LocalExpertGroups::new(&model, layers, ep)));
                     }
@@ -737,18 +707,16 @@ mod tests {
                     r.backward_weight(i);
                 }
             }
-            let mut got = model.params.zeros_like();
-            let mut taken: Vec<BTreeMap<usize, MbGrads>> =
-                runners.iter_mut().map(|r| r.take_grads()).collect();
+            let taken: Vec<GradSums> = runners.iter_mut().map(|r| r.take_grads()).collect();
             let parts = runners
                 .iter()
-                .zip(taken.iter_mut())
-                .map(|(r, g)| StageGrads {
+                .zip(taken)
+                .map(|(r, sums)| StageGrads {
                     stage: &r.stage,
-                    grads: std::mem::take(g),
+                    sums,
                 })
                 .collect();
-            reduce(&mut got, &model.params, parts, mbs.len()).unwrap();
+            let got = reduce(&model.params, parts, mbs.len()).unwrap();
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     a.data == b.data,
@@ -763,5 +731,66 @@ mod tests {
                 assert_eq!(c.loads, ref_stats[i].loads);
             }
         }
+    }
+
+    /// DualPipe's split: one copy of each stage runs the first half of the micro-batches, a
+    /// second copy the other half, each copy's W in order. Their sums reduce to the reference's
+    /// bits; a copy that skipped a micro-batch's W is refused by name.
+    #[test]
+    fn two_copies_per_stage_reduce_to_the_reference() {
+        let model = micro();
+        let full = batch(&model, 4, 8, 5);
+        let mbs = split_batch(&full, 4).unwrap();
+        let mut want = model.params.zeros_like();
+        forward_backward_microbatches(&model, &mbs, 0.3, &mut want);
+        let s = 2;
+        // copies[lane][stage]
+        let mut lanes: Vec<Vec<StageRunner>> = (0..2)
+            .map(|_| {
+                Stage::split(&model, s)
+                    .into_iter()
+                    .map(|st| StageRunner::new(st, 0.3, mbs.len()))
+                    .collect()
+            })
+            .collect();
+        for (lane, runners) in lanes.iter_mut().enumerate() {
+            for i in half_range(lane, mbs.len()) {
+                let mut x = None;
+                for r in runners.iter_mut() {
+                    x = r.forward(i, &mbs[i], x).0;
+                }
+                let mut dy = None;
+                for r in runners.iter_mut().rev() {
+                    dy = r.backward(i, dy);
+                }
+            }
+        }
+        let parts: Vec<StageGrads> = lanes
+            .iter_mut()
+            .flat_map(|rs| rs.iter_mut())
+            .map(|r| StageGrads {
+                sums: r.take_grads(),
+                stage: &r.stage,
+            })
+            .collect();
+        let got = reduce(&model.params, parts, mbs.len()).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(a.data == b.data, "{} differs", model.params.names[i]);
+        }
+        // the reverse lane without micro-batch 3's W: refused, nothing summed
+        let mut runners: Vec<StageRunner> = Stage::split(&model, 1)
+            .into_iter()
+            .map(|st| StageRunner::new(st, 0.3, mbs.len()))
+            .collect();
+        for (i, b) in mbs.iter().enumerate().take(3) {
+            runners[0].forward(i, b, None);
+            runners[0].backward(i, None);
+        }
+        let parts = vec![StageGrads {
+            sums: runners[0].take_grads(),
+            stage: &runners[0].stage,
+        }];
+        let err = reduce(&model.params, parts, mbs.len()).unwrap_err();
+        assert!(err.contains("only up to 3"), "{err}");
     }
 }

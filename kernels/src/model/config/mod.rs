@@ -88,6 +88,27 @@ pub struct TrainingConfig {
     pub mtp_loss_weight: f32,
     pub eval_every: u64,
     pub eval_batches: usize,
+    /// Loss-spike rules (see `actors::core::monitor`): a loss above `spike_loss_factor` × the
+    /// mean of the last `spike_window` accepted losses (0: off), more than `spike_zscore`
+    /// standard deviations above its EMA of decay `spike_ema_decay` (0: off), a gradient norm
+    /// above `spike_grad_factor` × its mean (0: off); rules apply after `spike_min_history`
+    /// accepted steps. NaN and Inf are always spikes.
+    pub spike_loss_factor: f64,
+    pub spike_window: usize,
+    pub spike_zscore: f64,
+    pub spike_ema_decay: f64,
+    pub spike_grad_factor: f64,
+    pub spike_min_history: usize,
+    /// A rollback skips the data of this many steps ending at the spike (1: the spike's own).
+    pub rollback_skip_steps: u64,
+    /// Committed states kept in memory for rollbacks past the step before a spike (0: such a
+    /// rollback reads the newest checkpoint at or before its target from the store).
+    pub rollback_ring: usize,
+    /// After a rollback the learning rate is multiplied by this for `rollback_lr_steps` steps.
+    pub rollback_lr_factor: f32,
+    pub rollback_lr_steps: u64,
+    /// Rejected steps in a row after which the run stops as diverged.
+    pub max_consecutive_rollbacks: u32,
 }
 
 impl Default for TrainingConfig {
@@ -110,6 +131,17 @@ impl Default for TrainingConfig {
             mtp_loss_weight: 0.3,
             eval_every: 50,
             eval_batches: 4,
+            spike_loss_factor: 3.0,
+            spike_window: 20,
+            spike_zscore: 0.0,
+            spike_ema_decay: 0.9,
+            spike_grad_factor: 0.0,
+            spike_min_history: 5,
+            rollback_skip_steps: 1,
+            rollback_ring: 0,
+            rollback_lr_factor: 1.0,
+            rollback_lr_steps: 0,
+            max_consecutive_rollbacks: 5,
         }
     }
 }
@@ -348,6 +380,51 @@ impl TrainingConfig {
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(err(file, "training.min_lr_ratio", "must lie in [0, 1]"));
+        }
+        self.validate_spike_rules(file)
+    }
+
+    fn validate_spike_rules(&self, file: &str) -> Result<(), ConfigError> {
+        for (f, v) in [
+            ("training.spike_loss_factor", self.spike_loss_factor),
+            ("training.spike_zscore", self.spike_zscore),
+            ("training.spike_grad_factor", self.spike_grad_factor),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(err(
+                    file,
+                    f,
+                    format!("must be zero (off) or positive, got {v}"),
+                ));
+            }
+        }
+        if self.spike_loss_factor > 0.0 && self.spike_loss_factor <= 1.0 {
+            return Err(err(
+                file,
+                "training.spike_loss_factor",
+                format!(
+                    "{} would reject ordinary steps: use a factor above 1, or 0 to turn the rule off",
+                    self.spike_loss_factor
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.spike_ema_decay) {
+            return Err(err(file, "training.spike_ema_decay", "must lie in [0, 1)"));
+        }
+        for (f, v) in [
+            ("training.spike_window", self.spike_window as u64),
+            ("training.rollback_skip_steps", self.rollback_skip_steps),
+        ] {
+            if v == 0 {
+                return Err(err(file, f, "must be at least 1"));
+            }
+        }
+        if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) {
+            return Err(err(
+                file,
+                "training.rollback_lr_factor",
+                format!("must lie in (0, 1], got {}", self.rollback_lr_factor),
+            ));
         }
         Ok(())
     }
@@ -629,114 +706,4 @@ impl ParamCounts {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(name: &str) -> RunConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../configs")
-            .join(name);
-        RunConfig::load(&path).unwrap()
-    }
-
-    #[test]
-    fn to_toml_reads_back_equal() {
-        for name in [
-            "micro.toml",
-            "tiny.toml",
-            "small.toml",
-            "deepseek-v3-671b.toml",
-        ] {
-            let c = cfg(name);
-            let back = RunConfig::parse(&c.to_toml(), name).unwrap();
-            assert_eq!(back, c, "{name}");
-        }
-    }
-
-    #[test]
-    fn parameter_counts_match_reference() {
-        let tiny = cfg("tiny.toml").model.param_counts();
-        assert_eq!(
-            (tiny.main, tiny.mtp, tiny.total()),
-            (1_744_432, 504_560, 2_248_992)
-        );
-        assert_eq!(tiny.active, 859_648);
-        let micro = cfg("micro.toml").model.param_counts();
-        assert_eq!((micro.main, micro.total()), (30_184, 49_328));
-        let full = cfg("deepseek-v3-671b.toml").model.param_counts();
-        assert_eq!(full.main, 671_026_419_200);
-        assert_eq!(full.mtp, 11_610_068_224);
-        assert_eq!(full.active, 37_552_282_624);
-        assert_eq!(full.main + full.mtp, 682_636_487_424);
-    }
-
-    #[test]
-    fn yarn_softmax_scale() {
-        let full = cfg("deepseek-v3-671b.toml").model;
-        assert!((full.softmax_scale() - 0.135_233_78).abs() < 1e-6);
-        assert!((cfg("tiny.toml").model.softmax_scale() - 0.144_338).abs() < 1e-5);
-    }
-
-    fn micro_text() -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/micro.toml");
-        std::fs::read_to_string(path).unwrap()
-    }
-
-    fn refused(text: &str) -> ConfigError {
-        RunConfig::parse(text, "bad.toml").unwrap_err()
-    }
-
-    #[test]
-    fn inconsistent_fields_are_named() {
-        let t = micro_text();
-        let e = refused(&t.replace("n_group = 4", "n_group = 3"));
-        assert_eq!(e.field, "n_group");
-        assert!(
-            e.to_string().starts_with("bad.toml: field `n_group`"),
-            "{e}"
-        );
-        let e = refused(&t.replace("topk_group = 2", "topk_group = 5"));
-        assert_eq!(e.field, "topk_group");
-        let e = refused(&t.replace("hidden_size = 32\n", ""));
-        assert_eq!(e.field, "hidden_size");
-        assert!(e.message.contains("missing"), "{e}");
-        let e = refused(&format!("colour = 3\n{t}"));
-        assert_eq!(e.field, "colour");
-        let e = refused(&t.replace("seq_len = 16", "seq_len = 16\nsteps_per_epoch = 3"));
-        assert_eq!(e.field, "training.steps_per_epoch");
-        let e = refused(&t.replace("hidden_size = 32", "hidden_size = \"wide\""));
-        assert_eq!(e.field, "hidden_size", "{e}");
-        let e = refused("not toml [");
-        assert!(e.message.contains("TOML"));
-    }
-
-    #[test]
-    fn bad_training_values_are_refused_naming_the_field() {
-        let t = micro_text();
-        let with =
-            |line: &str| refused(&t.replace("seq_len = 16", &format!("seq_len = 16\n{line}")));
-        for (line, field) in [
-            ("eval_every = 0", "training.eval_every"),
-            ("eval_batches = 0", "training.eval_batches"),
-            ("beta2 = 1.0", "training.beta2"),
-            ("beta1 = -0.1", "training.beta1"),
-            ("grad_clip = -1.0", "training.grad_clip"),
-            ("adam_eps = 0.0", "training.adam_eps"),
-            ("weight_decay = -0.5", "training.weight_decay"),
-            ("min_lr_ratio = 2.0", "training.min_lr_ratio"),
-        ] {
-            let e = with(line);
-            assert_eq!(e.field, field, "{line}: {e}");
-        }
-        // a sequence longer than the model's positions
-        let e = refused(&t.replace("seq_len = 16", "seq_len = 100000"));
-        assert_eq!(e.field, "training.seq_len");
-        assert!(e.message.contains("max_position_embeddings"), "{e}");
-        // zero turns clipping and decay off: allowed
-        RunConfig::parse(
-            &t.replace("seq_len = 16", "seq_len = 16\ngrad_clip = 0.0"),
-            "ok.toml",
-        )
-        .expect("grad_clip = 0 is allowed");
-    }
-}
+mod tests;

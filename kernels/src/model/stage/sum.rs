@@ -1,0 +1,102 @@
+//! One stage copy's weight gradients over a step, summed while its W passes run: one running sum
+//! per half of the step's micro-batches, micro-batches in order (a W that runs early waits, as
+//! its queued jobs, for its turn), and the jobs on shared tensors kept per micro-batch for the
+//! reduce. A copy holds at most two gradient buffers, never one per micro-batch.
+
+use super::Stage;
+use crate::model::params::{WeightGrad, WeightGradQueue};
+use crate::tensor::Tensor;
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// Micro-batches of half `h` (0 or 1) of a step of `microbatches`: `0..⌈m/2⌉`, then the rest.
+/// DualPipe runs the first half on its forward lane and the second on its reverse lane.
+pub fn half_range(h: usize, microbatches: usize) -> Range<usize> {
+    let mid = microbatches.div_ceil(2);
+    if h == 0 { 0..mid } else { mid..microbatches }
+}
+
+/// The half (0 or 1) that micro-batch `mb` of `microbatches` belongs to.
+pub fn half_of(mb: usize, microbatches: usize) -> usize {
+    usize::from(mb >= microbatches.div_ceil(2))
+}
+
+/// The running sum of one half: every W job of its micro-batches so far, in micro-batch order.
+#[derive(Debug)]
+pub struct HalfSum {
+    /// Per local tensor, zero-initialised.
+    pub sums: Vec<Tensor>,
+    /// The next micro-batch whose W may run into `sums` (the half's end once all have).
+    pub next: usize,
+}
+
+/// A stage copy's gradients of the open step.
+#[derive(Debug)]
+pub struct GradSums {
+    microbatches: usize,
+    pub halves: [Option<HalfSum>; 2],
+    /// W queues that came before their turn, by micro-batch.
+    waiting: BTreeMap<usize, WeightGradQueue>,
+    /// Per micro-batch: this stage's jobs on shared tensors (local ids), in queue order.
+    pub shared: BTreeMap<usize, Vec<WeightGrad>>,
+}
+
+impl GradSums {
+    pub fn new(microbatches: usize) -> GradSums {
+        GradSums {
+            microbatches,
+            halves: [None, None],
+            waiting: BTreeMap::new(),
+            shared: BTreeMap::new(),
+        }
+    }
+
+    pub fn microbatches(&self) -> usize {
+        self.microbatches
+    }
+
+    /// W of micro-batch `mb` (its queued jobs `q`): runs now when `mb` is next in its half, then
+    /// every waiting successor; otherwise waits.
+    pub fn weight(&mut self, stage: &Stage, mb: usize, q: WeightGradQueue) {
+        assert!(
+            mb < self.microbatches,
+            "stage {}: W of micro-batch {mb} of {}",
+            stage.index,
+            self.microbatches
+        );
+        let h = half_of(mb, self.microbatches);
+        let range = half_range(h, self.microbatches);
+        let half = self.halves[h].get_or_insert_with(|| HalfSum {
+            sums: stage.params.zeros_like(),
+            next: range.start,
+        });
+        if mb != half.next {
+            let old = self.waiting.insert(mb, q);
+            assert!(
+                old.is_none() && mb > half.next,
+                "stage {}: W of micro-batch {mb} ran twice",
+                stage.index
+            );
+            return;
+        }
+        let mut q = q;
+        let mut mb = mb;
+        loop {
+            let handed = stage.backward_weight(&mut q, &mut half.sums);
+            if !handed.is_empty() {
+                self.shared.insert(mb, handed);
+            }
+            half.next += 1;
+            mb = half.next;
+            match (mb < range.end).then(|| self.waiting.remove(&mb)).flatten() {
+                Some(next) => q = next,
+                None => break,
+            }
+        }
+    }
+
+    /// Micro-batches whose W came before an earlier one's and still waits.
+    pub fn waiting(&self) -> impl Iterator<Item = usize> + '_ {
+        self.waiting.keys().copied()
+    }
+}
