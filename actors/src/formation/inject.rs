@@ -504,12 +504,40 @@ mod tests {
     #[test]
     fn parses_every_kind() {
         for k in FaultKind::ALL {
-            let f = check(&format!("at_step = 2\nactor = \"stage\"\nkind = \"{k}\"\n")).unwrap();
+            let actor = if k == FaultKind::LossSpike {
+                "dataloader"
+            } else {
+                "stage"
+            };
+            let f = check(&format!(
+                "at_step = 2\nactor = \"{actor}\"\nkind = \"{k}\"\n"
+            ))
+            .unwrap();
             assert_eq!(f.kind, k);
             assert_eq!(FaultKind::parse(k.name()), Some(k));
         }
         let names: Vec<_> = FaultKind::ALL.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["panic", "hang", "slow", "drop", "corrupt", "dup"]);
+        assert_eq!(
+            names,
+            [
+                "panic",
+                "hang",
+                "slow",
+                "drop",
+                "corrupt",
+                "dup",
+                "loss_spike"
+            ]
+        );
+        // a loss spike is made by the data: any other actor is refused by name
+        let e = check("at_step = 2\nactor = \"stage\"\nkind = \"loss_spike\"\n").unwrap_err();
+        assert!(
+            e.contains("field `actor`") && e.contains("dataloader"),
+            "{e}"
+        );
+        let e = check("at_step = 2\nactor = \"dataloader\"\nkind = \"loss_spike\"\nfactor = 0.5\n")
+            .unwrap_err();
+        assert!(e.contains("field `factor`"), "{e}");
         assert_eq!(FaultKind::parse("nope"), None);
     }
 
@@ -706,7 +734,7 @@ mod tests {
             .collect();
         assert_eq!(book.fired_counts(), zero);
         let sched = book.scheduled_counts();
-        assert_eq!(sched.len(), 6);
+        assert_eq!(sched.len(), FaultKind::ALL.len());
         assert_eq!(
             (
                 sched["panic"],
@@ -739,7 +767,7 @@ mod tests {
         assert_eq!(f.kind, FaultKind::Dup);
 
         let fired = book.fired_counts();
-        assert_eq!(fired.len(), 6);
+        assert_eq!(fired.len(), FaultKind::ALL.len());
         assert_eq!(
             (
                 fired["panic"],
