@@ -303,6 +303,8 @@ impl StepEngine for ActorEngine {
             let restore = std::mem::take(&mut self.reload_next);
             match self.call_step(state.clone(), step, *h, restore)? {
                 Some(reply) => {
+                    drop(state);
+                    super::release_free_memory();
                     self.restarts = self.restarts_before + reply.restarts;
                     self.replayed = self.replayed_before + reply.replayed_steps;
                     return Ok((*reply.state, reply.out));
