@@ -413,13 +413,26 @@ pub fn runs(a: RunsArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let journal = storage::journal::Journal::open(&dir)?;
+    // a training run holds the journal: read the list it exports at every change instead
+    let runs = match storage::journal::Journal::open(&dir) {
+        Ok(journal) => journal.runs_observed()?,
+        Err(e) => match storage::journal::Journal::read_export(&dir) {
+            Ok(runs) => {
+                eprintln!(
+                    "{}: held by a running process; showing the list it exports",
+                    dir.display()
+                );
+                runs
+            }
+            Err(why) => bail!("{e} (and no exported list: {why})"),
+        },
+    };
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
     println!(
         "{:<24} {:<9} {:>11} {:>8} {:>8} {:>12} {:>8}  config",
         "run", "status", "step", "loss", "eval", "checkpoints", "restarts"
     );
-    for r in journal.runs_observed()? {
+    for r in runs {
         let ckpt = match r.checkpoints.last() {
             Some(last) => format!("{} (last {last})", r.checkpoints.len()),
             None => "0".into(),
@@ -443,6 +456,75 @@ pub fn runs(a: RunsArgs) -> Result<()> {
             println!("    error: {e}");
         }
     }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The run directory (`--out` of `phalanx train`): its metrics.jsonl and journal.
+    #[arg(default_value = "runs/latest")]
+    pub run: PathBuf,
+    /// The picture to write (SVG) [default: RUN/report.svg].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `phalanx report`: the run directory's metrics and checkpoints drawn as one SVG.
+pub fn report(a: ReportArgs) -> Result<()> {
+    let out = a.out.unwrap_or_else(|| a.run.join("report.svg"));
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("svg") => {}
+        Some("png") => bail!(
+            "--out {}: PNG is not written (no raster backend is built in); use a .svg path",
+            out.display()
+        ),
+        _ => bail!("--out {}: the picture must be a .svg file", out.display()),
+    }
+    let metrics = a.run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).with_context(|| {
+        format!(
+            "{}: cannot read (no run has used --out {})",
+            metrics.display(),
+            a.run.display()
+        )
+    })?;
+    let mut points = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {} is not JSON", metrics.display(), i + 1))?;
+        points.extend(actors::report::Point::from_json(&v));
+    }
+    // the newest run of the directory's journal (or its export while a run holds it)
+    let dir = a.run.join("journal");
+    let runs = match storage::journal::Journal::open(&dir) {
+        Ok(j) => j.runs_observed().unwrap_or_default(),
+        Err(_) => storage::journal::Journal::read_export(&dir).unwrap_or_default(),
+    };
+    let last = runs.last();
+    let checkpoints = last.map(|r| r.checkpoints.clone()).unwrap_or_default();
+    let title = match last {
+        Some(r) => format!(
+            "{} · {} · {} · {}/{} steps",
+            a.run.display(),
+            r.id,
+            r.config,
+            r.last_step,
+            r.total_steps
+        ),
+        None => a.run.display().to_string(),
+    };
+    let (svg, m) = actors::report::svg(&title, &points, &checkpoints);
+    std::fs::write(&out, svg).with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "{}: {} steps, {} evaluations, {} checkpoints, {} restarts, {} rollbacks ({} steps skipped)",
+        out.display(),
+        m.steps,
+        m.evals,
+        m.checkpoints,
+        m.restarts,
+        m.rollbacks,
+        m.skipped_steps
+    );
     Ok(())
 }
 

@@ -31,6 +31,8 @@ enum Command {
     Bench(commands::BenchArgs),
     /// List the runs recorded in a run directory's journal (status, steps, losses, checkpoints).
     Runs(commands::RunsArgs),
+    /// Draw a run as an SVG: loss and eval loss, checkpoints, restarts, rollbacks, tokens/s.
+    Report(commands::ReportArgs),
     /// List a checkpoint store's runs and committed checkpoints (`ls`), read them all back
     /// (`verify`), or remove orphans and all but the newest N intact checkpoints (`gc`).
     Ckpt(commands::CkptArgs),
@@ -179,6 +181,7 @@ fn main() {
         Some(Command::Schedule(a)) => commands::schedule(a),
         Some(Command::Bench(a)) => commands::bench(a),
         Some(Command::Runs(a)) => commands::runs(a),
+        Some(Command::Report(a)) => commands::report(a),
         Some(Command::Ckpt(a)) => commands::ckpt(a),
     };
     if let Err(e) = result {

@@ -539,6 +539,74 @@ fn a_second_run_into_the_same_directory_keeps_the_first() {
     assert_eq!(std::fs::read_dir(out.join("store")).unwrap().count(), 2);
     let listing = String::from_utf8_lossy(&phalanx(&["runs", "--out", o]).stdout).to_string();
     assert_eq!(listing.matches(" finished ").count(), 2, "{listing}");
+    // the first run's metrics were kept, not truncated
+    assert!(out.join("metrics.1.jsonl").exists() && out.join("metrics.jsonl").exists());
+}
+
+/// `phalanx report` draws a run with a restart (an injected stage panic) and a rollback (an
+/// injected learning-rate spike, rejected the step after) and says what it marked; a PNG
+/// path is refused.
+#[test]
+fn report_draws_a_run_with_a_restart_and_a_rollback() {
+    let out = tmp("report");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_str().unwrap();
+    let cfg = write_config("rollback.toml", |t| {
+        t.replace("warmup_steps = 20", "warmup_steps = 2")
+            + "rollback_skip_steps = 2\nrollback_ring = 2\n"
+    });
+    let plan = out.with_extension("inject.toml");
+    std::fs::write(
+        &plan,
+        "[[fault]]\nat_step = 4\nactor = \"stage\"\nrank = 1\n\n\
+         [[fault]]\nat_step = 14\nactor = \"dataloader\"\nkind = \"loss_spike\"\nfactor = 1000.0\n",
+    )
+    .unwrap();
+    let s = run_json(&[
+        "train",
+        "--config",
+        &cfg,
+        "--steps",
+        "20",
+        "--pp",
+        "2",
+        "--microbatches",
+        "2",
+        "--ckpt-every",
+        "5",
+        "--inject",
+        plan.to_str().unwrap(),
+        "--out",
+        o,
+    ]);
+    assert_eq!(
+        (s["restarts"].as_u64(), s["rollbacks"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(s["skipped_steps"], 2);
+    assert!(s["train_tokens_per_s"].as_f64().unwrap() >= s["wall_tokens_per_s"].as_f64().unwrap());
+    let r = phalanx(&["report", o]);
+    let said = String::from_utf8_lossy(&r.stdout).to_string();
+    assert!(
+        r.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        said.contains(
+            "20 steps, 1 evaluations, 4 checkpoints, 1 restarts, 1 rollbacks (2 steps skipped)"
+        ),
+        "{said}"
+    );
+    let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    assert!(
+        svg.contains("steps 14..=15 skipped (rolled back to 13)"),
+        "{svg}"
+    );
+    assert!(svg.contains("1 restart(s)") && svg.contains("checkpoint 20"));
+    let e = refused(&["report", o, "--out", "x.png"]);
+    assert!(e.contains("PNG"), "{e}");
 }
 
 /// A real crash: the process is killed (SIGKILL) once its step-100 checkpoint is committed, mid

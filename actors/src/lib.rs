@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod core;
 #[cfg(feature = "runtime")]
 pub mod formation;
+pub mod report;
 pub mod schedule;
 #[cfg(feature = "runtime")]
 pub mod shell;

@@ -36,6 +36,10 @@ pub struct StepRecord {
     /// The committed step the run went back to after rejecting this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_to: Option<u64>,
+    /// Actor restarts so far in this process (cumulative; `phalanx report` marks the steps
+    /// where it grows).
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// The end-of-run summary (`--summary-json`).
@@ -46,7 +50,15 @@ pub struct TrainSummary {
     pub final_loss_avg10: f64,
     pub initial_eval_loss: f64,
     pub eval_loss: f64,
+    /// Tokens over the wall time of the step loop (evaluations and checkpoints included).
     pub tokens_per_s: f64,
+    /// Steady-state throughput: tokens over the time spent inside steps only.
+    #[serde(default)]
+    pub train_tokens_per_s: f64,
+    /// Whole-run throughput: the first evaluation, evaluations, checkpoints and the final
+    /// uploads included.
+    #[serde(default)]
+    pub wall_tokens_per_s: f64,
     pub params_sha256: String,
     pub parameters: usize,
     pub expert_load_max_over_mean: f64,
@@ -481,7 +493,10 @@ pub fn run(
     on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<TrainSummary> {
     let dir = opts.out_dir.join("journal");
-    let journal = Journal::open(&dir)?;
+    let (journal, set_aside) = Journal::open_for_run(&dir)?;
+    if let Some(w) = set_aside {
+        tracing::warn!("{w}");
+    }
     let resumed_from = opts
         .checkpoints
         .as_ref()
@@ -644,6 +659,7 @@ fn run_steps(
     ids: RunIds,
     resumed_from: Option<u64>,
 ) -> Result<TrainSummary> {
+    let run_started = Instant::now();
     let run = ids.journal;
     let t = &opts.config.training;
     let first_step = state.step + 1;
@@ -694,6 +710,8 @@ fn run_steps(
     // committed states kept for rollbacks past the step before a spike, oldest first
     let mut ring: std::collections::VecDeque<TrainState> = Default::default();
     let mut rejected_at: Option<(u64, String)> = None;
+    // time inside the engine's steps only (no evaluation, checkpoint or start-up)
+    let mut step_seconds = 0.0f64;
     let mut pending: Option<(f32, StepOutput)> = None;
     let mut queue: std::collections::VecDeque<RunCommand> = ctl.on(RunEvent::Start).into();
     while let Some(cmd) = queue.pop_front() {
@@ -713,7 +731,9 @@ fn run_steps(
                         ring.pop_front();
                     }
                 }
+                let t0 = Instant::now();
                 let (s, out) = engine.step(state, step, &h)?;
+                step_seconds += t0.elapsed().as_secs_f64();
                 state = s;
                 tokens += (t.batch_size * t.seq_len) as u64;
                 let (loss, grad_norm, rejected) = (out.stats.loss, out.grad_norm, out.rejected);
@@ -780,6 +800,7 @@ fn run_steps(
                     tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
                     rejected: rolled.as_ref().map(|(_, why)| why.clone()),
                     rolled_back_to: rolled.as_ref().map(|(back, _)| *back),
+                    restarts: engine.restarts(),
                 };
                 let line = serde_json::to_value(&record)?;
                 log.write(&line)?;
@@ -818,6 +839,8 @@ fn run_steps(
         initial_eval_loss: initial_eval,
         eval_loss,
         tokens_per_s: tokens as f64 / wall,
+        train_tokens_per_s: tokens as f64 / step_seconds.max(1e-9),
+        wall_tokens_per_s: tokens as f64 / run_started.elapsed().as_secs_f64(),
         params_sha256: state.model.params.sha256(),
         parameters: state.model.num_params(),
         expert_load_max_over_mean: last_stats.load_imbalance(),

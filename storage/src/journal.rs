@@ -42,6 +42,9 @@ pub struct Journal {
     dir: String,
     runs: sled::Tree,
     steps: sled::Tree,
+    /// `<dir>.json`: every run as JSON, rewritten at each change, for readers in other
+    /// processes (sled locks its directory while a run trains).
+    export: std::path::PathBuf,
 }
 
 impl Journal {
@@ -56,7 +59,68 @@ impl Journal {
             runs: db.open_tree("runs").map_err(err)?,
             steps: db.open_tree("steps").map_err(err)?,
             dir: name,
+            export: export_path(dir),
         })
+    }
+
+    /// [`Journal::open`] for a run that must not be blocked by its journal: a journal that
+    /// cannot be read (corrupt, or of another sled version) is moved aside to
+    /// `<dir>.corrupt-<unix time>` and a fresh one is started; the second value says so. A
+    /// journal held by another process is still an error (two runs in one directory).
+    pub fn open_for_run(dir: &Path) -> Result<(Journal, Option<String>), JournalError> {
+        match Journal::open(dir) {
+            Ok(j) => Ok((j, None)),
+            Err(e) if is_lock_error(&e.source) => Err(e),
+            Err(e) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = dir.with_file_name(format!(
+                    "{}.corrupt-{now}",
+                    dir.file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("journal")
+                ));
+                std::fs::rename(dir, &aside).map_err(|io| JournalError {
+                    dir: dir.display().to_string(),
+                    source: sled::Error::Io(io),
+                })?;
+                let j = Journal::open(dir)?;
+                Ok((
+                    j,
+                    Some(format!(
+                        "journal {} could not be read ({}): moved aside to {}; a fresh one is kept",
+                        dir.display(),
+                        e.source,
+                        aside.display()
+                    )),
+                ))
+            }
+        }
+    }
+
+    /// The runs as the running process last exported them (`<dir>.json`), for a reader that
+    /// cannot open the journal because a run holds it.
+    pub fn read_export(dir: &Path) -> Result<Vec<RunEntry>, String> {
+        let path = export_path(dir);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: not a run list: {e}", path.display()))
+    }
+
+    /// Rewrites the export file (write to a temporary file, then rename: a reader never sees a
+    /// half-written list). Failing to write it only costs the live view: logged, not returned.
+    fn write_export(&self) {
+        let Ok(runs) = self.runs() else { return };
+        let tmp = self.export.with_extension("json.tmp");
+        let r = serde_json::to_vec_pretty(&runs)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.export));
+        if let Err(e) = r {
+            tracing::warn!("cannot write {}: {e}", self.export.display());
+        }
     }
 
     fn err(&self) -> impl Fn(sled::Error) -> JournalError + '_ {
@@ -73,6 +137,7 @@ impl Journal {
         self.runs
             .insert(entry.id.as_bytes(), v)
             .map_err(self.err())?;
+        self.write_export();
         self.flush()
     }
 
@@ -89,6 +154,7 @@ impl Journal {
                 Some(serde_json::to_vec(&e).expect("a run entry serialises"))
             })
             .map_err(self.err())?;
+        self.write_export();
         Ok(())
     }
 
@@ -167,6 +233,25 @@ impl Journal {
     }
 }
 
+/// `<dir>.json` beside the journal directory.
+fn export_path(dir: &Path) -> std::path::PathBuf {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("journal");
+    dir.with_file_name(format!("{name}.json"))
+}
+
+/// sled could not take its directory's lock: another process has the journal open.
+fn is_lock_error(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock")
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +324,54 @@ mod tests {
         assert_eq!(steps.len(), 3);
         assert_eq!(steps[2]["eval_loss"], 1.5);
         assert!(j.steps("b").unwrap().is_empty());
+    }
+
+    /// The running process exports its runs beside the journal: a second process reads them
+    /// while sled holds the directory (it cannot open it).
+    #[test]
+    fn a_second_reader_sees_the_exported_runs_while_the_journal_is_held() {
+        let dir = std::env::temp_dir().join(format!("phalanx-journal-held-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(export_path(&dir));
+        let j = Journal::open(&dir).unwrap();
+        j.begin(&entry("r", 5)).unwrap();
+        j.step("r", 7, &serde_json::json!({"step": 7, "loss": 2.5}))
+            .unwrap();
+        let seen = Journal::read_export(&dir).unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].id.as_str(), seen[0].last_step), ("r", 7));
+        assert_eq!(seen[0].last_loss, Some(2.5));
+        drop(j);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(export_path(&dir));
+    }
+
+    /// A journal that cannot be read is moved aside with a message; the run gets a fresh one.
+    #[test]
+    fn a_corrupt_journal_is_moved_aside_not_blocking() {
+        let root = std::env::temp_dir().join(format!("phalanx-journal-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("journal");
+        std::fs::create_dir_all(&dir).unwrap();
+        // not a sled database: its config file is garbage
+        std::fs::write(dir.join("conf"), b"\x00\xffnot a sled config").unwrap();
+        std::fs::write(dir.join("db"), vec![0xAB; 4096]).unwrap();
+        let (j, warning) = Journal::open_for_run(&dir).expect("a fresh journal");
+        let w = warning.expect("a warning");
+        assert!(w.contains("moved aside"), "{w}");
+        j.begin(&entry("fresh", 1)).unwrap();
+        assert_eq!(j.runs().unwrap().len(), 1);
+        let aside: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("journal.corrupt-")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "the old journal is kept aside");
+        drop(j);
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

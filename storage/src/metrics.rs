@@ -11,9 +11,22 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
+    /// A fresh `<dir>/metrics.jsonl`. An earlier run's file there is kept, renamed to
+    /// `metrics.<n>.jsonl` (the first free n), never truncated.
     pub fn create(dir: &Path) -> std::io::Result<MetricsLog> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("metrics.jsonl");
+        if path.exists() {
+            let mut n = 1;
+            while dir.join(format!("metrics.{n}.jsonl")).exists() {
+                n += 1;
+            }
+            std::fs::rename(&path, dir.join(format!("metrics.{n}.jsonl")))?;
+        }
+        MetricsLog::open_new(path)
+    }
+
+    fn open_new(path: std::path::PathBuf) -> std::io::Result<MetricsLog> {
         let file = std::io::BufWriter::new(std::fs::File::create(&path)?);
         Ok(MetricsLog { path, file })
     }
@@ -36,7 +49,8 @@ impl MetricsLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
-        let mut log = MetricsLog::create(dir)?;
+        std::fs::create_dir_all(dir)?;
+        let mut log = MetricsLog::open_new(path)?;
         for line in kept {
             log.file.write_all(line.as_bytes())?;
             log.file.write_all(b"\n")?;
@@ -53,5 +67,27 @@ impl MetricsLog {
         serde_json::to_writer(&mut self.file, record)?;
         self.file.write_all(b"\n")?;
         self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new run never truncates an earlier run's metrics: they move to metrics.1.jsonl, .2, …
+    #[test]
+    fn an_earlier_runs_metrics_are_kept() {
+        let dir = std::env::temp_dir().join(format!("phalanx-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for run in 0..3 {
+            let mut log = MetricsLog::create(&dir).unwrap();
+            log.write(&serde_json::json!({"step": 1, "run": run}))
+                .unwrap();
+        }
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(read("metrics.1.jsonl").contains("\"run\":0"));
+        assert!(read("metrics.2.jsonl").contains("\"run\":1"));
+        assert!(read("metrics.jsonl").contains("\"run\":2"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
