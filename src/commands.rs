@@ -133,6 +133,7 @@ pub fn train_options(a: &TrainArgs) -> Result<actors::trainer::TrainOptions> {
         },
         precision,
         checkpoints: plan,
+        store_outages: Vec::new(),
     })
 }
 
@@ -336,6 +337,7 @@ fn bench_pipeline(a: BenchArgs) -> Result<()> {
         init_from_hf: None,
         precision: kernels::model::Precision::F32,
         checkpoints: None,
+        store_outages: Vec::new(),
     };
     let layout = actors::formation::Layout {
         pp: 4,

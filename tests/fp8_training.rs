@@ -21,6 +21,7 @@ fn run(precision: Precision) -> Vec<f64> {
         init_from_hf: None,
         precision,
         checkpoints: None,
+        store_outages: Vec::new(),
     };
     let mut losses = Vec::new();
     train(&opts, |r, _| losses.push(r.loss)).unwrap();

@@ -24,6 +24,9 @@ pub struct TrainOptions {
     pub precision: Precision,
     /// Checkpoints to an object store (none: the run keeps no state beyond its metrics).
     pub checkpoints: Option<CheckpointPlan>,
+    /// Injected store outages (`--inject`'s `store_outage`): at the start of step `.0`, every
+    /// request to the checkpoint store fails for `.1` milliseconds.
+    pub store_outages: Vec<(u64, u64)>,
 }
 
 /// Where `run` checkpoints, how often, and whether it continues from the newest checkpoint.

@@ -663,11 +663,30 @@ fn run_steps(
     let run = ids.journal;
     let t = &opts.config.training;
     let first_step = state.step + 1;
+    // with injected outages the uploader's store is wrapped so that they can be switched on
+    let mut outage_switch = None;
     let mut uploader = opts
         .checkpoints
         .as_ref()
         .map(|p| {
-            crate::checkpoint::Uploader::start(&p.store, ids.checkpoints, journal.clone(), run)
+            if opts.store_outages.is_empty() {
+                return crate::checkpoint::Uploader::start(
+                    &p.store,
+                    ids.checkpoints,
+                    journal.clone(),
+                    run,
+                );
+            }
+            let store = storage::store::Store::open(&p.store)?;
+            let (store, switch) = storage::store::Faulty::wrap(&store, "");
+            outage_switch = Some(switch);
+            crate::checkpoint::Uploader::start_with(
+                store,
+                ids.checkpoints,
+                journal.clone(),
+                run,
+                crate::uploader::UploadPolicy::from_env()?,
+            )
         })
         .transpose()?;
     let opt = AdamW {
@@ -725,6 +744,12 @@ fn run_steps(
                     mtp_weight: t.mtp_loss_weight,
                     gate,
                 };
+                if let Some(&(_, ms)) = opts.store_outages.iter().find(|o| o.0 == step)
+                    && let Some(switch) = &outage_switch
+                {
+                    tracing::warn!(step, ms, "injected store outage: every store request fails");
+                    switch.outage(std::time::Duration::from_millis(ms));
+                }
                 if t.rollback_ring > 0 {
                     ring.push_back(state.copy_without_grads());
                     while ring.len() > t.rollback_ring {

@@ -127,6 +127,8 @@ pub struct Faulty {
     writes: AtomicUsize,
     reads: AtomicUsize,
     failed: AtomicUsize,
+    /// Every request fails until then (an outage of the whole store).
+    down_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Faulty {
@@ -139,6 +141,7 @@ impl Faulty {
             writes: AtomicUsize::new(0),
             reads: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
+            down_until: std::sync::Mutex::new(None),
         });
         let wrapped = Store {
             url: store.url.clone(),
@@ -157,12 +160,37 @@ impl Faulty {
         self.reads.store(n, Ordering::SeqCst);
     }
 
+    /// Every request (any key: reads, writes, lists, copies, deletes) fails for `d` from now.
+    pub fn outage(&self, d: std::time::Duration) {
+        if let Ok(mut until) = self.down_until.lock() {
+            *until = Some(std::time::Instant::now() + d);
+        }
+    }
+
+    fn down(&self, op: &str, key: &str) -> object_store::Result<()> {
+        let down = self
+            .down_until
+            .lock()
+            .ok()
+            .and_then(|u| *u)
+            .is_some_and(|t| std::time::Instant::now() < t);
+        if !down {
+            return Ok(());
+        }
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        Err(object_store::Error::Generic {
+            store: "Faulty",
+            source: format!("store outage (injected): {op} {key}").into(),
+        })
+    }
+
     /// How many requests failed on purpose so far.
     pub fn failed(&self) -> usize {
         self.failed.load(Ordering::SeqCst)
     }
 
     fn trip(&self, counter: &AtomicUsize, op: &str, key: &ObjPath) -> object_store::Result<()> {
+        self.down(op, key.as_ref())?;
         if !key.as_ref().contains(&self.only) {
             return Ok(());
         }
@@ -220,6 +248,9 @@ impl ObjectStore for Faulty {
         &self,
         locations: BoxStream<'static, object_store::Result<ObjPath>>,
     ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        if let Err(e) = self.down("delete", "") {
+            return Box::pin(futures_util::stream::once(async move { Err(e) }));
+        }
         self.inner.delete_stream(locations)
     }
 
@@ -227,6 +258,9 @@ impl ObjectStore for Faulty {
         &self,
         prefix: Option<&ObjPath>,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        if let Err(e) = self.down("list", prefix.map_or("", |p| p.as_ref())) {
+            return Box::pin(futures_util::stream::once(async move { Err(e) }));
+        }
         self.inner.list(prefix)
     }
 
@@ -234,6 +268,7 @@ impl ObjectStore for Faulty {
         &self,
         prefix: Option<&ObjPath>,
     ) -> object_store::Result<ListResult> {
+        self.down("list", prefix.map_or("", |p| p.as_ref()))?;
         self.inner.list_with_delimiter(prefix).await
     }
 
@@ -243,6 +278,7 @@ impl ObjectStore for Faulty {
         to: &ObjPath,
         options: CopyOptions,
     ) -> object_store::Result<()> {
+        self.down("copy", from.as_ref())?;
         self.inner.copy_opts(from, to, options).await
     }
 }

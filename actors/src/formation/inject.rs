@@ -7,9 +7,9 @@
 //! [[fault]]
 //! at_step = 3              # required: 1..=steps
 //! phase = "forward"        # forward | backward | weight | optimizer   (default forward)
-//! actor = "stage"          # stage | expert | gpu | coordinator | dataloader   (required)
+//! actor = "stage"          # stage | expert | gpu | coordinator | dataloader | store   (required)
 //! rank = 1                 # pipeline rank (default 0; must be 0 for coordinator and dataloader)
-//! kind = "slow"            # panic | hang | slow | drop | corrupt | dup | loss_spike   (default panic)
+//! kind = "slow"            # panic | hang | slow | drop | corrupt | dup | loss_spike | store_outage
 //! factor = 4.0             # slow only: the op takes factor× longer (default 3.0, finite, > 1)
 //! ```
 //!
@@ -28,6 +28,9 @@
 //!   spikes. The run's loss monitor rejects the spiking step and rolls back (see
 //!   `core::monitor`; `rollback_skip_steps = 2` also discards the damaging update). Its actor
 //!   must be `dataloader`.
+//! - `store_outage` (actor `store`, `duration_ms` required): from the start of the step, every
+//!   request to the checkpoint store fails for that long (the run's store is wrapped in
+//!   `storage::store::Faulty`); uploads are retried, missed checkpoints reported.
 //!
 //! Actors: `stage` (a StageActor), `expert` (an ExpertGroupActor, needs `--ep` > 1), `gpu` (the
 //! rank's GpuActor), `coordinator` (the single Coordinator; any phase, rank 0) and `dataloader`
@@ -101,16 +104,19 @@ pub enum Target {
     Coordinator,
     /// The DataLoader (a single actor: rank 0; fires on the batch request, phase `forward`).
     Dataloader,
+    /// The checkpoint store (rank 0; only `store_outage`).
+    Store,
 }
 
 impl Target {
     /// Every actor kind, in declaration order.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Stage,
         Target::Expert,
         Target::Gpu,
         Target::Coordinator,
         Target::Dataloader,
+        Target::Store,
     ];
 
     /// The TOML name.
@@ -121,6 +127,7 @@ impl Target {
             Target::Gpu => "gpu",
             Target::Coordinator => "coordinator",
             Target::Dataloader => "dataloader",
+            Target::Store => "store",
         }
     }
 
@@ -130,7 +137,10 @@ impl Target {
 
     /// A single actor for the whole run (not one per rank): its `rank` must be 0.
     pub fn is_singleton(self) -> bool {
-        matches!(self, Target::Coordinator | Target::Dataloader)
+        matches!(
+            self,
+            Target::Coordinator | Target::Dataloader | Target::Store
+        )
     }
 }
 
@@ -160,11 +170,14 @@ pub enum FaultKind {
     /// The step's batch is pathological (handled by the data, not by an actor).
     #[serde(rename = "loss_spike")]
     LossSpike,
+    /// Every request to the checkpoint store fails for `duration_ms`.
+    #[serde(rename = "store_outage")]
+    StoreOutage,
 }
 
 impl FaultKind {
     /// Every kind, in declaration order.
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::Panic,
         FaultKind::Hang,
         FaultKind::Slow,
@@ -172,6 +185,7 @@ impl FaultKind {
         FaultKind::Corrupt,
         FaultKind::Dup,
         FaultKind::LossSpike,
+        FaultKind::StoreOutage,
     ];
 
     /// The TOML name (also the key of `FaultBook::fired_counts`).
@@ -184,6 +198,7 @@ impl FaultKind {
             FaultKind::Corrupt => "corrupt",
             FaultKind::Dup => "dup",
             FaultKind::LossSpike => "loss_spike",
+            FaultKind::StoreOutage => "store_outage",
         }
     }
 
@@ -219,6 +234,9 @@ pub struct Fault {
     /// The factor as written in the plan (`None`: not given); read it with [`Fault::factor`].
     #[serde(default)]
     pub factor: Option<f64>,
+    /// How long a `store_outage` lasts, in milliseconds (required there, refused elsewhere).
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
 }
 
 impl Fault {
@@ -231,6 +249,7 @@ impl Fault {
             rank: 0,
             kind: FaultKind::Panic,
             factor: None,
+            duration_ms: None,
         }
     }
 
@@ -293,6 +312,18 @@ impl InjectPlan {
         Ok(plan)
     }
 
+    /// The `store_outage` faults as (step, milliseconds), and the plan without them.
+    pub fn split_store_outages(mut self) -> (Vec<(u64, u64)>, InjectPlan) {
+        let outages = self
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::StoreOutage)
+            .map(|f| (f.at_step, f.duration_ms.unwrap_or(0)))
+            .collect();
+        self.faults.retain(|f| f.kind != FaultKind::StoreOutage);
+        (outages, self)
+    }
+
     /// The `loss_spike` faults as (step, LR factor: None for a pathological batch), and the
     /// plan without them (what the actors consult).
     pub fn split_loss_spikes(mut self) -> (Vec<(u64, Option<f64>)>, InjectPlan) {
@@ -345,6 +376,34 @@ impl InjectPlan {
                     "{at}: field `phase` = \"{}\": a dataloader fault fires on the batch request, its phase must be \"forward\"",
                     f.phase
                 ));
+            }
+            match (f.kind == FaultKind::StoreOutage, f.actor == Target::Store) {
+                (true, false) => {
+                    return Err(format!(
+                        "{at}: field `actor` = \"{}\": a store outage hits the checkpoint store, its actor must be \"store\"",
+                        f.actor
+                    ));
+                }
+                (false, true) => {
+                    return Err(format!(
+                        "{at}: field `kind` = \"{}\": the store only takes kind \"store_outage\"",
+                        f.kind
+                    ));
+                }
+                _ => {}
+            }
+            match (f.kind, f.duration_ms) {
+                (FaultKind::StoreOutage, None | Some(0)) => {
+                    return Err(format!(
+                        "{at}: field `duration_ms`: a store outage needs a duration of at least 1 ms"
+                    ));
+                }
+                (FaultKind::StoreOutage, _) | (_, None) => {}
+                (kind, Some(_)) => {
+                    return Err(format!(
+                        "{at}: field `duration_ms`: only a \"store_outage\" fault takes a duration (this one is \"{kind}\")"
+                    ));
+                }
             }
             if f.kind == FaultKind::LossSpike && f.actor != Target::Dataloader {
                 return Err(format!(
@@ -486,6 +545,7 @@ mod tests {
                 rank: 1,
                 kind: FaultKind::Hang,
                 factor: None,
+                duration_ms: None,
             }]
         );
         p.validate(10, 2, 1).unwrap();
@@ -504,13 +564,13 @@ mod tests {
     #[test]
     fn parses_every_kind() {
         for k in FaultKind::ALL {
-            let actor = if k == FaultKind::LossSpike {
-                "dataloader"
-            } else {
-                "stage"
+            let (actor, extra) = match k {
+                FaultKind::LossSpike => ("dataloader", ""),
+                FaultKind::StoreOutage => ("store", "duration_ms = 300\n"),
+                _ => ("stage", ""),
             };
             let f = check(&format!(
-                "at_step = 2\nactor = \"{actor}\"\nkind = \"{k}\"\n"
+                "at_step = 2\nactor = \"{actor}\"\nkind = \"{k}\"\n{extra}"
             ))
             .unwrap();
             assert_eq!(f.kind, k);
@@ -526,9 +586,25 @@ mod tests {
                 "drop",
                 "corrupt",
                 "dup",
-                "loss_spike"
+                "loss_spike",
+                "store_outage"
             ]
         );
+        for (text, field) in [
+            (
+                "actor = \"store\"\nkind = \"store_outage\"\n",
+                "duration_ms",
+            ),
+            (
+                "actor = \"gpu\"\nkind = \"store_outage\"\nduration_ms = 5\n",
+                "actor",
+            ),
+            ("actor = \"store\"\n", "kind"),
+            ("actor = \"gpu\"\nduration_ms = 5\n", "duration_ms"),
+        ] {
+            let e = check(&format!("at_step = 2\n{text}")).unwrap_err();
+            assert!(e.contains(&format!("field `{field}`")), "{text}: {e}");
+        }
         // a loss spike is made by the data: any other actor is refused by name
         let e = check("at_step = 2\nactor = \"stage\"\nkind = \"loss_spike\"\n").unwrap_err();
         assert!(
@@ -544,7 +620,12 @@ mod tests {
     #[test]
     fn parses_every_actor() {
         for t in Target::ALL {
-            let f = check(&format!("at_step = 2\nactor = \"{t}\"\n")).unwrap();
+            let kind = if t == Target::Store {
+                "kind = \"store_outage\"\nduration_ms = 10\n"
+            } else {
+                ""
+            };
+            let f = check(&format!("at_step = 2\nactor = \"{t}\"\n{kind}")).unwrap();
             assert_eq!(f.actor, t);
             assert_eq!(Target::parse(t.name()), Some(t));
         }

@@ -105,8 +105,20 @@ pub fn train(
     let plan = inject.unwrap_or_default();
     plan.validate(t.steps, layout.pp, layout.ep)
         .map_err(anyhow::Error::msg)?;
-    // loss spikes are pathological batches: the data makes them, on every engine
+    // loss spikes and store outages are the driver's: the actors never see them
     let (spikes, plan) = plan.split_loss_spikes();
+    let (outages, plan) = plan.split_store_outages();
+    let mut with_outages;
+    let opts = if outages.is_empty() {
+        opts
+    } else {
+        if opts.checkpoints.is_none() {
+            bail!("--inject: a store_outage needs checkpoints (a store) to hit");
+        }
+        with_outages = opts.clone();
+        with_outages.store_outages = outages.clone();
+        &with_outages
+    };
     let mut data = trainer::open_data(opts)?;
     for &(step, factor) in &spikes {
         if factor.is_none() {
@@ -152,10 +164,12 @@ pub fn train(
         at: lr_spikes,
     };
     let summary = trainer::run(opts, &data, state, &mut spiking, on_step).map(|mut s| {
-        if !plan.faults.is_empty() || !spikes.is_empty() {
+        if !plan.faults.is_empty() || !spikes.is_empty() || !outages.is_empty() {
             s.faults_fired = engine.faults_fired();
             let ran = spikes.iter().filter(|&&(x, _)| x >= first_step).count() as u64;
             s.faults_fired.insert("loss_spike".into(), ran);
+            let ran = outages.iter().filter(|&&(x, _)| x >= first_step).count() as u64;
+            s.faults_fired.insert("store_outage".into(), ran);
         }
         s.coordinator_restarts = engine.coordinator_restarts;
         (s.detections_ms, s.stragglers) = engine.detections();

@@ -102,7 +102,11 @@ impl Actor for DataLoader {
                 }
                 // a second delivery of the same answer: the reply port takes one, the copy is
                 // refused by construction
-                FaultKind::Dup | FaultKind::Panic | FaultKind::Hang | FaultKind::LossSpike => {}
+                FaultKind::Dup
+                | FaultKind::Panic
+                | FaultKind::Hang
+                | FaultKind::LossSpike
+                | FaultKind::StoreOutage => {}
             }
         }
         let _ = reply.send(r);

@@ -166,7 +166,11 @@ async fn fire(fault: Fault, what: String, extra: Duration) {
             straggle(extra.mul_f64((fault.factor() - 1.0).max(0.0)), None).await;
         }
         // message faults fire where the message is sent; a loss spike is made by the data
-        FaultKind::Drop | FaultKind::Corrupt | FaultKind::Dup | FaultKind::LossSpike => {}
+        FaultKind::Drop
+        | FaultKind::Corrupt
+        | FaultKind::Dup
+        | FaultKind::LossSpike
+        | FaultKind::StoreOutage => {}
     }
 }
 

@@ -32,6 +32,7 @@ fn options(name: &str, path: &str, config: RunConfig) -> TrainOptions {
         init_from_hf: None,
         precision: Precision::F32,
         checkpoints: None,
+        store_outages: Vec::new(),
     }
 }
 
