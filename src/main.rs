@@ -33,6 +33,8 @@ enum Command {
     Runs(commands::RunsArgs),
     /// Draw a run as an SVG: loss and eval loss, checkpoints, restarts, rollbacks, tokens/s.
     Report(commands::ReportArgs),
+    /// Replay a failure scenario at cluster scale in virtual time (simulations/scenarios/*.toml).
+    Simulate(commands::SimulateArgs),
     /// List a checkpoint store's runs and committed checkpoints (`ls`), read them all back
     /// (`verify`), or remove orphans and all but the newest N intact checkpoints (`gc`).
     Ckpt(commands::CkptArgs),
@@ -182,6 +184,7 @@ fn main() {
         Some(Command::Bench(a)) => commands::bench(a),
         Some(Command::Runs(a)) => commands::runs(a),
         Some(Command::Report(a)) => commands::report(a),
+        Some(Command::Simulate(a)) => commands::simulate(a),
         Some(Command::Ckpt(a)) => commands::ckpt(a),
     };
     if let Err(e) = result {

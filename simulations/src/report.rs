@@ -1,0 +1,73 @@
+//! What `phalanx simulate` prints and draws: the summary of every policy (and every sweep
+//! value) as JSON, and an SVG of effective training time per policy (against the swept value
+//! when there is a sweep).
+
+use crate::run::Outcome;
+use std::fmt::Write;
+
+/// One simulated configuration: the swept value (if any) and each policy's outcome.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Point {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<(String, f64)>,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// Bars of effective training time: one group per point, one bar per policy.
+pub fn svg(title: &str, points: &[Point]) -> String {
+    let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 360.0);
+    let colours = ["#d0312d", "#2b6cb0", "#2f855a"];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="{w}" height="{h}" fill="white"/>"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{left}" y="22" font-size="15">{title}</text>"#
+    );
+    let groups = points.len().max(1) as f64;
+    let gw = (w - left - 20.0) / groups;
+    for (gi, p) in points.iter().enumerate() {
+        let n = p.outcomes.len().max(1) as f64;
+        for (bi, o) in p.outcomes.iter().enumerate() {
+            let bw = gw * 0.8 / n;
+            let x = left + gi as f64 * gw + gw * 0.1 + bi as f64 * bw;
+            let y = bottom - o.effective_training_time * (bottom - top);
+            let _ = writeln!(
+                out,
+                r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {:.2}%</title></rect>"#,
+                bw * 0.9,
+                bottom - y,
+                colours[bi % colours.len()],
+                o.policy.name(),
+                o.effective_training_time * 100.0
+            );
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.1}%</text>"#,
+                x + bw * 0.45,
+                y - 3.0,
+                o.effective_training_time * 100.0
+            );
+        }
+        let label = match &p.sweep {
+            Some((k, v)) => format!("{k} = {v}"),
+            None => "scenario".into(),
+        };
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{label}</text>"#,
+            left + gi as f64 * gw + gw / 2.0,
+            bottom + 18.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r##"<line x1="{left}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="#999"/><text x="{}" y="{}" text-anchor="end">effective training time: whole-job restart (red), actor restart (blue), peer restore (green)</text></svg>"##,
+        w - 20.0,
+        w - 20.0,
+        h - 10.0
+    );
+    out
+}

@@ -1,0 +1,477 @@
+//! A whole run at step granularity, in virtual time, under one recovery policy: steps commit,
+//! checkpoints are taken, nodes fail (an exponential process per node, categories from the
+//! scenario's mix, optional correlated bursts), failures are detected, the run recovers, spares
+//! are used and repaired. The decisions are the real machines': the `RunController` picks every
+//! step and checkpoint, the phi-accrual `Detector` says when a crashed or hung node is declared
+//! dead (actor-level policies), and the `Supervisor` gives the restart backoff and budget.
+
+use crate::engine::{Draws, Nanos, Queue, SECOND, secs, to_secs};
+use crate::failures::{self, Category, Symptom};
+use crate::scenario::Scenario;
+use actors::core::detector::{Detector, DetectorCommand, DetectorEvent, DetectorPolicy};
+use actors::core::monitor::MonitorState;
+use actors::core::run::{RunCommand, RunController, RunEvent, RunPlan};
+use actors::core::supervisor::{RestartPolicy, SupCommand, SupEvent, Supervisor};
+use kernels::ops::adamw::LrSchedule;
+use std::collections::BTreeMap;
+
+/// How a run recovers from a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Megatron-LM / torchtitan: the whole job restarts from the newest checkpoint after the
+    /// infrastructure notices (health checks, the collective watchdog for hangs).
+    WholeJob,
+    /// phalanx: the failed actor is declared dead by the failure detector, restarted by its
+    /// supervisor (on a spare node for hardware), restores its state from the object store, and
+    /// the open step is replayed; nothing else restarts.
+    ActorRestart,
+    /// As `ActorRestart`, with the state from a peer's in-memory copy instead of the store.
+    PeerRestore,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::WholeJob, Policy::ActorRestart, Policy::PeerRestore];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::WholeJob => "whole-job",
+            Policy::ActorRestart => "actor-restart",
+            Policy::PeerRestore => "peer-restore",
+        }
+    }
+}
+
+/// What a simulated run came to.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Outcome {
+    pub policy: Policy,
+    pub tokens: f64,
+    pub steps: u64,
+    pub wall_hours: f64,
+    pub gpu_hours: f64,
+    /// Productive time (committed steps that were kept) over wall time.
+    pub effective_training_time: f64,
+    pub interruptions: u64,
+    /// GPU-hours lost, by failure category (detection, recovery and the work thrown away), and
+    /// `checkpoint` for the stalls of saving.
+    pub lost_gpu_hours_by_cause: BTreeMap<String, f64>,
+    pub checkpoints: u64,
+    /// Whole-job restarts that went back to a checkpoint.
+    pub rollbacks: u64,
+    /// Median time from failure to detection, seconds.
+    pub detection_p50_s: f64,
+    /// Median downtime per failure (detection to running again), seconds.
+    pub recovery_p50_s: f64,
+    pub events: u64,
+}
+
+/// One line of the event log.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EventLine {
+    pub t_h: f64,
+    pub policy: Policy,
+    pub event: &'static str,
+    pub step: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detect_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_work_s: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Ev {
+    StepDone(u64),
+    Failure,
+    Recovered(u64),
+    Repaired,
+}
+
+/// Milliseconds from a node's last sign of life to the `Detector`'s Dead verdict, found by
+/// driving the machine: heartbeats every interval, then silence (a crash) or heartbeats whose
+/// work progress is frozen (a hang).
+pub fn detection_ms(policy: DetectorPolicy, symptom: Symptom) -> u64 {
+    let mut d = Detector::new(policy);
+    let every = policy.heartbeat_interval_ms.max(1);
+    d.on(0, DetectorEvent::Join { member: 0 });
+    let mut t = 0;
+    let mut progress = 0;
+    while t < 50 * every {
+        d.on(
+            t,
+            DetectorEvent::Heartbeat {
+                member: 0,
+                progress,
+            },
+        );
+        progress += 1;
+        t += every;
+    }
+    let failed = t - every;
+    if symptom == Symptom::Hang {
+        d.on(failed, DetectorEvent::WorkStarted { member: 0, work: 1 });
+    }
+    while t < failed + 600_000 {
+        if symptom == Symptom::Hang {
+            d.on(
+                t,
+                DetectorEvent::Heartbeat {
+                    member: 0,
+                    progress,
+                },
+            );
+        }
+        let dead = d
+            .on(t, DetectorEvent::Tick)
+            .into_iter()
+            .any(|c| matches!(c, DetectorCommand::Dead { .. }));
+        if dead {
+            return t - failed;
+        }
+        t += every;
+    }
+    600_000
+}
+
+/// The step time of a scenario: given, or from the model's FLOPs.
+pub fn step_seconds(s: &Scenario) -> Result<f64, String> {
+    if let Some(x) = s.run.step_seconds {
+        return Ok(x);
+    }
+    let (Some(model), Some(tflops), Some(eff)) = (&s.run.model, s.run.gpu_tflops, s.run.efficiency)
+    else {
+        return Err("run.step_seconds or run.model + run.gpu_tflops + run.efficiency".into());
+    };
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let path = std::path::Path::new(model);
+    let path = if path.is_absolute() || path.exists() {
+        path.to_path_buf()
+    } else {
+        std::path::Path::new(root).join(path)
+    };
+    let cfg = kernels::model::RunConfig::load(&path).map_err(|e| e.to_string())?;
+    let f = crate::cost::training_flops_per_token(&cfg.model, s.run.seq_len.unwrap_or(4096));
+    Ok(crate::cost::step_seconds(
+        f,
+        s.run.tokens_per_step,
+        s.gpus(),
+        tflops,
+        eff,
+    ))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn plan(first_step: u64, total: u64, ckpt_every: u64) -> RunPlan {
+    RunPlan {
+        first_step,
+        total_steps: total,
+        eval_every: u64::MAX,
+        ckpt_every: Some(ckpt_every),
+        lr: LrSchedule {
+            peak: 1.0,
+            warmup: 0,
+            decay_start: u64::MAX,
+            total,
+            min_ratio: 1.0,
+        },
+        spike: Default::default(),
+    }
+}
+
+/// Simulates the scenario under `policy` with `seed`; `log` gets every event worth a line.
+pub fn simulate(
+    s: &Scenario,
+    policy: Policy,
+    seed: u64,
+    log: &mut dyn FnMut(&EventLine),
+) -> Result<Outcome, String> {
+    let step_s = step_seconds(s)?;
+    let step_ns = secs(step_s).max(1);
+    let mix: &[Category] = failures::mix(&s.failures.mix).ok_or("unknown mix")?;
+    let weights: Vec<f64> = mix.iter().map(|c| c.weight).collect();
+    let total_steps = match s.run.tokens {
+        Some(t) => (t / s.run.tokens_per_step).ceil() as u64,
+        None => u64::MAX / 4,
+    };
+    let end_ns: Option<Nanos> = s.run.duration_hours.map(|h| secs(h * 3600.0));
+    let gpus = s.gpus() as f64;
+    let rate_per_ns = s.cluster.nodes as f64 * s.failures.rate_per_1000_node_days
+        / 1000.0
+        / (86_400.0 * SECOND as f64);
+    let mean_gap_ns = if rate_per_ns > 0.0 {
+        1.0 / rate_per_ns
+    } else {
+        f64::INFINITY
+    };
+    let rc = &s.recovery;
+    let det_policy = DetectorPolicy {
+        dead_after_ms: rc.detector_dead_after_ms,
+        ..DetectorPolicy::default()
+    };
+    let detect_crash_s = detection_ms(det_policy, Symptom::Crash) as f64 / 1000.0;
+    let detect_hang_s = detection_ms(det_policy, Symptom::Hang) as f64 / 1000.0;
+
+    let mut gaps = Draws::new(seed, "failure-times");
+    let mut cats = Draws::new(seed, "failure-categories");
+    let mut delays = Draws::new(seed, "detection-delays");
+    let mut bursts = Draws::new(seed, "bursts");
+    let mut q: Queue<Ev> = Queue::default();
+    let mut ctl = RunController::new(
+        plan(1, total_steps, s.checkpoint.interval_steps),
+        MonitorState::default(),
+    );
+    let mut sup: Supervisor<u64> = Supervisor::new("the formation", RestartPolicy::default(), true);
+
+    let mut lost: BTreeMap<String, f64> = BTreeMap::new();
+    let mut committed = 0u64;
+    let mut ckpt_step = 0u64;
+    let (mut checkpoints, mut rollbacks, mut interruptions) = (0u64, 0u64, 0u64);
+    let mut detections = Vec::new();
+    let mut downtimes = Vec::new();
+    let mut spares = s.cluster.spare_nodes;
+    // the in-flight step: its event id, its number and when it started
+    let mut in_flight: Option<(u64, u64, Nanos)> = None;
+    // the current recovery: its generation and when it ends
+    let mut recovery: Option<(u64, Nanos)> = None;
+    let mut generation = 0u64;
+    let mut now: Nanos = 0;
+    let gpu_h = |ns: f64| ns / SECOND as f64 / 3600.0 * gpus;
+
+    if mean_gap_ns.is_finite() {
+        q.at(
+            secs(gaps.exponential(mean_gap_ns) / SECOND as f64),
+            Ev::Failure,
+        );
+    }
+    let start_step =
+        |q: &mut Queue<Ev>, cmds: Vec<RunCommand>, at: Nanos| -> Option<(u64, u64, Nanos)> {
+            cmds.into_iter().find_map(|c| match c {
+                RunCommand::Step { step, .. } => {
+                    Some((q.at(at + step_ns, Ev::StepDone(step)), step, at))
+                }
+                _ => None,
+            })
+        };
+    in_flight = start_step(&mut q, ctl.on(RunEvent::Start), 0).or(in_flight);
+    let mut finished = false;
+
+    while let Some((t, ev)) = q.pop() {
+        if let Some(end) = end_ns
+            && t >= end
+        {
+            now = end;
+            break;
+        }
+        now = t;
+        match ev {
+            Ev::StepDone(step) => {
+                committed = step;
+                sup.on(now / 1_000_000, SupEvent::Progress);
+                let cmds = ctl.on(RunEvent::StepDone {
+                    step,
+                    loss: 1.0,
+                    grad_norm: 1.0,
+                    rejected: None,
+                });
+                let mut stall = 0;
+                for c in &cmds {
+                    match c {
+                        RunCommand::Checkpoint { step } => {
+                            let st = match policy {
+                                Policy::WholeJob => s.checkpoint.sync_write_seconds,
+                                _ => s.checkpoint.async_stall_seconds,
+                            };
+                            stall = secs(st);
+                            *lost.entry("checkpoint".into()).or_default() += gpu_h(stall as f64);
+                            checkpoints += 1;
+                            ckpt_step = *step;
+                        }
+                        RunCommand::Finish => finished = true,
+                        _ => {}
+                    }
+                }
+                if finished {
+                    now += stall;
+                    break;
+                }
+                in_flight = start_step(&mut q, cmds, now + stall);
+            }
+            Ev::Failure => {
+                interruptions += 1;
+                if mean_gap_ns.is_finite() {
+                    q.at(
+                        now + secs(gaps.exponential(mean_gap_ns) / SECOND as f64),
+                        Ev::Failure,
+                    );
+                }
+                let cat = mix[cats.pick(&weights)];
+                let nodes = if bursts.uniform() < s.failures.burst_probability {
+                    s.failures.burst_nodes.max(1)
+                } else {
+                    1
+                };
+                // the step in flight (if any) is lost either way
+                let lost_open = match in_flight.take() {
+                    Some((id, _, started)) => {
+                        q.cancel(id);
+                        // a failure during a checkpoint's stall loses no step work
+                        now.saturating_sub(started)
+                    }
+                    None => 0,
+                };
+                // a node to run on: a spare for hardware, else the same node
+                let mut wait_spare = 0.0;
+                if cat.hardware {
+                    for _ in 0..nodes {
+                        if spares > 0 {
+                            spares -= 1;
+                        } else {
+                            wait_spare = rc.repair_hours * 3600.0;
+                        }
+                        q.at(now + secs(rc.repair_hours * 3600.0), Ev::Repaired);
+                    }
+                }
+                let (detect, downtime, thrown) = match policy {
+                    Policy::WholeJob => {
+                        let detect = match cat.symptom {
+                            Symptom::Hang => rc.watchdog_seconds,
+                            _ => delays.lognormal(cat.detect_median_s, 0.6),
+                        };
+                        let restart = rc.job_restart_seconds + s.checkpoint.restore_seconds;
+                        // back to the newest checkpoint: the steps after it are redone
+                        let redo = (committed - ckpt_step) as f64 * step_s;
+                        if committed > ckpt_step {
+                            rollbacks += 1;
+                        }
+                        committed = ckpt_step;
+                        ctl = RunController::new(
+                            plan(ckpt_step + 1, total_steps, s.checkpoint.interval_steps),
+                            MonitorState::default(),
+                        );
+                        let spare_or_repair = if cat.hardware { wait_spare } else { 0.0 };
+                        (detect, detect + restart + spare_or_repair, redo)
+                    }
+                    Policy::ActorRestart | Policy::PeerRestore => {
+                        let detect = match cat.symptom {
+                            Symptom::Crash => detect_crash_s,
+                            Symptom::Hang => detect_hang_s,
+                            // the loss monitor judges the step before its update: the open
+                            // step is rejected where it ends
+                            Symptom::SilentCorruption => step_s - lost_open as f64 / SECOND as f64,
+                        };
+                        let now_ms = now / 1_000_000;
+                        let mut backoff_ms = 0;
+                        for c in sup.on(
+                            now_ms,
+                            SupEvent::Failed {
+                                child: 0,
+                                what: cat.name.into(),
+                            },
+                        ) {
+                            if let SupCommand::StartTimer { after_ms, token } = c {
+                                backoff_ms = after_ms;
+                                sup.on(now_ms + after_ms, SupEvent::Timer { token });
+                            }
+                        }
+                        let restart = if cat.hardware {
+                            rc.spare_start_seconds + wait_spare
+                        } else {
+                            rc.process_restart_seconds
+                        };
+                        let restore = match policy {
+                            Policy::PeerRestore => rc.peer_restore_seconds,
+                            _ => rc.node_restore_seconds,
+                        };
+                        (
+                            detect,
+                            detect + backoff_ms as f64 / 1000.0 + restart + restore,
+                            0.0,
+                        )
+                    }
+                };
+                detections.push(detect);
+                downtimes.push(downtime);
+                let lost_s = lost_open as f64 / SECOND as f64 + thrown;
+                *lost.entry(cat.name.into()).or_default() +=
+                    gpu_h((downtime + lost_s) * SECOND as f64);
+                generation += 1;
+                let until = now + secs(downtime);
+                // a failure during a recovery starts the recovery over
+                recovery = Some((generation, until));
+                q.at(until, Ev::Recovered(generation));
+                log(&EventLine {
+                    t_h: to_secs(now) / 3600.0,
+                    policy,
+                    event: "failure",
+                    step: committed,
+                    category: Some(cat.name),
+                    nodes: Some(nodes),
+                    detect_s: Some(detect),
+                    downtime_s: Some(downtime),
+                    lost_work_s: Some(lost_s),
+                });
+            }
+            Ev::Recovered(g) => {
+                if recovery.is_some_and(|(cur, _)| cur == g) {
+                    recovery = None;
+                    let cmds = match policy {
+                        Policy::WholeJob => ctl.on(RunEvent::Start),
+                        // the open step again
+                        _ => vec![RunCommand::Step {
+                            step: committed + 1,
+                            lr: 1.0,
+                            gate: actors::core::monitor::SpikeGate::open(),
+                        }],
+                    };
+                    in_flight = start_step(&mut q, cmds, now);
+                    log(&EventLine {
+                        t_h: to_secs(now) / 3600.0,
+                        policy,
+                        event: "recovered",
+                        step: committed,
+                        category: None,
+                        nodes: None,
+                        detect_s: None,
+                        downtime_s: None,
+                        lost_work_s: None,
+                    });
+                }
+            }
+            Ev::Repaired => spares += 1,
+        }
+    }
+    let wall_s = to_secs(now);
+    let productive = committed as f64 * step_s;
+    Ok(Outcome {
+        policy,
+        tokens: committed as f64 * s.run.tokens_per_step,
+        steps: committed,
+        wall_hours: wall_s / 3600.0,
+        gpu_hours: wall_s / 3600.0 * gpus,
+        effective_training_time: if wall_s > 0.0 {
+            productive / wall_s
+        } else {
+            0.0
+        },
+        interruptions,
+        lost_gpu_hours_by_cause: lost,
+        checkpoints,
+        rollbacks,
+        detection_p50_s: median(detections),
+        recovery_p50_s: median(downtimes),
+        events: q.taken,
+    })
+}

@@ -1,0 +1,313 @@
+//! A failure scenario as read from `scenarios/*.toml`: the cluster, the run, the failure
+//! process, checkpoints and recovery costs. Unknown keys and impossible values are refused
+//! naming the file and the key. Every default and its source is in `simulations/README.md`.
+
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub cluster: Cluster,
+    pub run: RunSpec,
+    pub failures: Failures,
+    pub checkpoint: Checkpoint,
+    #[serde(default)]
+    pub recovery: Recovery,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub nodes: u64,
+    pub gpus_per_node: u64,
+    /// Warm standby nodes that take a failed node's place (replenished after repair).
+    #[serde(default)]
+    pub spare_nodes: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Wall-clock length simulated, in hours (exactly one of this and `tokens`).
+    pub duration_hours: Option<f64>,
+    /// Tokens to train (the run ends when they are done).
+    pub tokens: Option<f64>,
+    pub tokens_per_step: f64,
+    /// The time of one step; or derive it from `model`, `gpu_tflops` and `efficiency`.
+    pub step_seconds: Option<f64>,
+    /// A phalanx model config (path relative to the workspace root) for the FLOP accounting.
+    pub model: Option<String>,
+    /// Sequence length for the attention FLOPs (default 4096).
+    pub seq_len: Option<u64>,
+    /// Peak dense TFLOP/s per GPU, and the fraction of it a step achieves.
+    pub gpu_tflops: Option<f64>,
+    pub efficiency: Option<f64>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Failures {
+    /// Unexpected interruptions per 1,000 node-days (exponential per node).
+    pub rate_per_1000_node_days: f64,
+    /// Category mix: "llama3" (Table 5) or "uniform-crash".
+    #[serde(default = "llama3")]
+    pub mix: String,
+    /// Probability that a failure is a correlated burst (a rack or a switch) taking
+    /// `burst_nodes` nodes down at once.
+    #[serde(default)]
+    pub burst_probability: f64,
+    #[serde(default)]
+    pub burst_nodes: u64,
+}
+
+fn llama3() -> String {
+    "llama3".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// Checkpoint every this many steps.
+    pub interval_steps: u64,
+    /// Whole-job policy: the step loop stops this long per checkpoint (synchronous save).
+    pub sync_write_seconds: f64,
+    /// Actor-level policies: the stall of an asynchronous save (copy, then upload beside).
+    pub async_stall_seconds: f64,
+    /// Reading the whole checkpoint back at a job restart.
+    pub restore_seconds: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recovery {
+    /// Whole-job restart: requeue, process start, NCCL init (cold restart at 16K: ~200 s).
+    pub job_restart_seconds: f64,
+    /// Actor-level: a fresh process on the same node.
+    pub process_restart_seconds: f64,
+    /// Actor-level: a warm spare node taking the place of a failed one.
+    pub spare_start_seconds: f64,
+    /// Actor-level: one node's state from the object store.
+    pub node_restore_seconds: f64,
+    /// Peer policy: one node's state from a peer's memory.
+    pub peer_restore_seconds: f64,
+    /// A failed node is back in the pool after this long.
+    pub repair_hours: f64,
+    /// Whole-job policy: a hang is seen by the collective watchdog after this long.
+    pub watchdog_seconds: f64,
+    /// Actor-level: the failure detector's bound (heartbeat every 100 ms).
+    pub detector_dead_after_ms: u64,
+}
+
+impl Default for Recovery {
+    fn default() -> Recovery {
+        Recovery {
+            job_restart_seconds: 200.0,
+            process_restart_seconds: 30.0,
+            spare_start_seconds: 60.0,
+            node_restore_seconds: 20.0,
+            peer_restore_seconds: 3.0,
+            repair_hours: 4.0,
+            watchdog_seconds: 600.0,
+            detector_dead_after_ms: 2000,
+        }
+    }
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let file = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read: {e}"))?;
+        Scenario::parse(&text, &file)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Scenario, String> {
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| format!("{file}: not valid TOML: {}", e.message()))?;
+        let s: Scenario =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let msg = e.inner().to_string();
+                let msg = msg.lines().next().unwrap_or("").to_string();
+                format!("{file}: key `{}`: {msg}", e.path())
+            })?;
+        s.validate(file)?;
+        Ok(s)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), String> {
+        let bad = |key: &str, why: String| Err(format!("{file}: key `{key}`: {why}"));
+        if self.cluster.nodes == 0 {
+            return bad("cluster.nodes", "must be at least 1".into());
+        }
+        if !(1..=16).contains(&self.cluster.gpus_per_node) {
+            return bad(
+                "cluster.gpus_per_node",
+                format!("{} (a node has 1 to 16 GPUs)", self.cluster.gpus_per_node),
+            );
+        }
+        let r = &self.run;
+        match (r.duration_hours, r.tokens) {
+            (Some(_), Some(_)) | (None, None) => {
+                return bad(
+                    "run.duration_hours",
+                    "give exactly one of run.duration_hours and run.tokens".into(),
+                );
+            }
+            _ => {}
+        }
+        let positive = [
+            ("run.duration_hours", r.duration_hours),
+            ("run.tokens", r.tokens),
+            ("run.tokens_per_step", Some(r.tokens_per_step)),
+            ("run.step_seconds", r.step_seconds),
+            ("run.gpu_tflops", r.gpu_tflops),
+            ("run.efficiency", r.efficiency),
+        ];
+        for (k, v) in positive {
+            if let Some(v) = v
+                && !(v > 0.0 && v.is_finite())
+            {
+                return bad(k, format!("{v} (must be a positive number)"));
+            }
+        }
+        if r.efficiency.is_some_and(|e| e > 1.0) {
+            return bad("run.efficiency", "must be at most 1".into());
+        }
+        if r.step_seconds.is_none()
+            && (r.model.is_none() || r.gpu_tflops.is_none() || r.efficiency.is_none())
+        {
+            return bad(
+                "run.step_seconds",
+                "give it, or run.model, run.gpu_tflops and run.efficiency to derive it".into(),
+            );
+        }
+        let f = &self.failures;
+        if !(f.rate_per_1000_node_days >= 0.0 && f.rate_per_1000_node_days.is_finite()) {
+            return bad(
+                "failures.rate_per_1000_node_days",
+                format!("{} (must be zero or positive)", f.rate_per_1000_node_days),
+            );
+        }
+        if !(0.0..=1.0).contains(&f.burst_probability) {
+            return bad("failures.burst_probability", "must lie in [0, 1]".into());
+        }
+        if f.burst_nodes > self.cluster.nodes {
+            return bad(
+                "failures.burst_nodes",
+                format!(
+                    "{} is more than the cluster's {} nodes",
+                    f.burst_nodes, self.cluster.nodes
+                ),
+            );
+        }
+        if crate::failures::mix(&f.mix).is_none() {
+            return bad(
+                "failures.mix",
+                format!("unknown mix {:?} (llama3, uniform-crash)", f.mix),
+            );
+        }
+        let c = &self.checkpoint;
+        if c.interval_steps == 0 {
+            return bad("checkpoint.interval_steps", "must be at least 1".into());
+        }
+        let rc = &self.recovery;
+        for (k, v) in [
+            ("checkpoint.sync_write_seconds", c.sync_write_seconds),
+            ("checkpoint.async_stall_seconds", c.async_stall_seconds),
+            ("checkpoint.restore_seconds", c.restore_seconds),
+            ("recovery.job_restart_seconds", rc.job_restart_seconds),
+            (
+                "recovery.process_restart_seconds",
+                rc.process_restart_seconds,
+            ),
+            ("recovery.spare_start_seconds", rc.spare_start_seconds),
+            ("recovery.node_restore_seconds", rc.node_restore_seconds),
+            ("recovery.peer_restore_seconds", rc.peer_restore_seconds),
+            ("recovery.repair_hours", rc.repair_hours),
+            ("recovery.watchdog_seconds", rc.watchdog_seconds),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(k, format!("{v} (must be zero or positive)"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn gpus(&self) -> u64 {
+        self.cluster.nodes * self.cluster.gpus_per_node
+    }
+
+    /// Sets a key from `--sweep key=value` (the keys a sweep can vary).
+    pub fn set(&mut self, key: &str, value: f64) -> Result<(), String> {
+        match key {
+            "checkpoint.interval_steps" => self.checkpoint.interval_steps = value as u64,
+            "failures.rate_per_1000_node_days" => self.failures.rate_per_1000_node_days = value,
+            "cluster.nodes" => self.cluster.nodes = value as u64,
+            "cluster.spare_nodes" => self.cluster.spare_nodes = value as u64,
+            "recovery.job_restart_seconds" => self.recovery.job_restart_seconds = value,
+            other => {
+                return Err(format!(
+                    "--sweep {other}: not a sweepable key (checkpoint.interval_steps, failures.rate_per_1000_node_days, cluster.nodes, cluster.spare_nodes, recovery.job_restart_seconds)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "name = \"x\"\n[cluster]\nnodes = 4\ngpus_per_node = 8\n[run]\nduration_hours = 1.0\ntokens_per_step = 1.0\nstep_seconds = 1.0\n[failures]\nrate_per_1000_node_days = 1.0\n[checkpoint]\ninterval_steps = 10\nsync_write_seconds = 1.0\nasync_stall_seconds = 0.1\nrestore_seconds = 1.0\n";
+
+    #[test]
+    fn bad_scenarios_are_refused_naming_file_and_key() {
+        assert!(Scenario::parse(GOOD, "s.toml").is_ok());
+        for (from, to, key) in [
+            ("nodes = 4", "nodes = 4\nnodez = 1", "cluster"),
+            (
+                "rate_per_1000_node_days = 1.0",
+                "rate_per_1000_node_days = -1.0",
+                "failures.rate_per_1000_node_days",
+            ),
+            (
+                "gpus_per_node = 8",
+                "gpus_per_node = 64",
+                "cluster.gpus_per_node",
+            ),
+            (
+                "interval_steps = 10",
+                "interval_steps = 0",
+                "checkpoint.interval_steps",
+            ),
+            ("step_seconds = 1.0", "", "run.step_seconds"),
+            (
+                "duration_hours = 1.0",
+                "duration_hours = 1.0\ntokens = 5.0",
+                "run.duration_hours",
+            ),
+            (
+                "rate_per_1000_node_days = 1.0",
+                "rate_per_1000_node_days = 1.0\nmix = \"nope\"",
+                "failures.mix",
+            ),
+            (
+                "rate_per_1000_node_days = 1.0",
+                "rate_per_1000_node_days = 1.0\nburst_nodes = 9",
+                "failures.burst_nodes",
+            ),
+        ] {
+            let text = GOOD.replace(from, to);
+            let e = Scenario::parse(&text, "s.toml").unwrap_err();
+            assert!(
+                e.starts_with("s.toml: key `") && e.contains(key),
+                "{to}: {e}"
+            );
+        }
+    }
+}

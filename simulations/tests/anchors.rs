@@ -1,0 +1,109 @@
+//! The simulator against published runs: DeepSeek-V3's GPU-hours, Llama 3's interruptions and
+//! effective training time, Meta's projected MTTF at 16K GPUs; and determinism.
+
+use simulations::run::{EventLine, Outcome, Policy, simulate};
+use simulations::scenario::Scenario;
+
+fn scenario(name: &str) -> Scenario {
+    let p = format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    Scenario::load(std::path::Path::new(&p)).unwrap()
+}
+
+fn run(s: &Scenario, policy: Policy, seed: u64) -> (Outcome, Vec<String>) {
+    let mut lines = Vec::new();
+    let o = simulate(s, policy, seed, &mut |e: &EventLine| {
+        lines.push(serde_json::to_string(e).unwrap())
+    })
+    .unwrap();
+    (o, lines)
+}
+
+#[test]
+fn same_scenario_and_seed_give_the_same_event_log() {
+    let s = scenario("llama3-16k-54d");
+    let (a, la) = run(&s, Policy::ActorRestart, 7);
+    let (b, lb) = run(&s, Policy::ActorRestart, 7);
+    let (_, lc) = run(&s, Policy::ActorRestart, 8);
+    assert_eq!(la, lb);
+    assert_eq!(a, b);
+    assert!(!la.is_empty());
+    assert_ne!(la, lc, "another seed, other failures");
+}
+
+#[test]
+fn deepseek_v3_pretraining_costs_2_664m_gpu_hours() {
+    let (o, _) = run(&scenario("deepseek-v3-2048"), Policy::WholeJob, 1);
+    println!(
+        "DeepSeek-V3: {:.4e} tokens in {:.1} h on 2,048 GPUs = {:.4}M GPU-hours ({:.1}K per trillion tokens)",
+        o.tokens,
+        o.wall_hours,
+        o.gpu_hours / 1e6,
+        o.gpu_hours / (o.tokens / 1e12) / 1e3
+    );
+    assert!(o.tokens >= 14.8e12);
+    assert!(
+        (o.gpu_hours / 2.664e6 - 1.0).abs() < 0.005,
+        "{}",
+        o.gpu_hours
+    );
+}
+
+#[test]
+fn llama3_sees_419_interruptions_and_keeps_above_90_percent() {
+    let s = scenario("llama3-16k-54d");
+    let mut counts = Vec::new();
+    for seed in 1..=5 {
+        let (o, _) = run(&s, Policy::WholeJob, seed);
+        println!(
+            "seed {seed}: {} interruptions, whole-job effective training time {:.2}%",
+            o.interruptions,
+            o.effective_training_time * 100.0
+        );
+        // 419 expected; Poisson σ ≈ 20.5
+        assert!(
+            (o.interruptions as f64 - 419.0).abs() <= 3.0 * 419f64.sqrt(),
+            "{}",
+            o.interruptions
+        );
+        assert!(
+            o.effective_training_time > 0.90,
+            "{}",
+            o.effective_training_time
+        );
+        counts.push(o.interruptions);
+    }
+    let mean = counts.iter().sum::<u64>() as f64 / counts.len() as f64;
+    assert!((mean - 419.0).abs() < 3.0 * 419f64.sqrt() / (counts.len() as f64).sqrt());
+}
+
+#[test]
+fn rsc_rate_gives_about_1_8_hours_between_failures_at_16k_gpus() {
+    let (o, _) = run(&scenario("rsc-6.5"), Policy::ActorRestart, 3);
+    let mttf = o.wall_hours / o.interruptions as f64;
+    println!(
+        "RSC-1 rate at 16,384 GPUs: {} failures in {:.0} h, MTTF {mttf:.2} h (Meta: 1.8 h)",
+        o.interruptions, o.wall_hours
+    );
+    // ~400 failures: the mean gap is within 3σ ≈ 15% of 1.80 h
+    assert!((mttf / 1.80 - 1.0).abs() < 0.15, "{mttf}");
+}
+
+#[test]
+fn actor_restart_beats_whole_job_restart() {
+    let s = scenario("llama3-16k-54d");
+    let whole = run(&s, Policy::WholeJob, 5).0;
+    let actor = run(&s, Policy::ActorRestart, 5).0;
+    let peer = run(&s, Policy::PeerRestore, 5).0;
+    println!(
+        "effective training time: whole-job {:.2}%, actor restart {:.2}%, peer restore {:.2}%; detection p50 {:.1} s vs {:.1} s",
+        whole.effective_training_time * 100.0,
+        actor.effective_training_time * 100.0,
+        peer.effective_training_time * 100.0,
+        whole.detection_p50_s,
+        actor.detection_p50_s
+    );
+    assert!(actor.effective_training_time > whole.effective_training_time);
+    assert!(peer.effective_training_time >= actor.effective_training_time);
+    // the detector's bound, driven through the real machine
+    assert!(actor.detection_p50_s <= 2.1, "{}", actor.detection_p50_s);
+}
