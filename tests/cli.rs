@@ -681,3 +681,67 @@ fn killed_run_resumes_to_the_uninterrupted_weights() {
         "{listing}"
     );
 }
+
+/// `phalanx simulate` replays a scenario under the three policies (summary JSON with the keys
+/// the README names, an event log, a picture), sweeps a key, and refuses a bad scenario naming
+/// the file and the key.
+#[test]
+fn simulate_replays_a_scenario_and_refuses_a_bad_one() {
+    let out = tmp("simulate");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_str().unwrap();
+    let s = run_json(&[
+        "simulate",
+        "simulations/scenarios/rsc-6.5.toml",
+        "--out",
+        o,
+        "--sweep",
+        "checkpoint.interval_steps=50,600",
+    ]);
+    let points = s["results"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for p in points {
+        let outcomes = p["outcomes"].as_array().unwrap();
+        assert_eq!(outcomes.len(), 3);
+        for k in [
+            "tokens",
+            "wall_hours",
+            "gpu_hours",
+            "effective_training_time",
+            "interruptions",
+            "lost_gpu_hours_by_cause",
+            "checkpoints",
+            "rollbacks",
+            "events",
+        ] {
+            assert!(!outcomes[0][k].is_null(), "{k}");
+        }
+    }
+    // checkpointing more often costs the whole-job policy less rework
+    let whole = |i: usize| {
+        points[i]["outcomes"][0]["effective_training_time"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(whole(0) > whole(1), "{} vs {}", whole(0), whole(1));
+    let log = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    assert!(log.lines().count() > 100 && log.contains("\"event\":\"failure\""));
+    assert!(
+        std::fs::read_to_string(out.join("ettr.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    let bad = out.join("bad.toml");
+    let text = std::fs::read_to_string("simulations/scenarios/rsc-6.5.toml")
+        .unwrap()
+        .replace(
+            "rate_per_1000_node_days = 6.5",
+            "rate_per_1000_node_days = -1.0",
+        );
+    std::fs::write(&bad, text).unwrap();
+    let e = refused(&["simulate", bad.to_str().unwrap()]);
+    assert!(
+        e.contains("bad.toml") && e.contains("failures.rate_per_1000_node_days"),
+        "{e}"
+    );
+}
