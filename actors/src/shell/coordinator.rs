@@ -398,7 +398,7 @@ fn reduce_and_apply(
     }
     let mut grads = reduce(&committed.model.params, parts, m).map_err(anyhow::Error::msg)?;
     // the new state comes next: start it from the pages the step's compute gave back
-    super::release_free_memory();
+    super::release_free_memory(committed.model.num_params());
     scale_for_microbatches(&mut grads, m);
     let per = combine_stage_stats(stats, m, schedule.kind.model_stages(schedule.ranks))
         .map_err(anyhow::Error::msg)?;

@@ -304,7 +304,7 @@ impl StepEngine for ActorEngine {
             match self.call_step(state.clone(), step, *h, restore)? {
                 Some(reply) => {
                     drop(state);
-                    super::release_free_memory();
+                    super::release_free_memory(reply.state.model.num_params());
                     self.restarts = self.restarts_before + reply.restarts;
                     self.replayed = self.replayed_before + reply.replayed_steps;
                     return Ok((*reply.state, reply.out));

@@ -207,12 +207,20 @@ fn is_child_event(evt: &SupervisionEvent) -> Option<(ActorId, String)> {
     }
 }
 
+/// 64M parameters (256 MiB of f32): small (117M) trims, tiny (a few M) does not.
+pub(crate) const TRIM_FROM_PARAMS: usize = 64 << 20;
+
 /// Hands the pages of freed memory back to the kernel: called when a step's compute is done
 /// (before the new state is built) and once it has committed. A step frees activations,
 /// gradient sums and the old committed state on other threads than those that allocated them;
 /// glibc keeps such memory in its arenas (up to the trim threshold the binary sets for speed),
 /// which made the formation's resident set 1–2 GB larger on small than what it uses.
-pub(crate) fn release_free_memory() {
+/// Only for models of at least [`TRIM_FROM_PARAMS`] parameters: below, what glibc keeps is small
+/// and refaulting the returned pages costs more than it saves.
+pub(crate) fn release_free_memory(params: usize) {
+    if params < TRIM_FROM_PARAMS {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages of the allocator's arenas to the kernel.
     unsafe {
