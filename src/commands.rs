@@ -204,8 +204,19 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if a.seq_len == 0 {
         bail!("--seq-len must be at least 1");
     }
-    let (model, report) = storage::hf::load_dir(&a.hf, 0)?;
-    tracing::info!(loaded = report.loaded, "loaded {}", a.hf.display());
+    let model = match (&a.hf, &a.store) {
+        (Some(dir), _) => {
+            let (model, report) = storage::hf::load_dir(dir, 0)?;
+            tracing::info!(loaded = report.loaded, "loaded {}", dir.display());
+            model
+        }
+        (None, Some(url)) => {
+            let (model, m) = actors::export::model(url, a.run.as_deref(), a.step)?;
+            tracing::info!(run = %m.run, step = m.step, "loaded the checkpoint from {url}");
+            model
+        }
+        (None, None) => bail!("give --hf DIR or --store URL"),
+    };
     let (windows, loss) = actors::trainer::eval_token_file(&model, &a.data, a.seq_len)?;
     println!("windows={windows} seq_len={}", a.seq_len);
     println!("loss={loss:.6}");
@@ -649,7 +660,8 @@ pub fn report(a: ReportArgs) -> Result<()> {
 #[derive(Args, Debug)]
 pub struct CkptArgs {
     /// `ls` (runs and their committed checkpoints), `verify` (read every committed checkpoint
-    /// back, checking sizes and SHA-256) or `gc` (remove orphans and old checkpoints).
+    /// back, checking sizes and SHA-256), `gc` (remove orphans and old checkpoints) or
+    /// `export-hf DIR` (a checkpoint as a Hugging Face DeepseekV3 directory).
     pub what: String,
     /// The store (a directory, file://, memory://, s3://, gs://, az://); default: DIR/store of --out.
     #[arg(long)]
@@ -667,6 +679,11 @@ pub struct CkptArgs {
     /// gc: list what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// export-hf: the checkpoint step (default: the newest intact one).
+    #[arg(long)]
+    pub step: Option<u64>,
+    /// export-hf: the directory to write (config.json, model.safetensors).
+    pub dir: Option<PathBuf>,
 }
 
 /// `phalanx ckpt ls|verify|gc`: what a store holds, whether it reads back intact, and removing
@@ -682,8 +699,29 @@ pub fn ckpt(a: CkptArgs) -> Result<()> {
         "ls" => false,
         "verify" => true,
         "gc" => return ckpt_gc(&a, &url),
-        other => bail!("unknown ckpt command {other:?}: expected `ls`, `verify` or `gc`"),
+        "export-hf" => {
+            let dir = a
+                .dir
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("ckpt export-hf: give the directory to write"))?;
+            let e = actors::export::export_hf(&url, a.run.as_deref(), a.step, dir)?;
+            println!(
+                "{}: run {} step {}: {} tensors in config.json + model.safetensors ({} MTP tensors left out: transformers' DeepseekV3 has no MTP)",
+                dir.display(),
+                e.run,
+                e.step,
+                e.tensors,
+                e.mtp_left_out
+            );
+            return Ok(());
+        }
+        other => {
+            bail!("unknown ckpt command {other:?}: expected `ls`, `verify`, `gc` or `export-hf`")
+        }
     };
+    if a.step.is_some() || a.dir.is_some() {
+        bail!("--step and a directory are for `phalanx ckpt export-hf`");
+    }
     if a.keep.is_some() || a.dry_run {
         bail!("--keep and --dry-run are for `phalanx ckpt gc`");
     }

@@ -128,8 +128,17 @@ pub struct TrainArgs {
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Hugging Face DeepseekV3 directory (config.json + model.safetensors, fp32 or bf16).
+    #[arg(long, conflicts_with = "store", required_unless_present = "store")]
+    hf: Option<PathBuf>,
+    /// Or a phalanx checkpoint store: its newest intact checkpoint (see --run, --step), in f32.
     #[arg(long)]
-    hf: PathBuf,
+    store: Option<String>,
+    /// With --store: the run (default: the newest run that has a checkpoint).
+    #[arg(long, requires = "store")]
+    run: Option<String>,
+    /// With --store: the checkpoint step (default: the newest intact one).
+    #[arg(long, requires = "store")]
+    step: Option<u64>,
     /// Little-endian u32 token file.
     #[arg(long)]
     data: PathBuf,

@@ -745,3 +745,90 @@ fn simulate_replays_a_scenario_and_refuses_a_bad_one() {
         "{e}"
     );
 }
+
+/// `phalanx ckpt export-hf` writes a Hugging Face directory whose loss (`eval --hf`) equals the
+/// checkpoint's (`eval --store`); a missing step or directory is refused by name.
+/// (`scripts/check_export_hf.py` checks the same directory against transformers, by hand.)
+#[test]
+fn export_hf_gives_the_checkpoints_loss() {
+    let out = tmp("export");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_str().unwrap();
+    run_json(&[
+        "train",
+        "--config",
+        "configs/micro.toml",
+        "--steps",
+        "6",
+        "--ckpt-every",
+        "3",
+        "--out",
+        o,
+    ]);
+    let hf = out.join("hf");
+    let e = phalanx(&[
+        "ckpt",
+        "export-hf",
+        "--out",
+        o,
+        "--step",
+        "3",
+        hf.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&e.stdout).to_string();
+    assert!(e.status.success() && said.contains("step 3"), "{said}");
+    assert!(hf.join("config.json").exists() && hf.join("model.safetensors").exists());
+    let tokens = out.join("tokens.u32");
+    let ids: Vec<u8> = (0..17u32 * 6)
+        .flat_map(|i| ((i * 7 + 3) % 64).to_le_bytes())
+        .collect();
+    std::fs::write(&tokens, ids).unwrap();
+    let t = tokens.to_str().unwrap();
+    let loss = |args: &[&str]| {
+        let r = phalanx(args);
+        let text = String::from_utf8_lossy(&r.stdout).to_string();
+        assert!(
+            r.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        text.lines()
+            .find(|l| l.starts_with("loss="))
+            .unwrap()
+            .to_string()
+    };
+    let store = out.join("store");
+    let from_store = loss(&[
+        "eval",
+        "--store",
+        store.to_str().unwrap(),
+        "--step",
+        "3",
+        "--data",
+        t,
+        "--seq-len",
+        "16",
+    ]);
+    let from_hf = loss(&[
+        "eval",
+        "--hf",
+        hf.to_str().unwrap(),
+        "--data",
+        t,
+        "--seq-len",
+        "16",
+    ]);
+    assert_eq!(from_store, from_hf);
+    let e = refused(&[
+        "ckpt",
+        "export-hf",
+        "--out",
+        o,
+        "--step",
+        "4",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(e.contains("step 4"), "{e}");
+    let e = refused(&["ckpt", "export-hf", "--out", o]);
+    assert!(e.contains("directory"), "{e}");
+}

@@ -9,6 +9,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod core;
 #[cfg(feature = "runtime")]
+pub mod export;
+#[cfg(feature = "runtime")]
 pub mod formation;
 pub mod report;
 pub mod schedule;

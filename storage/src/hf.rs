@@ -211,3 +211,50 @@ pub fn read_f32_tensors(path: &Path) -> Result<NamedTensors, HfError> {
     }
     Ok(out)
 }
+
+/// Writes a Hugging Face DeepseekV3 directory: `config.json` (the model's keys plus
+/// `architectures`, `model_type` and `torch_dtype`) and one `model.safetensors` of F32 tensors
+/// `(name, shape, values)` in the given order. The directory is created; existing files of
+/// those names are replaced.
+pub fn write_dir(
+    dir: &Path,
+    cfg: &ModelConfig,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<(), HfError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, format!("cannot create: {e}")))?;
+    let mut json = serde_json::to_value(cfg).map_err(|e| file_err(dir, e.to_string()))?;
+    if let Some(m) = json.as_object_mut() {
+        m.insert(
+            "architectures".into(),
+            serde_json::json!(["DeepseekV3ForCausalLM"]),
+        );
+        m.insert("model_type".into(), serde_json::json!("deepseek_v3"));
+        m.insert("torch_dtype".into(), serde_json::json!("float32"));
+        if m.get("rope_scaling").is_some_and(|v| v.is_null()) {
+            m.remove("rope_scaling");
+        }
+    }
+    let config = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&json).map_err(|e| file_err(&config, e.to_string()))?;
+    std::fs::write(&config, text).map_err(|e| file_err(&config, format!("cannot write: {e}")))?;
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| file_err(dir, format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let path = dir.join("model.safetensors");
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
+    safetensors::serialize_to_file(views, Some(meta), &path)
+        .map_err(|e| file_err(&path, format!("cannot write: {e}")))
+}
