@@ -8,6 +8,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 mod commands;
+mod tools;
 
 /// phalanx: fault-tolerant DeepSeek-V3 training as a formation of supervised actors.
 #[derive(Parser, Debug)]
@@ -32,9 +33,9 @@ enum Command {
     /// List the runs recorded in a run directory's journal (status, steps, losses, checkpoints).
     Runs(commands::RunsArgs),
     /// Draw a run as an SVG: loss and eval loss, checkpoints, restarts, rollbacks, tokens/s.
-    Report(commands::ReportArgs),
+    Report(tools::ReportArgs),
     /// Replay a failure scenario at cluster scale in virtual time (simulations/scenarios/*.toml).
-    Simulate(commands::SimulateArgs),
+    Simulate(tools::SimulateArgs),
     /// List a checkpoint store's runs and committed checkpoints (`ls`), read them all back
     /// (`verify`), or remove orphans and all but the newest N intact checkpoints (`gc`).
     Ckpt(commands::CkptArgs),
@@ -192,8 +193,8 @@ fn main() {
         Some(Command::Schedule(a)) => commands::schedule(a),
         Some(Command::Bench(a)) => commands::bench(a),
         Some(Command::Runs(a)) => commands::runs(a),
-        Some(Command::Report(a)) => commands::report(a),
-        Some(Command::Simulate(a)) => commands::simulate(a),
+        Some(Command::Report(a)) => tools::report(a),
+        Some(Command::Simulate(a)) => tools::simulate(a),
         Some(Command::Ckpt(a)) => commands::ckpt(a),
     };
     if let Err(e) = result {

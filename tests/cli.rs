@@ -1,23 +1,10 @@
 //! The `phalanx` binary end to end: training summaries, determinism by seed, and precise errors
 //! (naming the file and field) for bad configs, data files and flags — never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn phalanx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_phalanx"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("phalanx runs")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("phalanx-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{phalanx, refused, run_json, tmp, write_config};
+use std::process::Command;
 
 fn summary(seed: &str, name: &str) -> serde_json::Value {
     let out = tmp(name);
@@ -78,28 +65,6 @@ fn same_seed_same_weights_different_seed_different_weights() {
     assert_eq!(a["final_loss"], b["final_loss"]);
     assert_ne!(a["params_sha256"], c["params_sha256"]);
     assert!(a["eval_loss"].as_f64().unwrap() < a["initial_eval_loss"].as_f64().unwrap());
-}
-
-fn refused(args: &[&str]) -> String {
-    let o = phalanx(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "expected a clean refusal, got {:?}: {err}",
-        o.status
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn write_config(name: &str, edit: impl Fn(String) -> String) -> String {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/micro.toml"))
-            .unwrap();
-    let p = tmp("cfg").join(name);
-    std::fs::write(&p, edit(text)).unwrap();
-    p.to_str().unwrap().to_string()
 }
 
 /// With no --config, `phalanx train` uses the tiny config built into the binary, so it runs from a
@@ -397,17 +362,6 @@ fn trains_on_a_raw_text_file() {
     );
 }
 
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let o = phalanx(args);
-    assert!(
-        o.status.success(),
-        "{:?}: {}",
-        args,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 /// A run killed after its step-10 checkpoint (simulated by deleting the step-20 checkpoint, or
 /// by leaving a step-20 shard without its manifest) resumes from the store and ends with the
 /// weights of the uninterrupted run, also onto a different pipeline layout. A corrupt shard is
@@ -543,72 +497,6 @@ fn a_second_run_into_the_same_directory_keeps_the_first() {
     assert!(out.join("metrics.1.jsonl").exists() && out.join("metrics.jsonl").exists());
 }
 
-/// `phalanx report` draws a run with a restart (an injected stage panic) and a rollback (an
-/// injected learning-rate spike, rejected the step after) and says what it marked; a PNG
-/// path is refused.
-#[test]
-fn report_draws_a_run_with_a_restart_and_a_rollback() {
-    let out = tmp("report");
-    let _ = std::fs::remove_dir_all(&out);
-    let o = out.to_str().unwrap();
-    let cfg = write_config("rollback.toml", |t| {
-        t.replace("warmup_steps = 20", "warmup_steps = 2")
-            + "rollback_skip_steps = 2\nrollback_ring = 2\n"
-    });
-    let plan = out.with_extension("inject.toml");
-    std::fs::write(
-        &plan,
-        "[[fault]]\nat_step = 4\nactor = \"stage\"\nrank = 1\n\n\
-         [[fault]]\nat_step = 14\nactor = \"dataloader\"\nkind = \"loss_spike\"\nfactor = 1000.0\n",
-    )
-    .unwrap();
-    let s = run_json(&[
-        "train",
-        "--config",
-        &cfg,
-        "--steps",
-        "20",
-        "--pp",
-        "2",
-        "--microbatches",
-        "2",
-        "--ckpt-every",
-        "5",
-        "--inject",
-        plan.to_str().unwrap(),
-        "--out",
-        o,
-    ]);
-    assert_eq!(
-        (s["restarts"].as_u64(), s["rollbacks"].as_u64()),
-        (Some(1), Some(1)),
-        "{s}"
-    );
-    assert_eq!(s["skipped_steps"], 2);
-    assert!(s["train_tokens_per_s"].as_f64().unwrap() >= s["wall_tokens_per_s"].as_f64().unwrap());
-    let r = phalanx(&["report", o]);
-    let said = String::from_utf8_lossy(&r.stdout).to_string();
-    assert!(
-        r.status.success(),
-        "{said} {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    assert!(
-        said.contains(
-            "20 steps, 1 evaluations, 4 checkpoints, 1 restarts, 1 rollbacks (2 steps skipped)"
-        ),
-        "{said}"
-    );
-    let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
-    assert!(
-        svg.contains("steps 14..=15 skipped (rolled back to 13)"),
-        "{svg}"
-    );
-    assert!(svg.contains("1 restart(s)") && svg.contains("checkpoint 20"));
-    let e = refused(&["report", o, "--out", "x.png"]);
-    assert!(e.contains("PNG"), "{e}");
-}
-
 /// A real crash: the process is killed (SIGKILL) once its step-100 checkpoint is committed, mid
 /// run and possibly mid-upload. `phalanx resume` continues from the newest committed checkpoint
 /// and ends with the weights of the run that was never interrupted; the journal shows the
@@ -680,155 +568,4 @@ fn killed_run_resumes_to_the_uninterrupted_weights() {
         listing.contains(" died ") && listing.contains(" finished "),
         "{listing}"
     );
-}
-
-/// `phalanx simulate` replays a scenario under the three policies (summary JSON with the keys
-/// the README names, an event log, a picture), sweeps a key, and refuses a bad scenario naming
-/// the file and the key.
-#[test]
-fn simulate_replays_a_scenario_and_refuses_a_bad_one() {
-    let out = tmp("simulate");
-    let _ = std::fs::remove_dir_all(&out);
-    let o = out.to_str().unwrap();
-    let s = run_json(&[
-        "simulate",
-        "simulations/scenarios/rsc-6.5.toml",
-        "--out",
-        o,
-        "--sweep",
-        "checkpoint.interval_steps=50,600",
-    ]);
-    let points = s["results"].as_array().unwrap();
-    assert_eq!(points.len(), 2);
-    for p in points {
-        let outcomes = p["outcomes"].as_array().unwrap();
-        assert_eq!(outcomes.len(), 3);
-        for k in [
-            "tokens",
-            "wall_hours",
-            "gpu_hours",
-            "effective_training_time",
-            "interruptions",
-            "lost_gpu_hours_by_cause",
-            "checkpoints",
-            "rollbacks",
-            "events",
-        ] {
-            assert!(!outcomes[0][k].is_null(), "{k}");
-        }
-    }
-    // checkpointing more often costs the whole-job policy less rework
-    let whole = |i: usize| {
-        points[i]["outcomes"][0]["effective_training_time"]
-            .as_f64()
-            .unwrap()
-    };
-    assert!(whole(0) > whole(1), "{} vs {}", whole(0), whole(1));
-    let log = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
-    assert!(log.lines().count() > 100 && log.contains("\"event\":\"failure\""));
-    assert!(
-        std::fs::read_to_string(out.join("ettr.svg"))
-            .unwrap()
-            .starts_with("<svg")
-    );
-    let bad = out.join("bad.toml");
-    let text = std::fs::read_to_string("simulations/scenarios/rsc-6.5.toml")
-        .unwrap()
-        .replace(
-            "rate_per_1000_node_days = 6.5",
-            "rate_per_1000_node_days = -1.0",
-        );
-    std::fs::write(&bad, text).unwrap();
-    let e = refused(&["simulate", bad.to_str().unwrap()]);
-    assert!(
-        e.contains("bad.toml") && e.contains("failures.rate_per_1000_node_days"),
-        "{e}"
-    );
-}
-
-/// `phalanx ckpt export-hf` writes a Hugging Face directory whose loss (`eval --hf`) equals the
-/// checkpoint's (`eval --store`); a missing step or directory is refused by name.
-/// (`scripts/check_export_hf.py` checks the same directory against transformers, by hand.)
-#[test]
-fn export_hf_gives_the_checkpoints_loss() {
-    let out = tmp("export");
-    let _ = std::fs::remove_dir_all(&out);
-    let o = out.to_str().unwrap();
-    run_json(&[
-        "train",
-        "--config",
-        "configs/micro.toml",
-        "--steps",
-        "6",
-        "--ckpt-every",
-        "3",
-        "--out",
-        o,
-    ]);
-    let hf = out.join("hf");
-    let e = phalanx(&[
-        "ckpt",
-        "export-hf",
-        "--out",
-        o,
-        "--step",
-        "3",
-        hf.to_str().unwrap(),
-    ]);
-    let said = String::from_utf8_lossy(&e.stdout).to_string();
-    assert!(e.status.success() && said.contains("step 3"), "{said}");
-    assert!(hf.join("config.json").exists() && hf.join("model.safetensors").exists());
-    let tokens = out.join("tokens.u32");
-    let ids: Vec<u8> = (0..17u32 * 6)
-        .flat_map(|i| ((i * 7 + 3) % 64).to_le_bytes())
-        .collect();
-    std::fs::write(&tokens, ids).unwrap();
-    let t = tokens.to_str().unwrap();
-    let loss = |args: &[&str]| {
-        let r = phalanx(args);
-        let text = String::from_utf8_lossy(&r.stdout).to_string();
-        assert!(
-            r.status.success(),
-            "{text} {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-        text.lines()
-            .find(|l| l.starts_with("loss="))
-            .unwrap()
-            .to_string()
-    };
-    let store = out.join("store");
-    let from_store = loss(&[
-        "eval",
-        "--store",
-        store.to_str().unwrap(),
-        "--step",
-        "3",
-        "--data",
-        t,
-        "--seq-len",
-        "16",
-    ]);
-    let from_hf = loss(&[
-        "eval",
-        "--hf",
-        hf.to_str().unwrap(),
-        "--data",
-        t,
-        "--seq-len",
-        "16",
-    ]);
-    assert_eq!(from_store, from_hf);
-    let e = refused(&[
-        "ckpt",
-        "export-hf",
-        "--out",
-        o,
-        "--step",
-        "4",
-        hf.to_str().unwrap(),
-    ]);
-    assert!(e.contains("step 4"), "{e}");
-    let e = refused(&["ckpt", "export-hf", "--out", o]);
-    assert!(e.contains("directory"), "{e}");
 }

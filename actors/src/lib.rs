@@ -13,6 +13,8 @@ pub mod export;
 #[cfg(feature = "runtime")]
 pub mod formation;
 pub mod report;
+#[cfg(feature = "runtime")]
+pub mod rollback;
 pub mod schedule;
 #[cfg(feature = "runtime")]
 pub mod shell;

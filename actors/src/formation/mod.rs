@@ -159,7 +159,7 @@ pub fn train(
         .iter()
         .filter_map(|&(s, f)| f.map(|f| (s, f as f32)))
         .collect();
-    let mut spiking = trainer::LrSpikes {
+    let mut spiking = crate::rollback::LrSpikes {
         inner: &mut engine,
         at: lr_spikes,
     };

@@ -5,54 +5,44 @@
 //!
 //! This file holds one test: it sets the `AWS_*` variables of its process for the `s3://` store.
 
-mod common;
-
 use actors::formation::{self, InjectPlan, Layout, Wire};
 use actors::schedule::ScheduleKind;
-use actors::trainer::CheckpointPlan;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use actors::trainer::{CheckpointPlan, TrainOptions};
+#[path = "../storage/tests/support/s3_server.rs"]
+mod s3_server;
+
+use kernels::model::{Precision, RunConfig};
+use s3_server::start_s3;
 use storage::checkpoint;
 use storage::object_store::ObjectStoreExt;
 use storage::store::{Store, block_on};
 
-/// Starts s3s-fs over `root` with bucket `ckpt` on a free port; returns the endpoint.
-fn start_s3(root: &std::path::Path) -> String {
-    std::fs::create_dir_all(root.join("ckpt")).unwrap();
-    let fs = s3s_fs::FileSystem::new(root).unwrap();
-    let mut b = s3s::service::S3ServiceBuilder::new(fs);
-    b.set_auth(s3s::auth::SimpleAuth::from_single("test", "testtest"));
-    let service = b.build();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    continue;
-                };
-                let service = service.clone();
-                tokio::spawn(async move {
-                    let _ = ConnBuilder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
-                });
-            }
-        });
-    });
-    format!("http://{addr}")
+/// A tiny run of `steps` steps (configs/tiny.toml, seed 11, synthetic data, f32) writing to
+/// `out`.
+fn tiny_options(out: std::path::PathBuf, steps: u64) -> TrainOptions {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.toml");
+    let mut config = RunConfig::load(std::path::Path::new(path)).expect("configs/tiny.toml loads");
+    config.training.steps = steps;
+    config.training.eval_every = steps;
+    config.training.eval_batches = 2;
+    TrainOptions {
+        config,
+        config_path: path.to_string(),
+        seed: 11,
+        data: None,
+        data_format: storage::dataset::DataFormat::Auto,
+        out_dir: out,
+        init_from_hf: None,
+        precision: Precision::F32,
+        checkpoints: None,
+        store_outages: Vec::new(),
+    }
 }
 
 #[test]
 fn a_store_outage_misses_checkpoints_and_the_run_goes_on() {
-    let root = common::scratch("s3-outage");
+    let root = std::env::temp_dir().join(format!("phalanx-s3-outage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
     let endpoint = start_s3(&root.join("s3"));
     for (k, v) in [
         ("AWS_ENDPOINT", endpoint.as_str()),
@@ -72,7 +62,7 @@ fn a_store_outage_misses_checkpoints_and_the_run_goes_on() {
         microbatches: 2,
         wire: Wire::F32,
     };
-    let mut opts = common::tiny_options("outage", 40);
+    let mut opts = tiny_options(root.join("run"), 40);
     opts.checkpoints = Some(CheckpointPlan {
         store: url.into(),
         every: 2,
