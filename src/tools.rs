@@ -175,6 +175,11 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let svg = simulations::report::svg(&base.name, &points);
     std::fs::write(out.join("ettr.svg"), svg)?;
+    if let Some(first) = points.first() {
+        let title = format!("{}: progress over time", base.name);
+        let svg = simulations::report::progress_svg(&title, &first.outcomes);
+        std::fs::write(out.join("progress.svg"), svg)?;
+    }
     let summary = serde_json::json!({
         "scenario": base.name,
         "seed": a.seed,
@@ -183,7 +188,10 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         "seconds": secs,
         "events_per_s": total_events as f64 / secs.max(1e-9),
         "events_log": events_path.display().to_string(),
-        "picture": out.join("ettr.svg").display().to_string(),
+        "pictures": [
+            out.join("ettr.svg").display().to_string(),
+            out.join("progress.svg").display().to_string(),
+        ],
         "results": points,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -120,6 +120,12 @@ fn simulate_replays_a_scenario_and_refuses_a_bad_one() {
             .unwrap()
             .starts_with("<svg")
     );
+    let progress = std::fs::read_to_string(out.join("progress.svg")).unwrap();
+    assert_eq!(
+        progress.matches("<polyline").count(),
+        3,
+        "a line per policy"
+    );
     let bad = out.join("bad.toml");
     let text = std::fs::read_to_string("simulations/scenarios/rsc-6.5.toml")
         .unwrap()

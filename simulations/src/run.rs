@@ -64,6 +64,12 @@ pub struct Outcome {
     /// Median downtime per failure (detection to running again), seconds.
     pub recovery_p50_s: f64,
     pub events: u64,
+    /// (wall hours, tokens kept) at every failure and recovery and at the end, for the picture.
+    #[serde(skip)]
+    pub progress: Vec<(f64, f64)>,
+    /// Wall hours of every failure.
+    #[serde(skip)]
+    pub failures_h: Vec<f64>,
 }
 
 /// One line of the event log.
@@ -249,6 +255,9 @@ pub fn simulate(
     let mut generation = 0u64;
     let mut now: Nanos = 0;
     let gpu_h = |ns: f64| ns / SECOND as f64 / 3600.0 * gpus;
+    let tokens_per_step = s.run.tokens_per_step;
+    let mut progress: Vec<(f64, f64)> = vec![(0.0, 0.0)];
+    let mut failures_h = Vec::new();
 
     if mean_gap_ns.is_finite() {
         q.at(
@@ -311,6 +320,8 @@ pub fn simulate(
             }
             Ev::Failure => {
                 interruptions += 1;
+                failures_h.push(to_secs(now) / 3600.0);
+                progress.push((to_secs(now) / 3600.0, committed as f64 * tokens_per_step));
                 if mean_gap_ns.is_finite() {
                     q.at(
                         now + secs(gaps.exponential(mean_gap_ns) / SECOND as f64),
@@ -412,6 +423,7 @@ pub fn simulate(
                 // a failure during a recovery starts the recovery over
                 recovery = Some((generation, until));
                 q.at(until, Ev::Recovered(generation));
+                progress.push((to_secs(now) / 3600.0, committed as f64 * tokens_per_step));
                 log(&EventLine {
                     t_h: to_secs(now) / 3600.0,
                     policy,
@@ -427,6 +439,7 @@ pub fn simulate(
             Ev::Recovered(g) => {
                 if recovery.is_some_and(|(cur, _)| cur == g) {
                     recovery = None;
+                    progress.push((to_secs(now) / 3600.0, committed as f64 * tokens_per_step));
                     let cmds = match policy {
                         Policy::WholeJob => ctl.on(RunEvent::Start),
                         // the open step again
@@ -455,6 +468,7 @@ pub fn simulate(
     }
     let wall_s = to_secs(now);
     let productive = committed as f64 * step_s;
+    progress.push((wall_s / 3600.0, committed as f64 * tokens_per_step));
     Ok(Outcome {
         policy,
         tokens: committed as f64 * s.run.tokens_per_step,
@@ -473,5 +487,7 @@ pub fn simulate(
         detection_p50_s: median(detections),
         recovery_p50_s: median(downtimes),
         events: q.taken,
+        progress,
+        failures_h,
     })
 }
