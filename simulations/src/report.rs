@@ -13,19 +13,18 @@ pub struct Point {
     pub outcomes: Vec<Outcome>,
 }
 
+/// The opening of a `w` × `h` picture on white with `title` at `left`.
+fn header(w: f64, h: f64, left: f64, title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\"><rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n<text x=\"{left}\" y=\"22\" font-size=\"15\">{title}</text>\n"
+    )
+}
+
 /// Bars of effective training time: one group per point, one bar per policy.
 pub fn svg(title: &str, points: &[Point]) -> String {
     let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 360.0);
     let colours = ["#d0312d", "#2b6cb0", "#2f855a"];
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="{w}" height="{h}" fill="white"/>"#
-    );
-    let _ = writeln!(
-        out,
-        r#"<text x="{left}" y="22" font-size="15">{title}</text>"#
-    );
+    let mut out = header(w, h, left, title);
     let groups = points.len().max(1) as f64;
     let gw = (w - left - 20.0) / groups;
     for (gi, p) in points.iter().enumerate() {
@@ -88,15 +87,7 @@ pub fn progress_svg(title: &str, outcomes: &[Outcome]) -> String {
         .max(1e-9);
     let x = |t: f64| left + t / tmax * (w - left - right);
     let y = |k: f64| bottom - k / kmax * (bottom - top);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="{w}" height="{h}" fill="white"/>"#
-    );
-    let _ = writeln!(
-        out,
-        r#"<text x="{left}" y="22" font-size="15">{title}</text>"#
-    );
+    let mut out = header(w, h, left, title);
     if let Some(first) = outcomes.first() {
         for &f in &first.failures_h {
             let _ = writeln!(
