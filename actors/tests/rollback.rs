@@ -171,3 +171,44 @@ fn a_resume_after_a_rollback_reaches_the_uninterrupted_weights() {
     assert_eq!(resumed.rollbacks, 1, "the count travels in the manifest");
     assert_eq!(resumed.params_sha256, full.params_sha256);
 }
+
+/// A rollback past the step before the spike must put the older state back on every rank
+/// (`StepEngine::reload`): the formation's run with such a rollback ends with the bits of the
+/// plain loop's run with the same rollback (same micro-batches).
+#[test]
+fn a_rollback_reloads_the_ranks_the_formation_equals_the_plain_loop() {
+    use actors::rollback::LrSpikes;
+    use actors::trainer::{self, Sequential};
+    let steps = 34;
+    let with = |name: &str| {
+        let mut o = sensitive(common::tiny_options(name, steps));
+        o.config.training.rollback_skip_steps = 3;
+        o.config.training.rollback_ring = 4;
+        o
+    };
+    let formation_opts = with("reload-formation");
+    let formation = train(&formation_opts, Some(spike_at(30)));
+    let plain_opts = with("reload-plain");
+    let t = &plain_opts.config.training;
+    let data = std::sync::Arc::new(trainer::open_data(&plain_opts).unwrap());
+    let state = trainer::build_state(&plain_opts).unwrap();
+    let mut seq = Sequential {
+        data: data.clone(),
+        seed: plain_opts.seed,
+        batch: t.batch_size,
+        seq: t.seq_len,
+        microbatches: 2,
+    };
+    let mut spiking = LrSpikes {
+        inner: &mut seq,
+        at: [(30u64, 1000.0f32)].into_iter().collect(),
+    };
+    let plain = trainer::run(&plain_opts, &data, state, &mut spiking, |_, _| {}).unwrap();
+    println!(
+        "formation {} (rollbacks {}), plain loop {} (rollbacks {})",
+        formation.params_sha256, formation.rollbacks, plain.params_sha256, plain.rollbacks
+    );
+    assert_eq!((formation.rollbacks, plain.rollbacks), (1, 1));
+    assert_eq!(line(&metrics(&plain_opts), 31)["rolled_back_to"], 28);
+    assert_eq!(formation.params_sha256, plain.params_sha256);
+}
