@@ -82,9 +82,12 @@ fn a_store_outage_misses_checkpoints_and_the_run_goes_on() {
         "checkpoints committed {}, missed {}, faults {:?}, restarts {}",
         full.checkpoints, full.checkpoints_missed, full.faults_fired, full.restarts
     );
+    // the checkpoint of step 10 always misses (its five tries span 1.5 s of the 4 s outage);
+    // that of step 12 misses too unless two steps take more than 1.5 s (tiny: 0.4 s each)
     assert!(
-        full.checkpoints_missed >= 1,
-        "the outage made checkpoints miss"
+        (1..=2).contains(&full.checkpoints_missed),
+        "{} missed",
+        full.checkpoints_missed
     );
     assert_eq!(full.checkpoints + full.checkpoints_missed, 20);
     assert_eq!(full.faults_fired.get("store_outage"), Some(&1));

@@ -89,18 +89,21 @@ mod tests {
     fn llama3_mix_is_table_5() {
         let total: f64 = LLAMA3.iter().map(|c| c.weight).sum();
         assert_eq!(total, 419.0);
+        // all but software bugs and NCCL watchdog timeouts count as hardware here (85%; the
+        // paper attributes ~78% to confirmed or suspected hardware)
         let hw: f64 = LLAMA3.iter().filter(|c| c.hardware).map(|c| c.weight).sum();
-        // ~78% attributed to confirmed or suspected hardware
-        assert!((hw / total - 0.85).abs() < 0.1, "{}", hw / total);
+        assert_eq!(hw, 419.0 - 54.0 - 7.0);
     }
 
     #[test]
     fn meta_projects_1_8_hours_at_16k_gpus() {
         // Revisiting Reliability: 6.5 failures per 1,000 node-days, 2,048 nodes
         let h = mttf_hours(2048, 6.5);
-        assert!((h - 1.80).abs() < 0.01, "{h}");
+        // 24 / (2048 · 0.0065) = 1.8029 h
+        assert!((h - 1.8029).abs() < 1e-4, "{h}");
         // and ~14 minutes at 131,072 GPUs
         let m = mttf_hours(16_384, 6.5) * 60.0;
-        assert!((m - 13.5).abs() < 0.5, "{m}");
+        // 1440 / (16384 · 0.0065) = 13.522 min
+        assert!((m - 13.522).abs() < 1e-3, "{m}");
     }
 }

@@ -41,8 +41,9 @@ fn deepseek_v3_pretraining_costs_2_664m_gpu_hours() {
         o.gpu_hours / (o.tokens / 1e12) / 1e3
     );
     assert!(o.tokens >= 14.8e12);
+    // off by the rounding of the efficiency to 0.4065 (3e-5) and of the last step
     assert!(
-        (o.gpu_hours / 2.664e6 - 1.0).abs() < 0.005,
+        (o.gpu_hours / 2.664e6 - 1.0).abs() < 1e-4,
         "{}",
         o.gpu_hours
     );
@@ -105,5 +106,5 @@ fn actor_restart_beats_whole_job_restart() {
     assert!(actor.effective_training_time > whole.effective_training_time);
     assert!(peer.effective_training_time >= actor.effective_training_time);
     // the detector's bound, driven through the real machine
-    assert!(actor.detection_p50_s <= 2.1, "{}", actor.detection_p50_s);
+    assert_eq!(actor.detection_p50_s, 2.0);
 }
