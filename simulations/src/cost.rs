@@ -78,9 +78,9 @@ mod tests {
     }
 
     /// DeepSeek-V3 activates about 37B parameters per token. By hand: 61 blocks of 187M attention
-    /// + 398M MoE (3 dense of 396M), the 0.93B head, the MTP module (block, projection, head),
-    /// ≈ 38.2B matrix parameters → 76.4 GFLOP forward, + 10.4 GFLOP of attention scores over an
-    /// average context of 2K; ×3 for training ≈ 2.60e11.
+    /// and 398M MoE (3 of them dense, 396M), the 0.93B head and the MTP module (block, projection,
+    /// head) make about 38.2B matrix parameters, so 76.4 GFLOP forward, and 10.4 GFLOP more of
+    /// attention scores over an average context of 2K; three times that for training: 2.60e11.
     #[test]
     fn deepseek_v3_costs_about_six_times_its_active_parameters() {
         let f = training_flops_per_token(&v3(), 4096);
