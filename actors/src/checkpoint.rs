@@ -108,21 +108,51 @@ pub fn meta(opts: &TrainOptions, state: &TrainState, every: u64) -> serde_json::
     })
 }
 
-/// The newest checkpoint of store run `run` at or before `step`, read and verified (size and
-/// SHA-256 of every shard); None when there is none.
-pub fn load_at_or_before(url: &str, run: &str, step: u64) -> Result<Option<Loaded>> {
+/// The first committed checkpoint, runs newest first (`run` alone when given) and within a run
+/// steps newest first, whose step `want` accepts: read and verified (size and SHA-256 of every
+/// shard); None when none is accepted.
+pub fn load_first(
+    url: &str,
+    run: Option<&str>,
+    want: impl Fn(u64) -> bool,
+) -> Result<Option<Loaded>> {
     let store = Store::open(url)?;
-    let steps = block_on(checkpoint::committed_steps(&store, run))?;
-    let Some(&at) = steps.iter().find(|&&s| s <= step) else {
-        return Ok(None);
+    let runs = match run {
+        Some(r) => vec![r.to_string()],
+        None => block_on(checkpoint::runs(&store))?,
     };
-    let manifest = block_on(checkpoint::read_manifest(&store, run, at))?;
-    let tensors = block_on(checkpoint::read_tensors(&store, &manifest))?;
-    Ok(Some(Loaded {
-        manifest,
-        tensors,
-        skipped: Vec::new(),
-    }))
+    for r in &runs {
+        let steps = block_on(checkpoint::committed_steps(&store, r))?;
+        if let Some(&at) = steps.iter().find(|&&s| want(s)) {
+            let manifest = block_on(checkpoint::read_manifest(&store, r, at))?;
+            let tensors = block_on(checkpoint::read_tensors(&store, &manifest))?;
+            return Ok(Some(Loaded {
+                manifest,
+                tensors,
+                skipped: Vec::new(),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The newest checkpoint of store run `run` at or before `step`; None when there is none.
+pub fn load_at_or_before(url: &str, run: &str, step: u64) -> Result<Option<Loaded>> {
+    load_first(url, Some(run), |s| s <= step)
+}
+
+/// The run config a manifest records, and the name its errors give it ("<config path> (from
+/// <store>: run R checkpoint of step S)").
+pub fn config_of(url: &str, m: &CheckpointManifest) -> Result<(kernels::model::RunConfig, String)> {
+    let at = format!("{url}: run {} checkpoint of step {}", m.run, m.step);
+    let text = |key: &str| {
+        m.meta[key]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `{key}`"))
+    };
+    let file = format!("{} (from {at})", text("config_path")?);
+    let cfg = kernels::model::RunConfig::parse(text("config_toml")?, &file)?;
+    Ok((cfg, file))
 }
 
 /// The newest intact checkpoint in `url` (of `run`, else of the newest run that has one): its
@@ -175,9 +205,9 @@ pub fn recorded_run(url: &str, run: Option<&str>) -> Result<RecordedRun> {
             .map(str::to_string)
             .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `{key}`"))
     };
-    let config_file = format!("{} (from {at})", text("config_path")?);
+    let (config, config_file) = config_of(url, &m)?;
     Ok(RecordedRun {
-        config: kernels::model::RunConfig::parse(&text("config_toml")?, &config_file)?,
+        config,
         seed: m.meta["seed"]
             .as_u64()
             .ok_or_else(|| anyhow::anyhow!("{at}: manifest meta lacks `seed`"))?,

@@ -6,10 +6,9 @@
 
 use crate::state::TrainState;
 use anyhow::{Context, Result, anyhow, bail};
-use kernels::model::{DeepSeekV3, RunConfig};
+use kernels::model::DeepSeekV3;
 use std::path::Path;
-use storage::checkpoint::{self, CheckpointManifest, SnapData, SnapTensor};
-use storage::store::{Store, block_on};
+use storage::checkpoint::{CheckpointManifest, SnapData, SnapTensor};
 
 /// The checkpoint of `run` (else of the newest run that has one) at `step` (else the newest
 /// intact one), verified, with its tensors.
@@ -21,31 +20,9 @@ pub fn load(
     let Some(step) = step else {
         return crate::checkpoint::load_latest(url, run);
     };
-    let store = Store::open(url)?;
-    let runs = match run {
-        Some(r) => vec![r.to_string()],
-        None => block_on(checkpoint::runs(&store))?,
-    };
-    for r in &runs {
-        if block_on(checkpoint::committed_steps(&store, r))?.contains(&step) {
-            let m = block_on(checkpoint::read_manifest(&store, r, step))?;
-            let t = block_on(checkpoint::read_tensors(&store, &m))?;
-            return Ok((m, t));
-        }
-    }
-    bail!(
-        "{url}: no committed checkpoint of step {step} (runs: {})",
-        runs.join(", ")
-    )
-}
-
-/// The run config a manifest records.
-pub fn config_of(url: &str, m: &CheckpointManifest) -> Result<RunConfig> {
-    let at = format!("{url}: run {} checkpoint of step {}", m.run, m.step);
-    let text = m.meta["config_toml"]
-        .as_str()
-        .ok_or_else(|| anyhow!("{at}: manifest meta lacks `config_toml`"))?;
-    Ok(RunConfig::parse(text, &at)?)
+    let l = crate::checkpoint::load_first(url, run, |s| s == step)?
+        .ok_or_else(|| anyhow!("{url}: no committed checkpoint of step {step}"))?;
+    Ok((l.manifest, l.tensors))
 }
 
 /// The model of a checkpoint, in f32 (the numerics transformers runs).
@@ -55,7 +32,7 @@ pub fn model(
     step: Option<u64>,
 ) -> Result<(DeepSeekV3, CheckpointManifest)> {
     let (m, tensors) = load(url, run, step)?;
-    let cfg = config_of(url, &m)?;
+    let (cfg, _) = crate::checkpoint::config_of(url, &m)?;
     let mut state = TrainState::new(DeepSeekV3::new(&cfg.model, 0.0, 0));
     crate::checkpoint::restore(&mut state, tensors, &m.run, m.step)
         .with_context(|| format!("{url}: checkpoint of step {}", m.step))?;
@@ -75,7 +52,7 @@ pub struct Exported {
 /// Writes the checkpoint as a Hugging Face directory `dir`.
 pub fn export_hf(url: &str, run: Option<&str>, step: Option<u64>, dir: &Path) -> Result<Exported> {
     let (m, tensors) = load(url, run, step)?;
-    let cfg = config_of(url, &m)?;
+    let (cfg, _) = crate::checkpoint::config_of(url, &m)?;
     // the parameters only (moments are `<name>.exp_avg` / `.exp_avg_sq`), in the model's order
     let fresh = DeepSeekV3::new(&cfg.model, 0.0, 0);
     let mtp_from = cfg.model.num_hidden_layers;

@@ -116,29 +116,22 @@ impl TrainState {
 
     /// [`TrainState::apply`] with the norm already computed by [`TrainState::grad_norm`].
     pub fn apply_with_norm(&mut self, norm: f64, u: &Update<'_>) {
-        let Update {
-            opt,
-            lr,
-            clip,
-            gamma,
-            loads,
-        } = *u;
         self.step += 1;
         let p = &mut self.model.params;
-        let factor = adamw::clip_factor(norm, clip);
+        let factor = adamw::clip_factor(norm, u.clip);
         for i in 0..p.len() {
             let t = &mut p.tensors[i];
             update_tensor(
-                opt,
+                u.opt,
                 t,
                 &mut self.grads[i],
                 self.moments[i].as_mut(),
                 factor,
-                lr,
+                u.lr,
                 self.step,
             );
         }
-        bias_update(&mut self.model, loads, gamma);
+        bias_update(&mut self.model, u.loads, u.gamma);
     }
 
     /// A copy without gradient buffers (for the rollback ring, or a refused step's result).
@@ -165,23 +158,16 @@ impl TrainState {
     /// built a tensor at a time with each gradient dropped once used: at its peak it holds this
     /// state and the new one, never a third copy. The new state has no gradient buffers.
     pub fn advanced(&self, mut grads: Vec<Tensor>, norm: f64, u: &Update<'_>) -> TrainState {
-        let Update {
-            opt,
-            lr,
-            clip,
-            gamma,
-            loads,
-        } = *u;
         let step = self.step + 1;
         let p = &self.model.params;
         assert_eq!(grads.len(), p.len(), "one gradient per parameter");
-        let factor = adamw::clip_factor(norm, clip);
+        let factor = adamw::clip_factor(norm, u.clip);
         let mut tensors = Vec::with_capacity(p.len());
         let mut moments = Vec::with_capacity(p.len());
         for (i, g) in grads.iter_mut().enumerate() {
             let mut t = p.tensors[i].clone();
             let mut m = self.moments[i].clone();
-            update_tensor(opt, &mut t, g, m.as_mut(), factor, lr, step);
+            update_tensor(u.opt, &mut t, g, m.as_mut(), factor, u.lr, step);
             *g = Tensor::from_vec(&[0], Vec::new());
             tensors.push(t);
             moments.push(m);
@@ -193,7 +179,7 @@ impl TrainState {
             blocks: self.model.blocks.clone(),
             tail: self.model.tail.clone(),
         };
-        bias_update(&mut model, loads, gamma);
+        bias_update(&mut model, u.loads, u.gamma);
         TrainState {
             model,
             moments,

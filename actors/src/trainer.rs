@@ -316,12 +316,7 @@ pub fn microbatches(
 
 /// The common end of a step once `state.grads` holds its gradient: the loss-spike gate, then
 /// clipping, AdamW and the bias update (or, for a refused step, nothing but the step count).
-pub fn finish_step(
-    state: &mut TrainState,
-    _step: u64,
-    stats: StepStats,
-    h: &StepHyper,
-) -> Result<StepOutput> {
+pub fn finish_step(state: &mut TrainState, stats: StepStats, h: &StepHyper) -> Result<StepOutput> {
     let grad_norm = state.grad_norm();
     let rejected = judge(&stats, grad_norm, h);
     match rejected {
@@ -341,7 +336,6 @@ pub fn finish_step(
 pub fn finish_step_beside(
     committed: &TrainState,
     grads: Vec<kernels::tensor::Tensor>,
-    _step: u64,
     stats: StepStats,
     h: &StepHyper,
 ) -> Result<(TrainState, StepOutput)> {
@@ -415,7 +409,7 @@ impl StepEngine for Sequential {
             scale_for_microbatches(&mut state.grads, batches.len());
             combine_microbatch_stats(per)
         };
-        let out = finish_step(&mut state, step, stats, h)?;
+        let out = finish_step(&mut state, stats, h)?;
         Ok((state, out))
     }
 }
@@ -466,25 +460,17 @@ pub fn run(
         .filter(|p| p.resume)
         .map(|_| state.step);
     let id = run_id();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let t = &opts.config.training;
     journal.begin(&RunEntry {
-        id: id.clone(),
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        config: opts.config_path.clone(),
-        seed: opts.seed,
-        total_steps: opts.config.training.steps,
         resumed_from,
         store: opts.checkpoints.as_ref().map(|p| p.store.clone()),
-        status: "running".into(),
         pid: Some(std::process::id()),
         last_step: state.step,
-        last_loss: None,
-        eval_loss: None,
-        checkpoints: vec![],
-        restarts: 0,
-        error: None,
+        ..RunEntry::running(&id, started_unix, &opts.config_path, opts.seed, t.steps)
     })?;
     // checkpoints go under the run's name in the store: a resumed run continues the one it resumes
     let ckpt_run = state.restored_from.clone().unwrap_or_else(|| id.clone());

@@ -412,24 +412,7 @@ mod tests {
     /// A journal with run `j` begun.
     fn journal(name: &str) -> Journal {
         let j = Journal::open(&tmp(name)).unwrap();
-        j.begin(&RunEntry {
-            id: "j".into(),
-            started_unix: 0,
-            config: "test".into(),
-            seed: 0,
-            total_steps: 30,
-            resumed_from: None,
-            store: None,
-            status: "running".into(),
-            pid: None,
-            last_step: 0,
-            last_loss: None,
-            eval_loss: None,
-            checkpoints: vec![],
-            restarts: 0,
-            error: None,
-        })
-        .unwrap();
+        j.begin(&RunEntry::running("j", 0, "test", 0, 30)).unwrap();
         j
     }
 

@@ -248,8 +248,6 @@ pub fn simulate(
     let mut detections = Vec::new();
     let mut downtimes = Vec::new();
     let mut spares = s.cluster.spare_nodes;
-    // the in-flight step: its event id, its number and when it started
-    let mut in_flight: Option<(u64, u64, Nanos)> = None;
     // the current recovery: its generation and when it ends
     let mut recovery: Option<(u64, Nanos)> = None;
     let mut generation = 0u64;
@@ -274,7 +272,8 @@ pub fn simulate(
                 _ => None,
             })
         };
-    in_flight = start_step(&mut q, ctl.on(RunEvent::Start), 0).or(in_flight);
+    // the in-flight step: its event id, its number and when it started
+    let mut in_flight: Option<(u64, u64, Nanos)> = start_step(&mut q, ctl.on(RunEvent::Start), 0);
     let mut finished = false;
 
     while let Some((t, ev)) = q.pop() {

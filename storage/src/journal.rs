@@ -36,15 +36,46 @@ pub struct RunEntry {
     pub error: Option<String>,
 }
 
+impl RunEntry {
+    /// A run that has just started (status `running`, nothing done yet).
+    pub fn running(
+        id: &str,
+        started_unix: u64,
+        config: &str,
+        seed: u64,
+        total_steps: u64,
+    ) -> RunEntry {
+        RunEntry {
+            id: id.to_string(),
+            started_unix,
+            config: config.to_string(),
+            seed,
+            total_steps,
+            resumed_from: None,
+            store: None,
+            status: "running".into(),
+            pid: None,
+            last_step: 0,
+            last_loss: None,
+            eval_loss: None,
+            checkpoints: vec![],
+            restarts: 0,
+            error: None,
+        }
+    }
+}
+
 /// The journal of one directory. Cheap to clone; safe to share between threads.
 #[derive(Clone, Debug)]
 pub struct Journal {
     dir: String,
     runs: sled::Tree,
     steps: sled::Tree,
-    /// `<dir>.json`: every run as JSON, rewritten at each change, for readers in other
-    /// processes (sled locks its directory while a run trains).
+    /// `<dir>.json`: every run as JSON, rewritten at each change (step records at most once a
+    /// second), for readers in other processes (sled locks its directory while a run trains).
     export: std::path::PathBuf,
+    /// When the export was last written for a step record.
+    exported: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Journal {
@@ -60,6 +91,7 @@ impl Journal {
             steps: db.open_tree("steps").map_err(err)?,
             dir: name,
             export: export_path(dir),
+            exported: Default::default(),
         })
     }
 
@@ -143,6 +175,12 @@ impl Journal {
 
     /// Changes the run `id` with `f` (a run that is not there, or not readable, is left alone).
     pub fn update(&self, id: &str, f: impl Fn(&mut RunEntry)) -> Result<(), JournalError> {
+        self.change(id, f)?;
+        self.write_export();
+        Ok(())
+    }
+
+    fn change(&self, id: &str, f: impl Fn(&mut RunEntry)) -> Result<(), JournalError> {
         self.runs
             .fetch_and_update(id.as_bytes(), |old| {
                 // returning None would delete the entry: an unreadable one is kept as it is
@@ -154,7 +192,6 @@ impl Journal {
                 Some(serde_json::to_vec(&e).expect("a run entry serialises"))
             })
             .map_err(self.err())?;
-        self.write_export();
         Ok(())
     }
 
@@ -173,13 +210,25 @@ impl Journal {
             .map_err(self.err())?;
         let loss = record["loss"].as_f64();
         let eval = record["eval_loss"].as_f64();
-        self.update(id, |e| {
+        self.change(id, |e| {
             e.last_step = step;
             e.last_loss = loss;
             if eval.is_some() {
                 e.eval_loss = eval;
             }
-        })
+        })?;
+        // a step is the hot path: the export follows at most once a second
+        let due = self.exported.lock().map(|mut last| {
+            let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        });
+        if due.unwrap_or(true) {
+            self.write_export();
+        }
+        Ok(())
     }
 
     /// The step records of run `id`, in step order.
@@ -257,23 +306,7 @@ mod tests {
     use super::*;
 
     fn entry(id: &str, started: u64) -> RunEntry {
-        RunEntry {
-            id: id.into(),
-            started_unix: started,
-            config: "configs/micro.toml".into(),
-            seed: 1,
-            total_steps: 3,
-            resumed_from: None,
-            store: None,
-            status: "running".into(),
-            pid: None,
-            last_step: 0,
-            last_loss: None,
-            eval_loss: None,
-            checkpoints: vec![],
-            restarts: 0,
-            error: None,
-        }
+        RunEntry::running(id, started, "configs/micro.toml", 1, 3)
     }
 
     #[test]

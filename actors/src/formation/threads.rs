@@ -326,7 +326,7 @@ impl StepEngine for ThreadEngine {
         state.grads = grads;
         scale_for_microbatches(&mut state.grads, m);
         let stats = combine_microbatch_stats(per);
-        let out = trainer::finish_step(&mut state, step, stats, h)?;
+        let out = trainer::finish_step(&mut state, stats, h)?;
         self.pipeline.load_params(&state.model.params);
         Ok((state, out))
     }

@@ -228,7 +228,7 @@ impl Coordinator {
                     let schedule = st.ctx.schedule.clone();
                     let hyper = job.hyper;
                     let r = tokio::task::spawn_blocking(move || {
-                        reduce_and_apply(&snap, &meta, &schedule, done, step, &hyper)
+                        reduce_and_apply(&snap, &meta, &schedule, done, &hyper)
                     })
                     .await?;
                     match r {
@@ -383,7 +383,6 @@ fn reduce_and_apply(
     meta: &[Stage],
     schedule: &Schedule,
     done: BTreeMap<usize, (RankGrads, RankStats)>,
-    step: u64,
     h: &StepHyper,
 ) -> Result<(TrainState, StepOutput)> {
     let m = schedule.microbatches;
@@ -402,7 +401,7 @@ fn reduce_and_apply(
     scale_for_microbatches(&mut grads, m);
     let per = combine_stage_stats(stats, m, schedule.kind.model_stages(schedule.ranks))
         .map_err(anyhow::Error::msg)?;
-    trainer::finish_step_beside(committed, grads, step, combine_microbatch_stats(per), h)
+    trainer::finish_step_beside(committed, grads, combine_microbatch_stats(per), h)
 }
 
 impl Actor for Coordinator {
