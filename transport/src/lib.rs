@@ -4,12 +4,15 @@
 //! Layers (each module imports only those before it): `error` (FrameError, Dtype) ←
 //! `codec` (the frame header's bytes) ← `frame` (tensor frames). `link` (envelopes around any
 //! payload, the `Link` trait, the in-process link) stands on its own; a frame travels as an
-//! envelope's payload.
+//! envelope's payload. `handshake` (mutual HMAC authentication of a connection) ← `tcp` (the
+//! `Link` between processes, on std sockets and threads).
 
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod handshake;
 pub mod link;
+pub mod tcp;
 
 pub use error::{Dtype, FrameError};
 pub use frame::{Frame, FrameMeta, Payload};

@@ -71,8 +71,10 @@ pub enum LinkError {
     },
     #[error("unknown peer {peer}: this network has peers 0..{peers}")]
     UnknownPeer { peer: usize, peers: usize },
-    #[error("peer {peer} is closed: its endpoint was dropped")]
+    #[error("peer {peer} is closed: its endpoint was dropped or cannot be reached")]
     PeerClosed { peer: usize },
+    #[error("refused as a stale incarnation: {reason}")]
+    Stale { reason: String },
     #[error("invalid link config: {field} = {value}: {why}")]
     InvalidConfig {
         field: &'static str,
