@@ -181,10 +181,10 @@ impl TcpLink {
         };
         let old = slot.incarnation.fetch_max(incarnation, Ordering::SeqCst);
         let changed = lock(&slot.addr).replace(addr) != Some(addr);
-        if incarnation > old || changed {
-            if let Some(s) = lock(&slot.out).take() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+        if (incarnation > old || changed)
+            && let Some(s) = lock(&slot.out).take()
+        {
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 
@@ -397,10 +397,10 @@ fn serve_connection(sh: Arc<Shared>, mut s: TcpStream) {
     let slot = &sh.slots[p];
     slot.incarnation
         .fetch_max(them.incarnation, Ordering::SeqCst);
-    if let Ok(c) = s.try_clone() {
-        if let Some(old) = lock(&slot.inbound).replace(c) {
-            let _ = old.shutdown(Shutdown::Both);
-        }
+    if let Ok(c) = s.try_clone()
+        && let Some(old) = lock(&slot.inbound).replace(c)
+    {
+        let _ = old.shutdown(Shutdown::Both);
     }
     *lock(&slot.heard) = Some(Instant::now());
     let _ = s.set_read_timeout(None);
