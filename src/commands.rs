@@ -187,11 +187,16 @@ fn checkpoint_plan(a: &TrainArgs) -> Result<Option<actors::trainer::CheckpointPl
 
 /// The formation layout named by `--pp --ep --schedule --microbatches --wire`.
 pub fn layout(a: &TrainArgs) -> Result<actors::formation::Layout> {
+    let schedule: actors::schedule::ScheduleKind = a.schedule.parse().context("--schedule")?;
+    let microbatches = a.microbatches.unwrap_or(match schedule {
+        actors::schedule::ScheduleKind::DualPipe => 2 * a.pp,
+        _ => 1,
+    });
     Ok(actors::formation::Layout {
         pp: a.pp,
         ep: a.ep,
-        schedule: a.schedule.parse().context("--schedule")?,
-        microbatches: a.microbatches,
+        schedule,
+        microbatches,
         wire: a
             .wire
             .parse()

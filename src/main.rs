@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+mod cluster;
 mod commands;
 mod tools;
 
@@ -36,6 +37,9 @@ enum Command {
     Report(tools::ReportArgs),
     /// Replay a failure scenario at cluster scale in virtual time (simulations/scenarios/*.toml).
     Simulate(tools::SimulateArgs),
+    /// Run `train` as N worker processes on this machine (one per pipeline rank), restarting
+    /// any that dies: `phalanx launch --local 4 -- train --pp 4 ...`.
+    Launch(cluster::LaunchArgs),
     /// List a checkpoint store's runs and committed checkpoints (`ls`), read them all back
     /// (`verify`), or remove orphans and all but the newest N intact checkpoints (`gc`).
     Ckpt(commands::CkptArgs),
@@ -108,9 +112,10 @@ pub struct TrainArgs {
     /// Pipeline schedule: 1f1b, zb1p, dualpipe, dualpipev (dualpipev runs 2·pp stages on pp ranks).
     #[arg(long, default_value = "1f1b")]
     schedule: String,
-    /// Micro-batches per step (must divide the batch size; dualpipe needs ≥ 2·pp and even).
-    #[arg(long, default_value_t = 1)]
-    microbatches: usize,
+    /// Micro-batches per step (must divide the batch size; dualpipe needs an even number).
+    /// Default: 2·pp for dualpipe (its full overlap), 1 otherwise.
+    #[arg(long)]
+    microbatches: Option<usize>,
     /// Encoding of activations and gradients between stages: f32, bf16, fp8.
     #[arg(long, default_value = "f32")]
     wire: String,
@@ -196,6 +201,7 @@ fn main() {
         Some(Command::Report(a)) => tools::report(a),
         Some(Command::Simulate(a)) => tools::simulate(a),
         Some(Command::Ckpt(a)) => commands::ckpt(a),
+        Some(Command::Launch(a)) => cluster::launch(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -205,25 +211,36 @@ fn main() {
 
 fn train(a: TrainArgs) -> Result<()> {
     let opts = commands::train_options(&a)?;
+    let layout = commands::layout(&a)?;
+    if let Some(world) = actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())? {
+        return cluster::train_in_world(&a, &opts, &layout, &world);
+    }
+    let inject = match &a.inject {
+        Some(p) => Some(actors::formation::InjectPlan::load(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let summary = with_progress(opts.config.training.steps, |on_step| {
+        actors::formation::train_with(&opts, &layout, inject, a.threads, on_step)
+    })?;
+    print_summary(&summary, a.summary_json.as_deref())
+}
+
+/// Runs `f` with a step callback that draws a progress bar on a terminal and logs evaluations.
+fn with_progress<T>(
+    steps: u64,
+    f: impl FnOnce(&mut dyn FnMut(&actors::trainer::StepRecord, u64)) -> Result<T>,
+) -> Result<T> {
     let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(opts.config.training.steps)
+        ProgressBar::new(steps)
     } else {
-        ProgressBar::with_draw_target(
-            Some(opts.config.training.steps),
-            ProgressDrawTarget::hidden(),
-        )
+        ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden())
     };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
             .context("progress bar template")?,
     );
     let mut last_eval = f64::NAN;
-    let layout = commands::layout(&a)?;
-    let inject = match &a.inject {
-        Some(p) => Some(actors::formation::InjectPlan::load(p).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
-    let on_step = |r: &actors::trainer::StepRecord, total: u64| {
+    let mut on_step = |r: &actors::trainer::StepRecord, total: u64| {
         if let Some(e) = r.eval_loss {
             last_eval = e;
             // the log line goes above the bar instead of through it
@@ -246,9 +263,16 @@ fn train(a: TrainArgs) -> Result<()> {
             bar.finish_and_clear();
         }
     };
-    let summary = actors::formation::train_with(&opts, &layout, inject, a.threads, on_step)?;
-    let json = serde_json::to_string_pretty(&summary)?;
-    if let Some(p) = &a.summary_json {
+    f(&mut on_step)
+}
+
+/// Prints the summary JSON and writes it to `path` when given.
+fn print_summary(
+    summary: &actors::trainer::TrainSummary,
+    path: Option<&std::path::Path>,
+) -> Result<()> {
+    let json = serde_json::to_string_pretty(summary)?;
+    if let Some(p) = path {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

@@ -7,6 +7,8 @@
 pub mod bench;
 #[cfg(feature = "runtime")]
 pub mod checkpoint;
+#[cfg(feature = "runtime")]
+pub mod cluster;
 pub mod core;
 #[cfg(feature = "runtime")]
 pub mod export;

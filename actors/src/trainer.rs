@@ -85,6 +85,13 @@ pub struct TrainSummary {
     /// Stragglers the failure detector reported (slow, so not restarted).
     #[serde(default)]
     pub stragglers: u64,
+    /// Worker processes started to replace dead ones (`phalanx launch`).
+    #[serde(default)]
+    pub processes_restarted: u64,
+    /// Per replaced process: ms from its death being declared to the step reopened with its
+    /// replacement (`phalanx launch`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovery_ms: Vec<u64>,
     /// Checkpoints committed to the store during this run.
     #[serde(default)]
     pub checkpoints: u64,
@@ -753,6 +760,8 @@ fn run_steps(
         coordinator_restarts: 0,
         detections_ms: Vec::new(),
         stragglers: 0,
+        processes_restarted: 0,
+        recovery_ms: Vec::new(),
         checkpoints,
         checkpoints_missed: uploads.checkpoints_missed,
         resumed_from,

@@ -528,10 +528,19 @@ impl Link for TcpLink {
 
     /// Header, payload and checksum in one vectored write: the payload is not copied.
     fn send_message(&self, to: usize, tag: u32, payload: &[u8]) -> Result<(), LinkError> {
+        self.send_parts(to, tag, &[payload])
+    }
+}
+
+impl TcpLink {
+    /// One envelope whose payload is `parts` back to back (e.g. a message head and a tensor
+    /// frame), written with one vectored write: no part is copied.
+    pub fn send_parts(&self, to: usize, tag: u32, parts: &[&[u8]]) -> Result<(), LinkError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let max = self.max_payload();
-        if payload.len() > max {
+        if len > max {
             return Err(LinkError::PayloadTooLarge {
-                len: payload.len() as u64,
+                len: len as u64,
                 max: max as u64,
             });
         }
@@ -540,9 +549,16 @@ impl Link for TcpLink {
         header[4..6].copy_from_slice(&VERSION.to_le_bytes());
         header[6..10].copy_from_slice(&self.shared.me.peer.to_le_bytes());
         header[10..14].copy_from_slice(&tag.to_le_bytes());
-        header[14..18].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&header), payload);
-        self.write_parts(to, &[&header, payload, &crc.to_le_bytes()])
+        header[14..18].copy_from_slice(&(len as u32).to_le_bytes());
+        let crc = parts
+            .iter()
+            .fold(crc32c::crc32c(&header), |c, p| crc32c::crc32c_append(c, p));
+        let crc = crc.to_le_bytes();
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 2);
+        all.push(&header);
+        all.extend_from_slice(parts);
+        all.push(&crc);
+        self.write_parts(to, &all)
     }
 }
 

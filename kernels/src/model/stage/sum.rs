@@ -51,6 +51,21 @@ impl GradSums {
         }
     }
 
+    /// The sums of a copy rebuilt from their parts (as another process sent them): nothing
+    /// waits, every W that came has run.
+    pub fn from_parts(
+        microbatches: usize,
+        halves: [Option<HalfSum>; 2],
+        shared: BTreeMap<usize, Vec<WeightGrad>>,
+    ) -> GradSums {
+        GradSums {
+            microbatches,
+            halves,
+            waiting: BTreeMap::new(),
+            shared,
+        }
+    }
+
     pub fn microbatches(&self) -> usize {
         self.microbatches
     }

@@ -1,0 +1,398 @@
+//! One worker process of a multi-process run: one pipeline rank (its stage copies, and their
+//! expert groups when `--ep` > 1) driven by the same [`RankMachine`] as the thread and actor
+//! engines. Activations go straight to the peer ranks over the TCP link; gradients go to the
+//! coordinator, which answers with the new parameters. A heartbeat thread speaks for the process
+//! while it computes; a process told it is stale (replaced while frozen) exits.
+
+use super::protocol::{
+    Activation, TAG_ACTIVATION, TAG_TO_COORD, TAG_TO_WORKER, ToCoord, ToWorker, grads_blob, head,
+    read_tensors, split,
+};
+use crate::core::rank::{RankCommand, RankEvent, RankMachine};
+use crate::formation::Layout;
+use crate::formation::compute::{Wire, exec_op};
+use crate::formation::threads::{Pipeline, RankState};
+use crate::schedule::build;
+use crate::trainer::{self, TrainOptions};
+use anyhow::{Context, Result, anyhow, bail};
+use kernels::model::{Batch, ParamStore};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use transport::link::{Link, LinkError, Received};
+use transport::tcp::{TcpConfig, TcpLink};
+
+/// Where a worker stands in the run.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub rank: usize,
+    pub ranks: usize,
+    pub coordinator: SocketAddr,
+    /// The interface to listen on (the peers reach this process there).
+    pub listen: std::net::IpAddr,
+    pub incarnation: u64,
+    pub job: String,
+    pub secret: Vec<u8>,
+    pub heartbeat: Duration,
+}
+
+/// The exit code of a worker told it was replaced.
+pub const EXIT_STALE: i32 = 3;
+
+struct Worker {
+    spec: WorkerSpec,
+    link: Arc<TcpLink>,
+    rank: RankState,
+    full: ParamStore,
+    machine: RankMachine<()>,
+    batches: Vec<Batch>,
+    wire: Wire,
+    d: usize,
+    /// The coordinator said the run is over.
+    exit: Option<String>,
+    /// The heartbeat thread learned this process was replaced.
+    stale: Arc<Mutex<Option<String>>>,
+}
+
+/// The error of a worker that was replaced by a newer incarnation (exit code [`EXIT_STALE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("replaced by a newer incarnation: {0}")]
+pub struct Stale(pub String);
+
+fn send_coord(link: &TcpLink, ranks: usize, msg: &ToCoord, blob: &[u8]) -> Result<(), LinkError> {
+    let h = head(msg).map_err(|e| LinkError::Stale {
+        reason: e.to_string(),
+    })?;
+    link.send_parts(ranks, TAG_TO_COORD, &[&h, blob])
+}
+
+/// Runs rank `spec.rank` until the coordinator says the run is over (returns its reason); a
+/// process replaced meanwhile ends with [`Stale`].
+pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<String> {
+    layout.validate(opts)?;
+    if layout.pp != spec.ranks {
+        bail!(
+            "WORLD_SIZE is {} but --pp is {}: a multi-process run has one process per pipeline rank",
+            spec.ranks,
+            layout.pp
+        );
+    }
+    let model = trainer::build_model(opts)?;
+    let t = &opts.config.training;
+    let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
+    let mut pipeline = Pipeline::new(&model, schedule.clone(), t.mtp_loss_weight, layout.wire)?
+        .with_ep(&model, layout.ep);
+    let rank = pipeline.ranks.swap_remove(spec.rank);
+    drop(pipeline);
+    let d = model.cfg.hidden_size;
+    let full = model.params;
+    let mut cfg = TcpConfig::new(&spec.job, &spec.secret);
+    cfg.link.send_timeout = Duration::from_secs(30);
+    let link = Arc::new(
+        TcpLink::bind(
+            spec.rank,
+            spec.incarnation,
+            spec.ranks + 1,
+            SocketAddr::new(spec.listen, 0),
+            cfg,
+        )
+        .map_err(|e| anyhow!("rank {}: {e}", spec.rank))?,
+    );
+    link.set_peer(spec.ranks, spec.coordinator, 0);
+    let hello = ToCoord::Hello {
+        rank: spec.rank,
+        incarnation: spec.incarnation,
+        addr: link.local_addr().to_string(),
+        pid: std::process::id(),
+    };
+    let started = Instant::now();
+    loop {
+        match send_coord(&link, spec.ranks, &hello, &[]) {
+            Ok(()) => break,
+            Err(LinkError::Stale { reason }) => bail!(Stale(reason)),
+            Err(e) if started.elapsed() > Duration::from_secs(60) => {
+                bail!(
+                    "rank {}: cannot reach the coordinator at {} for 60 s: {e}",
+                    spec.rank,
+                    spec.coordinator
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let stale = Arc::new(Mutex::new(None));
+    heartbeats(link.clone(), &spec, stale.clone());
+    let mut w = Worker {
+        exit: None,
+        stale,
+        machine: RankMachine::new(&schedule, spec.rank),
+        spec,
+        link,
+        rank,
+        full,
+        batches: Vec::new(),
+        wire: layout.wire,
+        d,
+    };
+    w.serve()
+}
+
+/// A thread that tells the coordinator every `heartbeat` that this process lives.
+fn heartbeats(link: Arc<TcpLink>, spec: &WorkerSpec, stale: Arc<Mutex<Option<String>>>) {
+    let (ranks, rank, every) = (spec.ranks, spec.rank, spec.heartbeat);
+    let beat = ToCoord::Heartbeat {
+        incarnation: spec.incarnation,
+    };
+    let _ = std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            loop {
+                if let Err(LinkError::Stale { reason }) = send_coord(&link, ranks, &beat, &[]) {
+                    tracing::warn!("rank {rank}: {reason}");
+                    *stale.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                    return;
+                }
+                std::thread::sleep(every);
+            }
+        });
+}
+
+impl Worker {
+    fn serve(&mut self) -> Result<String> {
+        let mut pending: VecDeque<RankEvent<()>> = VecDeque::new();
+        loop {
+            if let Some(reason) = self.exit.take() {
+                return Ok(reason);
+            }
+            if let Some(reason) = self.stale.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                bail!(Stale(reason));
+            }
+            let event = match pending.pop_front() {
+                Some(e) => e,
+                None => match self.link.recv_timeout(Duration::from_millis(50))? {
+                    None => continue,
+                    Some(Received::Refused(e)) => {
+                        tracing::warn!("rank {}: refused a message: {e}", self.spec.rank);
+                        continue;
+                    }
+                    Some(Received::Message(m)) => match self.message(m.tag, &m.payload)? {
+                        Some(e) => e,
+                        None => continue,
+                    },
+                },
+            };
+            let current = self.machine.current();
+            let cmds = match self.machine.on(event) {
+                Ok(c) => c,
+                Err(reason) => {
+                    // a broken invariant: fail this attempt, the coordinator replays it
+                    self.reset();
+                    if let Some((step, attempt)) = current {
+                        let msg = ToCoord::Failed {
+                            step,
+                            attempt,
+                            reason,
+                        };
+                        let _ = send_coord(&self.link, self.spec.ranks, &msg, &[]);
+                    }
+                    continue;
+                }
+            };
+            for cmd in cmds {
+                self.command(cmd, &mut pending)?;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.rank.copies.values_mut().for_each(|c| c.reset());
+    }
+
+    fn load(&mut self, params: &[(usize, usize)], blob: &[u8]) -> Result<()> {
+        read_tensors(params, blob, &mut self.full.tensors)
+            .with_context(|| format!("rank {}: parameters from the coordinator", self.spec.rank))
+    }
+
+    /// A message from the link as the machine's event (None: handled here).
+    fn message(&mut self, tag: u32, payload: &[u8]) -> Result<Option<RankEvent<()>>> {
+        match tag {
+            TAG_ACTIVATION => {
+                let (a, frame): (Activation, &[u8]) = split(payload)?;
+                let data = Wire::decode(frame)
+                    .map_err(|e| anyhow!("an activation of step {}: {e}", a.step))?;
+                Ok(Some(RankEvent::Deliver {
+                    step: a.step,
+                    attempt: a.attempt,
+                    arrival: a.arrival,
+                    data,
+                }))
+            }
+            TAG_TO_WORKER => {
+                let (msg, blob): (ToWorker, &[u8]) = split(payload)?;
+                Ok(match msg {
+                    ToWorker::Peers { members } => {
+                        for m in members.into_iter().filter(|m| m.rank != self.spec.rank) {
+                            match m.addr.parse() {
+                                Ok(a) => self.link.set_peer(m.rank, a, m.incarnation),
+                                Err(_) => {
+                                    tracing::warn!("rank {}: bad address {:?}", m.rank, m.addr)
+                                }
+                            }
+                        }
+                        None
+                    }
+                    ToWorker::Open {
+                        step,
+                        attempt,
+                        batches,
+                        params,
+                    } => {
+                        if self.machine.current().is_some_and(|c| c >= (step, attempt)) {
+                            return Ok(None);
+                        }
+                        self.reset();
+                        if !params.is_empty() {
+                            self.load(&params, blob)?;
+                            let full = &self.full;
+                            self.rank
+                                .copies
+                                .values_mut()
+                                .for_each(|c| c.load_from(full));
+                        }
+                        self.batches = batches.into_iter().map(|b| b.batch()).collect();
+                        Some(RankEvent::Open { step, attempt })
+                    }
+                    ToWorker::Install {
+                        step,
+                        attempt,
+                        params,
+                    } => {
+                        self.load(&params, blob)?;
+                        Some(RankEvent::Install { step, attempt })
+                    }
+                    ToWorker::Abort { step, attempt } => {
+                        self.reset();
+                        Some(RankEvent::Abort { step, attempt })
+                    }
+                    ToWorker::Exit { reason } => {
+                        tracing::info!("rank {}: told to exit: {reason}", self.spec.rank);
+                        self.exit = Some(reason);
+                        None
+                    }
+                })
+            }
+            other => {
+                tracing::warn!(
+                    "rank {}: a message with unknown tag {other:#x}",
+                    self.spec.rank
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    fn command(
+        &mut self,
+        cmd: RankCommand<()>,
+        pending: &mut VecDeque<RankEvent<()>>,
+    ) -> Result<()> {
+        match cmd {
+            RankCommand::RunOp {
+                op_id,
+                copy,
+                step,
+                attempt,
+                op,
+            } => {
+                let mb = op.mb();
+                let runner = self
+                    .rank
+                    .copies
+                    .get_mut(&copy)
+                    .ok_or_else(|| anyhow!("stage copy s{copy} is not on this rank"))?;
+                let result = exec_op(runner, &self.batches, op);
+                pending.push_back(RankEvent::OpDone {
+                    op_id,
+                    copy,
+                    step,
+                    attempt,
+                    mb,
+                    result,
+                });
+            }
+            RankCommand::Send {
+                to,
+                step,
+                attempt,
+                arrival,
+                data,
+            } => {
+                let frame = self.wire.encode(arrival, data, self.d);
+                let h = head(&Activation {
+                    step,
+                    attempt,
+                    arrival,
+                })?;
+                // a lost activation is the coordinator's to notice (the attempt times out or
+                // the peer is declared dead): the step is replayed
+                if let Err(e) = self.link.send_parts(to, TAG_ACTIVATION, &[&h, &frame]) {
+                    tracing::warn!("rank {}: to rank {to}: {e}", self.spec.rank);
+                }
+            }
+            RankCommand::TakeGrads {
+                copy,
+                step,
+                attempt,
+            } => pending.push_back(RankEvent::Grads {
+                copy,
+                step,
+                attempt,
+                grads: (),
+            }),
+            RankCommand::Done {
+                step,
+                attempt,
+                stats,
+                ..
+            } => {
+                let mut blob = Vec::new();
+                let mut copies = Vec::new();
+                for (&copy, runner) in self.rank.copies.iter_mut() {
+                    copies.push(grads_blob(copy, runner.take_grads(), &mut blob)?);
+                }
+                let msg = ToCoord::Done {
+                    step,
+                    attempt,
+                    stats,
+                    copies,
+                };
+                if let Err(e) = send_coord(&self.link, self.spec.ranks, &msg, &blob) {
+                    tracing::warn!("rank {}: sending gradients: {e}", self.spec.rank);
+                }
+            }
+            RankCommand::InstallStage {
+                copy,
+                step,
+                attempt,
+            } => {
+                if let Some(c) = self.rank.copies.get_mut(&copy) {
+                    c.load_from(&self.full);
+                }
+                pending.push_back(RankEvent::StageInstalled {
+                    copy,
+                    step,
+                    attempt,
+                });
+            }
+            RankCommand::Installed { step, attempt } => {
+                let msg = ToCoord::Installed { step, attempt };
+                if let Err(e) = send_coord(&self.link, self.spec.ranks, &msg, &[]) {
+                    tracing::warn!("rank {}: {e}", self.spec.rank);
+                }
+            }
+            RankCommand::Starting { .. } | RankCommand::Busy { .. } => {}
+        }
+        Ok(())
+    }
+}
