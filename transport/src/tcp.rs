@@ -85,6 +85,14 @@ struct Shared {
     counters: Counters,
     closed: AtomicBool,
     errors: Mutex<Vec<String>>,
+    /// Until then this endpoint acts cut off from the network (a partition, for tests).
+    cut_until: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn is_cut(&self) -> bool {
+        lock(&self.cut_until).is_some_and(|t| Instant::now() < t)
+    }
 }
 
 impl Shared {
@@ -150,6 +158,7 @@ impl TcpLink {
             counters: Counters::default(),
             closed: AtomicBool::new(false),
             errors: Mutex::new(Vec::new()),
+            cut_until: Mutex::new(None),
         });
         let sh = shared.clone();
         std::thread::Builder::new()
@@ -205,6 +214,16 @@ impl TcpLink {
             {
                 let _ = c.shutdown(Shutdown::Both);
             }
+        }
+    }
+
+    /// Cuts this endpoint off the network for `d`, as a partition would: every connection is
+    /// closed, sends fail, connections from peers are closed on arrival. Afterwards sends
+    /// reconnect as after any dropped connection.
+    pub fn partition(&self, d: Duration) {
+        *lock(&self.shared.cut_until) = Some(Instant::now() + d);
+        for p in 0..self.shared.slots.len() {
+            self.drop_connections(p);
         }
     }
 
@@ -271,6 +290,9 @@ impl TcpLink {
                 peer: to,
                 peers: sh.slots.len(),
             });
+        }
+        if sh.is_cut() {
+            return Err(LinkError::PeerClosed { peer: to });
         }
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut out = lock(&sh.slots[to].out);
@@ -351,6 +373,10 @@ fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
             return;
         }
         let Ok(s) = conn else { continue };
+        if sh.is_cut() {
+            let _ = s.shutdown(Shutdown::Both);
+            continue;
+        }
         let sh = sh.clone();
         let _ = std::thread::Builder::new()
             .name("tcp-conn".into())

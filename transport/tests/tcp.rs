@@ -223,3 +223,28 @@ fn a_port_in_use_is_a_clear_error() {
     let e = TcpLink::bind(1, 0, 2, a.local_addr(), cfg("s")).unwrap_err();
     assert!(e.to_string().contains("already in use"), "{e}");
 }
+
+#[test]
+fn a_partition_cuts_both_ways_then_heals() {
+    let a = link(0, 0, 2, cfg("s"));
+    let b = link(1, 0, 2, cfg("s"));
+    a.set_peer(1, b.local_addr(), 0);
+    b.set_peer(0, a.local_addr(), 0);
+    a.send_message(1, 1, b"before").unwrap();
+    assert_eq!(recv(&b).payload, b"before");
+    b.partition(Duration::from_millis(400));
+    assert!(b.send_message(0, 1, b"cut").is_err());
+    // a's connection was closed under it: within a couple of sends it knows
+    let mut failed = false;
+    for _ in 0..20 {
+        if a.send_message(1, 2, b"into the void").is_err() {
+            failed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(failed, "sends into a partition kept succeeding");
+    std::thread::sleep(Duration::from_millis(450));
+    b.send_message(0, 3, b"healed").unwrap();
+    assert_eq!(recv(&a).payload, b"healed");
+}

@@ -40,6 +40,48 @@ pub struct WorkerSpec {
 /// The exit code of a worker told it was replaced.
 pub const EXIT_STALE: i32 = 3;
 
+/// A network fault for tests, from `PHALANX_NET_FAULT` on the rank named by
+/// `PHALANX_NET_FAULT_RANK`, first incarnation only: `drop@STEP` closes every connection of the
+/// process when step STEP opens; `partition@STEP:MS` cuts it off the network for MS ms then.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NetFault {
+    Drop { step: u64 },
+    Partition { step: u64, ms: u64 },
+}
+
+impl NetFault {
+    pub fn parse(s: &str) -> Result<NetFault> {
+        let bad = || anyhow!("PHALANX_NET_FAULT={s:?}: expected drop@STEP or partition@STEP:MS");
+        let (kind, at) = s.split_once('@').ok_or_else(bad)?;
+        match kind {
+            "drop" => Ok(NetFault::Drop {
+                step: at.parse().map_err(|_| bad())?,
+            }),
+            "partition" => {
+                let (step, ms) = at.split_once(':').ok_or_else(bad)?;
+                Ok(NetFault::Partition {
+                    step: step.parse().map_err(|_| bad())?,
+                    ms: ms.parse().map_err(|_| bad())?,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    fn from_env(rank: usize, incarnation: u64) -> Result<Option<NetFault>> {
+        let (Ok(f), Ok(r)) = (
+            std::env::var("PHALANX_NET_FAULT"),
+            std::env::var("PHALANX_NET_FAULT_RANK"),
+        ) else {
+            return Ok(None);
+        };
+        if r.trim() != rank.to_string() || incarnation != 0 {
+            return Ok(None);
+        }
+        NetFault::parse(&f).map(Some)
+    }
+}
+
 struct Worker {
     spec: WorkerSpec,
     link: Arc<TcpLink>,
@@ -53,6 +95,7 @@ struct Worker {
     exit: Option<String>,
     /// The heartbeat thread learned this process was replaced.
     stale: Arc<Mutex<Option<String>>>,
+    fault: Option<NetFault>,
 }
 
 /// The error of a worker that was replaced by a newer incarnation (exit code [`EXIT_STALE`]).
@@ -123,7 +166,9 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
     }
     let stale = Arc::new(Mutex::new(None));
     heartbeats(link.clone(), &spec, stale.clone());
+    let fault = NetFault::from_env(spec.rank, spec.incarnation)?;
     let mut w = Worker {
+        fault,
         exit: None,
         stale,
         machine: RankMachine::new(&schedule, spec.rank),
@@ -205,6 +250,31 @@ impl Worker {
         }
     }
 
+    /// Fires the test's network fault when its step opens.
+    fn net_fault(&mut self, step: u64) {
+        match self.fault {
+            Some(NetFault::Drop { step: s }) if s == step => {
+                tracing::warn!(
+                    "rank {}: closing every connection (injected)",
+                    self.spec.rank
+                );
+                for p in 0..=self.spec.ranks {
+                    self.link.drop_connections(p);
+                }
+                self.fault = None;
+            }
+            Some(NetFault::Partition { step: s, ms }) if s == step => {
+                tracing::warn!(
+                    "rank {}: cut off the network for {ms} ms (injected)",
+                    self.spec.rank
+                );
+                self.link.partition(Duration::from_millis(ms));
+                self.fault = None;
+            }
+            _ => {}
+        }
+    }
+
     fn reset(&mut self) {
         self.rank.copies.values_mut().for_each(|c| c.reset());
     }
@@ -251,6 +321,7 @@ impl Worker {
                         if self.machine.current().is_some_and(|c| c >= (step, attempt)) {
                             return Ok(None);
                         }
+                        self.net_fault(step);
                         self.reset();
                         if !params.is_empty() {
                             self.load(&params, blob)?;
