@@ -92,10 +92,10 @@ fn workers(parent: u32) -> Vec<(usize, u32)> {
         }
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         for var in env.split(|&b| b == 0) {
-            if let Some(r) = var.strip_prefix(b"RANK=") {
-                if let Ok(r) = String::from_utf8_lossy(r).parse() {
-                    out.push((r, pid));
-                }
+            if let Some(r) = var.strip_prefix(b"RANK=")
+                && let Ok(r) = String::from_utf8_lossy(r).parse()
+            {
+                out.push((r, pid));
             }
         }
     }
