@@ -261,7 +261,8 @@ pub fn schedule(a: ScheduleArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: `checkpoint` (snapshot stall, store write and read), `train` (training step throughput of tiny and small vs the GEMM peak) or
+    /// What to measure: `transport` (TCP link vs a plain tokio socket; bytes per step with FP8
+    /// and F32 activations), `checkpoint` (snapshot stall, store write and read), `train` (training step throughput of tiny and small vs the GEMM peak) or
     /// `pipeline` (the actor formation's step time vs the plain loop, same micro-batches) or `fp8`
     /// (FP8 quantise+encode vs memcpy, FP8 GEMM vs f32 GEMM).
     #[arg(default_value = "train")]
@@ -289,8 +290,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             Ok(())
         }
         "checkpoint" => bench_checkpoint(a),
+        "transport" => bench_transport(a),
         other => bail!(
-            "unknown benchmark {other:?}: expected `train`, `pipeline`, `fp8` or `checkpoint`"
+            "unknown benchmark {other:?}: expected `train`, `pipeline`, `fp8`, `checkpoint` or `transport`"
         ),
     }
 }
@@ -305,6 +307,38 @@ fn bench_configs(a: &BenchArgs) -> Vec<PathBuf> {
     } else {
         a.config.clone()
     }
+}
+
+/// The TCP link on loopback beside a plain tokio socket, and the bytes one step puts on the wire.
+fn bench_transport(a: BenchArgs) -> Result<()> {
+    use actors::cluster::bench::{link_throughput, wire_bytes_per_step};
+    for (size, frames) in [(1usize << 20, 512usize), (16 << 20, 48)] {
+        let r = link_throughput(size, frames, 5)?;
+        println!(
+            "tcp link, {} MiB frames ×{}: {:.2} GB/s vs plain tokio socket {:.2} GB/s = {:.2}",
+            r.frame_bytes >> 20,
+            r.frames,
+            r.link_gb_s,
+            r.tokio_gb_s,
+            r.link_gb_s / r.tokio_gb_s
+        );
+    }
+    for c in bench_configs(&a) {
+        let c = c.display().to_string();
+        let w = wire_bytes_per_step(&c, a.batch_size, a.seq_len, 4)?;
+        println!(
+            "{}: --pp {} --schedule dualpipe --microbatches {}: {} activation messages per step: f32 {:.2} MB, fp8 {:.2} MB = {:.2}x fewer; gradients up + parameters down (f32): {:.1} MB per step",
+            w.config,
+            w.pp,
+            w.microbatches,
+            w.messages,
+            w.f32_bytes as f64 / 1e6,
+            w.fp8_bytes as f64 / 1e6,
+            w.f32_bytes as f64 / w.fp8_bytes as f64,
+            w.coordinator_bytes as f64 / 1e6
+        );
+    }
+    Ok(())
 }
 
 /// Snapshot stall, store write and read of a checkpoint of tiny and small (or `--config`).

@@ -282,8 +282,8 @@ impl TcpLink {
         Ok(s)
     }
 
-    /// Writes `parts` (one envelope) to `to`, reconnecting once after a failed write.
-    fn write_parts(&self, to: usize, parts: &[&[u8]]) -> Result<(), LinkError> {
+    /// Writes one envelope to `to`, reconnecting once after a failed write.
+    fn write_body(&self, to: usize, body: Body<'_>) -> Result<(), LinkError> {
         let sh = &self.shared;
         if to >= sh.slots.len() {
             return Err(LinkError::UnknownPeer {
@@ -294,7 +294,7 @@ impl TcpLink {
         if sh.is_cut() {
             return Err(LinkError::PeerClosed { peer: to });
         }
-        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let total = body.len();
         let mut out = lock(&sh.slots[to].out);
         for attempt in 0..2 {
             if out.is_none() {
@@ -305,7 +305,7 @@ impl TcpLink {
             }
             let s = out.as_mut().expect("connected above");
             let started = Instant::now();
-            match write_all_vectored(s, parts) {
+            match body.write(s) {
                 Ok(()) => {
                     sh.counters.sent.fetch_add(1, Ordering::Relaxed);
                     sh.counters
@@ -337,6 +337,66 @@ impl TcpLink {
             }
         }
         Err(LinkError::PeerClosed { peer: to })
+    }
+}
+
+/// Payloads above this are written and read in chunks of it, each checksummed while it is in
+/// cache (the checksum is the envelope's trailer, so it can follow the bytes).
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// An envelope to write: already encoded, or a header and payload parts whose checksum is
+/// computed on the way out.
+#[derive(Clone, Copy)]
+enum Body<'a> {
+    Raw(&'a [u8]),
+    Framed {
+        header: &'a [u8; HEADER_LEN],
+        parts: &'a [&'a [u8]],
+    },
+}
+
+impl Body<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Body::Raw(b) => b.len(),
+            Body::Framed { parts, .. } => {
+                HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>() + CRC_LEN
+            }
+        }
+    }
+
+    fn write(&self, s: &mut TcpStream) -> std::io::Result<()> {
+        let (header, parts) = match *self {
+            Body::Raw(b) => return s.write_all(b),
+            Body::Framed { header, parts } => (header, parts),
+        };
+        let mut crc = crc32c::crc32c(header);
+        if self.len() <= STREAM_CHUNK {
+            for p in parts {
+                crc = crc32c::crc32c_append(crc, p);
+            }
+            let crc = crc.to_le_bytes();
+            let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 2);
+            all.push(header);
+            all.extend_from_slice(parts);
+            all.push(&crc);
+            return write_all_vectored(s, &all);
+        }
+        let mut first = true;
+        for p in parts {
+            for c in p.chunks(STREAM_CHUNK) {
+                crc = crc32c::crc32c_append(crc, c);
+                if std::mem::take(&mut first) {
+                    write_all_vectored(s, &[header, c])?;
+                } else {
+                    s.write_all(c)?;
+                }
+            }
+        }
+        if first {
+            s.write_all(header)?;
+        }
+        s.write_all(&crc.to_le_bytes())
     }
 }
 
@@ -455,9 +515,36 @@ fn serve_connection(sh: Arc<Shared>, mut s: TcpStream) {
             let _ = s.shutdown(Shutdown::Both);
             return;
         }
-        let mut bytes = vec![0u8; HEADER_LEN + len + CRC_LEN];
-        bytes[..HEADER_LEN].copy_from_slice(&header);
-        if let Err(e) = s.read_exact(&mut bytes[HEADER_LEN..]) {
+        // the payload is read into its own buffer, which becomes the message: no copy; the
+        // checksum follows each chunk while it is in cache
+        let mut payload = Vec::with_capacity(len + CRC_LEN);
+        let mut computed = crc32c::crc32c(&header);
+        let mut read = Ok(());
+        // payload chunks, then the 4-byte checksum, into the spare capacity (no zeroing)
+        let chunks = (0..len)
+            .step_by(STREAM_CHUNK)
+            .map(|at| (at, (len - at).min(STREAM_CHUNK)));
+        for (at, want) in chunks.chain([(len, CRC_LEN)]) {
+            match (&mut s).take(want as u64).read_to_end(&mut payload) {
+                Ok(n) if n == want => {
+                    if at < len {
+                        computed = crc32c::crc32c_append(computed, &payload[at..at + n]);
+                    }
+                }
+                Ok(n) => {
+                    read = Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{n} of {want} bytes at offset {at}"),
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    read = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = read {
             sh.counters.refused.fetch_add(1, Ordering::Relaxed);
             sh.error(format!(
                 "closed the connection from peer {p} ({from}): truncated envelope of {len} payload bytes: {e}"
@@ -467,30 +554,28 @@ fn serve_connection(sh: Arc<Shared>, mut s: TcpStream) {
         *lock(&slot.heard) = Some(Instant::now());
         sh.counters
             .bytes_received
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let item = match decode_envelope(&bytes, max) {
-            Ok(env) if env.sender as usize != p => {
-                sh.counters.refused.fetch_add(1, Ordering::Relaxed);
-                sh.error(format!(
-                    "closed the connection from peer {p} ({from}): an envelope claims sender {}",
-                    env.sender
-                ));
-                let _ = s.shutdown(Shutdown::Both);
-                return;
-            }
-            Ok(env) => {
-                sh.counters.received.fetch_add(1, Ordering::Relaxed);
-                Received::Message(Message {
-                    sender: p,
-                    tag: env.tag,
-                    payload: env.payload.to_vec(),
-                })
-            }
-            Err(e) => {
-                // a damaged envelope within a sound stream: refused, the connection goes on
-                sh.counters.refused.fetch_add(1, Ordering::Relaxed);
-                Received::Refused(e)
-            }
+            .fetch_add((HEADER_LEN + len + CRC_LEN) as u64, Ordering::Relaxed);
+        let stored = u32::from_le_bytes(payload[len..].try_into().expect("4 bytes"));
+        payload.truncate(len);
+        let sender = u32::from_le_bytes(header[6..10].try_into().expect("4 bytes"));
+        let item = if stored != computed {
+            // a damaged envelope within a sound stream: refused, the connection goes on
+            sh.counters.refused.fetch_add(1, Ordering::Relaxed);
+            Received::Refused(LinkError::BadChecksum { stored, computed })
+        } else if sender as usize != p {
+            sh.counters.refused.fetch_add(1, Ordering::Relaxed);
+            sh.error(format!(
+                "closed the connection from peer {p} ({from}): an envelope claims sender {sender}"
+            ));
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        } else {
+            sh.counters.received.fetch_add(1, Ordering::Relaxed);
+            Received::Message(Message {
+                sender: p,
+                tag: u32::from_le_bytes(header[10..14].try_into().expect("4 bytes")),
+                payload,
+            })
         };
         let mut item = item;
         loop {
@@ -530,7 +615,7 @@ impl Link for TcpLink {
                 max: max as u64,
             });
         }
-        self.write_parts(to, &[&bytes])
+        self.write_body(to, Body::Raw(&bytes))
     }
 
     fn recv_timeout(&self, timeout: Duration) -> Result<Option<Received>, LinkError> {
@@ -576,15 +661,13 @@ impl TcpLink {
         header[6..10].copy_from_slice(&self.shared.me.peer.to_le_bytes());
         header[10..14].copy_from_slice(&tag.to_le_bytes());
         header[14..18].copy_from_slice(&(len as u32).to_le_bytes());
-        let crc = parts
-            .iter()
-            .fold(crc32c::crc32c(&header), |c, p| crc32c::crc32c_append(c, p));
-        let crc = crc.to_le_bytes();
-        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 2);
-        all.push(&header);
-        all.extend_from_slice(parts);
-        all.push(&crc);
-        self.write_parts(to, &all)
+        self.write_body(
+            to,
+            Body::Framed {
+                header: &header,
+                parts,
+            },
+        )
     }
 }
 

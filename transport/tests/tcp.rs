@@ -248,3 +248,21 @@ fn a_partition_cuts_both_ways_then_heals() {
     b.send_message(0, 3, b"healed").unwrap();
     assert_eq!(recv(&a).payload, b"healed");
 }
+
+#[test]
+fn a_damaged_payload_is_refused_and_the_connection_goes_on() {
+    let a = link(0, 0, 2, cfg("s"));
+    let mut s = raw(&a, 1);
+    let mut bad = transport::encode_envelope(1, 4, b"payload").unwrap();
+    bad[20] ^= 0x01;
+    s.write_all(&bad).unwrap();
+    s.write_all(&transport::encode_envelope(1, 5, b"sound").unwrap())
+        .unwrap();
+    match a.recv_timeout(Duration::from_secs(5)).unwrap() {
+        Some(Received::Refused(LinkError::BadChecksum { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+    let m = recv(&a);
+    assert_eq!((m.tag, m.payload.as_slice()), (5, &b"sound"[..]));
+    assert_eq!(a.stats().refused, 1);
+}

@@ -7,9 +7,11 @@
 //! - `worker`: a worker process driving its rank's `RankMachine`.
 //! - `engine`: `ProcessEngine`, the coordinator as a `StepEngine` driving the `Coordinator`
 //!   machine, declaring silent or exited processes dead and having them replaced.
+//! - `bench`: `phalanx bench transport` (link throughput, bytes per step).
 //! - `launch`: `phalanx launch --local N` (start, restart and stop the workers) and the worker
 //!   side of `phalanx train` under a launcher, torchrun or Slurm.
 
+pub mod bench;
 pub mod engine;
 pub mod launch;
 pub mod protocol;
