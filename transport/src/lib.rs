@@ -5,13 +5,20 @@
 //! `codec` (the frame header's bytes) ← `frame` (tensor frames). `link` (envelopes around any
 //! payload, the `Link` trait, the in-process link) stands on its own; a frame travels as an
 //! envelope's payload. `handshake` (mutual HMAC authentication of a connection) ← `tcp` (the
-//! `Link` between processes, on std sockets and threads).
+//! `Link` between processes, on std sockets and threads). Behind features: `rdma` (queue pairs,
+//! RDMA write with immediate) and `cuda` (`nvlink`: GPU peer copies); neither has run on
+//! hardware here.
 
 pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod link;
+#[cfg(feature = "cuda")]
+pub mod nvlink;
+pub mod paths;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 
 pub use error::{Dtype, FrameError};

@@ -121,6 +121,9 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
             layout.pp
         );
     }
+    for line in transport::paths::fast_paths() {
+        tracing::info!("rank {}: {line}", spec.rank);
+    }
     let model = trainer::build_model(opts)?;
     let t = &opts.config.training;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
