@@ -73,9 +73,7 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
         heartbeat_bound: Duration::from_millis(a.heartbeat_timeout_ms),
         heartbeat: Duration::from_millis(100),
     };
-    let (summary, _) = with_progress(opts.config.training.steps, |on_step| {
-        cl::launch(&opts, &layout, spec, on_step)
-    })?;
+    let summary = actors::cluster::supervisor::launch(&opts, &layout, spec)?;
     print_summary(&summary, t.args.summary_json.as_deref())
 }
 
@@ -93,23 +91,42 @@ pub fn train_in_world(
             world.world
         );
     }
-    let launched = std::env::var_os(cl::ENV_INCARNATION).is_some();
-    if launched || world.rank != 0 {
-        match cl::run_worker(opts, layout, world) {
-            Ok(reason) => {
-                tracing::info!("rank {}: {reason}", world.rank);
-                Ok(())
-            }
-            Err(e) if e.downcast_ref::<actors::cluster::worker::Stale>().is_some() => {
-                eprintln!("rank {}: {e}", world.rank);
-                std::process::exit(actors::cluster::worker::EXIT_STALE)
-            }
-            Err(e) => Err(e),
+    let role = std::env::var(cl::ENV_ROLE).ok();
+    match role.as_deref() {
+        Some("coordinator") => {
+            let summary = with_progress(opts.config.training.steps, |on_step| {
+                cl::serve_coordinator(opts, layout, world, on_step)
+            })?;
+            let out = std::env::var_os(cl::ENV_SUMMARY_OUT).map(std::path::PathBuf::from);
+            print_summary(&summary, out.as_deref().or(a.summary_json.as_deref()))
         }
-    } else {
-        let (summary, _) = with_progress(opts.config.training.steps, |on_step| {
-            cl::serve_rank0(opts, layout, world, on_step)
-        })?;
-        print_summary(&summary, a.summary_json.as_deref())
+        Some("worker") => serve_rank(opts, layout, world),
+        Some(other) => bail!("{}={other:?}: expected coordinator or worker", cl::ENV_ROLE),
+        None if world.rank != 0 => serve_rank(opts, layout, world),
+        None => {
+            let summary = with_progress(opts.config.training.steps, |on_step| {
+                cl::serve_rank0(opts, layout, world, on_step)
+            })?;
+            print_summary(&summary, a.summary_json.as_deref())
+        }
+    }
+}
+
+/// This process as one pipeline rank until the run is over.
+fn serve_rank(
+    opts: &actors::trainer::TrainOptions,
+    layout: &actors::formation::Layout,
+    world: &WorldEnv,
+) -> Result<()> {
+    match cl::run_worker(opts, layout, world) {
+        Ok(reason) => {
+            tracing::info!("rank {}: {reason}", world.rank);
+            Ok(())
+        }
+        Err(e) if e.downcast_ref::<actors::cluster::worker::Stale>().is_some() => {
+            eprintln!("rank {}: {e}", world.rank);
+            std::process::exit(actors::cluster::worker::EXIT_STALE)
+        }
+        Err(e) => Err(e),
     }
 }

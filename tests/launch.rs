@@ -72,8 +72,8 @@ fn finish(child: Child) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {err}"))
 }
 
-/// Worker pids of launcher `parent`, by rank (from their RANK variable).
-fn workers(parent: u32) -> Vec<(usize, u32)> {
+/// The launcher's children as (role, rank, pid), from their environment.
+fn children(parent: u32) -> Vec<(String, usize, u32)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -91,16 +91,37 @@ fn workers(parent: u32) -> Vec<(usize, u32)> {
             continue;
         }
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let (mut role, mut rank) = (None, None);
         for var in env.split(|&b| b == 0) {
-            if let Some(r) = var.strip_prefix(b"RANK=")
-                && let Ok(r) = String::from_utf8_lossy(r).parse()
-            {
-                out.push((r, pid));
+            let var = String::from_utf8_lossy(var);
+            if let Some(r) = var.strip_prefix("PHALANX_ROLE=") {
+                role = Some(r.to_string());
+            } else if let Some(r) = var.strip_prefix("RANK=") {
+                rank = r.parse().ok();
             }
+        }
+        if let (Some(role), Some(rank)) = (role, rank) {
+            out.push((role, rank, pid));
         }
     }
     out.sort();
     out
+}
+
+/// Worker pids of launcher `parent`, by rank.
+fn workers(parent: u32) -> Vec<(usize, u32)> {
+    children(parent)
+        .into_iter()
+        .filter(|c| c.0 == "worker")
+        .map(|c| (c.1, c.2))
+        .collect()
+}
+
+fn coordinator(parent: u32) -> Option<u32> {
+    children(parent)
+        .into_iter()
+        .find(|c| c.0 == "coordinator")
+        .map(|c| c.2)
 }
 
 fn wait_workers(parent: u32, n: usize) -> Vec<(usize, u32)> {
@@ -256,6 +277,52 @@ fn a_frozen_worker_is_replaced_and_told_to_exit_when_it_wakes() {
     assert_eq!(v["processes_restarted"], 1);
     assert_eq!(det.len(), 1);
     assert!((2000..3000).contains(&det[0]), "detection {det:?}");
+}
+
+#[test]
+fn a_killed_coordinator_is_replaced_and_rebuilds_the_run_from_the_ranks() {
+    let _g = serial();
+    let sha = reference();
+    let (child, out) = start("launch-coord", &[]);
+    let launcher = child.id();
+    let before = wait_workers(launcher, 4);
+    let mut killed = Vec::new();
+    for at in [6u64, 21] {
+        wait_step(&out, at);
+        std::thread::sleep(Duration::from_millis(120));
+        let pid = coordinator(launcher).expect("a coordinator");
+        signal(pid, "-KILL");
+        killed.push(pid);
+        // the next one comes up; the workers are the same processes
+        let t = Instant::now();
+        while coordinator(launcher).is_none_or(|p| p == pid) {
+            assert!(t.elapsed() < Duration::from_secs(30), "no new coordinator");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(workers(launcher), before, "a worker was restarted");
+    }
+    let v = finish(child);
+    eprintln!(
+        "coordinators killed: {killed:?}; summary restarts {}",
+        v["coordinator_restarts"]
+    );
+    assert_eq!(v["params_sha256"], sha);
+    assert_eq!(v["coordinator_restarts"], 2);
+    assert_eq!(v["processes_restarted"], 0);
+    // the metrics have every step once, in order
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=STEPS.parse::<u64>().unwrap()).collect::<Vec<_>>()
+    );
 }
 
 #[test]

@@ -16,9 +16,15 @@ fn moment_names(param: &str) -> (String, String) {
 
 /// Copies the parameters (routing-bias buffers included) and the optimizer moments.
 pub fn snapshot(state: &TrainState) -> Vec<SnapTensor> {
+    let all: Vec<usize> = (0..state.model.params.len()).collect();
+    snapshot_of(state, &all)
+}
+
+/// The same for tensors `ids` only (a stage's share of the state).
+pub fn snapshot_of(state: &TrainState, ids: &[usize]) -> Vec<SnapTensor> {
     let p = &state.model.params;
-    let mut out = Vec::with_capacity(3 * p.len());
-    for i in 0..p.len() {
+    let mut out = Vec::with_capacity(3 * ids.len());
+    for &i in ids {
         let name = &p.names[i];
         let shape = p.tensors[i].shape.clone();
         out.push(SnapTensor {

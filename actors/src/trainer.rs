@@ -461,11 +461,10 @@ pub fn run(
     if let Some(w) = set_aside {
         tracing::warn!("{w}");
     }
-    let resumed_from = opts
-        .checkpoints
-        .as_ref()
-        .filter(|p| p.resume)
-        .map(|_| state.step);
+    // a resume from the store, or a coordinator that rebuilt the state from the ranks' mirrors
+    let resumed_from = (opts.checkpoints.as_ref().is_some_and(|p| p.resume)
+        || (state.restored_from.is_some() && fixed_run_id().is_some()))
+    .then_some(state.step);
     let id = run_id();
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -510,7 +509,18 @@ pub fn run(
 }
 
 /// A run id unique on this machine: start time (ms), process, and a counter within the process.
-fn run_id() -> String {
+/// The run id a launcher fixed for all its coordinators (`PHALANX_RUN_ID`), if any.
+pub fn fixed_run_id() -> Option<String> {
+    std::env::var("PHALANX_RUN_ID")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// A new run's id: `PHALANX_RUN_ID` when a launcher fixed it, else from the clock and pid.
+pub fn run_id() -> String {
+    if let Some(id) = fixed_run_id() {
+        return id;
+    }
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

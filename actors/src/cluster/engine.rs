@@ -3,14 +3,19 @@
 //! actor formation follows) over the TCP link, holds the committed training state, reduces the
 //! ranks' gradients in the canonical order and sends each rank the new values of its tensors.
 //!
-//! Failure handling: a rank whose process exited, or that was silent past the heartbeat bound,
-//! is declared dead; its process is replaced ([`Processes::replace`]) and the open step is
-//! replayed by every rank once the replacement has said hello. The replacement gets its stage
-//! from the coordinator's committed copy; the other processes keep theirs and do not restart.
+//! Failure handling: a rank whose process exited (the launcher says so), or that was silent past
+//! the heartbeat bound, is declared dead; its process is replaced (by the launcher, see
+//! [`Keeper`]) and the open step is replayed by every rank once the replacement has said hello.
+//! The replacement gets its stage from the coordinator's committed copy; the other processes
+//! keep theirs and do not restart.
+//!
+//! After every commit each rank receives the committed parameters and optimizer moments of its
+//! tensors (a mirror); a coordinator that replaces a dead one rebuilds the training state from
+//! those mirrors ([`ProcessEngine::recover`]).
 
 use super::protocol::{
-    BlobReader, Member, TAG_TO_COORD, TAG_TO_WORKER, ToCoord, ToWorker, Tokens, head, read_grads,
-    split, tensors_blob,
+    BlobReader, Member, Supervision, TAG_SUPERVISOR, TAG_TO_COORD, TAG_TO_WORKER, ToCoord,
+    ToWorker, Tokens, head, read_grads, read_snap, snap_blob, split, tensors_blob,
 };
 use crate::core::coordinator::{CoordCommand, CoordEvent, CoordTimer, Coordinator, TimeoutPolicy};
 use crate::core::rank::RankStats;
@@ -30,15 +35,15 @@ use storage::dataset::Dataset;
 use transport::link::{Link, Received};
 use transport::tcp::TcpLink;
 
-/// The processes behind the ranks, as the launcher (or a test) keeps them.
-pub trait Processes: Send {
-    /// Ranks whose process ended since the last call, each with how it ended.
-    fn exited(&mut self) -> Vec<(usize, String)>;
-    /// Starts the next incarnation of `rank` (its old process was declared dead; a frozen one
-    /// is left to wake up and be told to exit).
-    fn replace(&mut self, rank: usize) -> Result<()>;
-    /// Processes started to replace dead ones so far.
-    fn restarted(&self) -> u64;
+/// Who keeps the worker processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keeper {
+    /// `phalanx launch`: the launcher is peer `ranks + 1` on the link; it reports exits and
+    /// replaces the processes the coordinator declares dead.
+    Launcher,
+    /// torchrun, Slurm, Kubernetes: a dead rank is waited for until its scheduler starts a new
+    /// process.
+    External,
 }
 
 /// What the coordinator measured about failures.
@@ -61,7 +66,7 @@ pub struct ProcessEngine {
     /// Per rank: the global tensors its copies hold.
     tensors_of: Vec<Vec<usize>>,
     machine: Coordinator,
-    procs: Box<dyn Processes>,
+    keeper: Keeper,
     members: Vec<Option<Member>>,
     needs_params: Vec<bool>,
     heartbeat_bound: Duration,
@@ -75,6 +80,8 @@ pub struct ProcessEngine {
     recovering: Vec<Instant>,
     pub failures: FailureLog,
     pub stop: Arc<AtomicBool>,
+    /// Ranks' mirrored states while recovering: step, monitor, tensors.
+    reports: BTreeMap<usize, (Option<u64>, String, Vec<storage::checkpoint::SnapTensor>)>,
 }
 
 /// How the engine is set up.
@@ -93,7 +100,7 @@ impl ProcessEngine {
     pub fn new(
         model: &DeepSeekV3,
         link: TcpLink,
-        procs: Box<dyn Processes>,
+        keeper: Keeper,
         spec: EngineSpec,
     ) -> ProcessEngine {
         let s = &spec.schedule;
@@ -118,7 +125,7 @@ impl ProcessEngine {
                 .collect(),
             stages,
             schedule: spec.schedule,
-            procs,
+            keeper,
             heartbeat_bound: spec.heartbeat_bound,
             epoch: Instant::now(),
             data: spec.data,
@@ -130,12 +137,8 @@ impl ProcessEngine {
             recovering: Vec::new(),
             failures: FailureLog::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            reports: BTreeMap::new(),
         }
-    }
-
-    /// Processes started to replace dead ones.
-    pub fn procs_restarted(&self) -> u64 {
-        self.procs.restarted()
     }
 
     fn now_ms(&self) -> u64 {
@@ -178,7 +181,15 @@ impl ProcessEngine {
         }
     }
 
-    fn declare_dead(&mut self, rank: usize, why: String, out: &mut VecDeque<CoordCommand>) {
+    /// `rank` is dead: the machine hears of it; `replace`: ask the keeper for a new process
+    /// (not when the launcher already reported the exit and starts one itself).
+    fn declare_dead(
+        &mut self,
+        rank: usize,
+        why: String,
+        replace: bool,
+        out: &mut VecDeque<CoordCommand>,
+    ) {
         let silent = self
             .link
             .silent_for(rank)
@@ -190,8 +201,24 @@ impl ProcessEngine {
         self.members[rank] = None;
         self.restarts += 1;
         self.recovering.push(Instant::now());
-        if let Err(e) = self.procs.replace(rank) {
-            tracing::error!("rank {rank}: cannot start a replacement: {e}");
+        if replace {
+            match self.keeper {
+                Keeper::Launcher => {
+                    let msg = Supervision::Replace { rank };
+                    if let Err(e) = head(&msg).map_err(|e| e.to_string()).and_then(|h| {
+                        self.link
+                            .send_parts(self.launcher(), TAG_SUPERVISOR, &[&h])
+                            .map_err(|e| e.to_string())
+                    }) {
+                        tracing::error!(
+                            "rank {rank}: cannot ask the launcher for a replacement: {e}"
+                        );
+                    }
+                }
+                Keeper::External => {
+                    tracing::warn!("rank {rank}: waiting for its scheduler to start a new process")
+                }
+            }
         }
         let now = self.now_ms();
         out.extend(
@@ -200,19 +227,12 @@ impl ProcessEngine {
         );
     }
 
-    /// Process deaths and silences since the last look.
+    fn launcher(&self) -> usize {
+        self.schedule.ranks + 1
+    }
+
+    /// Silences since the last look.
     fn watch(&mut self, out: &mut VecDeque<CoordCommand>) {
-        for (rank, how) in self.procs.exited() {
-            if self.members[rank].is_some() || !self.machine.is_down(rank) {
-                self.declare_dead(rank, format!("its process {how}"), out);
-            } else {
-                // it died before saying hello: start another
-                tracing::warn!("rank {rank}: a starting process {how}");
-                if let Err(e) = self.procs.replace(rank) {
-                    tracing::error!("rank {rank}: cannot start a replacement: {e}");
-                }
-            }
-        }
         for rank in 0..self.schedule.ranks {
             if self.members[rank].is_some()
                 && self
@@ -224,9 +244,120 @@ impl ProcessEngine {
                     "no heartbeat for more than {} ms",
                     self.heartbeat_bound.as_millis()
                 );
-                self.declare_dead(rank, why, out);
+                self.declare_dead(rank, why, true, out);
             }
         }
+    }
+
+    /// Each rank's share of the committed state, for the mirrors.
+    fn mirror(&self, state: &TrainState) {
+        let monitor = serde_json::to_string(&state.monitor).unwrap_or_default();
+        for r in 0..self.schedule.ranks {
+            let snap = crate::checkpoint::snapshot_of(state, &self.tensors_of[r]);
+            let (tensors, blob) = snap_blob(&snap);
+            let msg = ToWorker::Mirror {
+                step: state.step,
+                monitor: monitor.clone(),
+                tensors,
+            };
+            self.send(r, &msg, &blob);
+        }
+    }
+
+    /// Rebuilds the committed training state from the ranks' mirrors (a coordinator replacing
+    /// a dead one): waits for every rank's hello, then for the newest step all of them hold.
+    /// `template` is a state of the right shapes (fresh from the config).
+    pub fn recover(&mut self, mut template: TrainState, wait: Duration) -> Result<TrainState> {
+        let started = Instant::now();
+        let mut out = VecDeque::new();
+        let mut done = BTreeMap::new();
+        let ranks = self.schedule.ranks;
+        let mut at_most: Option<u64> = None;
+        loop {
+            // every rank up
+            while self.members.iter().any(Option::is_none) {
+                if started.elapsed() > wait {
+                    let missing: Vec<usize> =
+                        (0..ranks).filter(|&r| self.members[r].is_none()).collect();
+                    bail!("recovering: ranks {missing:?} did not report within {wait:?}");
+                }
+                self.pump(&mut done, &mut out)?;
+            }
+            self.reports.clear();
+            for r in 0..ranks {
+                self.send(r, &ToWorker::Report { at_most }, &[]);
+            }
+            while self.reports.len() < ranks {
+                if started.elapsed() > wait {
+                    bail!(
+                        "recovering: {} of {ranks} ranks sent their state",
+                        self.reports.len()
+                    );
+                }
+                self.pump(&mut done, &mut out)?;
+            }
+            let steps: Vec<Option<u64>> = self.reports.values().map(|r| r.0).collect();
+            let Some(min) = steps.iter().copied().min().flatten() else {
+                bail!("recovering: a rank holds no committed state (steps {steps:?})");
+            };
+            if steps.iter().all(|&s| s == Some(min)) {
+                break;
+            }
+            at_most = Some(min);
+        }
+        let mut tensors = Vec::new();
+        let mut monitor = String::new();
+        let mut step = 0;
+        for (_, (s, m, t)) in std::mem::take(&mut self.reports) {
+            step = s.unwrap_or(0);
+            monitor = m;
+            tensors.extend(t);
+        }
+        // a tensor held by two ranks comes twice, with the same values: keep one
+        let mut seen = std::collections::HashSet::new();
+        tensors.retain(|t: &storage::checkpoint::SnapTensor| seen.insert(t.name.clone()));
+        let run = template.restored_from.clone().unwrap_or_default();
+        crate::checkpoint::restore(&mut template, tensors, &run, step)?;
+        template.monitor = serde_json::from_str(&monitor).unwrap_or_default();
+        self.machine = Coordinator::new(ranks, step, TimeoutPolicy::default());
+        for r in 0..ranks {
+            out.extend(
+                self.machine
+                    .on(self.now_ms(), CoordEvent::RankUp { rank: r }),
+            );
+        }
+        self.needs_params.iter_mut().for_each(|n| *n = true);
+        tracing::info!("recovered the committed state of step {step} from the ranks' mirrors");
+        Ok(template)
+    }
+
+    /// One round of the link: a message handled, or 20 ms passed.
+    fn pump(&mut self, done: &mut DoneSet, out: &mut VecDeque<CoordCommand>) -> Result<()> {
+        if let Some(received) = self.link.recv_timeout(Duration::from_millis(20))? {
+            match received {
+                Received::Refused(e) => tracing::warn!("refused a message: {e}"),
+                Received::Message(msg) if msg.tag == TAG_TO_COORD => {
+                    self.on_message(msg.sender, &msg.payload, done, out)
+                }
+                Received::Message(msg) if msg.tag == TAG_SUPERVISOR => {
+                    match split::<Supervision>(&msg.payload) {
+                        Ok((Supervision::Exited { rank, how }, _))
+                            if rank < self.schedule.ranks =>
+                        {
+                            if self.members[rank].is_some() {
+                                self.declare_dead(rank, format!("its process {how}"), false, out);
+                            }
+                        }
+                        Ok(other) => tracing::warn!("unexpected supervision message {other:?}"),
+                        Err(e) => tracing::warn!("unreadable supervision message: {e}"),
+                    }
+                }
+                Received::Message(msg) => {
+                    tracing::warn!("message with unknown tag {:#x}", msg.tag)
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -350,7 +481,10 @@ impl StepEngine for ProcessEngine {
                         }
                     }
                     CoordCommand::Commit { .. } => {
-                        return tentative.ok_or_else(|| anyhow!("committed before reducing"));
+                        let (next, output) =
+                            tentative.ok_or_else(|| anyhow!("committed before reducing"))?;
+                        self.mirror(&next);
+                        return Ok((next, output));
                     }
                     CoordCommand::Abort {
                         step,
@@ -384,7 +518,12 @@ impl StepEngine for ProcessEngine {
                     }
                     CoordCommand::Kill { rank } => {
                         if self.members[rank].is_some() {
-                            self.declare_dead(rank, "did not answer a probe".into(), &mut out);
+                            self.declare_dead(
+                                rank,
+                                "did not answer a probe".into(),
+                                true,
+                                &mut out,
+                            );
                         }
                     }
                     CoordCommand::GiveUp { step, reason } => {
@@ -395,24 +534,7 @@ impl StepEngine for ProcessEngine {
             if self.stop.load(Ordering::SeqCst) {
                 bail!("interrupted");
             }
-            let now = self.now_ms();
-            let wait = timers
-                .iter()
-                .map(|t| t.0.saturating_sub(now))
-                .min()
-                .unwrap_or(20)
-                .min(20);
-            if let Some(received) = self.link.recv_timeout(Duration::from_millis(wait))? {
-                match received {
-                    Received::Refused(e) => tracing::warn!("refused a message: {e}"),
-                    Received::Message(msg) if msg.tag == TAG_TO_COORD => {
-                        self.on_message(msg.sender, &msg.payload, &mut done, &mut out)
-                    }
-                    Received::Message(msg) => {
-                        tracing::warn!("message with unknown tag {:#x}", msg.tag)
-                    }
-                }
-            }
+            self.pump(&mut done, &mut out)?;
             let now = self.now_ms();
             let (due, rest): (Vec<_>, Vec<_>) = timers.drain(..).partition(|t| t.0 <= now);
             timers = rest;
@@ -456,11 +578,16 @@ impl ProcessEngine {
                     tracing::warn!("rank {rank}: bad address {addr:?}");
                     return;
                 };
-                if self.members[rank]
-                    .as_ref()
-                    .is_some_and(|m| m.incarnation == inc)
-                {
-                    return;
+                match self.members[rank].as_ref().map(|m| m.incarnation) {
+                    Some(known) if known == inc => return,
+                    // a newer process of a rank still counted up: the old one is gone
+                    Some(_) => self.declare_dead(
+                        rank,
+                        format!("replaced by incarnation {inc}"),
+                        false,
+                        out,
+                    ),
+                    None => {}
                 }
                 tracing::info!("rank {rank} is up: pid {pid}, incarnation {inc}, at {addr}");
                 self.link.set_peer(rank, sock, inc);
@@ -474,6 +601,16 @@ impl ProcessEngine {
                 out.extend(self.machine.on(now, CoordEvent::RankUp { rank }));
             }
             ToCoord::Heartbeat { .. } => {}
+            ToCoord::State {
+                step,
+                monitor,
+                tensors,
+            } => match read_snap(&tensors, blob) {
+                Ok(t) => {
+                    self.reports.insert(rank, (step, monitor, t));
+                }
+                Err(e) => tracing::warn!("rank {rank}: unreadable state: {e}"),
+            },
             ToCoord::Done {
                 step,
                 attempt,

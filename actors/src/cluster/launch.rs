@@ -4,7 +4,7 @@
 //! torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or Slurm (SLURM_PROCID,
 //! SLURM_NTASKS, SLURM_NODELIST, SLURM_LOCALID).
 
-use super::engine::{EngineSpec, FailureLog, ProcessEngine, Processes};
+use super::engine::{EngineSpec, Keeper, ProcessEngine};
 use super::worker::{self, WorkerSpec};
 use crate::core::coordinator::TimeoutPolicy;
 use crate::formation::Layout;
@@ -12,7 +12,6 @@ use crate::schedule::{build, check};
 use crate::trainer::{self, StepRecord, TrainOptions, TrainSummary};
 use anyhow::{Context, Result, anyhow, bail};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -23,6 +22,13 @@ pub const ENV_JOB: &str = "PHALANX_JOB_ID";
 pub const ENV_SECRET: &str = "PHALANX_SECRET";
 pub const ENV_INCARNATION: &str = "PHALANX_INCARNATION";
 pub const ENV_HEARTBEAT_MS: &str = "PHALANX_HEARTBEAT_MS";
+pub const ENV_HEARTBEAT_TIMEOUT_MS: &str = "PHALANX_HEARTBEAT_TIMEOUT_MS";
+/// `coordinator` or `worker`: the process's part in a launched run.
+pub const ENV_ROLE: &str = "PHALANX_ROLE";
+/// The launcher's address, for its coordinator.
+pub const ENV_SUPERVISOR: &str = "PHALANX_SUPERVISOR";
+/// Where a launched coordinator writes its summary for the launcher.
+pub const ENV_SUMMARY_OUT: &str = "PHALANX_SUMMARY_OUT";
 
 /// How a multi-process run is set up.
 #[derive(Clone, Debug)]
@@ -183,200 +189,50 @@ pub fn run_worker(opts: &TrainOptions, layout: &Layout, env: &WorldEnv) -> Resul
     worker::run(opts, layout, spec)
 }
 
-/// Worker processes on this machine, one per rank.
-struct LocalProcesses {
-    exe: std::path::PathBuf,
-    spec: LaunchSpec,
-    coordinator: SocketAddr,
-    children: Vec<Option<Child>>,
-    incarnations: Vec<u64>,
-    /// Replaced processes that may still exist (a frozen one wakes up and is told to exit).
-    retired: Vec<Child>,
-    restarted: u64,
-    threads: usize,
-}
-
-impl LocalProcesses {
-    fn spawn(&mut self, rank: usize) -> Result<()> {
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(&self.spec.worker_args)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", self.spec.workers.to_string())
-            .env("MASTER_ADDR", self.coordinator.ip().to_string())
-            .env("MASTER_PORT", self.coordinator.port().to_string())
-            .env(ENV_JOB, &self.spec.job)
-            .env(
-                ENV_SECRET,
-                String::from_utf8_lossy(&self.spec.secret).as_ref(),
-            )
-            .env(ENV_INCARNATION, self.incarnations[rank].to_string())
-            .env(
-                ENV_HEARTBEAT_MS,
-                self.spec.heartbeat.as_millis().to_string(),
-            )
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            cmd.env("RAYON_NUM_THREADS", self.threads.to_string());
-        }
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting rank {rank}: {}", self.exe.display()))?;
-        tracing::info!(
-            "rank {rank}: started pid {} (incarnation {})",
-            child.id(),
-            self.incarnations[rank]
-        );
-        self.children[rank] = Some(child);
-        Ok(())
-    }
-
-    fn stop_all(&mut self) {
-        let all = self
-            .children
-            .iter_mut()
-            .filter_map(Option::as_mut)
-            .chain(self.retired.iter_mut());
-        for c in all {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn die_with_parent(_cmd: &mut Command) {}
-
-impl Processes for LocalProcesses {
-    fn exited(&mut self) -> Vec<(usize, String)> {
-        let mut out = Vec::new();
-        for (rank, slot) in self.children.iter_mut().enumerate() {
-            if let Some(c) = slot
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                out.push((rank, format!("pid {} exited ({status})", c.id())));
-                *slot = None;
-            }
-        }
-        self.retired
-            .retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
-        out
-    }
-
-    fn replace(&mut self, rank: usize) -> Result<()> {
-        if let Some(old) = self.children[rank].take() {
-            self.retired.push(old);
-        }
-        self.incarnations[rank] += 1;
-        self.restarted += 1;
-        self.spawn(rank)
-    }
-
-    fn restarted(&self) -> u64 {
-        self.restarted
-    }
-}
-
-impl Drop for LocalProcesses {
-    fn drop(&mut self) {
-        self.stop_all();
-    }
-}
-
-/// What `launch` adds to the summary.
-#[derive(Clone, Debug, Default)]
-pub struct LaunchReport {
-    pub processes_restarted: u64,
-    pub failures: FailureLog,
-}
-
-/// Starts `spec.workers` worker processes and coordinates the run from this process.
-pub fn launch(
-    opts: &TrainOptions,
-    layout: &Layout,
-    spec: LaunchSpec,
-    on_step: impl FnMut(&StepRecord, u64),
-) -> Result<(TrainSummary, LaunchReport)> {
-    if spec.workers != layout.pp {
-        bail!(
-            "--local {} but --pp {}: a multi-process run has one process per pipeline rank",
-            spec.workers,
-            layout.pp
-        );
-    }
-    if spec.workers < 2 {
-        bail!(
-            "--local {}: a multi-process run needs at least 2 workers",
-            spec.workers
-        );
-    }
-    layout.validate(opts)?;
-    let link = bind_coordinator(&spec)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut procs = LocalProcesses {
-        exe: std::env::current_exe().context("the path of this program")?,
-        coordinator: link.local_addr(),
-        children: (0..spec.workers).map(|_| None).collect(),
-        incarnations: vec![0; spec.workers],
-        retired: Vec::new(),
-        restarted: 0,
-        threads: (cores / spec.workers).max(1),
-        spec: spec.clone(),
-    };
-    for r in 0..spec.workers {
-        procs.spawn(r)?;
-    }
-    coordinate(opts, layout, &spec, link, Box::new(procs), on_step)
-}
-
-fn bind_coordinator(spec: &LaunchSpec) -> Result<TcpLink> {
+fn bind_coordinator(spec: &LaunchSpec, incarnation: u64) -> Result<TcpLink> {
     let link = TcpLink::bind(
         spec.workers,
-        0,
-        spec.workers + 1,
+        incarnation,
+        spec.workers + 2,
         spec.listen,
         TcpConfig::new(&spec.job, &spec.secret),
     )
     .map_err(|e| anyhow!("coordinator on {}: {e}", spec.listen))?;
     tracing::info!(
-        "coordinator listening on {}, job {}",
+        "coordinator (incarnation {incarnation}) listening on {}, job {}",
         link.local_addr(),
         spec.job
     );
     Ok(link)
 }
 
-/// Processes another system starts and restarts (torchrun, Slurm, Kubernetes): a dead rank is
-/// waited for until its replacement says hello.
-struct ExternalProcesses;
+/// The spec of a coordinator started by torchrun/Slurm variables or by the launcher.
+fn spec_from_env(env: &WorldEnv) -> Result<LaunchSpec> {
+    let get = |k: &str| std::env::var(k).ok();
+    Ok(LaunchSpec {
+        workers: env.world,
+        listen: resolve(&env.master, env.port)?,
+        job: get(ENV_JOB).unwrap_or_else(|| "phalanx".into()),
+        secret: get(ENV_SECRET).unwrap_or_default().into_bytes(),
+        worker_args: Vec::new(),
+        heartbeat_bound: Duration::from_millis(
+            get(ENV_HEARTBEAT_TIMEOUT_MS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2000),
+        ),
+        heartbeat: Duration::from_millis(100),
+    })
+}
 
-impl Processes for ExternalProcesses {
-    fn exited(&mut self) -> Vec<(usize, String)> {
-        Vec::new()
+fn check_world(env: &WorldEnv, layout: &Layout) -> Result<()> {
+    if env.world != layout.pp {
+        bail!(
+            "WORLD_SIZE is {} but --pp is {}: a multi-process run has one process per pipeline rank",
+            env.world,
+            layout.pp
+        );
     }
-
-    fn replace(&mut self, rank: usize) -> Result<()> {
-        tracing::warn!("rank {rank}: waiting for its scheduler to start a replacement");
-        Ok(())
-    }
-
-    fn restarted(&self) -> u64 {
-        0
-    }
+    Ok(())
 }
 
 /// Rank 0 of a run started by torchrun or Slurm: the coordinator on MASTER_ADDR:MASTER_PORT and
@@ -386,26 +242,11 @@ pub fn serve_rank0(
     layout: &Layout,
     env: &WorldEnv,
     on_step: impl FnMut(&StepRecord, u64),
-) -> Result<(TrainSummary, LaunchReport)> {
-    if env.world != layout.pp {
-        bail!(
-            "WORLD_SIZE is {} but --pp is {}: a multi-process run has one process per pipeline rank",
-            env.world,
-            layout.pp
-        );
-    }
+) -> Result<TrainSummary> {
+    check_world(env, layout)?;
     layout.validate(opts)?;
-    let get = |k: &str| std::env::var(k).ok();
-    let spec = LaunchSpec {
-        workers: env.world,
-        listen: resolve(&env.master, env.port)?,
-        job: get(ENV_JOB).unwrap_or_else(|| "phalanx".into()),
-        secret: get(ENV_SECRET).unwrap_or_default().into_bytes(),
-        worker_args: Vec::new(),
-        heartbeat_bound: Duration::from_millis(2000),
-        heartbeat: Duration::from_millis(100),
-    };
-    let link = bind_coordinator(&spec)?;
+    let spec = spec_from_env(env)?;
+    let link = bind_coordinator(&spec, 0)?;
     let (o, l, e) = (opts.clone(), *layout, env.clone());
     std::thread::Builder::new()
         .name("rank-0".into())
@@ -415,12 +256,38 @@ pub fn serve_rank0(
             }
         })
         .context("starting rank 0's worker")?;
+    coordinate(opts, layout, &spec, link, Keeper::External, false, on_step)
+}
+
+/// The coordinator process `phalanx launch` starts (`PHALANX_ROLE=coordinator`): on
+/// MASTER_ADDR:MASTER_PORT, reporting to the launcher at `PHALANX_SUPERVISOR`; an incarnation
+/// after the first rebuilds the run from the ranks' mirrors.
+pub fn serve_coordinator(
+    opts: &TrainOptions,
+    layout: &Layout,
+    env: &WorldEnv,
+    on_step: impl FnMut(&StepRecord, u64),
+) -> Result<TrainSummary> {
+    check_world(env, layout)?;
+    layout.validate(opts)?;
+    let spec = spec_from_env(env)?;
+    let incarnation: u64 = std::env::var(ENV_INCARNATION)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let link = bind_coordinator(&spec, incarnation)?;
+    let launcher: SocketAddr = std::env::var(ENV_SUPERVISOR)
+        .map_err(|_| anyhow!("{ENV_SUPERVISOR} is not set"))?
+        .parse()
+        .map_err(|_| anyhow!("{ENV_SUPERVISOR} is not an address"))?;
+    link.set_peer(spec.workers + 1, launcher, 0);
     coordinate(
         opts,
         layout,
         &spec,
         link,
-        Box::new(ExternalProcesses),
+        Keeper::Launcher,
+        incarnation > 0,
         on_step,
     )
 }
@@ -431,43 +298,66 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// Coordinates a run whose workers `procs` keeps: the training loop around a `ProcessEngine`.
-fn coordinate(
-    opts: &TrainOptions,
-    layout: &Layout,
-    spec: &LaunchSpec,
-    link: TcpLink,
-    procs: Box<dyn Processes>,
-    on_step: impl FnMut(&StepRecord, u64),
-) -> Result<(TrainSummary, LaunchReport)> {
-    let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
-    check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", schedule.kind))?;
-    let data = Arc::new(trainer::open_data(opts)?);
-    let state = trainer::build_state(opts)?;
-    let t = &opts.config.training;
+/// Ctrl-C and SIGTERM set [`interrupted`] instead of killing the process.
+pub fn on_interrupt() {
     // SAFETY: the handler only stores to an atomic
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+}
+
+/// Whether Ctrl-C or SIGTERM came.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Coordinates a run whose workers `keeper` keeps: the training loop around a `ProcessEngine`
+/// (`recover`: the state comes from the ranks' mirrors, not from the config or the store).
+fn coordinate(
+    opts: &TrainOptions,
+    layout: &Layout,
+    spec: &LaunchSpec,
+    link: TcpLink,
+    keeper: Keeper,
+    recover: bool,
+    on_step: impl FnMut(&StepRecord, u64),
+) -> Result<TrainSummary> {
+    let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
+    check(&schedule).map_err(|e| anyhow!("schedule {}: {e}", schedule.kind))?;
+    let data = Arc::new(trainer::open_data(opts)?);
+    let fresh = if recover {
+        let mut s = trainer::TrainState::new(trainer::build_model(opts)?);
+        s.restored_from = trainer::fixed_run_id();
+        s
+    } else {
+        trainer::build_state(opts)?
+    };
+    let t = &opts.config.training;
+    on_interrupt();
     let mut engine = ProcessEngine::new(
-        &state.model,
+        &fresh.model,
         link,
-        procs,
+        keeper,
         EngineSpec {
             schedule,
             data: data.clone(),
             seed: opts.seed,
             batch: t.batch_size,
             seq: t.seq_len,
-            committed: state.step,
+            committed: fresh.step,
             heartbeat_bound: spec.heartbeat_bound,
             timeouts: TimeoutPolicy::default(),
         },
     );
+    let state = if recover {
+        engine.recover(fresh, Duration::from_secs(120))?
+    } else {
+        fresh
+    };
     let stop = engine.stop.clone();
     let watcher = std::thread::spawn(move || {
-        while !INTERRUPTED.load(Ordering::SeqCst) {
+        while !interrupted() {
             std::thread::sleep(Duration::from_millis(50));
             if Arc::strong_count(&stop) == 1 {
                 return;
@@ -481,17 +371,11 @@ fn coordinate(
     } else {
         "the run failed"
     });
-    let report = LaunchReport {
-        processes_restarted: engine.procs_restarted(),
-        failures: engine.failures.clone(),
-    };
-    // give the workers a moment to exit on their own, then stop whatever is left
-    std::thread::sleep(Duration::from_millis(300));
+    let failures = engine.failures.clone();
     drop(engine);
     let _ = watcher.join();
     let mut summary = result?;
-    summary.processes_restarted = report.processes_restarted;
-    summary.detections_ms = report.failures.detections_ms.clone();
-    summary.recovery_ms = report.failures.recovery_ms.clone();
-    Ok((summary, report))
+    summary.detections_ms = failures.detections_ms;
+    summary.recovery_ms = failures.recovery_ms;
+    Ok(summary)
 }

@@ -6,13 +6,16 @@
 //! - `protocol`: the messages and their blobs (gradients, parameters, activation frames).
 //! - `worker`: a worker process driving its rank's `RankMachine`.
 //! - `engine`: `ProcessEngine`, the coordinator as a `StepEngine` driving the `Coordinator`
-//!   machine, declaring silent or exited processes dead and having them replaced.
+//!   machine, declaring silent or exited processes dead and having them replaced, mirroring the
+//!   committed state on the ranks and rebuilding it from them.
 //! - `bench`: `phalanx bench transport` (link throughput, bytes per step).
-//! - `launch`: `phalanx launch --local N` (start, restart and stop the workers) and the worker
-//!   side of `phalanx train` under a launcher, torchrun or Slurm.
+//! - `launch`: the coordinator and worker sides of `phalanx train` under a launcher, torchrun or
+//!   Slurm (environment, rank 0 coordinating, a coordinator rebuilding from the mirrors).
+//! - `supervisor`: `phalanx launch --local N`, the process keeper (start, restart, stop).
 
 pub mod bench;
 pub mod engine;
 pub mod launch;
 pub mod protocol;
+pub mod supervisor;
 pub mod worker;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 pub const TAG_TO_COORD: u32 = 0x5043_0001;
 pub const TAG_TO_WORKER: u32 = 0x5043_0002;
 pub const TAG_ACTIVATION: u32 = 0x5043_0003;
+pub const TAG_SUPERVISOR: u32 = 0x5043_0004;
 
 /// A member of the run: where a rank's process listens and which incarnation it is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,6 +93,13 @@ pub enum ToCoord {
         addr: String,
         pid: u32,
     },
+    /// The committed state this rank mirrors (answer to `Report`): its tensors' parameters and
+    /// moments as of `step` (blob), and the loss monitor's memory.
+    State {
+        step: Option<u64>,
+        monitor: String,
+        tensors: Vec<SnapHead>,
+    },
     Heartbeat {
         incarnation: u64,
     },
@@ -138,10 +146,97 @@ pub enum ToWorker {
         step: u64,
         attempt: u32,
     },
+    /// The committed state of `step` for this rank's tensors (blob): kept as the mirror a new
+    /// coordinator rebuilds the run from.
+    Mirror {
+        step: u64,
+        monitor: String,
+        tensors: Vec<SnapHead>,
+    },
+    /// A new coordinator asks for the newest mirror every rank holds, at or before `at_most`.
+    Report {
+        at_most: Option<u64>,
+    },
     /// This process was replaced or the run is over.
     Exit {
         reason: String,
     },
+}
+
+/// Between the launcher (which keeps the processes) and the coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Supervision {
+    /// Launcher → coordinator: a rank's process ended (the launcher starts the next one).
+    Exited { rank: usize, how: String },
+    /// Coordinator → launcher: replace this rank's process (it was declared dead while alive).
+    Replace { rank: usize },
+}
+
+/// One snapshot tensor in a blob: name, shape, and whether its values are bf16 (else f32).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapHead {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub bf16: bool,
+    pub len: usize,
+}
+
+/// Snapshot tensors as heads and a blob.
+pub fn snap_blob(tensors: &[storage::checkpoint::SnapTensor]) -> (Vec<SnapHead>, Vec<u8>) {
+    use storage::checkpoint::SnapData;
+    let mut blob = Vec::new();
+    let heads = tensors
+        .iter()
+        .map(|t| {
+            let (bf16, len) = match &t.data {
+                SnapData::F32(v) => {
+                    put_f32(&mut blob, v);
+                    (false, v.len())
+                }
+                SnapData::Bf16(v) => {
+                    for x in v {
+                        blob.extend_from_slice(&x.to_bits().to_le_bytes());
+                    }
+                    (true, v.len())
+                }
+            };
+            SnapHead {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                bf16,
+                len,
+            }
+        })
+        .collect();
+    (heads, blob)
+}
+
+/// Snapshot tensors back from heads and a blob.
+pub fn read_snap(heads: &[SnapHead], blob: &[u8]) -> Result<Vec<storage::checkpoint::SnapTensor>> {
+    use storage::checkpoint::{SnapData, SnapTensor};
+    let mut r = BlobReader { rest: blob };
+    let out = heads
+        .iter()
+        .map(|h| {
+            let data = if h.bf16 {
+                let raw = r.take(h.len * 2, "bf16 values")?;
+                SnapData::Bf16(
+                    raw.chunks_exact(2)
+                        .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                        .collect(),
+                )
+            } else {
+                SnapData::F32(r.f32s(h.len, "f32 values")?)
+            };
+            Ok(SnapTensor {
+                name: h.name.clone(),
+                shape: h.shape.clone(),
+                data,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    r.finish()?;
+    Ok(out)
 }
 
 /// Worker → worker: an activation or gradient of (step, attempt); the blob is its wire frame.

@@ -5,8 +5,8 @@
 //! while it computes; a process told it is stale (replaced while frozen) exits.
 
 use super::protocol::{
-    Activation, TAG_ACTIVATION, TAG_TO_COORD, TAG_TO_WORKER, ToCoord, ToWorker, grads_blob, head,
-    read_tensors, split,
+    Activation, SnapHead, TAG_ACTIVATION, TAG_TO_COORD, TAG_TO_WORKER, ToCoord, ToWorker,
+    grads_blob, head, read_tensors, split,
 };
 use crate::core::rank::{RankCommand, RankEvent, RankMachine};
 use crate::formation::Layout;
@@ -96,6 +96,13 @@ struct Worker {
     /// The heartbeat thread learned this process was replaced.
     stale: Arc<Mutex<Option<String>>>,
     fault: Option<NetFault>,
+    hello: ToCoord,
+    /// The coordinator's incarnation last seen (a new one gets a hello and the open attempt
+    /// is dropped).
+    coordinator: u64,
+    /// The newest committed states of this rank's tensors (at most two): step, loss monitor,
+    /// tensor heads, blob.
+    mirrors: VecDeque<(u64, String, Vec<SnapHead>, Vec<u8>)>,
 }
 
 /// The error of a worker that was replaced by a newer incarnation (exit code [`EXIT_STALE`]).
@@ -171,6 +178,9 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
     heartbeats(link.clone(), &spec, stale.clone());
     let fault = NetFault::from_env(spec.rank, spec.incarnation)?;
     let mut w = Worker {
+        coordinator: link.peer_incarnation(spec.ranks),
+        hello,
+        mirrors: VecDeque::new(),
         fault,
         exit: None,
         stale,
@@ -215,6 +225,21 @@ impl Worker {
             }
             if let Some(reason) = self.stale.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 bail!(Stale(reason));
+            }
+            let coordinator = self.link.peer_incarnation(self.spec.ranks);
+            if coordinator != self.coordinator {
+                // a new coordinator: drop the open attempt, say hello again
+                tracing::warn!(
+                    "rank {}: coordinator incarnation {coordinator} took over",
+                    self.spec.rank
+                );
+                self.coordinator = coordinator;
+                self.reset();
+                pending.clear();
+                pending.push_back(RankEvent::Reset);
+                if let Err(e) = send_coord(&self.link, self.spec.ranks, &self.hello, &[]) {
+                    tracing::warn!("rank {}: hello: {e}", self.spec.rank);
+                }
             }
             let event = match pending.pop_front() {
                 Some(e) => e,
@@ -348,6 +373,48 @@ impl Worker {
                     ToWorker::Abort { step, attempt } => {
                         self.reset();
                         Some(RankEvent::Abort { step, attempt })
+                    }
+                    ToWorker::Mirror {
+                        step,
+                        monitor,
+                        tensors,
+                    } => {
+                        self.mirrors.retain(|m| m.0 < step);
+                        self.mirrors
+                            .push_back((step, monitor, tensors, blob.to_vec()));
+                        while self.mirrors.len() > 2 {
+                            self.mirrors.pop_front();
+                        }
+                        None
+                    }
+                    ToWorker::Report { at_most } => {
+                        let pick = self
+                            .mirrors
+                            .iter()
+                            .rev()
+                            .find(|m| at_most.is_none_or(|a| m.0 <= a));
+                        let (msg, blob): (ToCoord, &[u8]) = match pick {
+                            Some((step, monitor, tensors, blob)) => (
+                                ToCoord::State {
+                                    step: Some(*step),
+                                    monitor: monitor.clone(),
+                                    tensors: tensors.clone(),
+                                },
+                                blob,
+                            ),
+                            None => (
+                                ToCoord::State {
+                                    step: None,
+                                    monitor: String::new(),
+                                    tensors: Vec::new(),
+                                },
+                                &[],
+                            ),
+                        };
+                        if let Err(e) = send_coord(&self.link, self.spec.ranks, &msg, blob) {
+                            tracing::warn!("rank {}: report: {e}", self.spec.rank);
+                        }
+                        None
                     }
                     ToWorker::Exit { reason } => {
                         tracing::info!("rank {}: told to exit: {reason}", self.spec.rank);
