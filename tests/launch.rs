@@ -326,6 +326,38 @@ fn a_killed_coordinator_is_replaced_and_rebuilds_the_run_from_the_ranks() {
 }
 
 #[test]
+fn a_coordinator_killed_with_a_mirror_falls_back_to_the_store() {
+    let _g = serial();
+    let sha = reference();
+    let out = tmp("launch-coord-store");
+    let mut args = train_args(&out);
+    args.retain(|a| a != "--no-checkpoint");
+    args.extend(["--ckpt-every".to_string(), "5".to_string()]);
+    let child = Command::new(env!("CARGO_BIN_EXE_phalanx"))
+        .args(["launch", "--local", "4", "--"])
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = child.id();
+    let ranks = wait_workers(launcher, 4);
+    wait_step(&out, 12);
+    // the coordinator and rank 2 together: rank 2's mirror dies with its process
+    signal(coordinator(launcher).expect("a coordinator"), "-KILL");
+    signal(ranks[2].1, "-KILL");
+    let v = finish(child);
+    assert_eq!(v["params_sha256"], sha);
+    assert_eq!(v["coordinator_restarts"], 1);
+    assert_eq!(v["processes_restarted"], 1);
+    // the newest checkpoint before the kill: step 10 (or 5 if 10 was still uploading)
+    let from = v["resumed_from"].as_u64().unwrap();
+    assert!(from == 10 || from == 5, "resumed from {from}");
+}
+
+#[test]
 fn closed_connections_reconnect_without_a_restart() {
     let _g = serial();
     let sha = reference();

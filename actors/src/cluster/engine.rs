@@ -319,16 +319,22 @@ impl ProcessEngine {
         let run = template.restored_from.clone().unwrap_or_default();
         crate::checkpoint::restore(&mut template, tensors, &run, step)?;
         template.monitor = serde_json::from_str(&monitor).unwrap_or_default();
-        self.machine = Coordinator::new(ranks, step, TimeoutPolicy::default());
-        for r in 0..ranks {
-            out.extend(
-                self.machine
-                    .on(self.now_ms(), CoordEvent::RankUp { rank: r }),
-            );
-        }
-        self.needs_params.iter_mut().for_each(|n| *n = true);
+        self.restart_at(step);
         tracing::info!("recovered the committed state of step {step} from the ranks' mirrors");
         Ok(template)
+    }
+
+    /// The step transaction starts over after `step` (a state recovered from the mirrors or
+    /// the store); every rank up gets the committed tensors with the next open.
+    pub fn restart_at(&mut self, step: u64) {
+        self.machine = Coordinator::new(self.schedule.ranks, step, TimeoutPolicy::default());
+        let now = self.now_ms();
+        for r in 0..self.schedule.ranks {
+            if self.members[r].is_some() {
+                let _ = self.machine.on(now, CoordEvent::RankUp { rank: r });
+            }
+        }
+        self.needs_params.iter_mut().for_each(|n| *n = true);
     }
 
     /// One round of the link: a message handled, or 20 ms passed.

@@ -351,10 +351,42 @@ fn coordinate(
         },
     );
     let state = if recover {
-        engine.recover(fresh, Duration::from_secs(120))?
+        match engine.recover(fresh, Duration::from_secs(120)) {
+            Ok(s) => s,
+            // a mirror died with the coordinator: the newest checkpoint in the store
+            Err(e) => match opts.checkpoints.clone() {
+                Some(mut plan) => {
+                    tracing::warn!(
+                        "{e:#}: falling back to the newest checkpoint in {}",
+                        plan.store
+                    );
+                    plan.resume = true;
+                    plan.run = trainer::fixed_run_id();
+                    let o = TrainOptions {
+                        checkpoints: Some(plan),
+                        ..opts.clone()
+                    };
+                    let s = trainer::build_state(&o)?;
+                    engine.restart_at(s.step);
+                    return finish_run(&o, &data, s, engine, on_step);
+                }
+                None => return Err(e.context("no checkpoint store to fall back to")),
+            },
+        }
     } else {
         fresh
     };
+    finish_run(opts, &data, state, engine, on_step)
+}
+
+/// The training loop around the engine, then the workers told the run is over.
+fn finish_run(
+    opts: &TrainOptions,
+    data: &storage::dataset::Dataset,
+    state: trainer::TrainState,
+    mut engine: ProcessEngine,
+    on_step: impl FnMut(&StepRecord, u64),
+) -> Result<TrainSummary> {
     let stop = engine.stop.clone();
     let watcher = std::thread::spawn(move || {
         while !interrupted() {
@@ -365,7 +397,7 @@ fn coordinate(
         }
         stop.store(true, Ordering::SeqCst);
     });
-    let result = trainer::run(opts, &data, state, &mut engine, on_step);
+    let result = trainer::run(opts, data, state, &mut engine, on_step);
     engine.finish(if result.is_ok() {
         "the run is over"
     } else {
