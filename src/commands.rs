@@ -327,7 +327,7 @@ fn bench_transport(a: BenchArgs) -> Result<()> {
         let c = c.display().to_string();
         let w = wire_bytes_per_step(&c, a.batch_size, a.seq_len, 4)?;
         println!(
-            "{}: --pp {} --schedule dualpipe --microbatches {}: {} activation messages per step: f32 {:.2} MB, fp8 {:.2} MB = {:.2}x fewer; gradients up + parameters down (f32): {:.1} MB per step",
+            "{}: --pp {} --schedule dualpipe --microbatches {}: {} activation messages per step: f32 {:.2} MB, fp8 {:.2} MB = {:.2}x fewer; gradients up, parameters and mirrors down (f32): {:.1} MB per step",
             w.config,
             w.pp,
             w.microbatches,

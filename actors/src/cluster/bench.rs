@@ -1,6 +1,6 @@
 //! `phalanx bench transport`: the TCP link's throughput on loopback beside a plain tokio socket
 //! moving the same bytes, and what one training step puts on the wire (activation frames with
-//! FP8 or F32, and the parameters and gradients the coordinator exchanges).
+//! FP8 or F32, and the gradients, parameters and mirrors the coordinator exchanges).
 
 use super::protocol::{Activation, head};
 use crate::core::executor::Arrival;
@@ -117,7 +117,8 @@ pub struct WireBytes {
     pub messages: usize,
     pub f32_bytes: u64,
     pub fp8_bytes: u64,
-    /// Gradients to the coordinator plus new parameters back (f32), per step.
+    /// Gradients to the coordinator, new parameters back and the committed mirror (f32), per
+    /// step.
     pub coordinator_bytes: u64,
 }
 
@@ -152,8 +153,12 @@ pub fn wire_bytes_per_step(config: &str, batch: usize, seq: usize, pp: usize) ->
             coordinator += 4 * st.global.iter().map(|g| len(g.0)).sum::<u64>();
             held.extend(st.global.iter().map(|g| g.0));
         }
-        // down: the new values of every tensor the rank holds
-        coordinator += 4 * held.iter().map(|&g| len(g)).sum::<u64>();
+        // down: the new values of every tensor the rank holds, then its mirror of the
+        // committed state (values again, and both moments of the trainable ones)
+        for &g in &held {
+            let moments = if model.params.trainable[g] { 2 } else { 0 };
+            coordinator += 4 * len(g) * (2 + moments);
+        }
     }
     Ok(WireBytes {
         config: config.to_string(),
