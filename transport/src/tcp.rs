@@ -370,12 +370,13 @@ impl Body<'_> {
             Body::Raw(b) => return s.write_all(b),
             Body::Framed { header, parts } => (header, parts),
         };
-        let mut crc = crc32c::crc32c(header);
+        let mut crc = Crc::new();
+        crc.update(header);
         if self.len() <= STREAM_CHUNK {
             for p in parts {
-                crc = crc32c::crc32c_append(crc, p);
+                crc.update(p);
             }
-            let crc = crc.to_le_bytes();
+            let crc = crc.value().to_le_bytes();
             let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 2);
             all.push(header);
             all.extend_from_slice(parts);
@@ -385,7 +386,7 @@ impl Body<'_> {
         let mut first = true;
         for p in parts {
             for c in p.chunks(STREAM_CHUNK) {
-                crc = crc32c::crc32c_append(crc, c);
+                crc.update(c);
                 if std::mem::take(&mut first) {
                     write_all_vectored(s, &[header, c])?;
                 } else {
@@ -396,7 +397,26 @@ impl Body<'_> {
         if first {
             s.write_all(header)?;
         }
-        s.write_all(&crc.to_le_bytes())
+        s.write_all(&crc.value().to_le_bytes())
+    }
+}
+
+/// CRC-32C (the envelope's checksum, as `crc32c` computes it) over pieces, through crc-fast's
+/// carry-less-multiply folding: on this machine several times the speed of the crc32
+/// instruction, which matters here because the link checksums every byte on both sides.
+struct Crc(crc_fast::Digest);
+
+impl Crc {
+    fn new() -> Crc {
+        Crc(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi))
+    }
+
+    fn update(&mut self, b: &[u8]) {
+        self.0.update(b);
+    }
+
+    fn value(&self) -> u32 {
+        self.0.finalize() as u32
     }
 }
 
@@ -518,7 +538,8 @@ fn serve_connection(sh: Arc<Shared>, mut s: TcpStream) {
         // the payload is read into its own buffer, which becomes the message: no copy; the
         // checksum follows each chunk while it is in cache
         let mut payload = Vec::with_capacity(len + CRC_LEN);
-        let mut computed = crc32c::crc32c(&header);
+        let mut crc = Crc::new();
+        crc.update(&header);
         let mut read = Ok(());
         // payload chunks, then the 4-byte checksum, into the spare capacity (no zeroing)
         let chunks = (0..len)
@@ -528,7 +549,7 @@ fn serve_connection(sh: Arc<Shared>, mut s: TcpStream) {
             match (&mut s).take(want as u64).read_to_end(&mut payload) {
                 Ok(n) if n == want => {
                     if at < len {
-                        computed = crc32c::crc32c_append(computed, &payload[at..at + n]);
+                        crc.update(&payload[at..at + n]);
                     }
                 }
                 Ok(n) => {
@@ -556,6 +577,7 @@ fn serve_connection(sh: Arc<Shared>, mut s: TcpStream) {
             .bytes_received
             .fetch_add((HEADER_LEN + len + CRC_LEN) as u64, Ordering::Relaxed);
         let stored = u32::from_le_bytes(payload[len..].try_into().expect("4 bytes"));
+        let computed = crc.value();
         payload.truncate(len);
         let sender = u32::from_le_bytes(header[6..10].try_into().expect("4 bytes"));
         let item = if stored != computed {
@@ -684,5 +706,24 @@ impl Drop for TcpLink {
         }
         // wake the accept loop so that it sees `closed`
         let _ = TcpStream::connect_timeout(&self.local, Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Crc;
+
+    #[test]
+    fn the_fast_crc_is_the_envelopes_crc32c_over_any_split() {
+        let data: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for cut in [0, 1, 17, 4096, 65_537, 99_999, 100_000] {
+            let mut c = Crc::new();
+            c.update(&data[..cut]);
+            c.update(&data[cut..]);
+            assert_eq!(c.value(), crc32c::crc32c(&data), "cut at {cut}");
+        }
+        assert_eq!(Crc::new().value(), crc32c::crc32c(&[]));
     }
 }
