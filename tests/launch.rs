@@ -392,6 +392,61 @@ fn a_partition_past_the_bound_is_a_failed_process() {
     assert!(det.len() == 1 && det[0] >= 2000, "{det:?}");
 }
 
+#[test]
+fn ctrl_c_stops_every_process() {
+    let _g = serial();
+    let (mut child, out) = start("launch-int", &[]);
+    let launcher = child.id();
+    let procs: Vec<u32> = children_pids(launcher, 5);
+    wait_step(&out, 3);
+    signal(launcher, "-INT");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the launcher did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        !status.success(),
+        "an interrupted run must not report success"
+    );
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("interrupted"), "{err}");
+    let t = Instant::now();
+    while procs.iter().any(|&p| alive(p)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "orphans left: {procs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pids of the launcher's `n` children (coordinator and workers), once all are up.
+fn children_pids(parent: u32, n: usize) -> Vec<u32> {
+    let t = Instant::now();
+    loop {
+        let c = children(parent);
+        if c.len() == n {
+            return c.into_iter().map(|c| c.2).collect();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "children: {c:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn refused_with(env: &[(&str, &str)], args: &[&str]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_phalanx"));
     cmd.args(args)
