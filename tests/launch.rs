@@ -492,6 +492,25 @@ fn bad_worlds_are_refused_clearly() {
         &["train", "--pp", "2", "--steps", "1"],
     );
     assert!(e.contains("no-such-host.invalid"), "{e}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port().to_string();
+    drop(closed);
+    let e = refused_with(
+        &[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &closed_port),
+            ("PHALANX_COORDINATOR_TIMEOUT_MS", "1500"),
+        ],
+        &["train", "--pp", "2", "--steps", "1"],
+    );
+    assert!(
+        e.contains(&format!(
+            "cannot reach the coordinator at 127.0.0.1:{closed_port}"
+        )),
+        "{e}"
+    );
     let e = refused_with(
         &[("WORLD_SIZE", "2"), ("RANK", "0")],
         &["train", "--pp", "4", "--steps", "1"],

@@ -7,7 +7,7 @@
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const STEPS: &str = "24";
+const STEPS: &str = "600";
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let o = Command::new("ip")
@@ -134,6 +134,20 @@ fn step_of(out: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The process's output once it ends; killed (and the test failed) after 120 s.
+fn wait(mut c: Child, what: &str) -> Output {
+    let t = Instant::now();
+    while c.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = c.kill();
+            let o = c.wait_with_output().unwrap();
+            panic!("{what} did not end: {}", text(&o));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.wait_with_output().unwrap()
+}
+
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
@@ -180,7 +194,7 @@ fn a_partition_past_the_bound_is_a_failed_node_and_the_healed_side_is_refused() 
     let r1b = rank(&net, 1, port, true, &side);
     std::thread::sleep(Duration::from_millis(1500));
     net.link(true);
-    let old = r1.wait_with_output().unwrap();
+    let old = wait(r1, "the partitioned rank 1");
     assert_eq!(
         old.status.code(),
         Some(3),
@@ -188,9 +202,9 @@ fn a_partition_past_the_bound_is_a_failed_node_and_the_healed_side_is_refused() 
         text(&old)
     );
     assert!(text(&old).contains("stale"), "{}", text(&old));
-    let new = r1b.wait_with_output().unwrap();
+    let new = wait(r1b, "the replacement of rank 1");
     assert!(new.status.success(), "{}", text(&new));
-    let o = r0.wait_with_output().unwrap();
+    let o = wait(r0, "rank 0");
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let det: Vec<u64> = v["detections_ms"]

@@ -23,6 +23,8 @@ pub const ENV_SECRET: &str = "PHALANX_SECRET";
 pub const ENV_INCARNATION: &str = "PHALANX_INCARNATION";
 pub const ENV_HEARTBEAT_MS: &str = "PHALANX_HEARTBEAT_MS";
 pub const ENV_HEARTBEAT_TIMEOUT_MS: &str = "PHALANX_HEARTBEAT_TIMEOUT_MS";
+/// How long a worker waits for an unreachable coordinator before it stops (default 60 s).
+pub const ENV_COORDINATOR_TIMEOUT_MS: &str = "PHALANX_COORDINATOR_TIMEOUT_MS";
 /// `coordinator` or `worker`: the process's part in a launched run.
 pub const ENV_ROLE: &str = "PHALANX_ROLE";
 /// The launcher's address, for its coordinator.
@@ -184,6 +186,11 @@ pub fn run_worker(opts: &TrainOptions, layout: &Layout, env: &WorldEnv) -> Resul
             get(ENV_HEARTBEAT_MS)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100),
+        ),
+        coordinator_timeout: Duration::from_millis(
+            get(ENV_COORDINATOR_TIMEOUT_MS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(60_000),
         ),
     };
     worker::run(opts, layout, spec)

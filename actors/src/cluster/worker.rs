@@ -35,6 +35,8 @@ pub struct WorkerSpec {
     pub job: String,
     pub secret: Vec<u8>,
     pub heartbeat: Duration,
+    /// A coordinator unreachable this long means the run is gone: the worker stops.
+    pub coordinator_timeout: Duration,
 }
 
 /// The exit code of a worker told it was replaced.
@@ -93,8 +95,8 @@ struct Worker {
     d: usize,
     /// The coordinator said the run is over.
     exit: Option<String>,
-    /// The heartbeat thread learned this process was replaced.
-    stale: Arc<Mutex<Option<String>>>,
+    /// The heartbeat thread learned this process was replaced or the run is gone.
+    stop: Arc<Mutex<Option<Stop>>>,
     fault: Option<NetFault>,
     hello: ToCoord,
     /// The coordinator's incarnation last seen (a new one gets a hello and the open attempt
@@ -164,18 +166,19 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
         match send_coord(&link, spec.ranks, &hello, &[]) {
             Ok(()) => break,
             Err(LinkError::Stale { reason }) => bail!(Stale(reason)),
-            Err(e) if started.elapsed() > Duration::from_secs(60) => {
+            Err(e) if started.elapsed() > spec.coordinator_timeout => {
                 bail!(
-                    "rank {}: cannot reach the coordinator at {} for 60 s: {e}",
+                    "rank {}: cannot reach the coordinator at {} (MASTER_ADDR:MASTER_PORT) for {:?}: {e}",
                     spec.rank,
-                    spec.coordinator
+                    spec.coordinator,
+                    spec.coordinator_timeout
                 )
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-    let stale = Arc::new(Mutex::new(None));
-    heartbeats(link.clone(), &spec, stale.clone());
+    let stop = Arc::new(Mutex::new(None));
+    heartbeats(link.clone(), &spec, stop.clone());
     let fault = NetFault::from_env(spec.rank, spec.incarnation)?;
     let mut w = Worker {
         coordinator: link.peer_incarnation(spec.ranks),
@@ -183,7 +186,7 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
         mirrors: VecDeque::new(),
         fault,
         exit: None,
-        stale,
+        stop,
         machine: RankMachine::new(&schedule, spec.rank),
         spec,
         link,
@@ -197,23 +200,47 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
 }
 
 /// A thread that tells the coordinator every `heartbeat` that this process lives.
-fn heartbeats(link: Arc<TcpLink>, spec: &WorkerSpec, stale: Arc<Mutex<Option<String>>>) {
+/// The heartbeat thread also notices a coordinator that stays unreachable (the run is gone):
+/// after `spec.coordinator_timeout` without one heartbeat through, the worker stops.
+fn heartbeats(link: Arc<TcpLink>, spec: &WorkerSpec, stop: Arc<Mutex<Option<Stop>>>) {
     let (ranks, rank, every) = (spec.ranks, spec.rank, spec.heartbeat);
+    let (timeout, coordinator) = (spec.coordinator_timeout, spec.coordinator);
     let beat = ToCoord::Heartbeat {
         incarnation: spec.incarnation,
     };
     let _ = std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || {
+            let mut through = std::time::Instant::now();
             loop {
-                if let Err(LinkError::Stale { reason }) = send_coord(&link, ranks, &beat, &[]) {
-                    tracing::warn!("rank {rank}: {reason}");
-                    *stale.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                let why = match send_coord(&link, ranks, &beat, &[]) {
+                    Ok(()) => {
+                        through = std::time::Instant::now();
+                        None
+                    }
+                    Err(LinkError::Stale { reason }) => Some(Stop::Stale(reason)),
+                    Err(_) if through.elapsed() > timeout => Some(Stop::Lost(format!(
+                        "the coordinator at {coordinator} has been unreachable for {timeout:?}"
+                    ))),
+                    Err(_) => None,
+                };
+                if let Some(why) = why {
+                    tracing::warn!("rank {rank}: {why:?}");
+                    *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                     return;
                 }
                 std::thread::sleep(every);
             }
         });
+}
+
+/// Why the heartbeat thread stops the worker.
+#[derive(Debug)]
+enum Stop {
+    /// A newer incarnation replaced this process.
+    Stale(String),
+    /// The coordinator stayed unreachable.
+    Lost(String),
 }
 
 impl Worker {
@@ -223,8 +250,10 @@ impl Worker {
             if let Some(reason) = self.exit.take() {
                 return Ok(reason);
             }
-            if let Some(reason) = self.stale.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                bail!(Stale(reason));
+            match self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(Stop::Stale(reason)) => bail!(Stale(reason)),
+                Some(Stop::Lost(reason)) => bail!("rank {}: {reason}", self.spec.rank),
+                None => {}
             }
             let coordinator = self.link.peer_incarnation(self.spec.ranks);
             if coordinator != self.coordinator {
