@@ -37,8 +37,8 @@ enum Command {
     Report(tools::ReportArgs),
     /// Replay a failure scenario at cluster scale in virtual time (simulations/scenarios/*.toml).
     Simulate(tools::SimulateArgs),
-    /// Run `train` as N worker processes on this machine (one per pipeline rank), restarting
-    /// any that dies: `phalanx launch --local 4 -- train --pp 4 ...`.
+    /// Run `train` as a coordinator process and N worker processes on this machine (one per
+    /// pipeline rank), replacing any that dies: `phalanx launch --local 4 -- train --pp 4 ...`.
     Launch(cluster::LaunchArgs),
     /// List a checkpoint store's runs and committed checkpoints (`ls`), read them all back
     /// (`verify`), or remove orphans and all but the newest N intact checkpoints (`gc`).

@@ -1,8 +1,10 @@
-//! Starting a multi-process run: `phalanx launch --local N` (this process coordinates and keeps
-//! N worker processes alive: one per pipeline rank, each restarted when it dies, all stopped on
-//! Ctrl-C or at the end, none orphaned) and the worker side of `phalanx train` under a launcher,
-//! torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or Slurm (SLURM_PROCID,
-//! SLURM_NTASKS, SLURM_NODELIST, SLURM_LOCALID).
+//! The processes of a multi-process run, from the environment: which part this process plays
+//! (`PHALANX_ROLE` under `phalanx launch`, else rank 0 coordinates) and where it stands, from
+//! torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or Slurm's
+//! (SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST, SLURM_LOCALID). A worker serves its pipeline rank;
+//! a coordinator runs the training loop around a `ProcessEngine`, rebuilding the run from the
+//! ranks' mirrors when it replaces a dead one (from the store when a mirror is gone too). The
+//! process keeper of `phalanx launch` is `supervisor`.
 
 use super::engine::{EngineSpec, Keeper, ProcessEngine};
 use super::worker::{self, WorkerSpec};
