@@ -36,8 +36,11 @@ fn options(name: &str, path: &str, config: RunConfig) -> TrainOptions {
     }
 }
 
-/// A fresh directory under the target's temp area.
+/// A fresh directory under the target's temp area (directories of earlier, finished test
+/// processes are removed first).
 pub fn scratch(name: &str) -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| sweep_stale("phalanx-actors-"));
     let dir = std::env::temp_dir().join(format!("phalanx-actors-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -52,4 +55,25 @@ pub fn tiny_options(name: &str, steps: u64) -> TrainOptions {
     config.training.eval_every = steps;
     config.training.eval_batches = 2;
     options(name, path, config)
+}
+
+/// Removes `<prefix>-<pid>-<name>` directories in the temp area left by test processes that are
+/// gone (their stores add up: hundreds of MB per run), so that repeated runs do not fill the disk.
+fn sweep_stale(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
