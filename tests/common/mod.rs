@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod sweep;
+use sweep::sweep_stale;
+
 /// Runs the binary in the workspace root with `args`, logging at warn.
 pub fn phalanx(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_phalanx"))
@@ -56,25 +59,4 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-/// Removes `<prefix>-<pid>-<name>` directories in the temp area left by test processes that are
-/// gone (their stores add up: hundreds of MB per run), so that repeated runs do not fill the disk.
-fn sweep_stale(prefix: &str) {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && pid != std::process::id()
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
 }

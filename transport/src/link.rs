@@ -329,13 +329,26 @@ impl Inbox {
     }
 }
 
+/// An endpoint's counters (what `Link::stats` reports), shared by the link kinds.
 #[derive(Default)]
-struct Counters {
-    sent: AtomicU64,
-    received: AtomicU64,
-    refused: AtomicU64,
-    bytes_sent: AtomicU64,
-    bytes_received: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn stats(&self) -> LinkStats {
+        LinkStats {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A network of `peers` endpoints in one process; endpoint `i` is peer `i`. Each endpoint owns
@@ -478,14 +491,7 @@ impl Link for InProcEndpoint {
     }
 
     fn stats(&self) -> LinkStats {
-        let c = &self.counters;
-        LinkStats {
-            sent: c.sent.load(Ordering::Relaxed),
-            received: c.received.load(Ordering::Relaxed),
-            refused: c.refused.load(Ordering::Relaxed),
-            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
-            bytes_received: c.bytes_received.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
     }
 }
 

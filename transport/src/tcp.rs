@@ -20,8 +20,8 @@
 
 use crate::handshake::{self, Credentials, Identity, Refusal};
 use crate::link::{
-    CRC_LEN, HEADER_LEN, Link, LinkConfig, LinkError, LinkStats, MAGIC, Message, Received, VERSION,
-    decode_envelope,
+    CRC_LEN, Counters, HEADER_LEN, Link, LinkConfig, LinkError, LinkStats, MAGIC, Message,
+    Received, VERSION, decode_envelope,
 };
 use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -67,22 +67,14 @@ struct Slot {
     heard: Mutex<Option<Instant>>,
 }
 
-#[derive(Default)]
-struct Counters {
-    sent: AtomicU64,
-    received: AtomicU64,
-    refused: AtomicU64,
-    bytes_sent: AtomicU64,
-    bytes_received: AtomicU64,
-    reconnects: AtomicU64,
-}
-
 struct Shared {
     me: Identity,
     cfg: TcpConfig,
     slots: Vec<Slot>,
     inbox: SyncSender<Received>,
     counters: Counters,
+    /// Reconnections made by sends after a dropped connection.
+    reconnects: AtomicU64,
     closed: AtomicBool,
     errors: Mutex<Vec<String>>,
     /// Until then this endpoint acts cut off from the network (a partition, for tests).
@@ -156,6 +148,7 @@ impl TcpLink {
             slots: (0..peers).map(|_| Slot::default()).collect(),
             inbox: tx,
             counters: Counters::default(),
+            reconnects: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             errors: Mutex::new(Vec::new()),
             cut_until: Mutex::new(None),
@@ -240,7 +233,7 @@ impl TcpLink {
 
     /// Reconnections made by sends after a dropped connection.
     pub fn reconnects(&self) -> u64 {
-        self.shared.counters.reconnects.load(Ordering::Relaxed)
+        self.shared.reconnects.load(Ordering::Relaxed)
     }
 
     fn connect(&self, to: usize) -> Result<TcpStream, LinkError> {
@@ -299,7 +292,7 @@ impl TcpLink {
         for attempt in 0..2 {
             if out.is_none() {
                 if attempt > 0 {
-                    sh.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    sh.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 *out = Some(self.connect(to)?);
             }
@@ -649,14 +642,7 @@ impl Link for TcpLink {
     }
 
     fn stats(&self) -> LinkStats {
-        let c = &self.shared.counters;
-        LinkStats {
-            sent: c.sent.load(Ordering::Relaxed),
-            received: c.received.load(Ordering::Relaxed),
-            refused: c.refused.load(Ordering::Relaxed),
-            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
-            bytes_received: c.bytes_received.load(Ordering::Relaxed),
-        }
+        self.shared.counters.stats()
     }
 
     /// Header, payload and checksum in one vectored write: the payload is not copied.

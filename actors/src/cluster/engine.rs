@@ -29,7 +29,6 @@ use kernels::model::stage::{
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use storage::dataset::Dataset;
 use transport::link::{Link, Received};
@@ -53,8 +52,6 @@ pub struct FailureLog {
     pub detections_ms: Vec<u64>,
     /// Per dead process: ms from the declaration to the step reopened with its replacement.
     pub recovery_ms: Vec<u64>,
-    /// Each declaration, in words.
-    pub events: Vec<String>,
 }
 
 /// The coordinator side of a multi-process run.
@@ -76,10 +73,8 @@ pub struct ProcessEngine {
     batch: usize,
     seq: usize,
     replayed: BTreeSet<u64>,
-    restarts: u64,
     recovering: Vec<Instant>,
     pub failures: FailureLog,
-    pub stop: Arc<AtomicBool>,
     /// Ranks' mirrored states while recovering: step, monitor, tensors.
     reports: BTreeMap<usize, (Option<u64>, String, Vec<storage::checkpoint::SnapTensor>)>,
 }
@@ -133,10 +128,8 @@ impl ProcessEngine {
             batch: spec.batch,
             seq: spec.seq,
             replayed: BTreeSet::new(),
-            restarts: 0,
             recovering: Vec::new(),
             failures: FailureLog::default(),
-            stop: Arc::new(AtomicBool::new(false)),
             reports: BTreeMap::new(),
         }
     }
@@ -194,12 +187,9 @@ impl ProcessEngine {
             .link
             .silent_for(rank)
             .map_or(0, |d| d.as_millis() as u64);
-        let line = format!("rank {rank} declared dead: {why} (silent {silent} ms)");
-        tracing::warn!("{line}");
-        self.failures.events.push(line);
+        tracing::warn!("rank {rank} declared dead: {why} (silent {silent} ms)");
         self.failures.detections_ms.push(silent);
         self.members[rank] = None;
-        self.restarts += 1;
         self.recovering.push(Instant::now());
         if replace {
             match self.keeper {
@@ -404,7 +394,7 @@ impl ProcessEngine {
 
 impl StepEngine for ProcessEngine {
     fn restarts(&self) -> u64 {
-        self.restarts
+        self.failures.detections_ms.len() as u64
     }
 
     fn replayed_steps(&self) -> u64 {
@@ -537,7 +527,7 @@ impl StepEngine for ProcessEngine {
                     }
                 }
             }
-            if self.stop.load(Ordering::SeqCst) {
+            if super::interrupted() {
                 bail!("interrupted");
             }
             self.pump(&mut done, &mut out)?;

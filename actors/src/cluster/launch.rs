@@ -15,7 +15,6 @@ use crate::trainer::{self, StepRecord, TrainOptions, TrainSummary};
 use anyhow::{Context, Result, anyhow, bail};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use transport::tcp::{TcpConfig, TcpLink};
 
@@ -233,7 +232,8 @@ fn spec_from_env(env: &WorldEnv) -> Result<LaunchSpec> {
     })
 }
 
-fn check_world(env: &WorldEnv, layout: &Layout) -> Result<()> {
+/// A coordinator's settings, once the world and the layout agree.
+fn coordinator_spec(opts: &TrainOptions, layout: &Layout, env: &WorldEnv) -> Result<LaunchSpec> {
     if env.world != layout.pp {
         bail!(
             "WORLD_SIZE is {} but --pp is {}: a multi-process run has one process per pipeline rank",
@@ -241,7 +241,8 @@ fn check_world(env: &WorldEnv, layout: &Layout) -> Result<()> {
             layout.pp
         );
     }
-    Ok(())
+    layout.validate(opts)?;
+    spec_from_env(env)
 }
 
 /// Rank 0 of a run started by torchrun or Slurm: the coordinator on MASTER_ADDR:MASTER_PORT and
@@ -252,9 +253,7 @@ pub fn serve_rank0(
     env: &WorldEnv,
     on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<TrainSummary> {
-    check_world(env, layout)?;
-    layout.validate(opts)?;
-    let spec = spec_from_env(env)?;
+    let spec = coordinator_spec(opts, layout, env)?;
     let link = bind_coordinator(&spec, 0)?;
     let (o, l, e) = (opts.clone(), *layout, env.clone());
     std::thread::Builder::new()
@@ -277,9 +276,7 @@ pub fn serve_coordinator(
     env: &WorldEnv,
     on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<TrainSummary> {
-    check_world(env, layout)?;
-    layout.validate(opts)?;
-    let spec = spec_from_env(env)?;
+    let spec = coordinator_spec(opts, layout, env)?;
     let incarnation: u64 = std::env::var(ENV_INCARNATION)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -299,26 +296,6 @@ pub fn serve_coordinator(
         incarnation > 0,
         on_step,
     )
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C and SIGTERM set [`interrupted`] instead of killing the process.
-pub fn on_interrupt() {
-    // SAFETY: the handler only stores to an atomic
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-}
-
-/// Whether Ctrl-C or SIGTERM came.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Coordinates a run whose workers `keeper` keeps: the training loop around a `ProcessEngine`
@@ -343,7 +320,7 @@ fn coordinate(
         trainer::build_state(opts)?
     };
     let t = &opts.config.training;
-    on_interrupt();
+    super::on_interrupt();
     let mut engine = ProcessEngine::new(
         &fresh.model,
         link,
@@ -396,16 +373,6 @@ fn finish_run(
     mut engine: ProcessEngine,
     on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<TrainSummary> {
-    let stop = engine.stop.clone();
-    let watcher = std::thread::spawn(move || {
-        while !interrupted() {
-            std::thread::sleep(Duration::from_millis(50));
-            if Arc::strong_count(&stop) == 1 {
-                return;
-            }
-        }
-        stop.store(true, Ordering::SeqCst);
-    });
     let result = trainer::run(opts, data, state, &mut engine, on_step);
     engine.finish(if result.is_ok() {
         "the run is over"
@@ -414,7 +381,6 @@ fn finish_run(
     });
     let failures = engine.failures.clone();
     drop(engine);
-    let _ = watcher.join();
     let mut summary = result?;
     summary.detections_ms = failures.detections_ms;
     summary.recovery_ms = failures.recovery_ms;

@@ -7,9 +7,10 @@
 
 use super::launch::{
     ENV_HEARTBEAT_MS, ENV_HEARTBEAT_TIMEOUT_MS, ENV_INCARNATION, ENV_JOB, ENV_ROLE, ENV_SECRET,
-    ENV_SUMMARY_OUT, ENV_SUPERVISOR, LaunchSpec, interrupted, on_interrupt,
+    ENV_SUMMARY_OUT, ENV_SUPERVISOR, LaunchSpec,
 };
 use super::protocol::{Supervision, TAG_SUPERVISOR, head, split};
+use super::{interrupted, on_interrupt};
 use crate::formation::Layout;
 use crate::trainer::{TrainOptions, TrainSummary};
 use anyhow::{Context, Result, anyhow, bail};

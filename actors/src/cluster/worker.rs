@@ -10,7 +10,7 @@ use super::protocol::{
 };
 use crate::core::rank::{RankCommand, RankEvent, RankMachine};
 use crate::formation::Layout;
-use crate::formation::compute::{Wire, exec_op};
+use crate::formation::compute::Wire;
 use crate::formation::threads::{Pipeline, RankState};
 use crate::schedule::build;
 use crate::trainer::{self, TrainOptions};
@@ -474,23 +474,11 @@ impl Worker {
                 step,
                 attempt,
                 op,
-            } => {
-                let mb = op.mb();
-                let runner = self
-                    .rank
-                    .copies
-                    .get_mut(&copy)
-                    .ok_or_else(|| anyhow!("stage copy s{copy} is not on this rank"))?;
-                let result = exec_op(runner, &self.batches, op);
-                pending.push_back(RankEvent::OpDone {
-                    op_id,
-                    copy,
-                    step,
-                    attempt,
-                    mb,
-                    result,
-                });
-            }
+            } => pending.push_back(
+                self.rank
+                    .run_op(&self.batches, (op_id, copy, step, attempt), op)
+                    .map_err(anyhow::Error::msg)?,
+            ),
             RankCommand::Send {
                 to,
                 step,

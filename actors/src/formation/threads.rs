@@ -36,6 +36,31 @@ pub struct RankState {
     pub copies: BTreeMap<usize, StageRunner>,
 }
 
+impl RankState {
+    /// Runs a machine's `RunOp` on the copy it names; its answer for the machine.
+    pub fn run_op(
+        &mut self,
+        batches: &[Batch],
+        (op_id, copy, step, attempt): (u64, usize, u64, u32),
+        op: crate::core::ops::StageOp,
+    ) -> Result<RankEvent<()>, String> {
+        let mb = op.mb();
+        let runner = self
+            .copies
+            .get_mut(&copy)
+            .ok_or_else(|| format!("stage copy s{copy} is not on this rank"))?;
+        let result = exec_op(runner, batches, op);
+        Ok(RankEvent::OpDone {
+            op_id,
+            copy,
+            step,
+            attempt,
+            mb,
+            result,
+        })
+    }
+}
+
 /// A model cut into the stage copies of a schedule, ready to run steps.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -257,22 +282,7 @@ fn run_rank(
                     step,
                     attempt,
                     op,
-                } => {
-                    let mb = op.mb();
-                    let runner = rank
-                        .copies
-                        .get_mut(&copy)
-                        .ok_or_else(|| format!("stage copy s{copy} is not on this rank"))?;
-                    let result = exec_op(runner, batches, op);
-                    pending.push_back(RankEvent::OpDone {
-                        op_id,
-                        copy,
-                        step,
-                        attempt,
-                        mb,
-                        result,
-                    });
-                }
+                } => pending.push_back(rank.run_op(batches, (op_id, copy, step, attempt), op)?),
                 RankCommand::Send {
                     to, arrival, data, ..
                 } => txs[to]

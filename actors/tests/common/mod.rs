@@ -3,10 +3,13 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../tests/common/sweep.rs"]
+mod sweep;
 use actors::trainer::TrainOptions;
 use kernels::model::{Precision, RunConfig};
 use std::path::PathBuf;
 use storage::dataset::DataFormat;
+use sweep::sweep_stale;
 
 /// Options for a micro run with `layers` decoder blocks, `batch` sequences and `steps` steps.
 pub fn micro_options(name: &str, layers: usize, batch: usize, steps: u64) -> TrainOptions {
@@ -55,25 +58,4 @@ pub fn tiny_options(name: &str, steps: u64) -> TrainOptions {
     config.training.eval_every = steps;
     config.training.eval_batches = 2;
     options(name, path, config)
-}
-
-/// Removes `<prefix>-<pid>-<name>` directories in the temp area left by test processes that are
-/// gone (their stores add up: hundreds of MB per run), so that repeated runs do not fill the disk.
-fn sweep_stale(prefix: &str) {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && pid != std::process::id()
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
 }
