@@ -239,7 +239,9 @@ fn workers_killed_mid_step_are_replaced_one_each_and_the_weights_do_not_change()
         "one process per kill"
     );
     assert_eq!(det.len(), kills.len());
-    assert!(det.iter().all(|&d| d <= 2000), "detections {det:?}");
+    // the launcher reports the exit within its 20 ms poll; the silence it ends is at most one
+    // 100 ms heartbeat period plus scheduling on two oversubscribed cores (measured 20-96 ms)
+    assert!(det.iter().all(|&d| d <= 500), "detections {det:?}");
     assert_eq!(rec.len(), kills.len());
 }
 
@@ -276,7 +278,8 @@ fn a_frozen_worker_is_replaced_and_told_to_exit_when_it_wakes() {
     assert_eq!(v["params_sha256"], sha);
     assert_eq!(v["processes_restarted"], 1);
     assert_eq!(det.len(), 1);
-    assert!((2000..3000).contains(&det[0]), "detection {det:?}");
+    // the 2 s bound plus the coordinator's 20 ms watch cadence and a reduce (measured 2,009)
+    assert!((2000..2400).contains(&det[0]), "detection {det:?}");
 }
 
 #[test]
@@ -389,7 +392,8 @@ fn a_partition_past_the_bound_is_a_failed_process() {
     assert_eq!(v["params_sha256"], sha);
     assert_eq!(v["processes_restarted"], 1);
     let det = ms_list(&v["detections_ms"]);
-    assert!(det.len() == 1 && det[0] >= 2000, "{det:?}");
+    // declared at the 2 s bound, not before, and promptly after it (measured 2,016)
+    assert!(det.len() == 1 && (2000..2400).contains(&det[0]), "{det:?}");
 }
 
 #[test]

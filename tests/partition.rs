@@ -218,5 +218,6 @@ fn a_partition_past_the_bound_is_a_failed_node_and_the_healed_side_is_refused() 
         v["recovery_ms"]
     );
     assert_eq!(v["params_sha256"], reference["params_sha256"]);
-    assert!(det.len() == 1 && det[0] >= 2000, "{det:?}");
+    // declared at the 2 s bound, promptly (measured 2,002-2,019)
+    assert!(det.len() == 1 && (2000..2400).contains(&det[0]), "{det:?}");
 }
