@@ -401,6 +401,18 @@ fn resume_from_the_store_reaches_the_uninterrupted_weights() {
         assert_eq!(runs.len(), 1, "{runs:?}");
         let ckpts = runs[0].join("checkpoints");
         let step20 = ckpts.join("step-0000000020");
+        // one shard per pipeline stage, written side by side; the manifest says which holds what
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(ckpts.join("step-0000000010/manifest.json")).unwrap(),
+        )
+        .unwrap();
+        let shards = manifest["shards"].as_array().unwrap();
+        assert_eq!(shards.len(), if name == "plain" { 1 } else { 2 }, "{name}");
+        let held: usize = shards
+            .iter()
+            .map(|s| s["tensors"].as_array().unwrap().len())
+            .sum();
+        assert_eq!(held as u64, manifest["tensors"].as_u64().unwrap(), "{name}");
         // the crash left the step-20 shard but never wrote its manifest
         std::fs::remove_file(step20.join("manifest.json")).unwrap();
         let mut resume = vec!["resume", "--out", o];
@@ -448,7 +460,10 @@ fn resume_from_the_store_reaches_the_uninterrupted_weights() {
             bytes[mid] ^= 0x40;
             std::fs::write(&shard, &bytes).unwrap();
             let e = refused(&["resume", "--out", o]);
-            assert!(e.contains("shard-0-") && e.contains("SHA-256"), "{e}");
+            assert!(
+                e.contains("shard-0-") && e.contains("checksum mismatch"),
+                "{e}"
+            );
             // `phalanx ckpt` lists the committed step and finds the corrupt shard
             let ls = phalanx(&["ckpt", "ls", "--out", o]);
             let ls_out = String::from_utf8_lossy(&ls.stdout);
@@ -460,7 +475,9 @@ fn resume_from_the_store_reaches_the_uninterrupted_weights() {
             let v_out = String::from_utf8_lossy(&v.stdout);
             assert_eq!(v.status.code(), Some(1), "{v_out}");
             assert!(
-                v_out.contains("step 10") && v_out.contains("FAILED") && v_out.contains("SHA-256"),
+                v_out.contains("step 10")
+                    && v_out.contains("FAILED")
+                    && v_out.contains("checksum mismatch"),
                 "{v_out}"
             );
         }

@@ -180,20 +180,28 @@ pub fn pipeline_overhead(
     })
 }
 
-/// What a checkpoint costs: the in-memory copy the step loop pays (against a training step),
-/// the write to a local-directory store (against a plain fsynced file write of the same bytes), and
-/// the verified read back.
+/// What a checkpoint costs: the in-memory copy the step loop pays (against a training step; the
+/// first copy into fresh buffers, then the steady state, into the last snapshot's buffers), the
+/// write to a local-directory store as one shard and as one shard per stage of a 2-stage
+/// pipeline (against a plain fsynced file write of the same bytes), and the verified read back.
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckpointBench {
     pub config: String,
     pub checkpoint_bytes: u64,
+    /// The first snapshot (fresh buffers: every page touched for the first time).
+    pub first_snapshot_s: f64,
+    /// Every later snapshot (into the buffers the uploader gave back).
     pub snapshot_s: f64,
     pub step_s: f64,
     /// snapshot_s / step_s: the stall as a fraction of one step.
     pub stall_per_step: f64,
-    pub store_write_gb_per_s: f64,
     pub file_write_gb_per_s: f64,
+    /// One shard (the plain loop).
+    pub store_write_gb_per_s: f64,
     pub write_ratio: f64,
+    /// One shard per stage of a 2-stage pipeline, written side by side.
+    pub store_write_2_shards_gb_per_s: f64,
+    pub write_ratio_2_shards: f64,
     pub store_read_gb_per_s: f64,
     pub same_after_read: bool,
 }
@@ -210,71 +218,99 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 pub fn checkpoint_costs(config: &Path, batch: usize, seq: usize) -> Result<CheckpointBench> {
-    use storage::checkpoint;
+    use crate::checkpoint::{snapshot_into, stage_owners};
+    use storage::checkpoint::{self, Shard};
     use storage::store::{Store, block_on};
     let step_s =
         (batch * seq) as f64 / train_step_throughput(config, batch, seq, 2, 1.0)?.tokens_per_s;
     let rc = RunConfig::load(config)?;
     let state = TrainState::new(DeepSeekV3::new(&rc.model, rc.training.init_std, 0));
-    let mut snap = Vec::new();
-    let snapshot_s = best_of(3, || snap = crate::checkpoint::snapshot(&state));
+    let one = stage_owners(&state, 1);
+    let t = Instant::now();
+    let mut snap = snapshot_into(&state, &one, Vec::new());
+    let first_snapshot_s = t.elapsed().as_secs_f64();
+    let snapshot_s = best_of(3, || {
+        snap = snapshot_into(&state, &one, std::mem::take(&mut snap))
+    });
     let bytes: u64 = snap
         .iter()
-        .map(|t| match &t.data {
-            storage::checkpoint::SnapData::F32(v) => 4 * v.len() as u64,
-            storage::checkpoint::SnapData::Bf16(v) => 2 * v.len() as u64,
-        })
+        .flatten()
+        .map(|t| t.data.as_bytes().len() as u64)
         .sum();
     let dir = std::env::temp_dir().join(format!("phalanx-bench-ckpt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open(&dir.display().to_string())?;
-    let mut step = 0;
-    let mut failed = None;
-    let write_s = best_of(3, || {
-        step += 1;
-        if let Err(e) = block_on(checkpoint::write(
-            &store,
-            "bench",
-            step,
-            &snap,
-            serde_json::Value::Null,
-        )) {
-            failed = Some(e);
-        }
-    });
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
+    let whole = snap.pop().unwrap_or_default();
+    let sorted = {
+        let mut t = whole.clone();
+        t.sort_by(|a, b| a.name.cmp(&b.name));
+        t
+    };
+    let one_shard = vec![Shard::new(whole).map_err(anyhow::Error::msg)?];
+    let two_shards = snapshot_into(&state, &stage_owners(&state, 2), Vec::new())
+        .into_iter()
+        .map(Shard::new)
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(anyhow::Error::msg)?;
     let raw = vec![7u8; bytes as usize];
     let file = dir.join("plain-write.bin");
     // the store fsyncs (a committed checkpoint must be on disk), so the baseline does too
-    let file_s = best_of(3, || {
+    let plain = || {
         use std::io::Write;
-        let mut f = std::fs::File::create(&file).expect("temp dir is writable");
-        f.write_all(&raw).expect("temp dir is writable");
-        f.sync_all().expect("fsync");
-    });
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&file)?;
+        f.write_all(&raw)?;
+        f.sync_all()?;
+        Ok::<f64, std::io::Error>(t.elapsed().as_secs_f64())
+    };
+    // rounds of the three writes in turn (best of each), each checkpoint removed after it is
+    // timed, so that all three meet the same page cache and disk
+    let (mut file_s, mut write_s, mut write_2_s) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let mut step = 0;
+    for round in 0..3 {
+        file_s = file_s.min(plain()?);
+        for (shards, best) in [(&one_shard, &mut write_s), (&two_shards, &mut write_2_s)] {
+            step += 1;
+            let t = Instant::now();
+            block_on(checkpoint::write_shards(
+                &store,
+                "bench",
+                step,
+                shards,
+                serde_json::Value::Null,
+            ))?;
+            *best = best.min(t.elapsed().as_secs_f64());
+            let keep = round == 2 && shards.len() == 2;
+            if !keep {
+                let at = dir.join(format!("bench/checkpoints/step-{step:010}"));
+                std::fs::remove_dir_all(at)?;
+            }
+        }
+    }
+    let last = step;
+    drop((raw, one_shard, two_shards));
     let mut back = Vec::new();
     let read_s = best_of(3, || {
         back = block_on(async {
-            let m = checkpoint::read_manifest(&store, "bench", step).await?;
+            let m = checkpoint::read_manifest(&store, "bench", last).await?;
             checkpoint::read_tensors(&store, &m).await
         })
         .unwrap_or_default();
     });
-    let mut sorted = snap.clone();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let _ = std::fs::remove_dir_all(&dir);
     let gb = bytes as f64 / 1e9;
     Ok(CheckpointBench {
         config: config.display().to_string(),
         checkpoint_bytes: bytes,
+        first_snapshot_s,
         snapshot_s,
         step_s,
         stall_per_step: snapshot_s / step_s,
-        store_write_gb_per_s: gb / write_s,
         file_write_gb_per_s: gb / file_s,
+        store_write_gb_per_s: gb / write_s,
         write_ratio: file_s / write_s,
+        store_write_2_shards_gb_per_s: gb / write_2_s,
+        write_ratio_2_shards: file_s / write_2_s,
         store_read_gb_per_s: gb / read_s,
         same_after_read: back == sorted,
     })

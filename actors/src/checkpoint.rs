@@ -22,32 +22,136 @@ pub fn snapshot(state: &TrainState) -> Vec<SnapTensor> {
 
 /// The same for tensors `ids` only (a stage's share of the state).
 pub fn snapshot_of(state: &TrainState, ids: &[usize]) -> Vec<SnapTensor> {
+    snapshot_into(state, &[ids.to_vec()], Vec::new())
+        .pop()
+        .unwrap_or_default()
+}
+
+/// One snapshot per owner (`owners[o]`: the tensor ids it holds), copied into `reuse`'s buffers
+/// where a buffer of the same name, dtype and size is there (the previous checkpoint's, given
+/// back by the uploader: no page is touched for the first time), else into new ones. The copy
+/// runs in chunks on every core.
+pub fn snapshot_into<'s>(
+    state: &'s TrainState,
+    owners: &[Vec<usize>],
+    reuse: Vec<Vec<SnapTensor>>,
+) -> Vec<Vec<SnapTensor>> {
+    let mut spare: HashMap<String, SnapData> = reuse
+        .into_iter()
+        .flatten()
+        .map(|t| (t.name, t.data))
+        .collect();
     let p = &state.model.params;
-    let mut out = Vec::with_capacity(3 * ids.len());
-    for &i in ids {
-        let name = &p.names[i];
-        let shape = p.tensors[i].shape.clone();
-        out.push(SnapTensor {
-            name: name.clone(),
-            shape: shape.clone(),
-            data: SnapData::F32(p.tensors[i].data.clone()),
-        });
-        let (m_name, v_name) = moment_names(name);
-        let (m, v) = match &state.moments[i] {
-            None => continue,
-            Some(Moments::F32 { m, v }) => (SnapData::F32(m.clone()), SnapData::F32(v.clone())),
-            Some(Moments::Bf16 { m, v }) => (SnapData::Bf16(m.clone()), SnapData::Bf16(v.clone())),
-        };
-        let n = shape.iter().product::<usize>();
-        for (name, data) in [(m_name, m), (v_name, v)] {
-            out.push(SnapTensor {
-                name,
-                shape: vec![n],
-                data,
-            });
+    // (tensor, its source bytes) per owner, buffers taken from `spare` or made
+    let mut sources: Vec<&'s [u8]> = Vec::new();
+    let mut out: Vec<Vec<SnapTensor>> = owners
+        .iter()
+        .map(|ids| {
+            let mut tensors = Vec::with_capacity(3 * ids.len());
+            for &i in ids {
+                let name = &p.names[i];
+                let shape = p.tensors[i].shape.clone();
+                let n = p.tensors[i].data.len();
+                let mut add = |name: String, shape: Vec<usize>, src: SnapSource<'s>| {
+                    let data = match spare.remove(&name) {
+                        Some(d) if src.fits(&d) => d,
+                        _ => src.fresh(),
+                    };
+                    sources.push(src.bytes());
+                    tensors.push(SnapTensor { name, shape, data });
+                };
+                add(name.clone(), shape, SnapSource::F32(&p.tensors[i].data));
+                let (m_name, v_name) = moment_names(name);
+                match &state.moments[i] {
+                    None => {}
+                    Some(Moments::F32 { m, v }) => {
+                        add(m_name, vec![n], SnapSource::F32(m));
+                        add(v_name, vec![n], SnapSource::F32(v));
+                    }
+                    Some(Moments::Bf16 { m, v }) => {
+                        add(m_name, vec![n], SnapSource::Bf16(m));
+                        add(v_name, vec![n], SnapSource::Bf16(v));
+                    }
+                }
+            }
+            tensors
+        })
+        .collect();
+    let dsts = out.iter_mut().flatten().map(|t| match &mut t.data {
+        SnapData::F32(v) => bytemuck::cast_slice_mut::<f32, u8>(v),
+        SnapData::Bf16(v) => bytemuck::cast_slice_mut::<half::bf16, u8>(v),
+    });
+    crate::state::parallel_copy(dsts.zip(sources).collect());
+    out
+}
+
+/// The tensors [`snapshot_into`] makes for `owners`, with names, shapes and dtypes and no values
+/// (for [`crate::uploader::Uploader::prepare`]).
+pub fn snapshot_layout(state: &TrainState, owners: &[Vec<usize>]) -> Vec<Vec<SnapTensor>> {
+    let p = &state.model.params;
+    let empty = |name: String, shape: Vec<usize>, data: SnapData| SnapTensor { name, shape, data };
+    owners
+        .iter()
+        .map(|ids| {
+            let mut out = Vec::new();
+            for &i in ids {
+                let n = p.tensors[i].data.len();
+                out.push(empty(
+                    p.names[i].clone(),
+                    p.tensors[i].shape.clone(),
+                    SnapData::F32(vec![]),
+                ));
+                let (m, v) = moment_names(&p.names[i]);
+                let data = match &state.moments[i] {
+                    None => continue,
+                    Some(Moments::F32 { .. }) => SnapData::F32(vec![]),
+                    Some(Moments::Bf16 { .. }) => SnapData::Bf16(vec![]),
+                };
+                out.push(empty(m, vec![n], data.clone()));
+                out.push(empty(v, vec![n], data));
+            }
+            out
+        })
+        .collect()
+}
+
+/// A tensor of the state to copy into a snapshot buffer.
+#[derive(Clone, Copy)]
+enum SnapSource<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> SnapSource<'a> {
+    fn fits(&self, d: &SnapData) -> bool {
+        match (self, d) {
+            (SnapSource::F32(s), SnapData::F32(d)) => s.len() == d.len(),
+            (SnapSource::Bf16(s), SnapData::Bf16(d)) => s.len() == d.len(),
+            _ => false,
         }
     }
-    out
+
+    /// A buffer of the right size (zeroed pages, mapped lazily: the copy touches them).
+    fn fresh(&self) -> SnapData {
+        match self {
+            SnapSource::F32(s) => SnapData::F32(vec![0.0; s.len()]),
+            SnapSource::Bf16(s) => SnapData::Bf16(vec![half::bf16::ZERO; s.len()]),
+        }
+    }
+
+    fn bytes(self) -> &'a [u8] {
+        match self {
+            SnapSource::F32(s) => bytemuck::cast_slice(s),
+            SnapSource::Bf16(s) => bytemuck::cast_slice(s),
+        }
+    }
+}
+
+/// The owners of a model's tensors when it is cut into `stages` pipeline stages: one list of
+/// tensor ids per stage (a tensor two stages hold goes to the first), the shards a checkpoint
+/// writes side by side.
+pub fn stage_owners(state: &TrainState, stages: usize) -> Vec<Vec<usize>> {
+    kernels::model::stage::owners(&state.model, stages.max(1))
 }
 
 /// Puts the tensors of a checkpoint of store run `run` into `state` (built for the same config)
@@ -115,7 +219,7 @@ pub fn meta(opts: &TrainOptions, state: &TrainState, every: u64) -> serde_json::
 }
 
 /// The first committed checkpoint, runs newest first (`run` alone when given) and within a run
-/// steps newest first, whose step `want` accepts: read and verified (size and SHA-256 of every
+/// steps newest first, whose step `want` accepts: read and verified (size and checksum of every
 /// shard); None when none is accepted.
 pub fn load_first(
     url: &str,

@@ -112,6 +112,9 @@ impl StepEngine for LrSpikes<'_> {
     fn restarts(&self) -> u64 {
         self.inner.restarts()
     }
+    fn model_stages(&self) -> usize {
+        self.inner.model_stages()
+    }
     fn replayed_steps(&self) -> u64 {
         self.inner.replayed_steps()
     }

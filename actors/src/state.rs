@@ -146,6 +146,66 @@ impl TrainState {
         }
     }
 
+    /// [`TrainState::copy_without_grads`] into `spare`'s buffers (a rollback ring's oldest
+    /// entry, from the same run) when its tensors have this state's sizes: a copy into pages
+    /// already mapped, on every core. A new copy otherwise.
+    pub fn copy_without_grads_into(&self, spare: Option<TrainState>) -> TrainState {
+        let fits = |d: &TrainState| {
+            let (a, b) = (&d.model.params.tensors, &self.model.params.tensors);
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| x.data.len() == y.data.len())
+                && d.moments.len() == self.moments.len()
+                && d.moments
+                    .iter()
+                    .zip(&self.moments)
+                    .all(|(x, y)| match (x, y) {
+                        (None, None) => true,
+                        (Some(Moments::F32 { m: a, .. }), Some(Moments::F32 { m: b, .. })) => {
+                            a.len() == b.len()
+                        }
+                        (Some(Moments::Bf16 { m: a, .. }), Some(Moments::Bf16 { m: b, .. })) => {
+                            a.len() == b.len()
+                        }
+                        _ => false,
+                    })
+        };
+        let Some(mut dst) = spare.filter(fits) else {
+            return self.copy_without_grads();
+        };
+        let mut pairs: Vec<(&mut [u8], &[u8])> = Vec::new();
+        for (d, s) in dst
+            .model
+            .params
+            .tensors
+            .iter_mut()
+            .zip(&self.model.params.tensors)
+        {
+            pairs.push((
+                bytemuck::cast_slice_mut(&mut d.data),
+                bytemuck::cast_slice(&s.data),
+            ));
+        }
+        for (d, s) in dst.moments.iter_mut().zip(&self.moments) {
+            match (d, s) {
+                (Some(Moments::F32 { m, v }), Some(Moments::F32 { m: sm, v: sv })) => {
+                    pairs.push((bytemuck::cast_slice_mut(m), bytemuck::cast_slice(sm)));
+                    pairs.push((bytemuck::cast_slice_mut(v), bytemuck::cast_slice(sv)));
+                }
+                (Some(Moments::Bf16 { m, v }), Some(Moments::Bf16 { m: sm, v: sv })) => {
+                    pairs.push((bytemuck::cast_slice_mut(m), bytemuck::cast_slice(sm)));
+                    pairs.push((bytemuck::cast_slice_mut(v), bytemuck::cast_slice(sv)));
+                }
+                _ => {}
+            }
+        }
+        parallel_copy(pairs);
+        dst.grads = Vec::new();
+        dst.step = self.step;
+        dst.restored_from = self.restored_from.clone();
+        dst.monitor = self.monitor.clone();
+        dst
+    }
+
     /// A step whose update was refused: the step is counted (its data is consumed), the
     /// parameters and moments stay as they are, the gradients are zeroed.
     pub fn skip(&mut self) {
@@ -189,6 +249,23 @@ impl TrainState {
             monitor: self.monitor.clone(),
         }
     }
+}
+
+/// Copies each source into its destination (same lengths), in 4 MiB chunks spread over the
+/// rayon pool: what a snapshot or a ring entry costs the step loop.
+pub fn parallel_copy(pairs: Vec<(&mut [u8], &[u8])>) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 4 << 20;
+    let chunks: Vec<(&mut [u8], &[u8])> = pairs
+        .into_iter()
+        .flat_map(|(d, s)| {
+            assert_eq!(d.len(), s.len(), "a copy between buffers of one size");
+            d.chunks_mut(CHUNK).zip(s.chunks(CHUNK))
+        })
+        .collect();
+    chunks
+        .into_par_iter()
+        .for_each(|(d, s)| kernels::copy::stream_copy(d, s));
 }
 
 /// The pre-clip global norm over the trainable tensors' gradients, in tensor order.

@@ -290,6 +290,11 @@ pub trait StepEngine {
     fn restarts(&self) -> u64 {
         0
     }
+    /// The pipeline stages the model is cut into (1: not pipelined); a checkpoint writes a
+    /// shard per stage.
+    fn model_stages(&self) -> usize {
+        1
+    }
     /// Steps that were replayed at least once so far.
     fn replayed_steps(&self) -> u64 {
         0
@@ -616,6 +621,12 @@ fn run_steps(
         },
         state.monitor.clone(),
     );
+    // a checkpoint writes one shard per pipeline stage, side by side, from buffers the
+    // uploader makes ready while the first steps run
+    let owners = crate::checkpoint::stage_owners(&state, engine.model_stages());
+    if let Some(up) = uploader.as_mut() {
+        up.prepare(crate::checkpoint::snapshot_layout(&state, &owners));
+    }
     // committed states kept for rollbacks past the step before a spike, oldest first
     let mut ring: std::collections::VecDeque<TrainState> = Default::default();
     let mut rejected_at: Option<(u64, String)> = None;
@@ -641,10 +652,11 @@ fn run_steps(
                     switch.outage(std::time::Duration::from_millis(ms));
                 }
                 if t.rollback_ring > 0 {
-                    ring.push_back(state.copy_without_grads());
-                    while ring.len() > t.rollback_ring {
-                        ring.pop_front();
-                    }
+                    // a full ring's oldest entry lends its buffers to the newest
+                    let spare = (ring.len() >= t.rollback_ring)
+                        .then(|| ring.pop_front())
+                        .flatten();
+                    ring.push_back(state.copy_without_grads_into(spare));
                 }
                 let t0 = Instant::now();
                 let (s, out) = engine.step(state, step, &h)?;
@@ -731,7 +743,9 @@ fn run_steps(
                 if let (Some(up), Some(plan)) = (uploader.as_mut(), opts.checkpoints.as_ref()) {
                     state.monitor = ctl.monitor.state.clone();
                     let meta = crate::checkpoint::meta(opts, &state, plan.every);
-                    up.save(step, crate::checkpoint::snapshot(&state), meta)?;
+                    // the step loop pays for the copy alone, into the last snapshot's buffers
+                    let snap = crate::checkpoint::snapshot_into(&state, &owners, up.take_buffers());
+                    up.save(step, snap, meta)?;
                 }
                 vec![]
             }

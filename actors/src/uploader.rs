@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use storage::checkpoint::{self, CheckpointError, SnapTensor};
+use storage::checkpoint::{self, CheckpointError, Shard, SnapData, SnapTensor};
 use storage::journal::Journal;
 use storage::lease::{Lease, LeaseError};
 use storage::store::{Store, block_on};
@@ -92,10 +92,16 @@ pub struct UploadSummary {
     pub retries: u64,
 }
 
-struct Job {
-    step: u64,
-    tensors: Vec<SnapTensor>,
-    meta: serde_json::Value,
+enum Job {
+    Upload {
+        step: u64,
+        /// One per owner, written side by side.
+        shards: Vec<Shard>,
+        meta: serde_json::Value,
+    },
+    /// Buffers to make ready for the first snapshot: tensors with their names, shapes and
+    /// dtypes, and no values.
+    Prepare(Vec<Vec<SnapTensor>>),
 }
 
 /// Counters the uploader thread keeps, readable while it runs.
@@ -134,6 +140,11 @@ pub struct Uploader {
     finished: Option<UploadSummary>,
     /// Snapshots handed over so far.
     saved: u64,
+    /// Each handed-over snapshot's buffers, back once its upload is over, and those made by
+    /// `prepare`.
+    returned: mpsc::Receiver<Vec<Vec<SnapTensor>>>,
+    /// Buffers the thread owes (snapshots handed over and `prepare`s not yet given back).
+    owed: u64,
 }
 
 impl Uploader {
@@ -165,11 +176,16 @@ impl Uploader {
         let counters = Arc::new(Counters::default());
         let shared = counters.clone();
         let (tx, rx) = mpsc::sync_channel::<Job>(0);
+        let (give_back, returned) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("checkpoint-upload".into())
             .spawn(move || -> Result<()> {
+                let ends = Ends {
+                    jobs: &rx,
+                    give_back: &give_back,
+                };
                 let r = upload_loop(
-                    &store, &ckpt_run, &journal, &run, &policy, &mut lease, &rx, &shared,
+                    &store, &ckpt_run, &journal, &run, &policy, &mut lease, ends, &shared,
                 );
                 // let a waiting `save` go before the lease is given back
                 drop(rx);
@@ -188,28 +204,30 @@ impl Uploader {
             counters,
             finished: None,
             saved: 0,
+            returned,
+            owed: 0,
         })
     }
 
-    /// Hands over the snapshot of `step`; fails if the uploader has stopped (no checkpoint
-    /// committed for too long, a lost lease, a journal that cannot be written).
+    /// Hands over the snapshot of `step`, one list of tensors per owner (each owner's shard is
+    /// written beside the others); fails if the uploader has stopped (no checkpoint committed
+    /// for too long, a lost lease, a journal that cannot be written) or a tensor does not fill
+    /// its shape. Waits while the previous upload is still running.
     pub fn save(
         &mut self,
         step: u64,
-        tensors: Vec<SnapTensor>,
+        owners: Vec<Vec<SnapTensor>>,
         meta: serde_json::Value,
     ) -> Result<()> {
+        let shards = owners
+            .into_iter()
+            .map(Shard::new)
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| anyhow!("checkpoint of step {step}: {e}"))?;
         let sent = self
             .jobs
             .as_ref()
-            .map(|tx| {
-                tx.send(Job {
-                    step,
-                    tensors,
-                    meta,
-                })
-                .is_ok()
-            })
+            .map(|tx| tx.send(Job::Upload { step, shards, meta }).is_ok())
             .unwrap_or(false);
         if !sent {
             // the uploader stopped: its own error says why
@@ -217,7 +235,36 @@ impl Uploader {
             bail!("the checkpoint uploader stopped before step {step}");
         }
         self.saved += 1;
+        self.owed += 1;
         Ok(())
+    }
+
+    /// Has the uploader thread make the buffers of the first snapshot while training goes on
+    /// (each page written once, so the first snapshot's copy costs what later ones do).
+    /// `layout`: the snapshot's tensors without values.
+    pub fn prepare(&mut self, layout: Vec<Vec<SnapTensor>>) {
+        if let Some(tx) = &self.jobs
+            && tx.send(Job::Prepare(layout)).is_ok()
+        {
+            self.owed += 1;
+        }
+    }
+
+    /// The buffers of the last snapshot handed over, once its upload is over (waiting for it
+    /// if it still runs), for the next snapshot to copy into; empty after none or when the
+    /// uploader stopped.
+    pub fn take_buffers(&mut self) -> Vec<Vec<SnapTensor>> {
+        let mut last = Vec::new();
+        while self.owed > 0 {
+            match self.returned.recv() {
+                Ok(b) => {
+                    self.owed -= 1;
+                    last = b;
+                }
+                Err(_) => break,
+            }
+        }
+        last
     }
 
     /// Waits until every handed-over snapshot is committed or missed (a rollback that reads
@@ -272,6 +319,23 @@ impl Drop for Uploader {
     }
 }
 
+/// `n` values whose pages are mapped (a fresh allocation's pages are mapped on first write).
+fn touched<T: Copy + Default>(n: usize) -> Vec<T> {
+    let mut v = vec![T::default(); n];
+    let per_page = (4096 / std::mem::size_of::<T>()).max(1);
+    for i in (0..n).step_by(per_page) {
+        // an opaque value: the compiler may not skip storing the zero that is already there
+        v[i] = std::hint::black_box(T::default());
+    }
+    v
+}
+
+/// The uploader thread's channels: snapshots in, their buffers back out.
+struct Ends<'a> {
+    jobs: &'a mpsc::Receiver<Job>,
+    give_back: &'a mpsc::Sender<Vec<Vec<SnapTensor>>>,
+}
+
 /// The uploader thread: jobs as they come, the lease renewed while idle.
 #[allow(clippy::too_many_arguments)]
 fn upload_loop(
@@ -281,13 +345,13 @@ fn upload_loop(
     run: &str,
     policy: &UploadPolicy,
     lease: &mut Lease,
-    rx: &mpsc::Receiver<Job>,
+    ends: Ends<'_>,
     counters: &Counters,
 ) -> Result<()> {
     let started = Instant::now();
     let mut last_commit: Option<(Instant, u64)> = None;
     loop {
-        let job = match rx.recv_timeout(lease.heartbeat()) {
+        let job = match ends.jobs.recv_timeout(lease.heartbeat()) {
             Ok(job) => job,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -299,19 +363,27 @@ fn upload_loop(
                 continue;
             }
         };
-        let step = job.step;
-        let encoded = checkpoint::encode(&job.tensors)
-            .map_err(|e| anyhow!("checkpoint of step {step}: {e}"))?;
-        // the snapshot's memory goes back before the upload starts
-        drop(job.tensors);
+        let (step, shards, meta) = match job {
+            Job::Upload { step, shards, meta } => (step, shards, meta),
+            Job::Prepare(mut layout) => {
+                for t in layout.iter_mut().flatten() {
+                    let n = t.shape.iter().product();
+                    t.data = match t.data {
+                        SnapData::F32(_) => SnapData::F32(touched(n)),
+                        SnapData::Bf16(_) => SnapData::Bf16(touched(n)),
+                    };
+                }
+                let _ = ends.give_back.send(layout);
+                continue;
+            }
+        };
         let mut last_err = None;
         let mut tries = 0;
         for attempt in 1..=policy.tries.max(1) {
             tries = attempt;
             let tried = block_on(async {
                 lease.renew().await?;
-                let write =
-                    checkpoint::write_encoded(store, ckpt_run, step, &encoded, job.meta.clone());
+                let write = checkpoint::write_shards(store, ckpt_run, step, &shards, meta.clone());
                 lease.hold_while(write).await?
             });
             match tried {
@@ -342,6 +414,10 @@ fn upload_loop(
                 }
             }
         }
+        // the buffers go back for the next snapshot (a leftover clone would keep them: then
+        // the next snapshot makes its own)
+        let buffers = shards.into_iter().filter_map(Shard::into_tensors).collect();
+        let _ = ends.give_back.send(buffers);
         match last_err {
             None => {
                 tracing::info!(step, store = %store.url, "checkpoint committed");
@@ -440,7 +516,7 @@ mod tests {
         let mut up = Uploader::start_with(store, "r", j.clone(), "j", quick()).unwrap();
         // the first two tries fail at their first request; the third commits
         faults.fail_writes(2);
-        up.save(10, snap(1.0), serde_json::json!({})).unwrap();
+        up.save(10, vec![snap(1.0)], serde_json::json!({})).unwrap();
         let s = up.finish_summary().unwrap();
         assert_eq!(
             s,
@@ -456,6 +532,8 @@ mod tests {
             block_on(checkpoint::committed_steps(&base, "r")).unwrap(),
             [10]
         );
+        // the snapshot's buffers came back for the next one, as they were
+        assert_eq!(up.take_buffers(), vec![snap(1.0)]);
         assert_eq!(journaled(&j), [10]);
         assert_eq!(up.finish().unwrap(), 1, "finish again: the same summary");
     }
@@ -468,9 +546,9 @@ mod tests {
         let mut up = Uploader::start_with(store, "r", j.clone(), "j", quick()).unwrap();
         // every one of the five tries of step 10 fails; the run goes on
         faults.fail_writes(5);
-        up.save(10, snap(1.0), serde_json::json!({})).unwrap();
+        up.save(10, vec![snap(1.0)], serde_json::json!({})).unwrap();
         // handing over step 20 waits for step 10 to be given up
-        up.save(20, snap(2.0), serde_json::json!({})).unwrap();
+        up.save(20, vec![snap(2.0)], serde_json::json!({})).unwrap();
         assert_eq!(up.checkpoints_missed(), 1);
         let s = up.finish_summary().unwrap();
         assert_eq!(
@@ -494,7 +572,7 @@ mod tests {
         // an intact checkpoint of the step is already committed: missed at once, no retries
         let mut up =
             Uploader::start_with(base.clone(), "r", journal("missed2"), "j", quick()).unwrap();
-        up.save(20, snap(7.0), serde_json::json!({})).unwrap();
+        up.save(20, vec![snap(7.0)], serde_json::json!({})).unwrap();
         let s = up.finish_summary().unwrap();
         assert_eq!((s.committed, s.checkpoints_missed, s.retries), (0, 1, 0));
         let m = block_on(checkpoint::latest_intact(&base, None)).unwrap();
@@ -512,10 +590,11 @@ mod tests {
         };
         let mut up = Uploader::start_with(store, "r", journal("gap"), "j", policy).unwrap();
         faults.fail_writes(2);
-        up.save(10, snap(1.0), serde_json::json!({})).unwrap();
+        up.save(10, vec![snap(1.0)], serde_json::json!({})).unwrap();
         let e = format!(
             "{:#}",
-            up.save(20, snap(2.0), serde_json::json!({})).unwrap_err()
+            up.save(20, vec![snap(2.0)], serde_json::json!({}))
+                .unwrap_err()
         );
         assert!(
             e.contains("checkpoint of step 10 failed after 2 tries")
@@ -554,12 +633,16 @@ mod tests {
             .unwrap()
             .finish()
             .unwrap();
-        first.save(1, snap(1.0), serde_json::json!({})).unwrap();
+        first
+            .save(1, vec![snap(1.0)], serde_json::json!({}))
+            .unwrap();
         assert_eq!(first.finish().unwrap(), 1);
         // finished: the lease is released and the run can be written again
         let mut again =
             Uploader::start_with(store.clone(), "r", journal("lease4"), "j", quick()).unwrap();
-        again.save(2, snap(2.0), serde_json::json!({})).unwrap();
+        again
+            .save(2, vec![snap(2.0)], serde_json::json!({}))
+            .unwrap();
         assert_eq!(again.finish().unwrap(), 1);
     }
 
@@ -584,7 +667,7 @@ mod tests {
         let key = storage::object_store::path::Path::from("r/lease.json");
         let body = serde_json::to_vec(&record).unwrap();
         block_on(store.inner.put(&key, body.into())).unwrap();
-        up.save(5, snap(1.0), serde_json::json!({})).unwrap();
+        up.save(5, vec![snap(1.0)], serde_json::json!({})).unwrap();
         let e = format!("{:#}", up.finish().unwrap_err());
         assert!(e.contains("taken over by elsewhere:"), "{e}");
         assert!(

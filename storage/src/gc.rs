@@ -81,7 +81,7 @@ impl GcReport {
 }
 
 /// Removes orphans and checkpoints older than the newest `keep` intact ones, per run (see the
-/// module docs). Checkpoints are verified (size and SHA-256, streamed) newest first until
+/// module docs). Checkpoints are verified (size and checksum, streamed) newest first until
 /// `keep` intact ones are found; a run without any intact checkpoint keeps all its committed
 /// checkpoints. Old checkpoints lose their manifest first, so a gc cut short leaves orphans,
 /// never a committed checkpoint with missing shards. While gc works on a run it holds the run's

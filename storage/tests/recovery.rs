@@ -201,29 +201,39 @@ fn resume_falls_back_past_a_corrupt_newest_checkpoint_and_says_why() {
 fn a_retried_commit_whose_first_answer_was_lost_succeeds() {
     let store = Store::open("memory://").unwrap();
     block_on(async {
-        let enc = checkpoint::encode(&tensors(1.0)).unwrap();
+        let shard = checkpoint::Shard::new(tensors(1.0)).unwrap();
         let meta = serde_json::json!({"seed": 1});
-        let first = checkpoint::write_encoded(&store, "r", 7, &enc, meta.clone())
-            .await
-            .unwrap();
-        // the same commit again (the first reply was lost): the committed manifest stands
-        let again = checkpoint::write_encoded(&store, "r", 7, &enc, meta)
+        let first =
+            checkpoint::write_shards(&store, "r", 7, std::slice::from_ref(&shard), meta.clone())
+                .await
+                .unwrap();
+        // the same commit again (the first reply was lost): the committed manifest stands, and
+        // the retry's own shard (written under a new name) is removed
+        let again = checkpoint::write_shards(&store, "r", 7, &[shard], meta)
             .await
             .unwrap();
         assert_eq!(first, again);
+        use futures_util::StreamExt;
+        use object_store::ObjectStore;
+        let dir = object_store::path::Path::from("r/checkpoints/step-0000000007");
+        let listed: Vec<_> = store.inner.list(Some(&dir)).collect::<Vec<_>>().await;
+        assert_eq!(listed.len(), 2, "the manifest and one shard: {listed:?}");
         // other contents at a committed step are still refused
-        let other = checkpoint::encode(&tensors(2.0)).unwrap();
-        let e = checkpoint::write_encoded(&store, "r", 7, &other, serde_json::Value::Null)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("step-0000000007/manifest.json"), "{e}");
+        let other = checkpoint::Shard::new(tensors(2.0)).unwrap();
+        let e = checkpoint::write_shards(
+            &store,
+            "r",
+            7,
+            std::slice::from_ref(&other),
+            serde_json::Value::Null,
+        )
+        .await
+        .unwrap_err();
         assert!(
-            checkpoint::write_encoded(&store, "r", 7, &other, serde_json::Value::Null)
-                .await
-                .unwrap_err()
-                .is_permanent()
+            e.to_string().contains("step-0000000007/manifest.json"),
+            "{e}"
         );
+        assert!(e.is_permanent());
     });
 }
 

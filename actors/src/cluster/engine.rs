@@ -393,6 +393,10 @@ impl ProcessEngine {
 }
 
 impl StepEngine for ProcessEngine {
+    fn model_stages(&self) -> usize {
+        self.schedule.kind.model_stages(self.schedule.ranks)
+    }
+
     fn restarts(&self) -> u64 {
         self.failures.detections_ms.len() as u64
     }

@@ -317,6 +317,11 @@ pub struct ThreadEngine {
 }
 
 impl StepEngine for ThreadEngine {
+    fn model_stages(&self) -> usize {
+        let s = &self.pipeline.schedule;
+        s.kind.model_stages(s.ranks)
+    }
+
     fn reload(&mut self, state: &TrainState) -> Result<()> {
         self.pipeline.load_params(&state.model.params);
         Ok(())

@@ -276,6 +276,11 @@ impl Drop for ActorEngine {
 }
 
 impl StepEngine for ActorEngine {
+    fn model_stages(&self) -> usize {
+        let s = &self.spec.schedule;
+        s.kind.model_stages(s.ranks)
+    }
+
     fn reload(&mut self, _state: &TrainState) -> Result<()> {
         // the next step's open restores its committed state on every rank
         self.reload_next = true;

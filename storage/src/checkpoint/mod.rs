@@ -1,25 +1,26 @@
-//! Checkpoints in an object store, under `<run>/checkpoints/step-<t>/`: a step's tensors as one
-//! safetensors shard (named by its SHA-256, uploaded in 5 MiB multipart parts), then a manifest
-//! written create-only. No manifest, no checkpoint.
+//! Checkpoints in an object store, under `<run>/checkpoints/step-<t>/`: a step's tensors as
+//! safetensors shards (one per owner, streamed in multipart parts), then a manifest written
+//! create-only that maps tensors to shards. No manifest, no checkpoint.
 
 use crate::store::Store;
 use futures_util::StreamExt;
 use half::bf16;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
+mod checksum;
 mod read;
+mod write;
+pub use checksum::Checksum;
 pub use read::*;
+pub use write::*;
 
 /// The manifest format this build writes and reads.
 pub const FORMAT: u32 = 1;
-/// Multipart part size (S3 requires at least 5 MiB per part but the last).
-const PART: usize = 5 << 20;
 
 /// The values of one tensor of a snapshot.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,7 +43,15 @@ pub struct ShardEntry {
     /// Key relative to the store root.
     pub key: String,
     pub bytes: u64,
+    /// The shard's SHA-256 (manifests of earlier builds).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+    /// The shard's CRC-64/NVME, as 16 hex digits (what this build writes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub crc64nvme: String,
+    /// The tensors it holds (empty in manifests written before shards were per owner).
+    #[serde(default)]
+    pub tensors: Vec<String>,
 }
 
 /// The object that makes a checkpoint exist: written last, never overwritten.
@@ -138,7 +147,7 @@ fn list_skipped(skipped: &[Skipped]) -> String {
 pub enum Depth {
     /// Every shard is there with the size the manifest gives (one HEAD per shard).
     Sizes,
-    /// Every shard is read back (streamed, not kept) and its size and SHA-256 checked.
+    /// Every shard is read back (streamed, not kept) and its size and checksum checked.
     Checksums,
 }
 
@@ -149,135 +158,6 @@ pub(crate) fn step_dir(step: u64) -> String {
 
 pub(crate) fn manifest_key(run: &str, step: u64) -> ObjPath {
     Store::key(&[run, "checkpoints", &step_dir(step), "manifest.json"])
-}
-
-/// A snapshot serialised as one safetensors shard, with its SHA-256: what an upload sends, kept
-/// so that a retried upload does not serialise and hash again.
-#[derive(Clone, Debug)]
-pub struct Encoded {
-    pub bytes: Vec<u8>,
-    pub sha256: String,
-    pub tensors: usize,
-}
-
-/// Serialises `tensors` (in name order) and hashes the result.
-pub fn encode(tensors: &[SnapTensor]) -> Result<Encoded, String> {
-    let bytes = serialize(tensors)?;
-    let sha256 = hex(&Sha256::digest(&bytes));
-    Ok(Encoded {
-        bytes,
-        sha256,
-        tensors: tensors.len(),
-    })
-}
-
-/// Writes the checkpoint of `step`: the shard, then the manifest (create-only: an existing
-/// checkpoint of the same step is never replaced). Returns the manifest.
-pub async fn write(
-    store: &Store,
-    run: &str,
-    step: u64,
-    tensors: &[SnapTensor],
-    meta: serde_json::Value,
-) -> Result<CheckpointManifest, CheckpointError> {
-    let encoded = encode(tensors).map_err(|message| CheckpointError::Corrupt {
-        url: store.url.clone(),
-        key: format!("{run}/checkpoints/{}", step_dir(step)),
-        message,
-    })?;
-    write_encoded(store, run, step, &encoded, meta).await
-}
-
-/// [`write`] of an already encoded snapshot. Safe to call again after a failure: the shard is
-/// named by its content, and a manifest already committed with the same shards and meta (a
-/// retry whose first commit succeeded but whose answer was lost) counts as this commit. Another
-/// committed checkpoint of the step is kept (an error) when it is intact, and replaced when it is
-/// corrupt or incomplete (its shards fail [`verify`]).
-pub async fn write_encoded(
-    store: &Store,
-    run: &str,
-    step: u64,
-    encoded: &Encoded,
-    meta: serde_json::Value,
-) -> Result<CheckpointManifest, CheckpointError> {
-    let err = |key: &ObjPath| {
-        let url = store.url.clone();
-        let key = key.to_string();
-        move |source| CheckpointError::Store { url, key, source }
-    };
-    let bytes = &encoded.bytes;
-    // content-addressed: a second attempt at a committed step never touches the committed shard
-    let shard_name = format!("shard-0-{}.safetensors", &encoded.sha256[..16]);
-    let shard_key = Store::key(&[run, "checkpoints", &step_dir(step), &shard_name]);
-    let upload = store
-        .inner
-        .put_multipart(&shard_key)
-        .await
-        .map_err(err(&shard_key))?;
-    let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
-    for part in bytes.chunks(PART) {
-        w.wait_for_capacity(4).await.map_err(err(&shard_key))?;
-        w.write(part);
-    }
-    w.finish().await.map_err(err(&shard_key))?;
-    let manifest = CheckpointManifest {
-        format: FORMAT,
-        run: run.to_string(),
-        step,
-        tensors: encoded.tensors,
-        shards: vec![ShardEntry {
-            key: shard_key.to_string(),
-            bytes: bytes.len() as u64,
-            sha256: encoded.sha256.clone(),
-        }],
-        meta,
-    };
-    let key = manifest_key(run, step);
-    let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-    let opts = PutOptions {
-        mode: PutMode::Create,
-        ..Default::default()
-    };
-    match store
-        .inner
-        .put_opts(&key, PutPayload::from(json), opts)
-        .await
-    {
-        Ok(_) => Ok(manifest),
-        Err(source @ object_store::Error::AlreadyExists { .. }) => {
-            // what is committed there: this very commit (a retry), an intact other one (kept),
-            // or a broken one (replaced: a resume that fell back past it reaches its step again)
-            let broken = match read_manifest(store, run, step).await {
-                Ok(existing)
-                    if existing.shards == manifest.shards
-                        && existing.tensors == manifest.tensors
-                        && existing.meta == manifest.meta =>
-                {
-                    return Ok(existing);
-                }
-                Ok(existing) => match verify(store, &existing, Depth::Checksums).await {
-                    Err(e) if e.is_broken() => e,
-                    _ => return Err(err(&key)(source)),
-                },
-                Err(e) if e.is_broken() => e,
-                Err(_) => return Err(err(&key)(source)),
-            };
-            tracing::warn!(
-                store = %store.url,
-                run,
-                step,
-                "replacing the corrupt committed checkpoint of step {step} ({broken})"
-            );
-            let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-            store
-                .inner
-                .put(&key, PutPayload::from(json))
-                .await
-                .map_err(err(&key))?;
-            Ok(manifest)
-        }
-        Err(source) => Err(err(&key)(source)),
-    }
 }
 
 impl CheckpointError {
@@ -296,63 +176,6 @@ impl CheckpointError {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One snapshot tensor seen by the safetensors writer: its values as bytes, borrowed.
-struct ShardView<'a>(&'a SnapTensor);
-
-impl safetensors::View for ShardView<'_> {
-    fn dtype(&self) -> Dtype {
-        match self.0.data {
-            SnapData::F32(_) => Dtype::F32,
-            SnapData::Bf16(_) => Dtype::BF16,
-        }
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.0.shape
-    }
-
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        // safetensors stores little-endian values: on a little-endian machine they are the
-        // in-memory bytes (the build refuses other targets below)
-        match &self.0.data {
-            SnapData::F32(v) => bytemuck::cast_slice(v).into(),
-            SnapData::Bf16(v) => bytemuck::cast_slice(v).into(),
-        }
-    }
-
-    fn data_len(&self) -> usize {
-        match &self.0.data {
-            SnapData::F32(v) => 4 * v.len(),
-            SnapData::Bf16(v) => 2 * v.len(),
-        }
-    }
-}
-
-#[cfg(not(target_endian = "little"))]
-compile_error!("checkpoint shards are written from in-memory bytes: little-endian targets only");
-
-/// The tensors as safetensors bytes, in name order.
-fn serialize(tensors: &[SnapTensor]) -> Result<Vec<u8>, String> {
-    for t in tensors {
-        let n: usize = t.shape.iter().product();
-        let len = match &t.data {
-            SnapData::F32(v) => v.len(),
-            SnapData::Bf16(v) => v.len(),
-        };
-        if n != len {
-            return Err(format!(
-                "tensor {}: shape {:?} but {len} values",
-                t.name, t.shape
-            ));
-        }
-    }
-    safetensors::serialize(
-        tensors.iter().map(|t| (t.name.as_str(), ShardView(t))),
-        None,
-    )
-    .map_err(|e| e.to_string())
 }
 
 fn deserialize(bytes: &[u8]) -> Result<Vec<SnapTensor>, String> {
@@ -489,7 +312,10 @@ mod tests {
                 .await
                 .unwrap();
             let e = read_tensors(&store, &m).await.unwrap_err().to_string();
-            assert!(e.contains("/shard-0-") && e.contains("SHA-256"), "{e}");
+            assert!(
+                e.contains("/shard-0-") && e.contains("checksum mismatch: CRC-64/NVME"),
+                "{e}"
+            );
             // a manifest that is not JSON names itself
             let mk = manifest_key("r", 3);
             store

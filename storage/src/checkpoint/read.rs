@@ -1,5 +1,5 @@
 //! Reading checkpoints back: listing runs and committed steps, manifests and shards checked
-//! against their sizes and SHA-256, and the newest intact checkpoint (falling back past corrupt or
+//! against their sizes and checksums, and the newest intact checkpoint (falling back past corrupt or
 //! incomplete ones, saying which and why).
 
 use super::*;
@@ -116,7 +116,7 @@ pub async fn read_manifest(
     Ok(m)
 }
 
-/// The tensors of a checkpoint, each shard checked against its size and SHA-256.
+/// The tensors of a checkpoint, each shard checked against its size and checksum.
 pub async fn read_tensors(
     store: &Store,
     manifest: &CheckpointManifest,
@@ -126,9 +126,31 @@ pub async fn read_tensors(
         let key = ObjPath::from(shard.key.as_str());
         let bytes = get(store, &key).await?;
         check_size(store, &key, bytes.len() as u64, shard)?;
-        let sha = hex(&Sha256::digest(&bytes));
-        check_sha(store, &key, &sha, shard)?;
-        out.extend(deserialize(&bytes).map_err(|m| corrupt(store, &key, m))?);
+        let mut sum = Checksum::for_entry(shard);
+        sum.update(&bytes);
+        check_sum(store, &key, sum, shard)?;
+        let tensors = deserialize(&bytes).map_err(|m| corrupt(store, &key, m))?;
+        if !shard.tensors.is_empty() {
+            let mut listed = shard.tensors.clone();
+            listed.sort();
+            if tensors.iter().map(|t| &t.name).ne(listed.iter()) {
+                return Err(corrupt(
+                    store,
+                    &key,
+                    "holds other tensors than the manifest lists for it".into(),
+                ));
+            }
+        }
+        out.extend(tensors);
+    }
+    // one list in name order, whatever the shards
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = out.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(corrupt(
+            store,
+            &manifest_key(&manifest.run, manifest.step),
+            format!("tensor {} is in two shards", w[0].name),
+        ));
     }
     if out.len() != manifest.tensors {
         return Err(corrupt(
@@ -163,27 +185,29 @@ pub(super) fn check_size(
     ))
 }
 
-pub(super) fn check_sha(
+pub(super) fn check_sum(
     store: &Store,
     key: &ObjPath,
-    sha: &str,
+    sum: Checksum,
     shard: &ShardEntry,
 ) -> Result<(), CheckpointError> {
-    if sha == shard.sha256 {
+    let name = sum.name();
+    let got = sum.finish();
+    if got == shard.checksum() {
         return Ok(());
     }
     Err(corrupt(
         store,
         key,
         format!(
-            "checksum mismatch: SHA-256 {sha}, the manifest says {}",
-            shard.sha256
+            "checksum mismatch: {name} {got}, the manifest says {}",
+            shard.checksum()
         ),
     ))
 }
 
 /// Checks that the shards of `manifest` are there and whole: their sizes (one HEAD each), and
-/// with [`Depth::Checksums`] their SHA-256 (each shard streamed through the hash, not kept).
+/// with [`Depth::Checksums`] their checksums (each shard streamed through it, not kept).
 pub async fn verify(
     store: &Store,
     manifest: &CheckpointManifest,
@@ -205,7 +229,7 @@ pub async fn verify(
                 let r = store.inner.get(&key).await.map_err(err)?;
                 check_size(store, &key, r.meta.size, shard)?;
                 let mut stream = r.into_stream();
-                let mut hasher = Sha256::new();
+                let mut hasher = Checksum::for_entry(shard);
                 let mut n = 0u64;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(err)?;
@@ -213,7 +237,7 @@ pub async fn verify(
                     hasher.update(&chunk);
                 }
                 check_size(store, &key, n, shard)?;
-                check_sha(store, &key, &hex(&hasher.finalize()), shard)?;
+                check_sum(store, &key, hasher, shard)?;
             }
         }
     }
@@ -317,7 +341,7 @@ pub struct Intact {
 }
 
 /// The newest committed checkpoint of `run` (else of the newest run that has one) whose shards
-/// read back whole (size and SHA-256) and decode: a corrupt or incomplete newer one is skipped,
+/// read back whole (size and checksum) and decode: a corrupt or incomplete newer one is skipped,
 /// logged with `tracing::warn!` and listed in [`Intact::skipped`]. When none is intact the
 /// error ([`CheckpointError::NoneIntact`]) lists every reason.
 pub async fn latest_intact(store: &Store, run: Option<&str>) -> Result<Intact, CheckpointError> {

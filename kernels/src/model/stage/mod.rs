@@ -62,6 +62,51 @@ pub fn partition(layers: usize, stages: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// The ids (in the whole model, ascending) of the tensors stage `index` of `ranges` holds: its
+/// blocks', the embedding on the first stage (and the last when the model has MTP), the final
+/// norm, the head and the MTP modules on the last.
+pub fn stage_tensors(model: &DeepSeekV3, ranges: &[Range<usize>], index: usize) -> Vec<usize> {
+    let count = ranges.len();
+    let last = index + 1 == count;
+    let full = &model.params;
+    let has_mtp = !model.tail.mtp.is_empty();
+    let mut prefixes: Vec<String> = ranges[index]
+        .clone()
+        .map(|l| format!("model.layers.{l}."))
+        .collect();
+    if last {
+        prefixes.extend(
+            (0..model.tail.mtp.len())
+                .map(|k| format!("model.layers.{}.", model.cfg.num_hidden_layers + k)),
+        );
+    }
+    let want_embed = index == 0 || (last && has_mtp);
+    let embed_name = &full.names[model.embed.0];
+    (0..full.len())
+        .filter(|&i| {
+            let name = &full.names[i];
+            (want_embed && name == embed_name)
+                || (last && (name == "model.norm.weight" || name == "lm_head.weight"))
+                || prefixes.iter().any(|p| name.starts_with(p.as_str()))
+        })
+        .collect()
+}
+
+/// Every tensor of `model` given to one of `stages` owners: the stage that holds it (the first,
+/// for a tensor two stages hold). Each list ascends; together they cover the model once.
+pub fn owners(model: &DeepSeekV3, stages: usize) -> Vec<Vec<usize>> {
+    let ranges = partition(model.cfg.num_hidden_layers, stages);
+    let mut taken = vec![false; model.params.len()];
+    (0..stages)
+        .map(|s| {
+            stage_tensors(model, &ranges, s)
+                .into_iter()
+                .filter(|&i| !std::mem::replace(&mut taken[i], true))
+                .collect()
+        })
+        .collect()
+}
+
 /// One pipeline stage: its layers and a parameter store holding only the tensors they use
 /// (Hugging Face names, as in the whole model).
 #[derive(Clone, Debug)]
@@ -146,32 +191,16 @@ impl Stage {
         let cfg = &model.cfg;
         let full = &model.params;
         let has_mtp = !model.tail.mtp.is_empty();
-        let mut prefixes: Vec<String> = layers
-            .clone()
-            .map(|l| format!("model.layers.{l}."))
-            .collect();
-        if last {
-            prefixes.extend(
-                (0..model.tail.mtp.len())
-                    .map(|k| format!("model.layers.{}.", cfg.num_hidden_layers + k)),
-            );
-        }
         let want_embed = index == 0 || (last && has_mtp);
-        let embed_name = &full.names[model.embed.0];
         let mut map: BTreeMap<ParamId, ParamId> = BTreeMap::new();
         let mut params = ParamStore::default();
         let mut global = Vec::new();
-        for (i, name) in full.names.iter().enumerate() {
-            let keep = (want_embed && name == embed_name)
-                || (last && (name == "model.norm.weight" || name == "lm_head.weight"))
-                || prefixes.iter().any(|p| name.starts_with(p.as_str()));
-            if keep {
-                let t = &full.tensors[i];
-                let id = params.add(name.clone(), &t.shape, Init::Zeros, full.trainable[i], 0);
-                params.tensors[id.0].data.copy_from_slice(&t.data);
-                map.insert(ParamId(i), id);
-                global.push(ParamId(i));
-            }
+        for i in stage_tensors(model, ranges, index) {
+            let (name, t) = (&full.names[i], &full.tensors[i]);
+            let id = params.add(name.clone(), &t.shape, Init::Zeros, full.trainable[i], 0);
+            params.tensors[id.0].data.copy_from_slice(&t.data);
+            map.insert(ParamId(i), id);
+            global.push(ParamId(i));
         }
         let f = |id: ParamId| {
             *map.get(&id)
@@ -660,6 +689,30 @@ mod tests {
                 };
                 assert_eq!(*c, want, "{} with {s} stages", model.params.names[i]);
             }
+        }
+    }
+
+    #[test]
+    fn owners_cover_every_tensor_once() {
+        let model = micro();
+        for s in 1..=4 {
+            let owners = owners(&model, s);
+            assert_eq!(owners.len(), s);
+            let mut all: Vec<usize> = owners.concat();
+            all.sort_unstable();
+            assert_eq!(
+                all,
+                (0..model.params.len()).collect::<Vec<_>>(),
+                "{s} stages"
+            );
+            // the embedding belongs to the first stage; the head to the last
+            assert!(owners[0].contains(&model.embed.0));
+            let head = model
+                .params
+                .names
+                .iter()
+                .position(|n| n == "lm_head.weight");
+            assert!(owners[s - 1].contains(&head.unwrap()));
         }
     }
 
