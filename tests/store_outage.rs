@@ -1,7 +1,9 @@
-//! A store that refuses every request for several checkpoint intervals, against a real
-//! S3-compatible server on 127.0.0.1 (s3s-fs, served in this process): the run goes on, the
-//! checkpoints that fall into the outage are reported missed, the next ones commit, and a resume
-//! from the first one after the outage ends with the uninterrupted run's weights.
+//! A store that refuses every request for several checkpoint intervals, against real
+//! S3-compatible servers on 127.0.0.1: s3s-fs, served in this process, and moto's
+//! `moto_server` when it is installed (`pip install "moto[server]"`; skipped with a printed
+//! reason when not). The run goes on, the checkpoints that fall into the outage are reported
+//! missed, the next ones commit, and a resume from the first one after the outage ends with the
+//! uninterrupted run's weights.
 //!
 //! This file holds one test: it sets the `AWS_*` variables of its process for the `s3://` store.
 
@@ -39,19 +41,82 @@ fn tiny_options(out: std::path::PathBuf, steps: u64) -> TrainOptions {
     }
 }
 
+/// `moto_server` on a free port of 127.0.0.1 with bucket `ckpt`, killed when dropped; None
+/// when moto is not installed.
+struct Moto(std::process::Child, String);
+
+impl Moto {
+    fn start() -> Option<Moto> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let moto = Moto(child, format!("http://127.0.0.1:{port}"));
+        // up when it answers; then the bucket (moto takes unsigned requests)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            use std::io::{Read, Write};
+            if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let req = format!(
+                    "PUT /ckpt HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let mut answer = String::new();
+                if c.write_all(req.as_bytes()).is_ok() && c.read_to_string(&mut answer).is_ok() {
+                    assert!(answer.starts_with("HTTP/1.1 200"), "moto: {answer}");
+                    return Some(moto);
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not answer within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_store_outage_misses_checkpoints_and_the_run_goes_on() {
     let root = std::env::temp_dir().join(format!("phalanx-s3-outage-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let endpoint = start_s3(&root.join("s3"));
+    outage_against(&endpoint, &root.join("s3s"));
+    match Moto::start() {
+        Some(moto) => {
+            println!("moto_server at {}", moto.1);
+            outage_against(&moto.1, &root.join("moto"));
+        }
+        None => println!("moto_server is not installed: the outage ran against s3s-fs only"),
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The outage scenario against the S3 endpoint `endpoint` (bucket `ckpt`), the run's metrics
+/// under `root`.
+fn outage_against(endpoint: &str, root: &std::path::Path) {
     for (k, v) in [
-        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ENDPOINT", endpoint),
         ("AWS_ALLOW_HTTP", "true"),
         ("AWS_ACCESS_KEY_ID", "test"),
         ("AWS_SECRET_ACCESS_KEY", "testtest"),
         ("AWS_REGION", "us-east-1"),
     ] {
-        // SAFETY: this test binary has this one test; nothing else reads the environment yet
+        // SAFETY: this test binary has this one test; the threads of an earlier scenario have
+        // ended, and the s3s-fs server thread reads no environment
         unsafe { std::env::set_var(k, v) };
     }
     let url = "s3://ckpt/outage";
