@@ -90,12 +90,46 @@ pub struct SimulateArgs {
     /// Only this policy: whole-job, actor-restart or peer-restore [default: all three].
     #[arg(long)]
     pub policy: Option<String>,
+    /// The summary JSON of a clean `phalanx train` run (no faults): its measured time per step
+    /// (`wall_seconds / steps`, evaluations included) replaces the scenario's `run.step_seconds`.
+    #[arg(long)]
+    pub calibrate: Option<PathBuf>,
+}
+
+/// The seconds per step of a `phalanx train` summary: `wall_seconds / steps`.
+fn measured_step_seconds(path: &std::path::Path) -> Result<f64> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {name}"))?;
+    // the summary is the last JSON object of the file (a captured stdout may hold log lines)
+    let start = text
+        .rfind("\n{")
+        .map(|i| i + 1)
+        .or_else(|| text.starts_with('{').then_some(0))
+        .ok_or_else(|| anyhow::anyhow!("{name}: no JSON summary of `phalanx train` in it"))?;
+    let v: serde_json::Value = serde_json::from_str(text[start..].trim())
+        .with_context(|| format!("{name}: not a `phalanx train` summary"))?;
+    let field = |k: &str| {
+        v[k].as_f64()
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| anyhow::anyhow!("{name}: field `{k}` is missing or not positive"))
+    };
+    Ok(field("wall_seconds")? / field("steps")?)
 }
 
 /// `phalanx simulate`: every policy (and sweep value) of a scenario; summary JSON on stdout.
 pub fn simulate(a: SimulateArgs) -> Result<()> {
     use simulations::run::{Policy, simulate};
-    let base = simulations::scenario::Scenario::load(&a.scenario).map_err(anyhow::Error::msg)?;
+    let mut base =
+        simulations::scenario::Scenario::load(&a.scenario).map_err(anyhow::Error::msg)?;
+    let calibrated = match &a.calibrate {
+        Some(p) => {
+            let step = measured_step_seconds(p)?;
+            base.run.step_seconds = Some(step);
+            base.run.model = None;
+            Some(step)
+        }
+        None => None,
+    };
     let policies: Vec<Policy> = match a.policy.as_deref() {
         None => Policy::ALL.to_vec(),
         Some(p) => vec![
@@ -187,6 +221,7 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         "events": total_events,
         "seconds": secs,
         "events_per_s": total_events as f64 / secs.max(1e-9),
+        "calibrated_step_seconds": calibrated,
         "events_log": events_path.display().to_string(),
         "pictures": [
             out.join("ettr.svg").display().to_string(),

@@ -230,3 +230,50 @@ fn export_hf_gives_the_checkpoints_loss() {
     let e = refused(&["ckpt", "export-hf", "--out", o]);
     assert!(e.contains("directory"), "{e}");
 }
+
+/// `simulate --calibrate` takes the time per step of a `phalanx train` summary (log lines before
+/// it are skipped) and predicts the live scenario's wall time from it; a summary without the
+/// fields is refused naming the file and the field.
+#[test]
+fn simulate_is_calibrated_from_a_train_summary() {
+    let dir = tmp("calibrate");
+    let summary = dir.join("clean.json");
+    std::fs::write(
+        &summary,
+        "a log line\n{\n  \"steps\": 40,\n  \"wall_seconds\": 20.0\n}\n",
+    )
+    .unwrap();
+    let out = dir.join("sim");
+    let v = run_json(&[
+        "simulate",
+        "simulations/scenarios/live-tiny.toml",
+        "--policy",
+        "actor-restart",
+        "--calibrate",
+        summary.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(v["calibrated_step_seconds"], 0.5);
+    let o = &v["results"][0]["outcomes"][0];
+    assert_eq!(
+        (o["steps"].as_u64(), o["interruptions"].as_u64()),
+        (Some(40), Some(8))
+    );
+    // 40 steps of 0.5 s, plus what the eight faults cost
+    let wall = o["wall_hours"].as_f64().unwrap() * 3600.0;
+    assert!(wall > 20.0 + 8.0 && wall < 20.0 + 13.0, "{wall}");
+    std::fs::write(&summary, "{\"steps\": 40}").unwrap();
+    let e = refused(&[
+        "simulate",
+        "simulations/scenarios/live-tiny.toml",
+        "--calibrate",
+        summary.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("clean.json") && e.contains("wall_seconds"),
+        "{e}"
+    );
+}

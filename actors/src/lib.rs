@@ -14,6 +14,7 @@ pub mod core;
 pub mod export;
 #[cfg(feature = "runtime")]
 pub mod formation;
+pub mod inject;
 pub mod report;
 #[cfg(feature = "runtime")]
 pub mod rollback;

@@ -8,10 +8,12 @@
 use crate::engine::{Draws, Nanos, Queue, SECOND, secs, to_secs};
 use crate::failures::{self, Category, Symptom};
 use crate::scenario::Scenario;
+use actors::core::coordinator::TimeoutPolicy;
 use actors::core::detector::{Detector, DetectorCommand, DetectorEvent, DetectorPolicy};
 use actors::core::monitor::MonitorState;
 use actors::core::run::{RunCommand, RunController, RunEvent, RunPlan};
 use actors::core::supervisor::{RestartPolicy, SupCommand, SupEvent, Supervisor};
+use actors::inject::{FaultKind, Phase, Target};
 use kernels::ops::adamw::LrSchedule;
 use std::collections::BTreeMap;
 
@@ -94,10 +96,53 @@ pub struct EventLine {
 #[derive(Clone, Copy, Debug)]
 enum Ev {
     StepDone(u64),
-    Failure,
+    /// A failure of the random process (None) or scripted fault `i` of the scenario.
+    Failure(Option<usize>),
+    /// Scripted fault `i` that costs no restart (a straggler, a duplicate, a store outage).
+    Effect(usize),
     Recovered(u64),
     Repaired,
 }
+
+/// Where in its step a scripted fault fires, as a fraction of the step (the live formation's
+/// phases in step order; an assumption of this model, see `simulations/README.md`).
+fn phase_fraction(p: Phase) -> f64 {
+    match p {
+        Phase::Forward => 0.15,
+        Phase::Backward => 0.5,
+        Phase::Weight => 0.8,
+        Phase::Optimizer => 0.95,
+    }
+}
+
+/// A scripted fault as a failure category: what it is called, how it shows itself, whether the
+/// actor is restarted. `None`: it costs no restart (see [`Ev::Effect`]).
+fn scripted_category(kind: FaultKind) -> Option<(Category, bool)> {
+    let c = |name, symptom| Category {
+        name,
+        weight: 0.0,
+        hardware: false,
+        symptom,
+        detect_median_s: 2.0,
+    };
+    match kind {
+        // the supervisor sees the actor fail at once; a new one replays the step
+        FaultKind::Panic => Some((c("panic", Symptom::Crash), true)),
+        // nothing answers: the step timeout sees it, the stuck actor is replaced
+        FaultKind::Hang => Some((c("hang", Symptom::Hang), true)),
+        // a lost answer: the step timeout sees the sender as down, and it is replaced
+        FaultKind::Drop => Some((c("drop", Symptom::Hang), true)),
+        // the receiver refuses the frame (CRC): the step is replayed, nothing restarts
+        FaultKind::Corrupt => Some((c("corrupt", Symptom::Crash), false)),
+        // the step's update is refused by the loss monitor: its work is thrown away
+        FaultKind::LossSpike => Some((c("loss_spike", Symptom::Crash), false)),
+        FaultKind::Slow | FaultKind::Dup | FaultKind::StoreOutage => None,
+    }
+}
+
+/// The share of a step one slowed op delays the step by (an op is one of several chunks on the
+/// critical path; an assumption of this model).
+const SLOW_OP_SHARE: f64 = 0.125;
 
 /// Milliseconds from a node's last sign of life to the `Detector`'s Dead verdict, found by
 /// driving the machine: heartbeats every interval, then silence (a crash) or heartbeats whose
@@ -260,20 +305,42 @@ pub fn simulate(
     if mean_gap_ns.is_finite() {
         q.at(
             secs(gaps.exponential(mean_gap_ns) / SECOND as f64),
-            Ev::Failure,
+            Ev::Failure(None),
         );
     }
-    let start_step =
-        |q: &mut Queue<Ev>, cmds: Vec<RunCommand>, at: Nanos| -> Option<(u64, u64, Nanos)> {
-            cmds.into_iter().find_map(|c| match c {
-                RunCommand::Step { step, .. } => {
-                    Some((q.at(at + step_ns, Ev::StepDone(step)), step, at))
-                }
-                _ => None,
-            })
-        };
-    // the in-flight step: its event id, its number and when it started
-    let mut in_flight: Option<(u64, u64, Nanos)> = start_step(&mut q, ctl.on(RunEvent::Start), 0);
+    // scripted faults not fired yet, by step; those armed for the step in flight (event id,
+    // fault); like the live run's fault book, each fires once, a replayed step does not repeat it
+    let mut unfired: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (i, f) in s.faults.iter().enumerate() {
+        unfired.entry(f.at_step).or_default().push(i);
+    }
+    let mut armed: Vec<(u64, usize)> = Vec::new();
+    let probe_grace_s = TimeoutPolicy::default().probe_grace_ms as f64 / 1000.0;
+    let step_timeout_s = s.step_timeout_ms.unwrap_or(rc.detector_dead_after_ms) as f64 / 1000.0;
+    let start_step = |q: &mut Queue<Ev>,
+                      unfired: &mut BTreeMap<u64, Vec<usize>>,
+                      armed: &mut Vec<(u64, usize)>,
+                      cmds: Vec<RunCommand>,
+                      at: Nanos|
+     -> Option<(u64, u64, Nanos, Nanos)> {
+        let (id, step) = cmds.into_iter().find_map(|c| match c {
+            RunCommand::Step { step, .. } => Some((q.at(at + step_ns, Ev::StepDone(step)), step)),
+            _ => None,
+        })?;
+        for i in unfired.remove(&step).unwrap_or_default() {
+            let f = &s.faults[i];
+            let when = at + (phase_fraction(f.phase) * step_ns as f64) as Nanos;
+            let ev = match scripted_category(f.kind) {
+                Some(_) => Ev::Failure(Some(i)),
+                None => Ev::Effect(i),
+            };
+            armed.push((q.at(when, ev), i));
+        }
+        Some((id, step, at, at + step_ns))
+    };
+    // the in-flight step: its event id, its number, when it started and when it ends
+    let mut in_flight: Option<(u64, u64, Nanos, Nanos)> =
+        start_step(&mut q, &mut unfired, &mut armed, ctl.on(RunEvent::Start), 0);
     let mut finished = false;
 
     while let Some((t, ev)) = q.pop() {
@@ -315,27 +382,65 @@ pub fn simulate(
                     now += stall;
                     break;
                 }
-                in_flight = start_step(&mut q, cmds, now + stall);
+                armed.clear();
+                in_flight = start_step(&mut q, &mut unfired, &mut armed, cmds, now + stall);
             }
-            Ev::Failure => {
+            Ev::Effect(i) => {
+                let f = &s.faults[i];
+                armed.retain(|&(_, j)| j != i);
+                let mut extra_s = 0.0;
+                if f.kind == FaultKind::Slow
+                    && let Some((id, step, started, end)) = in_flight
+                {
+                    // the straggling op holds the step back
+                    extra_s = (f.factor() - 1.0) * SLOW_OP_SHARE * step_s;
+                    q.cancel(id);
+                    let end = end + secs(extra_s);
+                    in_flight = Some((q.at(end, Ev::StepDone(step)), step, started, end));
+                    *lost.entry(f.kind.name().into()).or_default() += gpu_h(secs(extra_s) as f64);
+                }
+                log(&EventLine {
+                    t_h: to_secs(now) / 3600.0,
+                    policy,
+                    event: "fault",
+                    step: committed,
+                    category: Some(f.kind.name()),
+                    nodes: None,
+                    detect_s: None,
+                    downtime_s: None,
+                    lost_work_s: Some(extra_s),
+                });
+            }
+            Ev::Failure(which) => {
                 interruptions += 1;
                 failures_h.push(to_secs(now) / 3600.0);
                 progress.push((to_secs(now) / 3600.0, committed as f64 * tokens_per_step));
-                if mean_gap_ns.is_finite() {
+                let script = which.and_then(|i| scripted_category(s.faults[i].kind));
+                if which.is_none() && mean_gap_ns.is_finite() {
                     q.at(
                         now + secs(gaps.exponential(mean_gap_ns) / SECOND as f64),
-                        Ev::Failure,
+                        Ev::Failure(None),
                     );
                 }
-                let cat = mix[cats.pick(&weights)];
-                let nodes = if bursts.uniform() < s.failures.burst_probability {
+                // scripted faults armed for the lost step fire when it runs again
+                for (id, i) in armed.drain(..) {
+                    if Some(i) != which {
+                        q.cancel(id);
+                        unfired.entry(s.faults[i].at_step).or_default().push(i);
+                    }
+                }
+                let cat = match script {
+                    Some((c, _)) => c,
+                    None => mix[cats.pick(&weights)],
+                };
+                let nodes = if script.is_none() && bursts.uniform() < s.failures.burst_probability {
                     s.failures.burst_nodes.max(1)
                 } else {
                     1
                 };
                 // the step in flight (if any) is lost either way
                 let lost_open = match in_flight.take() {
-                    Some((id, _, started)) => {
+                    Some((id, _, started, _)) => {
                         q.cancel(id);
                         // a failure during a checkpoint's stall loses no step work
                         now.saturating_sub(started)
@@ -375,41 +480,64 @@ pub fn simulate(
                         (detect, detect + restart + spare_or_repair, redo)
                     }
                     Policy::ActorRestart | Policy::PeerRestore => {
-                        let detect = match cat.symptom {
-                            Symptom::Crash => detect_crash_s,
-                            Symptom::Hang => detect_hang_s,
+                        let open_s = lost_open as f64 / SECOND as f64;
+                        let detect = match (script, cat.symptom) {
+                            // seen where it happens (a panic, a refused frame or update)
+                            (Some(_), Symptom::Crash) => 0.0,
+                            // a hung or silent actor: the failure detector's verdict (counted
+                            // from its last progress) or the step timeout (counted from the
+                            // step's start), whichever comes first; a GpuActor or the
+                            // Coordinator is probed first when the timeout runs out
+                            (Some(_), _) => {
+                                let probed = which.is_some_and(|i| {
+                                    matches!(
+                                        s.faults[i].actor,
+                                        Target::Gpu | Target::Coordinator | Target::Dataloader
+                                    )
+                                });
+                                let grace = if probed { probe_grace_s } else { 0.0 };
+                                detect_hang_s.min((step_timeout_s + grace - open_s).max(0.0))
+                            }
+                            (None, Symptom::Crash) => detect_crash_s,
+                            (None, Symptom::Hang) => detect_hang_s,
                             // the loss monitor judges the step before its update: the open
                             // step is rejected where it ends
-                            Symptom::SilentCorruption => step_s - lost_open as f64 / SECOND as f64,
+                            (None, Symptom::SilentCorruption) => step_s - open_s,
                         };
-                        let now_ms = now / 1_000_000;
-                        let mut backoff_ms = 0;
-                        for c in sup.on(
-                            now_ms,
-                            SupEvent::Failed {
-                                child: 0,
-                                what: cat.name.into(),
-                            },
-                        ) {
-                            if let SupCommand::StartTimer { after_ms, token } = c {
-                                backoff_ms = after_ms;
-                                sup.on(now_ms + after_ms, SupEvent::Timer { token });
-                            }
-                        }
-                        let restart = if cat.hardware {
-                            rc.spare_start_seconds + wait_spare
+                        if script.is_some_and(|(_, restarts)| !restarts) {
+                            // a refused frame or update, a dropped message: the actor lives on,
+                            // the step runs again once the fault is seen
+                            (detect, detect, 0.0)
                         } else {
-                            rc.process_restart_seconds
-                        };
-                        let restore = match policy {
-                            Policy::PeerRestore => rc.peer_restore_seconds,
-                            _ => rc.node_restore_seconds,
-                        };
-                        (
-                            detect,
-                            detect + backoff_ms as f64 / 1000.0 + restart + restore,
-                            0.0,
-                        )
+                            let now_ms = now / 1_000_000;
+                            let mut backoff_ms = 0;
+                            for c in sup.on(
+                                now_ms,
+                                SupEvent::Failed {
+                                    child: 0,
+                                    what: cat.name.into(),
+                                },
+                            ) {
+                                if let SupCommand::StartTimer { after_ms, token } = c {
+                                    backoff_ms = after_ms;
+                                    sup.on(now_ms + after_ms, SupEvent::Timer { token });
+                                }
+                            }
+                            let restart = if cat.hardware {
+                                rc.spare_start_seconds + wait_spare
+                            } else {
+                                rc.process_restart_seconds
+                            };
+                            let restore = match policy {
+                                Policy::PeerRestore => rc.peer_restore_seconds,
+                                _ => rc.node_restore_seconds,
+                            };
+                            (
+                                detect,
+                                detect + backoff_ms as f64 / 1000.0 + restart + restore,
+                                0.0,
+                            )
+                        }
                     }
                 };
                 detections.push(detect);
@@ -448,7 +576,7 @@ pub fn simulate(
                             gate: actors::core::monitor::SpikeGate::open(),
                         }],
                     };
-                    in_flight = start_step(&mut q, cmds, now);
+                    in_flight = start_step(&mut q, &mut unfired, &mut armed, cmds, now);
                     log(&EventLine {
                         t_h: to_secs(now) / 3600.0,
                         policy,

@@ -17,6 +17,14 @@ pub struct Scenario {
     pub checkpoint: Checkpoint,
     #[serde(default)]
     pub recovery: Recovery,
+    /// The live formation's step timeout in milliseconds: when a scripted hang or dropped
+    /// message is seen, counted from the step's start (default: the detector's bound).
+    #[serde(default)]
+    pub step_timeout_ms: Option<u64>,
+    /// Faults at given steps, in `phalanx train --inject`'s `[[fault]]` format: the same file
+    /// drives a live run (see `simulations/README.md`, "Live replay").
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<actors::inject::Fault>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -140,6 +148,25 @@ impl Scenario {
 
     fn validate(&self, file: &str) -> Result<(), String> {
         let bad = |key: &str, why: String| Err(format!("{file}: key `{key}`: {why}"));
+        if self.step_timeout_ms == Some(0) {
+            return bad("step_timeout_ms", "must be at least 1".into());
+        }
+        let steps = self
+            .run
+            .tokens
+            .map(|t| (t / self.run.tokens_per_step).ceil() as u64);
+        for (i, f) in self.faults.iter().enumerate() {
+            if f.at_step == 0 || steps.is_some_and(|n| f.at_step > n) {
+                return bad(
+                    &format!("fault[{i}].at_step"),
+                    format!(
+                        "{} (the run has steps 1..={})",
+                        f.at_step,
+                        steps.unwrap_or(0)
+                    ),
+                );
+            }
+        }
         if self.cluster.nodes == 0 {
             return bad("cluster.nodes", "must be at least 1".into());
         }

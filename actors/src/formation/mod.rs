@@ -7,7 +7,7 @@
 //! fault-injection plan ([`inject`]).
 
 pub mod compute;
-pub mod inject;
+pub use crate::inject;
 pub mod threads;
 
 pub use compute::Wire;

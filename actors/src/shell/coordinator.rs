@@ -11,8 +11,8 @@ use crate::core::coordinator::{CoordCommand, CoordEvent, Coordinator as Machine,
 use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
 use crate::core::rank::RankStats;
 use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
-use crate::formation::inject::{Fault, FaultKind, Phase, Target};
 use crate::formation::threads::combine_stage_stats;
+use crate::inject::{Fault, FaultKind, Phase, Target};
 use crate::schedule::Schedule;
 use crate::trainer::{self, StepHyper, StepOutput, TrainState};
 use anyhow::Result;

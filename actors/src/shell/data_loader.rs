@@ -4,7 +4,7 @@
 
 use super::protocol::DataMsg;
 use super::{Ctx, fire};
-use crate::formation::inject::{FaultKind, Phase, Target};
+use crate::inject::{FaultKind, Phase, Target};
 use crate::trainer;
 use kernels::model::Batch;
 use ractor::{Actor, ActorProcessingErr, ActorRef};

@@ -12,7 +12,7 @@ use crate::core::coordinator::TimeoutPolicy;
 use crate::core::detector::DetectorPolicy;
 use crate::core::supervisor::RestartPolicy;
 use crate::formation::Wire;
-use crate::formation::inject::{Fault, FaultBook};
+use crate::inject::{Fault, FaultBook};
 use crate::schedule::Schedule;
 use crate::trainer::{StepEngine, StepHyper, StepOutput, TrainState};
 use anyhow::{Result, anyhow};

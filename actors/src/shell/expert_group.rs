@@ -6,7 +6,7 @@ use super::protocol::{ExpertMsg, WireGrads};
 use super::{Ctx, fire};
 use crate::formation::Wire;
 use crate::formation::compute::EpPayload;
-use crate::formation::inject::{FaultKind, Phase, Target};
+use crate::inject::{FaultKind, Phase, Target};
 use kernels::model::experts::{ExpertGroup, LocalExpertGroups, gather};
 use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
 use ractor::rpc::CallResult;

@@ -11,7 +11,7 @@ use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
 use crate::core::rank::{RankCommand, RankEvent, RankMachine};
 use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
 use crate::formation::Wire;
-use crate::formation::inject::{Fault, FaultKind, Phase, Target};
+use crate::inject::{Fault, FaultKind, Phase, Target};
 use crate::schedule::Instr;
 use kernels::model::stage::GradSums;
 use kernels::model::{Batch, ParamStore};

@@ -35,7 +35,7 @@ pub use engine::{ActorEngine, FormationSpec};
 use crate::core::detector::DetectorPolicy;
 use crate::core::supervisor::RestartPolicy;
 use crate::formation::Wire;
-use crate::formation::inject::{Fault, FaultBook, FaultKind};
+use crate::inject::{Fault, FaultBook, FaultKind};
 use crate::schedule::Schedule;
 use kernels::model::DeepSeekV3;
 use protocol::{CoordMsg, GpuMsg, NodeMsg};

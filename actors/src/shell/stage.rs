@@ -7,7 +7,7 @@ use super::protocol::{CoordMsg, ExpertMsg, GpuMsg, StageMsg};
 use super::{Ctx, fire, is_child_event, straggle};
 use crate::core::ops::StageOp;
 use crate::formation::compute::exec_op;
-use crate::formation::inject::{Fault, FaultKind, Phase, Target};
+use crate::inject::{Fault, FaultKind, Phase, Target};
 use kernels::model::stage::{Stage, StageRunner};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};

@@ -13,6 +13,11 @@
 //! factor = 4.0             # slow only: the op takes factor× longer (default 3.0, finite, > 1)
 //! ```
 //!
+//! A simulation scenario (`simulations/scenarios/*.toml`) with `[[fault]]` tables is a plan as
+//! well: `phalanx train --inject` fires its faults on the live run and leaves its simulation
+//! tables (`[cluster]`, `[run]`, `[failures]`, `[checkpoint]`, `[recovery]`, `name`,
+//! `description`) to `phalanx simulate`, which replays the same faults in virtual time.
+//!
 //! Kinds:
 //! - `panic`: the actor panics (its supervisor sees `ActorFailed`).
 //! - `hang`: the actor gets stuck forever and never answers (the coordinator's step timeout
@@ -288,6 +293,18 @@ pub struct InjectPlan {
     pub source: String,
 }
 
+/// The tables of a simulation scenario (`simulations/scenarios/*.toml`) that a plan leaves to
+/// `phalanx simulate`.
+pub const SIMULATION_KEYS: [&str; 7] = [
+    "name",
+    "description",
+    "cluster",
+    "run",
+    "failures",
+    "checkpoint",
+    "recovery",
+];
+
 impl InjectPlan {
     /// Reads a plan from a TOML file.
     pub fn load(path: &Path) -> Result<InjectPlan, String> {
@@ -299,8 +316,13 @@ impl InjectPlan {
 
     /// Parses TOML text; `file` names the source in errors, which also name the field.
     pub fn parse(text: &str, file: &str) -> Result<InjectPlan, String> {
-        let table: toml::Table =
+        let mut table: toml::Table =
             toml::from_str(text).map_err(|e| format!("{file}: not valid TOML: {}", e.message()))?;
+        // a simulation scenario with `[[fault]]` tables is a plan too: its other tables are the
+        // simulator's (checked by `phalanx simulate`)
+        for key in SIMULATION_KEYS {
+            table.remove(key);
+        }
         let mut plan: InjectPlan = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let path = e.path().to_string();
@@ -514,5 +536,4 @@ impl FaultBook {
 }
 
 #[cfg(test)]
-#[path = "inject_tests.rs"]
 mod tests;
