@@ -209,10 +209,19 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let svg = simulations::report::svg(&base.name, &points);
     std::fs::write(out.join("ettr.svg"), svg)?;
+    let mut pictures = vec![out.join("ettr.svg"), out.join("progress.svg")];
     if let Some(first) = points.first() {
         let title = format!("{}: progress over time", base.name);
         let svg = simulations::report::progress_svg(&title, &first.outcomes);
         std::fs::write(out.join("progress.svg"), svg)?;
+    }
+    // one step's choreography, when the scenario describes its pipeline
+    let step = simulations::step::scenario_step(&base).map_err(anyhow::Error::msg)?;
+    if let Some((timeline, _)) = &step {
+        let path = out.join("step.svg");
+        std::fs::write(&path, actors::schedule::svg(timeline))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        pictures.push(path);
     }
     let summary = serde_json::json!({
         "scenario": base.name,
@@ -223,10 +232,8 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         "events_per_s": total_events as f64 / secs.max(1e-9),
         "calibrated_step_seconds": calibrated,
         "events_log": events_path.display().to_string(),
-        "pictures": [
-            out.join("ettr.svg").display().to_string(),
-            out.join("progress.svg").display().to_string(),
-        ],
+        "pictures": pictures.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "step": step.map(|(_, summary)| summary),
         "results": points,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);

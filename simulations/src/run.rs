@@ -191,6 +191,20 @@ pub fn detection_ms(policy: DetectorPolicy, symptom: Symptom) -> u64 {
 }
 
 /// The step time of a scenario: given, or from the model's FLOPs.
+/// The model config a scenario names (a path relative to the workspace root, or as given).
+pub fn model_config(model: &str) -> Result<kernels::model::ModelConfig, String> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let path = std::path::Path::new(model);
+    let path = if path.is_absolute() || path.exists() {
+        path.to_path_buf()
+    } else {
+        std::path::Path::new(root).join(path)
+    };
+    Ok(kernels::model::RunConfig::load(&path)
+        .map_err(|e| e.to_string())?
+        .model)
+}
+
 pub fn step_seconds(s: &Scenario) -> Result<f64, String> {
     if let Some(x) = s.run.step_seconds {
         return Ok(x);
@@ -199,15 +213,8 @@ pub fn step_seconds(s: &Scenario) -> Result<f64, String> {
     else {
         return Err("run.step_seconds or run.model + run.gpu_tflops + run.efficiency".into());
     };
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let path = std::path::Path::new(model);
-    let path = if path.is_absolute() || path.exists() {
-        path.to_path_buf()
-    } else {
-        std::path::Path::new(root).join(path)
-    };
-    let cfg = kernels::model::RunConfig::load(&path).map_err(|e| e.to_string())?;
-    let f = crate::cost::training_flops_per_token(&cfg.model, s.run.seq_len.unwrap_or(4096));
+    let cfg = model_config(model)?;
+    let f = crate::cost::training_flops_per_token(&cfg, s.run.seq_len.unwrap_or(4096));
     Ok(crate::cost::step_seconds(
         f,
         s.run.tokens_per_step,

@@ -25,6 +25,20 @@ pub struct Scenario {
     /// drives a live run (see `simulations/README.md`, "Live replay").
     #[serde(default, rename = "fault")]
     pub faults: Vec<actors::inject::Fault>,
+    /// One step's choreography to draw (`DIR/step.svg`): the schedule, its ranks and
+    /// micro-batches, chunk costs from `run`'s FLOP accounting.
+    pub pipeline: Option<Pipeline>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// `1f1b`, `zb1p`, `dualpipe` or `dualpipev`.
+    pub schedule: String,
+    pub pp: usize,
+    pub microbatches: usize,
+    /// Tokens of one micro-batch (default `run.seq_len`: one sequence).
+    pub microbatch_tokens: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -148,6 +162,21 @@ impl Scenario {
 
     fn validate(&self, file: &str) -> Result<(), String> {
         let bad = |key: &str, why: String| Err(format!("{file}: key `{key}`: {why}"));
+        if let Some(p) = &self.pipeline {
+            let kind = match p.schedule.parse::<actors::schedule::ScheduleKind>() {
+                Ok(k) => k,
+                Err(e) => return bad("pipeline.schedule", e.to_string()),
+            };
+            if let Err(e) = actors::schedule::build(kind, p.pp, p.microbatches) {
+                return bad("pipeline.pp", e.to_string());
+            }
+            if self.run.model.is_none() || self.run.gpu_tflops.is_none() {
+                return bad(
+                    "pipeline",
+                    "its chunk costs need run.model, run.gpu_tflops and run.efficiency".into(),
+                );
+            }
+        }
         if self.step_timeout_ms == Some(0) {
             return bad("step_timeout_ms", "must be at least 1".into());
         }
@@ -327,6 +356,26 @@ mod tests {
                 "rate_per_1000_node_days = 1.0",
                 "rate_per_1000_node_days = 1.0\nburst_nodes = 9",
                 "failures.burst_nodes",
+            ),
+            (
+                "name = \"x\"",
+                "step_timeout_ms = 0\nname = \"x\"",
+                "step_timeout_ms",
+            ),
+            (
+                "restore_seconds = 1.0",
+                "restore_seconds = 1.0\n[[fault]]\nat_step = 0\nactor = \"stage\"",
+                "fault[0].at_step",
+            ),
+            (
+                "restore_seconds = 1.0",
+                "restore_seconds = 1.0\n[pipeline]\nschedule = \"zigzag\"\npp = 4\nmicrobatches = 8",
+                "pipeline.schedule",
+            ),
+            (
+                "restore_seconds = 1.0",
+                "restore_seconds = 1.0\n[pipeline]\nschedule = \"1f1b\"\npp = 4\nmicrobatches = 8",
+                "pipeline",
             ),
         ] {
             let text = GOOD.replace(from, to);

@@ -47,6 +47,55 @@ pub fn table2_bubble(kind: ScheduleKind, pp: usize, c: &Costs) -> Option<f64> {
     }
 }
 
+/// One step of `s`'s `[pipeline]` with chunk costs from its FLOP accounting: the timeline (for
+/// the Gantt) and what it says.
+pub fn scenario_step(
+    s: &crate::scenario::Scenario,
+) -> Result<Option<(Timeline, StepSummary)>, String> {
+    let Some(p) = &s.pipeline else {
+        return Ok(None);
+    };
+    let kind: ScheduleKind = p
+        .schedule
+        .parse()
+        .map_err(|e: actors::schedule::ScheduleError| e.to_string())?;
+    let (Some(model), Some(tflops), Some(eff)) = (&s.run.model, s.run.gpu_tflops, s.run.efficiency)
+    else {
+        return Err("pipeline: needs run.model, run.gpu_tflops and run.efficiency".into());
+    };
+    let cfg = crate::run::model_config(model)?;
+    let seq = s.run.seq_len.unwrap_or(4096);
+    let fpt = crate::cost::training_flops_per_token(&cfg, seq);
+    let tokens = p.microbatch_tokens.unwrap_or(seq as f64);
+    let costs = chunk_costs(fpt, tokens, kind.model_stages(p.pp), tflops, eff);
+    let t = step_timeline(kind, p.pp, p.microbatches, &costs)?;
+    let summary = StepSummary {
+        schedule: kind.to_string(),
+        pp: p.pp,
+        microbatches: p.microbatches,
+        forward_chunk_s: costs.f,
+        makespan_s: t.makespan,
+        bubble_s: t.max_bubble(),
+        table2_bubble_s: table2_bubble(kind, p.pp, &costs),
+    };
+    Ok(Some((t, summary)))
+}
+
+/// What one simulated step of a scenario's pipeline came to.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StepSummary {
+    pub schedule: String,
+    pub pp: usize,
+    pub microbatches: usize,
+    /// One micro-batch's forward chunk on one stage.
+    pub forward_chunk_s: f64,
+    pub makespan_s: f64,
+    /// The largest idle time of a rank within the step.
+    pub bubble_s: f64,
+    /// The DualPipe paper's Table 2 formula for it (none for DualPipeV).
+    pub table2_bubble_s: Option<f64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,3 +108,17 @@ fn actor_restart_beats_whole_job_restart() {
     // the detector's bound, driven through the real machine
     assert_eq!(actor.detection_p50_s, 2.0);
 }
+
+/// `deepseek-v3-2048`'s `[pipeline]`: one DualPipe step over 16 ranks with chunk costs from the
+/// 671B FLOP accounting has the bubble of the DualPipe paper's Table 2, and draws as a Gantt.
+#[test]
+fn the_deepseek_scenario_step_has_table_2s_bubble() {
+    let s = scenario("deepseek-v3-2048");
+    let (t, step) = simulations::step::scenario_step(&s).unwrap().unwrap();
+    println!("{step:?}");
+    let want = step.table2_bubble_s.unwrap();
+    assert!((step.bubble_s - want).abs() <= 1e-9 * want, "{step:?}");
+    assert_eq!((step.pp, step.microbatches), (16, 32));
+    let svg = actors::schedule::svg(&t);
+    assert!(svg.starts_with("<svg") && svg.contains("rank 15"));
+}
