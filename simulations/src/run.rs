@@ -10,7 +10,7 @@ use crate::failures::{self, Category, Symptom};
 use crate::scenario::Scenario;
 use actors::core::coordinator::TimeoutPolicy;
 use actors::core::detector::{Detector, DetectorCommand, DetectorEvent, DetectorPolicy};
-use actors::core::monitor::MonitorState;
+use actors::core::monitor::{MonitorState, Spike};
 use actors::core::run::{RunCommand, RunController, RunEvent, RunPlan};
 use actors::core::supervisor::{RestartPolicy, SupCommand, SupEvent, Supervisor};
 use actors::inject::{FaultKind, Phase, Target};
@@ -63,6 +63,10 @@ pub struct Outcome {
     pub rollbacks: u64,
     /// Median time from failure to detection, seconds.
     pub detection_p50_s: f64,
+    /// Checkpoints due while the store was down.
+    pub checkpoints_missed: u64,
+    /// Steps whose update was rejected as a loss spike (their work does not count).
+    pub rejected_steps: u64,
     /// Median downtime per failure (detection to running again), seconds.
     pub recovery_p50_s: f64,
     pub events: u64,
@@ -98,6 +102,11 @@ enum Ev {
     StepDone(u64),
     /// A failure of the random process (None) or scripted fault `i` of the scenario.
     Failure(Option<usize>),
+    /// Under whole-job restart, a loss spike: the job goes back to its newest checkpoint.
+    SpikeRestart,
+    /// A node turns slow; the checkpoint store goes down, comes back.
+    Straggler,
+    StoreDown,
     /// Scripted fault `i` that costs no restart (a straggler, a duplicate, a store outage).
     Effect(usize),
     Recovered(u64),
@@ -143,6 +152,23 @@ fn scripted_category(kind: FaultKind) -> Option<(Category, bool)> {
 /// The share of a step one slowed op delays the step by (an op is one of several chunks on the
 /// critical path; an assumption of this model).
 const SLOW_OP_SHARE: f64 = 0.125;
+
+impl EventLine {
+    /// A line with no failure details.
+    fn at(now: Nanos, policy: Policy, event: &'static str, step: u64) -> EventLine {
+        EventLine {
+            t_h: to_secs(now) / 3600.0,
+            policy,
+            event,
+            step,
+            category: None,
+            nodes: None,
+            detect_s: None,
+            downtime_s: None,
+            lost_work_s: None,
+        }
+    }
+}
 
 /// Milliseconds from a node's last sign of life to the `Detector`'s Dead verdict, found by
 /// driving the machine: heartbeats every interval, then silence (a crash) or heartbeats whose
@@ -315,6 +341,34 @@ pub fn simulate(
             Ev::Failure(None),
         );
     }
+    // slow nodes, store outages and loss spikes, each from its own stream (they do not move
+    // the failure draws)
+    let fl = &s.failures;
+    let mut slow_draws = Draws::new(seed, "stragglers");
+    let mut outage_draws = Draws::new(seed, "store-outages");
+    let mut spike_draws = Draws::new(seed, "loss-spikes");
+    let gap = |d: &mut Draws, per_day: f64| -> Option<Nanos> {
+        (per_day > 0.0).then(|| secs(d.exponential(86_400.0 / per_day)))
+    };
+    let stragglers_per_day = s.cluster.nodes as f64 * fl.straggler_rate_per_1000_node_days / 1000.0;
+    let outages_per_day = s.checkpoint.store_outages_per_day;
+    if let Some(g) = gap(&mut slow_draws, stragglers_per_day) {
+        q.at(g, Ev::Straggler);
+    }
+    if let Some(g) = gap(&mut outage_draws, outages_per_day) {
+        q.at(g, Ev::StoreDown);
+    }
+    // steps run slow until then; the store is down until then
+    let mut slow_until: Nanos = 0;
+    let mut store_up_at: Nanos = 0;
+    let (mut checkpoints_missed, mut rejected_steps) = (0u64, 0u64);
+    let stretch_at = |t: Nanos, slow_until: Nanos| {
+        if t < slow_until {
+            fl.straggler_slowdown
+        } else {
+            1.0
+        }
+    };
     // scripted faults not fired yet, by step; those armed for the step in flight (event id,
     // fault); like the live run's fault book, each fires once, a replayed step does not repeat it
     let mut unfired: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
@@ -328,10 +382,12 @@ pub fn simulate(
                       unfired: &mut BTreeMap<u64, Vec<usize>>,
                       armed: &mut Vec<(u64, usize)>,
                       cmds: Vec<RunCommand>,
-                      at: Nanos|
-     -> Option<(u64, u64, Nanos, Nanos)> {
+                      at: Nanos,
+                      stretch: f64|
+     -> Option<(u64, u64, Nanos, Nanos, Nanos)> {
+        let took = (step_ns as f64 * stretch) as Nanos;
         let (id, step) = cmds.into_iter().find_map(|c| match c {
-            RunCommand::Step { step, .. } => Some((q.at(at + step_ns, Ev::StepDone(step)), step)),
+            RunCommand::Step { step, .. } => Some((q.at(at + took, Ev::StepDone(step)), step)),
             _ => None,
         })?;
         for i in unfired.remove(&step).unwrap_or_default() {
@@ -343,11 +399,13 @@ pub fn simulate(
             };
             armed.push((q.at(when, ev), i));
         }
-        Some((id, step, at, at + step_ns))
+        Some((id, step, at, at + took, took - step_ns))
     };
-    // the in-flight step: its event id, its number, when it started and when it ends
-    let mut in_flight: Option<(u64, u64, Nanos, Nanos)> =
-        start_step(&mut q, &mut unfired, &mut armed, ctl.on(RunEvent::Start), 0);
+    // the in-flight step: its event id, its number, when it started and ends, and how much
+    // longer than a step it takes (a straggler)
+    let start = ctl.on(RunEvent::Start);
+    let mut in_flight: Option<(u64, u64, Nanos, Nanos, Nanos)> =
+        start_step(&mut q, &mut unfired, &mut armed, start, 0, 1.0);
     let mut finished = false;
 
     while let Some((t, ev)) = q.pop() {
@@ -361,12 +419,28 @@ pub fn simulate(
         match ev {
             Ev::StepDone(step) => {
                 committed = step;
+                if let Some((.., slower)) = in_flight
+                    && slower > 0
+                {
+                    *lost.entry("straggler".into()).or_default() += gpu_h(slower as f64);
+                }
                 sup.on(now / 1_000_000, SupEvent::Progress);
+                let p_spike = fl.loss_spikes_per_1000_steps / 1000.0;
+                let spike = p_spike > 0.0 && spike_draws.uniform() < p_spike;
+                // phalanx's loss monitor rejects the step before its update; a whole job has
+                // no such gate: the spike is found later and the job goes back to a checkpoint
+                let rejected = (spike && policy != Policy::WholeJob).then_some(Spike::Loss {
+                    loss: 10.0,
+                    limit: 3.0,
+                });
+                if spike && policy == Policy::WholeJob {
+                    q.at(now, Ev::SpikeRestart);
+                }
                 let cmds = ctl.on(RunEvent::StepDone {
                     step,
                     loss: 1.0,
                     grad_norm: 1.0,
-                    rejected: None,
+                    rejected,
                 });
                 let mut stall = 0;
                 for c in &cmds {
@@ -378,8 +452,23 @@ pub fn simulate(
                             };
                             stall = secs(st);
                             *lost.entry("checkpoint".into()).or_default() += gpu_h(stall as f64);
-                            checkpoints += 1;
-                            ckpt_step = *step;
+                            if now < store_up_at {
+                                checkpoints_missed += 1;
+                            } else {
+                                checkpoints += 1;
+                                ckpt_step = *step;
+                            }
+                        }
+                        RunCommand::Rollback {
+                            spike_step,
+                            to_step,
+                            ..
+                        } => {
+                            // the rejected steps' work is thrown away (the ring holds the state)
+                            let n = spike_step - to_step;
+                            rejected_steps += n;
+                            *lost.entry("loss_spike".into()).or_default() +=
+                                gpu_h((n * step_ns) as f64);
                         }
                         RunCommand::Finish => finished = true,
                         _ => {}
@@ -390,20 +479,37 @@ pub fn simulate(
                     break;
                 }
                 armed.clear();
-                in_flight = start_step(&mut q, &mut unfired, &mut armed, cmds, now + stall);
+                let at = now + stall;
+                let stretch = stretch_at(at, slow_until);
+                in_flight = start_step(&mut q, &mut unfired, &mut armed, cmds, at, stretch);
+            }
+            Ev::Straggler => {
+                slow_until = slow_until.max(now + secs(fl.straggler_minutes * 60.0));
+                if let Some(g) = gap(&mut slow_draws, stragglers_per_day) {
+                    q.at(now + g, Ev::Straggler);
+                }
+                log(&EventLine::at(now, policy, "straggler", committed));
+            }
+            Ev::StoreDown => {
+                let until = now + secs(s.checkpoint.store_outage_minutes * 60.0);
+                store_up_at = store_up_at.max(until);
+                if let Some(g) = gap(&mut outage_draws, outages_per_day) {
+                    q.at(now + g, Ev::StoreDown);
+                }
+                log(&EventLine::at(now, policy, "store_down", committed));
             }
             Ev::Effect(i) => {
                 let f = &s.faults[i];
                 armed.retain(|&(_, j)| j != i);
                 let mut extra_s = 0.0;
                 if f.kind == FaultKind::Slow
-                    && let Some((id, step, started, end)) = in_flight
+                    && let Some((id, step, started, end, slower)) = in_flight
                 {
                     // the straggling op holds the step back
                     extra_s = (f.factor() - 1.0) * SLOW_OP_SHARE * step_s;
                     q.cancel(id);
                     let end = end + secs(extra_s);
-                    in_flight = Some((q.at(end, Ev::StepDone(step)), step, started, end));
+                    in_flight = Some((q.at(end, Ev::StepDone(step)), step, started, end, slower));
                     *lost.entry(f.kind.name().into()).or_default() += gpu_h(secs(extra_s) as f64);
                 }
                 log(&EventLine {
@@ -418,12 +524,16 @@ pub fn simulate(
                     lost_work_s: Some(extra_s),
                 });
             }
-            Ev::Failure(which) => {
+            Ev::Failure(_) | Ev::SpikeRestart => {
+                let (which, spike) = match ev {
+                    Ev::Failure(w) => (w, false),
+                    _ => (None, true),
+                };
                 interruptions += 1;
                 failures_h.push(to_secs(now) / 3600.0);
                 progress.push((to_secs(now) / 3600.0, committed as f64 * tokens_per_step));
                 let script = which.and_then(|i| scripted_category(s.faults[i].kind));
-                if which.is_none() && mean_gap_ns.is_finite() {
+                if which.is_none() && !spike && mean_gap_ns.is_finite() {
                     q.at(
                         now + secs(gaps.exponential(mean_gap_ns) / SECOND as f64),
                         Ev::Failure(None),
@@ -438,6 +548,14 @@ pub fn simulate(
                 }
                 let cat = match script {
                     Some((c, _)) => c,
+                    // someone (or an alert) notices the loss curve: 10 minutes (an assumption)
+                    None if spike => Category {
+                        name: "loss_spike",
+                        weight: 0.0,
+                        hardware: false,
+                        symptom: Symptom::SilentCorruption,
+                        detect_median_s: 600.0,
+                    },
                     None => mix[cats.pick(&weights)],
                 };
                 let nodes = if script.is_none() && bursts.uniform() < s.failures.burst_probability {
@@ -447,7 +565,7 @@ pub fn simulate(
                 };
                 // the step in flight (if any) is lost either way
                 let lost_open = match in_flight.take() {
-                    Some((id, _, started, _)) => {
+                    Some((id, _, started, ..)) => {
                         q.cancel(id);
                         // a failure during a checkpoint's stall loses no step work
                         now.saturating_sub(started)
@@ -466,13 +584,16 @@ pub fn simulate(
                         q.at(now + secs(rc.repair_hours * 3600.0), Ev::Repaired);
                     }
                 }
+                // a restore from the store waits for it to come back
+                let store_wait = to_secs(store_up_at.saturating_sub(now));
                 let (detect, downtime, thrown) = match policy {
                     Policy::WholeJob => {
                         let detect = match cat.symptom {
                             Symptom::Hang => rc.watchdog_seconds,
                             _ => delays.lognormal(cat.detect_median_s, 0.6),
                         };
-                        let restart = rc.job_restart_seconds + s.checkpoint.restore_seconds;
+                        let restart =
+                            rc.job_restart_seconds + s.checkpoint.restore_seconds + store_wait;
                         // back to the newest checkpoint: the steps after it are redone
                         let redo = (committed - ckpt_step) as f64 * step_s;
                         if committed > ckpt_step {
@@ -537,7 +658,7 @@ pub fn simulate(
                             };
                             let restore = match policy {
                                 Policy::PeerRestore => rc.peer_restore_seconds,
-                                _ => rc.node_restore_seconds,
+                                _ => rc.node_restore_seconds + store_wait,
                             };
                             (
                                 detect,
@@ -583,7 +704,8 @@ pub fn simulate(
                             gate: actors::core::monitor::SpikeGate::open(),
                         }],
                     };
-                    in_flight = start_step(&mut q, &mut unfired, &mut armed, cmds, now);
+                    let stretch = stretch_at(now, slow_until);
+                    in_flight = start_step(&mut q, &mut unfired, &mut armed, cmds, now, stretch);
                     log(&EventLine {
                         t_h: to_secs(now) / 3600.0,
                         policy,
@@ -601,11 +723,13 @@ pub fn simulate(
         }
     }
     let wall_s = to_secs(now);
-    let productive = committed as f64 * step_s;
+    // a rejected step's work does not count
+    let kept = committed - rejected_steps.min(committed);
+    let productive = kept as f64 * step_s;
     progress.push((wall_s / 3600.0, committed as f64 * tokens_per_step));
     Ok(Outcome {
         policy,
-        tokens: committed as f64 * s.run.tokens_per_step,
+        tokens: kept as f64 * s.run.tokens_per_step,
         steps: committed,
         wall_hours: wall_s / 3600.0,
         gpu_hours: wall_s / 3600.0 * gpus,
@@ -619,6 +743,8 @@ pub fn simulate(
         checkpoints,
         rollbacks,
         detection_p50_s: median(detections),
+        checkpoints_missed,
+        rejected_steps,
         recovery_p50_s: median(downtimes),
         events: q.taken,
         progress,

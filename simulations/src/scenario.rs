@@ -84,6 +84,25 @@ pub struct Failures {
     pub burst_probability: f64,
     #[serde(default)]
     pub burst_nodes: u64,
+    /// Nodes that turn slow (thermal throttling, a bad link) per 1,000 node-days; the whole
+    /// synchronous step runs `straggler_slowdown`× slower for `straggler_minutes`.
+    #[serde(default)]
+    pub straggler_rate_per_1000_node_days: f64,
+    #[serde(default = "two")]
+    pub straggler_slowdown: f64,
+    #[serde(default = "thirty")]
+    pub straggler_minutes: f64,
+    /// Steps per 1,000 whose loss spikes (a bad batch, an unlucky update).
+    #[serde(default)]
+    pub loss_spikes_per_1000_steps: f64,
+}
+
+fn two() -> f64 {
+    2.0
+}
+
+fn thirty() -> f64 {
+    30.0
 }
 
 fn llama3() -> String {
@@ -101,6 +120,12 @@ pub struct Checkpoint {
     pub async_stall_seconds: f64,
     /// Reading the whole checkpoint back at a job restart.
     pub restore_seconds: f64,
+    /// Outages of the checkpoint store per day, each `store_outage_minutes` long: checkpoints
+    /// due meanwhile are missed, restores from the store wait for it.
+    #[serde(default)]
+    pub store_outages_per_day: f64,
+    #[serde(default = "thirty")]
+    pub store_outage_minutes: f64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -246,6 +271,40 @@ impl Scenario {
             return bad(
                 "failures.rate_per_1000_node_days",
                 format!("{} (must be zero or positive)", f.rate_per_1000_node_days),
+            );
+        }
+        for (key, v, min) in [
+            (
+                "failures.straggler_rate_per_1000_node_days",
+                f.straggler_rate_per_1000_node_days,
+                0.0,
+            ),
+            ("failures.straggler_slowdown", f.straggler_slowdown, 1.0),
+            ("failures.straggler_minutes", f.straggler_minutes, 0.0),
+            (
+                "failures.loss_spikes_per_1000_steps",
+                f.loss_spikes_per_1000_steps,
+                0.0,
+            ),
+            (
+                "checkpoint.store_outages_per_day",
+                self.checkpoint.store_outages_per_day,
+                0.0,
+            ),
+            (
+                "checkpoint.store_outage_minutes",
+                self.checkpoint.store_outage_minutes,
+                0.0,
+            ),
+        ] {
+            if !(v.is_finite() && v >= min) {
+                return bad(key, format!("{v} (must be a number ≥ {min})"));
+            }
+        }
+        if f.loss_spikes_per_1000_steps > 1000.0 {
+            return bad(
+                "failures.loss_spikes_per_1000_steps",
+                "at most 1000 (every step)".into(),
             );
         }
         if !(0.0..=1.0).contains(&f.burst_probability) {
