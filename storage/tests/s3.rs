@@ -46,7 +46,7 @@ fn checkpoints_round_trip_through_s3_with_create_only_manifests() {
     let _ = std::fs::remove_dir_all(&root);
     let endpoint = start_s3(&root);
     let store = Store::open_with("s3://ckpt/jobs/one", options(&endpoint)).unwrap();
-    // 3.5 M values: a 21 MB shard, uploaded as five 5 MiB multipart parts
+    // 3.5 M values: a 21 MB shard, uploaded as two multipart parts (16 MiB and the rest)
     let big = tensors(1.0, 3_500_000);
     block_on(async {
         assert!(matches!(
