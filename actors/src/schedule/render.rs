@@ -157,7 +157,17 @@ fn label(i: &Instr) -> String {
 pub fn svg(timeline: &Timeline) -> String {
     let t = timeline;
     let span = if t.makespan > 0.0 { t.makespan } else { 1.0 };
-    let scale = (1400.0 / span).clamp(2.0, 40.0);
+    // about 1,400 px wide, the shortest box between 2 and 40 px (costs may be in chunk units
+    // or in seconds)
+    let shortest = t
+        .ranks
+        .iter()
+        .flatten()
+        .map(|sp| sp.end - sp.start)
+        .filter(|&d| d > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    let shortest = if shortest.is_finite() { shortest } else { 1.0 };
+    let scale = (1400.0 / span).clamp(2.0 / shortest, 40.0 / shortest);
     let width = LEFT + span * scale + 20.0;
     let rows = t.ranks.len() as f64;
     let height = TOP + rows * ROW + 70.0;
