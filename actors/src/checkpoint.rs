@@ -31,8 +31,8 @@ pub fn snapshot_of(state: &TrainState, ids: &[usize]) -> Vec<SnapTensor> {
 /// where a buffer of the same name, dtype and size is there (the previous checkpoint's, given
 /// back by the uploader: no page is touched for the first time), else into new ones. The copy
 /// runs in chunks on every core.
-pub fn snapshot_into<'s>(
-    state: &'s TrainState,
+pub fn snapshot_into(
+    state: &TrainState,
     owners: &[Vec<usize>],
     reuse: Vec<Vec<SnapTensor>>,
 ) -> Vec<Vec<SnapTensor>> {
@@ -41,40 +41,21 @@ pub fn snapshot_into<'s>(
         .flatten()
         .map(|t| (t.name, t.data))
         .collect();
-    let p = &state.model.params;
-    // (tensor, its source bytes) per owner, buffers taken from `spare` or made
-    let mut sources: Vec<&'s [u8]> = Vec::new();
-    let mut out: Vec<Vec<SnapTensor>> = owners
-        .iter()
-        .map(|ids| {
-            let mut tensors = Vec::with_capacity(3 * ids.len());
-            for &i in ids {
-                let name = &p.names[i];
-                let shape = p.tensors[i].shape.clone();
-                let n = p.tensors[i].data.len();
-                let mut add = |name: String, shape: Vec<usize>, src: SnapSource<'s>| {
+    let mut sources = Vec::new();
+    let mut out: Vec<Vec<SnapTensor>> = snapshot_sources(state, owners)
+        .into_iter()
+        .map(|tensors| {
+            tensors
+                .into_iter()
+                .map(|(name, shape, src)| {
                     let data = match spare.remove(&name) {
                         Some(d) if src.fits(&d) => d,
                         _ => src.fresh(),
                     };
                     sources.push(src.bytes());
-                    tensors.push(SnapTensor { name, shape, data });
-                };
-                add(name.clone(), shape, SnapSource::F32(&p.tensors[i].data));
-                let (m_name, v_name) = moment_names(name);
-                match &state.moments[i] {
-                    None => {}
-                    Some(Moments::F32 { m, v }) => {
-                        add(m_name, vec![n], SnapSource::F32(m));
-                        add(v_name, vec![n], SnapSource::F32(v));
-                    }
-                    Some(Moments::Bf16 { m, v }) => {
-                        add(m_name, vec![n], SnapSource::Bf16(m));
-                        add(v_name, vec![n], SnapSource::Bf16(v));
-                    }
-                }
-            }
-            tensors
+                    SnapTensor { name, shape, data }
+                })
+                .collect()
         })
         .collect();
     let dsts = out.iter_mut().flatten().map(|t| match &mut t.data {
@@ -88,27 +69,44 @@ pub fn snapshot_into<'s>(
 /// The tensors [`snapshot_into`] makes for `owners`, with names, shapes and dtypes and no values
 /// (for [`crate::uploader::Uploader::prepare`]).
 pub fn snapshot_layout(state: &TrainState, owners: &[Vec<usize>]) -> Vec<Vec<SnapTensor>> {
+    snapshot_sources(state, owners)
+        .into_iter()
+        .map(|tensors| {
+            tensors
+                .into_iter()
+                .map(|(name, shape, src)| SnapTensor {
+                    name,
+                    shape,
+                    data: src.empty(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Per owner, the snapshot's tensors in order: name, shape and the state's values (each
+/// parameter, then its AdamW moments when it has them).
+fn snapshot_sources<'s>(
+    state: &'s TrainState,
+    owners: &[Vec<usize>],
+) -> Vec<Vec<(String, Vec<usize>, SnapSource<'s>)>> {
     let p = &state.model.params;
-    let empty = |name: String, shape: Vec<usize>, data: SnapData| SnapTensor { name, shape, data };
     owners
         .iter()
         .map(|ids| {
-            let mut out = Vec::new();
+            let mut out = Vec::with_capacity(3 * ids.len());
             for &i in ids {
-                let n = p.tensors[i].data.len();
-                out.push(empty(
-                    p.names[i].clone(),
-                    p.tensors[i].shape.clone(),
-                    SnapData::F32(vec![]),
-                ));
-                let (m, v) = moment_names(&p.names[i]);
-                let data = match &state.moments[i] {
+                let (name, t) = (&p.names[i], &p.tensors[i]);
+                out.push((name.clone(), t.shape.clone(), SnapSource::F32(&t.data)));
+                let (m_name, v_name) = moment_names(name);
+                let n = vec![t.data.len()];
+                let (m, v) = match &state.moments[i] {
                     None => continue,
-                    Some(Moments::F32 { .. }) => SnapData::F32(vec![]),
-                    Some(Moments::Bf16 { .. }) => SnapData::Bf16(vec![]),
+                    Some(Moments::F32 { m, v }) => (SnapSource::F32(m), SnapSource::F32(v)),
+                    Some(Moments::Bf16 { m, v }) => (SnapSource::Bf16(m), SnapSource::Bf16(v)),
                 };
-                out.push(empty(m, vec![n], data.clone()));
-                out.push(empty(v, vec![n], data));
+                out.push((m_name, n.clone(), m));
+                out.push((v_name, n, v));
             }
             out
         })
@@ -128,6 +126,14 @@ impl<'a> SnapSource<'a> {
             (SnapSource::F32(s), SnapData::F32(d)) => s.len() == d.len(),
             (SnapSource::Bf16(s), SnapData::Bf16(d)) => s.len() == d.len(),
             _ => false,
+        }
+    }
+
+    /// No values, of the right dtype (a layout).
+    fn empty(&self) -> SnapData {
+        match self {
+            SnapSource::F32(_) => SnapData::F32(Vec::new()),
+            SnapSource::Bf16(_) => SnapData::Bf16(Vec::new()),
         }
     }
 

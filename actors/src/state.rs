@@ -150,55 +150,15 @@ impl TrainState {
     /// entry, from the same run) when its tensors have this state's sizes: a copy into pages
     /// already mapped, on every core. A new copy otherwise.
     pub fn copy_without_grads_into(&self, spare: Option<TrainState>) -> TrainState {
-        let fits = |d: &TrainState| {
-            let (a, b) = (&d.model.params.tensors, &self.model.params.tensors);
-            a.len() == b.len()
-                && a.iter().zip(b).all(|(x, y)| x.data.len() == y.data.len())
-                && d.moments.len() == self.moments.len()
-                && d.moments
-                    .iter()
-                    .zip(&self.moments)
-                    .all(|(x, y)| match (x, y) {
-                        (None, None) => true,
-                        (Some(Moments::F32 { m: a, .. }), Some(Moments::F32 { m: b, .. })) => {
-                            a.len() == b.len()
-                        }
-                        (Some(Moments::Bf16 { m: a, .. }), Some(Moments::Bf16 { m: b, .. })) => {
-                            a.len() == b.len()
-                        }
-                        _ => false,
-                    })
-        };
-        let Some(mut dst) = spare.filter(fits) else {
+        let Some(mut dst) = spare else {
             return self.copy_without_grads();
         };
-        let mut pairs: Vec<(&mut [u8], &[u8])> = Vec::new();
-        for (d, s) in dst
-            .model
-            .params
-            .tensors
-            .iter_mut()
-            .zip(&self.model.params.tensors)
-        {
-            pairs.push((
-                bytemuck::cast_slice_mut(&mut d.data),
-                bytemuck::cast_slice(&s.data),
-            ));
+        let src = state_bytes(&self.model.params.tensors, &self.moments);
+        let to = state_bytes_mut(&mut dst.model.params.tensors, &mut dst.moments);
+        if to.len() != src.len() || to.iter().zip(&src).any(|(d, s)| d.len() != s.len()) {
+            return self.copy_without_grads();
         }
-        for (d, s) in dst.moments.iter_mut().zip(&self.moments) {
-            match (d, s) {
-                (Some(Moments::F32 { m, v }), Some(Moments::F32 { m: sm, v: sv })) => {
-                    pairs.push((bytemuck::cast_slice_mut(m), bytemuck::cast_slice(sm)));
-                    pairs.push((bytemuck::cast_slice_mut(v), bytemuck::cast_slice(sv)));
-                }
-                (Some(Moments::Bf16 { m, v }), Some(Moments::Bf16 { m: sm, v: sv })) => {
-                    pairs.push((bytemuck::cast_slice_mut(m), bytemuck::cast_slice(sm)));
-                    pairs.push((bytemuck::cast_slice_mut(v), bytemuck::cast_slice(sv)));
-                }
-                _ => {}
-            }
-        }
-        parallel_copy(pairs);
+        parallel_copy(to.into_iter().zip(src).collect());
         dst.grads = Vec::new();
         dst.step = self.step;
         dst.restored_from = self.restored_from.clone();
@@ -249,6 +209,45 @@ impl TrainState {
             monitor: self.monitor.clone(),
         }
     }
+}
+
+/// The bytes of the parameters, then of each parameter's moments (m, v), in tensor order.
+fn state_bytes<'a>(tensors: &'a [Tensor], moments: &'a [Option<Moments>]) -> Vec<&'a [u8]> {
+    let mut out: Vec<&[u8]> = tensors
+        .iter()
+        .map(|t| bytemuck::cast_slice(&t.data))
+        .collect();
+    for m in moments.iter().flatten() {
+        match m {
+            Moments::F32 { m, v } => out.extend([bytemuck::cast_slice(m), bytemuck::cast_slice(v)]),
+            Moments::Bf16 { m, v } => {
+                out.extend([bytemuck::cast_slice(m), bytemuck::cast_slice(v)])
+            }
+        }
+    }
+    out
+}
+
+/// [`state_bytes`], writable.
+fn state_bytes_mut<'a>(
+    tensors: &'a mut [Tensor],
+    moments: &'a mut [Option<Moments>],
+) -> Vec<&'a mut [u8]> {
+    let mut out: Vec<&mut [u8]> = tensors
+        .iter_mut()
+        .map(|t| bytemuck::cast_slice_mut(&mut t.data))
+        .collect();
+    for m in moments.iter_mut().flatten() {
+        match m {
+            Moments::F32 { m, v } => {
+                out.extend([bytemuck::cast_slice_mut(m), bytemuck::cast_slice_mut(v)])
+            }
+            Moments::Bf16 { m, v } => {
+                out.extend([bytemuck::cast_slice_mut(m), bytemuck::cast_slice_mut(v)])
+            }
+        }
+    }
+    out
 }
 
 /// Copies each source into its destination (same lengths), in 4 MiB chunks spread over the

@@ -135,7 +135,6 @@ impl Shard {
 
     /// The snapshot's buffers back, when no clone of this shard (no upload) holds them.
     pub fn into_tensors(self) -> Option<Vec<SnapTensor>> {
-        drop(self.header);
         Arc::try_unwrap(self.tensors).ok()
     }
 
