@@ -19,31 +19,23 @@ fn run(s: &Scenario, p: Policy) -> simulations::run::Outcome {
 
 #[test]
 fn a_straggler_slows_every_policy_alike() {
-    // 64 nodes × 10 / 1,000 per day: ~6.4 slow spells in 10 days, each 30 min at half speed
+    // 64 nodes × 10 / 1,000 per day: 6.4 slow spells expected in 10 days, each 30 min at half
+    // speed (seed 3 draws fewer); a step started in a spell takes twice as long
     let s = scenario("straggler_rate_per_1000_node_days = 10.0", "");
-    let clean = run(&scenario("", ""), Policy::ActorRestart);
-    for p in Policy::ALL {
+    assert_eq!(run(&scenario("", ""), Policy::ActorRestart).steps, 86_304);
+    for (p, steps) in [
+        (Policy::WholeJob, 85_005),
+        (Policy::ActorRestart, 85_854),
+        (Policy::PeerRestore, 85_854),
+    ] {
         let o = run(&s, p);
-        let lost = o
-            .lost_gpu_hours_by_cause
-            .get("straggler")
-            .copied()
-            .unwrap_or(0.0);
-        println!(
-            "{}: {} steps (clean {}), straggler {lost:.0} GPU-h",
-            p.name(),
-            o.steps,
-            clean.steps
-        );
-        // phalanx notices stragglers but does not evict them: the same cost under every policy
-        assert!(lost > 0.0 && o.steps < clean.steps);
-        assert_eq!(o.interruptions, 0);
+        let lost = o.lost_gpu_hours_by_cause["straggler"];
+        println!("{}: {} steps, straggler {lost:.3} GPU-h", p.name(), o.steps);
+        // phalanx notices stragglers but does not evict them: the same cost under every
+        // policy (the whole job loses more steps to its synchronous checkpoints)
+        assert!((lost - 640.0).abs() < 1e-9, "{lost}");
+        assert_eq!((o.steps, o.interruptions), (steps, 0));
     }
-    let lost: Vec<f64> = Policy::ALL
-        .iter()
-        .map(|&p| run(&s, p).lost_gpu_hours_by_cause["straggler"])
-        .collect();
-    assert!(lost.iter().all(|&l| (l - lost[0]).abs() < 1e-6), "{lost:?}");
 }
 
 #[test]
