@@ -1,0 +1,69 @@
+// AdamW, one update per element. Mirrors kernels/src/ops/adamw.rs: AdamW::step with F32 moments
+// (adamw_step_f32) and with BF16 moments (adamw_step_bf16: each moment computed in f32 from its
+// stored value, stored rounded to nearest-even bf16 exactly as half::bf16::from_f32 does, and the
+// rounded values used for the update). Same expression order, no FMA contraction, IEEE division
+// and sqrt: bit for bit the CPU's update. The host passes StepConsts as the CPU computes them:
+// bc1 = 1 − β1^t, bc2 = 1 − β2^t (f32 powi), wd = lr·weight_decay or 0, and grad_scale (the clip
+// factor). The gradient is zeroed for the next accumulation. Grid-stride over n, any launch.
+// Written for issue 12 and compile-checked for sm_90; never run on a GPU.
+
+struct StepConsts {
+    float b1, b2, bc1, bc2, eps, lr, wd;
+};
+
+// adamw.rs: StepConsts::apply. p −= wd·p + lr·(m/bc1) / (sqrt(v/bc2) + eps).
+__device__ __forceinline__ float apply(float p, float mi, float vi, const StepConsts& c) {
+    return p - (c.wd * p + c.lr * (mi / c.bc1) / (sqrtf(vi / c.bc2) + c.eps));
+}
+
+// half 2.7: f32_to_bf16 (NaN keeps its high bits with the quiet bit set; otherwise round to nearest even).
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    const u32 x = __float_as_uint(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((x >> 16) | 0x0040u);
+    const u32 rb = 0x8000u;
+    if ((x & rb) != 0u && (x & (3u * rb - 1u)) != 0u) return (u16)((x >> 16) + 1u);
+    return (u16)(x >> 16);
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float((u32)b << 16); }
+
+// A moment's stored value as f32, and storing one: returns the value as stored (rounded for bf16).
+__device__ __forceinline__ float load_moment(const float* m, long long i) { return m[i]; }
+__device__ __forceinline__ float load_moment(const u16* m, long long i) { return bf16_to_f32(m[i]); }
+__device__ __forceinline__ float store_moment(float* m, long long i, float x) {
+    m[i] = x;
+    return x;
+}
+__device__ __forceinline__ float store_moment(u16* m, long long i, float x) {
+    const u16 b = f32_to_bf16(x);
+    m[i] = b;
+    return bf16_to_f32(b);
+}
+
+// adamw.rs: AdamW::step's element loop, moments stored as M (float or bf16 bits).
+template <typename M>
+__device__ __forceinline__ void adamw_step(float* __restrict__ p, float* __restrict__ g,
+                                           M* __restrict__ m, M* __restrict__ v, long long n,
+                                           float grad_scale, const StepConsts& c) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i] * grad_scale;
+        g[i] = 0.0f;
+        const float mi = c.b1 * load_moment(m, i) + (1.0f - c.b1) * gi;
+        const float vi = c.b2 * load_moment(v, i) + (1.0f - c.b2) * gi * gi;
+        const float ms = store_moment(m, i, mi), vs = store_moment(v, i, vi);
+        p[i] = apply(p[i], ms, vs, c);
+    }
+}
+
+// Moments::F32. `c` is passed by value (a #[repr(C)] struct of seven f32 on the host side).
+extern "C" __global__ void adamw_step_f32(float* p, float* g, float* m, float* v, long long n,
+                                          float grad_scale, StepConsts c) {
+    adamw_step(p, g, m, v, n, grad_scale, c);
+}
+
+// Moments::Bf16 (bf16 bits as u16).
+extern "C" __global__ void adamw_step_bf16(float* p, float* g, u16* m, u16* v, long long n,
+                                           float grad_scale, StepConsts c) {
+    adamw_step(p, g, m, v, n, grad_scale, c);
+}

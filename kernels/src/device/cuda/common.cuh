@@ -1,0 +1,53 @@
+// Prelude of every kernel source (kernels/src/device/cuda/mod.rs prepends it before NVRTC compiles
+// a source; sources do not #include it): element types and block reductions whose tree is fixed by
+// the block size alone, so a reduction gives the same bits on every run (no atomics anywhere).
+// Written for issue 12 and compile-checked for sm_90; never run on a GPU.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+
+// The reduction operators (functors, so one tree serves them all).
+struct SumF {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxU32 {
+    __device__ __forceinline__ u32 operator()(u32 a, u32 b) const { return max(a, b); }
+};
+// fmaxf drops NaN as Rust's f32::max does.
+struct MaxF {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// A warp reduction by a butterfly: every lane ends with the same bits (the operators commute
+// exactly: a + b == b + a).
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// A block reduction, returned to every thread: warps first, then warp 0's lanes over the warps'
+// results (lanes past the last warp hold `identity`). blockDim.x must be a multiple of 32
+// (≤ 1024), every thread of the block must call it, and `sh` holds 32 elements of shared memory.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* sh, T identity, Op op) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_reduce(v, op);
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    T t = warp_reduce(lane < warps ? sh[lane] : identity, op);
+    __syncthreads();  // sh may be reused by the caller's next reduction
+    return t;
+}
+
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumF()); }
+__device__ __forceinline__ u32 warp_max_u32(u32 v) { return warp_reduce(v, MaxU32()); }
+__device__ __forceinline__ float block_sum(float v, float* sh) { return block_reduce(v, sh, 0.0f, SumF()); }
+__device__ __forceinline__ u32 block_max_u32(u32 v, u32* sh) { return block_reduce(v, sh, 0u, MaxU32()); }
+__device__ __forceinline__ float block_max(float v, float* sh) {
+    return block_reduce(v, sh, -__int_as_float(0x7f800000), MaxF());
+}

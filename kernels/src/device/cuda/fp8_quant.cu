@@ -1,0 +1,133 @@
+// FP8 E4M3 quantisation and dequantisation. Mirrors kernels/src/fp8/quant.rs: quantize_1x128,
+// quantize_128x1, quantize_128x128 and dequantize (with format.rs's decode_e4m3_arith), meant to
+// be bit-identical: amax = max |x| over the group by magnitude bits, clamped ≥ 1e-4 with fmaxf
+// (drops a NaN amax as Rust's f32::max does); scale = amax/448 (IEEE division) or, for UE8M0,
+// the next power of two by the same bit trick as pow2_ceil; code = satfinite round-to-nearest-even
+// E4M3 of x · (1/scale). Compiled without FMA contraction (Rust does not contract either).
+// Known difference: a NaN element's code and a NaN code's decoded value may differ from the CPU
+// in the NaN's sign/payload bits (the GPU writes canonical NaNs).
+// Written for issue 12 and compile-checked for sm_90; never run on a GPU.
+#include <cuda_fp8.h>
+
+#define E4M3_MAX 448.0f
+#define AMAX_MIN 1e-4f
+#define TILE 128
+
+// Smallest power of two ≥ x for positive normal x; x itself otherwise (quant.rs: pow2_ceil).
+__device__ __forceinline__ float pow2_ceil(float x) {
+    u32 b = __float_as_uint(x);
+    bool not_finite = (b & 0x7F800000u) == 0x7F800000u;
+    if ((b & 0x007FFFFFu) == 0u || not_finite) return x;
+    return __uint_as_float((b & 0x7F800000u) + 0x00800000u);
+}
+
+// quant.rs: scale_from_amax (ue8m0 = 0: ScaleFormat::F32, 1: ScaleFormat::Ue8m0).
+__device__ __forceinline__ float scale_from_amax(float amax, int ue8m0) {
+    float s = fmaxf(amax, AMAX_MIN) / E4M3_MAX;
+    return ue8m0 ? pow2_ceil(s) : s;
+}
+
+__device__ __forceinline__ u8 encode_e4m3_sat(float v) {
+    return (u8)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}
+
+// format.rs: decode_e4m3_arith — the code's low 7 bits as an f32 exponent/mantissa field, times 2^120.
+__device__ __forceinline__ float decode_e4m3(u8 code) {
+    u32 c = code;
+    float mag = __uint_as_float((c & 0x7Fu) << 20) * __uint_as_float(247u << 23);
+    float v = (c & 0x7Fu) == 0x7Fu ? __uint_as_float(0x7FC00000u) : mag;
+    return __uint_as_float(__float_as_uint(v) | ((c & 0x80u) << 24));
+}
+
+__device__ __forceinline__ u32 abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+
+// quant.rs: quantize_1x128_into. One warp per 1×128 tile (lane l takes columns l, l+32, l+64,
+// l+96 of it); any block size that is a multiple of 32; grid = ⌈rows·⌈cols/128⌉ / warps per block⌉.
+// codes [rows, cols], scales [rows, ⌈cols/128⌉], row-major.
+extern "C" __global__ void fp8_quantize_1x128(const float* __restrict__ x, u8* __restrict__ codes,
+                                              float* __restrict__ scales, int rows, int cols,
+                                              int ue8m0) {
+    const int lane = threadIdx.x & 31;
+    const long long tiles_per_row = (cols + TILE - 1) / TILE;
+    const long long tile = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (tile >= (long long)rows * tiles_per_row) return;  // whole warps leave together
+    const long long r = tile / tiles_per_row;
+    const int c0 = (int)(tile % tiles_per_row) * TILE;
+    const float* xr = x + r * cols;
+    float v[4];
+    u32 m = 0u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        int c = c0 + lane + 32 * k;
+        v[k] = c < cols ? xr[c] : 0.0f;  // the zero padding never raises amax
+        m = max(m, abs_bits(v[k]));
+    }
+    m = warp_max_u32(m);
+    const float s = scale_from_amax(__uint_as_float(m), ue8m0);
+    const float inv = 1.0f / s;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        int c = c0 + lane + 32 * k;
+        if (c < cols) codes[r * cols + c] = encode_e4m3_sat(v[k] * inv);
+    }
+    if (lane == 0) scales[tile] = s;
+}
+
+// quant.rs: quantize_128x1. One thread per column of a 128-row band: grid = (⌈cols/blockDim.x⌉,
+// ⌈rows/128⌉), any block size. scales [⌈rows/128⌉, cols].
+extern "C" __global__ void fp8_quantize_128x1(const float* __restrict__ x, u8* __restrict__ codes,
+                                              float* __restrict__ scales, int rows, int cols,
+                                              int ue8m0) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const int r0 = blockIdx.y * TILE, r1 = min(r0 + TILE, rows);
+    u32 m = 0u;
+    for (int r = r0; r < r1; r++) m = max(m, abs_bits(x[(long long)r * cols + c]));
+    const float s = scale_from_amax(__uint_as_float(m), ue8m0);
+    const float inv = 1.0f / s;
+    for (int r = r0; r < r1; r++) {
+        long long i = (long long)r * cols + c;
+        codes[i] = encode_e4m3_sat(x[i] * inv);
+    }
+    scales[(long long)blockIdx.y * cols + c] = s;
+}
+
+// quant.rs: quantize_128x128. One block per 128×128 weight block: grid = (⌈cols/128⌉, ⌈rows/128⌉),
+// blockDim.x a multiple of 32 (256 intended). scales [⌈rows/128⌉, ⌈cols/128⌉].
+extern "C" __global__ void fp8_quantize_128x128(const float* __restrict__ x, u8* __restrict__ codes,
+                                                float* __restrict__ scales, int rows, int cols,
+                                                int ue8m0) {
+    __shared__ u32 sh[32];
+    const int r0 = blockIdx.y * TILE, c0 = blockIdx.x * TILE;
+    const int h = min(TILE, rows - r0), w = min(TILE, cols - c0);
+    u32 m = 0u;
+    for (int e = threadIdx.x; e < h * TILE; e += blockDim.x) {
+        int r = r0 + e / TILE, c = c0 + e % TILE;
+        if (e % TILE < w) m = max(m, abs_bits(x[(long long)r * cols + c]));
+    }
+    m = block_max_u32(m, sh);
+    const float s = scale_from_amax(__uint_as_float(m), ue8m0);
+    const float inv = 1.0f / s;
+    for (int e = threadIdx.x; e < h * TILE; e += blockDim.x) {
+        int r = r0 + e / TILE, c = c0 + e % TILE;
+        if (e % TILE < w) {
+            long long i = (long long)r * cols + c;
+            codes[i] = encode_e4m3_sat(x[i] * inv);
+        }
+    }
+    if (threadIdx.x == 0) scales[(long long)blockIdx.y * gridDim.x + blockIdx.x] = s;
+}
+
+// quant.rs: dequantize, any layout: group_rows × group_cols share a scale (1×128, 128×1 or
+// 128×128), scales row-major [⌈rows/group_rows⌉, ⌈cols/group_cols⌉]. Grid-stride, any launch.
+extern "C" __global__ void fp8_dequantize(const u8* __restrict__ codes, const float* __restrict__ scales,
+                                          float* __restrict__ y, int rows, int cols, int group_rows,
+                                          int group_cols) {
+    const long long n = (long long)rows * cols;
+    const long long sc = (cols + group_cols - 1) / group_cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / cols, c = i % cols;
+        y[i] = decode_e4m3(codes[i]) * scales[(r / group_rows) * sc + c / group_cols];
+    }
+}
