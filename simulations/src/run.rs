@@ -5,11 +5,12 @@
 //! step and checkpoint, the phi-accrual `Detector` says when a crashed or hung node is declared
 //! dead (actor-level policies), and the `Supervisor` gives the restart backoff and budget.
 
+use crate::detect::{deadline_verdict_ms, detection_ms};
 use crate::engine::{Draws, Nanos, Queue, SECOND, secs, to_secs};
 use crate::failures::{self, Category, Symptom};
 use crate::scenario::Scenario;
 use actors::core::coordinator::TimeoutPolicy;
-use actors::core::detector::{Detector, DetectorCommand, DetectorEvent, DetectorPolicy};
+use actors::core::detector::DetectorPolicy;
 use actors::core::monitor::{MonitorState, Spike};
 use actors::core::run::{RunCommand, RunController, RunEvent, RunPlan};
 use actors::core::supervisor::{RestartPolicy, SupCommand, SupEvent, Supervisor};
@@ -168,52 +169,6 @@ impl EventLine {
             lost_work_s: None,
         }
     }
-}
-
-/// Milliseconds from a node's last sign of life to the `Detector`'s Dead verdict, found by
-/// driving the machine: heartbeats every interval, then silence (a crash) or heartbeats whose
-/// work progress is frozen (a hang).
-pub fn detection_ms(policy: DetectorPolicy, symptom: Symptom) -> u64 {
-    let mut d = Detector::new(policy);
-    let every = policy.heartbeat_interval_ms.max(1);
-    d.on(0, DetectorEvent::Join { member: 0 });
-    let mut t = 0;
-    let mut progress = 0;
-    while t < 50 * every {
-        d.on(
-            t,
-            DetectorEvent::Heartbeat {
-                member: 0,
-                progress,
-            },
-        );
-        progress += 1;
-        t += every;
-    }
-    let failed = t - every;
-    if symptom == Symptom::Hang {
-        d.on(failed, DetectorEvent::WorkStarted { member: 0, work: 1 });
-    }
-    while t < failed + 600_000 {
-        if symptom == Symptom::Hang {
-            d.on(
-                t,
-                DetectorEvent::Heartbeat {
-                    member: 0,
-                    progress,
-                },
-            );
-        }
-        let dead = d
-            .on(t, DetectorEvent::Tick)
-            .into_iter()
-            .any(|c| matches!(c, DetectorCommand::Dead { .. }));
-        if dead {
-            return t - failed;
-        }
-        t += every;
-    }
-    600_000
 }
 
 /// The step time of a scenario: given, or from the model's FLOPs.
@@ -376,8 +331,11 @@ pub fn simulate(
         unfired.entry(f.at_step).or_default().push(i);
     }
     let mut armed: Vec<(u64, usize)> = Vec::new();
-    let probe_grace_s = TimeoutPolicy::default().probe_grace_ms as f64 / 1000.0;
-    let step_timeout_s = s.step_timeout_ms.unwrap_or(rc.detector_dead_after_ms) as f64 / 1000.0;
+    // the live coordinator's step deadline: the scenario's, else the detector's bound
+    let timeouts = TimeoutPolicy {
+        fixed_ms: Some(s.step_timeout_ms.unwrap_or(rc.detector_dead_after_ms)),
+        ..TimeoutPolicy::default()
+    };
     let start_step = |q: &mut Queue<Ev>,
                       unfired: &mut BTreeMap<u64, Vec<usize>>,
                       armed: &mut Vec<(u64, usize)>,
@@ -623,8 +581,9 @@ pub fn simulate(
                                         Target::Gpu | Target::Coordinator | Target::Dataloader
                                     )
                                 });
-                                let grace = if probed { probe_grace_s } else { 0.0 };
-                                detect_hang_s.min((step_timeout_s + grace - open_s).max(0.0))
+                                let open_ms = (open_s * 1000.0).round() as u64;
+                                let coord_ms = deadline_verdict_ms(timeouts, open_ms, !probed);
+                                detect_hang_s.min(coord_ms as f64 / 1000.0)
                             }
                             (None, Symptom::Crash) => detect_crash_s,
                             (None, Symptom::Hang) => detect_hang_s,

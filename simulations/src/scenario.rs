@@ -28,6 +28,9 @@ pub struct Scenario {
     /// One step's choreography to draw (`DIR/step.svg`): the schedule, its ranks and
     /// micro-batches, chunk costs from `run`'s FLOP accounting.
     pub pipeline: Option<Pipeline>,
+    /// Link bandwidths and latencies per GPU (default: DeepSeek-V3's H800 cluster).
+    #[serde(default)]
+    pub network: crate::comm::Network,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -39,6 +42,21 @@ pub struct Pipeline {
     pub microbatches: usize,
     /// Tokens of one micro-batch (default `run.seq_len`: one sequence).
     pub microbatch_tokens: Option<f64>,
+    /// Expert-parallel size: the GPUs of a stage that share its routed experts and exchange
+    /// tokens in the all-to-all (1: no all-to-all).
+    #[serde(default = "one")]
+    pub ep: usize,
+    /// Most nodes one token's routed experts may sit on (DeepSeek-V3's node-limited routing: 4).
+    #[serde(default = "four")]
+    pub node_limit: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn four() -> usize {
+    4
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -195,11 +213,48 @@ impl Scenario {
             if let Err(e) = actors::schedule::build(kind, p.pp, p.microbatches) {
                 return bad("pipeline.pp", e.to_string());
             }
+            let gpus = self.gpus();
+            if p.ep == 0 || p.node_limit == 0 {
+                return bad("pipeline.ep", "ep and node_limit must be at least 1".into());
+            }
+            if !gpus.is_multiple_of((p.pp * p.ep) as u64) {
+                return bad(
+                    "pipeline.ep",
+                    format!(
+                        "pp {} × ep {} does not divide the cluster's {gpus} GPUs",
+                        p.pp, p.ep
+                    ),
+                );
+            }
+            let g = self.cluster.gpus_per_node as usize;
+            if p.ep > 1 && !(p.ep.is_multiple_of(g) || g.is_multiple_of(p.ep)) {
+                return bad(
+                    "pipeline.ep",
+                    format!("{} neither divides nor fills whole nodes of {g} GPUs", p.ep),
+                );
+            }
             if self.run.model.is_none() || self.run.gpu_tflops.is_none() {
                 return bad(
                     "pipeline",
                     "its chunk costs need run.model, run.gpu_tflops and run.efficiency".into(),
                 );
+            }
+        }
+        let n = &self.network;
+        for (key, v) in [
+            ("network.network_gb_s", n.network_gb_s),
+            ("network.nvlink_gb_s", n.nvlink_gb_s),
+        ] {
+            if v.is_nan() || v <= 0.0 {
+                return bad(key, format!("{v} (must be a positive bandwidth)"));
+            }
+        }
+        for (key, v) in [
+            ("network.network_latency_us", n.network_latency_us),
+            ("network.nvlink_latency_us", n.nvlink_latency_us),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(key, format!("{v} (must be zero or positive)"));
             }
         }
         if self.step_timeout_ms == Some(0) {
@@ -435,6 +490,21 @@ mod tests {
                 "restore_seconds = 1.0",
                 "restore_seconds = 1.0\n[pipeline]\nschedule = \"1f1b\"\npp = 4\nmicrobatches = 8",
                 "pipeline",
+            ),
+            (
+                "restore_seconds = 1.0",
+                "restore_seconds = 1.0\n[pipeline]\nschedule = \"1f1b\"\npp = 4\nmicrobatches = 8\nep = 3",
+                "pipeline.ep",
+            ),
+            (
+                "restore_seconds = 1.0",
+                "restore_seconds = 1.0\n[network]\nnetwork_gb_s = -50.0",
+                "network.network_gb_s",
+            ),
+            (
+                "restore_seconds = 1.0",
+                "restore_seconds = 1.0\n[network]\ninfiniband = 1.0",
+                "network",
             ),
         ] {
             let text = GOOD.replace(from, to);

@@ -1,8 +1,11 @@
-//! One step's choreography at scale: a pipeline schedule run in virtual time with per-chunk
-//! costs from the cost model (`actors::schedule::timeline`, which drives every rank's
-//! `RankExecutor`), its makespan and bubble, and the Gantt chart as SVG.
+//! One step at scale: chunk costs from the FLOP accounting and the communication model, the
+//! schedule run through the control plane (`choreography`: the Coordinator and every rank's
+//! RankMachine) in virtual time, its makespan, bubble, exposed communication and commit time,
+//! and the Gantt chart as SVG.
 
-use actors::schedule::{Costs, Timeline, timeline};
+use crate::choreography::{Choreography, run_step};
+use crate::comm::{CommCosts, Layout, chunk_comm};
+use actors::schedule::{Costs, Timeline};
 use actors::schedule::{ScheduleKind, build};
 
 /// Chunk costs of one micro-batch on one stage: forward `f`, backward `b` = input + weight
@@ -25,15 +28,28 @@ pub fn chunk_costs(
     }
 }
 
-/// The schedule `kind` on `ranks` ranks with `microbatches`, run with `costs`.
+/// The schedule `kind` on `ranks` ranks with `microbatches`, run through the control plane
+/// with compute `costs` and communication `comm`; control messages take `control_s`.
+pub fn step_choreography(
+    kind: ScheduleKind,
+    ranks: usize,
+    microbatches: usize,
+    costs: &Costs,
+    comm: &CommCosts,
+    control_s: f64,
+) -> Result<Choreography, String> {
+    let s = build(kind, ranks, microbatches).map_err(|e| e.to_string())?;
+    run_step(&s, costs, comm, control_s)
+}
+
+/// The schedule's timeline with compute only (communication free).
 pub fn step_timeline(
     kind: ScheduleKind,
     ranks: usize,
     microbatches: usize,
     costs: &Costs,
 ) -> Result<Timeline, String> {
-    let s = build(kind, ranks, microbatches).map_err(|e| e.to_string())?;
-    Ok(timeline(&s, costs))
+    Ok(step_choreography(kind, ranks, microbatches, costs, &CommCosts::default(), 0.0)?.timeline)
 }
 
 /// The bubble of the DualPipe paper's Table 2 for `kind` on `pp` ranks.
@@ -67,18 +83,47 @@ pub fn scenario_step(
     let seq = s.run.seq_len.unwrap_or(4096);
     let fpt = crate::cost::training_flops_per_token(&cfg, seq);
     let tokens = p.microbatch_tokens.unwrap_or(seq as f64);
-    let costs = chunk_costs(fpt, tokens, kind.model_stages(p.pp), tflops, eff);
-    let t = step_timeline(kind, p.pp, p.microbatches, &costs)?;
+    let stages = kind.model_stages(p.pp);
+    let costs = chunk_costs(fpt, tokens, stages, tflops, eff);
+    let layout = Layout {
+        pp: p.pp,
+        stages,
+        ep: p.ep,
+        gpus: s.gpus(),
+        gpus_per_node: s.cluster.gpus_per_node,
+        node_limit: p.node_limit,
+        microbatch_tokens: tokens,
+    };
+    let copies = stages * if kind == ScheduleKind::DualPipe { 2 } else { 1 } / p.pp;
+    let comm = chunk_comm(&cfg, &layout, &s.network, copies);
+    let control_s = s.network.transfer_s(0.0, true);
+    let bare = step_choreography(
+        kind,
+        p.pp,
+        p.microbatches,
+        &costs,
+        &CommCosts::default(),
+        0.0,
+    )?;
+    let ch = step_choreography(kind, p.pp, p.microbatches, &costs, &comm, control_s)?;
+    let t = &ch.timeline;
     let summary = StepSummary {
         schedule: kind.to_string(),
         pp: p.pp,
+        ep: p.ep,
         microbatches: p.microbatches,
         forward_chunk_s: costs.f,
+        compute_makespan_s: bare.timeline.makespan,
+        compute_bubble_s: bare.timeline.max_bubble(),
+        table2_bubble_s: table2_bubble(kind, p.pp, &costs),
+        comm,
         makespan_s: t.makespan,
         bubble_s: t.max_bubble(),
-        table2_bubble_s: table2_bubble(kind, p.pp, &costs),
+        exposed_comm_s: t.makespan - bare.timeline.makespan,
+        step_s: ch.committed_s,
+        messages: ch.messages,
     };
-    Ok(Some((t, summary)))
+    Ok(Some((ch.timeline, summary)))
 }
 
 /// What one simulated step of a scenario's pipeline came to.
@@ -86,14 +131,25 @@ pub fn scenario_step(
 pub struct StepSummary {
     pub schedule: String,
     pub pp: usize,
+    pub ep: usize,
     pub microbatches: usize,
-    /// One micro-batch's forward chunk on one stage.
+    /// One micro-batch's forward chunk on one stage (compute).
     pub forward_chunk_s: f64,
-    pub makespan_s: f64,
-    /// The largest idle time of a rank within the step.
-    pub bubble_s: f64,
-    /// The DualPipe paper's Table 2 formula for it (none for DualPipeV).
+    /// The schedule with compute only: its makespan and largest per-rank idle time.
+    pub compute_makespan_s: f64,
+    pub compute_bubble_s: f64,
+    /// The DualPipe paper's Table 2 formula for that bubble (none for DualPipeV).
     pub table2_bubble_s: Option<f64>,
+    /// Communication of one chunk (all-to-all, pipeline sends) and of the step's reduction.
+    pub comm: CommCosts,
+    /// With communication: the ranks' makespan, the largest bubble, what communication added
+    /// to the makespan, and the commit (after the data-parallel reduction and the install).
+    pub makespan_s: f64,
+    pub bubble_s: f64,
+    pub exposed_comm_s: f64,
+    pub step_s: f64,
+    /// Pipeline messages between ranks in the step.
+    pub messages: u64,
 }
 
 #[cfg(test)]

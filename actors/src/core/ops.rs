@@ -55,6 +55,23 @@ pub enum StageOpResult {
     Weight,
 }
 
+/// What stage copy `copy` answers to `op` when no tensors are computed (drivers that simulate
+/// the compute): `(micro-batch, result)` with an empty output where the schedule routes one.
+pub fn empty_result(schedule: &Schedule, copy: usize, op: &StageOp) -> (usize, StageOpResult) {
+    let st = &schedule.stages[copy];
+    let result = match op {
+        StageOp::Forward { .. } => StageOpResult::Forward {
+            out: st.next.map(|_| Vec::new()),
+            stats: StageStats::default(),
+        },
+        StageOp::BackwardInput { .. } | StageOp::Backward { .. } => StageOpResult::Backward {
+            dx: st.prev.map(|_| Vec::new()),
+        },
+        StageOp::Weight { .. } => StageOpResult::Weight,
+    };
+    (op.mb(), result)
+}
+
 /// The `(stage copy, op)` parts of an instruction, inputs taken from `inbox`.
 pub fn ops_of(
     schedule: &Schedule,

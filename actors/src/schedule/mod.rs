@@ -57,7 +57,7 @@ use serde::Serialize;
 pub use check::{Blocked, CheckReport, RankCheck, check};
 pub use dualpipe::step_counts;
 pub use render::{report, svg};
-pub use timeline::{Costs, Span, Timeline, timeline};
+pub use timeline::{Costs, Span, TimeQueue, Timeline, timeline};
 
 /// Which pipeline schedule to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -87,41 +87,68 @@ impl Timeline {
     }
 }
 
-/// An event due at rank `rank` at time `at`; `seq` keeps equal (time, rank) pairs in posting order.
-struct Due {
+/// Events in virtual time (f64 seconds), taken earliest first, equal times by `key` and then in
+/// posting order: a deterministic discrete-event queue for drivers of the machines.
+pub struct TimeQueue<K, E> {
+    heap: BinaryHeap<Due<K, E>>,
+    seq: u64,
+}
+
+struct Due<K, E> {
     at: f64,
-    rank: usize,
-    seq: usize,
-    event: ExecEvent,
+    key: K,
+    seq: u64,
+    event: E,
 }
 
-impl Due {
-    fn key(&self) -> (usize, usize) {
-        (self.rank, self.seq)
-    }
-}
-
-impl PartialEq for Due {
+impl<K: Ord, E> PartialEq for Due<K, E> {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other).is_eq()
     }
 }
 
-impl Eq for Due {}
+impl<K: Ord, E> Eq for Due<K, E> {}
 
-impl PartialOrd for Due {
+impl<K: Ord, E> PartialOrd for Due<K, E> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Due {
-    /// Reversed, so the max-heap pops the earliest (time, rank, seq) first.
+impl<K: Ord, E> Ord for Due<K, E> {
+    /// Reversed, so the max-heap pops the earliest (time, key, seq) first.
     fn cmp(&self, other: &Self) -> Ordering {
         other
             .at
             .total_cmp(&self.at)
-            .then_with(|| other.key().cmp(&self.key()))
+            .then_with(|| other.key.cmp(&self.key))
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+impl<K: Ord, E> Default for TimeQueue<K, E> {
+    fn default() -> Self {
+        TimeQueue {
+            heap: BinaryHeap::new(),
+            seq: 0,
+        }
+    }
+}
+
+impl<K: Ord, E> TimeQueue<K, E> {
+    pub fn push(&mut self, at: f64, key: K, event: E) {
+        self.seq += 1;
+        self.heap.push(Due {
+            at,
+            key,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    /// The earliest event: `(time, key, event)`.
+    pub fn pop(&mut self) -> Option<(f64, K, E)> {
+        self.heap.pop().map(|d| (d.at, d.key, d.event))
     }
 }
 
@@ -141,27 +168,11 @@ pub fn timeline(schedule: &Schedule, costs: &Costs) -> Timeline {
         .iter()
         .map(|p| Vec::with_capacity(p.len()))
         .collect();
-    let mut queue = BinaryHeap::new();
-    let mut seq = 0;
-    let mut post = |queue: &mut BinaryHeap<Due>, at: f64, rank: usize, event: ExecEvent| {
-        queue.push(Due {
-            at,
-            rank,
-            seq,
-            event,
-        });
-        seq += 1;
-    };
+    let mut queue: TimeQueue<usize, ExecEvent> = TimeQueue::default();
     for r in 0..nr {
-        post(&mut queue, 0.0, r, ExecEvent::Start);
+        queue.push(0.0, r, ExecEvent::Start);
     }
-    while let Some(Due {
-        at: now,
-        rank: r,
-        event,
-        ..
-    }) = queue.pop()
-    {
+    while let Some((now, r, event)) = queue.pop() {
         for cmd in ex[r].on(event) {
             match cmd {
                 ExecCommand::Run(instr) => {
@@ -181,10 +192,10 @@ pub fn timeline(schedule: &Schedule, costs: &Costs) -> Timeline {
                         start: now,
                         end,
                     });
-                    post(&mut queue, end, r, ExecEvent::Completed(instr));
+                    queue.push(end, r, ExecEvent::Completed(instr));
                 }
                 ExecCommand::Send { to, arrival } => {
-                    post(&mut queue, now, to, ExecEvent::Arrived(arrival));
+                    queue.push(now, to, ExecEvent::Arrived(arrival));
                 }
                 ExecCommand::Finished => finished[r] = true,
             }
