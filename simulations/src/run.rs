@@ -190,7 +190,8 @@ pub fn step_seconds(s: &Scenario) -> Result<f64, String> {
     if let Some(x) = s.run.step_seconds {
         return Ok(x);
     }
-    let (Some(model), Some(tflops), Some(eff)) = (&s.run.model, s.run.gpu_tflops, s.run.efficiency)
+    let (Some(model), Some(tflops), Some(eff)) =
+        (&s.run.model, s.run.peak_tflops(), s.run.efficiency)
     else {
         return Err("run.step_seconds or run.model + run.gpu_tflops + run.efficiency".into());
     };

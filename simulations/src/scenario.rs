@@ -85,6 +85,11 @@ pub struct RunSpec {
     pub seq_len: Option<u64>,
     /// Peak dense TFLOP/s per GPU, and the fraction of it a step achieves.
     pub gpu_tflops: Option<f64>,
+    /// Or a GPU whose peak is known: `h200` (measured on the project's H200: BF16 GEMM 800,
+    /// FP8 with DeepSeek's block scales 1,300 TFLOP/s) or `h800` (NVIDIA's dense figures:
+    /// 989.5 BF16, 1,979 FP8), at `precision` (`bf16`, the default, or `fp8`).
+    pub gpu: Option<String>,
+    pub precision: Option<String>,
     pub efficiency: Option<f64>,
 }
 
@@ -182,6 +187,27 @@ impl Default for Recovery {
     }
 }
 
+impl RunSpec {
+    /// The GPU's peak TFLOP/s: `gpu_tflops`, else the `gpu` preset at `precision`.
+    pub fn peak_tflops(&self) -> Option<f64> {
+        if self.gpu_tflops.is_some() {
+            return self.gpu_tflops;
+        }
+        let fp8 = match self.precision.as_deref() {
+            None | Some("bf16") => false,
+            Some("fp8") => true,
+            Some(_) => return None,
+        };
+        match (self.gpu.as_deref()?, fp8) {
+            ("h200", false) => Some(800.0),
+            ("h200", true) => Some(1300.0),
+            ("h800", false) => Some(989.5),
+            ("h800", true) => Some(1979.0),
+            _ => None,
+        }
+    }
+}
+
 impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario, String> {
         let file = path.display().to_string();
@@ -233,10 +259,11 @@ impl Scenario {
                     format!("{} neither divides nor fills whole nodes of {g} GPUs", p.ep),
                 );
             }
-            if self.run.model.is_none() || self.run.gpu_tflops.is_none() {
+            if self.run.model.is_none() || self.run.peak_tflops().is_none() {
                 return bad(
                     "pipeline",
-                    "its chunk costs need run.model, run.gpu_tflops and run.efficiency".into(),
+                    "its chunk costs need run.model, run.gpu_tflops (or run.gpu) and run.efficiency"
+                        .into(),
                 );
             }
         }
@@ -313,12 +340,25 @@ impl Scenario {
         if r.efficiency.is_some_and(|e| e > 1.0) {
             return bad("run.efficiency", "must be at most 1".into());
         }
+        if let Some(g) = &r.gpu
+            && !["h200", "h800"].contains(&g.as_str())
+        {
+            return bad("run.gpu", format!("unknown GPU {g:?} (h200, h800)"));
+        }
+        if let Some(p) = &r.precision
+            && !["bf16", "fp8"].contains(&p.as_str())
+        {
+            return bad(
+                "run.precision",
+                format!("unknown precision {p:?} (bf16, fp8)"),
+            );
+        }
         if r.step_seconds.is_none()
-            && (r.model.is_none() || r.gpu_tflops.is_none() || r.efficiency.is_none())
+            && (r.model.is_none() || r.peak_tflops().is_none() || r.efficiency.is_none())
         {
             return bad(
                 "run.step_seconds",
-                "give it, or run.model, run.gpu_tflops and run.efficiency to derive it".into(),
+                "give it, or run.model, run.gpu_tflops (or run.gpu) and run.efficiency to derive it".into(),
             );
         }
         let f = &self.failures;
@@ -435,6 +475,26 @@ mod tests {
 
     const GOOD: &str = "name = \"x\"\n[cluster]\nnodes = 4\ngpus_per_node = 8\n[run]\nduration_hours = 1.0\ntokens_per_step = 1.0\nstep_seconds = 1.0\n[failures]\nrate_per_1000_node_days = 1.0\n[checkpoint]\ninterval_steps = 10\nsync_write_seconds = 1.0\nasync_stall_seconds = 0.1\nrestore_seconds = 1.0\n";
 
+    /// `run.gpu` names a peak: the H200's measured BF16 and block-scaled FP8 GEMM rates.
+    #[test]
+    fn gpu_presets_give_the_peak() {
+        let text = GOOD.replace(
+            "step_seconds = 1.0",
+            "model = \"configs/tiny.toml\"\ngpu = \"h200\"\nefficiency = 0.5",
+        );
+        let s = Scenario::parse(&text, "s.toml").unwrap();
+        assert_eq!(s.run.peak_tflops(), Some(800.0));
+        let fp8 = Scenario::parse(
+            &text.replace("gpu = ", "precision = \"fp8\"\ngpu = "),
+            "s.toml",
+        );
+        assert_eq!(fp8.unwrap().run.peak_tflops(), Some(1300.0));
+        let step = crate::run::step_seconds(&s).unwrap();
+        let cfg = crate::run::model_config("configs/tiny.toml").unwrap();
+        let want = crate::cost::training_flops_per_token(&cfg, 4096) / (32.0 * 800e12 * 0.5);
+        assert!((step - want).abs() <= 1e-12 * want, "{step} vs {want}");
+    }
+
     #[test]
     fn bad_scenarios_are_refused_naming_file_and_key() {
         assert!(Scenario::parse(GOOD, "s.toml").is_ok());
@@ -496,6 +556,7 @@ mod tests {
                 "restore_seconds = 1.0\n[pipeline]\nschedule = \"1f1b\"\npp = 4\nmicrobatches = 8\nep = 3",
                 "pipeline.ep",
             ),
+            ("step_seconds = 1.0", "gpu = \"a100\"", "run.gpu"),
             (
                 "restore_seconds = 1.0",
                 "restore_seconds = 1.0\n[network]\nnetwork_gb_s = -50.0",

@@ -75,7 +75,8 @@ pub fn scenario_step(
         .schedule
         .parse()
         .map_err(|e: actors::schedule::ScheduleError| e.to_string())?;
-    let (Some(model), Some(tflops), Some(eff)) = (&s.run.model, s.run.gpu_tflops, s.run.efficiency)
+    let (Some(model), Some(tflops), Some(eff)) =
+        (&s.run.model, s.run.peak_tflops(), s.run.efficiency)
     else {
         return Err("pipeline: needs run.model, run.gpu_tflops and run.efficiency".into());
     };
