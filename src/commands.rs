@@ -279,9 +279,14 @@ pub struct BenchArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
+    /// Where the measured steps run: cpu, cuda or cuda:N. Only the CPU trains so far (issue 12):
+    /// `cuda` reports whether a driver and device were found, then stops.
+    #[arg(long, default_value = "cpu")]
+    device: kernels::device::Device,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    a.device.ensure_can_train()?;
     match a.what.as_str() {
         "train" => bench_train(a),
         "pipeline" => bench_pipeline(a),

@@ -129,6 +129,10 @@ pub struct TrainArgs {
     /// [default: f32].
     #[arg(long)]
     precision: Option<String>,
+    /// Where the math runs: cpu, cuda or cuda:N. Only the CPU trains so far (issue 12): `cuda`
+    /// reports whether a driver and device were found, then stops.
+    #[arg(long, default_value = "cpu")]
+    device: kernels::device::Device,
 }
 
 #[derive(Args, Debug)]
@@ -210,6 +214,7 @@ fn main() {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    a.device.ensure_can_train()?;
     let opts = commands::train_options(&a)?;
     let layout = commands::layout(&a)?;
     if let Some(world) = actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())? {

@@ -11,11 +11,10 @@ use cudarc::driver::{CudaContext, sys::CUdevice_attribute};
 pub(super) fn probe(index: usize) -> Result<DeviceInfo, DeviceError> {
     // SAFETY: tries to dlopen the candidate names of libcuda; calls nothing in it
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        let names = cudarc::get_lib_name_candidates("cuda");
         return Err(DeviceError::NoDriver(format!(
             "none of {} loads; install the NVIDIA driver or put the directory of libcuda.so.1 on \
              LD_LIBRARY_PATH",
-            names.join(", ")
+            super::searched_names("cuda")
         )));
     }
     let read = move || -> Result<DeviceInfo, DeviceError> {

@@ -87,6 +87,19 @@ impl fmt::Display for DeviceInfo {
     }
 }
 
+/// The names cudarc tries for a CUDA library on Linux (`libcuda.so`, `libcuda.so.13`, …), for
+/// error messages (cudarc's own list also holds Windows-style names).
+#[cfg(feature = "cuda")]
+pub(crate) fn searched_names(lib: &str) -> String {
+    let prefix = format!("lib{lib}.so");
+    let mut names: Vec<String> = cudarc::get_lib_name_candidates(lib)
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    names.dedup();
+    names.join(", ")
+}
+
 impl FromStr for Device {
     type Err = DeviceError;
 

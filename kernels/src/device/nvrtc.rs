@@ -92,9 +92,7 @@ fn ensure_library() -> Result<(), CompileError> {
     if library_present() {
         Ok(())
     } else {
-        Err(CompileError::NoLibrary(
-            cudarc::get_lib_name_candidates("nvrtc").join(", "),
-        ))
+        Err(CompileError::NoLibrary(super::searched_names("nvrtc")))
     }
 }
 
