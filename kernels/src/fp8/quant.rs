@@ -88,7 +88,14 @@ impl Fp8Tensor {
 
 /// The scale of a group whose largest magnitude is `amax`.
 pub fn scale_from_amax(amax: f32, fmt: ScaleFormat) -> f32 {
-    let s = amax.max(AMAX_MIN) / E4M3_MAX;
+    // a NaN amax stays NaN (as torch's clamp keeps it): `f32::max` would drop it and saturate
+    // the whole group instead
+    let a = if amax.is_nan() {
+        amax
+    } else {
+        amax.max(AMAX_MIN)
+    };
+    let s = a / E4M3_MAX;
     match fmt {
         ScaleFormat::F32 => s,
         ScaleFormat::Ue8m0 => pow2_ceil(s),
@@ -364,6 +371,24 @@ mod tests {
         let y = dequantize(&t);
         assert_eq!(&y[..6], &[896.0, 288.0, -1.0, 0.1015625, 0.0, -448.0]);
         assert!(y[6..].iter().all(|&v| v == 0.0));
+    }
+
+    /// A NaN poisons its own group only: that group's scale and codes are NaN (so the loss
+    /// turns NaN and the monitor rejects the step), the next tile is untouched. Before, the NaN
+    /// amax was dropped by the clamp and the group's finite values saturated to ±1e-4.
+    #[test]
+    fn a_nan_gives_its_group_nan_codes_and_leaves_the_others() {
+        let mut x = vec![1.0f32; 256];
+        x[5] = f32::NAN;
+        for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+            let t = quantize_1x128(&x, 1, 256, fmt);
+            assert!(t.scales[0].is_nan(), "{fmt:?}: {}", t.scales[0]);
+            assert!(t.codes[..128].iter().all(|&c| c & 0x7F == 0x7F), "{fmt:?}");
+            assert!(dequantize(&t)[..128].iter().all(|v| v.is_nan()));
+            assert_eq!(dequantize(&t)[128..], vec![1.0f32; 128][..], "{fmt:?}");
+            let b = quantize_128x128(&x, 1, 256, fmt);
+            assert!(b.scales[0].is_nan() && !b.scales[1].is_nan(), "{fmt:?}");
+        }
     }
 
     /// Reference §9.5: UE8M0 scales 2^⌈log₂(amax/448)⌉.

@@ -1,7 +1,7 @@
 // FP8 E4M3 quantisation and dequantisation. Mirrors kernels/src/fp8/quant.rs: quantize_1x128,
 // quantize_128x1, quantize_128x128 and dequantize (with format.rs's decode_e4m3_arith), meant to
-// be bit-identical: amax = max |x| over the group by magnitude bits, clamped ≥ 1e-4 with fmaxf
-// (drops a NaN amax as Rust's f32::max does); scale = amax/448 (IEEE division) or, for UE8M0,
+// be bit-identical: amax = max |x| over the group by magnitude bits, clamped ≥ 1e-4 (a NaN amax
+// stays NaN, so a group with a NaN gives NaN codes throughout); scale = amax/448 (IEEE division) or, for UE8M0,
 // the next power of two by the same bit trick as pow2_ceil; code = satfinite round-to-nearest-even
 // E4M3 of x · (1/scale). Compiled without FMA contraction (Rust does not contract either).
 // Known difference: a NaN element's code and a NaN code's decoded value may differ from the CPU
@@ -23,7 +23,8 @@ __device__ __forceinline__ float pow2_ceil(float x) {
 
 // quant.rs: scale_from_amax (ue8m0 = 0: ScaleFormat::F32, 1: ScaleFormat::Ue8m0).
 __device__ __forceinline__ float scale_from_amax(float amax, int ue8m0) {
-    float s = fmaxf(amax, AMAX_MIN) / E4M3_MAX;
+    float a = isnan(amax) ? amax : fmaxf(amax, AMAX_MIN);
+    float s = a / E4M3_MAX;
     return ue8m0 ? pow2_ceil(s) : s;
 }
 
