@@ -5,6 +5,9 @@
 //! **Compile-checked for `sm_90` only** (`kernels/tests/nvrtc_compile.rs`); none has run on a
 //! GPU, and nothing launches them yet: parity with the CPU and speed are still to be measured.
 
+#[cfg(feature = "cuda")]
+pub mod launch;
+
 /// Prepended to every source before compilation (sources do not `#include` it): element types
 /// and the fixed-tree block reductions.
 pub const PRELUDE: &str = include_str!("common.cuh");

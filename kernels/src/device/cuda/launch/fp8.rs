@@ -1,0 +1,150 @@
+//! Launch wrappers of `fp8_quant.cu`: the three E4M3 quantisers and the dequantiser, on device
+//! buffers, and host-level `quantize` / `dequantize` that take and give `fp8::Fp8Tensor` as the
+//! CPU's `fp8::quantize` and `fp8::dequantize` do. Never run on a GPU.
+
+use super::{
+    BLOCK, GRID_X_MAX, GRID_Y_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int,
+};
+use crate::fp8::{Fp8Tensor, ScaleFormat, ScaleLayout, TILE};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+/// The kernel of a layout.
+fn quantizer(layout: ScaleLayout) -> &'static str {
+    match layout {
+        ScaleLayout::Tile1x128 => "fp8_quantize_1x128",
+        ScaleLayout::Tile128x1 => "fp8_quantize_128x1",
+        ScaleLayout::Block128x128 => "fp8_quantize_128x128",
+    }
+}
+
+impl Gpu {
+    /// E4M3 codes and scales of `x [rows, cols]` with `layout`'s groups, into device buffers of
+    /// `rows·cols` codes and `layout.num_scales(rows, cols)` scales.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_quantize_dev(
+        &self,
+        x: &CudaSlice<f32>,
+        codes: &mut CudaSlice<u8>,
+        scales: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        layout: ScaleLayout,
+        fmt: ScaleFormat,
+    ) -> Result<(), GpuError> {
+        let k = quantizer(layout);
+        let n = rows * cols;
+        check_len(k, "x", x.len(), n)?;
+        check_len(k, "codes", codes.len(), n)?;
+        check_len(k, "scales", scales.len(), layout.num_scales(rows, cols))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (r, c) = (int(k, "rows", rows)?, int(k, "cols", cols)?);
+        let ue8m0 = i32::from(fmt == ScaleFormat::Ue8m0);
+        let tiles = |len: usize| len.div_ceil(TILE);
+        let cfg = match layout {
+            // one warp per 1×128 tile, BLOCK/32 tiles per block
+            ScaleLayout::Tile1x128 => {
+                let warps = rows * tiles(cols);
+                let g = grid_dim(k, warps.div_ceil(BLOCK as usize / 32), GRID_X_MAX)?;
+                config((g, 1), BLOCK)
+            }
+            // one thread per column of a 128-row band
+            ScaleLayout::Tile128x1 => {
+                let gx = grid_dim(k, cols.div_ceil(BLOCK as usize), GRID_X_MAX)?;
+                config((gx, grid_dim(k, tiles(rows), GRID_Y_MAX)?), BLOCK)
+            }
+            // one block per 128×128 block (the kernel indexes scales by gridDim.x = ⌈cols/128⌉)
+            ScaleLayout::Block128x128 => {
+                let gx = grid_dim(k, tiles(cols), GRID_X_MAX)?;
+                config((gx, grid_dim(k, tiles(rows), GRID_Y_MAX)?), BLOCK)
+            }
+        };
+        let mut b = self.stream.launch_builder(self.function(k)?);
+        b.arg(x).arg(codes).arg(scales).arg(&r).arg(&c).arg(&ue8m0);
+        // SAFETY: every fp8_quantize_* takes (const float* x, u8* codes, float* scales, int rows,
+        // int cols, int ue8m0); x and codes hold rows·cols elements and scales the layout's
+        // scale count (checked above); the grid is the one the kernel's indexing assumes.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `fp8_dequantize`: `y [rows, cols]` = decode(code) · scale of the element's group.
+    pub fn fp8_dequantize_dev(
+        &self,
+        codes: &CudaSlice<u8>,
+        scales: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        layout: ScaleLayout,
+    ) -> Result<(), GpuError> {
+        let k = "fp8_dequantize";
+        let n = rows * cols;
+        check_len(k, "codes", codes.len(), n)?;
+        check_len(k, "y", y.len(), n)?;
+        check_len(k, "scales", scales.len(), layout.num_scales(rows, cols))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (gr, gc) = layout.group_shape();
+        let (r, c) = (int(k, "rows", rows)?, int(k, "cols", cols)?);
+        let (gr, gc) = (gr as i32, gc as i32);
+        let mut b = self.stream.launch_builder(self.function(k)?);
+        b.arg(codes)
+            .arg(scales)
+            .arg(y)
+            .arg(&r)
+            .arg(&c)
+            .arg(&gr)
+            .arg(&gc);
+        // SAFETY: fp8_dequantize takes (const u8* codes, const float* scales, float* y, int rows,
+        // int cols, int group_rows, int group_cols); codes and y hold rows·cols elements, scales
+        // the layout's count (checked above); a grid-stride loop, any launch shape.
+        unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
+    /// `fp8::quantize` on the GPU: uploads `x`, quantises, downloads codes and scales.
+    pub fn quantize(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        layout: ScaleLayout,
+        fmt: ScaleFormat,
+    ) -> Result<Fp8Tensor, GpuError> {
+        check_len(quantizer(layout), "x", x.len(), rows * cols)?;
+        let ns = layout.num_scales(rows, cols);
+        let mut t = Fp8Tensor {
+            rows,
+            cols,
+            codes: Vec::new(),
+            scales: vec![0.0; ns],
+            layout,
+        };
+        if x.is_empty() {
+            return Ok(t);
+        }
+        let dx = self.upload(x)?;
+        let mut codes = self.zeros::<u8>(rows * cols)?;
+        let mut scales = self.zeros::<f32>(ns)?;
+        self.fp8_quantize_dev(&dx, &mut codes, &mut scales, rows, cols, layout, fmt)?;
+        t.codes = self.download(&codes)?;
+        t.scales = self.download(&scales)?;
+        Ok(t)
+    }
+
+    /// `fp8::dequantize` on the GPU.
+    pub fn dequantize(&self, t: &Fp8Tensor) -> Result<Vec<f32>, GpuError> {
+        let n = t.rows * t.cols;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let codes = self.upload(&t.codes)?;
+        let scales = self.upload(&t.scales)?;
+        let mut y = self.zeros::<f32>(n)?;
+        self.fp8_dequantize_dev(&codes, &scales, &mut y, t.rows, t.cols, t.layout)?;
+        self.download(&y)
+    }
+}

@@ -1,0 +1,242 @@
+//! FP8 parity: the three E4M3 quantisers and the dequantiser against `kernels::fp8::quant`, on
+//! adversarial inputs (per-128 groups of Gaussians at magnitudes 1e-6..1e4, zeros and −0.0,
+//! subnormals, exact round-to-nearest-even ties, huge values, one NaN and one infinity), for a
+//! DeepSeek-sized activation and shapes that are not multiples of 128. Codes and scales must be
+//! bit-identical; a NaN code or scale matches any NaN (the GPU writes canonical NaNs).
+
+use super::report::{Report, code_mismatches, f32_mismatches, shape};
+use kernels::device::cuda::launch::Gpu;
+use kernels::fp8::format::decode_e4m3;
+use kernels::fp8::{ScaleFormat, ScaleLayout, dequantize, quantize};
+use kernels::rng::Rng;
+use rayon::prelude::*;
+
+const BIG: (usize, usize) = (4096, 7168);
+const EDGES: [(usize, usize); 5] = [(1, 1), (3, 385), (129, 127), (257, 1000), (130, 4097)];
+const LAYOUTS: [(ScaleLayout, &str); 3] = [
+    (ScaleLayout::Tile1x128, "1x128"),
+    (ScaleLayout::Tile128x1, "128x1"),
+    (ScaleLayout::Block128x128, "128x128"),
+];
+const FORMATS: [(ScaleFormat, &str); 2] =
+    [(ScaleFormat::F32, "f32"), (ScaleFormat::Ue8m0, "ue8m0")];
+
+/// One 128-wide group of a row, of a random kind (see the module doc).
+fn group(rng: &mut Rng, out: &mut [f32]) {
+    let sign = |rng: &mut Rng| if rng.below(2) == 0 { 1.0f32 } else { -1.0 };
+    match rng.below(8) {
+        0..=2 => {
+            let mag = 10f32.powf(rng.uniform() * 10.0 - 6.0);
+            out.iter_mut().for_each(|v| *v = rng.normal() * mag);
+        }
+        3 => out
+            .iter_mut()
+            .for_each(|v| *v = if rng.below(2) == 0 { 0.0 } else { -0.0 }),
+        4 => out.iter_mut().for_each(|v| {
+            *v = sign(rng) * f32::from_bits(1 + rng.below(0x007F_FFFF) as u32);
+        }),
+        5 => {
+            // amax = 448·2^k makes the scale exactly 2^k, so midpoints between E4M3 codes
+            // (times 2^k) are exact ties for the round-to-nearest-even encoder
+            let pow = 2f32.powi(rng.below(40) as i32 - 20);
+            for v in out.iter_mut() {
+                let c = rng.below(0x7D) as u8;
+                let mid = (decode_e4m3(c) + decode_e4m3(c + 1)) / 2.0;
+                *v = sign(rng) * mid * pow;
+            }
+            out[rng.below(out.len() as u64) as usize] = sign(rng) * 448.0 * pow;
+        }
+        6 => out.iter_mut().for_each(|v| {
+            *v = if rng.below(64) == 0 {
+                sign(rng) * f32::MAX
+            } else {
+                rng.normal() * 1e37
+            };
+        }),
+        _ => {
+            let specials = [0.0, -0.0, 1e-40, -1e-45, 3e38, -2.5e-3, 1e-30];
+            out.iter_mut().for_each(|v| {
+                *v = if rng.below(4) == 0 {
+                    specials[rng.below(specials.len() as u64) as usize]
+                } else {
+                    rng.normal()
+                };
+            });
+        }
+    }
+}
+
+/// Adversarial `rows × cols`: row-wise groups of random kinds, then one NaN and one +∞.
+pub fn adversarial(seed: u64, rows: usize, cols: usize) -> Vec<f32> {
+    let mut x = vec![0f32; rows * cols];
+    x.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let mut rng = Rng::stream(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), "fp8");
+            row.chunks_mut(128).for_each(|g| group(&mut rng, g));
+        });
+    let mut rng = Rng::stream(seed, "fp8 specials");
+    let n = x.len() as u64;
+    if n > 1 {
+        x[rng.below(n) as usize] = f32::INFINITY;
+    }
+    if n > 0 {
+        x[rng.below(n) as usize] = f32::NAN;
+    }
+    x
+}
+
+/// Mismatch counts of one shape, added into `acc` (codes, scales, dequantised values, elements,
+/// scale count, NaN scales).
+#[derive(Default)]
+struct Tally {
+    codes: usize,
+    scales: usize,
+    deq: usize,
+    elems: usize,
+    nscales: usize,
+    nan_scales: usize,
+    first: Option<String>,
+}
+
+fn compare_shape(
+    gpu: &Gpu,
+    x: &[f32],
+    (rows, cols): (usize, usize),
+    layout: ScaleLayout,
+    fmt: ScaleFormat,
+    t: &mut Tally,
+) -> Result<(), kernels::device::cuda::launch::GpuError> {
+    let cpu = quantize(x, rows, cols, layout, fmt);
+    let dev = gpu.quantize(x, rows, cols, layout, fmt)?;
+    let (c, ci) = code_mismatches(&dev.codes, &cpu.codes);
+    let (s, si) = f32_mismatches(&dev.scales, &cpu.scales);
+    // the dequantiser on the CPU's own codes and scales, so its row isolates that kernel
+    let deq_cpu = dequantize(&cpu);
+    let deq_gpu = gpu.dequantize(&cpu)?;
+    let (d, _) = f32_mismatches(&deq_gpu, &deq_cpu);
+    if t.first.is_none() {
+        t.first = match (ci, si) {
+            (Some(i), _) => Some(format!(
+                "{rows}×{cols} code[{i}] x {:e}: gpu {:#04x} cpu {:#04x}",
+                x[i], dev.codes[i], cpu.codes[i]
+            )),
+            (None, Some(i)) => Some(format!(
+                "{rows}×{cols} scale[{i}]: gpu {:e} cpu {:e}",
+                dev.scales[i], cpu.scales[i]
+            )),
+            _ => None,
+        };
+    }
+    t.codes += c;
+    t.scales += s;
+    t.deq += d;
+    t.elems += x.len();
+    t.nscales += cpu.scales.len();
+    t.nan_scales += cpu.scales.iter().filter(|s| s.is_nan()).count();
+    Ok(())
+}
+
+fn report_tally(r: &mut Report, kernel: &str, shapes: &str, fmt: &str, t: &Tally) {
+    let mut value = format!(
+        "codes {}/{}, scales {}/{} differ ({} NaN scales)",
+        t.codes, t.elems, t.scales, t.nscales, t.nan_scales
+    );
+    if let Some(f) = &t.first {
+        value.push_str("; first: ");
+        value.push_str(f);
+    }
+    let metric = format!("{fmt} codes+scales bits");
+    r.check(
+        kernel,
+        shapes,
+        &metric,
+        value,
+        t.codes == 0 && t.scales == 0,
+    );
+}
+
+pub fn run(gpu: &Gpu, r: &mut Report, seed: u64) {
+    let big = adversarial(seed, BIG.0, BIG.1);
+    let edges: Vec<Vec<f32>> = EDGES
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, cols))| adversarial(seed.wrapping_add(i as u64 + 1), rows, cols))
+        .collect();
+    let edge_names = EDGES
+        .iter()
+        .map(|&(a, b)| shape(&[a, b]))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (layout, lname) in LAYOUTS {
+        let kernel = format!("fp8_quantize_{lname}");
+        let mut deq_big = (0, 0);
+        let mut deq_edges = (0, 0);
+        for (fmt, fname) in FORMATS {
+            let mut t = Tally::default();
+            match compare_shape(gpu, &big, BIG, layout, fmt, &mut t) {
+                Ok(()) => report_tally(r, &kernel, &shape(&[BIG.0, BIG.1]), fname, &t),
+                Err(e) => r.error(&kernel, &shape(&[BIG.0, BIG.1]), &e),
+            }
+            deq_big = (deq_big.0 + t.deq, deq_big.1 + t.elems);
+            let mut t = Tally::default();
+            let res = EDGES
+                .iter()
+                .zip(&edges)
+                .try_for_each(|(&s, x)| compare_shape(gpu, x, s, layout, fmt, &mut t));
+            match res {
+                Ok(()) => report_tally(r, &kernel, &edge_names, fname, &t),
+                Err(e) => r.error(&kernel, &edge_names, &e),
+            }
+            deq_edges = (deq_edges.0 + t.deq, deq_edges.1 + t.elems);
+        }
+        let deq = format!("fp8_dequantize ({lname})");
+        for (name, (bad, n)) in [
+            (shape(&[BIG.0, BIG.1]), deq_big),
+            (edge_names.clone(), deq_edges),
+        ] {
+            let value = format!("{bad}/{n} differ (f32 and ue8m0 scales)");
+            r.check(&deq, &name, "values bits", value, bad == 0);
+        }
+        time(gpu, r, &big, layout, &kernel);
+    }
+}
+
+/// Quantiser and dequantiser time on the big shape: bytes = f32 in + codes out + scales out
+/// (dequantiser: codes and scales in, f32 out).
+fn time(gpu: &Gpu, r: &mut Report, x: &[f32], layout: ScaleLayout, kernel: &str) {
+    let (rows, cols) = BIG;
+    let n = rows * cols;
+    let ns = layout.num_scales(rows, cols);
+    let name = shape(&[rows, cols]);
+    let bufs = (|| {
+        let dx = gpu.upload(x)?;
+        Ok::<_, kernels::device::cuda::launch::GpuError>((
+            dx,
+            gpu.zeros::<u8>(n)?,
+            gpu.zeros::<f32>(ns)?,
+            gpu.zeros::<f32>(n)?,
+        ))
+    })();
+    let (dx, mut codes, mut scales, mut y) = match bufs {
+        Ok(b) => b,
+        Err(e) => return r.error(kernel, &name, &e),
+    };
+    let bytes = (n * 5 + ns * 4) as f64;
+    let ms = gpu.time_ms(20, || {
+        gpu.fp8_quantize_dev(
+            &dx,
+            &mut codes,
+            &mut scales,
+            rows,
+            cols,
+            layout,
+            ScaleFormat::F32,
+        )
+    });
+    r.timing(kernel, &name, ms, bytes);
+    let ms = gpu.time_ms(20, || {
+        gpu.fp8_dequantize_dev(&codes, &scales, &mut y, rows, cols, layout)
+    });
+    r.timing("fp8_dequantize", &name, ms, bytes);
+}
