@@ -80,3 +80,52 @@ fn every_kernel_matches_its_cpu_reference() {
         r.failures()
     );
 }
+
+/// The harness itself, without a GPU: the comparisons treat NaNs and the floor as documented,
+/// and the FP8 inputs hold the adversarial values they promise.
+#[test]
+fn the_harness_compares_and_generates_as_documented() {
+    use report::{code_mismatches, f32_mismatches, rel_errors};
+    let qnan = f32::from_bits(0x7FC0_0001);
+    assert_eq!(f32_mismatches(&[f32::NAN, 1.0], &[qnan, 1.0]), (0, None));
+    assert_eq!(f32_mismatches(&[0.0, 1.0], &[-0.0, 1.0]), (1, Some(0)));
+    assert_eq!(code_mismatches(&[0x7F, 0x7E], &[0xFF, 0x7E]), (0, None));
+    assert_eq!(code_mismatches(&[0x7E], &[0x7F]), (1, Some(0)));
+    let (floored, raw) = rel_errors(&[1.0, 1e-9], &[1.0, 0.0]);
+    assert!(
+        (floored - 1e-6).abs() < 1e-12 && raw.is_infinite(),
+        "{floored} {raw}"
+    );
+    assert_eq!(rel_errors(&[f32::NAN], &[1.0]).0, f64::INFINITY);
+
+    let (rows, cols) = (129, 1000);
+    let x = fp8::adversarial(7, rows, cols);
+    assert_eq!(x.iter().filter(|v| v.is_nan()).count(), 1);
+    assert!(x.iter().any(|v| v.is_infinite()));
+    assert!(x.iter().any(|v| v.is_subnormal()));
+    assert!(x.iter().any(|v| v.to_bits() == 0x8000_0000));
+    let t = kernels::fp8::quantize(
+        &x,
+        rows,
+        cols,
+        kernels::fp8::ScaleLayout::Tile1x128,
+        kernels::fp8::ScaleFormat::F32,
+    );
+    assert_eq!(t.scales.iter().filter(|s| s.is_nan()).count(), 1);
+    // tie groups: a power-of-two scale, so x/scale lands exactly between two E4M3 values
+    let ties = x
+        .chunks(128)
+        .zip(&t.scales)
+        .filter(|(_, s)| s.is_finite() && s.to_bits() & 0x007F_FFFF == 0)
+        .flat_map(|(g, s)| g.iter().map(move |v| v / s))
+        .filter(|q| {
+            let c = kernels::fp8::format::encode_e4m3(*q, true);
+            let lo = kernels::fp8::format::decode_e4m3(c & 0x7F);
+            let hi = kernels::fp8::format::decode_e4m3((c & 0x7F) + 1);
+            let lower = kernels::fp8::format::decode_e4m3((c & 0x7F).saturating_sub(1));
+            let a = q.abs();
+            a != lo && ((a - lo).abs() == (hi - a).abs() || (a - lo).abs() == (a - lower).abs())
+        })
+        .count();
+    assert!(ties > 100, "only {ties} exact ties");
+}

@@ -3,8 +3,9 @@
 //! of issue 12 with their NVRTC compilation to a cubin.
 //!
 //! Status: the CPU is the only device that trains. The CUDA kernels under `cuda/` mirror CPU ops
-//! and are compile-checked for `sm_90` in CI (`kernels/tests/nvrtc_compile.rs`); **none has run on
-//! a GPU**, and nothing launches them yet. `Device::ensure_can_train` therefore refuses
+//! and are compile-checked for `sm_90` in CI (`kernels/tests/nvrtc_compile.rs`); `cuda::launch`
+//! launches them and `kernels/tests/gpu_parity.rs` compares them with the CPU, but **none of it
+//! has run on a GPU**. `Device::ensure_can_train` therefore refuses
 //! `cuda` with the probe's finding instead of training on the CPU behind the user's back.
 
 pub mod cuda;

@@ -44,7 +44,7 @@ impl Moments {
         }
     }
 
-    fn ensure_bf16(&mut self) {
+    pub(crate) fn ensure_bf16(&mut self) {
         if let Moments::F32 { m, v } = self {
             let conv = |x: &Vec<f32>| x.iter().map(|&y| bf16::from_f32(y)).collect();
             *self = Moments::Bf16 {
@@ -63,15 +63,18 @@ fn moments(g: f32, m: f32, v: f32, c: &StepConsts) -> (f32, f32) {
     (mi, vi)
 }
 
-/// Per-step constants of an update.
-struct StepConsts {
-    b1: f32,
-    b2: f32,
-    bc1: f32,
-    bc2: f32,
-    eps: f32,
-    lr: f32,
-    wd: f32,
+/// Per-step constants of an update (`#[repr(C)]`: the CUDA kernels of `device::cuda` take the
+/// same seven f32 by value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepConsts {
+    pub b1: f32,
+    pub b2: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+    pub eps: f32,
+    pub lr: f32,
+    pub wd: f32,
 }
 
 impl StepConsts {
@@ -82,6 +85,20 @@ impl StepConsts {
 }
 
 impl AdamW {
+    /// The constants of step `t` (1-based) at learning rate `lr`: bias corrections by f32
+    /// `powi`, weight decay folded into `wd` when `decay`.
+    pub fn consts(&self, lr: f32, t: u64, decay: bool) -> StepConsts {
+        StepConsts {
+            b1: self.beta1,
+            b2: self.beta2,
+            bc1: 1.0 - self.beta1.powi(t as i32),
+            bc2: 1.0 - self.beta2.powi(t as i32),
+            eps: self.eps,
+            lr,
+            wd: if decay { lr * self.weight_decay } else { 0.0 },
+        }
+    }
+
     /// One update of `param` from the gradient `grad · grad_scale` (the clip factor; 1 for none) at
     /// 1-based step `t`, leaving `grad` zeroed for the next accumulation: one pass over the memory.
     /// `decay` says whether weight decay applies to this tensor (matrices yes, norms no).
@@ -96,15 +113,7 @@ impl AdamW {
         t: u64,
         decay: bool,
     ) {
-        let c = StepConsts {
-            b1: self.beta1,
-            b2: self.beta2,
-            bc1: 1.0 - self.beta1.powi(t as i32),
-            bc2: 1.0 - self.beta2.powi(t as i32),
-            eps: self.eps,
-            lr,
-            wd: if decay { lr * self.weight_decay } else { 0.0 },
-        };
+        let c = self.consts(lr, t, decay);
         if self.bf16_moments {
             st.ensure_bf16();
         }

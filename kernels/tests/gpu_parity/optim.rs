@@ -5,7 +5,7 @@
 
 use super::report::{Report, bf16_mismatches, normals, scaled, shape, sprinkle};
 use half::bf16;
-use kernels::device::cuda::launch::{Gpu, GpuError, StepConsts};
+use kernels::device::cuda::launch::{Gpu, GpuError};
 use kernels::ops::adamw::{AdamW, Moments, global_norm};
 
 pub fn run(gpu: &Gpu, r: &mut Report, seed: u64) {
@@ -101,7 +101,7 @@ fn adamw_rows(
         ),
     }
     if timed {
-        let c = StepConsts::new(&opt, lr, t, true);
+        let c = opt.consts(lr, t, true);
         let (mut dp, mut dg) = (gpu.upload(&param)?, gpu.upload(&grad)?);
         let ms = if bf16_moments {
             let (mut dm, mut dv) = (gpu.zeros::<u16>(n)?, gpu.zeros::<u16>(n)?);

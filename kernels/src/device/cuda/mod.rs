@@ -1,9 +1,10 @@
 //! The CUDA C kernels of the GPU backend (issue 12), as source text: each `.cu` file beside this
 //! one mirrors a CPU op of `kernels::ops` or `kernels::fp8` (its `//` header names the function),
-//! with the entry points it exports. `device::nvrtc` (feature `cuda`) compiles them.
+//! with the entry points it exports. `device::nvrtc` (feature `cuda`) compiles them; `launch`
+//! (feature `cuda`) loads and launches them.
 //!
 //! **Compile-checked for `sm_90` only** (`kernels/tests/nvrtc_compile.rs`); none has run on a
-//! GPU, and nothing launches them yet: parity with the CPU and speed are still to be measured.
+//! GPU: parity with the CPU (`kernels/tests/gpu_parity.rs`) and speed are still to be measured.
 
 #[cfg(feature = "cuda")]
 pub mod launch;

@@ -15,7 +15,7 @@ mod fp8;
 mod ops;
 mod optim;
 
-pub use optim::StepConsts;
+pub use crate::ops::adamw::StepConsts;
 
 use super::SOURCES;
 use crate::device::nvrtc::{self, CompileError};

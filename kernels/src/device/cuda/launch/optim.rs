@@ -6,42 +6,13 @@
 use super::{
     BLOCK, GRID_X_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int, long,
 };
-use crate::ops::adamw::{AdamW, Moments};
+use crate::ops::adamw::{AdamW, Moments, StepConsts};
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use half::bf16;
 
-/// `adamw.cu`'s `StepConsts`, passed by value: seven f32 in this order, as `AdamW::step`
-/// computes them.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StepConsts {
-    pub b1: f32,
-    pub b2: f32,
-    pub bc1: f32,
-    pub bc2: f32,
-    pub eps: f32,
-    pub lr: f32,
-    pub wd: f32,
-}
-
-// SAFETY: #[repr(C)], seven f32 and no padding: the layout of the CUDA struct of seven floats.
+// SAFETY: `StepConsts` is #[repr(C)] with seven f32 and no padding: the layout of adamw.cu's
+// struct of seven floats, which the kernels take by value.
 unsafe impl DeviceRepr for StepConsts {}
-
-impl StepConsts {
-    /// The constants of step `t` (1-based) at learning rate `lr`, exactly as `AdamW::step`
-    /// derives them (bias corrections by f32 `powi`, decay folded into `wd`).
-    pub fn new(opt: &AdamW, lr: f32, t: u64, decay: bool) -> StepConsts {
-        StepConsts {
-            b1: opt.beta1,
-            b2: opt.beta2,
-            bc1: 1.0 - opt.beta1.powi(t as i32),
-            bc2: 1.0 - opt.beta2.powi(t as i32),
-            eps: opt.eps,
-            lr,
-            wd: if decay { lr * opt.weight_decay } else { 0.0 },
-        }
-    }
-}
 
 /// An element type the AdamW kernels store moments in: f32, or bf16 as its bits.
 pub trait MomentElem: DeviceRepr {
@@ -113,16 +84,10 @@ impl Gpu {
         if param.is_empty() {
             return Ok(());
         }
-        if opt.bf16_moments
-            && let Moments::F32 { m, v } = st
-        {
-            let conv = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y)).collect();
-            *st = Moments::Bf16 {
-                m: conv(m),
-                v: conv(v),
-            };
+        if opt.bf16_moments {
+            st.ensure_bf16();
         }
-        let c = StepConsts::new(opt, lr, t, decay);
+        let c = opt.consts(lr, t, decay);
         let mut dp = self.upload(param)?;
         let mut dg = self.upload(grad)?;
         match st {
