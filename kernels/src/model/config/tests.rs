@@ -14,6 +14,7 @@ fn to_toml_reads_back_equal() {
         "micro.toml",
         "tiny.toml",
         "small.toml",
+        "medium.toml",
         "deepseek-v3-671b.toml",
     ] {
         let c = cfg(name);
@@ -37,6 +38,14 @@ fn parameter_counts_match_reference() {
     assert_eq!(full.mtp, 11_610_068_224);
     assert_eq!(full.active, 37_552_282_624);
     assert_eq!(full.main + full.mtp, 682_636_487_424);
+    // medium (issue 12: hidden 2048, ≥ 16 layers, ≥ 64 routed experts, about 2–4B parameters)
+    let m = cfg("medium.toml").model;
+    assert_eq!(m.hidden_size, 2048);
+    assert!(m.num_hidden_layers >= 16 && m.n_routed_experts >= 64);
+    let mc = m.param_counts();
+    assert_eq!((mc.main, mc.mtp), (3_467_598_784, 227_552_576));
+    assert_eq!(mc.active, 730_814_464);
+    assert!((2_000_000_000..=4_000_000_000).contains(&mc.total()));
 }
 
 #[test]
