@@ -2,15 +2,18 @@
 //! `device::cuda::launch::Gpu`, against the CPU function it mirrors, on fresh random inputs each
 //! run (the seed is printed; `PHALANX_PARITY_SEED=N` repeats a run). Kernels whose header claims
 //! the CPU's bits are compared bit for bit (a NaN matching any NaN: the GPU writes canonical
-//! NaNs); the others within 1e-5 relative (`report::rel_errors`). Each kernel is also timed
-//! (CUDA events, GB/s for the memory-bound ones; printed, never asserted). Prints a Markdown
-//! table last and fails if any check failed.
+//! NaNs); the others within 1e-5 relative (`report::rel_errors`; attention normwise,
+//! `report::norm_rel_error`, see `gpu_parity/attention.rs`). Each kernel is also timed
+//! (CUDA events, GB/s for the memory-bound ones, TFLOP/s for attention; printed, never
+//! asserted). Prints a Markdown table last and fails if any check failed.
 //!
 //! Without a CUDA driver or device it prints `SKIPPED: <reason>` and passes: CI builds and runs
 //! it on machines without a GPU. **It has never run on a GPU yet.**
 
 #![cfg(feature = "cuda")]
 
+#[path = "gpu_parity/attention.rs"]
+mod attention;
 #[path = "gpu_parity/fp8.rs"]
 mod fp8;
 #[path = "gpu_parity/ops.rs"]
@@ -63,8 +66,12 @@ fn every_kernel_matches_its_cpu_reference() {
     );
     println!("seed {seed} (repeat with PHALANX_PARITY_SEED={seed})");
     let mut r = report::Report::default();
-    let families: [(&str, Family); 3] =
-        [("fp8", fp8::run), ("ops", ops::run), ("optim", optim::run)];
+    let families: [(&str, Family); 4] = [
+        ("fp8", fp8::run),
+        ("ops", ops::run),
+        ("optim", optim::run),
+        ("attention", attention::run),
+    ];
     for (name, run) in families {
         let t = Instant::now();
         println!("== {name}");
@@ -85,7 +92,7 @@ fn every_kernel_matches_its_cpu_reference() {
 /// and the FP8 inputs hold the adversarial values they promise.
 #[test]
 fn the_harness_compares_and_generates_as_documented() {
-    use report::{code_mismatches, f32_mismatches, rel_errors};
+    use report::{code_mismatches, f32_mismatches, norm_rel_error, rel_errors};
     let qnan = f32::from_bits(0x7FC0_0001);
     assert_eq!(f32_mismatches(&[f32::NAN, 1.0], &[qnan, 1.0]), (0, None));
     assert_eq!(f32_mismatches(&[0.0, 1.0], &[-0.0, 1.0]), (1, Some(0)));
@@ -97,6 +104,10 @@ fn the_harness_compares_and_generates_as_documented() {
         "{floored} {raw}"
     );
     assert_eq!(rel_errors(&[f32::NAN], &[1.0]).0, f64::INFINITY);
+    assert_eq!(norm_rel_error(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
+    assert!((norm_rel_error(&[3.0, 4.5], &[3.0, 4.0]) - 0.1).abs() < 1e-12);
+    assert_eq!(norm_rel_error(&[f32::INFINITY], &[1.0]), f64::INFINITY);
+    assert_eq!(norm_rel_error(&[1.0], &[1.0, 2.0]), f64::INFINITY);
 
     let (rows, cols) = (129, 1000);
     let x = fp8::adversarial(7, rows, cols);

@@ -1,6 +1,6 @@
 //! The parity table: one row per (kernel, shape, metric) with a verdict, the comparisons that
-//! fill it (bit for bit with NaN matching any NaN, max relative error), timings as GB/s, and the
-//! random inputs (adversarial values included) the checks share.
+//! fill it (bit for bit with NaN matching any NaN, max relative error), timings as GB/s or
+//! TFLOP/s, and the random inputs (adversarial values included) the checks share.
 
 use kernels::device::cuda::launch::GpuError;
 use kernels::rng::Rng;
@@ -62,6 +62,31 @@ pub fn rel_errors(gpu: &[f32], cpu: &[f32]) -> (f64, f64) {
             (d / c.max(floor), raw)
         })
         .reduce(|| (0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)))
+}
+
+/// The normwise relative error ‖g − c‖₂ / ‖c‖₂ in f64 (0 when both are zero); a non-finite
+/// element on either side, or unequal lengths, is ∞. For outputs that are long sums with
+/// cancellation (attention), where single elements near zero carry the sum's rounding.
+pub fn norm_rel_error(gpu: &[f32], cpu: &[f32]) -> f64 {
+    if gpu.len() != cpu.len() {
+        return f64::INFINITY;
+    }
+    let (diff, norm) = gpu
+        .par_iter()
+        .zip(cpu)
+        .map(|(&g, &c)| {
+            if !g.is_finite() || !c.is_finite() {
+                return (f64::INFINITY, 0.0);
+            }
+            let d = g as f64 - c as f64;
+            (d * d, c as f64 * c as f64)
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if diff == 0.0 {
+        0.0
+    } else {
+        (diff / norm).sqrt()
+    }
 }
 
 /// Elements whose bits differ, a NaN matching any NaN (payload and sign may differ); the first.
@@ -166,11 +191,41 @@ impl Report {
         );
     }
 
+    /// f32 outputs whose normwise relative error (`norm_rel_error`) is within `REL_TOL`; the
+    /// element-wise floored error of `rel` is shown beside it, not judged.
+    pub fn norm_rel(&mut self, kernel: &str, shape: &str, what: &str, gpu: &[f32], cpu: &[f32]) {
+        let norm = norm_rel_error(gpu, cpu);
+        let (floored, _) = if gpu.len() == cpu.len() {
+            rel_errors(gpu, cpu)
+        } else {
+            (f64::INFINITY, f64::INFINITY)
+        };
+        let value =
+            format!("‖Δ‖/‖cpu‖ {norm:.2e} (element-wise floored max {floored:.2e}, not judged)");
+        let metric = format!("{what} norm rel ≤ 1e-5");
+        self.check(kernel, shape, &metric, value, norm <= REL_TOL);
+    }
+
     /// Mean time of one launch, and the bandwidth if `bytes` moved (informative only).
     pub fn timing(&mut self, kernel: &str, shape: &str, ms: Result<f64, GpuError>, bytes: f64) {
         let value = match ms {
             Ok(ms) if bytes > 0.0 => format!("{ms:.4} ms, {:.0} GB/s", bytes / (ms * 1e-3) / 1e9),
             Ok(ms) => format!("{ms:.4} ms"),
+            Err(e) => format!("timing failed: {e}"),
+        };
+        self.push(kernel, shape, "time (mean of 20)", value, Verdict::Info);
+    }
+
+    /// Mean time of one launch sequence and the TFLOP/s of `flops` (informative only).
+    pub fn timing_flops(
+        &mut self,
+        kernel: &str,
+        shape: &str,
+        ms: Result<f64, GpuError>,
+        flops: f64,
+    ) {
+        let value = match ms {
+            Ok(ms) => format!("{ms:.4} ms, {:.2} TFLOP/s", flops / (ms * 1e-3) / 1e12),
             Err(e) => format!("timing failed: {e}"),
         };
         self.push(kernel, shape, "time (mean of 20)", value, Verdict::Info);

@@ -74,6 +74,15 @@ pub const SOURCES: &[KernelSource] = &[
         "embedding",
         ["embedding_forward", "embedding_backward_weight"]
     ),
+    source!(
+        "attention",
+        [
+            "attention_forward",
+            "attention_backward_dot",
+            "attention_backward_dkdv",
+            "attention_backward_dq"
+        ]
+    ),
 ];
 
 /// Register use and spills of one kernel, read from ptxas's `-v` report.
@@ -120,6 +129,29 @@ pub fn parse_ptxas_log(log: &str) -> Vec<PtxasReport> {
 mod tests {
     use super::*;
 
+    /// The names of the `extern "C" __global__ void [__launch_bounds__(…)] NAME(` kernels of a
+    /// source, in order.
+    fn kernel_names(source: &str) -> Vec<&str> {
+        let def = "extern \"C\" __global__ void ";
+        source
+            .match_indices(def)
+            .map(|(at, _)| {
+                let mut rest = source[at + def.len()..].trim_start();
+                if let Some(r) = rest.strip_prefix("__launch_bounds__(") {
+                    rest = r[r.find(')').expect("closed launch bounds") + 1..].trim_start();
+                }
+                &rest[..rest.find('(').expect("a parameter list")]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kernel_names_read_launch_bounds() {
+        let src = "extern \"C\" __global__ void a(int x) {}\n\
+            extern \"C\" __global__ void __launch_bounds__(256)\nb(float* y) {}";
+        assert_eq!(kernel_names(src), ["a", "b"]);
+    }
+
     #[test]
     fn every_source_defines_its_entry_points_and_names_its_cpu_twin() {
         for s in SOURCES {
@@ -130,10 +162,12 @@ mod tests {
             );
             assert!(s.source.contains("Mirrors kernels/src/"), "{}", s.name);
             assert!(s.source.contains("never run on a GPU"), "{}", s.name);
-            for e in s.entry_points {
-                let def = format!("extern \"C\" __global__ void {e}(");
-                assert!(s.source.contains(&def), "{}.cu does not define {e}", s.name);
-            }
+            assert_eq!(
+                kernel_names(s.source),
+                s.entry_points,
+                "{}.cu: the kernels it defines are not its entry points",
+                s.name
+            );
             let defined = s.source.matches("extern \"C\" __global__").count();
             assert_eq!(
                 defined,

@@ -1,7 +1,7 @@
 //! Launching the CUDA C kernels (feature `cuda`): `Gpu` opens a device through cudarc (context and
 //! its default stream), compiles every source of `device::cuda` with NVRTC to a cubin for the
 //! device's own architecture, loads each as a module and keeps its entry points; the typed
-//! wrappers in `fp8`, `ops` and `optim` check shapes, pick the grid and block each kernel's
+//! wrappers in `fp8`, `ops`, `optim` and `attention` check shapes, pick the grid and block each kernel's
 //! indexing expects (the launch shapes its `.cu` header states) and launch on the stream.
 //!
 //! Wrappers take device buffers (`CudaSlice`) so a caller can time kernels without transfers;
@@ -11,18 +11,22 @@
 //! **Compile-checked only: this code has never run on a GPU.** `kernels/tests/gpu_parity.rs`
 //! compares every kernel with its CPU reference when a device is present.
 
+mod attention;
 mod fp8;
 mod ops;
 mod optim;
 
 pub use crate::ops::adamw::StepConsts;
+pub use attention::{ATTENTION_MAX_HEAD_DIM, AttentionShape};
+/// The device buffer type the wrappers take, for callers without a cudarc dependency of their own.
+pub use cudarc::driver::CudaSlice;
 
 use super::SOURCES;
 use crate::device::nvrtc::{self, CompileError};
 use crate::device::{Device, DeviceError, DeviceInfo};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
-    ValidAsZeroBits, sys::CUevent_flags,
+    CudaContext, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig, ValidAsZeroBits,
+    sys::CUevent_flags,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
