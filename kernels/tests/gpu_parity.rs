@@ -30,16 +30,6 @@ use std::time::Instant;
 /// One family's checks: they push rows into the report.
 type Family = fn(&Gpu, &mut report::Report, u64);
 
-fn seed() -> u64 {
-    match std::env::var("PHALANX_PARITY_SEED") {
-        Ok(s) => s.parse().expect("PHALANX_PARITY_SEED is a u64"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
-
 #[test]
 fn every_kernel_matches_its_cpu_reference() {
     let ordinal = std::env::var("PHALANX_PARITY_DEVICE")
@@ -57,7 +47,7 @@ fn every_kernel_matches_its_cpu_reference() {
     }
     let t0 = Instant::now();
     let gpu = Gpu::open(ordinal).unwrap_or_else(|e| panic!("opening cuda:{ordinal}: {e}"));
-    let seed = seed();
+    let seed = report::seed();
     println!(
         "device {}; kernels compiled for {} and loaded in {:.2} s",
         gpu.info,

@@ -3,7 +3,7 @@
 //! cross-entropy (per-row losses, their f64 sum, backward) and the embedding. Each backward
 //! kernel gets the CPU's own forward outputs (rstd), so a row judges one kernel only.
 
-use super::report::{Report, indices, normals, scaled, shape, sprinkle};
+use super::report::{Report, ce_case, indices, normals, scaled, shape, sprinkle};
 use kernels::device::cuda::launch::{Gpu, GpuError};
 use kernels::ops::rope::{RopeTable, Yarn};
 use kernels::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
@@ -198,18 +198,7 @@ fn rope_rows(
 
 fn ce_rows(gpu: &Gpu, r: &mut Report, seed: u64, rows: usize, v: usize, timed: bool) -> R<()> {
     let s = shape(&[rows, v]);
-    let mut logits = scaled(seed, "ce logits", rows * v, 3.0);
-    // one row with a dominant logit (the others' exp underflow to 0), one with large ones
-    logits[7 % rows * v] = 80.0;
-    if rows > 1 {
-        logits[v..2 * v].iter_mut().for_each(|x| *x *= 30.0);
-    }
-    let targets = indices(seed, "ce targets", rows, v);
-    // the CPU's per-row losses: its forward on one row is that row's loss as f64
-    let per_row: Vec<f32> = (0..rows)
-        .map(|i| cross_entropy::forward(&logits[i * v..(i + 1) * v], &targets[i..i + 1], v) as f32)
-        .collect();
-    let total = cross_entropy::forward(&logits, &targets, v);
+    let (logits, targets, per_row, total) = ce_case(seed, rows, v);
     let (gl, gt) = (gpu.upload(&logits)?, gpu.upload_indices(&targets, v)?);
     let (mut gloss, mut gtotal) = (gpu.zeros::<f32>(rows)?, gpu.zeros::<f64>(1)?);
     gpu.cross_entropy_forward(&mut gloss, &mut gtotal, &gl, &gt, v)?;
@@ -223,24 +212,7 @@ fn ce_rows(gpu: &Gpu, r: &mut Report, seed: u64, rows: usize, v: usize, timed: b
         &per_row,
     );
     // the sum kernel is judged on the GPU's own rows: the f64 sum in row order, bit for bit
-    let host_sum: f64 = loss.iter().map(|&l| l as f64).sum();
-    let value = format!("gpu {gsum:e}, host sum of gpu rows {host_sum:e}");
-    r.check(
-        "cross_entropy_sum",
-        &s,
-        "total bits",
-        value,
-        gsum.to_bits() == host_sum.to_bits(),
-    );
-    let rel = (gsum - total).abs() / total.abs().max(f64::MIN_POSITIVE);
-    let value = format!("gpu {gsum:.9e}, cpu {total:.9e}, rel {rel:.2e}");
-    r.check(
-        "cross_entropy (both)",
-        &s,
-        "total rel ≤ 1e-5",
-        value,
-        rel <= 1e-5,
-    );
+    r.ce_total(&s, &loss, gsum, total);
     let scale = 1.0 / rows as f32;
     let mut d = vec![0f32; rows * v];
     cross_entropy::backward_input(&mut d, &logits, &targets, v, scale);

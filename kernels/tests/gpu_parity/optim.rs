@@ -3,20 +3,18 @@
 //! gradients: zeros, huge, subnormal, one NaN), and the global gradient norm over tensors of
 //! awkward lengths (bit for bit in f64).
 
-use super::report::{Report, bf16_mismatches, normals, scaled, shape, sprinkle};
+use super::report::{
+    ADAMW_STEP, Report, adamw_case, adamw_kernel, bf16_mismatches, norm_tensors, shape,
+};
 use half::bf16;
 use kernels::device::cuda::launch::{Gpu, GpuError};
-use kernels::ops::adamw::{AdamW, Moments, global_norm};
+use kernels::ops::adamw::{Moments, global_norm};
 
 pub fn run(gpu: &Gpu, r: &mut Report, seed: u64) {
     for bf16_moments in [false, true] {
         for (n, timed) in [(4 * 1024 * 1024 + 5, true), (7, false)] {
             let s = shape(&[n]);
-            let k = if bf16_moments {
-                "adamw_step_bf16"
-            } else {
-                "adamw_step_f32"
-            };
+            let k = adamw_kernel(bf16_moments);
             if let Err(e) = adamw_rows(gpu, r, seed, n, bf16_moments, timed) {
                 r.error(k, &s, &e);
             }
@@ -42,37 +40,9 @@ fn adamw_rows(
     timed: bool,
 ) -> Result<(), GpuError> {
     let s = shape(&[n]);
-    let k = if bf16_moments {
-        "adamw_step_bf16"
-    } else {
-        "adamw_step_f32"
-    };
-    let opt = AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        bf16_moments,
-    };
-    let param = normals(seed, "adamw p", n);
-    let mut grad = scaled(seed, "adamw g", n, 1e-3);
-    sprinkle(&mut grad, seed, "adamw g specials", n / 1000 + 3);
-    grad[n / 2] = f32::NAN;
-    let m = scaled(seed, "adamw m", n, 1e-3);
-    let v: Vec<f32> = normals(seed, "adamw v", n)
-        .iter()
-        .map(|x| x * x * 1e-6)
-        .collect();
-    let moments = if bf16_moments {
-        let conv = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y)).collect();
-        Moments::Bf16 {
-            m: conv(&m),
-            v: conv(&v),
-        }
-    } else {
-        Moments::F32 { m, v }
-    };
-    let (lr, t, scale) = (3e-4, 7, 0.37);
+    let k = adamw_kernel(bf16_moments);
+    let (opt, param, grad, moments) = adamw_case(seed, n, bf16_moments);
+    let (lr, t, scale) = ADAMW_STEP;
     let (mut cp, mut cg, mut cst) = (param.clone(), grad.clone(), moments.clone());
     opt.step(&mut cp, &mut cg, scale, &mut cst, lr, t, true);
     let (mut gp, mut gg, mut gst) = (param.clone(), grad.clone(), moments.clone());
@@ -127,15 +97,7 @@ fn norm_rows(
     lens: &[usize],
     s: &str,
 ) -> Result<(), GpuError> {
-    let tensors: Vec<Vec<f32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let mut t = normals(seed, &format!("norm {i}"), n);
-            sprinkle(&mut t, seed, &format!("norm specials {i}"), n / 5000 + 1);
-            t
-        })
-        .collect();
+    let tensors = norm_tensors(seed, lens);
     let refs: Vec<&[f32]> = tensors.iter().map(|t| t.as_slice()).collect();
     let cpu = global_norm(refs.iter().copied());
     let dev = gpu.global_norm(&refs)?;

@@ -1,0 +1,317 @@
+//! The emulated kernel families against `kernels::ops`, on small shapes (every CUDA thread is an
+//! OS thread): the same inputs and verdicts as `gpu_parity/` — RMSNorm, SwiGLU, RoPE (YaRN
+//! table), cross-entropy, embedding, AdamW (F32 and BF16 moments), the grad norm and attention.
+
+use super::parity::{
+    ADAMW_STEP, Report, adamw_case, adamw_kernel, bf16_mismatches, ce_case, indices, norm_tensors,
+    normals, scaled, shape, sprinkle,
+};
+use super::{Emu, bits};
+use half::bf16;
+use kernels::ops::adamw::{Moments, global_norm};
+use kernels::ops::rope::{RopeTable, Yarn};
+use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
+
+type Family = fn(&Emu, &mut Report, u64);
+
+pub const FAMILIES: [(&str, Family); 8] = [
+    ("rmsnorm", rmsnorm_rows),
+    ("swiglu", swiglu_rows),
+    ("rope", rope_rows),
+    ("cross_entropy", ce_rows),
+    ("embedding", embedding_rows),
+    ("adamw", adamw_rows),
+    ("grad_norm", norm_rows),
+    ("attention", attention_rows),
+];
+
+/// A failed driver run as a failed row.
+fn failed(r: &mut Report, kernel: &str, s: &str, e: String) {
+    r.check(kernel, s, "driver run", e, false);
+}
+
+fn rmsnorm_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (n, d) in [(7, 300), (3, 1000), (5, 1)] {
+        let s = shape(&[n, d]);
+        let eps = 1e-6;
+        let mut x = normals(seed, "rms x", n * d);
+        // rows at very different magnitudes, and one all-zero row
+        for (i, row) in x.chunks_mut(d).enumerate() {
+            let mag = if i == 1 {
+                0.0
+            } else {
+                10f32.powi(i as i32 % 7 - 3)
+            };
+            row.iter_mut().for_each(|v| *v *= mag);
+        }
+        let (w, dy) = (normals(seed, "rms w", d), normals(seed, "rms dy", n * d));
+        let (mut y, mut rstd) = (vec![0f32; n * d], vec![0f32; n]);
+        rmsnorm::forward(&mut y, &mut rstd, &x, &w, d, eps);
+        let prior = normals(seed, "rms dx prior", n * d);
+        let dw_prior = normals(seed, "rms dw prior", d);
+        let mut dw = dw_prior.clone();
+        rmsnorm::backward_weight(&mut dw, &dy, &x, &rstd, d);
+        for acc in [false, true] {
+            let run = emu.prepare();
+            for (name, v) in [("x", &x), ("w", &w), ("dy", &dy), ("rstd", &rstd)] {
+                run.put(name, v);
+            }
+            run.put("dx", &prior);
+            run.put("dw", &dw_prior);
+            let args = [n, d].map(|v| v.to_string());
+            let args = [&args[..], &[bits(eps), u8::from(acc).to_string()]].concat();
+            if let Err(e) = emu.exec(&run, "rmsnorm", &args) {
+                failed(r, "rmsnorm", &s, e);
+                continue;
+            }
+            let mut dx = prior.clone();
+            rmsnorm::backward_input(&mut dx, &dy, &x, &rstd, &w, d, acc);
+            if !acc {
+                r.rel("rmsnorm_forward", &s, "y", &run.get("y"), &y);
+                r.rel("rmsnorm_forward", &s, "rstd", &run.get("rstd_out"), &rstd);
+                r.bits("rmsnorm_backward_weight", &s, "dw", &run.get("dw"), &dw);
+            }
+            let what = if acc { "dx (accumulate)" } else { "dx" };
+            r.rel("rmsnorm_backward_input", &s, what, &run.get("dx"), &dx);
+        }
+    }
+}
+
+fn swiglu_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for n in [1000, 3] {
+        let s = shape(&[n]);
+        let mut a = scaled(seed, "swiglu a", n, 3.0);
+        sprinkle(&mut a, seed, "swiglu a specials", n / 100 + 1);
+        let (b, dh) = (normals(seed, "swiglu b", n), normals(seed, "swiglu dh", n));
+        let run = emu.prepare();
+        run.put("a", &a);
+        run.put("b", &b);
+        run.put("dh", &dh);
+        if let Err(e) = emu.exec(&run, "swiglu", &[]) {
+            failed(r, "swiglu", &s, e);
+            continue;
+        }
+        let mut h = vec![0f32; n];
+        swiglu::forward(&mut h, &a, &b);
+        let (mut da, mut db) = (vec![0f32; n], vec![0f32; n]);
+        swiglu::backward_input(&mut da, &mut db, &dh, &a, &b);
+        r.rel("swiglu_forward", &s, "h", &run.get("h"), &h);
+        r.rel("swiglu_backward_input", &s, "da", &run.get("da"), &da);
+        r.rel("swiglu_backward_input", &s, "db", &run.get("db"), &db);
+    }
+}
+
+fn rope_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    let yarn = Yarn {
+        factor: 40.0,
+        original_max_position: 4096.0,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    };
+    for (rows, stride, offset, half) in [(64, 192, 128, 32), (3, 2, 0, 1)] {
+        let s = format!(
+            "{}, rope {offset}..{}",
+            shape(&[rows, stride]),
+            offset + 2 * half
+        );
+        let table_rows = 4096;
+        let table = RopeTable::new(2 * half, 10_000.0, table_rows, Some(yarn));
+        let pos = indices(seed, "rope positions", rows, table_rows);
+        let positions: Vec<usize> = pos.iter().map(|&p| p as usize).collect();
+        let x = normals(seed, "rope x", rows * stride);
+        for backward in [false, true] {
+            let k = if backward {
+                "rope_backward_input"
+            } else {
+                "rope_forward"
+            };
+            let run = emu.prepare();
+            run.put("x", &x);
+            run.put("cos", &table.cos);
+            run.put("sin", &table.sin);
+            run.put("pos", &pos);
+            let args = [stride, offset, half, usize::from(backward)].map(|v| v.to_string());
+            if let Err(e) = emu.exec(&run, "rope", &args) {
+                failed(r, k, &s, e);
+                continue;
+            }
+            let mut cpu = x.clone();
+            if backward {
+                rope::backward_input(&mut cpu, stride, offset, &positions, &table);
+            } else {
+                rope::forward(&mut cpu, stride, offset, &positions, &table);
+            }
+            r.bits(k, &s, "x", &run.get("x_out"), &cpu);
+        }
+    }
+}
+
+fn ce_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (rows, v) in [(3, 1000), (9, 300)] {
+        let s = shape(&[rows, v]);
+        let (logits, targets, per_row, total) = ce_case(seed, rows, v);
+        let scale = 1.0 / rows as f32;
+        let run = emu.prepare();
+        run.put("logits", &logits);
+        run.put("targets", &targets);
+        if let Err(e) = emu.exec(&run, "cross_entropy", &[v.to_string(), bits(scale)]) {
+            failed(r, "cross_entropy", &s, e);
+            continue;
+        }
+        let loss: Vec<f32> = run.get("loss");
+        r.rel(
+            "cross_entropy_forward_rows",
+            &s,
+            "loss per row",
+            &loss,
+            &per_row,
+        );
+        r.ce_total(&s, &loss, run.get::<f64>("total")[0], total);
+        let mut d = vec![0f32; rows * v];
+        cross_entropy::backward_input(&mut d, &logits, &targets, v, scale);
+        let k = "cross_entropy_backward_input";
+        r.rel(k, &s, "dlogits", &run.get("dlogits"), &d);
+    }
+}
+
+fn embedding_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (n, vocab, d) in [(5, 9, 7), (40, 100, 300)] {
+        let s = format!("{n} ids, {}", shape(&[vocab, d]));
+        let table = normals(seed, "emb table", vocab * d);
+        let ids = indices(seed, "emb ids", n, vocab);
+        let dout = normals(seed, "emb dout", n * d);
+        let prior = scaled(seed, "emb dtable prior", vocab * d, 1e-3);
+        let run = emu.prepare();
+        run.put("table", &table);
+        run.put("ids", &ids);
+        run.put("dout", &dout);
+        run.put("dtable", &prior);
+        if let Err(e) = emu.exec(&run, "embedding", &[d.to_string()]) {
+            failed(r, "embedding", &s, e);
+            continue;
+        }
+        let mut out = vec![0f32; n * d];
+        embedding::forward(&mut out, &ids, &table, d);
+        let mut dtable = prior;
+        embedding::backward_weight(&mut dtable, &ids, &dout, d);
+        r.bits("embedding_forward", &s, "out", &run.get("out"), &out);
+        let k = "embedding_backward_weight";
+        r.bits(k, &s, "dtable", &run.get("dtable_out"), &dtable);
+    }
+}
+
+fn adamw_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for bf16_moments in [false, true] {
+        for n in [3000, 7] {
+            adamw_one(emu, r, seed, n, bf16_moments);
+        }
+    }
+}
+
+fn adamw_one(emu: &Emu, r: &mut Report, seed: u64, n: usize, bf16_moments: bool) {
+    let s = shape(&[n]);
+    let k = adamw_kernel(bf16_moments);
+    let (opt, param, grad, moments) = adamw_case(seed, n, bf16_moments);
+    let (lr, t, scale) = ADAMW_STEP;
+    let c = opt.consts(lr, t, true);
+    let run = emu.prepare();
+    run.put("p", &param);
+    run.put("g", &grad);
+    let to_bits = |x: &[bf16]| x.iter().map(|b| b.to_bits()).collect::<Vec<u16>>();
+    match &moments {
+        Moments::F32 { m, v } => {
+            run.put("m", m);
+            run.put("v", v);
+        }
+        Moments::Bf16 { m, v } => {
+            run.put("m", &to_bits(m));
+            run.put("v", &to_bits(v));
+        }
+    }
+    let consts = [scale, c.b1, c.b2, c.bc1, c.bc2, c.eps, c.lr, c.wd].map(bits);
+    let args = [&[u8::from(bf16_moments).to_string()][..], &consts[..]].concat();
+    if let Err(e) = emu.exec(&run, "adamw", &args) {
+        return failed(r, k, &s, e);
+    }
+    let (mut cp, mut cg, mut cst) = (param, grad, moments);
+    opt.step(&mut cp, &mut cg, scale, &mut cst, lr, t, true);
+    r.bits(k, &s, "param", &run.get("p_out"), &cp);
+    r.bits(k, &s, "grad (zeroed)", &run.get("g_out"), &cg);
+    match &cst {
+        Moments::F32 { m, v } => {
+            r.bits(k, &s, "m", &run.get("m_out"), m);
+            r.bits(k, &s, "v", &run.get("v_out"), v);
+        }
+        Moments::Bf16 { m, v } => {
+            for (what, cpu) in [("m", m), ("v", v)] {
+                let (bad, _) = bf16_mismatches(&run.get(&format!("{what}_out")), &to_bits(cpu));
+                let value = format!("{bad}/{n} differ");
+                r.check(k, &s, &format!("{what} bf16 bits"), value, bad == 0);
+            }
+        }
+    }
+}
+
+fn norm_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    let lens = [40_003, 1, 16_384, 16_385, 7, 0];
+    let s = format!(
+        "{} tensors, {} values",
+        lens.len(),
+        lens.iter().sum::<usize>()
+    );
+    let k = "grad_norm_chunks + grad_norm_finish";
+    let tensors = norm_tensors(seed, &lens);
+    let run = emu.prepare();
+    tensors
+        .iter()
+        .enumerate()
+        .for_each(|(i, t)| run.put(&format!("x{i}"), t));
+    if let Err(e) = emu.exec(&run, "grad_norm", &[tensors.len().to_string()]) {
+        return failed(r, k, &s, e);
+    }
+    let cpu = global_norm(tensors.iter().map(|t| t.as_slice()));
+    let emulated = run.get::<f64>("norm")[0];
+    let value = format!("emulated {emulated:.17e}, cpu {cpu:.17e}");
+    let same = emulated.to_bits() == cpu.to_bits();
+    r.check(k, &s, "norm bits (f64)", value, same);
+}
+
+fn attention_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (bh, t, dqk, dv) in [(2, 128, 48, 32), (1, 77, 192, 128), (1, 65, 256, 256)] {
+        let s = format!("bh {bh} t {t} d {dqk}/{dv}");
+        let scale = 1.0 / (dqk as f32).sqrt();
+        let (nqk, nv) = (bh * t * dqk, bh * t * dv);
+        let q = scaled(seed, "att q", nqk, 1.5);
+        let (k, v) = (normals(seed, "att k", nqk), normals(seed, "att v", nv));
+        let d_o = normals(seed, "att do", nv);
+        let run = emu.prepare();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v), ("do", &d_o)] {
+            run.put(name, x);
+        }
+        let args = [bh, t, dqk, dv].map(|x| x.to_string());
+        if let Err(e) = emu.exec(&run, "attention", &[&args[..], &[bits(scale)]].concat()) {
+            failed(r, "attention", &s, e);
+            continue;
+        }
+        let (mut o, mut p) = (vec![0f32; nv], vec![0f32; bh * t * t]);
+        attention::forward(&mut o, &mut p, &q, &k, &v, t, dqk, dv, scale);
+        let (mut dq, mut dk, mut dvv) = (vec![0f32; nqk], vec![0f32; nqk], vec![0f32; nv]);
+        attention::backward_input(
+            &mut dq, &mut dk, &mut dvv, &d_o, &p, &q, &k, &v, t, dqk, dv, scale,
+        );
+        r.norm_rel("attention_forward", &s, "o", &run.get("o"), &o);
+        let lse: Vec<f32> = run.get("lse");
+        let finite = lse.iter().all(|x| x.is_finite());
+        r.check(
+            "attention_forward",
+            &s,
+            "lse finite",
+            format!("{} rows", lse.len()),
+            finite,
+        );
+        let kb = "attention_backward_input";
+        r.norm_rel(kb, &s, "dq", &run.get("dq"), &dq);
+        r.norm_rel(kb, &s, "dk", &run.get("dk"), &dk);
+        r.norm_rel(kb, &s, "dv", &run.get("dv"), &dvv);
+    }
+}

@@ -1,0 +1,194 @@
+// Runs one CUDA C kernel family of kernels/src/device/cuda on the CPU through shim.h, with the
+// grid and block of the Rust launch wrappers (kernels/src/device/cuda/launch/*.rs: 256 threads a
+// block; one block per row, per column tile, grid-stride or attention tiles). Called by
+// kernels/tests/cuda_emulation.rs as `driver <op> <dir> <args…>`: inputs are raw little-endian
+// files <dir>/<name>.bin written by the test, outputs are written the same way; float arguments
+// come as their IEEE bits (decimal u32) so that they cross exactly. The FP8 quantiser is left
+// out: cuda_fp8.h's host path needs headers the NVRTC wheels do not ship.
+#include "shim.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "../../src/device/cuda/common.cuh"
+#include "../../src/device/cuda/adamw.cu"
+#include "../../src/device/cuda/attention.cu"
+#include "../../src/device/cuda/cross_entropy.cu"
+#include "../../src/device/cuda/embedding.cu"
+#include "../../src/device/cuda/grad_norm.cu"
+#include "../../src/device/cuda/rmsnorm.cu"
+#include "../../src/device/cuda/rope.cu"
+#include "../../src/device/cuda/swiglu.cu"
+
+static const unsigned BLOCK = 256;
+static std::string dir;
+static char** args;
+
+template <class T>
+static std::vector<T> load(const char* name) {
+    std::string p = dir + "/" + name + ".bin";
+    FILE* f = fopen(p.c_str(), "rb");
+    if (!f) {
+        fprintf(stderr, "cannot open %s\n", p.c_str());
+        exit(2);
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    std::vector<T> v(n / sizeof(T));
+    if (fread(v.data(), 1, n, f) != (size_t)n) exit(2);
+    fclose(f);
+    return v;
+}
+
+template <class T>
+static void save(const char* name, const std::vector<T>& v) {
+    std::string p = dir + "/" + name + ".bin";
+    FILE* f = fopen(p.c_str(), "wb");
+    if (!f || fwrite(v.data(), sizeof(T), v.size(), f) != v.size()) exit(2);
+    fclose(f);
+}
+
+static long long arg(int i) { return strtoll(args[i], nullptr, 10); }
+static float farg(int i) {
+    unsigned u = (unsigned)strtoul(args[i], nullptr, 10);
+    return __uint_as_float(u);
+}
+static unsigned cdiv(long long a, long long b) { return (unsigned)((a + b - 1) / b); }
+// launch/mod.rs: grid_stride — one thread per element up to 2^20 blocks, never an empty grid.
+static dim3 grid_stride(long long n) {
+    long long b = (n + BLOCK - 1) / BLOCK;
+    return {(unsigned)(b < 1 ? 1 : b > (1 << 20) ? (1 << 20) : b), 1, 1};
+}
+
+int main(int argc, char** argv) {
+    if (argc < 3) return 2;
+    const std::string op = argv[1];
+    dir = argv[2];
+    args = argv;
+    using emu::launch;
+    if (op == "rmsnorm") {  // rows d eps_bits accumulate
+        int rows = arg(3), d = arg(4), acc = arg(6);
+        float eps = farg(5);
+        auto x = load<float>("x"), w = load<float>("w"), dy = load<float>("dy");
+        auto dx = load<float>("dx"), dw = load<float>("dw");
+        std::vector<float> y(x.size()), rstd(rows), rs = load<float>("rstd");
+        launch({(unsigned)rows, 1, 1}, BLOCK, [&] { rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), d, eps); });
+        launch({(unsigned)rows, 1, 1}, BLOCK,
+               [&] { rmsnorm_backward_input(dx.data(), dy.data(), x.data(), rs.data(), w.data(), d, acc); });
+        launch({cdiv(d, BLOCK), 1, 1}, BLOCK,
+               [&] { rmsnorm_backward_weight(dw.data(), dy.data(), x.data(), rs.data(), rows, d); });
+        save("y", y), save("rstd_out", rstd), save("dx", dx), save("dw", dw);
+    } else if (op == "swiglu") {
+        auto a = load<float>("a"), b = load<float>("b"), dh = load<float>("dh");
+        long long n = a.size();
+        std::vector<float> h(n), da(n), db(n);
+        launch(grid_stride(n), BLOCK, [&] { swiglu_forward(h.data(), a.data(), b.data(), n); });
+        launch(grid_stride(n), BLOCK,
+               [&] { swiglu_backward_input(da.data(), db.data(), dh.data(), a.data(), b.data(), n); });
+        save("h", h), save("da", da), save("db", db);
+    } else if (op == "rope") {  // stride offset half backward
+        int stride = arg(3), offset = arg(4), half = arg(5), backward = arg(6);
+        auto x = load<float>("x"), c = load<float>("cos"), s = load<float>("sin");
+        auto pos = load<u32>("pos");
+        int rows = pos.size();
+        launch(grid_stride((long long)rows * half), BLOCK, [&] {
+            if (backward)
+                rope_backward_input(x.data(), stride, offset, pos.data(), c.data(), s.data(), half, rows);
+            else
+                rope_forward(x.data(), stride, offset, pos.data(), c.data(), s.data(), half, rows);
+        });
+        save("x_out", x);
+    } else if (op == "cross_entropy") {  // v scale_bits
+        int v = arg(3);
+        float scale = farg(4);
+        auto logits = load<float>("logits");
+        auto targets = load<u32>("targets");
+        long long rows = targets.size();
+        std::vector<float> loss(rows), d(logits.size());
+        std::vector<double> total(1);
+        launch({(unsigned)rows, 1, 1}, BLOCK,
+               [&] { cross_entropy_forward_rows(loss.data(), logits.data(), targets.data(), v); });
+        launch({1, 1, 1}, 1, [&] { cross_entropy_sum(total.data(), loss.data(), rows); });
+        launch({(unsigned)rows, 1, 1}, BLOCK,
+               [&] { cross_entropy_backward_input(d.data(), logits.data(), targets.data(), v, scale); });
+        save("loss", loss), save("total", total), save("dlogits", d);
+    } else if (op == "embedding") {  // d
+        int d = arg(3);
+        auto table = load<float>("table"), dout = load<float>("dout"), dtable = load<float>("dtable");
+        auto ids = load<u32>("ids");
+        long long n = ids.size();
+        std::vector<float> out(n * d);
+        launch(grid_stride(n * d), BLOCK, [&] { embedding_forward(out.data(), ids.data(), table.data(), n, d); });
+        launch({cdiv(d, BLOCK), 1, 1}, BLOCK,
+               [&] { embedding_backward_weight(dtable.data(), ids.data(), dout.data(), n, d); });
+        save("out", out), save("dtable_out", dtable);
+    } else if (op == "adamw") {  // bf16 grad_scale b1 b2 bc1 bc2 eps lr wd (float bits)
+        int bf16 = arg(3);
+        float gs = farg(4);
+        StepConsts c{farg(5), farg(6), farg(7), farg(8), farg(9), farg(10), farg(11)};
+        auto p = load<float>("p"), g = load<float>("g");
+        long long n = p.size();
+        if (bf16) {
+            auto m = load<u16>("m"), v = load<u16>("v");
+            launch(grid_stride(n), BLOCK,
+                   [&] { adamw_step_bf16(p.data(), g.data(), m.data(), v.data(), n, gs, c); });
+            save("m_out", m), save("v_out", v);
+        } else {
+            auto m = load<float>("m"), v = load<float>("v");
+            launch(grid_stride(n), BLOCK,
+                   [&] { adamw_step_f32(p.data(), g.data(), m.data(), v.data(), n, gs, c); });
+            save("m_out", m), save("v_out", v);
+        }
+        save("p_out", p), save("g_out", g);
+    } else if (op == "grad_norm") {  // tensors (x0.bin …), as launch/optim.rs: grad_norm_dev
+        int tensors = arg(3);
+        std::vector<long long> ends;
+        std::vector<std::vector<float>> xs;
+        long long total = 0;
+        for (int i = 0; i < tensors; i++) {
+            xs.push_back(load<float>(("x" + std::to_string(i)).c_str()));
+            total += (xs.back().size() + NORM_CHUNK - 1) / NORM_CHUNK;
+            ends.push_back(total);
+        }
+        std::vector<double> sums(total < 1 ? 1 : total), out(1);
+        long long start = 0;
+        for (int i = 0; i < tensors; i++) {
+            long long chunks = ends[i] - start, n = xs[i].size();
+            if (chunks == 0) continue;
+            double* view = sums.data() + start;
+            const float* x = xs[i].data();
+            launch({cdiv(chunks * NORM_LANES, BLOCK), 1, 1}, BLOCK, [&] { grad_norm_chunks(view, x, n); });
+            start = ends[i];
+        }
+        launch({1, 1, 1}, 1, [&] { grad_norm_finish(out.data(), sums.data(), ends.data(), tensors); });
+        save("norm", out);
+    } else if (op == "attention") {  // bh t dqk dv scale_bits
+        int bh = arg(3), t = arg(4), dqk = arg(5), dv = arg(6);
+        float scale = farg(7);
+        auto q = load<float>("q"), k = load<float>("k"), v = load<float>("v"), d_o = load<float>("do");
+        std::vector<float> o((size_t)bh * t * dv), lse((size_t)bh * t), delta((size_t)bh * t);
+        std::vector<float> dq(q.size()), dk(k.size()), dvo(v.size());
+        const dim3 by_query{cdiv(t, TILE), (unsigned)bh, 1}, by_key{cdiv(t, KEY_TILE_DKV), (unsigned)bh, 1};
+        launch(by_query, BLOCK,
+               [&] { attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), t, dqk, dv, scale); });
+        // launch/attention.rs: a warp per row, ⌈bh·t / 8⌉ blocks clamped to [1, 2^20]
+        long long rows = (long long)bh * t;
+        launch(grid_stride(rows * 32), BLOCK,
+               [&] { attention_backward_dot(delta.data(), d_o.data(), o.data(), rows, dv); });
+        launch(by_key, BLOCK, [&] {
+            attention_backward_dkdv(dk.data(), dvo.data(), d_o.data(), lse.data(), delta.data(), q.data(),
+                                    k.data(), v.data(), t, dqk, dv, scale);
+        });
+        launch(by_query, BLOCK, [&] {
+            attention_backward_dq(dq.data(), d_o.data(), lse.data(), delta.data(), q.data(), k.data(), v.data(),
+                                  t, dqk, dv, scale);
+        });
+        save("o", o), save("lse", lse), save("dq", dq), save("dk", dk), save("dv", dvo);
+    } else {
+        fprintf(stderr, "unknown op %s\n", op.c_str());
+        return 2;
+    }
+    return 0;
+}

@@ -1,0 +1,128 @@
+// Host shim for executing the CUDA C kernels of kernels/src/device/cuda on the CPU (issue 12):
+// every CUDA thread of a block is a std::thread, __syncthreads is a std::barrier over the block,
+// and the warp shuffles exchange values through a per-warp barrier. Used by driver.cpp, which
+// kernels/tests/cuda_emulation.rs compiles with g++ -std=c++20 -O2 -pthread -ffp-contract=off.
+// It checks indexing, masking, synchronisation and numerics, not speed and not the GPU's memory
+// model or warp scheduling (lanes of a warp are not in lockstep here: only the shuffles meet).
+//
+// `__shared__` is `static`: one copy shared by every emulated thread, so blocks must run one
+// after another (launch does). Threads that return early drop out of their block's and warp's
+// barriers, as exited threads do on the GPU.
+//
+// Intrinsics map to exact IEEE host equivalents: expf, logf, sqrtf, fmaxf are the host libm's
+// (CUDA's expf is within 2 ulp of it, so kernels that claim only rounding-level agreement may
+// differ from a GPU run in the last bits; none of the kernels uses a fast-math intrinsic such as
+// __expf). The bit casts are memcpy.
+#pragma once
+#include <math.h>
+#include <string.h>
+
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+
+namespace emu {
+inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::barrier<>*> warp_barriers;
+// One slot per thread of a block (≤ 1024) for the shuffles' exchange.
+inline unsigned long long shuffle_slots[1024];
+
+inline int lane_id() { return threadIdx.x & 31; }
+inline std::barrier<>& my_warp() { return *warp_barriers[threadIdx.x >> 5]; }
+
+// Every lane publishes v, reads lane `src` of its warp's values, and waits until all have read.
+template <class T>
+T exchange(T v, int src) {
+    static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+    unsigned long long bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    shuffle_slots[threadIdx.x] = bits;
+    my_warp().arrive_and_wait();
+    const unsigned long long got = shuffle_slots[(threadIdx.x & ~31u) + (src & 31)];
+    my_warp().arrive_and_wait();
+    T r;
+    memcpy(&r, &got, sizeof(T));
+    return r;
+}
+
+// Runs `kernel` on a grid of `grid` blocks of `block` threads (1-D blocks, a multiple of 32
+// threads, as every launch wrapper uses), one block after another.
+template <class F>
+void launch(dim3 grid, unsigned block, F kernel) {
+    gridDim = grid;
+    blockDim = {block, 1, 1};
+    const unsigned warps = (block + 31) / 32;
+    for (unsigned bz = 0; bz < grid.z; bz++)
+        for (unsigned by = 0; by < grid.y; by++)
+            for (unsigned bx = 0; bx < grid.x; bx++) {
+                std::barrier<> bb(block);
+                block_barrier = &bb;
+                std::vector<std::barrier<>*> ws;
+                for (unsigned w = 0; w < warps; w++)
+                    ws.push_back(new std::barrier<>(w + 1 < warps || block % 32 == 0 ? 32 : block % 32));
+                warp_barriers = ws;
+                std::vector<std::thread> threads;
+                threads.reserve(block);
+                for (unsigned t = 0; t < block; t++)
+                    threads.emplace_back([&, t] {
+                        threadIdx = {t, 0, 0};
+                        blockIdx = {bx, by, bz};
+                        kernel();
+                        // an exited thread no longer takes part in barriers
+                        my_warp().arrive_and_drop();
+                        block_barrier->arrive_and_drop();
+                    });
+                for (auto& th : threads) th.join();
+                for (auto* w : ws) delete w;
+            }
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+template <class T>
+T __shfl_sync(unsigned, T v, int src) {
+    return emu::exchange(v, src);
+}
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int mask) {
+    return emu::exchange(v, emu::lane_id() ^ mask);
+}
+namespace emu {
+template <class To, class From>
+inline To bit_cast(From f) {
+    static_assert(sizeof(To) == sizeof(From));
+    To t;
+    memcpy(&t, &f, sizeof(To));
+    return t;
+}
+}  // namespace emu
+inline float __int_as_float(int i) { return emu::bit_cast<float>(i); }
+inline int __float_as_int(float f) { return emu::bit_cast<int>(f); }
+inline float __uint_as_float(unsigned u) { return emu::bit_cast<float>(u); }
+inline unsigned __float_as_uint(float f) { return emu::bit_cast<unsigned>(f); }
+
+// CUDA's integer max/min overloads (mixed operands promote as in C++ arithmetic).
+template <class A, class B>
+inline std::common_type_t<A, B> max(A a, B b) {
+    return a > b ? a : b;
+}
+template <class A, class B>
+inline std::common_type_t<A, B> min(A a, B b) {
+    return a < b ? a : b;
+}
