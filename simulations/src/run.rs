@@ -190,6 +190,9 @@ pub fn step_seconds(s: &Scenario) -> Result<f64, String> {
     if let Some(x) = s.run.step_seconds {
         return Ok(x);
     }
+    if s.run.step_time.as_deref() == Some("pipeline") {
+        return crate::step::pipeline_step_seconds(s);
+    }
     let (Some(model), Some(tflops), Some(eff)) =
         (&s.run.model, s.run.peak_tflops(), s.run.efficiency)
     else {

@@ -90,6 +90,11 @@ pub struct RunSpec {
     /// 989.5 BF16, 1,979 FP8), at `precision` (`bf16`, the default, or `fp8`).
     pub gpu: Option<String>,
     pub precision: Option<String>,
+    /// Where a derived step time comes from: `flops` (the default: training FLOPs over the
+    /// cluster's peak × efficiency, an all-inclusive efficiency) or `pipeline` (one step of the
+    /// `[pipeline]` with the run's micro-batches through the Coordinator and RankMachines: chunk
+    /// compute at the efficiency, plus bubbles and exposed communication).
+    pub step_time: Option<String>,
     pub efficiency: Option<f64>,
 }
 
@@ -344,6 +349,30 @@ impl Scenario {
             && !["h200", "h800"].contains(&g.as_str())
         {
             return bad("run.gpu", format!("unknown GPU {g:?} (h200, h800)"));
+        }
+        match r.step_time.as_deref() {
+            None | Some("flops") => {}
+            Some("pipeline") => {
+                if self.pipeline.is_none() {
+                    return bad(
+                        "run.step_time",
+                        "\"pipeline\" needs a [pipeline] table".into(),
+                    );
+                }
+                match crate::step::run_microbatches(self) {
+                    Err(e) => return bad("run.tokens_per_step", e),
+                    Ok(m) => {
+                        let p = self.pipeline.as_ref().expect("checked above");
+                        let kind = p.schedule.parse().expect("checked above");
+                        if let Err(e) = actors::schedule::build(kind, p.pp, m) {
+                            return bad("run.step_time", format!("{m} micro-batches: {e}"));
+                        }
+                    }
+                }
+            }
+            Some(x) => {
+                return bad("run.step_time", format!("unknown {x:?} (flops, pipeline)"));
+            }
         }
         if let Some(p) = &r.precision
             && !["bf16", "fp8"].contains(&p.as_str())

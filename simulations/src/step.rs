@@ -68,9 +68,46 @@ pub fn table2_bubble(kind: ScheduleKind, pp: usize, c: &Costs) -> Option<f64> {
 pub fn scenario_step(
     s: &crate::scenario::Scenario,
 ) -> Result<Option<(Timeline, StepSummary)>, String> {
-    let Some(p) = &s.pipeline else {
-        return Ok(None);
-    };
+    match &s.pipeline {
+        Some(p) => pipeline_step(s, p.microbatches).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Micro-batches one pipeline runs per step of the run: the step's tokens over the data-parallel
+/// replicas of the pipeline (gpus / pp) and the tokens of a micro-batch.
+pub fn run_microbatches(s: &crate::scenario::Scenario) -> Result<usize, String> {
+    let p = s
+        .pipeline
+        .as_ref()
+        .ok_or("run.step_time = \"pipeline\" needs a [pipeline]")?;
+    let tokens = p
+        .microbatch_tokens
+        .unwrap_or(s.run.seq_len.unwrap_or(4096) as f64);
+    let replicas = (s.gpus() / p.pp as u64) as f64;
+    let m = s.run.tokens_per_step / (replicas * tokens);
+    if m < 1.0 || (m - m.round()).abs() > 1e-9 {
+        return Err(format!(
+            "run.tokens_per_step {} is not a whole number of micro-batches of {tokens} tokens on \
+             each of the {replicas} pipelines ({m})",
+            s.run.tokens_per_step
+        ));
+    }
+    Ok(m.round() as usize)
+}
+
+/// The run's step time from its choreography: one step of the `[pipeline]` with the run's own
+/// number of micro-batches, through the Coordinator and RankMachines, to its commit.
+pub fn pipeline_step_seconds(s: &crate::scenario::Scenario) -> Result<f64, String> {
+    Ok(pipeline_step(s, run_microbatches(s)?)?.1.step_s)
+}
+
+/// One step of `s`'s `[pipeline]` run with `microbatches` micro-batches.
+fn pipeline_step(
+    s: &crate::scenario::Scenario,
+    microbatches: usize,
+) -> Result<(Timeline, StepSummary), String> {
+    let p = s.pipeline.as_ref().ok_or("no [pipeline]")?;
     let kind: ScheduleKind = p
         .schedule
         .parse()
@@ -98,21 +135,14 @@ pub fn scenario_step(
     let copies = stages * if kind == ScheduleKind::DualPipe { 2 } else { 1 } / p.pp;
     let comm = chunk_comm(&cfg, &layout, &s.network, copies);
     let control_s = s.network.transfer_s(0.0, true);
-    let bare = step_choreography(
-        kind,
-        p.pp,
-        p.microbatches,
-        &costs,
-        &CommCosts::default(),
-        0.0,
-    )?;
-    let ch = step_choreography(kind, p.pp, p.microbatches, &costs, &comm, control_s)?;
+    let bare = step_choreography(kind, p.pp, microbatches, &costs, &CommCosts::default(), 0.0)?;
+    let ch = step_choreography(kind, p.pp, microbatches, &costs, &comm, control_s)?;
     let t = &ch.timeline;
     let summary = StepSummary {
         schedule: kind.to_string(),
         pp: p.pp,
         ep: p.ep,
-        microbatches: p.microbatches,
+        microbatches,
         forward_chunk_s: costs.f,
         compute_makespan_s: bare.timeline.makespan,
         compute_bubble_s: bare.timeline.max_bubble(),
@@ -124,7 +154,7 @@ pub fn scenario_step(
         step_s: ch.committed_s,
         messages: ch.messages,
     };
-    Ok(Some((ch.timeline, summary)))
+    Ok((ch.timeline, summary))
 }
 
 /// What one simulated step of a scenario's pipeline came to.

@@ -158,3 +158,47 @@ fn the_deepseek_scenario_step_has_table_2s_bubble() {
     let svg = actors::schedule::svg(&t);
     assert!(svg.starts_with("<svg") && svg.contains("rank 15"));
 }
+
+/// `run.step_time = "pipeline"`: the run's step from its choreography. DeepSeek-V3's batch of
+/// 62.9M tokens over 128 data-parallel pipelines of 4K-token micro-batches is 120 micro-batches
+/// per pipeline. Every rank computes as much as the FLOP accounting's whole step (the same
+/// FLOPs, the same efficiency), so the compute-only makespan is that step plus the bubble, which
+/// is Table 2's; communication and the reduction come on top.
+#[test]
+fn the_run_step_from_the_pipeline_is_the_flop_step_plus_bubble_and_communication() {
+    let mut s = scenario("deepseek-v3-2048");
+    let flops_step = simulations::run::step_seconds(&s).unwrap();
+    s.run.step_time = Some("pipeline".into());
+    assert_eq!(simulations::step::run_microbatches(&s).unwrap(), 120);
+    let pipe_step = simulations::run::step_seconds(&s).unwrap();
+    let mut drawn = s.clone();
+    drawn.pipeline.as_mut().unwrap().microbatches = 120;
+    let (_, st) = simulations::step::scenario_step(&drawn).unwrap().unwrap();
+    println!("FLOP step {flops_step:.3} s, pipeline step {pipe_step:.3} s: {st:#?}");
+    assert_eq!(pipe_step, st.step_s);
+    let bubble = st.compute_makespan_s - flops_step;
+    assert!((bubble - st.compute_bubble_s).abs() < 1e-9, "{bubble}");
+    assert!(
+        (bubble - st.table2_bubble_s.unwrap()).abs() < 1e-9,
+        "{bubble}"
+    );
+    assert!(pipe_step > st.compute_makespan_s + st.comm.dp_reduce_s);
+    // a scenario file says so by key, and a batch that is not whole micro-batches is refused
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scenarios/deepseek-v3-2048.toml"
+    ))
+    .unwrap()
+    .replace(
+        "efficiency = 0.4065",
+        "efficiency = 0.4065\nstep_time = \"pipeline\"",
+    );
+    let parsed = simulations::scenario::Scenario::parse(&text, "ds.toml").unwrap();
+    assert_eq!(simulations::run::step_seconds(&parsed).unwrap(), pipe_step);
+    let bad = text.replace(
+        "tokens_per_step = 62914560.0",
+        "tokens_per_step = 62914561.0",
+    );
+    let e = simulations::scenario::Scenario::parse(&bad, "ds.toml").unwrap_err();
+    assert!(e.starts_with("ds.toml: key `run.tokens_per_step`"), "{e}");
+}
