@@ -58,8 +58,6 @@ struct World<'a> {
     coord: Coordinator,
     ranks: Vec<RankMachine<()>>,
     spans: Vec<Vec<Span>>,
-    /// Per rank: when its current instruction ends.
-    instr_end: Vec<f64>,
     done_s: f64,
     reduced_s: f64,
     committed_s: Option<f64>,
@@ -119,7 +117,6 @@ impl World<'_> {
                         start: self.now,
                         end: self.now + cost,
                     });
-                    self.instr_end[r] = self.now + cost;
                 }
                 RankCommand::RunOp {
                     op_id,
@@ -130,7 +127,7 @@ impl World<'_> {
                 } => {
                     // the instruction's parts run back to back; its outputs go out when it ends
                     let (mb, result) = empty_result(self.schedule, copy, &op);
-                    let end = self.instr_end[r];
+                    let end = self.spans[r].last().map_or(self.now, |x| x.end);
                     let ev = RankEvent::OpDone {
                         op_id,
                         copy,
@@ -229,7 +226,6 @@ pub fn run_step(
         coord: Coordinator::new(nr, 0, TimeoutPolicy::default()),
         ranks: (0..nr).map(|r| RankMachine::new(schedule, r)).collect(),
         spans: vec![Vec::new(); nr],
-        instr_end: vec![0.0; nr],
         done_s: 0.0,
         reduced_s: 0.0,
         committed_s: None,

@@ -136,16 +136,19 @@ fn all_to_all_s(l: &Layout, net: &Network, token_bytes: f64, experts_per_token: 
     network.max(nvlink)
 }
 
-/// Parameters of the routed experts (per model) and of everything else.
+/// MoE layers of the main model (those with routed experts).
+fn moe_layers(c: &ModelConfig) -> usize {
+    (0..c.num_hidden_layers)
+        .filter(|&l| c.n_routed_experts > 0 && c.is_moe_layer(l))
+        .count()
+}
+
+/// Parameters of the routed experts (per model, MTP modules included) and of everything else.
 fn expert_and_dense_params(c: &ModelConfig) -> (f64, f64) {
     let total = c.param_counts().total() as f64;
     let expert = 3.0 * (c.hidden_size * c.moe_intermediate_size * c.n_routed_experts) as f64;
-    let moe_layers = (0..c.num_hidden_layers)
-        .filter(|&l| c.n_routed_experts > 0 && c.is_moe_layer(l))
-        .count()
-        + c.num_nextn_predict_layers;
     let routed = if c.n_routed_experts > 0 {
-        expert * moe_layers as f64
+        expert * (moe_layers(c) + c.num_nextn_predict_layers) as f64
     } else {
         0.0
     };
@@ -165,10 +168,7 @@ pub fn ring_all_reduce_s(net: &Network, bytes: f64, n: f64) -> f64 {
 /// number of stage copies one rank holds (2 for DualPipe, whose ranks keep two).
 pub fn chunk_comm(c: &ModelConfig, l: &Layout, net: &Network, copies: usize) -> CommCosts {
     let h = c.hidden_size;
-    let moe_layers = (0..c.num_hidden_layers)
-        .filter(|&x| c.n_routed_experts > 0 && c.is_moe_layer(x))
-        .count() as f64;
-    let per_chunk = moe_layers / l.stages as f64;
+    let per_chunk = moe_layers(c) as f64 / l.stages as f64;
     let k = c.num_experts_per_tok as f64;
     let fp8 = fp8_token_bytes(h);
     let bf16 = bf16_token_bytes(h);

@@ -59,7 +59,9 @@ pub fn detection_ms(policy: DetectorPolicy, symptom: Symptom) -> u64 {
 /// (`answers_probe`); a silent one is killed when the probe's grace runs out.
 pub fn deadline_verdict_ms(policy: TimeoutPolicy, fault_ms: u64, answers_probe: bool) -> u64 {
     let mut c = Coordinator::new(2, 0, policy);
+    // timers in (due, posting order)
     let mut timers = BTreeMap::new();
+    let mut posted = 0u64;
     let mut pending = c.on(0, CoordEvent::RankUp { rank: 0 });
     pending.extend(c.on(0, CoordEvent::RankUp { rank: 1 }));
     pending.extend(c.on(0, CoordEvent::Begin { step: 1 }));
@@ -69,7 +71,8 @@ pub fn deadline_verdict_ms(policy: TimeoutPolicy, fault_ms: u64, answers_probe: 
         for cmd in pending {
             match cmd {
                 CoordCommand::SetTimer { at_ms, timer } => {
-                    timers.insert((at_ms, timers.len()), timer);
+                    posted += 1;
+                    timers.insert((at_ms, posted), timer);
                 }
                 CoordCommand::Probe { step, attempt } => {
                     // the healthy rank answers; the hung one's shell names its stuck actor

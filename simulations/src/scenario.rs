@@ -203,13 +203,18 @@ impl RunSpec {
             Some("fp8") => true,
             Some(_) => return None,
         };
-        match (self.gpu.as_deref()?, fp8) {
-            ("h200", false) => Some(800.0),
-            ("h200", true) => Some(1300.0),
-            ("h800", false) => Some(989.5),
-            ("h800", true) => Some(1979.0),
-            _ => None,
-        }
+        gpu_peak(self.gpu.as_deref()?, fp8)
+    }
+}
+
+/// Peak TFLOP/s of a named GPU, BF16 or FP8 (see `RunSpec::gpu`).
+fn gpu_peak(gpu: &str, fp8: bool) -> Option<f64> {
+    match (gpu, fp8) {
+        ("h200", false) => Some(800.0),
+        ("h200", true) => Some(1300.0),
+        ("h800", false) => Some(989.5),
+        ("h800", true) => Some(1979.0),
+        _ => None,
     }
 }
 
@@ -346,7 +351,7 @@ impl Scenario {
             return bad("run.efficiency", "must be at most 1".into());
         }
         if let Some(g) = &r.gpu
-            && !["h200", "h800"].contains(&g.as_str())
+            && gpu_peak(g, false).is_none()
         {
             return bad("run.gpu", format!("unknown GPU {g:?} (h200, h800)"));
         }

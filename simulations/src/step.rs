@@ -99,14 +99,31 @@ pub fn run_microbatches(s: &crate::scenario::Scenario) -> Result<usize, String> 
 /// The run's step time from its choreography: one step of the `[pipeline]` with the run's own
 /// number of micro-batches, through the Coordinator and RankMachines, to its commit.
 pub fn pipeline_step_seconds(s: &crate::scenario::Scenario) -> Result<f64, String> {
-    Ok(pipeline_step(s, run_microbatches(s)?)?.1.step_s)
+    let m = step_model(s)?;
+    let ch = step_choreography(
+        m.kind,
+        m.pp,
+        run_microbatches(s)?,
+        &m.costs,
+        &m.comm,
+        m.control_s,
+    )?;
+    Ok(ch.committed_s)
 }
 
-/// One step of `s`'s `[pipeline]` run with `microbatches` micro-batches.
-fn pipeline_step(
-    s: &crate::scenario::Scenario,
-    microbatches: usize,
-) -> Result<(Timeline, StepSummary), String> {
+/// What one step of a scenario's `[pipeline]` costs, chunk by chunk.
+struct StepModel {
+    kind: ScheduleKind,
+    pp: usize,
+    ep: usize,
+    costs: Costs,
+    comm: CommCosts,
+    control_s: f64,
+}
+
+/// The chunk costs of `s`'s `[pipeline]`: compute from its FLOP accounting, communication from
+/// its layout and network.
+fn step_model(s: &crate::scenario::Scenario) -> Result<StepModel, String> {
     let p = s.pipeline.as_ref().ok_or("no [pipeline]")?;
     let kind: ScheduleKind = p
         .schedule
@@ -122,7 +139,6 @@ fn pipeline_step(
     let fpt = crate::cost::training_flops_per_token(&cfg, seq);
     let tokens = p.microbatch_tokens.unwrap_or(seq as f64);
     let stages = kind.model_stages(p.pp);
-    let costs = chunk_costs(fpt, tokens, stages, tflops, eff);
     let layout = Layout {
         pp: p.pp,
         stages,
@@ -133,20 +149,42 @@ fn pipeline_step(
         microbatch_tokens: tokens,
     };
     let copies = stages * if kind == ScheduleKind::DualPipe { 2 } else { 1 } / p.pp;
-    let comm = chunk_comm(&cfg, &layout, &s.network, copies);
-    let control_s = s.network.transfer_s(0.0, true);
-    let bare = step_choreography(kind, p.pp, microbatches, &costs, &CommCosts::default(), 0.0)?;
-    let ch = step_choreography(kind, p.pp, microbatches, &costs, &comm, control_s)?;
+    Ok(StepModel {
+        kind,
+        pp: p.pp,
+        ep: p.ep,
+        costs: chunk_costs(fpt, tokens, stages, tflops, eff),
+        comm: chunk_comm(&cfg, &layout, &s.network, copies),
+        control_s: s.network.transfer_s(0.0, true),
+    })
+}
+
+/// One step of `s`'s `[pipeline]` run with `microbatches` micro-batches, with and without its
+/// communication.
+fn pipeline_step(
+    s: &crate::scenario::Scenario,
+    microbatches: usize,
+) -> Result<(Timeline, StepSummary), String> {
+    let StepModel {
+        kind,
+        pp,
+        ep,
+        costs,
+        comm,
+        control_s,
+    } = step_model(s)?;
+    let bare = step_choreography(kind, pp, microbatches, &costs, &CommCosts::default(), 0.0)?;
+    let ch = step_choreography(kind, pp, microbatches, &costs, &comm, control_s)?;
     let t = &ch.timeline;
     let summary = StepSummary {
         schedule: kind.to_string(),
-        pp: p.pp,
-        ep: p.ep,
+        pp,
+        ep,
         microbatches,
         forward_chunk_s: costs.f,
         compute_makespan_s: bare.timeline.makespan,
         compute_bubble_s: bare.timeline.max_bubble(),
-        table2_bubble_s: table2_bubble(kind, p.pp, &costs),
+        table2_bubble_s: table2_bubble(kind, pp, &costs),
         comm,
         makespan_s: t.makespan,
         bubble_s: t.max_bubble(),
