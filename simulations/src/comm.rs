@@ -251,6 +251,8 @@ mod tests {
         assert!(nv < t, "NVLink {nv} < network {t}");
         // without the node limit a token may reach all 8 nodes: more network traffic
         let unlimited = all_to_all_s(&Layout { node_limit: 8, ..l }, &net, 7392.0, 8.0);
+        let want8 = 5e-6 + 4096.0 * distinct_of(8.0, 8.0) * 7.0 / 8.0 * 7392.0 / 50e9;
+        assert!((unlimited - want8).abs() < 1e-12, "{unlimited} vs {want8}");
         assert!(unlimited > t * 1.3, "{unlimited} vs {t}");
         // inside one node there is no network at all
         let one_node = Layout { ep: 8, ..l };

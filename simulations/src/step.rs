@@ -248,7 +248,7 @@ mod tests {
                 t.makespan
             );
             assert!(
-                (got - want).abs() <= 1e-9 * want.max(1.0),
+                (got - want).abs() <= 1e-13 * want.max(1.0),
                 "{kind}: {got} vs {want}"
             );
             bubbles.push(got);
