@@ -241,7 +241,7 @@ pub fn build_state(opts: &TrainOptions) -> Result<TrainState> {
 }
 
 /// What one step's update needs besides the gradients.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepHyper {
     pub opt: AdamW,
     pub lr: f32,
@@ -266,7 +266,7 @@ impl StepHyper {
 }
 
 /// What one step reports.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepOutput {
     pub stats: StepStats,
     /// Pre-clip global gradient norm.

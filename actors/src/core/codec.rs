@@ -23,14 +23,16 @@ pub trait Message: Serialize + DeserializeOwned {
     const NAME: &'static str;
 }
 
+/// Names message types with their wire tags (the shells register theirs with it too).
 macro_rules! messages {
     ($($t:ty => $tag:expr),* $(,)?) => {
-        $(impl Message for $t {
+        $(impl $crate::core::codec::Message for $t {
             const TAG: u32 = $tag;
             const NAME: &'static str = stringify!($t);
         })*
     };
 }
+pub(crate) use messages;
 
 messages! {
     CoordEvent => 1,

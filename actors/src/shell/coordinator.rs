@@ -5,7 +5,8 @@
 //! and its replacement rebuilds its view from their reports.
 
 use super::data_loader::{DataArgs, DataLoader, batches_crc};
-use super::protocol::{CoordMsg, DataMsg, GpuMsg, NodeMsg, RankGrads, StepReply};
+use super::payload::PayloadKey;
+use super::protocol::{CoordMsg, DataMsg, EngineMsg, GpuMsg, NodeMsg, RankGrads, StepReply};
 use super::{Ctx, backoff, fire, is_child_event};
 use crate::core::coordinator::{CoordCommand, CoordEvent, Coordinator as Machine, TimeoutPolicy};
 use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
@@ -17,11 +18,10 @@ use crate::schedule::Schedule;
 use crate::trainer::{self, StepHyper, StepOutput, TrainState};
 use anyhow::Result;
 use kernels::model::stage::{
-    Stage, StageGrads, combine_microbatch_stats, reduce, scale_for_microbatches,
+    GradSums, Stage, StageGrads, combine_microbatch_stats, reduce, scale_for_microbatches,
 };
 use kernels::model::{Batch, ParamStore};
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,36 +39,58 @@ enum Child {
     Loader,
 }
 
-/// The open step's data and results.
+/// The open step's data and results. Its tensors sit in the payload store; the job names them.
 struct Job {
     step: u64,
     /// The committed state the step starts from (shared with the engine, never copied whole
     /// except into `work`).
     snapshot: Arc<TrainState>,
-    restore: Option<Arc<ParamStore>>,
+    /// The committed parameters for ranks that restore (a `ParamStore`).
+    restore: Option<PayloadKey>,
     hyper: StepHyper,
-    reply: Option<RpcReplyPort<Result<StepReply, String>>>,
-    batches: Option<Arc<Vec<Batch>>>,
+    /// The engine has its answer.
+    answered: bool,
+    /// The step's micro-batches (a `Vec<Batch>`), once they passed their checksum.
+    batches: Option<PayloadKey>,
     data_tries: u32,
     done: BTreeMap<usize, (RankGrads, RankStats)>,
     work: Option<Box<TrainState>>,
-    /// The new parameters while the ranks install them (moved out of `work`, moved back at
-    /// the commit: no copy).
-    installing: Option<Arc<ParamStore>>,
+    /// The new parameters while the ranks install them (moved out of `work` into the payload
+    /// store, moved back at the commit: no copy).
+    installing: Option<PayloadKey>,
     out: Option<StepOutput>,
 }
 
 impl Job {
-    fn restore_params(&mut self) -> Arc<ParamStore> {
-        self.restore
-            .get_or_insert_with(|| Arc::new(self.snapshot.model.params.clone()))
-            .clone()
+    fn restore_params(&mut self, ctx: &Ctx) -> PayloadKey {
+        *self.restore.get_or_insert_with(|| {
+            let p = Arc::new(self.snapshot.model.params.clone());
+            ctx.payloads.share(self.step, p)
+        })
     }
 
-    fn fail(&mut self, reason: String) {
-        if let Some(r) = self.reply.take() {
-            let _ = r.send(Err(reason));
+    /// Answers the engine with `result` (once).
+    fn answer(&mut self, ctx: &Ctx, result: Result<StepReply, String>) {
+        if !std::mem::replace(&mut self.answered, true) {
+            let step = self.step;
+            ctx.book.to_engine(EngineMsg::StepDone { step, result });
         }
+    }
+
+    fn fail(&mut self, ctx: &Ctx, reason: String) {
+        self.answer(ctx, Err(reason));
+    }
+
+    /// Drops the attempt's gradient sums and the parameters being installed.
+    fn drop_attempt(&mut self, ctx: &Ctx) {
+        for (_, (grads, _)) in std::mem::take(&mut self.done) {
+            grads.iter().for_each(|&(_, k)| ctx.payloads.release(k));
+        }
+        if let Some(k) = self.installing.take() {
+            ctx.payloads.release(k);
+        }
+        self.work = None;
+        self.out = None;
     }
 }
 
@@ -146,37 +168,40 @@ impl Coordinator {
         }
     }
 
-    /// Asks the loader for the open step's batches without blocking this actor: the answer
-    /// comes back as [`CoordMsg::Batches`].
+    /// Asks the loader for the open step's batches: its answer comes back as
+    /// [`CoordMsg::Batches`], or a [`CoordMsg::DataTimeout`] first.
     fn request_data(myself: &ActorRef<CoordMsg>, st: &mut CoordState) {
         let Some(job) = st.job.as_mut() else { return };
         job.data_tries += 1;
-        let step = job.step;
-        let loader = st.loader.clone();
-        let me = myself.clone();
-        tokio::spawn(async move {
-            let r = match loader {
-                None => Err("the data loader is restarting".to_string()),
-                Some(l) => match l
-                    .call(|r| DataMsg::Get { step, reply: r }, Some(DATA_TIMEOUT))
-                    .await
-                {
-                    Ok(CallResult::Success(Ok((crc, b)))) if batches_crc(&b) == crc => Ok(b),
-                    Ok(CallResult::Success(Ok(_))) => {
-                        Err("the batches failed their checksum".to_string())
-                    }
-                    Ok(CallResult::Success(Err(e))) => Err(format!("fatal: {e}")),
-                    Ok(CallResult::Timeout) => {
-                        l.kill();
-                        Err(format!(
-                            "no answer within {} ms; killed it",
-                            DATA_TIMEOUT.as_millis()
-                        ))
-                    }
-                    _ => Err("the data loader is gone".to_string()),
-                },
-            };
-            let _ = me.cast(CoordMsg::Batches { step, result: r });
+        let (step, try_no) = (job.step, job.data_tries);
+        match &st.loader {
+            None => Coordinator::retry_data(myself, st, step, "the data loader is restarting"),
+            Some(l) => {
+                if l.cast(DataMsg::Get { step }).is_err() {
+                    Coordinator::retry_data(myself, st, step, "the data loader is gone");
+                    return;
+                }
+                ractor::time::send_after(DATA_TIMEOUT, myself.get_cell(), move || {
+                    CoordMsg::DataTimeout { step, try_no }
+                });
+            }
+        }
+    }
+
+    /// The open step's data did not come (`why`): asked again after a pause, or the step fails
+    /// after [`DATA_ATTEMPTS`] requests.
+    fn retry_data(myself: &ActorRef<CoordMsg>, st: &mut CoordState, step: u64, why: &str) {
+        let Some(job) = st.job.as_mut().filter(|j| j.step == step) else {
+            return;
+        };
+        if job.data_tries >= DATA_ATTEMPTS {
+            job.fail(&st.ctx, format!("step {step}: the data loader: {why}"));
+            st.job = None;
+            return;
+        }
+        tracing::warn!(step, "data loader: {why}; asking again");
+        ractor::time::send_after(DATA_RETRY, myself.get_cell(), move || CoordMsg::RetryData {
+            step,
         });
     }
 
@@ -195,10 +220,10 @@ impl Coordinator {
                     restore,
                 } => {
                     let Some(job) = st.job.as_mut() else { continue };
-                    let Some(batches) = job.batches.clone() else {
+                    let Some(batches) = job.batches else {
                         continue;
                     };
-                    let restore = restore.then(|| job.restore_params());
+                    let restore = restore.then(|| job.restore_params(&st.ctx));
                     if attempt > 0 {
                         tracing::warn!(step, attempt, "replaying step");
                     }
@@ -207,8 +232,8 @@ impl Coordinator {
                         step,
                         attempt,
                         check,
-                        batches: batches.clone(),
-                        restore: restore.clone(),
+                        batches,
+                        restore,
                     });
                 }
                 CoordCommand::SetTimer { at_ms, timer } => {
@@ -220,7 +245,26 @@ impl Coordinator {
                 CoordCommand::Reduce { step, attempt } => {
                     Coordinator::maybe_fail(st, step, Phase::Optimizer).await;
                     let Some(job) = st.job.as_mut() else { continue };
-                    let done = std::mem::take(&mut job.done);
+                    let mut done = BTreeMap::new();
+                    let mut missing = None;
+                    for (rank, (keys, stats)) in std::mem::take(&mut job.done) {
+                        let mut grads = Vec::new();
+                        for (copy, k) in keys {
+                            match st.ctx.payloads.take::<GradSums>(k) {
+                                Some(g) => grads.push((copy, g)),
+                                None => missing = Some((rank, copy)),
+                            }
+                        }
+                        done.insert(rank, (grads, stats));
+                    }
+                    if let Some((rank, copy)) = missing {
+                        job.fail(
+                            &st.ctx,
+                            format!("step {step}: the gradient sums of stage copy s{copy} on rank {rank} are gone"),
+                        );
+                        st.job = None;
+                        return Ok(());
+                    }
                     // the new state is built beside the committed one from the ranks' sums
                     // (moved in by the reduce): the step can still replay from the old one
                     let snap = job.snapshot.clone();
@@ -239,7 +283,7 @@ impl Coordinator {
                             cmds.extend(st.machine.on(now, CoordEvent::Reduced { step, attempt }));
                         }
                         Err(e) => {
-                            job.fail(format!("{e:#}"));
+                            job.fail(&st.ctx, format!("{e:#}"));
                             st.job = None;
                             return Ok(());
                         }
@@ -251,11 +295,12 @@ impl Coordinator {
                         continue;
                     };
                     let params = Arc::new(std::mem::take(&mut work.model.params));
-                    job.installing = Some(params.clone());
+                    let params = st.ctx.payloads.share(step, params);
+                    job.installing = Some(params);
                     Coordinator::broadcast(st, |_| GpuMsg::Install {
                         step,
                         attempt,
-                        params: params.clone(),
+                        params,
                     });
                 }
                 CoordCommand::Commit { step, attempts } => {
@@ -274,22 +319,34 @@ impl Coordinator {
                         }
                     }
                     let (Some(mut work), Some(out)) = (job.work.take(), job.out.take()) else {
-                        job.fail(format!("step {step} committed without a result"));
+                        job.fail(&st.ctx, format!("step {step} committed without a result"));
                         continue;
                     };
-                    if let Some(p) = job.installing.take() {
+                    if let Some(k) = job.installing.take() {
                         // every rank installed and dropped its reference; a straggling one
                         // costs a copy, never a wrong value
-                        work.model.params = Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone());
+                        match st.ctx.payloads.take_or::<ParamStore>(k, |p| p.clone()) {
+                            Some(p) => work.model.params = p,
+                            None => {
+                                job.fail(
+                                    &st.ctx,
+                                    format!("step {step}: the installed parameters are gone"),
+                                );
+                                continue;
+                            }
+                        }
                     }
-                    if let Some(r) = job.reply.take() {
-                        let _ = r.send(Ok(StepReply {
-                            state: work,
-                            out,
-                            restarts: st.machine.restarts,
-                            replayed_steps: st.machine.txn().replayed_steps,
-                        }));
+                    if let Some(k) = job.restore.take() {
+                        st.ctx.payloads.release(k);
                     }
+                    let state = st.ctx.payloads.put(step, *work);
+                    let reply = StepReply {
+                        state,
+                        out,
+                        restarts: st.machine.restarts,
+                        replayed_steps: st.machine.txn().replayed_steps,
+                    };
+                    job.answer(&st.ctx, Ok(reply));
                 }
                 CoordCommand::Abort {
                     step,
@@ -298,10 +355,7 @@ impl Coordinator {
                 } => {
                     tracing::warn!(step, attempt, "aborting step: {reason}");
                     if let Some(job) = st.job.as_mut() {
-                        job.done.clear();
-                        job.work = None;
-                        job.installing = None;
-                        job.out = None;
+                        job.drop_attempt(&st.ctx);
                     }
                     Coordinator::broadcast(st, |_| GpuMsg::Abort { step, attempt });
                 }
@@ -317,7 +371,8 @@ impl Coordinator {
                 }
                 CoordCommand::GiveUp { step, reason } => {
                     if let Some(mut job) = st.job.take() {
-                        job.fail(format!("step {step}: {reason}"));
+                        job.drop_attempt(&st.ctx);
+                        job.fail(&st.ctx, format!("step {step}: {reason}"));
                     }
                 }
             }
@@ -382,7 +437,7 @@ fn reduce_and_apply(
     committed: &TrainState,
     meta: &[Stage],
     schedule: &Schedule,
-    done: BTreeMap<usize, (RankGrads, RankStats)>,
+    done: BTreeMap<usize, (Vec<(usize, GradSums)>, RankStats)>,
     h: &StepHyper,
 ) -> Result<(TrainState, StepOutput)> {
     let m = schedule.microbatches;
@@ -485,8 +540,8 @@ impl Actor for Coordinator {
     ) -> Result<(), ActorProcessingErr> {
         let now = st.ctx.now_ms();
         let event = match msg {
-            CoordMsg::Ping { reply } => {
-                let _ = reply.send(());
+            CoordMsg::Ping => {
+                st.ctx.book.to_engine(EngineMsg::Pong);
                 return Ok(());
             }
             CoordMsg::RunStep {
@@ -494,17 +549,25 @@ impl Actor for Coordinator {
                 state,
                 hyper,
                 restore,
-                reply,
             } => {
+                let Some(snapshot) = st.ctx.payloads.get::<TrainState>(state) else {
+                    let why =
+                        format!("step {step}: the committed state is not in the payload store");
+                    st.ctx.book.to_engine(EngineMsg::StepDone {
+                        step,
+                        result: Err(why),
+                    });
+                    return Ok(());
+                };
                 if restore {
                     st.machine.restore_on_next_open();
                 }
                 st.job = Some(Job {
                     step,
-                    snapshot: state,
+                    snapshot,
                     restore: None,
                     hyper,
-                    reply: Some(reply),
+                    answered: false,
                     batches: None,
                     data_tries: 0,
                     done: BTreeMap::new(),
@@ -523,25 +586,44 @@ impl Actor for Coordinator {
                     // a second answer (a retry raced a restarted loader): the first one counts
                     return Ok(());
                 }
-                match result {
-                    Ok(b) => {
-                        job.batches = Some(b);
-                        Coordinator::maybe_fail(st, step, Phase::Forward).await;
-                        CoordEvent::Begin { step }
-                    }
-                    Err(e) if e.starts_with("fatal: ") || job.data_tries >= DATA_ATTEMPTS => {
-                        job.fail(format!("step {step}: the data loader: {e}"));
+                let checked = match result {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // the data itself cannot be read: asking again would not help
+                        job.fail(&st.ctx, format!("step {step}: the data loader: fatal: {e}"));
                         st.job = None;
                         return Ok(());
                     }
-                    Err(e) => {
-                        tracing::warn!(step, "data loader: {e}; asking again");
-                        ractor::time::send_after(DATA_RETRY, myself.get_cell(), move || {
-                            CoordMsg::RetryData { step }
-                        });
-                        return Ok(());
-                    }
+                };
+                let intact = st
+                    .ctx
+                    .payloads
+                    .get::<Vec<Batch>>(checked.batches)
+                    .is_some_and(|b| batches_crc(&b) == checked.crc);
+                if !intact {
+                    st.ctx.payloads.release(checked.batches);
+                    Coordinator::retry_data(&myself, st, step, "the batches failed their checksum");
+                    return Ok(());
                 }
+                job.batches = Some(checked.batches);
+                Coordinator::maybe_fail(st, step, Phase::Forward).await;
+                CoordEvent::Begin { step }
+            }
+            CoordMsg::DataTimeout { step, try_no } => {
+                let overdue = st.job.as_ref().is_some_and(|j| {
+                    j.step == step && j.batches.is_none() && j.data_tries == try_no
+                });
+                if overdue {
+                    if let Some(l) = &st.loader {
+                        l.kill();
+                    }
+                    let why = format!(
+                        "no answer within {} ms; killed it",
+                        DATA_TIMEOUT.as_millis()
+                    );
+                    Coordinator::retry_data(&myself, st, step, &why);
+                }
+                return Ok(());
             }
             CoordMsg::Done {
                 rank,

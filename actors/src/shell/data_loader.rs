@@ -1,8 +1,9 @@
 //! The DataLoader: serves each step's micro-batches, a pure function of (seed, step), so a
-//! restarted loader serves the same ones. Its answer carries a CRC32C of the tokens that the
-//! coordinator checks; a damaged or missing answer is asked for again.
+//! restarted loader serves the same ones. Its answer (to the coordinator) names the batches in
+//! the payload store and carries a CRC32C of their tokens that the coordinator checks; a damaged
+//! or missing answer is asked for again.
 
-use super::protocol::DataMsg;
+use super::protocol::{Checked, CoordMsg, DataMsg};
 use super::{Ctx, fire};
 use crate::inject::{FaultKind, Phase, Target};
 use crate::trainer;
@@ -55,7 +56,7 @@ impl Actor for DataLoader {
         msg: DataMsg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let DataMsg::Get { step, reply } = msg;
+        let DataMsg::Get { step } = msg;
         let (a, cache) = st;
         let started = Instant::now();
         let mut faults = Vec::new();
@@ -79,6 +80,7 @@ impl Actor for DataLoader {
             *cache = Some((step, b.clone()));
         }
         let mut r = r.map(|b| (batches_crc(&b), b));
+        let mut copies = 1;
         for f in faults {
             match f.kind {
                 FaultKind::Slow => {
@@ -87,7 +89,7 @@ impl Actor for DataLoader {
                 }
                 FaultKind::Drop => {
                     tracing::warn!(step, "injected drop of the data loader's answer");
-                    return Ok(());
+                    copies = 0;
                 }
                 FaultKind::Corrupt => {
                     // a flipped token after the checksum was taken: the coordinator refuses it
@@ -100,16 +102,27 @@ impl Actor for DataLoader {
                     }
                     tracing::warn!(step, "injected corruption of the data loader's answer");
                 }
-                // a second delivery of the same answer: the reply port takes one, the copy is
-                // refused by construction
-                FaultKind::Dup
-                | FaultKind::Panic
+                // a second delivery of the same answer: the coordinator takes the first
+                FaultKind::Dup => {
+                    tracing::warn!(step, "injected duplicate of the data loader's answer");
+                    copies = copies.min(1) * 2;
+                }
+                FaultKind::Panic
                 | FaultKind::Hang
                 | FaultKind::LossSpike
                 | FaultKind::StoreOutage => {}
             }
         }
-        let _ = reply.send(r);
+        let answer = r.map(|(crc, b)| Checked {
+            crc,
+            batches: a.ctx.payloads.share(step, b),
+        });
+        for _ in 0..copies {
+            a.ctx.to_coord(CoordMsg::Batches {
+                step,
+                result: answer.clone(),
+            });
+        }
         Ok(())
     }
 }

@@ -5,7 +5,8 @@
 
 use super::coordinator::CoordArgs;
 use super::data_loader::DataArgs;
-use super::protocol::{CoordMsg, RootMsg, StepReply};
+use super::payload::PayloadKey;
+use super::protocol::{CoordMsg, EngineMsg, RootMsg, StepReply};
 use super::root::{Root, RootArgs};
 use super::{AddressBook, Ctx};
 use crate::core::coordinator::TimeoutPolicy;
@@ -17,7 +18,6 @@ use crate::schedule::Schedule;
 use crate::trainer::{StepEngine, StepHyper, StepOutput, TrainState};
 use anyhow::{Result, anyhow};
 use kernels::model::DeepSeekV3;
-use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -52,6 +52,8 @@ struct Formation {
     ctx: Arc<Ctx>,
     root: ActorRef<RootMsg>,
     handle: Option<tokio::task::JoinHandle<()>>,
+    /// The engine's inbox: the coordinators' answers.
+    inbox: tokio::sync::mpsc::UnboundedReceiver<EngineMsg>,
 }
 
 /// The actor formation as a training-loop engine: each step is one `RunStep` call to the
@@ -107,6 +109,7 @@ impl ActorEngine {
             policy: spec.policy,
             epoch: Instant::now(),
             book: AddressBook::new(spec.schedule.ranks),
+            payloads: Default::default(),
             detector: spec.detector,
             detections_ms: std::sync::Mutex::new(Vec::new()),
             stragglers: std::sync::atomic::AtomicU64::new(0),
@@ -115,6 +118,8 @@ impl ActorEngine {
             fatal: std::sync::Mutex::new(None),
             stopping: AtomicBool::new(false),
         });
+        let (tx, inbox) = tokio::sync::mpsc::unbounded_channel();
+        ctx.book.set_engine(tx);
         let args = CoordArgs {
             ctx: ctx.clone(),
             data: DataArgs {
@@ -140,6 +145,7 @@ impl ActorEngine {
             ctx,
             root,
             handle: Some(handle),
+            inbox,
         })
     }
 
@@ -188,21 +194,22 @@ impl ActorEngine {
         self.stop();
     }
 
-    /// One `RunStep` call to the current coordinator, with its heartbeat watched meanwhile.
-    /// `Ok(None)`: the coordinator died, or went silent past the bound and was killed; the Root
-    /// starts a new one.
+    /// One `RunStep` to the current coordinator, with its heartbeat watched until its answer
+    /// comes to the engine's inbox. `Ok(None)`: the coordinator died, or went silent past the
+    /// bound and was killed; the Root starts a new one.
     fn call_step(
         &mut self,
-        state: Arc<TrainState>,
+        state: PayloadKey,
         step: u64,
         hyper: StepHyper,
         restore: bool,
     ) -> Result<Option<StepReply>> {
         let f = self
             .formation
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| anyhow!("no formation"))?;
         let ctx = f.ctx.clone();
+        let inbox = &mut f.inbox;
         let dead_after = self.spec.coordinator_dead_after;
         self.rt.block_on(async move {
             // a replacement coordinator takes a moment to start (its backoff and its start-up)
@@ -221,33 +228,37 @@ impl ActorEngine {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             };
-            let c2 = coord.clone();
-            let call = c2.call(
-                move |reply| CoordMsg::RunStep {
-                    step,
-                    state,
-                    hyper,
-                    restore,
-                    reply,
-                },
-                None,
-            );
-            tokio::pin!(call);
+            // answers of an earlier coordinator or step are stale
+            while inbox.try_recv().is_ok() {}
+            let run = CoordMsg::RunStep {
+                step,
+                state,
+                hyper,
+                restore,
+            };
+            if coord.cast(run).is_err() {
+                return Ok(None);
+            }
             let mut last_answer = Instant::now();
+            let mut ping = tokio::time::interval(Duration::from_millis(100));
+            ping.tick().await;
             loop {
                 tokio::select! {
-                    r = &mut call => {
-                        return match r {
-                            Ok(CallResult::Success(Ok(reply))) => Ok(Some(reply)),
-                            Ok(CallResult::Success(Err(e))) => Err(anyhow!("{e}")),
-                            _ => Ok(None),
-                        };
-                    }
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                        let ping = coord.call(|reply| CoordMsg::Ping { reply }, Some(Duration::from_millis(100)));
-                        if let Ok(CallResult::Success(())) = ping.await {
-                            last_answer = Instant::now();
-                        } else if last_answer.elapsed() >= dead_after {
+                    m = inbox.recv() => match m {
+                        Some(EngineMsg::StepDone { step: s, result }) if s == step => {
+                            return result.map(Some).map_err(|e| anyhow!("{e}"));
+                        }
+                        Some(_) => last_answer = Instant::now(),
+                        None => return Err(anyhow!("step {step}: the formation's inbox closed")),
+                    },
+                    _ = ping.tick() => {
+                        let replaced = ctx.book.coord().map(|c| c.get_id()) != Some(coord.get_id());
+                        if replaced || coord.get_status() == ractor::ActorStatus::Stopped {
+                            return Ok(None);
+                        }
+                        if last_answer.elapsed() < dead_after {
+                            let _ = coord.cast(CoordMsg::Ping);
+                        } else {
                             let silent = last_answer.elapsed().as_millis() as u64;
                             tracing::warn!(step, "the coordinator is silent for {silent} ms: declared dead, killing it");
                             ctx.detections_ms.lock().map(|mut d| d.push(silent)).ok();
@@ -298,21 +309,31 @@ impl StepEngine for ActorEngine {
         let mut state = state;
         state.grads = Vec::new();
         let state = Arc::new(state);
-        if let Some(f) = &self.formation {
-            f.ctx
-                .committed
-                .store(step - 1, std::sync::atomic::Ordering::SeqCst);
-        }
+        let ctx = self
+            .formation
+            .as_ref()
+            .ok_or_else(|| anyhow!("no formation"))?
+            .ctx
+            .clone();
+        ctx.committed
+            .store(step - 1, std::sync::atomic::Ordering::SeqCst);
+        // the coordinators read it from the payload store; what earlier steps left there goes
+        ctx.payloads.release_before(step);
+        let key = ctx.payloads.share(step, state.clone());
         let mut tries = 0;
         loop {
             let restore = std::mem::take(&mut self.reload_next);
-            match self.call_step(state.clone(), step, *h, restore)? {
+            match self.call_step(key, step, *h, restore)? {
                 Some(reply) => {
+                    ctx.payloads.release(key);
                     drop(state);
-                    super::release_free_memory(reply.state.model.num_params());
+                    let new: TrainState = ctx.payloads.take(reply.state).ok_or_else(|| {
+                        anyhow!("step {step}: the committed state is not in the payload store")
+                    })?;
+                    super::release_free_memory(new.model.num_params());
                     self.restarts = self.restarts_before + reply.restarts;
                     self.replayed = self.replayed_before + reply.replayed_steps;
-                    return Ok((*reply.state, reply.out));
+                    return Ok((new, reply.out));
                 }
                 None => {
                     tries += 1;

@@ -1,18 +1,20 @@
 //! The ExpertGroupActor: routed experts `[g·E/G, (g+1)·E/G)` of one stage copy's MoE layers,
-//! served over wire frames (FP8 dispatch, BF16 combine), and [`RemoteExperts`], the stage's side
-//! of that exchange.
+//! served over wire frames (FP8 dispatch, BF16 combine), and the stage's side of that exchange:
+//! [`ExpertLine`] (a request out, its answer back through the stage copy's inbox, matched by
+//! call number) and [`RemoteExperts`].
 
-use super::protocol::{ExpertMsg, WireGrads};
+use super::protocol::{ExpertAnswer, ExpertMsg, ExpertReply, WireGrads};
 use super::{Ctx, fire};
 use crate::formation::Wire;
 use crate::formation::compute::EpPayload;
 use crate::inject::{FaultKind, Phase, Target};
+use kernels::model::ParamStore;
 use kernels::model::experts::{ExpertGroup, LocalExpertGroups, gather};
 use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::sync::Arc;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How much longer a `slow` expert group takes per message (it does not time its work).
@@ -20,7 +22,7 @@ const SLOW_UNIT: Duration = Duration::from_millis(20);
 
 /// How long a stage waits for an expert group before giving up on the step (a hung group is
 /// normally caught earlier by the coordinator's step timeout, which kills the waiting stage).
-const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+pub const EXPERT_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Flips a byte of a frame under a `corrupt` fault (the stage's decode refuses it by CRC).
 fn damage(faults: &[FaultKind], frame: &mut [u8]) {
@@ -30,11 +32,56 @@ fn damage(faults: &[FaultKind], frame: &mut [u8]) {
     }
 }
 
-/// Answers unless a `drop` fault eats the answer. Under `dup` the answer is sent once: a reply
-/// port takes one value, so the second delivery is refused by construction.
-fn answer<T>(faults: &[FaultKind], reply: RpcReplyPort<T>, value: T) {
-    if !faults.contains(&FaultKind::Drop) {
-        let _ = reply.send(value);
+/// Why an expert call got no answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The group is gone (its mailbox is closed).
+    Gone,
+    /// No answer within the bound.
+    Timeout,
+}
+
+/// A stage copy's line to its expert groups: requests go out numbered, answers come back to
+/// the copy's inbox (registered in the address book under its rank and copy) and are matched by
+/// number; an answer to an earlier call (late, or a duplicate) is dropped.
+#[derive(Debug)]
+pub struct ExpertLine {
+    pub groups: Vec<ActorRef<ExpertMsg>>,
+    inbox: Mutex<Receiver<ExpertReply>>,
+    calls: AtomicU64,
+}
+
+impl ExpertLine {
+    pub fn new(groups: Vec<ActorRef<ExpertMsg>>, inbox: Receiver<ExpertReply>) -> ExpertLine {
+        ExpertLine {
+            groups,
+            inbox: Mutex::new(inbox),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Sends `make(call)` to group `g` and waits (blocking this thread) for its answer.
+    pub fn call(
+        &self,
+        g: usize,
+        make: impl FnOnce(u64) -> ExpertMsg,
+        timeout: Duration,
+    ) -> Result<ExpertAnswer, CallError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let inbox = self.inbox.lock().map_err(|_| CallError::Gone)?;
+        self.groups[g]
+            .cast(make(call))
+            .map_err(|_| CallError::Gone)?;
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match inbox.recv_timeout(left) {
+                Ok(r) if r.call == call && r.group == g => return Ok(r.answer),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => return Err(CallError::Timeout),
+                Err(RecvTimeoutError::Disconnected) => return Err(CallError::Gone),
+            }
+        }
     }
 }
 
@@ -55,10 +102,32 @@ pub struct ExpertState {
     ctx: Arc<Ctx>,
     rank: usize,
     copy: usize,
+    index: usize,
     group: Option<ExpertGroup>,
 }
 
 impl ExpertState {
+    /// Answers call `call` of the stage copy this group serves, unless a `drop` fault eats the
+    /// answer; under `dup` it is delivered twice (the copy takes the first).
+    fn answer(&self, faults: &[FaultKind], call: u64, answer: ExpertAnswer) {
+        if faults.contains(&FaultKind::Drop) {
+            return;
+        }
+        let copies = if faults.contains(&FaultKind::Dup) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let reply = ExpertReply {
+                call,
+                group: self.index,
+                answer: answer.clone(),
+            };
+            self.ctx.book.to_stage(self.rank, self.copy, reply);
+        }
+    }
+
     async fn blocking<R: Send + 'static>(
         &mut self,
         f: impl FnOnce(&mut ExpertGroup) -> R + Send + 'static,
@@ -117,6 +186,7 @@ impl Actor for ExpertGroupActor {
             ctx: a.ctx,
             rank: a.rank,
             copy: a.copy,
+            index: a.group,
             group: Some(g),
         })
     }
@@ -130,10 +200,10 @@ impl Actor for ExpertGroupActor {
         let (wire, d) = (st.ctx.wire, st.ctx.hidden);
         match msg {
             ExpertMsg::Forward {
+                call,
                 step,
                 site,
                 blocks,
-                reply,
             } => {
                 let fault = st.maybe_fail(step, Phase::Forward).await;
                 let mut out = st
@@ -151,13 +221,13 @@ impl Actor for ExpertGroupActor {
                 if let Some(b) = out.first_mut() {
                     damage(&fault, b);
                 }
-                answer(&fault, reply, out);
+                st.answer(&fault, call, ExpertAnswer::Forward(out));
             }
             ExpertMsg::Backward {
+                call,
                 step,
                 site,
                 blocks,
-                reply,
             } => {
                 let mut fault = st.maybe_fail(step, Phase::Backward).await;
                 fault.extend(st.maybe_fail(step, Phase::Weight).await);
@@ -179,9 +249,18 @@ impl Actor for ExpertGroupActor {
                 if let Some(w) = out.first_mut() {
                     damage(&fault, &mut w.dx);
                 }
-                answer(&fault, reply, out);
+                st.answer(&fault, call, ExpertAnswer::Backward(out));
             }
-            ExpertMsg::Reset { restore, reply } => {
+            ExpertMsg::Reset { call, restore } => {
+                let restore = match restore {
+                    Some(k) => Some(
+                        st.ctx
+                            .payloads
+                            .get::<ParamStore>(k)
+                            .ok_or("the parameters to restore are gone")?,
+                    ),
+                    None => None,
+                };
                 st.blocking(move |g| {
                     g.reset();
                     if let Some(p) = restore {
@@ -189,16 +268,17 @@ impl Actor for ExpertGroupActor {
                     }
                 })
                 .await?;
-                let _ = reply.send(());
+                st.answer(&[], call, ExpertAnswer::Ack);
             }
-            ExpertMsg::Install {
-                step,
-                params,
-                reply,
-            } => {
+            ExpertMsg::Install { call, step, params } => {
                 let fault = st.maybe_fail(step, Phase::Optimizer).await;
+                let params = st
+                    .ctx
+                    .payloads
+                    .get::<ParamStore>(params)
+                    .ok_or("the parameters to install are gone")?;
                 st.blocking(move |g| g.load_from(&params)).await?;
-                answer(&fault, reply, ());
+                st.answer(&fault, call, ExpertAnswer::Ack);
             }
         }
         Ok(())
@@ -212,26 +292,26 @@ impl Actor for ExpertGroupActor {
 /// or silent group panics the stage's compute (the stage fails and is healed).
 #[derive(Debug)]
 pub struct RemoteExperts {
-    pub groups: Vec<ActorRef<ExpertMsg>>,
+    pub line: Arc<ExpertLine>,
     pub n_experts: usize,
     pub wire: Wire,
     pub d: usize,
     pub step: Arc<AtomicU64>,
-    pub rt: tokio::runtime::Handle,
     /// Why an answer of the current op was refused (taken by the stage after the op).
     pub lost: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl RemoteExperts {
-    fn exchange<A: Send + 'static>(
+    fn exchange<A>(
         &self,
         blocks: Vec<(usize, Vec<f32>)>,
         kind: EpPayload,
-        msg: impl Fn(u64, Vec<(usize, Vec<u8>)>, RpcReplyPort<Vec<A>>) -> ExpertMsg,
+        msg: impl Fn(u64, u64, Vec<(usize, Vec<u8>)>) -> ExpertMsg,
+        unpack: impl Fn(ExpertAnswer) -> Option<Vec<A>>,
     ) -> Vec<A> {
         let n = blocks.len();
         let step = self.step.load(Ordering::SeqCst);
-        let per = LocalExpertGroups::split(self.n_experts, self.groups.len(), blocks);
+        let per = LocalExpertGroups::split(self.n_experts, self.line.groups.len(), blocks);
         let mut parts = Vec::with_capacity(per.len());
         for (g, b) in per.into_iter().enumerate() {
             if b.is_empty() {
@@ -242,16 +322,14 @@ impl RemoteExperts {
                 .into_iter()
                 .map(|(_, i, x)| (i, self.wire.ep_encode(kind, &x, self.d)))
                 .collect();
-            let actor = &self.groups[g];
             let r = self
-                .rt
-                .block_on(actor.call(|reply| msg(step, payload, reply), Some(EXPERT_CALL_TIMEOUT)));
-            match r {
-                Ok(CallResult::Success(v)) => parts.push((pos, v)),
-                Ok(CallResult::Timeout) => panic!("expert group {g} did not answer (step {step})"),
-                Ok(CallResult::SenderError) | Err(_) => {
-                    panic!("expert group {g} failed (step {step})")
-                }
+                .line
+                .call(g, |call| msg(call, step, payload), EXPERT_CALL_TIMEOUT);
+            match r.map(&unpack) {
+                Ok(Some(v)) => parts.push((pos, v)),
+                Ok(None) => panic!("expert group {g} answered with the wrong kind (step {step})"),
+                Err(CallError::Timeout) => panic!("expert group {g} did not answer (step {step})"),
+                Err(CallError::Gone) => panic!("expert group {g} failed (step {step})"),
             }
         }
         gather(n, parts)
@@ -282,14 +360,20 @@ impl RemoteExperts {
 impl ExpertCompute for RemoteExperts {
     fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
         let lens: Vec<usize> = blocks.iter().map(|b| b.1.len()).collect();
-        self.exchange(blocks, EpPayload::Dispatch, |step, blocks, reply| {
-            ExpertMsg::Forward {
+        self.exchange(
+            blocks,
+            EpPayload::Dispatch,
+            |call, step, blocks| ExpertMsg::Forward {
+                call,
                 step,
                 site,
                 blocks,
-                reply,
-            }
-        })
+            },
+            |a| match a {
+                ExpertAnswer::Forward(v) => Some(v),
+                _ => None,
+            },
+        )
         .into_iter()
         .zip(lens)
         .map(|(y, len)| self.decode_or_lose(&y, len))
@@ -298,14 +382,20 @@ impl ExpertCompute for RemoteExperts {
 
     fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads> {
         let lens: Vec<usize> = blocks.iter().map(|b| b.1.len()).collect();
-        self.exchange(blocks, EpPayload::Combine, |step, blocks, reply| {
-            ExpertMsg::Backward {
+        self.exchange(
+            blocks,
+            EpPayload::Combine,
+            |call, step, blocks| ExpertMsg::Backward {
+                call,
                 step,
                 site,
                 blocks,
-                reply,
-            }
-        })
+            },
+            |a| match a {
+                ExpertAnswer::Backward(v) => Some(v),
+                _ => None,
+            },
+        )
         .into_iter()
         .zip(lens)
         .map(|(w, len)| {

@@ -4,6 +4,7 @@
 //! the NodeSupervisor past its own). Activations and gradients leave as encoded wire frames and
 //! are decoded on arrival; a frame that fails its checks is a lost message (the step replays).
 
+use super::payload::PayloadKey;
 use super::protocol::{CoordMsg, GpuMsg, StageMsg};
 use super::stage::{StageActor, StageArgs};
 use super::{Ctx, backoff, fire, is_child_event, open_check};
@@ -13,8 +14,6 @@ use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
 use crate::formation::Wire;
 use crate::inject::{Fault, FaultKind, Phase, Target};
 use crate::schedule::Instr;
-use kernels::model::stage::GradSums;
-use kernels::model::{Batch, ParamStore};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -35,14 +34,16 @@ pub struct GpuArgs {
 pub struct GpuState {
     ctx: Arc<Ctx>,
     rank: usize,
-    machine: RankMachine<GradSums>,
+    /// The machine hands over gradient sums by their keys (`GradSums` in the payload store).
+    machine: RankMachine<PayloadKey>,
     sup: Supervisor<usize>,
     stages: BTreeMap<usize, ActorRef<StageMsg>>,
     ids: BTreeMap<ActorId, usize>,
     /// Copies whose death this rank already reported (killed after a probe).
     reported: BTreeSet<usize>,
-    batches: Option<Arc<Vec<Batch>>>,
-    params: Option<Arc<ParamStore>>,
+    /// The open attempt's micro-batches and the parameters being installed (payload keys).
+    batches: Option<PayloadKey>,
+    params: Option<PayloadKey>,
     /// Message faults armed for the next frame this rank sends.
     armed: Vec<Fault>,
     /// Slow versus dead for this rank's stage copies (fed their progress counters each tick).
@@ -85,7 +86,7 @@ impl GpuActor {
     }
 
     /// Feeds the machine one event and carries out what it says.
-    async fn drive(st: &mut GpuState, ev: RankEvent<GradSums>) -> Result<(), ActorProcessingErr> {
+    async fn drive(st: &mut GpuState, ev: RankEvent<PayloadKey>) -> Result<(), ActorProcessingErr> {
         let cmds = st.machine.on(ev)?;
         for cmd in cmds {
             GpuActor::exec(st, cmd).await?;
@@ -93,7 +94,10 @@ impl GpuActor {
         Ok(())
     }
 
-    async fn exec(st: &mut GpuState, cmd: RankCommand<GradSums>) -> Result<(), ActorProcessingErr> {
+    async fn exec(
+        st: &mut GpuState,
+        cmd: RankCommand<PayloadKey>,
+    ) -> Result<(), ActorProcessingErr> {
         match cmd {
             RankCommand::Starting { step, instr } => {
                 for phase in gpu_phases(&instr) {
@@ -107,7 +111,7 @@ impl GpuActor {
                 attempt,
                 op,
             } => {
-                let batches = st.batches.clone().ok_or("no batches for the attempt")?;
+                let batches = st.batches.ok_or("no batches for the attempt")?;
                 st.work(copy, op_id, true);
                 if let Some(s) = st.stages.get(&copy) {
                     let _ = s.cast(StageMsg::Op {
@@ -180,7 +184,7 @@ impl GpuActor {
                 step,
                 attempt,
             } => {
-                let params = st.params.clone().ok_or("no parameters to install")?;
+                let params = st.params.ok_or("no parameters to install")?;
                 // an install is work too: a stage (or expert group) stuck in it is hung
                 st.work(copy, install_work(step, attempt), true);
                 if let Some(s) = st.stages.get(&copy) {
@@ -464,9 +468,7 @@ impl Actor for GpuActor {
                     return Ok(());
                 }
                 for s in st.stages.values() {
-                    let _ = s.cast(StageMsg::Reset {
-                        restore: restore.clone(),
-                    });
+                    let _ = s.cast(StageMsg::Reset { restore });
                 }
                 st.batches = Some(batches);
                 st.armed.clear();

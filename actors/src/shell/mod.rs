@@ -25,7 +25,8 @@ mod engine;
 mod expert_group;
 mod gpu;
 mod node;
-mod protocol;
+pub mod payload;
+pub mod protocol;
 mod root;
 mod stage;
 
@@ -38,27 +39,68 @@ use crate::formation::Wire;
 use crate::inject::{Fault, FaultBook, FaultKind};
 use crate::schedule::Schedule;
 use kernels::model::DeepSeekV3;
-use protocol::{CoordMsg, GpuMsg, NodeMsg};
+use payload::Payloads;
+use protocol::{CoordMsg, EngineMsg, ExpertReply, GpuMsg, NodeMsg};
 use ractor::{ActorId, ActorRef, SupervisionEvent};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Where the formation's actors are now; each registers itself when it starts.
+/// Where the formation's actors are now; each registers itself when it starts. Besides the
+/// actors: the inbox of each stage copy's compute for its expert groups' answers (by rank and
+/// copy), and the engine's inbox.
 #[derive(Default)]
 pub struct AddressBook {
     gpus: Mutex<Vec<Option<ActorRef<GpuMsg>>>>,
     coord: Mutex<Option<ActorRef<CoordMsg>>>,
     node: Mutex<Option<ActorRef<NodeMsg>>>,
+    experts:
+        Mutex<std::collections::BTreeMap<(usize, usize), std::sync::mpsc::Sender<ExpertReply>>>,
+    engine: Mutex<Option<tokio::sync::mpsc::UnboundedSender<EngineMsg>>>,
 }
 
 impl AddressBook {
     fn new(ranks: usize) -> AddressBook {
         AddressBook {
             gpus: Mutex::new(vec![None; ranks]),
-            coord: Mutex::new(None),
-            node: Mutex::new(None),
+            ..Default::default()
+        }
+    }
+
+    /// Stage copy `copy` of rank `rank` reads its expert groups' answers from `inbox`.
+    fn set_expert_inbox(
+        &self,
+        rank: usize,
+        copy: usize,
+        inbox: std::sync::mpsc::Sender<ExpertReply>,
+    ) {
+        if let Ok(mut e) = self.experts.lock() {
+            e.insert((rank, copy), inbox);
+        }
+    }
+
+    /// Sends an expert group's answer to the stage copy it serves (lost if that one is gone).
+    fn to_stage(&self, rank: usize, copy: usize, reply: ExpertReply) {
+        if let Some(tx) = self
+            .experts
+            .lock()
+            .ok()
+            .and_then(|e| e.get(&(rank, copy)).cloned())
+        {
+            let _ = tx.send(reply);
+        }
+    }
+
+    fn set_engine(&self, inbox: tokio::sync::mpsc::UnboundedSender<EngineMsg>) {
+        if let Ok(mut e) = self.engine.lock() {
+            *e = Some(inbox);
+        }
+    }
+
+    fn to_engine(&self, msg: EngineMsg) {
+        if let Some(tx) = self.engine.lock().ok().and_then(|e| e.clone()) {
+            let _ = tx.send(msg);
         }
     }
 
@@ -111,6 +153,8 @@ pub struct Ctx {
     policy: RestartPolicy,
     epoch: Instant,
     book: AddressBook,
+    /// What messages name by key (batches, parameters, gradient sums, states).
+    payloads: Payloads,
     /// The failure detectors' policy (heartbeat interval, dead-after bound).
     detector: DetectorPolicy,
     /// How long after its last progress each hung actor was declared dead, in ms.

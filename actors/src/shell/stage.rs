@@ -2,15 +2,16 @@
 //! It computes on the blocking pool, answers its GpuActor, and supervises its expert groups (a
 //! failed group fails the stage, which its GpuActor restarts).
 
-use super::expert_group::{ExpertArgs, ExpertGroupActor, RemoteExperts};
-use super::protocol::{CoordMsg, ExpertMsg, GpuMsg, StageMsg};
+use super::expert_group::{ExpertArgs, ExpertGroupActor, ExpertLine, RemoteExperts};
+use super::payload::PayloadKey;
+use super::protocol::{CoordMsg, ExpertAnswer, ExpertMsg, GpuMsg, StageMsg};
 use super::{Ctx, fire, is_child_event, straggle};
 use crate::core::ops::StageOp;
 use crate::formation::compute::exec_op;
 use crate::inject::{Fault, FaultKind, Phase, Target};
 use kernels::model::stage::{Stage, StageRunner};
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use kernels::model::{Batch, ParamStore};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -36,8 +37,8 @@ pub struct StageState {
     copy: usize,
     parent: ActorRef<GpuMsg>,
     runner: Option<StageRunner>,
-    /// Its ExpertGroupActors under `--ep` > 1 (children), and the step they serve.
-    groups: Vec<ActorRef<ExpertMsg>>,
+    /// The line to its ExpertGroupActors under `--ep` > 1 (children), and the step they serve.
+    experts: Option<Arc<ExpertLine>>,
     step: Arc<AtomicU64>,
     progress: Arc<AtomicU64>,
     /// Why an expert answer of the running op was refused (see `RemoteExperts`).
@@ -60,18 +61,40 @@ impl StageState {
         Ok(r)
     }
 
-    /// Sends `msg` to every expert group and waits for each to acknowledge.
+    /// Sends `msg(call)` to every expert group and waits for each to acknowledge.
     async fn to_groups(
         &self,
-        msg: impl Fn(RpcReplyPort<()>) -> ExpertMsg,
+        msg: impl Fn(u64) -> ExpertMsg + Send + 'static,
     ) -> Result<(), ActorProcessingErr> {
-        for (g, a) in self.groups.iter().enumerate() {
-            match a.call(&msg, Some(EXPERT_CALL_TIMEOUT)).await? {
-                CallResult::Success(()) => {}
-                _ => return Err(format!("expert group {g} did not acknowledge").into()),
+        let Some(line) = self.experts.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            for g in 0..line.groups.len() {
+                match line.call(g, &msg, EXPERT_CALL_TIMEOUT) {
+                    Ok(ExpertAnswer::Ack) => {}
+                    _ => return Err(format!("expert group {g} did not acknowledge")),
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await?
+        .map_err(ActorProcessingErr::from)
+    }
+
+    /// The value under `key` in the payload store (`what` names it when it is gone).
+    fn payload<T: std::any::Any + Send + Sync>(
+        &self,
+        key: PayloadKey,
+        what: &str,
+    ) -> Result<Arc<T>, ActorProcessingErr> {
+        self.ctx.payloads.get::<T>(key).ok_or_else(|| {
+            format!(
+                "stage copy s{} on rank {}: {what} are gone from the payload store",
+                self.copy, self.rank
+            )
+            .into()
+        })
     }
 
     fn what(&self, step: u64, phase: Phase) -> String {
@@ -147,8 +170,12 @@ impl Actor for StageActor {
         .await?;
         let step = Arc::new(AtomicU64::new(0));
         let lost = Arc::new(std::sync::Mutex::new(None));
-        let mut groups = Vec::new();
+        let mut experts = None;
         if a.ctx.ep > 1 {
+            let mut groups = Vec::new();
+            // the groups answer to this copy's inbox (a restarted copy replaces it)
+            let (tx, inbox) = std::sync::mpsc::channel();
+            a.ctx.book.set_expert_inbox(a.rank, copy, tx);
             for group in 0..a.ctx.ep {
                 let args = ExpertArgs {
                     ctx: a.ctx.clone(),
@@ -160,15 +187,16 @@ impl Actor for StageActor {
                     Actor::spawn_linked(None, ExpertGroupActor, args, myself.get_cell()).await?;
                 groups.push(g);
             }
+            let line = Arc::new(ExpertLine::new(groups, inbox));
             runner.set_experts(Box::new(RemoteExperts {
-                groups: groups.clone(),
+                line: line.clone(),
                 n_experts: a.ctx.template.cfg.n_routed_experts,
                 wire: a.ctx.wire,
                 d: a.ctx.hidden,
                 step: step.clone(),
-                rt: tokio::runtime::Handle::current(),
                 lost: lost.clone(),
             }));
+            experts = Some(line);
         }
         Ok(StageState {
             ctx: a.ctx,
@@ -176,7 +204,7 @@ impl Actor for StageActor {
             copy: a.copy,
             parent: a.parent,
             runner: Some(runner),
-            groups,
+            experts,
             step,
             progress: a.progress,
             lost,
@@ -188,7 +216,9 @@ impl Actor for StageActor {
         _myself: ActorRef<StageMsg>,
         st: &mut StageState,
     ) -> Result<(), ActorProcessingErr> {
-        st.groups.iter().for_each(|g| g.kill());
+        if let Some(line) = &st.experts {
+            line.groups.iter().for_each(|g| g.kill());
+        }
         Ok(())
     }
 
@@ -222,12 +252,12 @@ impl Actor for StageActor {
                 if let Ok(mut l) = st.lost.lock() {
                     l.take();
                 }
-                let r2 = restore.clone();
-                st.to_groups(|reply| ExpertMsg::Reset {
-                    restore: r2.clone(),
-                    reply,
-                })
-                .await?;
+                st.to_groups(move |call| ExpertMsg::Reset { call, restore })
+                    .await?;
+                let restore = match restore {
+                    Some(k) => Some(st.payload::<ParamStore>(k, "the parameters to restore")?),
+                    None => None,
+                };
                 st.blocking(move |r| {
                     r.reset();
                     if let Some(p) = restore {
@@ -244,6 +274,7 @@ impl Actor for StageActor {
                 batches,
             } => {
                 let mb = op.mb();
+                let batches = st.payload::<Vec<Batch>>(batches, "the step's micro-batches")?;
                 let faults = st.faults(step, phases_of(&op)).await;
                 st.step.store(step, Ordering::SeqCst);
                 let started = Instant::now();
@@ -299,13 +330,9 @@ impl Actor for StageActor {
                 params,
             } => {
                 let faults = st.faults(step, &[Phase::Optimizer]).await;
-                let p2 = params.clone();
-                st.to_groups(|reply| ExpertMsg::Install {
-                    step,
-                    params: p2.clone(),
-                    reply,
-                })
-                .await?;
+                st.to_groups(move |call| ExpertMsg::Install { call, step, params })
+                    .await?;
+                let params = st.payload::<ParamStore>(params, "the parameters to install")?;
                 let started = Instant::now();
                 st.blocking(move |r| r.load_from(&params)).await?;
                 for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
@@ -331,6 +358,7 @@ impl Actor for StageActor {
             }
             StageMsg::TakeGrads { step, attempt } => {
                 let grads = st.blocking(|r| r.take_grads()).await?;
+                let grads = st.ctx.payloads.put(step, grads);
                 let _ = st.parent.cast(GpuMsg::StageGrads {
                     copy: st.copy,
                     step,

@@ -98,7 +98,7 @@ impl Batch {
 }
 
 /// Losses and routing statistics of one forward pass.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepStats {
     /// Mean main-head cross-entropy.
     pub loss: f64,

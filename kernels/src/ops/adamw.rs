@@ -5,7 +5,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 /// Hyper-parameters of one AdamW update.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamW {
     pub beta1: f32,
     pub beta2: f32,

@@ -5,7 +5,9 @@
 use super::*;
 
 /// Where a routed-expert computation belongs: the decoder layer and the micro-batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ExpertSite {
     pub layer: usize,
     pub mb: usize,
