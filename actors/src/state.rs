@@ -177,39 +177,90 @@ impl TrainState {
     /// committed state a failed step replays from). Exactly [`TrainState::apply`]'s arithmetic,
     /// built a tensor at a time with each gradient dropped once used: at its peak it holds this
     /// state and the new one, never a third copy. The new state has no gradient buffers.
-    pub fn advanced(&self, mut grads: Vec<Tensor>, norm: f64, u: &Update<'_>) -> TrainState {
+    pub fn advanced(&self, grads: Vec<Tensor>, norm: f64, u: &Update<'_>) -> TrainState {
+        assert_eq!(
+            grads.len(),
+            self.model.params.len(),
+            "one gradient per parameter"
+        );
+        let factor = adamw::clip_factor(norm, u.clip);
+        let updates = self.update_tensors(grads.into_iter().enumerate().collect(), factor, u);
+        self.assemble(updates).expect("every tensor has its update")
+    }
+
+    /// The new values and moments of the tensors `grads` names (whole-model ids), one optimizer
+    /// step after this state, left as it is: AdamW with the clip `factor`, then the bias update of
+    /// a MoE layer's routing bias with its layer's loads. A pipeline stage updates its own tensors
+    /// with it; [`TrainState::assemble`] puts every stage's updates together. Each gradient is
+    /// dropped once used.
+    pub fn update_tensors(
+        &self,
+        grads: Vec<(usize, Tensor)>,
+        factor: f32,
+        u: &Update<'_>,
+    ) -> TensorUpdates {
         let step = self.step + 1;
         let p = &self.model.params;
-        assert_eq!(grads.len(), p.len(), "one gradient per parameter");
-        let factor = adamw::clip_factor(norm, u.clip);
-        let mut tensors = Vec::with_capacity(p.len());
-        let mut moments = Vec::with_capacity(p.len());
-        for (i, g) in grads.iter_mut().enumerate() {
-            let mut t = p.tensors[i].clone();
-            let mut m = self.moments[i].clone();
-            update_tensor(u.opt, &mut t, g, m.as_mut(), factor, u.lr, step);
-            *g = Tensor::from_vec(&[0], Vec::new());
-            tensors.push(t);
-            moments.push(m);
+        let biases = self.model.moe_biases();
+        grads
+            .into_iter()
+            .map(|(i, mut g)| {
+                let mut t = p.tensors[i].clone();
+                let mut m = self.moments[i].clone();
+                update_tensor(u.opt, &mut t, &mut g, m.as_mut(), factor, u.lr, step);
+                drop(g);
+                let layer = biases.iter().position(|b| b.0 == i);
+                if let Some(loads) = layer.and_then(|k| u.loads.get(k)) {
+                    balance::bias_update(&mut t.data, loads, u.gamma);
+                }
+                (i, t, m)
+            })
+            .collect()
+    }
+
+    /// The state one step after this one from the updates of every tensor (moved in, no copy);
+    /// an update missing or given twice is refused naming the tensor.
+    pub fn assemble(
+        &self,
+        updates: impl IntoIterator<Item = (usize, Tensor, Option<Moments>)>,
+    ) -> Result<TrainState, String> {
+        let p = &self.model.params;
+        let mut tensors: Vec<Option<Tensor>> = (0..p.len()).map(|_| None).collect();
+        let mut moments: Vec<Option<Option<Moments>>> = (0..p.len()).map(|_| None).collect();
+        for (i, t, m) in updates {
+            let name = p.names.get(i).ok_or(format!("an update of tensor {i}"))?;
+            if tensors[i].replace(t).is_some() {
+                return Err(format!("tensor {name} was updated twice"));
+            }
+            moments[i] = Some(m);
         }
-        let mut model = DeepSeekV3 {
-            cfg: self.model.cfg.clone(),
-            params: p.with_tensors(tensors),
-            embed: self.model.embed,
-            blocks: self.model.blocks.clone(),
-            tail: self.model.tail.clone(),
-        };
-        bias_update(&mut model, u.loads, u.gamma);
-        TrainState {
-            model,
+        let mut done = Vec::with_capacity(p.len());
+        for (i, (t, m)) in tensors.into_iter().zip(moments).enumerate() {
+            match (t, m) {
+                (Some(t), Some(m)) => done.push((t, m)),
+                _ => return Err(format!("tensor {} has no update", p.names[i])),
+            }
+        }
+        let (tensors, moments): (Vec<Tensor>, Vec<Option<Moments>>) = done.into_iter().unzip();
+        Ok(TrainState {
+            model: DeepSeekV3 {
+                cfg: self.model.cfg.clone(),
+                params: p.with_tensors(tensors),
+                embed: self.model.embed,
+                blocks: self.model.blocks.clone(),
+                tail: self.model.tail.clone(),
+            },
             moments,
             grads: Vec::new(),
-            step,
+            step: self.step + 1,
             restored_from: self.restored_from.clone(),
             monitor: self.monitor.clone(),
-        }
+        })
     }
 }
+
+/// New values of some tensors one optimizer step on: (whole-model id, values, AdamW moments).
+pub type TensorUpdates = Vec<(usize, Tensor, Option<Moments>)>;
 
 /// The bytes of the parameters, then of each parameter's moments (m, v), in tensor order.
 fn state_bytes<'a>(tensors: &'a [Tensor], moments: &'a [Option<Moments>]) -> Vec<&'a [u8]> {

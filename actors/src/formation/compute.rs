@@ -8,10 +8,10 @@
 use crate::core::executor::Arrival;
 use crate::core::ops::{StageOp, StageOpResult};
 use kernels::fp8::quant::ScaleFormat;
+use kernels::model::Batch;
 use kernels::model::experts::LocalExpertGroups;
 use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
 use kernels::model::stage::StageRunner;
-use kernels::model::{Batch, ParamStore};
 use std::fmt;
 use std::str::FromStr;
 use transport::{Frame, FrameMeta};
@@ -157,7 +157,7 @@ impl ExpertCompute for WiredExperts {
         self.groups.reset();
     }
 
-    fn load_from(&mut self, full: &ParamStore) {
+    fn load_from(&mut self, full: &dyn kernels::model::params::TensorSource) {
         self.groups.load_from(full);
     }
 }

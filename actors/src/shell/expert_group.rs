@@ -264,7 +264,7 @@ impl Actor for ExpertGroupActor {
                 st.blocking(move |g| {
                     g.reset();
                     if let Some(p) = restore {
-                        g.load_from(&p);
+                        g.load_from(&*p);
                     }
                 })
                 .await?;
@@ -277,7 +277,7 @@ impl Actor for ExpertGroupActor {
                     .payloads
                     .get::<ParamStore>(params)
                     .ok_or("the parameters to install are gone")?;
-                st.blocking(move |g| g.load_from(&params)).await?;
+                st.blocking(move |g| g.load_from(&*params)).await?;
                 st.answer(&fault, call, ExpertAnswer::Ack);
             }
         }

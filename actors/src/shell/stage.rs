@@ -261,7 +261,7 @@ impl Actor for StageActor {
                 st.blocking(move |r| {
                     r.reset();
                     if let Some(p) = restore {
-                        r.load_from(&p);
+                        r.load_from(&*p);
                     }
                 })
                 .await?;
@@ -334,7 +334,7 @@ impl Actor for StageActor {
                     .await?;
                 let params = st.payload::<ParamStore>(params, "the parameters to install")?;
                 let started = Instant::now();
-                st.blocking(move |r| r.load_from(&params)).await?;
+                st.blocking(move |r| r.load_from(&*params)).await?;
                 for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
                     tracing::warn!(
                         "injected straggler ({}x): {}",

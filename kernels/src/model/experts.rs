@@ -7,7 +7,7 @@
 
 use super::deepseek::DeepSeekV3;
 use super::layers::{ExpertCompute, ExpertGrads, ExpertSite, Ffn, Linear, SwiGlu, SwiGluStash};
-use super::params::{Init, ParamId, ParamStore, WeightGradQueue};
+use super::params::{Init, ParamId, ParamStore, TensorSource, WeightGradQueue};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -95,9 +95,9 @@ impl ExpertGroup {
     }
 
     /// Copies this group's tensors from a whole-model store.
-    pub fn load_from(&mut self, full: &ParamStore) {
+    pub fn load_from(&mut self, full: &dyn TensorSource) {
         for (local, g) in self.params.tensors.iter_mut().zip(&self.global) {
-            local.data.copy_from_slice(&full.tensors[g.0].data);
+            local.data.copy_from_slice(&full.tensor(g.0).data);
         }
     }
 
@@ -266,7 +266,7 @@ impl ExpertCompute for LocalExpertGroups {
         self.groups.iter_mut().for_each(ExpertGroup::reset);
     }
 
-    fn load_from(&mut self, full: &ParamStore) {
+    fn load_from(&mut self, full: &dyn TensorSource) {
         self.groups.iter_mut().for_each(|g| g.load_from(full));
     }
 }

@@ -10,4 +10,4 @@ pub mod stage;
 
 pub use config::{ConfigError, ModelConfig, RunConfig, TrainingConfig};
 pub use deepseek::{Batch, DeepSeekV3, Precision, StepStats};
-pub use params::{ParamId, ParamStore, WeightGradQueue};
+pub use params::{ParamId, ParamStore, TensorSource, WeightGradQueue};

@@ -24,6 +24,27 @@ pub enum Init {
     Zeros,
 }
 
+/// Tensors by their id in the whole model, wherever they are kept: a whole-model store, or the
+/// new values of some pipeline stages (an install reads each of its tensors from the stage
+/// that updated it).
+pub trait TensorSource {
+    /// The tensor with whole-model id `global` (panics naming it when this source lacks it).
+    fn tensor(&self, global: usize) -> &Tensor;
+}
+
+impl TensorSource for ParamStore {
+    fn tensor(&self, global: usize) -> &Tensor {
+        &self.tensors[global]
+    }
+}
+
+impl TensorSource for BTreeMap<usize, &Tensor> {
+    fn tensor(&self, global: usize) -> &Tensor {
+        self.get(&global)
+            .unwrap_or_else(|| panic!("tensor {global} is missing from the values installed"))
+    }
+}
+
 /// Every tensor of a model by name. Buffers (the routing bias) live here too, marked not trainable.
 #[derive(Clone, Debug, Default)]
 pub struct ParamStore {

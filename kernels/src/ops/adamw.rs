@@ -154,14 +154,21 @@ impl AdamW {
 /// chunk over 8 interleaved lanes, chunk sums then tensor sums added in order. The order depends
 /// only on the shapes, so the value is the same on any number of threads.
 pub fn global_norm<'a>(grads: impl Iterator<Item = &'a [f32]>) -> f64 {
+    norm_from_square_sums(grads.map(square_sum))
+}
+
+/// One tensor's term of [`global_norm`]: Σg² in f64 over fixed chunks, added in order. A
+/// pipeline stage computes the terms of its own tensors; [`norm_from_square_sums`] puts them
+/// together in tensor order, bit for bit [`global_norm`].
+pub fn square_sum(g: &[f32]) -> f64 {
     const CHUNK: usize = 1 << 14;
-    grads
-        .map(|g| {
-            let chunks: Vec<f64> = g.par_chunks(CHUNK).map(sum_of_squares).collect();
-            chunks.iter().sum::<f64>()
-        })
-        .sum::<f64>()
-        .sqrt()
+    let chunks: Vec<f64> = g.par_chunks(CHUNK).map(sum_of_squares).collect();
+    chunks.iter().sum::<f64>()
+}
+
+/// The global norm from the tensors' [`square_sum`]s, in tensor order.
+pub fn norm_from_square_sums(terms: impl Iterator<Item = f64>) -> f64 {
+    terms.sum::<f64>().sqrt()
 }
 
 /// Σx² in f64 over 8 lanes (lane i takes elements i, i+8, …), lanes added in order.

@@ -2,7 +2,7 @@
 //! decoder block. Each has `forward` (returns output and stash), `backward_input`, and defers W.
 
 use super::config::ModelConfig;
-use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
+use super::params::{Init, ParamId, ParamStore, TensorSource, WeightGrad, WeightGradQueue};
 use crate::fp8;
 use crate::fp8::quant::{quantize_1x128, quantize_128x128};
 use crate::fp8::{Fp8Tensor, ScaleFormat};

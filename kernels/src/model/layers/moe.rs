@@ -44,8 +44,8 @@ pub trait ExpertCompute: Send + Sync + std::fmt::Debug {
     fn backward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<ExpertGrads>;
     /// Drops every kept activation (an aborted step).
     fn reset(&mut self) {}
-    /// Installs parameter values from a whole-model store.
-    fn load_from(&mut self, _full: &ParamStore) {}
+    /// Installs parameter values (by whole-model id).
+    fn load_from(&mut self, _full: &dyn TensorSource) {}
 }
 
 /// DeepSeekMoE: shared expert(s) plus routed experts chosen by the group-limited sigmoid router.

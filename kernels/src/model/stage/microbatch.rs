@@ -29,18 +29,44 @@ pub struct StageGrads<'a> {
     pub sums: GradSums,
 }
 
-/// The whole-model gradients of a step from its stage copies' sums: per tensor, the first half's
-/// sum (moved, not copied) plus the second half's. A shared tensor's jobs run here, per half into
-/// one zeroed buffer: micro-batches in order, within one the stages in descending order (see the
-/// module docs). Every micro-batch must have run its W exactly once per model stage (DualPipe's
-/// two copies of a stage each bring one half).
+/// The whole-model gradients of a step from its stage copies' sums: per model stage, what
+/// [`reduce_stage`] makes of them; a tensor no stage reduced is zero. Every micro-batch must have
+/// run its W exactly once per model stage (DualPipe's two copies of a stage each bring one half).
 pub fn reduce(
     full: &ParamStore,
     mut parts: Vec<StageGrads<'_>>,
     microbatches: usize,
 ) -> Result<Vec<Tensor>, String> {
     let stages = parts.first().map_or(0, |p| p.stage.count);
-    for p in &parts {
+    let mut out: Vec<Option<Tensor>> = (0..full.len()).map(|_| None).collect();
+    for s in 0..stages {
+        for (g, t) in reduce_stage(full, s, &mut parts, microbatches)? {
+            if out[g].replace(t).is_some() {
+                return Err(format!("tensor {} reduced by two stages", full.names[g]));
+            }
+        }
+    }
+    Ok(out
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.unwrap_or_else(|| Tensor::zeros(&full.tensors[i].shape)))
+        .collect())
+}
+
+/// The gradients of the tensors model stage `target` owns, from `parts`: per tensor, the first
+/// half's sum (moved out of the stage's copy, not copied) plus the second half's. A shared tensor
+/// belongs to the lowest stage holding it (stage 0's embedding); its jobs run here, per half into
+/// one zeroed buffer: micro-batches in order, within one the stages in descending order (see the
+/// module docs), taken from every part that holds some. `parts` must hold `target`'s copies and
+/// every copy with jobs on a shared tensor it owns; what it takes is gone from them. Returns
+/// (whole-model id, gradient) in ascending id order.
+pub fn reduce_stage(
+    full: &ParamStore,
+    target: usize,
+    parts: &mut [StageGrads<'_>],
+    microbatches: usize,
+) -> Result<BTreeMap<usize, Tensor>, String> {
+    for p in parts.iter() {
         if let Some(mb) = p.sums.waiting().next() {
             return Err(format!(
                 "stage {}: the W of micro-batch {mb} still waits for an earlier one",
@@ -50,12 +76,12 @@ pub fn reduce(
     }
     // descending stage order, for the shared tensors' jobs
     parts.sort_by_key(|p| std::cmp::Reverse(p.stage.index));
-    let mut out: Vec<Option<Tensor>> = (0..full.len()).map(|_| None).collect();
+    let mut out: BTreeMap<usize, Option<Tensor>> = BTreeMap::new();
     let mut shared: Vec<usize> = Vec::new();
-    for p in &parts {
+    for p in parts.iter().filter(|p| p.stage.index == target) {
         for (local, &s) in p.stage.shared.iter().enumerate() {
             let g = p.stage.global[local].0;
-            if s && !shared.contains(&g) {
+            if s && target == 0 && !shared.contains(&g) {
                 shared.push(g);
             }
         }
@@ -66,38 +92,33 @@ pub fn reduce(
         if range.is_empty() {
             continue;
         }
-        for s in 0..stages {
-            let mut found = parts
-                .iter()
-                .filter(|p| p.stage.index == s && p.sums.halves[h].is_some());
-            let Some(p) = found.next() else {
-                return Err(format!(
-                    "micro-batches {range:?} have no gradients from stage {s}"
-                ));
-            };
-            if found.next().is_some() {
-                return Err(format!(
-                    "micro-batches {range:?} of stage {s} reduced twice"
-                ));
-            }
-            let next = p.sums.halves[h].as_ref().map_or(0, |x| x.next);
-            if next != range.end {
-                return Err(format!(
-                    "stage {s} ran W of micro-batches {range:?} only up to {next}"
-                ));
-            }
+        let mut found = parts
+            .iter_mut()
+            .filter(|p| p.stage.index == target && p.sums.halves[h].is_some());
+        let Some(p) = found.next() else {
+            return Err(format!(
+                "micro-batches {range:?} have no gradients from stage {target}"
+            ));
+        };
+        let next = p.sums.halves[h].as_ref().map_or(0, |x| x.next);
+        let half = p.sums.halves[h].take().expect("checked above");
+        let stage = p.stage;
+        if found.next().is_some() {
+            return Err(format!(
+                "micro-batches {range:?} of stage {target} reduced twice"
+            ));
         }
-        for p in parts.iter_mut() {
-            let Some(half) = p.sums.halves[h].take() else {
+        if next != range.end {
+            return Err(format!(
+                "stage {target} ran W of micro-batches {range:?} only up to {next}"
+            ));
+        }
+        for (local, t) in half.sums.into_iter().enumerate() {
+            if stage.shared[local] {
                 continue;
-            };
-            for (local, t) in half.sums.into_iter().enumerate() {
-                if p.stage.shared[local] {
-                    continue;
-                }
-                let g = p.stage.global[local].0;
-                fold_half(&mut out[g], t, h, &full.names[g])?;
             }
+            let g = stage.global[local].0;
+            fold_half(out.entry(g).or_default(), t, h, &full.names[g])?;
         }
         for &g in &shared {
             let mut buf = Tensor::zeros(&full.tensors[g].shape);
@@ -119,14 +140,15 @@ pub fn reduce(
                     }
                 }
             }
-            fold_half(&mut out[g], buf, h, &full.names[g])?;
+            fold_half(out.entry(g).or_default(), buf, h, &full.names[g])?;
         }
     }
-    Ok(out
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| t.unwrap_or_else(|| Tensor::zeros(&full.tensors[i].shape)))
-        .collect())
+    out.into_iter()
+        .map(|(g, t)| {
+            t.map(|t| (g, t))
+                .ok_or_else(|| format!("tensor {} has no gradient", full.names[g]))
+        })
+        .collect()
 }
 
 /// Puts half `h`'s sum of one tensor into the step's gradient: the first half's moves in, the

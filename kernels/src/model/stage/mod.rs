@@ -34,7 +34,7 @@ use super::deepseek::{Batch, DeepSeekV3, Mtp, StepStats, Tail, TailStash, embed_
 use super::layers::{
     Block, BlockStash, ExpertCompute, Ffn, Linear, Mla, Moe, RmsNorm, Rows, SwiGlu, experts_at,
 };
-use super::params::{Init, ParamId, ParamStore, WeightGrad, WeightGradQueue};
+use super::params::{Init, ParamId, ParamStore, TensorSource, WeightGrad, WeightGradQueue};
 use crate::ops::rope::RopeTable;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -258,9 +258,9 @@ impl Stage {
     }
 
     /// Copies this stage's tensors (parameters and buffers) from a whole-model store.
-    pub fn load_from(&mut self, full: &ParamStore) {
+    pub fn load_from(&mut self, full: &dyn TensorSource) {
         for (local, g) in self.params.tensors.iter_mut().zip(&self.global) {
-            local.data.copy_from_slice(&full.tensors[g.0].data);
+            local.data.copy_from_slice(&full.tensor(g.0).data);
         }
     }
 
@@ -627,7 +627,7 @@ impl StageRunner {
     }
 
     /// Installs parameter values from a whole-model store (after a commit or on restore).
-    pub fn load_from(&mut self, full: &ParamStore) {
+    pub fn load_from(&mut self, full: &dyn TensorSource) {
         self.stage.load_from(full);
         if let Some(e) = self
             .experts
