@@ -373,7 +373,7 @@ pub fn finish_step_beside(
 }
 
 /// The gate's verdict on a step: a non-finite objective counts as a non-finite loss.
-fn judge(stats: &StepStats, grad_norm: f64, h: &StepHyper) -> Option<Spike> {
+pub(crate) fn judge(stats: &StepStats, grad_norm: f64, h: &StepHyper) -> Option<Spike> {
     let loss = if stats.objective.is_finite() {
         stats.loss
     } else {

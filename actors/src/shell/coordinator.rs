@@ -1,12 +1,17 @@
 //! The Coordinator actor: drives the pure [`crate::core::coordinator::Coordinator`] machine
 //! (step transaction, deadlines, probes), a [`Supervisor`] over its DataLoader and a failure
-//! detector over the ranks' heartbeats; it does the reduce and the optimizer on the blocking
-//! pool. It is a child of the Root, beside the NodeSupervisor: when it dies the ranks live on,
-//! and its replacement rebuilds its view from their reports.
+//! detector over the ranks' heartbeats. It holds no tensor: the reduce and the optimizer run on
+//! the stages that own them (the first copy of each model stage); the coordinator hands each
+//! owner the keys of the sums it reduces, adds the owners' per-tensor square sums in tensor order
+//! (the plain loop's global norm, bit for bit), judges the step and sends the clip factor. It is
+//! a child of the Root, beside the NodeSupervisor: when it dies the ranks live on, and its
+//! replacement rebuilds its view from their reports.
 
 use super::data_loader::{DataArgs, DataLoader, batches_crc};
 use super::payload::PayloadKey;
-use super::protocol::{CoordMsg, DataMsg, EngineMsg, GpuMsg, NodeMsg, RankGrads, StepReply};
+use super::protocol::{
+    ApplyArgs, CoordMsg, DataMsg, EngineMsg, GpuMsg, NodeMsg, RankGrads, StepReply,
+};
 use super::{Ctx, backoff, fire, is_child_event};
 use crate::core::coordinator::{CoordCommand, CoordEvent, Coordinator as Machine, TimeoutPolicy};
 use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
@@ -14,13 +19,10 @@ use crate::core::rank::RankStats;
 use crate::core::supervisor::{SupCommand, SupEvent, Supervisor};
 use crate::formation::threads::combine_stage_stats;
 use crate::inject::{Fault, FaultKind, Phase, Target};
-use crate::schedule::Schedule;
-use crate::trainer::{self, StepHyper, StepOutput, TrainState};
-use anyhow::Result;
-use kernels::model::stage::{
-    GradSums, Stage, StageGrads, combine_microbatch_stats, reduce, scale_for_microbatches,
-};
-use kernels::model::{Batch, ParamStore};
+use crate::trainer::{self, StepHyper, StepOutput};
+use kernels::model::stage::combine_microbatch_stats;
+use kernels::model::{Batch, StepStats};
+use kernels::ops::adamw;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,11 +44,9 @@ enum Child {
 /// The open step's data and results. Its tensors sit in the payload store; the job names them.
 struct Job {
     step: u64,
-    /// The committed state the step starts from (shared with the engine, never copied whole
-    /// except into `work`).
-    snapshot: Arc<TrainState>,
-    /// The committed parameters for ranks that restore (a `ParamStore`).
-    restore: Option<PayloadKey>,
+    /// The committed state the step starts from (a `TrainState`, the engine's): the owners
+    /// update beside it, restoring ranks load it.
+    state: PayloadKey,
     hyper: StepHyper,
     /// The engine has its answer.
     answered: bool,
@@ -54,21 +54,19 @@ struct Job {
     batches: Option<PayloadKey>,
     data_tries: u32,
     done: BTreeMap<usize, (RankGrads, RankStats)>,
-    work: Option<Box<TrainState>>,
-    /// The new parameters while the ranks install them (moved out of `work` into the payload
-    /// store, moved back at the commit: no copy).
-    installing: Option<PayloadKey>,
+    /// The attempt's stats once every rank is done.
+    stats: Option<StepStats>,
+    /// Per model stage, (tensor, Σg²) of its trainable tensors as its owner reduced them.
+    squares: BTreeMap<usize, Vec<(usize, f64)>>,
+    /// Per model stage, its owner's `TensorUpdates`.
+    updates: BTreeMap<usize, PayloadKey>,
     out: Option<StepOutput>,
 }
 
-impl Job {
-    fn restore_params(&mut self, ctx: &Ctx) -> PayloadKey {
-        *self.restore.get_or_insert_with(|| {
-            let p = Arc::new(self.snapshot.model.params.clone());
-            ctx.payloads.share(self.step, p)
-        })
-    }
+/// Where a job keeps one kind of owner answer, by model stage.
+type Slot<T> = fn(&mut Job) -> &mut BTreeMap<usize, T>;
 
+impl Job {
     /// Answers the engine with `result` (once).
     fn answer(&mut self, ctx: &Ctx, result: Result<StepReply, String>) {
         if !std::mem::replace(&mut self.answered, true) {
@@ -81,15 +79,19 @@ impl Job {
         self.answer(ctx, Err(reason));
     }
 
-    /// Drops the attempt's gradient sums and the parameters being installed.
+    /// Drops the attempt's gradient sums and updates.
     fn drop_attempt(&mut self, ctx: &Ctx) {
         for (_, (grads, _)) in std::mem::take(&mut self.done) {
-            grads.iter().for_each(|&(_, k)| ctx.payloads.release(k));
+            for (_, g) in grads {
+                ctx.payloads.release(g.sums);
+                g.shared.into_iter().for_each(|k| ctx.payloads.release(k));
+            }
         }
-        if let Some(k) = self.installing.take() {
+        for (_, k) in std::mem::take(&mut self.updates) {
             ctx.payloads.release(k);
         }
-        self.work = None;
+        self.squares.clear();
+        self.stats = None;
         self.out = None;
     }
 }
@@ -109,7 +111,6 @@ pub struct CoordState {
     data_args: DataArgs,
     machine: Machine,
     sup: Supervisor<Child>,
-    meta: Arc<Vec<Stage>>,
     loader: Option<ActorRef<DataMsg>>,
     job: Option<Job>,
     /// Message faults armed for the next broadcast.
@@ -205,6 +206,70 @@ impl Coordinator {
         });
     }
 
+    /// Sends `f(model stage, owner copy)` to the rank of each model stage's owner copy.
+    fn to_owners(st: &CoordState, mut f: impl FnMut(usize, usize) -> GpuMsg) {
+        for (s, &copy) in st.ctx.owners.iter().enumerate() {
+            let msg = f(s, copy);
+            if let Some(g) = st.ctx.book.gpu(st.ctx.schedule.stages[copy].rank) {
+                let _ = g.cast(msg);
+            }
+        }
+    }
+
+    /// Records an owner's answer (`result` of model stage `model_stage`) for the current attempt
+    /// in `slot`, or fails the step with its error. True once every model stage has answered.
+    fn owner_answered<T>(
+        st: &mut CoordState,
+        (step, attempt): (u64, u32),
+        model_stage: usize,
+        result: Result<T, String>,
+        slot: Slot<T>,
+    ) -> bool {
+        if !st.machine.is_current(step, attempt) {
+            return false;
+        }
+        let Some(job) = st.job.as_mut() else {
+            return false;
+        };
+        match result {
+            Ok(v) => {
+                let answers = slot(job);
+                answers.insert(model_stage, v);
+                answers.len() == st.ctx.owners.len()
+            }
+            Err(e) => {
+                let why = format!("step {step}: stage {model_stage}'s owner: {e}");
+                job.fail(&st.ctx, why);
+                st.job = None;
+                false
+            }
+        }
+    }
+
+    /// The step's verdict once every owner reported its square sums: the global norm (the sums
+    /// added in tensor order, as the plain loop does), the loss-spike gate, and what the owners
+    /// need to update (None: the gate refused the step). Sets the job's output.
+    fn judge(job: &mut Job) -> Option<ApplyArgs> {
+        let mut squares: Vec<(usize, f64)> = job.squares.values().flatten().copied().collect();
+        squares.sort_by_key(|&(g, _)| g);
+        let norm = adamw::norm_from_square_sums(squares.into_iter().map(|x| x.1));
+        let stats = job.stats.clone().unwrap_or_default();
+        let h = job.hyper;
+        let rejected = trainer::judge(&stats, norm, &h);
+        let loads = stats.loads.clone();
+        job.out = Some(StepOutput {
+            stats,
+            grad_norm: norm,
+            rejected,
+        });
+        rejected.is_none().then_some(ApplyArgs {
+            factor: adamw::clip_factor(norm, h.clip),
+            hyper: h,
+            loads,
+            state: job.state,
+        })
+    }
+
     /// Carries out the machine's commands (and what they cause) in order.
     async fn exec(
         myself: &ActorRef<CoordMsg>,
@@ -223,7 +288,7 @@ impl Coordinator {
                     let Some(batches) = job.batches else {
                         continue;
                     };
-                    let restore = restore.then(|| job.restore_params(&st.ctx));
+                    let restore = restore.then_some(job.state);
                     if attempt > 0 {
                         tracing::warn!(step, attempt, "replaying step");
                     }
@@ -245,62 +310,45 @@ impl Coordinator {
                 CoordCommand::Reduce { step, attempt } => {
                     Coordinator::maybe_fail(st, step, Phase::Optimizer).await;
                     let Some(job) = st.job.as_mut() else { continue };
-                    let mut done = BTreeMap::new();
-                    let mut missing = None;
-                    for (rank, (keys, stats)) in std::mem::take(&mut job.done) {
-                        let mut grads = Vec::new();
-                        for (copy, k) in keys {
-                            match st.ctx.payloads.take::<GradSums>(k) {
-                                Some(g) => grads.push((copy, g)),
-                                None => missing = Some((rank, copy)),
-                            }
-                        }
-                        done.insert(rank, (grads, stats));
-                    }
-                    if let Some((rank, copy)) = missing {
-                        job.fail(
-                            &st.ctx,
-                            format!("step {step}: the gradient sums of stage copy s{copy} on rank {rank} are gone"),
-                        );
-                        st.job = None;
-                        return Ok(());
-                    }
-                    // the new state is built beside the committed one from the ranks' sums
-                    // (moved in by the reduce): the step can still replay from the old one
-                    let snap = job.snapshot.clone();
-                    let meta = st.meta.clone();
-                    let schedule = st.ctx.schedule.clone();
-                    let hyper = job.hyper;
-                    let r = tokio::task::spawn_blocking(move || {
-                        reduce_and_apply(&snap, &meta, &schedule, done, &hyper)
-                    })
-                    .await?;
-                    match r {
-                        Ok((work, out)) => {
-                            job.work = Some(Box::new(work));
-                            job.out = Some(out);
-                            let now = st.ctx.now_ms();
-                            cmds.extend(st.machine.on(now, CoordEvent::Reduced { step, attempt }));
-                        }
+                    let schedule = &st.ctx.schedule;
+                    let m = schedule.microbatches;
+                    let stages = schedule.kind.model_stages(schedule.ranks);
+                    let per: Vec<_> = job.done.values().flat_map(|d| d.1.clone()).collect();
+                    let stats = combine_stage_stats(per, m, stages).map(combine_microbatch_stats);
+                    match stats {
+                        Ok(s) => job.stats = Some(s),
                         Err(e) => {
-                            job.fail(&st.ctx, format!("{e:#}"));
+                            job.fail(&st.ctx, format!("step {step}: {e}"));
                             st.job = None;
                             return Ok(());
                         }
                     }
+                    // each owner reduces its stage from the keys of every copy's sums; stage 0
+                    // also takes the jobs on the shared embedding
+                    let mut parts: Vec<Vec<(usize, PayloadKey)>> = vec![Vec::new(); stages];
+                    for (grads, _) in job.done.values() {
+                        for &(copy, g) in grads {
+                            let s = schedule.stages[copy].model_stage;
+                            parts[s].push((s, g.sums));
+                            if let Some(k) = g.shared {
+                                parts[0].push((s, k));
+                            }
+                        }
+                    }
+                    Coordinator::to_owners(st, |s, copy| GpuMsg::Reduce {
+                        copy,
+                        step,
+                        attempt,
+                        parts: std::mem::take(&mut parts[s]),
+                    });
                 }
                 CoordCommand::Install { step, attempt } => {
                     let Some(job) = st.job.as_mut() else { continue };
-                    let Some(work) = job.work.as_mut() else {
-                        continue;
-                    };
-                    let params = Arc::new(std::mem::take(&mut work.model.params));
-                    let params = st.ctx.payloads.share(step, params);
-                    job.installing = Some(params);
+                    let updates: Vec<PayloadKey> = job.updates.values().copied().collect();
                     Coordinator::broadcast(st, |_| GpuMsg::Install {
                         step,
                         attempt,
-                        params,
+                        updates: updates.clone(),
                     });
                 }
                 CoordCommand::Commit { step, attempts } => {
@@ -318,30 +366,12 @@ impl Coordinator {
                             let _ = g.cast(GpuMsg::Progress);
                         }
                     }
-                    let (Some(mut work), Some(out)) = (job.work.take(), job.out.take()) else {
+                    let Some(out) = job.out.take() else {
                         job.fail(&st.ctx, format!("step {step} committed without a result"));
                         continue;
                     };
-                    if let Some(k) = job.installing.take() {
-                        // every rank installed and dropped its reference; a straggling one
-                        // costs a copy, never a wrong value
-                        match st.ctx.payloads.take_or::<ParamStore>(k, |p| p.clone()) {
-                            Some(p) => work.model.params = p,
-                            None => {
-                                job.fail(
-                                    &st.ctx,
-                                    format!("step {step}: the installed parameters are gone"),
-                                );
-                                continue;
-                            }
-                        }
-                    }
-                    if let Some(k) = job.restore.take() {
-                        st.ctx.payloads.release(k);
-                    }
-                    let state = st.ctx.payloads.put(step, *work);
                     let reply = StepReply {
-                        state,
+                        updates: job.updates.values().copied().collect(),
                         out,
                         restarts: st.machine.restarts,
                         replayed_steps: st.machine.txn().replayed_steps,
@@ -431,34 +461,6 @@ impl Coordinator {
     }
 }
 
-/// The step's reduce: the half sums of every stage copy put together (see `reduce`), averaged,
-/// then clipping, AdamW and the bias update into a new state beside the committed one.
-fn reduce_and_apply(
-    committed: &TrainState,
-    meta: &[Stage],
-    schedule: &Schedule,
-    done: BTreeMap<usize, (Vec<(usize, GradSums)>, RankStats)>,
-    h: &StepHyper,
-) -> Result<(TrainState, StepOutput)> {
-    let m = schedule.microbatches;
-    let mut parts = Vec::new();
-    let mut stats = Vec::new();
-    for (_, (grads, st)) in done {
-        stats.extend(st);
-        for (copy, g) in grads {
-            let stage = &meta[schedule.stages[copy].model_stage];
-            parts.push(StageGrads { stage, sums: g });
-        }
-    }
-    let mut grads = reduce(&committed.model.params, parts, m).map_err(anyhow::Error::msg)?;
-    // the new state comes next: start it from the pages the step's compute gave back
-    super::release_free_memory(committed.model.num_params());
-    scale_for_microbatches(&mut grads, m);
-    let per = combine_stage_stats(stats, m, schedule.kind.model_stages(schedule.ranks))
-        .map_err(anyhow::Error::msg)?;
-    trainer::finish_step_beside(committed, grads, combine_microbatch_stats(per), h)
-}
-
 impl Actor for Coordinator {
     type Msg = CoordMsg;
     type State = CoordState;
@@ -471,23 +473,6 @@ impl Actor for Coordinator {
     ) -> Result<CoordState, ActorProcessingErr> {
         let ctx = a.ctx;
         ctx.book.set_coord(myself.clone());
-        let meta_ctx = ctx.clone();
-        let meta = tokio::task::spawn_blocking(move || {
-            let n = meta_ctx.ranges.len();
-            (0..n)
-                .map(|s| {
-                    // the reduce reads a stage's structure (ids, deferred flags), never its
-                    // values: keep no copy of the parameters here
-                    let mut st = Stage::from_model(&meta_ctx.template, &meta_ctx.ranges, s);
-                    st.params
-                        .tensors
-                        .iter_mut()
-                        .for_each(|t| t.data = Vec::new());
-                    st
-                })
-                .collect::<Vec<_>>()
-        })
-        .await?;
         let (loader, _) =
             Actor::spawn_linked(None, DataLoader, a.data.clone(), myself.get_cell()).await?;
         let ranks = ctx.schedule.ranks;
@@ -496,7 +481,6 @@ impl Actor for Coordinator {
             data_args: a.data,
             machine: Machine::new(ranks, a.committed, a.timeouts),
             sup: Supervisor::new("the coordinator", ctx.policy, false),
-            meta: Arc::new(meta),
             loader: Some(loader),
             job: None,
             armed: Vec::new(),
@@ -550,29 +534,20 @@ impl Actor for Coordinator {
                 hyper,
                 restore,
             } => {
-                let Some(snapshot) = st.ctx.payloads.get::<TrainState>(state) else {
-                    let why =
-                        format!("step {step}: the committed state is not in the payload store");
-                    st.ctx.book.to_engine(EngineMsg::StepDone {
-                        step,
-                        result: Err(why),
-                    });
-                    return Ok(());
-                };
                 if restore {
                     st.machine.restore_on_next_open();
                 }
                 st.job = Some(Job {
                     step,
-                    snapshot,
-                    restore: None,
+                    state,
                     hyper,
                     answered: false,
                     batches: None,
                     data_tries: 0,
                     done: BTreeMap::new(),
-                    work: None,
-                    installing: None,
+                    stats: None,
+                    squares: BTreeMap::new(),
+                    updates: BTreeMap::new(),
                     out: None,
                 });
                 Coordinator::request_data(&myself, st);
@@ -658,6 +633,47 @@ impl Actor for Coordinator {
                 step,
                 attempt,
             },
+            CoordMsg::Reduced {
+                model_stage,
+                step,
+                attempt,
+                result,
+            } => {
+                let slot: Slot<_> = |j| &mut j.squares;
+                if !Coordinator::owner_answered(st, (step, attempt), model_stage, result, slot) {
+                    return Ok(());
+                }
+                // the new values come next: start them from the pages the compute gave back
+                super::release_free_memory(st.ctx.template.num_params());
+                let Some(job) = st.job.as_mut() else {
+                    return Ok(());
+                };
+                match Coordinator::judge(job) {
+                    Some(update) => {
+                        Coordinator::to_owners(st, |_, copy| GpuMsg::Apply {
+                            copy,
+                            step,
+                            attempt,
+                            update: update.clone(),
+                        });
+                        return Ok(());
+                    }
+                    // refused by the gate: nothing to update
+                    None => CoordEvent::Reduced { step, attempt },
+                }
+            }
+            CoordMsg::Applied {
+                model_stage,
+                step,
+                attempt,
+                result,
+            } => {
+                let slot: Slot<_> = |j| &mut j.updates;
+                if !Coordinator::owner_answered(st, (step, attempt), model_stage, result, slot) {
+                    return Ok(());
+                }
+                CoordEvent::Reduced { step, attempt }
+            }
             CoordMsg::RankDown { rank, reason } => {
                 tracing::warn!(rank, "rank down: {reason}");
                 st.detector.on(now, DetectorEvent::Leave { member: rank });

@@ -15,9 +15,11 @@ use crate::core::supervisor::RestartPolicy;
 use crate::formation::Wire;
 use crate::inject::{Fault, FaultBook};
 use crate::schedule::Schedule;
+use crate::state::TensorUpdates;
 use crate::trainer::{StepEngine, StepHyper, StepOutput, TrainState};
 use anyhow::{Result, anyhow};
 use kernels::model::DeepSeekV3;
+use kernels::model::stage::Stage;
 use ractor::{Actor, ActorRef};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -97,8 +99,9 @@ impl ActorEngine {
     fn launch(&self, model: &DeepSeekV3, committed: u64) -> Result<Formation> {
         let spec = &self.spec;
         let stages = spec.schedule.kind.model_stages(spec.schedule.ranks);
+        let ranges = kernels::model::stage::partition(model.cfg.num_hidden_layers, stages);
         let ctx = Arc::new(Ctx {
-            ranges: kernels::model::stage::partition(model.cfg.num_hidden_layers, stages),
+            ranges: ranges.clone(),
             schedule: spec.schedule.clone(),
             template: Arc::new(model.clone()),
             mtp_weight: spec.mtp_weight,
@@ -110,6 +113,23 @@ impl ActorEngine {
             epoch: Instant::now(),
             book: AddressBook::new(spec.schedule.ranks),
             payloads: Default::default(),
+            meta: (0..stages)
+                .map(|s| {
+                    // a reduce reads a stage's structure (ids, shared flags), never its values
+                    let mut st = Stage::from_model(model, &ranges, s);
+                    st.params
+                        .tensors
+                        .iter_mut()
+                        .for_each(|t| t.data = Vec::new());
+                    st
+                })
+                .collect(),
+            owners: (0..stages)
+                .map(|s| {
+                    let slots = &spec.schedule.stages;
+                    slots.iter().position(|c| c.model_stage == s).unwrap_or(0)
+                })
+                .collect(),
             detector: spec.detector,
             detections_ms: std::sync::Mutex::new(Vec::new()),
             stragglers: std::sync::atomic::AtomicU64::new(0),
@@ -326,10 +346,25 @@ impl StepEngine for ActorEngine {
             match self.call_step(key, step, *h, restore)? {
                 Some(reply) => {
                     ctx.payloads.release(key);
+                    let new = if reply.out.rejected.is_some() {
+                        // the gate refused the update: the committed state, one step on
+                        let mut same = state.copy_without_grads();
+                        same.step += 1;
+                        same
+                    } else {
+                        // the stages' updates moved in (a reader still holding one costs a copy)
+                        let mut all = Vec::new();
+                        for k in &reply.updates {
+                            let u = ctx.payloads.take_or::<TensorUpdates>(*k, |u| u.clone());
+                            all.extend(u.ok_or_else(|| {
+                                anyhow!("step {step}: a stage's update is not in the payload store")
+                            })?);
+                        }
+                        state
+                            .assemble(all)
+                            .map_err(|e| anyhow!("step {step}: {e}"))?
+                    };
                     drop(state);
-                    let new: TrainState = ctx.payloads.take(reply.state).ok_or_else(|| {
-                        anyhow!("step {step}: the committed state is not in the payload store")
-                    })?;
                     super::release_free_memory(new.model.num_params());
                     self.restarts = self.restarts_before + reply.restarts;
                     self.replayed = self.replayed_before + reply.replayed_steps;

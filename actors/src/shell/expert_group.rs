@@ -8,10 +8,12 @@ use super::{Ctx, fire};
 use crate::formation::Wire;
 use crate::formation::compute::EpPayload;
 use crate::inject::{FaultKind, Phase, Target};
-use kernels::model::ParamStore;
+use crate::state::{TensorUpdates, TrainState};
 use kernels::model::experts::{ExpertGroup, LocalExpertGroups, gather};
 use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
+use kernels::tensor::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -256,28 +258,41 @@ impl Actor for ExpertGroupActor {
                     Some(k) => Some(
                         st.ctx
                             .payloads
-                            .get::<ParamStore>(k)
-                            .ok_or("the parameters to restore are gone")?,
+                            .get::<TrainState>(k)
+                            .ok_or("the committed state is gone")?,
                     ),
                     None => None,
                 };
                 st.blocking(move |g| {
                     g.reset();
-                    if let Some(p) = restore {
-                        g.load_from(&*p);
+                    if let Some(s) = restore {
+                        g.load_from(&s.model.params);
                     }
                 })
                 .await?;
                 st.answer(&[], call, ExpertAnswer::Ack);
             }
-            ExpertMsg::Install { call, step, params } => {
+            ExpertMsg::Install {
+                call,
+                step,
+                updates,
+            } => {
                 let fault = st.maybe_fail(step, Phase::Optimizer).await;
-                let params = st
-                    .ctx
-                    .payloads
-                    .get::<ParamStore>(params)
-                    .ok_or("the parameters to install are gone")?;
-                st.blocking(move |g| g.load_from(&*params)).await?;
+                let mut parts = Vec::new();
+                for k in updates {
+                    let u = st.ctx.payloads.get::<TensorUpdates>(k);
+                    parts.push(u.ok_or("the stages' updates are gone")?);
+                }
+                if !parts.is_empty() {
+                    st.blocking(move |g| {
+                        let by_id: BTreeMap<usize, &Tensor> = parts
+                            .iter()
+                            .flat_map(|p| p.iter().map(|(i, t, _)| (*i, t)))
+                            .collect();
+                        g.load_from(&by_id)
+                    })
+                    .await?;
+                }
                 st.answer(&fault, call, ExpertAnswer::Ack);
             }
         }

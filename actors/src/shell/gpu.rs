@@ -5,7 +5,7 @@
 //! are decoded on arrival; a frame that fails its checks is a lost message (the step replays).
 
 use super::payload::PayloadKey;
-use super::protocol::{CoordMsg, GpuMsg, StageMsg};
+use super::protocol::{CoordMsg, CopyGrads, GpuMsg, StageMsg};
 use super::stage::{StageActor, StageArgs};
 use super::{Ctx, backoff, fire, is_child_event, open_check};
 use crate::core::detector::{Detector, DetectorCommand, DetectorEvent};
@@ -35,15 +35,15 @@ pub struct GpuState {
     ctx: Arc<Ctx>,
     rank: usize,
     /// The machine hands over gradient sums by their keys (`GradSums` in the payload store).
-    machine: RankMachine<PayloadKey>,
+    machine: RankMachine<CopyGrads>,
     sup: Supervisor<usize>,
     stages: BTreeMap<usize, ActorRef<StageMsg>>,
     ids: BTreeMap<ActorId, usize>,
     /// Copies whose death this rank already reported (killed after a probe).
     reported: BTreeSet<usize>,
-    /// The open attempt's micro-batches and the parameters being installed (payload keys).
+    /// The open attempt's micro-batches and the stages' updates being installed (payload keys).
     batches: Option<PayloadKey>,
-    params: Option<PayloadKey>,
+    params: Option<Vec<PayloadKey>>,
     /// Message faults armed for the next frame this rank sends.
     armed: Vec<Fault>,
     /// Slow versus dead for this rank's stage copies (fed their progress counters each tick).
@@ -86,7 +86,7 @@ impl GpuActor {
     }
 
     /// Feeds the machine one event and carries out what it says.
-    async fn drive(st: &mut GpuState, ev: RankEvent<PayloadKey>) -> Result<(), ActorProcessingErr> {
+    async fn drive(st: &mut GpuState, ev: RankEvent<CopyGrads>) -> Result<(), ActorProcessingErr> {
         let cmds = st.machine.on(ev)?;
         for cmd in cmds {
             GpuActor::exec(st, cmd).await?;
@@ -96,7 +96,7 @@ impl GpuActor {
 
     async fn exec(
         st: &mut GpuState,
-        cmd: RankCommand<PayloadKey>,
+        cmd: RankCommand<CopyGrads>,
     ) -> Result<(), ActorProcessingErr> {
         match cmd {
             RankCommand::Starting { step, instr } => {
@@ -184,14 +184,14 @@ impl GpuActor {
                 step,
                 attempt,
             } => {
-                let params = st.params.ok_or("no parameters to install")?;
+                let updates = st.params.clone().ok_or("no parameters to install")?;
                 // an install is work too: a stage (or expert group) stuck in it is hung
                 st.work(copy, install_work(step, attempt), true);
                 if let Some(s) = st.stages.get(&copy) {
                     let _ = s.cast(StageMsg::Install {
                         step,
                         attempt,
-                        params,
+                        updates,
                     });
                 }
             }
@@ -386,6 +386,11 @@ fn install_work(step: u64, attempt: u32) -> u64 {
     (1 << 63) | (step << 16) | u64::from(attempt & 0xffff)
 }
 
+/// The failure detector's id of an owner's reduce (`phase` 1) or update (2) of (step, attempt).
+fn owner_work(phase: u64, step: u64, attempt: u32) -> u64 {
+    (phase << 61) | (step << 16) | u64::from(attempt & 0xffff)
+}
+
 /// The phases at which a GpuActor fault can fire when it dispatches `instr`.
 fn gpu_phases(instr: &Instr) -> &'static [Phase] {
     match instr {
@@ -536,13 +541,13 @@ impl Actor for GpuActor {
             GpuMsg::Install {
                 step,
                 attempt,
-                params,
+                updates,
             } => {
                 if st.machine.current() != Some((step, attempt)) {
                     return Ok(());
                 }
                 GpuActor::maybe_fail(st, step, Phase::Optimizer).await;
-                st.params = Some(params);
+                st.params = Some(updates);
                 GpuActor::drive(st, RankEvent::Install { step, attempt }).await?;
             }
             GpuMsg::StageInstalled {
@@ -557,6 +562,70 @@ impl Actor for GpuActor {
                     attempt,
                 };
                 GpuActor::drive(st, ev).await?;
+            }
+            GpuMsg::Reduce {
+                copy,
+                step,
+                attempt,
+                parts,
+            } => {
+                if st.machine.current() != Some((step, attempt)) {
+                    return Ok(());
+                }
+                if let Some(s) = st.stages.get(&copy) {
+                    let _ = s.cast(StageMsg::Reduce {
+                        step,
+                        attempt,
+                        parts,
+                    });
+                    st.work(copy, owner_work(1, step, attempt), true);
+                }
+            }
+            GpuMsg::Apply {
+                copy,
+                step,
+                attempt,
+                update,
+            } => {
+                if st.machine.current() != Some((step, attempt)) {
+                    return Ok(());
+                }
+                if let Some(s) = st.stages.get(&copy) {
+                    let _ = s.cast(StageMsg::Apply {
+                        step,
+                        attempt,
+                        update,
+                    });
+                    st.work(copy, owner_work(2, step, attempt), true);
+                }
+            }
+            GpuMsg::Reduced {
+                copy,
+                step,
+                attempt,
+                result,
+            } => {
+                st.work(copy, owner_work(1, step, attempt), false);
+                st.ctx.to_coord(CoordMsg::Reduced {
+                    model_stage: st.ctx.schedule.stages[copy].model_stage,
+                    step,
+                    attempt,
+                    result,
+                });
+            }
+            GpuMsg::Applied {
+                copy,
+                step,
+                attempt,
+                result,
+            } => {
+                st.work(copy, owner_work(2, step, attempt), false);
+                st.ctx.to_coord(CoordMsg::Applied {
+                    model_stage: st.ctx.schedule.stages[copy].model_stage,
+                    step,
+                    attempt,
+                    result,
+                });
             }
             GpuMsg::Abort { step, attempt } => {
                 st.forget_work();

@@ -155,6 +155,11 @@ pub struct Ctx {
     book: AddressBook,
     /// What messages name by key (batches, parameters, gradient sums, states).
     payloads: Payloads,
+    /// Every model stage's structure without values (what a reduce reads of the stages whose
+    /// sums it takes).
+    meta: Vec<kernels::model::stage::Stage>,
+    /// Per model stage, the copy that reduces and updates its tensors (its first copy).
+    owners: Vec<usize>,
     /// The failure detectors' policy (heartbeat interval, dead-after bound).
     detector: DetectorPolicy,
     /// How long after its last progress each hung actor was declared dead, in ms.

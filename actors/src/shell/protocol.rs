@@ -44,11 +44,11 @@ pub enum ExpertMsg {
         call: u64,
         restore: Option<PayloadKey>,
     },
-    /// Install committed-to-be parameters (the optimizer phase of `step`).
+    /// Install committed-to-be parameters: the stages' updates of `step` (`TensorUpdates`).
     Install {
         call: u64,
         step: u64,
-        params: PayloadKey,
+        updates: Vec<PayloadKey>,
     },
 }
 
@@ -74,8 +74,8 @@ pub struct ExpertReply {
 /// Messages of a StageActor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StageMsg {
-    /// Drop every stash, queued W and gradient; install the parameters under `restore` when
-    /// given.
+    /// Drop every stash, queued W and gradient; install the parameters of the committed state
+    /// under `restore` (a `TrainState`) when given.
     Reset { restore: Option<PayloadKey> },
     /// Run one operation; the answer goes to the parent as [`GpuMsg::OpDone`].
     Op {
@@ -86,14 +86,48 @@ pub enum StageMsg {
         /// The step's micro-batches.
         batches: PayloadKey,
     },
-    /// Install committed-to-be parameters; answered with [`GpuMsg::StageInstalled`].
+    /// Install committed-to-be parameters (the stages' updates); answered with
+    /// [`GpuMsg::StageInstalled`].
     Install {
         step: u64,
         attempt: u32,
-        params: PayloadKey,
+        updates: Vec<PayloadKey>,
     },
     /// Hand over the step's gradients; answered with [`GpuMsg::StageGrads`].
     TakeGrads { step: u64, attempt: u32 },
+    /// This copy owns its model stage's update: reduce the gradients of its tensors from
+    /// `parts` (`GradSums` by the model stage they come from), keep them, and answer their
+    /// square sums ([`GpuMsg::Reduced`]).
+    Reduce {
+        step: u64,
+        attempt: u32,
+        parts: Vec<(usize, PayloadKey)>,
+    },
+    /// Update the tensors reduced last with the clip `factor`, reading parameters and moments
+    /// from the committed state `state` (a `TrainState`); answered with [`GpuMsg::Applied`].
+    Apply {
+        step: u64,
+        attempt: u32,
+        update: ApplyArgs,
+    },
+}
+
+/// What a stage needs to update its tensors once the global gradient norm is known.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApplyArgs {
+    pub factor: f32,
+    pub hyper: StepHyper,
+    /// Expert loads of the step per MoE layer (the bias update).
+    pub loads: Vec<Vec<u32>>,
+    pub state: PayloadKey,
+}
+
+/// A stage copy's gradient hand-over: its half sums and, apart, its jobs on shared tensors
+/// (both `GradSums`), so that each goes to the stage that reduces it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CopyGrads {
+    pub sums: PayloadKey,
+    pub shared: Option<PayloadKey>,
 }
 
 /// Messages of a GpuActor.
@@ -123,17 +157,46 @@ pub enum GpuMsg {
         mb: usize,
         result: StageOpResult,
     },
-    /// A stage copy's gradient sums of the step (a `GradSums` in the payload store).
+    /// A stage copy's gradient sums of the step.
     StageGrads {
         copy: usize,
         step: u64,
         attempt: u32,
-        grads: PayloadKey,
+        grads: CopyGrads,
     },
+    /// The stages' updates of the step (`TensorUpdates`), to install.
     Install {
         step: u64,
         attempt: u32,
-        params: PayloadKey,
+        updates: Vec<PayloadKey>,
+    },
+    /// For owner copy `copy`: see [`StageMsg::Reduce`].
+    Reduce {
+        copy: usize,
+        step: u64,
+        attempt: u32,
+        parts: Vec<(usize, PayloadKey)>,
+    },
+    /// For owner copy `copy`: see [`StageMsg::Apply`].
+    Apply {
+        copy: usize,
+        step: u64,
+        attempt: u32,
+        update: ApplyArgs,
+    },
+    /// Owner copy `copy` reduced its stage: (tensor id, Σg²) of its trainable tensors.
+    Reduced {
+        copy: usize,
+        step: u64,
+        attempt: u32,
+        result: Result<Vec<(usize, f64)>, String>,
+    },
+    /// Owner copy `copy` updated its stage (`TensorUpdates` under the key).
+    Applied {
+        copy: usize,
+        step: u64,
+        attempt: u32,
+        result: Result<PayloadKey, String>,
     },
     StageInstalled {
         copy: usize,
@@ -193,8 +256,9 @@ pub struct Checked {
 /// What the coordinator answers for a committed step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepReply {
-    /// The new committed `TrainState`, in the payload store.
-    pub state: PayloadKey,
+    /// Every stage's `TensorUpdates` (none for a step the gate refused): with the committed
+    /// state they make the new one.
+    pub updates: Vec<PayloadKey>,
     pub out: StepOutput,
     pub restarts: u64,
     pub replayed_steps: u64,
@@ -213,8 +277,8 @@ pub enum EngineMsg {
     Pong,
 }
 
-/// A rank's gradient hand-over: per stage copy, the key of its `GradSums`.
-pub type RankGrads = Vec<(usize, PayloadKey)>;
+/// A rank's gradient hand-over: per stage copy, its sums.
+pub type RankGrads = Vec<(usize, CopyGrads)>;
 
 /// Messages of the Coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -239,6 +303,20 @@ pub enum CoordMsg {
         rank: usize,
         step: u64,
         attempt: u32,
+    },
+    /// Model stage `model_stage` reduced (see [`GpuMsg::Reduced`]).
+    Reduced {
+        model_stage: usize,
+        step: u64,
+        attempt: u32,
+        result: Result<Vec<(usize, f64)>, String>,
+    },
+    /// Model stage `model_stage` updated (see [`GpuMsg::Applied`]).
+    Applied {
+        model_stage: usize,
+        step: u64,
+        attempt: u32,
+        result: Result<PayloadKey, String>,
     },
     /// A rank lost an actor (it is being restarted).
     RankDown {
@@ -365,7 +443,7 @@ mod tests {
                 ExpertMsg::Install {
                     call: 4,
                     step: 4,
-                    params: k,
+                    updates: vec![k, PayloadKey(9)],
                 },
             ],
             |m| match m {
@@ -396,6 +474,26 @@ mod tests {
             },
         );
         assert_eq!(seen, all(3));
+        let hyper = StepHyper {
+            opt: AdamW {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                bf16_moments: false,
+            },
+            lr: 3e-4,
+            clip: 1.0,
+            gamma: 1e-3,
+            mtp_weight: 0.3,
+            gate: SpikeGate::open(),
+        };
+        let apply = ApplyArgs {
+            factor: 0.5,
+            hyper,
+            loads: vec![vec![2, 0, 1]],
+            state: k,
+        };
         let seen = round_trips(
             vec![
                 StageMsg::Reset { restore: None },
@@ -412,11 +510,21 @@ mod tests {
                 StageMsg::Install {
                     step: 2,
                     attempt: 1,
-                    params: k,
+                    updates: vec![k],
                 },
                 StageMsg::TakeGrads {
                     step: 2,
                     attempt: 1,
+                },
+                StageMsg::Reduce {
+                    step: 2,
+                    attempt: 1,
+                    parts: vec![(0, k), (3, PayloadKey(8))],
+                },
+                StageMsg::Apply {
+                    step: 2,
+                    attempt: 1,
+                    update: apply.clone(),
                 },
             ],
             |m| match m {
@@ -424,9 +532,11 @@ mod tests {
                 StageMsg::Op { .. } => 1,
                 StageMsg::Install { .. } => 2,
                 StageMsg::TakeGrads { .. } => 3,
+                StageMsg::Reduce { .. } => 4,
+                StageMsg::Apply { .. } => 5,
             },
         );
-        assert_eq!(seen, all(4));
+        assert_eq!(seen, all(6));
         let seen = round_trips(
             vec![
                 GpuMsg::Open {
@@ -462,12 +572,39 @@ mod tests {
                     copy: 0,
                     step: 3,
                     attempt: 0,
-                    grads: k,
+                    grads: CopyGrads {
+                        sums: k,
+                        shared: Some(PayloadKey(3)),
+                    },
                 },
                 GpuMsg::Install {
                     step: 3,
                     attempt: 0,
-                    params: k,
+                    updates: vec![k],
+                },
+                GpuMsg::Reduce {
+                    copy: 2,
+                    step: 3,
+                    attempt: 0,
+                    parts: vec![(1, k)],
+                },
+                GpuMsg::Apply {
+                    copy: 2,
+                    step: 3,
+                    attempt: 0,
+                    update: apply.clone(),
+                },
+                GpuMsg::Reduced {
+                    copy: 2,
+                    step: 3,
+                    attempt: 0,
+                    result: Ok(vec![(4, 0.125), (7, 2.0)]),
+                },
+                GpuMsg::Applied {
+                    copy: 2,
+                    step: 3,
+                    attempt: 0,
+                    result: Err("no gradients".into()),
                 },
                 GpuMsg::StageInstalled {
                     copy: 1,
@@ -500,23 +637,13 @@ mod tests {
                 GpuMsg::Progress => 9,
                 GpuMsg::Tick => 10,
                 GpuMsg::Hello => 11,
+                GpuMsg::Reduce { .. } => 12,
+                GpuMsg::Apply { .. } => 13,
+                GpuMsg::Reduced { .. } => 14,
+                GpuMsg::Applied { .. } => 15,
             },
         );
-        assert_eq!(seen, all(12));
-        let hyper = StepHyper {
-            opt: AdamW {
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                bf16_moments: false,
-            },
-            lr: 3e-4,
-            clip: 1.0,
-            gamma: 1e-3,
-            mtp_weight: 0.3,
-            gate: SpikeGate::open(),
-        };
+        assert_eq!(seen, all(16));
         let seen = round_trips(
             vec![
                 CoordMsg::RunStep {
@@ -529,7 +656,13 @@ mod tests {
                     rank: 1,
                     step: 8,
                     attempt: 2,
-                    grads: vec![(0, k), (3, PayloadKey(5))],
+                    grads: vec![(
+                        0,
+                        CopyGrads {
+                            sums: k,
+                            shared: None,
+                        },
+                    )],
                     stats: vec![(0, 1, StageStats::default())],
                 },
                 CoordMsg::Installed {
@@ -552,6 +685,18 @@ mod tests {
                     rank: 0,
                     step: 8,
                     attempt: 2,
+                },
+                CoordMsg::Reduced {
+                    model_stage: 1,
+                    step: 8,
+                    attempt: 2,
+                    result: Ok(vec![(0, 1.5)]),
+                },
+                CoordMsg::Applied {
+                    model_stage: 1,
+                    step: 8,
+                    attempt: 2,
+                    result: Ok(k),
                 },
                 CoordMsg::Batches {
                     step: 8,
@@ -591,9 +736,11 @@ mod tests {
                 CoordMsg::Timer(_) => 13,
                 CoordMsg::AllDown { .. } => 14,
                 CoordMsg::RestartTimer { .. } => 15,
+                CoordMsg::Reduced { .. } => 16,
+                CoordMsg::Applied { .. } => 17,
             },
         );
-        assert_eq!(seen, all(16));
+        assert_eq!(seen, all(18));
         let seen = round_trips(vec![DataMsg::Get { step: 8 }], |m| match m {
             DataMsg::Get { .. } => 0,
         });
@@ -627,7 +774,7 @@ mod tests {
                 EngineMsg::StepDone {
                     step: 8,
                     result: Ok(StepReply {
-                        state: k,
+                        updates: vec![k],
                         out,
                         restarts: 2,
                         replayed_steps: 1,

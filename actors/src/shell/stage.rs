@@ -1,17 +1,25 @@
 //! The StageActor: one stage copy on one rank (parameters, activation stash, queued W, gradients).
 //! It computes on the blocking pool, answers its GpuActor, and supervises its expert groups (a
-//! failed group fails the stage, which its GpuActor restarts).
+//! failed group fails the stage, which its GpuActor restarts). The first copy of each model
+//! stage owns that stage's update: it reduces its tensors' gradients from every copy's sums,
+//! reports their square sums for the global norm, and runs AdamW and the bias update on them
+//! once the coordinator sends the clip factor.
 
 use super::expert_group::{ExpertArgs, ExpertGroupActor, ExpertLine, RemoteExperts};
 use super::payload::PayloadKey;
-use super::protocol::{CoordMsg, ExpertAnswer, ExpertMsg, GpuMsg, StageMsg};
+use super::protocol::{ApplyArgs, CoordMsg, CopyGrads, ExpertAnswer, ExpertMsg, GpuMsg, StageMsg};
 use super::{Ctx, fire, is_child_event, straggle};
 use crate::core::ops::StageOp;
 use crate::formation::compute::exec_op;
 use crate::inject::{Fault, FaultKind, Phase, Target};
-use kernels::model::stage::{Stage, StageRunner};
-use kernels::model::{Batch, ParamStore};
+use crate::state::{TensorUpdates, TrainState};
+use kernels::model::Batch;
+use kernels::model::stage::{
+    GradSums, Stage, StageGrads, StageRunner, reduce_stage, scale_for_microbatches,
+};
+use kernels::tensor::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,7 +51,12 @@ pub struct StageState {
     progress: Arc<AtomicU64>,
     /// Why an expert answer of the running op was refused (see `RemoteExperts`).
     lost: Arc<std::sync::Mutex<Option<String>>>,
+    /// The gradients this owner copy reduced for (step, attempt), until it applies them.
+    pending: Option<(u64, u32, Grads)>,
 }
+
+/// Gradients by whole-model tensor id.
+type Grads = Vec<(usize, Tensor)>;
 
 impl StageState {
     /// Runs `f` on the runner on the blocking pool (compute never runs on a tokio worker).
@@ -208,6 +221,7 @@ impl Actor for StageActor {
             step,
             progress: a.progress,
             lost,
+            pending: None,
         })
     }
 
@@ -252,16 +266,17 @@ impl Actor for StageActor {
                 if let Ok(mut l) = st.lost.lock() {
                     l.take();
                 }
+                st.pending = None;
                 st.to_groups(move |call| ExpertMsg::Reset { call, restore })
                     .await?;
                 let restore = match restore {
-                    Some(k) => Some(st.payload::<ParamStore>(k, "the parameters to restore")?),
+                    Some(k) => Some(st.payload::<TrainState>(k, "the committed state")?),
                     None => None,
                 };
                 st.blocking(move |r| {
                     r.reset();
-                    if let Some(p) = restore {
-                        r.load_from(&*p);
+                    if let Some(s) = restore {
+                        r.load_from(&s.model.params);
                     }
                 })
                 .await?;
@@ -327,14 +342,23 @@ impl Actor for StageActor {
             StageMsg::Install {
                 step,
                 attempt,
-                params,
+                updates,
             } => {
+                st.pending = None;
                 let faults = st.faults(step, &[Phase::Optimizer]).await;
-                st.to_groups(move |call| ExpertMsg::Install { call, step, params })
-                    .await?;
-                let params = st.payload::<ParamStore>(params, "the parameters to install")?;
+                let u2 = updates.clone();
+                st.to_groups(move |call| ExpertMsg::Install {
+                    call,
+                    step,
+                    updates: u2.clone(),
+                })
+                .await?;
+                let mut parts = Vec::new();
+                for k in updates {
+                    parts.push(st.payload::<TensorUpdates>(k, "the stages' updates")?);
+                }
                 let started = Instant::now();
-                st.blocking(move |r| r.load_from(&*params)).await?;
+                st.blocking(move |r| install(r, &parts)).await?;
                 for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
                     tracing::warn!(
                         "injected straggler ({}x): {}",
@@ -357,8 +381,14 @@ impl Actor for StageActor {
                 });
             }
             StageMsg::TakeGrads { step, attempt } => {
-                let grads = st.blocking(|r| r.take_grads()).await?;
-                let grads = st.ctx.payloads.put(step, grads);
+                let mut sums = st.blocking(|r| r.take_grads()).await?;
+                // the jobs on shared tensors go to the stage that owns them, the rest to this
+                // stage's owner
+                let shared = sums.split_shared().map(|g| st.ctx.payloads.put(step, g));
+                let grads = CopyGrads {
+                    sums: st.ctx.payloads.put(step, sums),
+                    shared,
+                };
                 let _ = st.parent.cast(GpuMsg::StageGrads {
                     copy: st.copy,
                     step,
@@ -366,7 +396,117 @@ impl Actor for StageActor {
                     grads,
                 });
             }
+            StageMsg::Reduce {
+                step,
+                attempt,
+                parts,
+            } => {
+                let ctx = st.ctx.clone();
+                let model_stage = ctx.schedule.stages[st.copy].model_stage;
+                let r = tokio::task::spawn_blocking(move || reduce_owned(&ctx, model_stage, parts))
+                    .await?;
+                let result = r.map(|(grads, sums)| {
+                    st.pending = Some((step, attempt, grads));
+                    sums
+                });
+                st.progress.fetch_add(1, Ordering::Relaxed);
+                let _ = st.parent.cast(GpuMsg::Reduced {
+                    copy: st.copy,
+                    step,
+                    attempt,
+                    result,
+                });
+            }
+            StageMsg::Apply {
+                step,
+                attempt,
+                update,
+            } => {
+                let result = match st.pending.take() {
+                    Some((s, a, grads)) if (s, a) == (step, attempt) => {
+                        let state =
+                            st.payload::<TrainState>(update.state, "the committed state")?;
+                        let ctx = st.ctx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let updates = apply_owned(&state, grads, &update);
+                            ctx.payloads.put(step, updates)
+                        })
+                        .await
+                        .map_err(|e| format!("the update failed: {e}"))
+                    }
+                    _ => Err(format!(
+                        "stage copy s{}: no gradients reduced for step {step} attempt {attempt}",
+                        st.copy
+                    )),
+                };
+                st.progress.fetch_add(1, Ordering::Relaxed);
+                let _ = st.parent.cast(GpuMsg::Applied {
+                    copy: st.copy,
+                    step,
+                    attempt,
+                    result,
+                });
+            }
         }
         Ok(())
     }
+}
+
+/// The gradients of `model_stage`'s tensors from `parts` (`GradSums` by the model stage they come
+/// from, taken out of the payload store), averaged over the micro-batches, and the square sums of
+/// the trainable ones: the owner's share of the step's reduce.
+fn reduce_owned(
+    ctx: &Ctx,
+    model_stage: usize,
+    parts: Vec<(usize, PayloadKey)>,
+) -> Result<(Grads, Vec<(usize, f64)>), String> {
+    let mut sums = Vec::with_capacity(parts.len());
+    for (s, k) in parts {
+        let g = ctx.payloads.take::<GradSums>(k).ok_or_else(|| {
+            format!("the gradient sums of a copy of stage {s} are gone from the payload store")
+        })?;
+        let stage = ctx.meta.get(s).ok_or(format!("no model stage {s}"))?;
+        sums.push(StageGrads { stage, sums: g });
+    }
+    let full = &ctx.template.params;
+    let m = ctx.schedule.microbatches;
+    let (ids, mut grads): (Vec<usize>, Vec<Tensor>) =
+        reduce_stage(full, model_stage, &mut sums, m)?
+            .into_iter()
+            .unzip();
+    scale_for_microbatches(&mut grads, m);
+    let squares = ids
+        .iter()
+        .zip(&grads)
+        .filter(|(g, _)| full.trainable[**g])
+        .map(|(&g, t)| (g, kernels::ops::adamw::square_sum(&t.data)))
+        .collect();
+    Ok((ids.into_iter().zip(grads).collect(), squares))
+}
+
+/// AdamW (clip factor given) and the bias update of the owner's tensors, beside the committed
+/// `state`.
+fn apply_owned(state: &TrainState, grads: Grads, a: &ApplyArgs) -> TensorUpdates {
+    let h = &a.hyper;
+    let u = crate::state::Update {
+        opt: &h.opt,
+        lr: h.lr,
+        clip: h.clip,
+        gamma: h.gamma,
+        loads: &a.loads,
+    };
+    state.update_tensors(grads, a.factor, &u)
+}
+
+/// Loads the new values of every tensor the copy holds from the stages' updates.
+fn install(r: &mut StageRunner, parts: &[Arc<TensorUpdates>]) {
+    if parts.is_empty() {
+        // the gate refused the step: the committed values stay
+        return;
+    }
+    let by_id: BTreeMap<usize, &Tensor> = parts
+        .iter()
+        .flat_map(|p| p.iter().map(|(g, t, _)| (*g, t)))
+        .collect();
+    r.load_from(&by_id);
 }

@@ -70,6 +70,14 @@ impl GradSums {
         self.microbatches
     }
 
+    /// The jobs on shared tensors moved out into sums of their own (None when there are none),
+    /// so that the stage owning those tensors can reduce them while this copy's own stage
+    /// reduces the rest.
+    pub fn split_shared(&mut self) -> Option<GradSums> {
+        let shared = std::mem::take(&mut self.shared);
+        (!shared.is_empty()).then(|| GradSums::from_parts(self.microbatches, [None, None], shared))
+    }
+
     /// W of micro-batch `mb` (its queued jobs `q`): runs now when `mb` is next in its half, then
     /// every waiting successor; otherwise waits.
     pub fn weight(&mut self, stage: &Stage, mb: usize, q: WeightGradQueue) {
