@@ -7,17 +7,21 @@
 //!                   └─ GpuActor ×pp         one rank: RankMachine + Supervisor of its stages,
 //!                        │                  exchanges activations/gradients as wire frames
 //!                        └─ StageActor ×copies   one stage copy: params, stash, W queue, grads;
-//!                             │                  computes on the blocking pool
+//!                             │                  computes on the blocking pool; the first copy
+//!                             │                  of a model stage reduces and updates its tensors
 //!                             └─ ExpertGroupActor ×ep   (--ep > 1) routed experts of the copy
 //! ```
 //!
-//! A step is a transaction: the coordinator opens attempt `a` of step `t` on every GpuActor, waits
-//! for each rank's "done" (with its per-micro-batch gradients), reduces them in micro-batch order,
-//! applies AdamW to a copy of the committed state, installs the new parameters on every rank and
-//! commits once all installed them. Any failure aborts the attempt; the failed actor's supervisor
-//! restarts it after a backoff timer and the coordinator replays the step once every rank is up,
-//! every rank restoring the last committed parameters. Actors find each other through the
-//! formation's [`AddressBook`], never by a global name.
+//! A step is a transaction: the coordinator opens attempt `a` of step `t` on every GpuActor and
+//! waits for each rank's "done" (the keys of its copies' gradient sums). Then each model stage's
+//! owner copy reduces its tensors from every copy's sums and reports their square sums; the
+//! coordinator adds them in tensor order into the global norm, judges the step and sends the clip
+//! factor; the owners run AdamW beside the committed state, every rank installs the owners' new
+//! values, and the step commits once all installed them. The coordinator holds no tensor. Any
+//! failure aborts the attempt; the failed actor's supervisor restarts it after a backoff timer and
+//! the coordinator replays the step once every rank is up, every rank restoring the last committed
+//! parameters. Actors find each other through the formation's [`AddressBook`], never by a global
+//! name; every message is plain data ([`protocol`]).
 
 mod coordinator;
 mod data_loader;
