@@ -80,12 +80,25 @@ pub struct Journal {
 
 impl Journal {
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        /// How long a held lock is tried again.
+        const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
         let name = dir.display().to_string();
         let err = |source| JournalError {
             dir: name.clone(),
             source,
         };
-        let db = sled::open(dir).map_err(err)?;
+        // sled releases its file lock from a background thread after the last handle drops: a
+        // journal closed a moment ago by this process may still read as held, so a held lock
+        // is tried again for a while before it is an error
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match sled::open(dir) {
+                Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r.map_err(err)?,
+            }
+        };
         Ok(Journal {
             runs: db.open_tree("runs").map_err(err)?,
             steps: db.open_tree("steps").map_err(err)?,
