@@ -427,8 +427,9 @@ impl Actor for StageActor {
                         let state =
                             st.payload::<TrainState>(update.state, "the committed state")?;
                         let ctx = st.ctx.clone();
+                        let progress = st.progress.clone();
                         tokio::task::spawn_blocking(move || {
-                            let updates = apply_owned(&state, grads, &update);
+                            let updates = apply_owned(&state, grads, &update, &progress);
                             ctx.payloads.put(step, updates)
                         })
                         .await
@@ -485,8 +486,14 @@ fn reduce_owned(
 }
 
 /// AdamW (clip factor given) and the bias update of the owner's tensors, beside the committed
-/// `state`.
-fn apply_owned(state: &TrainState, grads: Grads, a: &ApplyArgs) -> TensorUpdates {
+/// `state`, a tensor at a time: each one is a sign of life on `progress` for the failure
+/// detector (a large stage's update is long work, not a hang).
+fn apply_owned(
+    state: &TrainState,
+    grads: Grads,
+    a: &ApplyArgs,
+    progress: &AtomicU64,
+) -> TensorUpdates {
     let h = &a.hyper;
     let u = crate::state::Update {
         opt: &h.opt,
@@ -495,7 +502,12 @@ fn apply_owned(state: &TrainState, grads: Grads, a: &ApplyArgs) -> TensorUpdates
         gamma: h.gamma,
         loads: &a.loads,
     };
-    state.update_tensors(grads, a.factor, &u)
+    let mut out = Vec::with_capacity(grads.len());
+    for g in grads {
+        out.extend(state.update_tensors(vec![g], a.factor, &u));
+        progress.fetch_add(1, Ordering::Relaxed);
+    }
+    out
 }
 
 /// Loads the new values of every tensor the copy holds from the stages' updates.
