@@ -355,3 +355,87 @@ fn bias_update(model: &mut DeepSeekV3, loads: &[Vec<u32>], gamma: f32) {
         balance::bias_update(&mut model.params.tensors[bias.0].data, l, gamma);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn micro_state() -> TrainState {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/micro.toml");
+        let cfg = RunConfig::load(std::path::Path::new(path)).expect("micro config");
+        TrainState::new(DeepSeekV3::new(&cfg.model, 0.02, 7))
+    }
+
+    /// Updates made part by part (as stage owners make them, in any order) assemble into exactly
+    /// the state `advanced` builds in one go, which is the in-place step's; a missing or doubled
+    /// update is refused by name.
+    #[test]
+    fn updates_by_parts_assemble_into_the_advanced_state() {
+        let state = micro_state();
+        let n = state.model.params.len();
+        let grads: Vec<Tensor> = state
+            .model
+            .params
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let data = (0..t.numel()).map(|k| ((i * 31 + k) % 17) as f32 * 1e-3 - 8e-3);
+                Tensor::from_vec(&t.shape, data.collect())
+            })
+            .collect();
+        let opt = AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            bf16_moments: false,
+        };
+        let loads: Vec<Vec<u32>> = state
+            .model
+            .moe_biases()
+            .iter()
+            .map(|b| (0..state.model.params.tensors[b.0].numel() as u32).collect())
+            .collect();
+        let u = Update {
+            opt: &opt,
+            lr: 1e-3,
+            clip: 0.5,
+            gamma: 1e-3,
+            loads: &loads,
+        };
+        let norm = grad_norm(&grads, &state.model.params.trainable);
+        let whole = state.advanced(grads.clone(), norm, &u);
+        // the same step in place (the plain loop's path)
+        let mut in_place = state.clone();
+        in_place.grads = grads.clone();
+        in_place.apply_with_norm(norm, &u);
+        assert_eq!(in_place.model.params.sha256(), whole.model.params.sha256());
+        assert_eq!(in_place.moments, whole.moments);
+        let factor = adamw::clip_factor(norm, u.clip);
+        // two "stages": the odd tensors first, then the even ones
+        let (odd, even): (Vec<_>, Vec<_>) =
+            grads.into_iter().enumerate().partition(|(i, _)| i % 2 == 1);
+        let mut parts = state.update_tensors(odd, factor, &u);
+        parts.extend(state.update_tensors(even, factor, &u));
+        let doubled = parts[0].clone();
+        let mut missing = parts.clone();
+        let gone = missing.pop().expect("a part");
+        let by_parts = state.assemble(parts.clone()).expect("every tensor updated");
+        assert_eq!(by_parts.model.params.sha256(), whole.model.params.sha256());
+        assert_eq!(by_parts.moments, whole.moments);
+        assert_eq!(by_parts.step, state.step + 1);
+        assert_ne!(whole.model.params.sha256(), state.model.params.sha256());
+        let name = |i: usize| state.model.params.names[i].clone();
+        assert_eq!(
+            state.assemble(missing).err(),
+            Some(format!("tensor {} has no update", name(gone.0)))
+        );
+        parts.push(doubled.clone());
+        assert_eq!(
+            state.assemble(parts).err(),
+            Some(format!("tensor {} was updated twice", name(doubled.0)))
+        );
+        assert!(n > 2);
+    }
+}
