@@ -8,6 +8,7 @@ use kernels::model::{DeepSeekV3, Precision, RunConfig};
 use kernels::ops::adamw::{self, AdamW, Moments};
 use kernels::ops::balance;
 use kernels::tensor::Tensor;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use storage::dataset::DataFormat;
 
@@ -166,6 +167,14 @@ impl TrainState {
         dst
     }
 
+    /// The state after a step whose update was refused, beside this one: a copy with the step
+    /// counted.
+    pub fn refused(&self) -> TrainState {
+        let mut same = self.copy_without_grads();
+        same.step += 1;
+        same
+    }
+
     /// A step whose update was refused: the step is counted (its data is consumed), the
     /// parameters and moments stay as they are, the gradients are zeroed.
     pub fn skip(&mut self) {
@@ -261,6 +270,14 @@ impl TrainState {
 
 /// New values of some tensors one optimizer step on: (whole-model id, values, AdamW moments).
 pub type TensorUpdates = Vec<(usize, Tensor, Option<Moments>)>;
+
+/// The new values in `parts` by whole-model id: what an install reads (a `TensorSource`).
+pub fn updates_by_id(parts: &[std::sync::Arc<TensorUpdates>]) -> BTreeMap<usize, &Tensor> {
+    parts
+        .iter()
+        .flat_map(|p| p.iter().map(|(g, t, _)| (*g, t)))
+        .collect()
+}
 
 /// The bytes of the parameters, then of each parameter's moments (m, v), in tensor order.
 fn state_bytes<'a>(tensors: &'a [Tensor], moments: &'a [Option<Moments>]) -> Vec<&'a [u8]> {

@@ -356,9 +356,7 @@ pub fn finish_step_beside(
     let next = match rejected {
         Some(_) => {
             drop(grads);
-            let mut same = committed.copy_without_grads();
-            same.step += 1;
-            same
+            committed.refused()
         }
         None => committed.advanced(grads, grad_norm, &h.update(&stats.loads)),
     };

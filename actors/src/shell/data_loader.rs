@@ -105,7 +105,7 @@ impl Actor for DataLoader {
                 // a second delivery of the same answer: the coordinator takes the first
                 FaultKind::Dup => {
                     tracing::warn!(step, "injected duplicate of the data loader's answer");
-                    copies = copies.min(1) * 2;
+                    copies *= 2;
                 }
                 FaultKind::Panic
                 | FaultKind::Hang

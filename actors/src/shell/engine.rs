@@ -348,9 +348,7 @@ impl StepEngine for ActorEngine {
                     ctx.payloads.release(key);
                     let new = if reply.out.rejected.is_some() {
                         // the gate refused the update: the committed state, one step on
-                        let mut same = state.copy_without_grads();
-                        same.step += 1;
-                        same
+                        state.refused()
                     } else {
                         // the stages' updates moved in (a reader still holding one costs a copy)
                         let mut all = Vec::new();

@@ -8,12 +8,10 @@ use super::{Ctx, fire};
 use crate::formation::Wire;
 use crate::formation::compute::EpPayload;
 use crate::inject::{FaultKind, Phase, Target};
-use crate::state::{TensorUpdates, TrainState};
+use crate::state::{TensorUpdates, TrainState, updates_by_id};
 use kernels::model::experts::{ExpertGroup, LocalExpertGroups, gather};
 use kernels::model::layers::{ExpertCompute, ExpertGrads, ExpertSite};
-use kernels::tensor::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -278,20 +276,11 @@ impl Actor for ExpertGroupActor {
                 updates,
             } => {
                 let fault = st.maybe_fail(step, Phase::Optimizer).await;
-                let mut parts = Vec::new();
-                for k in updates {
-                    let u = st.ctx.payloads.get::<TensorUpdates>(k);
-                    parts.push(u.ok_or("the stages' updates are gone")?);
-                }
+                let parts = st.ctx.payloads.get_all::<TensorUpdates>(&updates);
+                let parts = parts.ok_or("the stages' updates are gone")?;
                 if !parts.is_empty() {
-                    st.blocking(move |g| {
-                        let by_id: BTreeMap<usize, &Tensor> = parts
-                            .iter()
-                            .flat_map(|p| p.iter().map(|(i, t, _)| (*i, t)))
-                            .collect();
-                        g.load_from(&by_id)
-                    })
-                    .await?;
+                    st.blocking(move |g| g.load_from(&updates_by_id(&parts)))
+                        .await?;
                 }
                 st.answer(&fault, call, ExpertAnswer::Ack);
             }

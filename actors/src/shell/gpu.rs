@@ -375,6 +375,24 @@ impl GpuState {
         }
     }
 
+    /// Hands an owner's reduce (`phase` 1) or update (2) of the current attempt to stage copy
+    /// `copy`, as work the failure detector watches; a stale one is dropped.
+    fn hand_to_owner(
+        &mut self,
+        copy: usize,
+        (step, attempt): (u64, u32),
+        phase: u64,
+        msg: StageMsg,
+    ) {
+        if self.machine.current() != Some((step, attempt)) {
+            return;
+        }
+        if let Some(s) = self.stages.get(&copy) {
+            let _ = s.cast(msg);
+            self.work(copy, owner_work(phase, step, attempt), true);
+        }
+    }
+
     /// Every stage copy is up and no restart is pending.
     fn sup_idle(&self) -> bool {
         !self.sup.is_waiting() && self.stages.len() == self.ctx.schedule.stages_on(self.rank).len()
@@ -569,17 +587,12 @@ impl Actor for GpuActor {
                 attempt,
                 parts,
             } => {
-                if st.machine.current() != Some((step, attempt)) {
-                    return Ok(());
-                }
-                if let Some(s) = st.stages.get(&copy) {
-                    let _ = s.cast(StageMsg::Reduce {
-                        step,
-                        attempt,
-                        parts,
-                    });
-                    st.work(copy, owner_work(1, step, attempt), true);
-                }
+                let msg = StageMsg::Reduce {
+                    step,
+                    attempt,
+                    parts,
+                };
+                st.hand_to_owner(copy, (step, attempt), 1, msg);
             }
             GpuMsg::Apply {
                 copy,
@@ -587,17 +600,12 @@ impl Actor for GpuActor {
                 attempt,
                 update,
             } => {
-                if st.machine.current() != Some((step, attempt)) {
-                    return Ok(());
-                }
-                if let Some(s) = st.stages.get(&copy) {
-                    let _ = s.cast(StageMsg::Apply {
-                        step,
-                        attempt,
-                        update,
-                    });
-                    st.work(copy, owner_work(2, step, attempt), true);
-                }
+                let msg = StageMsg::Apply {
+                    step,
+                    attempt,
+                    update,
+                };
+                st.hand_to_owner(copy, (step, attempt), 2, msg);
             }
             GpuMsg::Reduced {
                 copy,
@@ -606,8 +614,9 @@ impl Actor for GpuActor {
                 result,
             } => {
                 st.work(copy, owner_work(1, step, attempt), false);
+                let model_stage = st.ctx.schedule.stages[copy].model_stage;
                 st.ctx.to_coord(CoordMsg::Reduced {
-                    model_stage: st.ctx.schedule.stages[copy].model_stage,
+                    model_stage,
                     step,
                     attempt,
                     result,
@@ -620,8 +629,9 @@ impl Actor for GpuActor {
                 result,
             } => {
                 st.work(copy, owner_work(2, step, attempt), false);
+                let model_stage = st.ctx.schedule.stages[copy].model_stage;
                 st.ctx.to_coord(CoordMsg::Applied {
-                    model_stage: st.ctx.schedule.stages[copy].model_stage,
+                    model_stage,
                     step,
                     attempt,
                     result,

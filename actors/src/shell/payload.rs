@@ -49,6 +49,11 @@ impl Payloads {
         v.downcast::<T>().ok()
     }
 
+    /// The values under `keys`, in order (None when one is gone).
+    pub fn get_all<T: Any + Send + Sync>(&self, keys: &[PayloadKey]) -> Option<Vec<Arc<T>>> {
+        keys.iter().map(|&k| self.get(k)).collect()
+    }
+
     /// The value under `key`, moved out of the store. None when it is gone (taken already: a
     /// duplicate message) or of another type. A reader that still holds it shared costs a copy
     /// through `clone_shared`, never a wrong value.
@@ -84,15 +89,6 @@ impl Payloads {
             s.retain(|_, slot| slot.step >= step);
         }
     }
-
-    /// Values held now.
-    pub fn len(&self) -> usize {
-        self.slots.lock().map(|s| s.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
@@ -124,6 +120,7 @@ mod tests {
         assert!(p.get::<u64>(c).is_none());
         assert_eq!(p.get::<u64>(d).as_deref(), Some(&8));
         p.release(d);
-        assert!(p.is_empty());
+        assert!(p.get::<u64>(d).is_none());
+        assert_eq!(p.get_all::<u64>(&[c, d]), None);
     }
 }

@@ -12,14 +12,13 @@ use super::{Ctx, fire, is_child_event, straggle};
 use crate::core::ops::StageOp;
 use crate::formation::compute::exec_op;
 use crate::inject::{Fault, FaultKind, Phase, Target};
-use crate::state::{TensorUpdates, TrainState};
+use crate::state::{TensorUpdates, TrainState, updates_by_id};
 use kernels::model::Batch;
 use kernels::model::stage::{
     GradSums, Stage, StageGrads, StageRunner, reduce_stage, scale_for_microbatches,
 };
 use kernels::tensor::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -101,13 +100,19 @@ impl StageState {
         key: PayloadKey,
         what: &str,
     ) -> Result<Arc<T>, ActorProcessingErr> {
-        self.ctx.payloads.get::<T>(key).ok_or_else(|| {
-            format!(
-                "stage copy s{} on rank {}: {what} are gone from the payload store",
-                self.copy, self.rank
-            )
-            .into()
-        })
+        self.ctx
+            .payloads
+            .get::<T>(key)
+            .ok_or_else(|| self.gone(what))
+    }
+
+    /// The error of a payload that is gone (`what` names it).
+    fn gone(&self, what: &str) -> ActorProcessingErr {
+        format!(
+            "stage copy s{} on rank {}: {what} are gone from the payload store",
+            self.copy, self.rank
+        )
+        .into()
     }
 
     fn what(&self, step: u64, phase: Phase) -> String {
@@ -353,10 +358,8 @@ impl Actor for StageActor {
                     updates: u2.clone(),
                 })
                 .await?;
-                let mut parts = Vec::new();
-                for k in updates {
-                    parts.push(st.payload::<TensorUpdates>(k, "the stages' updates")?);
-                }
+                let parts = st.ctx.payloads.get_all::<TensorUpdates>(&updates);
+                let parts = parts.ok_or_else(|| st.gone("the stages' updates"))?;
                 let started = Instant::now();
                 st.blocking(move |r| install(r, &parts)).await?;
                 for f in faults.iter().filter(|f| f.kind == FaultKind::Slow) {
@@ -516,9 +519,5 @@ fn install(r: &mut StageRunner, parts: &[Arc<TensorUpdates>]) {
         // the gate refused the step: the committed values stay
         return;
     }
-    let by_id: BTreeMap<usize, &Tensor> = parts
-        .iter()
-        .flat_map(|p| p.iter().map(|(g, t, _)| (*g, t)))
-        .collect();
-    r.load_from(&by_id);
+    r.load_from(&updates_by_id(parts));
 }
