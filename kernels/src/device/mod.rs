@@ -8,7 +8,9 @@
 //! has run on a GPU**. `Device::ensure_can_train` therefore refuses
 //! `cuda` with the probe's finding instead of training on the CPU behind the user's back.
 
+pub mod backend;
 pub mod cuda;
+pub mod model;
 #[cfg(feature = "cuda")]
 mod driver;
 #[cfg(feature = "cuda")]

@@ -124,15 +124,7 @@ impl AdamW {
             Moments::F32 { m, v } => chunks
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| {
-                    for i in 0..p.len() {
-                        let (mi, vi) = moments(g[i] * grad_scale, m[i], v[i], &c);
-                        g[i] = 0.0;
-                        m[i] = mi;
-                        v[i] = vi;
-                        c.apply(&mut p[i], mi, vi);
-                    }
-                }),
+                .for_each(|(((p, g), m), v)| step_f32(p, g, m, v, grad_scale, &c)),
             Moments::Bf16 { m, v } => chunks
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
@@ -147,6 +139,25 @@ impl AdamW {
                     }
                 }),
         }
+    }
+}
+
+/// One AdamW update with f32 moments of `p` from `g · grad_scale` under the constants `c`,
+/// zeroing `g`: the element rule of [`AdamW::step`] (and of the `adamw_step_f32` kernel).
+pub fn step_f32(
+    p: &mut [f32],
+    g: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad_scale: f32,
+    c: &StepConsts,
+) {
+    for i in 0..p.len() {
+        let (mi, vi) = moments(g[i] * grad_scale, m[i], v[i], c);
+        g[i] = 0.0;
+        m[i] = mi;
+        v[i] = vi;
+        c.apply(&mut p[i], mi, vi);
     }
 }
 

@@ -1,0 +1,345 @@
+//! The device abstraction of issue 12: `Backend` is every primitive the DeepSeek-V3 training step
+//! needs (GEMMs of a Linear, RMSNorm, SwiGLU, RoPE, fused causal attention, cross-entropy, the
+//! embedding, the layout moves of MLA and MTP, the router's sigmoid, MoE dispatch and combine,
+//! and the optimizer's grad norm and AdamW), on buffers that live on the device. The step itself
+//! is written once against this trait (`device::model`) and runs on any backend: `Cpu` (the
+//! `kernels::ops` functions on host vectors, the reference) and, with feature `cuda`,
+//! `cuda::backend::CudaBackend` (cuBLAS and the NVRTC kernels).
+//!
+//! Routing decisions (the group-limited top-k of `ops::moe_gate`) and the balance loss stay on
+//! the host: the backend downloads the sigmoid affinities of a MoE layer, the host routes and
+//! uploads the dispatch plan. Every value that decides bits is computed without atomics.
+
+mod cpu;
+
+pub use cpu::Cpu;
+
+use crate::ops::adamw::StepConsts;
+use crate::ops::moe_dispatch::DispatchPlan;
+use crate::ops::rope::RopeTable;
+
+/// Why a backend call failed (a device error, a shape a kernel refused), as text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// A MoE layer's dispatch plan as the host built it (`DispatchPlan`), with the routing weights
+/// and, for every token, its `k` rows in ascending row order (the order the CPU adds them in).
+#[derive(Clone, Debug)]
+pub struct HostPlan {
+    pub plan: DispatchPlan,
+    pub k: usize,
+    /// [tokens, k] routing weights (`Routing::weights`).
+    pub weights: Vec<f32>,
+    /// [tokens, k] the dispatched rows of each token, ascending.
+    pub rows_of_token: Vec<u32>,
+}
+
+impl HostPlan {
+    pub fn new(plan: DispatchPlan, k: usize, weights: Vec<f32>) -> HostPlan {
+        let tokens = weights.len() / k.max(1);
+        let mut rows_of_token = vec![0u32; tokens * k];
+        let mut fill = vec![0usize; tokens];
+        // rows are visited in ascending order, so each token's list comes out sorted
+        for (r, &t) in plan.token.iter().enumerate() {
+            let t = t as usize;
+            rows_of_token[t * k + fill[t]] = r as u32;
+            fill[t] += 1;
+        }
+        HostPlan {
+            plan,
+            k,
+            weights,
+            rows_of_token,
+        }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.weights.len() / self.k.max(1)
+    }
+}
+
+/// The primitives of a training step on one device. Shapes are row-major and explicit; a buffer
+/// of `n` elements is `Buf` with `len(buf) == n`. `acc` arguments add into the output instead of
+/// overwriting it. Each method mirrors the `kernels::ops` function it names, and on `Cpu` is
+/// exactly that function.
+pub trait Backend {
+    /// f32 values on the device.
+    type Buf;
+    /// u32 indices on the device (token ids, targets, positions), checked below a bound.
+    type Ids;
+    /// A RoPE table on the device.
+    type Table;
+    /// A MoE dispatch plan on the device.
+    type Plan;
+    /// What attention's forward keeps for its backward (probabilities on the CPU, the row
+    /// log-sum-exp on CUDA).
+    type AttnAux;
+
+    /// e.g. `cpu (2 threads)` or `cuda:0 NVIDIA H200 …`.
+    fn describe(&self) -> String;
+    fn len(&self, x: &Self::Buf) -> usize;
+    fn upload(&self, x: &[f32]) -> BackendResult<Self::Buf>;
+    fn download(&self, x: &Self::Buf) -> BackendResult<Vec<f32>>;
+    fn zeros(&self, n: usize) -> BackendResult<Self::Buf>;
+    /// Sets every element to zero.
+    fn fill_zero(&self, x: &mut Self::Buf) -> BackendResult<()>;
+    fn ids(&self, ids: &[u32], bound: usize) -> BackendResult<Self::Ids>;
+    fn table(&self, t: &RopeTable) -> BackendResult<Self::Table>;
+    fn plan(&self, p: &HostPlan) -> BackendResult<Self::Plan>;
+    /// Waits for queued work (a no-op on the CPU).
+    fn synchronize(&self) -> BackendResult<()>;
+
+    /// y[n, dout] = x[n, din] · w[dout, din]ᵀ
+    fn linear_forward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<Self::Buf>;
+    /// dx[n, din] (+)= dy[n, dout] · w[dout, din]
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_input(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        din: usize,
+        dout: usize,
+        acc: bool,
+    ) -> BackendResult<()>;
+    /// dw[dout, din] += dy[n, dout]ᵀ · x[n, din]
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_weight(
+        &self,
+        dw: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<()>;
+
+    /// (y, rstd) of RMSNorm over rows of `d`.
+    fn rmsnorm_forward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        d: usize,
+        eps: f32,
+    ) -> BackendResult<(Self::Buf, Self::Buf)>;
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward_input(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        rstd: &Self::Buf,
+        w: &Self::Buf,
+        d: usize,
+        acc: bool,
+    ) -> BackendResult<()>;
+    /// dw[d] += Σ_rows dy ⊙ x·rstd
+    fn rmsnorm_backward_weight(
+        &self,
+        dw: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        rstd: &Self::Buf,
+        d: usize,
+    ) -> BackendResult<()>;
+
+    /// h = SiLU(a) ⊙ b
+    fn swiglu_forward(&self, a: &Self::Buf, b: &Self::Buf) -> BackendResult<Self::Buf>;
+    /// (da, db)
+    fn swiglu_backward_input(
+        &self,
+        dh: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+    ) -> BackendResult<(Self::Buf, Self::Buf)>;
+
+    /// Rotates columns [offset, offset + table dim) of every row of x[rows, stride] in place
+    /// (`backward`: by the negative angle, the input gradient).
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        stride: usize,
+        offset: usize,
+        positions: &Self::Ids,
+        table: &Self::Table,
+        backward: bool,
+    ) -> BackendResult<()>;
+
+    /// Causal attention per (sequence, head) block: o[bh, t, dv] and what backward keeps.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        bh: usize,
+        t: usize,
+        dqk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> BackendResult<(Self::Buf, Self::AttnAux)>;
+    /// (dq, dk, dv) from d_o and the forward's output and aux.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_input(
+        &self,
+        d_o: &Self::Buf,
+        o: &Self::Buf,
+        aux: &Self::AttnAux,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        bh: usize,
+        t: usize,
+        dqk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> BackendResult<(Self::Buf, Self::Buf, Self::Buf)>;
+
+    /// Σ_rows −log softmax(logits)[target], in f64.
+    fn cross_entropy_forward(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        v: usize,
+    ) -> BackendResult<f64>;
+    /// scale · (softmax − onehot)
+    fn cross_entropy_backward_input(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        v: usize,
+        scale: f32,
+    ) -> BackendResult<Self::Buf>;
+
+    /// Rows `ids` of table[vocab, d].
+    fn embedding_forward(
+        &self,
+        ids: &Self::Ids,
+        table: &Self::Buf,
+        d: usize,
+    ) -> BackendResult<Self::Buf>;
+    /// dtable[ids] += dy, rows in id order.
+    fn embedding_backward_weight(
+        &self,
+        dtable: &mut Self::Buf,
+        ids: &Self::Ids,
+        dy: &Self::Buf,
+        d: usize,
+    ) -> BackendResult<()>;
+
+    /// a + b
+    fn add(&self, a: &Self::Buf, b: &Self::Buf) -> BackendResult<Self::Buf>;
+    /// dst += src
+    fn add_into(&self, dst: &mut Self::Buf, src: &Self::Buf) -> BackendResult<()>;
+    /// dst[r, dst_off..+width] (+)= src[r, src_off..+width] for r < rows (row strides `dst_w`,
+    /// `src_w`): slicing and concatenating columns.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cols(
+        &self,
+        dst: &mut Self::Buf,
+        dst_w: usize,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_w: usize,
+        src_off: usize,
+        width: usize,
+        acc: bool,
+    ) -> BackendResult<()>;
+    /// [b, t, nh, w] → [b, nh, t, w] (`inverse`: back).
+    #[allow(clippy::too_many_arguments)]
+    fn heads(
+        &self,
+        x: &Self::Buf,
+        b: usize,
+        t: usize,
+        nh: usize,
+        w: usize,
+        inverse: bool,
+    ) -> BackendResult<Self::Buf>;
+    /// x[b·t, w] repeated for every head: [b, nh, t, w].
+    fn broadcast_heads(
+        &self,
+        x: &Self::Buf,
+        b: usize,
+        t: usize,
+        nh: usize,
+        w: usize,
+    ) -> BackendResult<Self::Buf>;
+    /// [b, nh, t, w] summed over heads in head order into [b·t, w] (broadcast's gradient).
+    fn sum_heads(
+        &self,
+        x: &Self::Buf,
+        b: usize,
+        t: usize,
+        nh: usize,
+        w: usize,
+    ) -> BackendResult<Self::Buf>;
+
+    /// s = sigmoid(x)
+    fn sigmoid_forward(&self, x: &Self::Buf) -> BackendResult<Self::Buf>;
+    /// ds ⊙ s(1 − s)
+    fn sigmoid_backward_input(&self, ds: &Self::Buf, s: &Self::Buf) -> BackendResult<Self::Buf>;
+
+    /// xe[rows, d]: the tokens' rows in plan order.
+    fn dispatch_forward(&self, x: &Self::Buf, p: &Self::Plan, d: usize)
+    -> BackendResult<Self::Buf>;
+    /// dx[token] += its rows of dxe, in ascending row order.
+    fn dispatch_backward_input(
+        &self,
+        dx: &mut Self::Buf,
+        dxe: &Self::Buf,
+        p: &Self::Plan,
+        d: usize,
+    ) -> BackendResult<()>;
+    /// out[token] += Σ weight · ye[row], rows ascending.
+    fn combine_forward(
+        &self,
+        out: &mut Self::Buf,
+        ye: &Self::Buf,
+        p: &Self::Plan,
+        d: usize,
+    ) -> BackendResult<()>;
+    /// (dye, dweights[tokens, k] on the host).
+    fn combine_backward_input(
+        &self,
+        dout: &Self::Buf,
+        ye: &Self::Buf,
+        p: &Self::Plan,
+        d: usize,
+    ) -> BackendResult<(Self::Buf, Vec<f32>)>;
+    /// Rows [lo, hi) of x[rows, d] as a buffer of their own.
+    fn rows(&self, x: &Self::Buf, lo: usize, hi: usize, d: usize) -> BackendResult<Self::Buf>;
+    /// dst rows [at, at + rows of src) (+)= src.
+    fn put_rows(
+        &self,
+        dst: &mut Self::Buf,
+        at: usize,
+        src: &Self::Buf,
+        d: usize,
+        acc: bool,
+    ) -> BackendResult<()>;
+
+    /// Σ g² in f64 with `ops::adamw::square_sum`'s fixed order.
+    fn square_sum(&self, g: &Self::Buf) -> BackendResult<f64>;
+    /// One AdamW update with f32 moments from `g · grad_scale`; zeroes `g`.
+    fn adamw_step(
+        &self,
+        p: &mut Self::Buf,
+        g: &mut Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        grad_scale: f32,
+        c: &StepConsts,
+    ) -> BackendResult<()>;
+}

@@ -1,0 +1,449 @@
+//! The decoder layers on a `Backend`: Linear, RMSNorm, SwiGLU, MLA, DeepSeekMoE and the block,
+//! each a forward that returns its output and stash and a backward that returns or adds the input
+//! gradient and adds its weight gradients at once. The layer structs (`model::layers`) give the
+//! parameter ids and shapes; the order of every operation, and of every weight gradient added
+//! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
+
+use super::super::backend::{Backend, BackendResult, HostPlan};
+use crate::model::layers::{Block, Ffn, Linear, Mla, Moe, MoeStats, RmsNorm, Rows, SwiGlu};
+use crate::ops::moe_dispatch::DispatchPlan;
+use crate::ops::moe_gate::{self, Routing};
+use crate::ops::balance;
+
+/// What a layer reads and writes: the backend, the parameters and the gradient buffers (by
+/// `ParamId` index), the routing biases on the host, and the geometry of the rows.
+pub(crate) struct Ctx<'a, B: Backend> {
+    pub b: &'a B,
+    pub p: &'a [B::Buf],
+    pub g: &'a mut [B::Buf],
+    /// Host copies of the routing biases (by `ParamId` index; empty for other tensors).
+    pub host_bias: &'a [Vec<f32>],
+    pub table: &'a B::Table,
+}
+
+/// Positions of the rows a block sees, token rows and per-head rows (`i mod seq`).
+pub(crate) struct Positions<B: Backend> {
+    pub tokens: B::Ids,
+    pub heads: B::Ids,
+}
+
+impl<B: Backend> Positions<B> {
+    pub fn new(b: &B, rows: Rows, heads: usize) -> BackendResult<Self> {
+        let t = rows.seq;
+        let pos = |n: usize| (0..n).map(|i| (i % t) as u32).collect::<Vec<u32>>();
+        Ok(Positions {
+            tokens: b.ids(&pos(rows.n()), t)?,
+            heads: b.ids(&pos(rows.n() * heads), t)?,
+        })
+    }
+}
+
+pub(crate) fn linear_forward<B: Backend>(
+    c: &Ctx<'_, B>,
+    l: &Linear,
+    x: &B::Buf,
+) -> BackendResult<B::Buf> {
+    let n = c.b.len(x) / l.d_in;
+    c.b.linear_forward(x, &c.p[l.w.0], n, l.d_in, l.d_out)
+}
+
+/// dx (+)= dy·W, then dW += dyᵀ·x.
+pub(crate) fn linear_backward<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    l: &Linear,
+    dy: &B::Buf,
+    x: &B::Buf,
+    dx: &mut B::Buf,
+    acc: bool,
+) -> BackendResult<()> {
+    let n = c.b.len(dy) / l.d_out;
+    c.b.linear_backward_input(dx, dy, &c.p[l.w.0], n, l.d_in, l.d_out, acc)?;
+    c.b.linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out)
+}
+
+/// RMSNorm's input and 1/rms per row.
+pub(crate) struct NormSt<B: Backend> {
+    pub x: B::Buf,
+    rstd: B::Buf,
+}
+
+pub(crate) fn norm_forward<B: Backend>(
+    c: &Ctx<'_, B>,
+    l: &RmsNorm,
+    x: B::Buf,
+) -> BackendResult<(B::Buf, NormSt<B>)> {
+    let (y, rstd) = c.b.rmsnorm_forward(&x, &c.p[l.w.0], l.d, l.eps)?;
+    Ok((y, NormSt { x, rstd }))
+}
+
+pub(crate) fn norm_backward<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    l: &RmsNorm,
+    dy: &B::Buf,
+    st: &NormSt<B>,
+    dx: &mut B::Buf,
+    acc: bool,
+) -> BackendResult<()> {
+    c.b.rmsnorm_backward_input(dx, dy, &st.x, &st.rstd, &c.p[l.w.0], l.d, acc)?;
+    c.b.rmsnorm_backward_weight(&mut c.g[l.w.0], dy, &st.x, &st.rstd, l.d)
+}
+
+/// SwiGLU's activations (its input is kept by the caller).
+pub(crate) struct SwiSt<B: Backend> {
+    a: B::Buf,
+    bv: B::Buf,
+    h: B::Buf,
+}
+
+pub(crate) fn swiglu_forward<B: Backend>(
+    c: &Ctx<'_, B>,
+    m: &SwiGlu,
+    x: &B::Buf,
+) -> BackendResult<(B::Buf, SwiSt<B>)> {
+    let a = linear_forward(c, &m.gate, x)?;
+    let bv = linear_forward(c, &m.up, x)?;
+    let h = c.b.swiglu_forward(&a, &bv)?;
+    let y = linear_forward(c, &m.down, &h)?;
+    Ok((y, SwiSt { a, bv, h }))
+}
+
+pub(crate) fn swiglu_backward<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    m: &SwiGlu,
+    dy: &B::Buf,
+    st: SwiSt<B>,
+    x: &B::Buf,
+    dx: &mut B::Buf,
+    acc: bool,
+) -> BackendResult<()> {
+    let mut dh = c.b.zeros(c.b.len(&st.a))?;
+    linear_backward(c, &m.down, dy, &st.h, &mut dh, false)?;
+    let (da, db) = c.b.swiglu_backward_input(&dh, &st.a, &st.bv)?;
+    linear_backward(c, &m.gate, &da, x, dx, acc)?;
+    linear_backward(c, &m.up, &db, x, dx, true)
+}
+
+/// MLA's activations.
+pub(crate) struct MlaSt<B: Backend> {
+    h: B::Buf,
+    q_norm: NormSt<B>,
+    cqn: B::Buf,
+    kv_norm: NormSt<B>,
+    cn: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    attn: B::Buf,
+    aux: B::AttnAux,
+    o: B::Buf,
+}
+
+pub(crate) fn mla_forward<B: Backend>(
+    c: &Ctx<'_, B>,
+    m: &Mla,
+    h: B::Buf,
+    rows: Rows,
+    pos: &Positions<B>,
+) -> BackendResult<(B::Buf, MlaSt<B>)> {
+    let (bsz, t, nh) = (rows.batch, rows.seq, m.heads);
+    let n = rows.n();
+    let b = c.b;
+    let dq = m.nope + m.rope;
+    let kvw = m.kv_lora + m.rope;
+    let kvh = m.nope + m.v;
+    let cq = linear_forward(c, &m.q_a, &h)?;
+    let (cqn, q_norm) = norm_forward(c, &m.q_a_norm, cq)?;
+    let qf = linear_forward(c, &m.q_b, &cqn)?;
+    let kva = linear_forward(c, &m.kv_a, &h)?;
+    let mut lat = b.zeros(n * m.kv_lora)?;
+    b.copy_cols(&mut lat, m.kv_lora, 0, &kva, kvw, 0, m.kv_lora, false)?;
+    let (cn, kv_norm) = norm_forward(c, &m.kv_a_norm, lat)?;
+    let kvf = linear_forward(c, &m.kv_b, &cn)?;
+    // k^R: one rotated key per token shared by all heads
+    let mut kr = b.zeros(n * m.rope)?;
+    b.copy_cols(&mut kr, m.rope, 0, &kva, kvw, m.kv_lora, m.rope, false)?;
+    b.rope(&mut kr, m.rope, 0, &pos.tokens, c.table, false)?;
+    let mut q = b.heads(&qf, bsz, t, nh, dq, false)?;
+    let kv = b.heads(&kvf, bsz, t, nh, kvh, false)?;
+    let mut k = b.zeros(n * nh * dq)?;
+    b.copy_cols(&mut k, dq, 0, &kv, kvh, 0, m.nope, false)?;
+    let krh = b.broadcast_heads(&kr, bsz, t, nh, m.rope)?;
+    b.copy_cols(&mut k, dq, m.nope, &krh, m.rope, 0, m.rope, false)?;
+    let mut v = b.zeros(n * nh * m.v)?;
+    b.copy_cols(&mut v, m.v, 0, &kv, kvh, m.nope, m.v, false)?;
+    b.rope(&mut q, dq, m.nope, &pos.heads, c.table, false)?;
+    let (attn, aux) = b.attention_forward(&q, &k, &v, bsz * nh, t, dq, m.v, m.scale)?;
+    let o = b.heads(&attn, bsz, t, nh, m.v, true)?;
+    let y = linear_forward(c, &m.o, &o)?;
+    let st = MlaSt {
+        h,
+        q_norm,
+        cqn,
+        kv_norm,
+        cn,
+        q,
+        k,
+        v,
+        attn,
+        aux,
+        o,
+    };
+    Ok((y, st))
+}
+
+pub(crate) fn mla_backward<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    m: &Mla,
+    dy: &B::Buf,
+    st: MlaSt<B>,
+    rows: Rows,
+    pos: &Positions<B>,
+) -> BackendResult<B::Buf> {
+    let (bsz, t, nh) = (rows.batch, rows.seq, m.heads);
+    let n = rows.n();
+    let b = c.b;
+    let dqw = m.nope + m.rope;
+    let kvh = m.nope + m.v;
+    let kvw = m.kv_lora + m.rope;
+    let mut d_o = b.zeros(n * nh * m.v)?;
+    linear_backward(c, &m.o, dy, &st.o, &mut d_o, false)?;
+    let d_attn = b.heads(&d_o, bsz, t, nh, m.v, false)?;
+    let (mut dqh, dkh, dvh) = b.attention_backward_input(
+        &d_attn,
+        &st.attn,
+        &st.aux,
+        &st.q,
+        &st.k,
+        &st.v,
+        bsz * nh,
+        t,
+        dqw,
+        m.v,
+        m.scale,
+    )?;
+    b.rope(&mut dqh, dqw, m.nope, &pos.heads, c.table, true)?;
+    let dqf = b.heads(&dqh, bsz, t, nh, dqw, true)?;
+    let mut dkv = b.zeros(n * nh * kvh)?;
+    b.copy_cols(&mut dkv, kvh, 0, &dkh, dqw, 0, m.nope, false)?;
+    b.copy_cols(&mut dkv, kvh, m.nope, &dvh, m.v, 0, m.v, false)?;
+    let dkvf = b.heads(&dkv, bsz, t, nh, kvh, true)?;
+    let mut dkrh = b.zeros(n * nh * m.rope)?;
+    b.copy_cols(&mut dkrh, m.rope, 0, &dkh, dqw, m.nope, m.rope, false)?;
+    let mut dkr = b.sum_heads(&dkrh, bsz, t, nh, m.rope)?;
+    b.rope(&mut dkr, m.rope, 0, &pos.tokens, c.table, true)?;
+    let mut dh = b.zeros(n * m.q_a.d_in)?;
+    // query path
+    let mut dcqn = b.zeros(n * m.q_a.d_out)?;
+    linear_backward(c, &m.q_b, &dqf, &st.cqn, &mut dcqn, false)?;
+    let mut dcq = b.zeros(n * m.q_a.d_out)?;
+    norm_backward(c, &m.q_a_norm, &dcqn, &st.q_norm, &mut dcq, false)?;
+    linear_backward(c, &m.q_a, &dcq, &st.h, &mut dh, false)?;
+    // key/value path
+    let mut dcn = b.zeros(n * m.kv_lora)?;
+    linear_backward(c, &m.kv_b, &dkvf, &st.cn, &mut dcn, false)?;
+    let mut dc = b.zeros(n * m.kv_lora)?;
+    norm_backward(c, &m.kv_a_norm, &dcn, &st.kv_norm, &mut dc, false)?;
+    let mut dkva = b.zeros(n * kvw)?;
+    b.copy_cols(&mut dkva, kvw, 0, &dc, m.kv_lora, 0, m.kv_lora, false)?;
+    b.copy_cols(&mut dkva, kvw, m.kv_lora, &dkr, m.rope, 0, m.rope, false)?;
+    linear_backward(c, &m.kv_a, &dkva, &st.h, &mut dh, true)?;
+    Ok(dh)
+}
+
+/// DeepSeekMoE's activations (its input is kept by the block).
+pub(crate) struct MoeSt<B: Backend> {
+    s: B::Buf,
+    s_host: Vec<f32>,
+    routing: Routing,
+    plan: HostPlan,
+    dev_plan: B::Plan,
+    experts: Vec<Option<(B::Buf, SwiSt<B>)>>,
+    ye: B::Buf,
+    shared: SwiSt<B>,
+}
+
+pub(crate) fn moe_forward<B: Backend>(
+    c: &Ctx<'_, B>,
+    m: &Moe,
+    x: &B::Buf,
+    rows: Rows,
+) -> BackendResult<(B::Buf, MoeSt<B>, MoeStats)> {
+    let b = c.b;
+    let d = m.gate.d_in;
+    let e = m.experts.len();
+    let logits = linear_forward(c, &m.gate, x)?;
+    let s = b.sigmoid_forward(&logits)?;
+    let s_host = b.download(&s)?;
+    let routing = moe_gate::forward(&s_host, &c.host_bias[m.bias.0], &m.rule);
+    let plan = HostPlan::new(
+        DispatchPlan::new(&routing, e),
+        routing.k,
+        routing.weights.clone(),
+    );
+    let dev_plan = b.plan(&plan)?;
+    let xe = b.dispatch_forward(x, &dev_plan, d)?;
+    let mut ye = b.zeros(plan.plan.rows() * d)?;
+    let mut experts = Vec::with_capacity(e);
+    for (i, ex) in m.experts.iter().enumerate() {
+        let (lo, hi) = (plan.plan.offsets[i], plan.plan.offsets[i + 1]);
+        if hi == lo {
+            experts.push(None);
+            continue;
+        }
+        let xi = b.rows(&xe, lo, hi, d)?;
+        let (yi, st) = swiglu_forward(c, ex, &xi)?;
+        b.put_rows(&mut ye, lo, &yi, d, false)?;
+        experts.push(Some((xi, st)));
+    }
+    let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
+    b.combine_forward(&mut out, &ye, &dev_plan, d)?;
+    let mut balance_loss = 0.0;
+    if m.alpha > 0.0 {
+        let (t, k) = (rows.seq, routing.k);
+        for (sq, ex) in s_host
+            .chunks_exact(t * e)
+            .zip(routing.experts.chunks_exact(t * k))
+        {
+            balance_loss +=
+                balance::sequence_loss_forward(sq, ex, k, e, m.alpha) / rows.batch as f64;
+        }
+    }
+    let stats = MoeStats {
+        balance_loss,
+        loads: plan.plan.loads(),
+    };
+    let st = MoeSt {
+        s,
+        s_host,
+        routing,
+        plan,
+        dev_plan,
+        experts,
+        ye,
+        shared,
+    };
+    Ok((out, st, stats))
+}
+
+pub(crate) fn moe_backward<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    m: &Moe,
+    dy: &B::Buf,
+    st: MoeSt<B>,
+    x: &B::Buf,
+    rows: Rows,
+) -> BackendResult<B::Buf> {
+    let b = c.b;
+    let d = m.gate.d_in;
+    let e = m.experts.len();
+    let k = st.routing.k;
+    let n = b.len(x) / d;
+    let (dye, dweights) = b.combine_backward_input(dy, &st.ye, &st.dev_plan, d)?;
+    let mut dx = b.zeros(n * d)?;
+    swiglu_backward(c, &m.shared, dy, st.shared, x, &mut dx, false)?;
+    let mut dxe = b.zeros(st.plan.plan.rows() * d)?;
+    for (i, ex) in st.experts.into_iter().enumerate() {
+        let Some((xi, est)) = ex else { continue };
+        let (lo, hi) = (st.plan.plan.offsets[i], st.plan.plan.offsets[i + 1]);
+        let dyi = b.rows(&dye, lo, hi, d)?;
+        let mut dxi = b.zeros((hi - lo) * d)?;
+        swiglu_backward(c, &m.experts[i], &dyi, est, &xi, &mut dxi, false)?;
+        b.put_rows(&mut dxe, lo, &dxi, d, false)?;
+    }
+    b.dispatch_backward_input(&mut dx, &dxe, &st.dev_plan, d)?;
+    let mut ds = vec![0.0; st.s_host.len()];
+    moe_gate::backward_input(&mut ds, &dweights, &st.s_host, &st.routing, &m.rule);
+    if m.alpha > 0.0 {
+        let t = rows.seq;
+        for ((dsq, sq), ex) in ds
+            .chunks_exact_mut(t * e)
+            .zip(st.s_host.chunks_exact(t * e))
+            .zip(st.routing.experts.chunks_exact(t * k))
+        {
+            balance::sequence_loss_backward_input(
+                dsq,
+                sq,
+                ex,
+                k,
+                e,
+                m.alpha / rows.batch as f32,
+            );
+        }
+    }
+    let ds = b.upload(&ds)?;
+    let dlogits = b.sigmoid_backward_input(&ds, &st.s)?;
+    linear_backward(c, &m.gate, &dlogits, x, &mut dx, true)?;
+    Ok(dx)
+}
+
+enum FfnSt<B: Backend> {
+    Dense(SwiSt<B>),
+    Moe(Box<MoeSt<B>>),
+}
+
+/// A block's activations.
+pub(crate) struct BlockSt<B: Backend> {
+    in_norm: NormSt<B>,
+    attn: MlaSt<B>,
+    post_norm: NormSt<B>,
+    h2: B::Buf,
+    ffn: FfnSt<B>,
+}
+
+pub(crate) fn block_forward<B: Backend>(
+    c: &Ctx<'_, B>,
+    blk: &Block,
+    x: B::Buf,
+    rows: Rows,
+    pos: &Positions<B>,
+) -> BackendResult<(B::Buf, BlockSt<B>, Option<MoeStats>)> {
+    let b = c.b;
+    let (h, in_norm) = norm_forward(c, &blk.input_norm, x)?;
+    let (a, attn) = mla_forward(c, &blk.attn, h, rows, pos)?;
+    let x1 = b.add(&in_norm.x, &a)?;
+    let (h2, post_norm) = norm_forward(c, &blk.post_norm, x1)?;
+    let (f, ffn, stats) = match &blk.ffn {
+        Ffn::Dense(m) => {
+            let (f, s) = swiglu_forward(c, m, &h2)?;
+            (f, FfnSt::Dense(s), None)
+        }
+        Ffn::Moe(m) => {
+            let (f, s, stats) = moe_forward(c, m, &h2, rows)?;
+            (f, FfnSt::Moe(Box::new(s)), Some(stats))
+        }
+    };
+    let x2 = b.add(&post_norm.x, &f)?;
+    let st = BlockSt {
+        in_norm,
+        attn,
+        post_norm,
+        h2,
+        ffn,
+    };
+    Ok((x2, st, stats))
+}
+
+pub(crate) fn block_backward<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    blk: &Block,
+    dy: B::Buf,
+    st: BlockSt<B>,
+    rows: Rows,
+    pos: &Positions<B>,
+) -> BackendResult<B::Buf> {
+    let dh2 = match (&blk.ffn, st.ffn) {
+        (Ffn::Dense(m), FfnSt::Dense(s)) => {
+            let mut dh2 = c.b.zeros(c.b.len(&dy))?;
+            swiglu_backward(c, m, &dy, s, &st.h2, &mut dh2, false)?;
+            dh2
+        }
+        (Ffn::Moe(m), FfnSt::Moe(s)) => moe_backward(c, m, &dy, *s, &st.h2, rows)?,
+        _ => unreachable!("stash kind always matches the layer kind"),
+    };
+    let mut dx1 = dy;
+    norm_backward(c, &blk.post_norm, &dh2, &st.post_norm, &mut dx1, true)?;
+    let dh = mla_backward(c, &blk.attn, &dx1, st.attn, rows, pos)?;
+    let mut dx = dx1;
+    norm_backward(c, &blk.input_norm, &dh, &st.in_norm, &mut dx, true)?;
+    Ok(dx)
+}

@@ -1,0 +1,302 @@
+//! The whole DeepSeek-V3 training step on a `Backend` (issue 12): `DeviceModel` holds the
+//! parameters, gradients and AdamW moments on the device and runs forward, split backward
+//! (every weight gradient added as soon as its layer's input gradient is done), the clipped
+//! global norm and AdamW, and the auxiliary-loss-free bias update. It is written once; on the CPU
+//! backend it reproduces `DeepSeekV3::forward_backward` and `TrainState::apply` bit for bit
+//! (`kernels/tests/device_model.rs`), which is what makes the CUDA backend's step checkable:
+//! each primitive there is compared with its CPU twin, and the composition is this file's.
+//!
+//! f32 only: a model with FP8 Linears (`--precision fp8`) is refused by name, as are BF16
+//! moments; both are still to be built on the device.
+
+mod layers;
+mod tail;
+
+use super::backend::{Backend, BackendError, BackendResult};
+use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
+use crate::model::layers::{Block, Ffn, Rows};
+use crate::ops::adamw::{self, AdamW};
+use crate::ops::balance;
+use crate::ops::rope::RopeTable;
+use crate::tensor::Tensor;
+use layers::{Ctx, Positions, block_backward, block_forward};
+
+/// A DeepSeek-V3 whose parameters, gradients and moments live on backend `B`.
+pub struct DeviceModel<B: Backend> {
+    pub backend: B,
+    /// The layer structure and the host copy of every tensor as of construction or the last
+    /// [`DeviceModel::to_host`]; the routing biases here are current (the host routes).
+    pub model: DeepSeekV3,
+    params: Vec<B::Buf>,
+    grads: Vec<B::Buf>,
+    /// (m, v) of every trainable tensor, created at the first update.
+    moments: Vec<Option<(B::Buf, B::Buf)>>,
+    host_bias: Vec<Vec<f32>>,
+    table: Option<(usize, B::Table)>,
+    /// Optimizer steps taken.
+    pub step: u64,
+}
+
+/// What one optimizer update did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpdateStats {
+    /// The pre-clip global gradient norm.
+    pub norm: f64,
+    pub clip_factor: f32,
+}
+
+fn fp8_linears(m: &DeepSeekV3) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut check_block = |b: &Block| {
+        let a = &b.attn;
+        let mut ls = vec![&a.q_a, &a.q_b, &a.kv_a, &a.kv_b, &a.o];
+        match &b.ffn {
+            Ffn::Dense(s) => ls.extend([&s.gate, &s.up, &s.down]),
+            Ffn::Moe(moe) => {
+                for s in moe.experts.iter().chain(std::iter::once(&moe.shared)) {
+                    ls.extend([&s.gate, &s.up, &s.down]);
+                }
+                ls.push(&moe.gate);
+            }
+        }
+        names.extend(
+            ls.into_iter()
+                .filter(|l| l.fp8)
+                .map(|l| m.params.names[l.w.0].clone()),
+        );
+    };
+    m.blocks.iter().for_each(&mut check_block);
+    m.tail.mtp.iter().for_each(|t| check_block(&t.block));
+    names
+}
+
+impl<B: Backend> DeviceModel<B> {
+    /// Uploads every tensor of `model` to `backend`, with zero gradients.
+    pub fn new(backend: B, model: DeepSeekV3) -> BackendResult<DeviceModel<B>> {
+        let fp8 = fp8_linears(&model);
+        if let Some(first) = fp8.first() {
+            return Err(BackendError(format!(
+                "the device step runs f32 Linears only; {} Linears are FP8 (first: {first}): \
+                 --precision fp8 is not built on the device yet",
+                fp8.len()
+            )));
+        }
+        let p = &model.params;
+        let params = p
+            .tensors
+            .iter()
+            .map(|t| backend.upload(&t.data))
+            .collect::<BackendResult<Vec<_>>>()?;
+        let grads = p
+            .tensors
+            .iter()
+            .map(|t| backend.zeros(t.numel()))
+            .collect::<BackendResult<Vec<_>>>()?;
+        let mut host_bias = vec![Vec::new(); p.len()];
+        for id in model.moe_biases() {
+            host_bias[id.0] = p.get(id).to_vec();
+        }
+        Ok(DeviceModel {
+            backend,
+            moments: (0..p.len()).map(|_| None).collect(),
+            params,
+            grads,
+            host_bias,
+            table: None,
+            step: 0,
+            model,
+        })
+    }
+
+    fn ensure_table(&mut self, seq: usize) -> BackendResult<()> {
+        if self.table.as_ref().map(|(s, _)| *s) != Some(seq) {
+            let t: RopeTable = self.model.rope_table(seq);
+            self.table = Some((seq, self.backend.table(&t)?));
+        }
+        Ok(())
+    }
+
+    /// Forward and backward of one step; gradients are added into the device gradient buffers
+    /// (`DeepSeekV3::forward_backward`'s contract). λ = `mtp_weight`; 0 skips MTP.
+    pub fn forward_backward(&mut self, batch: &Batch, mtp_weight: f32) -> BackendResult<StepStats> {
+        let vocab = self.model.cfg.vocab_size;
+        if batch.inputs.len() != batch.batch * batch.seq || batch.seq == 0 {
+            return Err(BackendError(format!(
+                "batch of {} tokens is not {}×{} (seq ≥ 1)",
+                batch.inputs.len(),
+                batch.batch,
+                batch.seq
+            )));
+        }
+        self.ensure_table(batch.seq)?;
+        let DeviceModel {
+            backend,
+            model,
+            params,
+            grads,
+            host_bias,
+            table,
+            ..
+        } = self;
+        let table = &table.as_ref().expect("ensured").1;
+        let mut c = Ctx {
+            b: &*backend,
+            p: params,
+            g: grads,
+            host_bias,
+            table,
+        };
+        let rows = Rows {
+            batch: batch.batch,
+            seq: batch.seq,
+        };
+        let heads = model.cfg.num_attention_heads;
+        let pos = Positions::new(c.b, rows, heads)?;
+        let d = model.cfg.hidden_size;
+        let ids = c.b.ids(&batch.inputs, vocab)?;
+        let mut stats = StepStats::default();
+        let mut x = c.b.embedding_forward(&ids, &c.p[model.embed.0], d)?;
+        let mut stashes = Vec::with_capacity(model.blocks.len());
+        for blk in &model.blocks {
+            let (y, st, ms) = block_forward(&c, blk, x, rows, &pos)?;
+            if let Some(ms) = ms {
+                stats.balance_loss += ms.balance_loss;
+                stats.loads.push(ms.loads);
+            }
+            stashes.push(st);
+            x = y;
+        }
+        let (tail_st, ts) =
+            tail::tail_forward(&c, &model.tail, model.embed, &model.cfg, batch, x, mtp_weight)?;
+        stats.loss = ts.loss;
+        stats.mtp_loss = ts.mtp_loss;
+        for (b, l) in ts.balance.into_iter().zip(ts.loads) {
+            stats.balance_loss += b;
+            stats.loads.push(l);
+        }
+        stats.objective = ts.mtp_objective;
+        stats.objective += stats.loss + stats.balance_loss;
+        let mut dx = tail::tail_backward(
+            &mut c,
+            &model.tail,
+            model.embed,
+            &model.cfg,
+            tail_st,
+            rows,
+        )?;
+        for (blk, st) in model.blocks.iter().zip(stashes).rev() {
+            dx = block_backward(&mut c, blk, dx, st, rows, &pos)?;
+        }
+        c.b.embedding_backward_weight(&mut c.g[model.embed.0], &ids, &dx, d)?;
+        Ok(stats)
+    }
+
+    /// Main-head cross-entropy (mean) of a batch, forward only.
+    pub fn eval_loss(&mut self, batch: &Batch) -> BackendResult<f64> {
+        self.ensure_table(batch.seq)?;
+        let (b, model) = (&self.backend, &self.model);
+        let c = Ctx {
+            b,
+            p: &self.params,
+            g: &mut [],
+            host_bias: &self.host_bias,
+            table: &self.table.as_ref().expect("ensured").1,
+        };
+        let rows = Rows {
+            batch: batch.batch,
+            seq: batch.seq,
+        };
+        let pos = Positions::new(b, rows, model.cfg.num_attention_heads)?;
+        let (d, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
+        let ids = b.ids(&batch.inputs, vocab)?;
+        let mut x = b.embedding_forward(&ids, &c.p[model.embed.0], d)?;
+        for blk in &model.blocks {
+            x = block_forward(&c, blk, x, rows, &pos)?.0;
+        }
+        let (st, ts) = tail::tail_forward(&c, &model.tail, model.embed, &model.cfg, batch, x, 0.0)?;
+        drop(st);
+        Ok(ts.loss)
+    }
+
+    /// Clips the accumulated gradients by their global norm, applies AdamW (f32 moments; weight
+    /// decay on matrices) at `lr`, zeroes the gradients and runs the bias update with γ from the
+    /// step's expert loads: `TrainState::apply` on the device.
+    pub fn apply(
+        &mut self,
+        opt: &AdamW,
+        lr: f32,
+        clip: f32,
+        gamma: f32,
+        loads: &[Vec<u32>],
+    ) -> BackendResult<UpdateStats> {
+        if opt.bf16_moments {
+            return Err(BackendError(
+                "BF16 moments are not built on the device yet (optimizer.bf16_moments)".into(),
+            ));
+        }
+        let b = &self.backend;
+        let trainable = &self.model.params.trainable;
+        let mut terms = Vec::new();
+        for (g, &tr) in self.grads.iter().zip(trainable) {
+            if tr {
+                terms.push(b.square_sum(g)?);
+            }
+        }
+        let norm = adamw::norm_from_square_sums(terms.into_iter());
+        let factor = adamw::clip_factor(norm, clip);
+        self.step += 1;
+        for i in 0..self.params.len() {
+            if !trainable[i] {
+                b.fill_zero(&mut self.grads[i])?;
+                continue;
+            }
+            if self.moments[i].is_none() {
+                let n = b.len(&self.params[i]);
+                self.moments[i] = Some((b.zeros(n)?, b.zeros(n)?));
+            }
+            let (m, v) = self.moments[i].as_mut().expect("just made");
+            let decay = self.model.params.tensors[i].shape.len() >= 2;
+            let c = opt.consts(lr, self.step, decay);
+            b.adamw_step(&mut self.params[i], &mut self.grads[i], m, v, factor, &c)?;
+        }
+        for (id, l) in self.model.moe_biases().into_iter().zip(loads) {
+            let bias = &mut self.host_bias[id.0];
+            balance::bias_update(bias, l, gamma);
+            self.params[id.0] = b.upload(bias)?;
+        }
+        Ok(UpdateStats {
+            norm,
+            clip_factor: factor,
+        })
+    }
+
+    /// The gradients as host tensors (shaped like the parameters).
+    pub fn grads(&self) -> BackendResult<Vec<Tensor>> {
+        self.download_all(&self.grads)
+    }
+
+    /// Copies the device parameters into `self.model`'s host store and returns it.
+    pub fn to_host(&mut self) -> BackendResult<&DeepSeekV3> {
+        let t = self.download_all(&self.params)?;
+        self.model.params = self.model.params.with_tensors(t);
+        Ok(&self.model)
+    }
+
+    /// The moments (m, v) of tensor `i` on the host, once an update made them.
+    pub fn moments(&self, i: usize) -> BackendResult<Option<(Vec<f32>, Vec<f32>)>> {
+        match &self.moments[i] {
+            None => Ok(None),
+            Some((m, v)) => Ok(Some((
+                self.backend.download(m)?,
+                self.backend.download(v)?,
+            ))),
+        }
+    }
+
+    fn download_all(&self, bufs: &[B::Buf]) -> BackendResult<Vec<Tensor>> {
+        bufs.iter()
+            .zip(&self.model.params.tensors)
+            .map(|(b, t)| Ok(Tensor::from_vec(&t.shape, self.backend.download(b)?)))
+            .collect()
+    }
+}

@@ -1,0 +1,188 @@
+//! The device step (`kernels::device::model::DeviceModel`) on the CPU backend against the CPU
+//! model: the same losses, expert loads and every gradient bit for bit after forward and
+//! backward (main blocks, MoE with group-limited routing and a visible balance loss, two MTP
+//! depths, shared head and embedding), and the same parameters and moments after several AdamW
+//! steps with clipping and the bias update. The composition the CUDA backend runs is this one;
+//! its primitives are compared with their CPU twins by `gpu_parity.rs` and `cuda_emulation.rs`.
+
+mod common;
+
+use common::configs_dir;
+use kernels::device::backend::Cpu;
+use kernels::device::model::DeviceModel;
+use kernels::model::{Batch, DeepSeekV3, Precision, RunConfig};
+use kernels::ops::adamw::{self, AdamW, Moments};
+use kernels::ops::balance;
+use kernels::rng::Rng;
+
+fn model(config: &str, depths: usize, seed: u64) -> (DeepSeekV3, Rng) {
+    let mut cfg = RunConfig::load(&configs_dir().join(config)).unwrap().model;
+    cfg.aux_loss_alpha = 0.05;
+    cfg.num_nextn_predict_layers = depths;
+    let mut m = DeepSeekV3::new(&cfg, 0.2, seed);
+    let mut rng = Rng::new(seed + 1);
+    for (i, name) in m.params.names.clone().iter().enumerate() {
+        if name.contains("norm") {
+            m.params.tensors[i]
+                .data
+                .iter_mut()
+                .for_each(|v| *v = 1.0 + 0.2 * rng.normal());
+        }
+        if name.ends_with("e_score_correction_bias") {
+            m.params.tensors[i]
+                .data
+                .iter_mut()
+                .for_each(|v| *v = 0.05 * rng.normal());
+        }
+    }
+    (m, rng)
+}
+
+fn batch(rng: &mut Rng, vocab: usize, b: usize, t: usize) -> Batch {
+    let w: Vec<u32> = (0..b * (t + 1))
+        .map(|_| rng.below(vocab as u64) as u32)
+        .collect();
+    Batch::from_windows(&w, b, t)
+}
+
+fn same_bits(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+        panic!("{what}[{i}]: device {} vs cpu {}", a[i], b[i]);
+    }
+}
+
+fn forward_backward_matches(config: &str, depths: usize, b: usize, t: usize) {
+    let (cpu, mut rng) = model(config, depths, 5);
+    let batch = batch(&mut rng, cpu.cfg.vocab_size, b, t);
+    let lambda = 0.3;
+    let mut want = cpu.params.zeros_like();
+    let ws = cpu.forward_backward(&batch, lambda, &mut want);
+    assert!(ws.mtp_loss > 0.0 && ws.balance_loss > 0.0, "{ws:?}");
+    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let gs = dev.forward_backward(&batch, lambda).unwrap();
+    assert_eq!(gs, ws, "{config}: losses and loads");
+    let got = dev.grads().unwrap();
+    let mut nonzero = 0;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        same_bits(&cpu.params.names[i], &g.data, &w.data);
+        nonzero += g.data.iter().any(|&v| v != 0.0) as usize;
+    }
+    // every trainable tensor received a gradient (an expert no token chose excepted)
+    let trainable = cpu.params.trainable.iter().filter(|&&t| t).count();
+    println!(
+        "{config}: {} tensors bit-identical, {nonzero} of {trainable} trainable non-zero, loss {:.6}",
+        got.len(),
+        gs.loss
+    );
+    assert!(nonzero * 10 >= trainable * 8, "{nonzero} of {trainable}");
+    // a second forward-backward accumulates into the same buffers, as on the CPU
+    let ws2 = cpu.forward_backward(&batch, lambda, &mut want);
+    let gs2 = dev.forward_backward(&batch, lambda).unwrap();
+    assert_eq!(gs2, ws2);
+    for (i, (g, w)) in dev.grads().unwrap().iter().zip(&want).enumerate() {
+        same_bits(&cpu.params.names[i], &g.data, &w.data);
+    }
+}
+
+#[test]
+fn micro_step_matches_the_cpu_model_bitwise() {
+    forward_backward_matches("micro.toml", 2, 3, 8);
+}
+
+#[test]
+fn tiny_step_matches_the_cpu_model_bitwise() {
+    forward_backward_matches("tiny.toml", 1, 2, 16);
+}
+
+#[test]
+fn adamw_steps_match_the_host_update_bitwise() {
+    let (mut cpu, mut rng) = model("micro.toml", 1, 9);
+    let opt = AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        bf16_moments: false,
+    };
+    let (lr, clip, gamma) = (3e-3, 0.5, 1e-3);
+    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut moments: Vec<Option<Moments>> = cpu
+        .params
+        .tensors
+        .iter()
+        .zip(&cpu.params.trainable)
+        .map(|(t, &tr)| tr.then(|| Moments::zeros(t.numel())))
+        .collect();
+    let mut clipped = 0;
+    for step in 1..=4u64 {
+        let batch = batch(&mut rng, cpu.cfg.vocab_size, 2, 8);
+        let mut g = cpu.params.zeros_like();
+        let ws = cpu.forward_backward(&batch, 0.3, &mut g);
+        // the host rule (`TrainState::apply`): norm over trainable tensors, clip, AdamW, bias update
+        let tr = cpu.params.trainable.clone();
+        let norm = adamw::global_norm(
+            g.iter()
+                .zip(&tr)
+                .filter(|(_, t)| **t)
+                .map(|(g, _)| g.data.as_slice()),
+        );
+        let factor = adamw::clip_factor(norm, clip);
+        for i in 0..cpu.params.len() {
+            match moments[i].as_mut() {
+                Some(m) => {
+                    let t = &mut cpu.params.tensors[i];
+                    let decay = t.shape.len() >= 2;
+                    opt.step(&mut t.data, &mut g[i].data, factor, m, lr, step, decay);
+                }
+                None => g[i].zero_(),
+            }
+        }
+        for (bias, l) in cpu.moe_biases().into_iter().zip(&ws.loads) {
+            balance::bias_update(&mut cpu.params.tensors[bias.0].data, l, gamma);
+        }
+        let gs = dev.forward_backward(&batch, 0.3).unwrap();
+        assert_eq!(gs, ws, "step {step}");
+        let u = dev.apply(&opt, lr, clip, gamma, &gs.loads).unwrap();
+        assert_eq!(u.norm.to_bits(), norm.to_bits(), "step {step} norm");
+        clipped += (u.clip_factor < 1.0) as usize;
+    }
+    assert!(clipped > 0, "the clip never engaged: the check would miss it");
+    let host = dev.to_host().unwrap().clone();
+    assert_eq!(host.params.sha256(), cpu.params.sha256());
+    for (i, m) in moments.iter().enumerate() {
+        if let Some(m) = m {
+            let (hm, hv) = m.to_f32();
+            let (dm, dv) = dev.moments(i).unwrap().expect("moments after a step");
+            same_bits("m", &dm, &hm);
+            same_bits("v", &dv, &hv);
+        }
+    }
+    println!("4 AdamW steps: params sha256 {}", host.params.sha256());
+}
+
+#[test]
+fn eval_loss_matches_and_fp8_is_refused_by_name() {
+    let (cpu, mut rng) = model("micro.toml", 1, 3);
+    let batch = batch(&mut rng, cpu.cfg.vocab_size, 2, 8);
+    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    assert_eq!(
+        dev.eval_loss(&batch).unwrap().to_bits(),
+        cpu.eval_loss(&batch).to_bits()
+    );
+    let mut fp8 = cpu.clone();
+    fp8.set_precision(Precision::Fp8);
+    let e = DeviceModel::new(Cpu, fp8).err().expect("fp8 refused");
+    assert!(
+        e.0.contains("FP8") && e.0.contains("model.layers.0.self_attn.q_a_proj.weight"),
+        "{e}"
+    );
+    let bad = Batch {
+        batch: 2,
+        seq: 8,
+        inputs: vec![cpu.cfg.vocab_size as u32; 16],
+        targets: vec![0; 16],
+    };
+    let e = dev.forward_backward(&bad, 0.0).unwrap_err();
+    assert!(e.0.contains("is not below 64"), "{e}");
+}
