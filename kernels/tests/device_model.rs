@@ -147,7 +147,10 @@ fn adamw_steps_match_the_host_update_bitwise() {
         assert_eq!(u.norm.to_bits(), norm.to_bits(), "step {step} norm");
         clipped += (u.clip_factor < 1.0) as usize;
     }
-    assert!(clipped > 0, "the clip never engaged: the check would miss it");
+    assert!(
+        clipped > 0,
+        "the clip never engaged: the check would miss it"
+    );
     let host = dev.to_host().unwrap().clone();
     assert_eq!(host.params.sha256(), cpu.params.sha256());
     for (i, m) in moments.iter().enumerate() {

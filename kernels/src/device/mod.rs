@@ -10,9 +10,9 @@
 
 pub mod backend;
 pub mod cuda;
-pub mod model;
 #[cfg(feature = "cuda")]
 mod driver;
+pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 

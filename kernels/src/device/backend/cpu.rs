@@ -314,7 +314,10 @@ impl Backend for Cpu {
             )));
         }
         for (d, s) in dst.chunks_exact_mut(dst_w).zip(src.chunks_exact(src_w)) {
-            let (d, s) = (&mut d[dst_off..dst_off + width], &s[src_off..src_off + width]);
+            let (d, s) = (
+                &mut d[dst_off..dst_off + width],
+                &s[src_off..src_off + width],
+            );
             if acc {
                 d.iter_mut().zip(s).for_each(|(a, b)| *a += b);
             } else {
@@ -486,8 +489,8 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn square_sum(&self, g: &Vec<f32>) -> BackendResult<f64> {
-        Ok(adamw::square_sum(g))
+    fn global_norm(&self, grads: &[&Vec<f32>]) -> BackendResult<f64> {
+        Ok(adamw::global_norm(grads.iter().map(|g| g.as_slice())))
     }
 
     fn adamw_step(

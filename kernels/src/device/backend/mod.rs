@@ -330,8 +330,8 @@ pub trait Backend {
         acc: bool,
     ) -> BackendResult<()>;
 
-    /// Σ g² in f64 with `ops::adamw::square_sum`'s fixed order.
-    fn square_sum(&self, g: &Self::Buf) -> BackendResult<f64>;
+    /// The L2 norm of all `grads` together in f64, `ops::adamw::global_norm`'s fixed order.
+    fn global_norm(&self, grads: &[&Self::Buf]) -> BackendResult<f64>;
     /// One AdamW update with f32 moments from `g · grad_scale`; zeroes `g`.
     fn adamw_step(
         &self,

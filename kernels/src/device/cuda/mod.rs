@@ -7,6 +7,8 @@
 //! GPU: parity with the CPU (`kernels/tests/gpu_parity.rs`) and speed are still to be measured.
 
 #[cfg(feature = "cuda")]
+pub mod backend;
+#[cfg(feature = "cuda")]
 pub mod launch;
 
 /// Prepended to every source before compilation (sources do not `#include` it): element types
@@ -81,6 +83,28 @@ pub const SOURCES: &[KernelSource] = &[
             "attention_backward_dot",
             "attention_backward_dkdv",
             "attention_backward_dq"
+        ]
+    ),
+    source!(
+        "tensor",
+        [
+            "tensor_add",
+            "tensor_copy",
+            "tensor_copy_cols",
+            "tensor_heads",
+            "tensor_broadcast_heads",
+            "tensor_sum_heads",
+            "sigmoid_forward",
+            "sigmoid_backward_input"
+        ]
+    ),
+    source!(
+        "moe",
+        [
+            "moe_dispatch_forward",
+            "moe_dispatch_backward_input",
+            "moe_combine_forward",
+            "moe_combine_backward_input"
         ]
     ),
 ];

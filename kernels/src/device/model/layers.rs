@@ -6,9 +6,9 @@
 
 use super::super::backend::{Backend, BackendResult, HostPlan};
 use crate::model::layers::{Block, Ffn, Linear, Mla, Moe, MoeStats, RmsNorm, Rows, SwiGlu};
+use crate::ops::balance;
 use crate::ops::moe_dispatch::DispatchPlan;
 use crate::ops::moe_gate::{self, Routing};
-use crate::ops::balance;
 
 /// What a layer reads and writes: the backend, the parameters and the gradient buffers (by
 /// `ParamId` index), the routing biases on the host, and the geometry of the rows.
@@ -360,14 +360,7 @@ pub(crate) fn moe_backward<B: Backend>(
             .zip(st.s_host.chunks_exact(t * e))
             .zip(st.routing.experts.chunks_exact(t * k))
         {
-            balance::sequence_loss_backward_input(
-                dsq,
-                sq,
-                ex,
-                k,
-                e,
-                m.alpha / rows.batch as f32,
-            );
+            balance::sequence_loss_backward_input(dsq, sq, ex, k, e, m.alpha / rows.batch as f32);
         }
     }
     let ds = b.upload(&ds)?;

@@ -166,8 +166,15 @@ impl<B: Backend> DeviceModel<B> {
             stashes.push(st);
             x = y;
         }
-        let (tail_st, ts) =
-            tail::tail_forward(&c, &model.tail, model.embed, &model.cfg, batch, x, mtp_weight)?;
+        let (tail_st, ts) = tail::tail_forward(
+            &c,
+            &model.tail,
+            model.embed,
+            &model.cfg,
+            batch,
+            x,
+            mtp_weight,
+        )?;
         stats.loss = ts.loss;
         stats.mtp_loss = ts.mtp_loss;
         for (b, l) in ts.balance.into_iter().zip(ts.loads) {
@@ -176,14 +183,8 @@ impl<B: Backend> DeviceModel<B> {
         }
         stats.objective = ts.mtp_objective;
         stats.objective += stats.loss + stats.balance_loss;
-        let mut dx = tail::tail_backward(
-            &mut c,
-            &model.tail,
-            model.embed,
-            &model.cfg,
-            tail_st,
-            rows,
-        )?;
+        let mut dx =
+            tail::tail_backward(&mut c, &model.tail, model.embed, &model.cfg, tail_st, rows)?;
         for (blk, st) in model.blocks.iter().zip(stashes).rev() {
             dx = block_backward(&mut c, blk, dx, st, rows, &pos)?;
         }
@@ -236,17 +237,18 @@ impl<B: Backend> DeviceModel<B> {
         }
         let b = &self.backend;
         let trainable = &self.model.params.trainable;
-        let mut terms = Vec::new();
-        for (g, &tr) in self.grads.iter().zip(trainable) {
-            if tr {
-                terms.push(b.square_sum(g)?);
-            }
-        }
-        let norm = adamw::norm_from_square_sums(terms.into_iter());
+        let live: Vec<&B::Buf> = self
+            .grads
+            .iter()
+            .zip(trainable)
+            .filter(|(_, t)| **t)
+            .map(|(g, _)| g)
+            .collect();
+        let norm = b.global_norm(&live)?;
         let factor = adamw::clip_factor(norm, clip);
         self.step += 1;
-        for i in 0..self.params.len() {
-            if !trainable[i] {
+        for (i, &tr) in trainable.iter().enumerate() {
+            if !tr {
                 b.fill_zero(&mut self.grads[i])?;
                 continue;
             }
@@ -286,10 +288,7 @@ impl<B: Backend> DeviceModel<B> {
     pub fn moments(&self, i: usize) -> BackendResult<Option<(Vec<f32>, Vec<f32>)>> {
         match &self.moments[i] {
             None => Ok(None),
-            Some((m, v)) => Ok(Some((
-                self.backend.download(m)?,
-                self.backend.download(v)?,
-            ))),
+            Some((m, v)) => Ok(Some((self.backend.download(m)?, self.backend.download(v)?))),
         }
     }
 

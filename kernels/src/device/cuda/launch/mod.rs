@@ -15,11 +15,15 @@ mod attention;
 mod fp8;
 mod ops;
 mod optim;
+mod tensor;
 
 pub use crate::ops::adamw::StepConsts;
 pub use attention::{ATTENTION_MAX_HEAD_DIM, AttentionShape};
 /// The device buffer type the wrappers take, for callers without a cudarc dependency of their own.
 pub use cudarc::driver::CudaSlice;
+pub use ops::Indices;
+pub use optim::grad_norm_ends;
+pub use tensor::{Blas, LinearGemm, MoePlan};
 
 use super::SOURCES;
 use crate::device::nvrtc::{self, CompileError};

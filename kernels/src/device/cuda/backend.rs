@@ -1,0 +1,534 @@
+//! The CUDA backend (feature `cuda`): `Backend` on one device, every primitive a launch of an
+//! NVRTC kernel of this folder or a cuBLAS SGEMM, all on the `Gpu`'s one stream, so the step's
+//! order is the stream's order. Buffers come from the device's stream-ordered memory pool
+//! (`cuMemAllocAsync`), whose release threshold is raised to keep freed memory in the pool: a
+//! step's buffers are reused by the next step instead of going back to the driver.
+//!
+//! **Compile-checked only: this backend has never run on a GPU.** Its composition is the one the
+//! CPU backend runs bit for bit (`kernels/tests/device_model.rs`); each primitive is compared
+//! with its CPU twin by `gpu_parity.rs` (on a GPU) and `cuda_emulation.rs` (on the CPU).
+
+use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan};
+use crate::device::backend::{Backend, BackendError, BackendResult, HostPlan};
+use crate::ops::adamw::StepConsts;
+use crate::ops::rope::RopeTable;
+use cudarc::driver::{CudaSlice, sys};
+
+impl From<GpuError> for BackendError {
+    fn from(e: GpuError) -> BackendError {
+        BackendError(e.to_string())
+    }
+}
+
+/// A RoPE table on the device.
+pub struct CudaTable {
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    half: usize,
+}
+
+/// One CUDA device as a `Backend`.
+pub struct CudaBackend {
+    pub gpu: Gpu,
+    blas: Blas,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` (probe, NVRTC compile of every kernel, cuBLAS handle) and keeps
+    /// freed memory in its pool.
+    pub fn open(ordinal: usize) -> Result<CudaBackend, GpuError> {
+        let gpu = Gpu::open(ordinal)?;
+        let blas = Blas::new(&gpu)?;
+        let ctx = gpu.context();
+        if ctx.has_async_alloc() {
+            // SAFETY: plain driver calls on the context's own device; `pool` is written by the
+            // first and read by the second, `threshold` outlives the call.
+            unsafe {
+                let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+                let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+                if r == sys::CUresult::CUDA_SUCCESS {
+                    let mut threshold = u64::MAX;
+                    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+                    let r =
+                        sys::cuMemPoolSetAttribute(pool, attr, (&mut threshold as *mut u64).cast());
+                    if r != sys::CUresult::CUDA_SUCCESS {
+                        return Err(super::launch::shape_err(
+                            "memory pool",
+                            format!("setting the release threshold: {r:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(CudaBackend { gpu, blas })
+    }
+
+    fn buf(&self, n: usize) -> BackendResult<CudaSlice<f32>> {
+        Ok(self.gpu.zeros(n)?)
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<f32>;
+    type Ids = Indices;
+    type Table = CudaTable;
+    type Plan = MoePlan;
+    type AttnAux = CudaSlice<f32>;
+
+    fn describe(&self) -> String {
+        format!("{} ({})", self.gpu.info, self.gpu.arch)
+    }
+
+    fn len(&self, x: &CudaSlice<f32>) -> usize {
+        x.len()
+    }
+
+    fn upload(&self, x: &[f32]) -> BackendResult<CudaSlice<f32>> {
+        if x.is_empty() {
+            return self.buf(0);
+        }
+        Ok(self.gpu.upload(x)?)
+    }
+
+    fn download(&self, x: &CudaSlice<f32>) -> BackendResult<Vec<f32>> {
+        Ok(self.gpu.download(x)?)
+    }
+
+    fn zeros(&self, n: usize) -> BackendResult<CudaSlice<f32>> {
+        self.buf(n)
+    }
+
+    fn fill_zero(&self, x: &mut CudaSlice<f32>) -> BackendResult<()> {
+        self.gpu
+            .stream()
+            .memset_zeros(x)
+            .map_err(|e| BackendError(format!("memset: {e}")))
+    }
+
+    fn ids(&self, ids: &[u32], bound: usize) -> BackendResult<Indices> {
+        Ok(self.gpu.upload_indices(ids, bound)?)
+    }
+
+    fn table(&self, t: &RopeTable) -> BackendResult<CudaTable> {
+        Ok(CudaTable {
+            cos: self.gpu.upload(&t.cos)?,
+            sin: self.gpu.upload(&t.sin)?,
+            half: t.half,
+        })
+    }
+
+    fn plan(&self, p: &HostPlan) -> BackendResult<MoePlan> {
+        Ok(self.gpu.upload_plan(p)?)
+    }
+
+    fn synchronize(&self) -> BackendResult<()> {
+        Ok(self.gpu.synchronize()?)
+    }
+
+    fn linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut y = self.buf(n * dout)?;
+        self.blas
+            .linear(LinearGemm::Forward, &mut y, x, w, n, din, dout)?;
+        Ok(y)
+    }
+
+    fn linear_backward_input(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+        acc: bool,
+    ) -> BackendResult<()> {
+        let which = LinearGemm::BackwardInput { acc };
+        Ok(self.blas.linear(which, dx, dy, w, n, din, dout)?)
+    }
+
+    fn linear_backward_weight(
+        &self,
+        dw: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<()> {
+        let which = LinearGemm::BackwardWeight;
+        Ok(self.blas.linear(which, dw, dy, x, n, din, dout)?)
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        d: usize,
+        eps: f32,
+    ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let rows = x.len() / d;
+        let (mut y, mut rstd) = (self.buf(x.len())?, self.buf(rows)?);
+        self.gpu
+            .rmsnorm_forward(&mut y, &mut rstd, x, w, rows, d, eps)?;
+        Ok((y, rstd))
+    }
+
+    fn rmsnorm_backward_input(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        d: usize,
+        acc: bool,
+    ) -> BackendResult<()> {
+        let rows = x.len() / d;
+        Ok(self
+            .gpu
+            .rmsnorm_backward_input(dx, dy, x, rstd, w, rows, d, acc)?)
+    }
+
+    fn rmsnorm_backward_weight(
+        &self,
+        dw: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        d: usize,
+    ) -> BackendResult<()> {
+        let rows = x.len() / d;
+        Ok(self.gpu.rmsnorm_backward_weight(dw, dy, x, rstd, rows, d)?)
+    }
+
+    fn swiglu_forward(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut h = self.buf(a.len())?;
+        self.gpu.swiglu_forward(&mut h, a, b)?;
+        Ok(h)
+    }
+
+    fn swiglu_backward_input(
+        &self,
+        dh: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+    ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (mut da, mut db) = (self.buf(dh.len())?, self.buf(dh.len())?);
+        self.gpu.swiglu_backward_input(&mut da, &mut db, dh, a, b)?;
+        Ok((da, db))
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        stride: usize,
+        offset: usize,
+        positions: &Indices,
+        table: &CudaTable,
+        backward: bool,
+    ) -> BackendResult<()> {
+        Ok(self.gpu.rope(
+            x, stride, offset, positions, &table.cos, &table.sin, table.half, backward,
+        )?)
+    }
+
+    fn attention_forward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        bh: usize,
+        t: usize,
+        dqk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let s = AttentionShape {
+            bh,
+            t,
+            dqk,
+            dv,
+            scale,
+        };
+        let (mut o, mut lse) = (self.buf(bh * t * dv)?, self.buf(bh * t)?);
+        self.gpu.attention_forward(&mut o, &mut lse, q, k, v, s)?;
+        Ok((o, lse))
+    }
+
+    fn attention_backward_input(
+        &self,
+        d_o: &CudaSlice<f32>,
+        o: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        bh: usize,
+        t: usize,
+        dqk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+        let s = AttentionShape {
+            bh,
+            t,
+            dqk,
+            dv,
+            scale,
+        };
+        let (mut dq, mut dk) = (self.buf(bh * t * dqk)?, self.buf(bh * t * dqk)?);
+        let (mut dvv, mut delta) = (self.buf(bh * t * dv)?, self.buf(bh * t)?);
+        self.gpu.attention_backward_input(
+            &mut dq, &mut dk, &mut dvv, &mut delta, d_o, o, lse, q, k, v, s,
+        )?;
+        Ok((dq, dk, dvv))
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &Indices,
+        v: usize,
+    ) -> BackendResult<f64> {
+        let mut loss = self.buf(targets.len())?;
+        let mut total = self.gpu.zeros::<f64>(1)?;
+        self.gpu
+            .cross_entropy_forward(&mut loss, &mut total, logits, targets, v)?;
+        Ok(self.gpu.download(&total)?[0])
+    }
+
+    fn cross_entropy_backward_input(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &Indices,
+        v: usize,
+        scale: f32,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut d = self.buf(logits.len())?;
+        self.gpu
+            .cross_entropy_backward_input(&mut d, logits, targets, v, scale)?;
+        Ok(d)
+    }
+
+    fn embedding_forward(
+        &self,
+        ids: &Indices,
+        table: &CudaSlice<f32>,
+        d: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut out = self.buf(ids.len() * d)?;
+        self.gpu.embedding_forward(&mut out, ids, table, d)?;
+        Ok(out)
+    }
+
+    fn embedding_backward_weight(
+        &self,
+        dtable: &mut CudaSlice<f32>,
+        ids: &Indices,
+        dy: &CudaSlice<f32>,
+        d: usize,
+    ) -> BackendResult<()> {
+        Ok(self.gpu.embedding_backward_weight(dtable, ids, dy, d)?)
+    }
+
+    fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> BackendResult<CudaSlice<f32>> {
+        let mut out = self.buf(a.len())?;
+        self.gpu.tensor_add(&mut out, a, b)?;
+        Ok(out)
+    }
+
+    fn add_into(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> BackendResult<()> {
+        if src.len() != dst.len() {
+            return Err(BackendError(format!(
+                "add_into: {} elements into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let n = dst.len();
+        Ok(self.gpu.tensor_copy(dst, 0, src, 0, n, true)?)
+    }
+
+    fn copy_cols(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        dst_w: usize,
+        dst_off: usize,
+        src: &CudaSlice<f32>,
+        src_w: usize,
+        src_off: usize,
+        width: usize,
+        acc: bool,
+    ) -> BackendResult<()> {
+        Ok(self
+            .gpu
+            .tensor_copy_cols(dst, dst_w, dst_off, src, src_w, src_off, width, acc)?)
+    }
+
+    fn heads(
+        &self,
+        x: &CudaSlice<f32>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        w: usize,
+        inverse: bool,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut y = self.buf(x.len())?;
+        self.gpu
+            .tensor_heads_op("tensor_heads", &mut y, x, [b, t, nh, w], inverse)?;
+        Ok(y)
+    }
+
+    fn broadcast_heads(
+        &self,
+        x: &CudaSlice<f32>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        w: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut y = self.buf(b * nh * t * w)?;
+        let kn = "tensor_broadcast_heads";
+        self.gpu
+            .tensor_heads_op(kn, &mut y, x, [b, t, nh, w], false)?;
+        Ok(y)
+    }
+
+    fn sum_heads(
+        &self,
+        x: &CudaSlice<f32>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        w: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut y = self.buf(b * t * w)?;
+        let kn = "tensor_sum_heads";
+        self.gpu
+            .tensor_heads_op(kn, &mut y, x, [b, t, nh, w], false)?;
+        Ok(y)
+    }
+
+    fn sigmoid_forward(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<f32>> {
+        let mut s = self.buf(x.len())?;
+        self.gpu.sigmoid_forward(&mut s, x)?;
+        Ok(s)
+    }
+
+    fn sigmoid_backward_input(
+        &self,
+        ds: &CudaSlice<f32>,
+        s: &CudaSlice<f32>,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut d = self.buf(ds.len())?;
+        self.gpu.sigmoid_backward_input(&mut d, ds, s)?;
+        Ok(d)
+    }
+
+    fn dispatch_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let mut xe = self.buf(p.rows * d)?;
+        self.gpu.moe_dispatch_forward(&mut xe, x, p, d)?;
+        Ok(xe)
+    }
+
+    fn dispatch_backward_input(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dxe: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> BackendResult<()> {
+        Ok(self.gpu.moe_dispatch_backward_input(dx, dxe, p, d)?)
+    }
+
+    fn combine_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        ye: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> BackendResult<()> {
+        Ok(self.gpu.moe_combine_forward(out, ye, p, d)?)
+    }
+
+    fn combine_backward_input(
+        &self,
+        dout: &CudaSlice<f32>,
+        ye: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> BackendResult<(CudaSlice<f32>, Vec<f32>)> {
+        let mut dye = self.buf(p.rows * d)?;
+        let mut dw = self.buf(p.tokens * p.k)?;
+        self.gpu
+            .moe_combine_backward_input(&mut dye, &mut dw, dout, ye, p, d)?;
+        Ok((dye, self.gpu.download(&dw)?))
+    }
+
+    fn rows(
+        &self,
+        x: &CudaSlice<f32>,
+        lo: usize,
+        hi: usize,
+        d: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        if lo > hi {
+            return Err(BackendError(format!("rows {lo}..{hi}")));
+        }
+        let n = (hi - lo) * d;
+        let mut y = self.buf(n)?;
+        self.gpu.tensor_copy(&mut y, 0, x, lo * d, n, false)?;
+        Ok(y)
+    }
+
+    fn put_rows(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        at: usize,
+        src: &CudaSlice<f32>,
+        d: usize,
+        acc: bool,
+    ) -> BackendResult<()> {
+        let n = src.len();
+        Ok(self.gpu.tensor_copy(dst, at * d, src, 0, n, acc)?)
+    }
+
+    fn global_norm(&self, grads: &[&CudaSlice<f32>]) -> BackendResult<f64> {
+        let live: Vec<&CudaSlice<f32>> = grads.iter().copied().filter(|g| !g.is_empty()).collect();
+        let ends = super::launch::grad_norm_ends(live.iter().map(|g| g.len()));
+        let chunks = ends.last().copied().unwrap_or(0) as usize;
+        let mut sums = self.gpu.zeros::<f64>(chunks)?;
+        let mut out = self.gpu.zeros::<f64>(1)?;
+        self.gpu.grad_norm_dev(&mut out, &mut sums, &live)?;
+        Ok(self.gpu.download(&out)?[0])
+    }
+
+    fn adamw_step(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        grad_scale: f32,
+        c: &StepConsts,
+    ) -> BackendResult<()> {
+        Ok(self.gpu.adamw_step_dev(p, g, m, v, grad_scale, c)?)
+    }
+}

@@ -1,0 +1,469 @@
+//! Launch wrappers of the device step's layout, elementwise and MoE permutation kernels
+//! (`tensor.cu`, `moe.cu`), and the row-major f32 GEMMs of a Linear through cuBLAS (TF32 off:
+//! cuBLAS's default math mode keeps single precision in FP32). Shapes are checked here; index
+//! arrays are checked on the host when a plan is uploaded (`MoePlan`). Never run on a GPU.
+
+use super::shape_err;
+use super::{
+    BLOCK, GRID_X_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int, long,
+};
+use crate::device::backend::HostPlan;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+/// A MoE dispatch plan on the device (`HostPlan` uploaded): per row its token and slot, per
+/// token its rows ascending, and the routing weights.
+pub struct MoePlan {
+    token: CudaSlice<u32>,
+    slot: CudaSlice<u32>,
+    rows_of_token: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    pub rows: usize,
+    pub tokens: usize,
+    pub k: usize,
+}
+
+/// Which GEMM of a Linear y = x·Wᵀ (W [dout, din]).
+#[derive(Clone, Copy, Debug)]
+pub enum LinearGemm {
+    /// y[n, dout] = x[n, din]·Wᵀ
+    Forward,
+    /// dx[n, din] (+)= dy[n, dout]·W
+    BackwardInput { acc: bool },
+    /// dW[dout, din] += dy[n, dout]ᵀ·x[n, din]
+    BackwardWeight,
+}
+
+impl Gpu {
+    /// Uploads a host plan, checking every index against the row and token counts.
+    pub fn upload_plan(&self, p: &HostPlan) -> Result<MoePlan, GpuError> {
+        let k = "upload_plan";
+        let (rows, tokens) = (p.plan.rows(), p.tokens());
+        check_len(k, "slot", p.plan.slot.len(), rows)?;
+        check_len(k, "rows_of_token", p.rows_of_token.len(), tokens * p.k)?;
+        if rows != tokens * p.k {
+            return Err(shape_err(
+                k,
+                format!("{rows} rows for {tokens} tokens × {}", p.k),
+            ));
+        }
+        let bad = |what: &str, v: &[u32], bound: usize| {
+            v.iter()
+                .position(|&i| i as usize >= bound)
+                .map(|at| shape_err(k, format!("{what}[{at}] = {} is not below {bound}", v[at])))
+        };
+        let first_bad = [
+            bad("token", &p.plan.token, tokens),
+            bad("slot", &p.plan.slot, p.k),
+            bad("rows_of_token", &p.rows_of_token, rows),
+        ]
+        .into_iter()
+        .flatten()
+        .next();
+        if let Some(e) = first_bad {
+            return Err(e);
+        }
+        let up = |v: &[u32]| {
+            if v.is_empty() {
+                self.zeros(1)
+            } else {
+                self.upload(v)
+            }
+        };
+        Ok(MoePlan {
+            token: up(&p.plan.token)?,
+            slot: up(&p.plan.slot)?,
+            rows_of_token: up(&p.rows_of_token)?,
+            weights: if p.weights.is_empty() {
+                self.zeros(1)?
+            } else {
+                self.upload(&p.weights)?
+            },
+            rows,
+            tokens,
+            k: p.k,
+        })
+    }
+
+    fn elementwise(
+        &self,
+        kn: &'static str,
+        out: &mut CudaSlice<f32>,
+        ins: &[&CudaSlice<f32>],
+    ) -> Result<(), GpuError> {
+        let n = out.len();
+        for (i, x) in ins.iter().enumerate() {
+            check_len(kn, &format!("input {i}"), x.len(), n)?;
+        }
+        let nl = long(kn, "n", n)?;
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(out);
+        for x in ins {
+            b.arg(*x);
+        }
+        b.arg(&nl);
+        // SAFETY: the kernel takes (float* out, const float* in…, long long n), every buffer
+        // holding n (checked); grid-stride.
+        unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
+    /// out = a + b
+    pub fn tensor_add(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        self.elementwise("tensor_add", out, &[a, b])
+    }
+
+    pub fn sigmoid_forward(
+        &self,
+        s: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        self.elementwise("sigmoid_forward", s, &[x])
+    }
+
+    pub fn sigmoid_backward_input(
+        &self,
+        d: &mut CudaSlice<f32>,
+        ds: &CudaSlice<f32>,
+        s: &CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        self.elementwise("sigmoid_backward_input", d, &[ds, s])
+    }
+
+    /// dst[dst_off..+n] (+)= src[src_off..+n]
+    pub fn tensor_copy(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        dst_off: usize,
+        src: &CudaSlice<f32>,
+        src_off: usize,
+        n: usize,
+        acc: bool,
+    ) -> Result<(), GpuError> {
+        let kn = "tensor_copy";
+        if dst_off + n > dst.len() || src_off + n > src.len() {
+            let why = format!(
+                "{n} elements at {dst_off} of {} / at {src_off} of {}",
+                dst.len(),
+                src.len()
+            );
+            return Err(shape_err(kn, why));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (d0, s0, nl) = (
+            long(kn, "dst_off", dst_off)?,
+            long(kn, "src_off", src_off)?,
+            long(kn, "n", n)?,
+        );
+        let a = i32::from(acc);
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(dst).arg(&d0).arg(src).arg(&s0).arg(&nl).arg(&a);
+        // SAFETY: (float* dst, long long dst_off, const float* src, long long src_off,
+        // long long n, int acc); both ranges lie inside their buffers (checked).
+        unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
+    /// dst[r, dst_off..+width] (+)= src[r, src_off..+width]
+    #[allow(clippy::too_many_arguments)]
+    pub fn tensor_copy_cols(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        dst_w: usize,
+        dst_off: usize,
+        src: &CudaSlice<f32>,
+        src_w: usize,
+        src_off: usize,
+        width: usize,
+        acc: bool,
+    ) -> Result<(), GpuError> {
+        let kn = "tensor_copy_cols";
+        if dst_w == 0 || dst_off + width > dst_w || src_off + width > src_w {
+            let why =
+                format!("columns {dst_off}+{width} of {dst_w} / {src_off}+{width} of {src_w}");
+            return Err(shape_err(kn, why));
+        }
+        let rows = dst.len() / dst_w;
+        check_len(kn, "dst", dst.len(), rows * dst_w)?;
+        check_len(kn, "src", src.len(), rows * src_w)?;
+        if rows * width == 0 {
+            return Ok(());
+        }
+        let dims = [dst_w, dst_off, src_w, src_off, width].map(|v| int(kn, "a column count", v));
+        let [dw, doff, sw, soff, wi] = dims;
+        let (dw, doff, sw, soff, wi) = (dw?, doff?, sw?, soff?, wi?);
+        let (rl, a) = (long(kn, "rows", rows)?, i32::from(acc));
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(dst)
+            .arg(&dw)
+            .arg(&doff)
+            .arg(src)
+            .arg(&sw)
+            .arg(&soff)
+            .arg(&wi);
+        b.arg(&rl).arg(&a);
+        // SAFETY: (float* dst, int dst_w, int dst_off, const float* src, int src_w, int src_off,
+        // int width, long long rows, int acc); both hold rows of their widths and the column
+        // ranges fit (checked).
+        unsafe { b.launch(grid_stride(rows * width)) }?;
+        Ok(())
+    }
+
+    /// The three head-layout kernels: `tensor_heads` (y and x both b·t·nh·w), and
+    /// `tensor_broadcast_heads` / `tensor_sum_heads` (x b·t·w → y b·nh·t·w and back).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tensor_heads_op(
+        &self,
+        kn: &'static str,
+        y: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        dims: [usize; 4],
+        inverse: bool,
+    ) -> Result<(), GpuError> {
+        let [bsz, t, nh, w] = dims;
+        let full = bsz * t * nh * w;
+        let (xl, yl) = match kn {
+            "tensor_heads" => (full, full),
+            "tensor_broadcast_heads" => (bsz * t * w, full),
+            "tensor_sum_heads" => (full, bsz * t * w),
+            _ => return Err(GpuError::Missing(kn)),
+        };
+        check_len(kn, "x", x.len(), xl)?;
+        check_len(kn, "y", y.len(), yl)?;
+        if full == 0 {
+            return Ok(());
+        }
+        let (bi, ti, hi, wi) = (
+            int(kn, "b", bsz)?,
+            int(kn, "t", t)?,
+            int(kn, "nh", nh)?,
+            int(kn, "w", w)?,
+        );
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(&mut *y).arg(x).arg(&bi).arg(&ti).arg(&hi).arg(&wi);
+        let inv = i32::from(inverse);
+        if kn == "tensor_heads" {
+            b.arg(&inv);
+        }
+        // SAFETY: (float* y, const float* x, int b, int t, int nh, int w[, int inverse]); x and
+        // y hold the element counts of their layouts (checked); grid-stride over y.
+        unsafe { b.launch(grid_stride(yl)) }?;
+        Ok(())
+    }
+
+    /// xe[r] = x[token[r]]
+    pub fn moe_dispatch_forward(
+        &self,
+        xe: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> Result<(), GpuError> {
+        let kn = "moe_dispatch_forward";
+        check_len(kn, "xe", xe.len(), p.rows * d)?;
+        check_len(kn, "x", x.len(), p.tokens * d)?;
+        if p.rows * d == 0 {
+            return Ok(());
+        }
+        let (rl, di) = (long(kn, "rows", p.rows)?, int(kn, "d", d)?);
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(xe).arg(x).arg(&p.token).arg(&rl).arg(&di);
+        // SAFETY: tokens below p.tokens (checked at upload); sizes checked above.
+        unsafe { b.launch(grid_stride(p.rows * d)) }?;
+        Ok(())
+    }
+
+    /// dx[t] += its rows of dxe, ascending
+    pub fn moe_dispatch_backward_input(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dxe: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> Result<(), GpuError> {
+        let kn = "moe_dispatch_backward_input";
+        check_len(kn, "dx", dx.len(), p.tokens * d)?;
+        check_len(kn, "dxe", dxe.len(), p.rows * d)?;
+        if p.tokens * d == 0 {
+            return Ok(());
+        }
+        let (tl, ki, di) = (
+            long(kn, "tokens", p.tokens)?,
+            int(kn, "k", p.k)?,
+            int(kn, "d", d)?,
+        );
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(dx)
+            .arg(dxe)
+            .arg(&p.rows_of_token)
+            .arg(&tl)
+            .arg(&ki)
+            .arg(&di);
+        // SAFETY: rows_of_token below p.rows (checked at upload); sizes checked above.
+        unsafe { b.launch(grid_stride(p.tokens * d)) }?;
+        Ok(())
+    }
+
+    /// out[t] += Σ weight·ye[row], rows ascending
+    pub fn moe_combine_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        ye: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> Result<(), GpuError> {
+        let kn = "moe_combine_forward";
+        check_len(kn, "out", out.len(), p.tokens * d)?;
+        check_len(kn, "ye", ye.len(), p.rows * d)?;
+        if p.tokens * d == 0 {
+            return Ok(());
+        }
+        let (tl, ki, di) = (
+            long(kn, "tokens", p.tokens)?,
+            int(kn, "k", p.k)?,
+            int(kn, "d", d)?,
+        );
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(out)
+            .arg(ye)
+            .arg(&p.weights)
+            .arg(&p.slot)
+            .arg(&p.rows_of_token);
+        b.arg(&tl).arg(&ki).arg(&di);
+        // SAFETY: slot below k, rows_of_token below p.rows (checked at upload); sizes above.
+        unsafe { b.launch(grid_stride(p.tokens * d)) }?;
+        Ok(())
+    }
+
+    /// dye[r] = w·dout[t]; dweights[t·k + s] = dout[t]·ye[r] (one block per row)
+    pub fn moe_combine_backward_input(
+        &self,
+        dye: &mut CudaSlice<f32>,
+        dweights: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        ye: &CudaSlice<f32>,
+        p: &MoePlan,
+        d: usize,
+    ) -> Result<(), GpuError> {
+        let kn = "moe_combine_backward_input";
+        check_len(kn, "dye", dye.len(), p.rows * d)?;
+        check_len(kn, "ye", ye.len(), p.rows * d)?;
+        check_len(kn, "dout", dout.len(), p.tokens * d)?;
+        check_len(kn, "dweights", dweights.len(), p.tokens * p.k)?;
+        if p.rows == 0 {
+            return Ok(());
+        }
+        let (ki, di) = (int(kn, "k", p.k)?, int(kn, "d", d)?);
+        let cfg = config((grid_dim(kn, p.rows, GRID_X_MAX)?, 1), BLOCK);
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(dye).arg(dweights).arg(dout).arg(ye).arg(&p.weights);
+        b.arg(&p.token).arg(&p.slot).arg(&ki).arg(&di);
+        // SAFETY: one block per row below p.rows; token and slot checked at upload; sizes above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+/// The cuBLAS handle of one `Gpu`'s stream, for the Linear GEMMs.
+pub struct Blas {
+    blas: CudaBlas,
+}
+
+impl Blas {
+    pub fn new(gpu: &Gpu) -> Result<Blas, GpuError> {
+        let blas = CudaBlas::new(gpu.stream().clone())
+            .map_err(|e| shape_err("cublas", format!("creating the handle: {e:?}")))?;
+        Ok(Blas { blas })
+    }
+
+    /// One GEMM of a Linear with W [dout, din] and n rows, row-major, through column-major
+    /// cuBLAS: a row-major M[r, c] is the column-major Mᵀ with leading dimension c.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        which: LinearGemm,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        w_or_x: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<(), GpuError> {
+        use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+        let kn = "cublas sgemm";
+        let i = |what: &str, v: usize| int(kn, what, v);
+        // (transa, transb, m, n, k, A, lda, B, ldb, beta, ldc), A = `first`, B = `second`
+        let (cfg, first, second, out_len) = match which {
+            // yᵀ[dout, n] = W · xᵀ: A = W (col-major Wᵀ, op T), B = x (col-major xᵀ, op N)
+            LinearGemm::Forward => {
+                check_len(kn, "x", a.len(), n * din)?;
+                check_len(kn, "w", w_or_x.len(), dout * din)?;
+                let c = GemmConfig {
+                    transa: T,
+                    transb: N,
+                    m: i("dout", dout)?,
+                    n: i("n", n)?,
+                    k: i("din", din)?,
+                    alpha: 1.0f32,
+                    lda: i("din", din)?,
+                    ldb: i("din", din)?,
+                    beta: 0.0,
+                    ldc: i("dout", dout)?,
+                };
+                (c, w_or_x, a, n * dout)
+            }
+            // dxᵀ[din, n] = Wᵀ · dyᵀ: A = W (op N, lda din), B = dy (op N, ldb dout)
+            LinearGemm::BackwardInput { acc } => {
+                check_len(kn, "dy", a.len(), n * dout)?;
+                check_len(kn, "w", w_or_x.len(), dout * din)?;
+                let c = GemmConfig {
+                    transa: N,
+                    transb: N,
+                    m: i("din", din)?,
+                    n: i("n", n)?,
+                    k: i("dout", dout)?,
+                    alpha: 1.0f32,
+                    lda: i("din", din)?,
+                    ldb: i("dout", dout)?,
+                    beta: if acc { 1.0 } else { 0.0 },
+                    ldc: i("din", din)?,
+                };
+                (c, w_or_x, a, n * din)
+            }
+            // dWᵀ[din, dout] += xᵀ · dy: A = x (op N, lda din), B = dy (op T, ldb dout)
+            LinearGemm::BackwardWeight => {
+                check_len(kn, "dy", a.len(), n * dout)?;
+                check_len(kn, "x", w_or_x.len(), n * din)?;
+                let c = GemmConfig {
+                    transa: N,
+                    transb: T,
+                    m: i("din", din)?,
+                    n: i("dout", dout)?,
+                    k: i("n", n)?,
+                    alpha: 1.0f32,
+                    lda: i("din", din)?,
+                    ldb: i("dout", dout)?,
+                    beta: 1.0,
+                    ldc: i("din", din)?,
+                };
+                (c, w_or_x, a, dout * din)
+            }
+        };
+        check_len(kn, "out", out.len(), out_len)?;
+        if out_len == 0 {
+            return Ok(());
+        }
+        // SAFETY: every operand holds the elements its (m, n, k, ld) describe (checked above),
+        // all on the handle's stream.
+        unsafe { self.blas.gemm(cfg, first, second, out) }
+            .map_err(|e| shape_err(kn, format!("{e:?}")))?;
+        Ok(())
+    }
+}
