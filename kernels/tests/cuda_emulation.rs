@@ -17,7 +17,10 @@
 mod checks;
 #[path = "common/parity.rs"]
 mod parity;
+#[path = "cuda_emulation/step_checks.rs"]
+mod step_checks;
 
+use checks::failed;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;

@@ -6,7 +6,7 @@ use super::parity::{
     ADAMW_STEP, Report, adamw_case, adamw_kernel, bf16_mismatches, ce_case, indices, norm_tensors,
     normals, scaled, shape, sprinkle,
 };
-use super::{Emu, bits};
+use super::{Emu, bits, step_checks};
 use half::bf16;
 use kernels::ops::adamw::{Moments, global_norm};
 use kernels::ops::rope::{RopeTable, Yarn};
@@ -14,7 +14,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 8] = [
+pub const FAMILIES: [(&str, Family); 12] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -23,10 +23,14 @@ pub const FAMILIES: [(&str, Family); 8] = [
     ("adamw", adamw_rows),
     ("grad_norm", norm_rows),
     ("attention", attention_rows),
+    ("heads", step_checks::heads_rows),
+    ("copy_cols", step_checks::copy_rows),
+    ("elementwise", step_checks::elementwise_rows),
+    ("moe", step_checks::moe_rows),
 ];
 
 /// A failed driver run as a failed row.
-fn failed(r: &mut Report, kernel: &str, s: &str, e: String) {
+pub fn failed(r: &mut Report, kernel: &str, s: &str, e: String) {
     r.check(kernel, s, "driver run", e, false);
 }
 

@@ -20,6 +20,8 @@
 #include "../../src/device/cuda/rmsnorm.cu"
 #include "../../src/device/cuda/rope.cu"
 #include "../../src/device/cuda/swiglu.cu"
+#include "../../src/device/cuda/tensor.cu"
+#include "../../src/device/cuda/moe.cu"
 
 static const unsigned BLOCK = 256;
 static std::string dir;
@@ -186,6 +188,55 @@ int main(int argc, char** argv) {
                                   t, dqk, dv, scale);
         });
         save("o", o), save("lse", lse), save("dq", dq), save("dk", dk), save("dv", dvo);
+    } else if (op == "heads") {  // b t nh w (launch/tensor.rs: grid-stride over the output)
+        int b = arg(3), t = arg(4), nh = arg(5), w = arg(6);
+        auto x = load<float>("x"), xt = load<float>("xt");
+        long long full = (long long)b * t * nh * w, part = (long long)b * t * w;
+        std::vector<float> fwd(full), inv(full), bc(full), sum(part);
+        launch(grid_stride(full), BLOCK, [&] { tensor_heads(fwd.data(), x.data(), b, t, nh, w, 0); });
+        launch(grid_stride(full), BLOCK, [&] { tensor_heads(inv.data(), x.data(), b, t, nh, w, 1); });
+        launch(grid_stride(full), BLOCK, [&] { tensor_broadcast_heads(bc.data(), xt.data(), b, t, nh, w); });
+        launch(grid_stride(part), BLOCK, [&] { tensor_sum_heads(sum.data(), x.data(), b, t, nh, w); });
+        save("fwd", fwd), save("inv", inv), save("bcast", bc), save("sum", sum);
+    } else if (op == "copy_cols") {  // dst_w dst_off src_w src_off width acc
+        int dw = arg(3), doff = arg(4), sw = arg(5), soff = arg(6), width = arg(7), acc = arg(8);
+        auto dst = load<float>("dst"), src = load<float>("src");
+        long long rows = dst.size() / dw;
+        launch(grid_stride(rows * width), BLOCK, [&] {
+            tensor_copy_cols(dst.data(), dw, doff, src.data(), sw, soff, width, rows, acc);
+        });
+        save("dst", dst);
+    } else if (op == "elementwise") {  // dst_off src_off n acc (tensor_copy of b into a)
+        long long doff = arg(3), soff = arg(4), n = arg(5);
+        int acc = arg(6);
+        auto a = load<float>("a"), b = load<float>("b"), s = load<float>("s");
+        long long m = a.size();
+        std::vector<float> sum(m), sig(m), dsig(m);
+        launch(grid_stride(m), BLOCK, [&] { tensor_add(sum.data(), a.data(), b.data(), m); });
+        launch(grid_stride(m), BLOCK, [&] { sigmoid_forward(sig.data(), a.data(), m); });
+        launch(grid_stride(m), BLOCK, [&] { sigmoid_backward_input(dsig.data(), b.data(), s.data(), m); });
+        launch(grid_stride(n), BLOCK, [&] { tensor_copy(a.data(), doff, b.data(), soff, n, acc); });
+        save("sum", sum), save("sig", sig), save("dsig", dsig), save("copy", a);
+    } else if (op == "moe") {  // k d (launch/tensor.rs: grid-stride; combine backward a block per row)
+        int k = arg(3), d = arg(4);
+        auto x = load<float>("x"), ye = load<float>("ye"), dout = load<float>("dout");
+        auto dx = load<float>("dx"), dxe = load<float>("dxe"), out = load<float>("out");
+        auto w = load<float>("weights");
+        auto token = load<u32>("token"), slot = load<u32>("slot"), rot = load<u32>("rows_of_token");
+        long long rows = token.size(), tokens = rot.size() / k;
+        std::vector<float> xe(rows * d), dye(rows * d), dweights(tokens * k);
+        launch(grid_stride(rows * d), BLOCK,
+               [&] { moe_dispatch_forward(xe.data(), x.data(), token.data(), rows, d); });
+        launch(grid_stride(tokens * d), BLOCK,
+               [&] { moe_dispatch_backward_input(dx.data(), dxe.data(), rot.data(), tokens, k, d); });
+        launch(grid_stride(tokens * d), BLOCK, [&] {
+            moe_combine_forward(out.data(), ye.data(), w.data(), slot.data(), rot.data(), tokens, k, d);
+        });
+        launch({(unsigned)rows, 1, 1}, BLOCK, [&] {
+            moe_combine_backward_input(dye.data(), dweights.data(), dout.data(), ye.data(), w.data(),
+                                       token.data(), slot.data(), k, d);
+        });
+        save("xe", xe), save("dx", dx), save("out", out), save("dye", dye), save("dweights", dweights);
     } else {
         fprintf(stderr, "unknown op %s\n", op.c_str());
         return 2;

@@ -116,6 +116,9 @@ inline float __int_as_float(int i) { return emu::bit_cast<float>(i); }
 inline int __float_as_int(float f) { return emu::bit_cast<int>(f); }
 inline float __uint_as_float(unsigned u) { return emu::bit_cast<float>(u); }
 inline unsigned __float_as_uint(float f) { return emu::bit_cast<unsigned>(f); }
+// A product rounded on its own (never contracted into an FMA; the driver builds with
+// -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 // CUDA's integer max/min overloads (mixed operands promote as in C++ arithmetic).
 template <class A, class B>

@@ -1,0 +1,196 @@
+//! The device step's own kernels (`tensor.cu`, `moe.cu`) emulated against the CPU backend
+//! (`kernels::device::backend::Cpu`), whose methods they mirror: head layouts, column copies,
+//! offset copies, add, the router's sigmoid and MoE dispatch and combine on a random routing.
+//! Bit for bit where the kernel's header claims the CPU's bits; sigmoid (expf) within 1e-5 relative and
+//! the combine's dot products (a block tree, with cancellation) within 1e-5 normwise.
+
+use super::parity::{Report, indices, normals, shape};
+use super::{Emu, failed};
+use kernels::device::backend::{Backend, Cpu, HostPlan};
+use kernels::ops::moe_dispatch::DispatchPlan;
+use kernels::ops::moe_gate::Routing;
+
+pub fn heads_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (b, t, nh, w) in [(2, 5, 3, 7), (1, 1, 1, 1), (3, 17, 4, 40)] {
+        let s = shape(&[b, t, nh, w]);
+        let x = normals(seed, "heads x", b * t * nh * w);
+        let xt = normals(seed, "heads xt", b * t * w);
+        let run = emu.prepare();
+        run.put("x", &x);
+        run.put("xt", &xt);
+        let args = [b, t, nh, w].map(|v| v.to_string());
+        if let Err(e) = emu.exec(&run, "heads", &args) {
+            failed(r, "tensor_heads", &s, e);
+            continue;
+        }
+        let c = Cpu;
+        let fwd = c.heads(&x, b, t, nh, w, false).unwrap();
+        let inv = c.heads(&x, b, t, nh, w, true).unwrap();
+        r.bits(
+            "tensor_heads",
+            &s,
+            "[b,t,h,w]→[b,h,t,w]",
+            &run.get("fwd"),
+            &fwd,
+        );
+        r.bits("tensor_heads", &s, "inverse", &run.get("inv"), &inv);
+        let bc = c.broadcast_heads(&xt, b, t, nh, w).unwrap();
+        r.bits("tensor_broadcast_heads", &s, "y", &run.get("bcast"), &bc);
+        let sum = c.sum_heads(&x, b, t, nh, w).unwrap();
+        r.bits("tensor_sum_heads", &s, "y", &run.get("sum"), &sum);
+    }
+}
+
+pub fn copy_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    // (rows, dst_w, dst_off, src_w, src_off, width)
+    for (rows, dw, doff, sw, soff, width) in [(9, 24, 8, 40, 32, 8), (5, 3, 0, 1, 0, 1)] {
+        for acc in [false, true] {
+            let s = format!("{} ← {}, acc {acc}", shape(&[rows, dw]), shape(&[rows, sw]));
+            let dst = normals(seed, "copy dst", rows * dw);
+            let src = normals(seed, "copy src", rows * sw);
+            let run = emu.prepare();
+            run.put("dst", &dst);
+            run.put("src", &src);
+            let args = [dw, doff, sw, soff, width, acc as usize].map(|v| v.to_string());
+            if let Err(e) = emu.exec(&run, "copy_cols", &args) {
+                failed(r, "tensor_copy_cols", &s, e);
+                continue;
+            }
+            let mut want = dst.clone();
+            Cpu.copy_cols(&mut want, dw, doff, &src, sw, soff, width, acc)
+                .unwrap();
+            r.bits("tensor_copy_cols", &s, "dst", &run.get("dst"), &want);
+        }
+    }
+}
+
+pub fn elementwise_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (m, d, doff, soff, n, acc) in [(1000, 10, 300, 500, 400, true), (3, 1, 0, 2, 1, false)] {
+        let s = format!("{}, copy {n} at {doff} ← {soff}", shape(&[m]));
+        let mut a = normals(seed, "ew a", m);
+        a.iter_mut().step_by(7).for_each(|v| *v *= 12.0);
+        let b = normals(seed, "ew b", m);
+        let c = Cpu;
+        let sig = c.sigmoid_forward(&a).unwrap();
+        let run = emu.prepare();
+        run.put("a", &a);
+        run.put("b", &b);
+        run.put("s", &sig);
+        let args = [doff, soff, n, acc as usize].map(|v| v.to_string());
+        if let Err(e) = emu.exec(&run, "elementwise", &args) {
+            failed(r, "tensor_add", &s, e);
+            continue;
+        }
+        r.bits(
+            "tensor_add",
+            &s,
+            "a + b",
+            &run.get("sum"),
+            &c.add(&a, &b).unwrap(),
+        );
+        r.rel("sigmoid_forward", &s, "s", &run.get("sig"), &sig);
+        let dsig = c.sigmoid_backward_input(&b, &sig).unwrap();
+        r.bits("sigmoid_backward_input", &s, "d", &run.get("dsig"), &dsig);
+        // tensor_copy as put_rows with rows of d: rows(b, soff/d..) into a at doff/d
+        let (rows, at) = (n / d, doff / d);
+        let mut want = a.clone();
+        let block = c.rows(&b, soff / d, soff / d + rows, d).unwrap();
+        c.put_rows(&mut want, at, &block, d, acc).unwrap();
+        r.bits("tensor_copy", &s, "dst", &run.get("copy"), &want);
+    }
+}
+
+/// A random routing of `tokens` tokens to `k` distinct experts of `e`, with its host plan.
+fn routing(seed: u64, tokens: usize, e: usize, k: usize) -> HostPlan {
+    let mut experts = Vec::with_capacity(tokens * k);
+    let picks = indices(seed, "moe picks", tokens * e, e);
+    for t in 0..tokens {
+        let mut chosen: Vec<u32> = Vec::new();
+        for &p in &picks[t * e..(t + 1) * e] {
+            let mut p = p;
+            while chosen.contains(&p) {
+                p = (p + 1) % e as u32;
+            }
+            chosen.push(p);
+            if chosen.len() == k {
+                break;
+            }
+        }
+        experts.extend(chosen);
+    }
+    let weights: Vec<f32> = normals(seed, "moe weights", tokens * k)
+        .iter()
+        .map(|v| v.abs() + 0.1)
+        .collect();
+    let routing = Routing {
+        k,
+        experts,
+        weights: weights.clone(),
+    };
+    HostPlan::new(DispatchPlan::new(&routing, e), k, weights)
+}
+
+pub fn moe_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (tokens, e, k, d) in [(37, 8, 3, 20), (1, 2, 1, 1), (16, 16, 6, 300)] {
+        let s = format!("{tokens} tokens, {e} experts, top-{k}, d {d}");
+        let hp = routing(seed, tokens, e, k);
+        let rows = hp.plan.rows();
+        let x = normals(seed, "moe x", tokens * d);
+        let ye = normals(seed, "moe ye", rows * d);
+        let dout = normals(seed, "moe dout", tokens * d);
+        let dx = normals(seed, "moe dx prior", tokens * d);
+        let dxe = normals(seed, "moe dxe", rows * d);
+        let out = normals(seed, "moe out prior", tokens * d);
+        let run = emu.prepare();
+        for (name, v) in [
+            ("x", &x),
+            ("ye", &ye),
+            ("dout", &dout),
+            ("dx", &dx),
+            ("dxe", &dxe),
+            ("out", &out),
+            ("weights", &hp.weights),
+        ] {
+            run.put(name, v);
+        }
+        run.put("token", &hp.plan.token);
+        run.put("slot", &hp.plan.slot);
+        run.put("rows_of_token", &hp.rows_of_token);
+        if let Err(er) = emu.exec(&run, "moe", &[k.to_string(), d.to_string()]) {
+            failed(r, "moe_dispatch_forward", &s, er);
+            continue;
+        }
+        let c = Cpu;
+        let xe = c.dispatch_forward(&x, &hp, d).unwrap();
+        r.bits("moe_dispatch_forward", &s, "xe", &run.get("xe"), &xe);
+        let mut want_dx = dx.clone();
+        c.dispatch_backward_input(&mut want_dx, &dxe, &hp, d)
+            .unwrap();
+        r.bits(
+            "moe_dispatch_backward_input",
+            &s,
+            "dx",
+            &run.get("dx"),
+            &want_dx,
+        );
+        let mut want_out = out.clone();
+        c.combine_forward(&mut want_out, &ye, &hp, d).unwrap();
+        r.bits("moe_combine_forward", &s, "out", &run.get("out"), &want_out);
+        let (dye, dw) = c.combine_backward_input(&dout, &ye, &hp, d).unwrap();
+        r.bits(
+            "moe_combine_backward_input",
+            &s,
+            "dye",
+            &run.get("dye"),
+            &dye,
+        );
+        // each weight gradient is a d-term dot product with cancellation: judged normwise, as attention
+        r.norm_rel(
+            "moe_combine_backward_input",
+            &s,
+            "dweights",
+            &run.get("dweights"),
+            &dw,
+        );
+    }
+}
