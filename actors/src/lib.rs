@@ -11,6 +11,8 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod core;
 #[cfg(feature = "runtime")]
+pub mod engine;
+#[cfg(feature = "runtime")]
 pub mod export;
 #[cfg(feature = "runtime")]
 pub mod formation;

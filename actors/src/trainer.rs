@@ -3,11 +3,10 @@
 
 use crate::core::monitor::{Spike, SpikeGate};
 use crate::core::run::{RunCommand, RunController, RunEvent, RunPlan};
+pub use crate::engine::{Sequential, StepEngine};
 pub use crate::state::{CheckpointPlan, TrainOptions, TrainState};
 use anyhow::{Context, Result, bail};
-use kernels::model::stage::{
-    combine_microbatch_stats, forward_backward_microbatches, scale_for_microbatches, split_batch,
-};
+use kernels::model::stage::split_batch;
 use kernels::model::{Batch, DeepSeekV3, Precision, StepStats};
 use kernels::ops::adamw::{AdamW, LrSchedule};
 use serde::{Deserialize, Serialize};
@@ -275,38 +274,6 @@ pub struct StepOutput {
     pub rejected: Option<Spike>,
 }
 
-/// How a step's gradients are computed and applied: the single-process loop, the thread
-/// pipeline, or the actor formation. The training loop around it is the same.
-pub trait StepEngine {
-    /// Runs step `step` (1-based) on `state`: gradients of its batch, clipping, AdamW and the
-    /// bias update. The state goes in and comes back (an actor engine moves it to its coordinator).
-    fn step(
-        &mut self,
-        state: TrainState,
-        step: u64,
-        h: &StepHyper,
-    ) -> Result<(TrainState, StepOutput)>;
-    /// Actor restarts so far.
-    fn restarts(&self) -> u64 {
-        0
-    }
-    /// The pipeline stages the model is cut into (1: not pipelined); a checkpoint writes a
-    /// shard per stage.
-    fn model_stages(&self) -> usize {
-        1
-    }
-    /// Steps that were replayed at least once so far.
-    fn replayed_steps(&self) -> u64 {
-        0
-    }
-    /// The run went back to an older committed state (a loss-spike rollback past the step
-    /// before the spike): copies of the parameters the engine keeps must be replaced by
-    /// `state`'s before the next step.
-    fn reload(&mut self, _state: &TrainState) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// Step `step`'s batch split into `microbatches` micro-batches of equal size, in order.
 pub fn microbatches(
     data: &Dataset,
@@ -378,50 +345,6 @@ pub(crate) fn judge(stats: &StepStats, grad_norm: f64, h: &StepHyper) -> Option<
         f64::NAN
     };
     h.gate.judge(loss, grad_norm)
-}
-
-/// The single-process engine: micro-batches one at a time in order (one micro-batch is the
-/// classic whole-batch step), gradients summed in micro-batch order, then averaged.
-pub struct Sequential {
-    pub data: Arc<Dataset>,
-    pub seed: u64,
-    pub batch: usize,
-    pub seq: usize,
-    pub microbatches: usize,
-}
-
-impl StepEngine for Sequential {
-    fn step(
-        &mut self,
-        mut state: TrainState,
-        step: u64,
-        h: &StepHyper,
-    ) -> Result<(TrainState, StepOutput)> {
-        let batches = microbatches(
-            &self.data,
-            self.seed,
-            step,
-            self.batch,
-            self.seq,
-            self.microbatches,
-        )?;
-        let stats = if batches.len() == 1 {
-            state
-                .model
-                .forward_backward(&batches[0], h.mtp_weight, &mut state.grads)
-        } else {
-            let per = forward_backward_microbatches(
-                &state.model,
-                &batches,
-                h.mtp_weight,
-                &mut state.grads,
-            );
-            scale_for_microbatches(&mut state.grads, batches.len());
-            combine_microbatch_stats(per)
-        };
-        let out = finish_step(&mut state, stats, h)?;
-        Ok((state, out))
-    }
 }
 
 /// Runs a whole training job; `on_step` sees every step (the CLI draws its progress bar from it).
@@ -650,6 +573,7 @@ fn run_steps(
                     switch.outage(std::time::Duration::from_millis(ms));
                 }
                 if t.rollback_ring > 0 {
+                    engine.sync_host(&mut state)?;
                     // a full ring's oldest entry lends its buffers to the newest
                     let spare = (ring.len() >= t.rollback_ring)
                         .then(|| ring.pop_front())
@@ -675,6 +599,7 @@ fn run_steps(
                 to_step,
                 why,
             } => {
+                engine.sync_host(&mut state)?;
                 let back = crate::rollback::rollback(
                     opts,
                     &mut state,
@@ -700,6 +625,7 @@ fn run_steps(
                 );
             }
             RunCommand::Eval { step } => {
+                engine.sync_host(&mut state)?;
                 let loss = evaluate(&state.model, data, t.eval_batches, t.batch_size, t.seq_len)?;
                 ctl.on(RunEvent::EvalDone { step, loss })
             }
@@ -739,6 +665,7 @@ fn run_steps(
             }
             RunCommand::Checkpoint { step } => {
                 if let (Some(up), Some(plan)) = (uploader.as_mut(), opts.checkpoints.as_ref()) {
+                    engine.sync_host(&mut state)?;
                     state.monitor = ctl.monitor.state.clone();
                     let meta = crate::checkpoint::meta(opts, &state, plan.every);
                     // the step loop pays for the copy alone, into the last snapshot's buffers
@@ -751,6 +678,7 @@ fn run_steps(
         };
         queue.extend(next);
     }
+    engine.sync_host(&mut state)?;
     let eval_loss = ctl.eval_loss.unwrap_or(initial_eval);
     let uploads = match uploader.as_mut() {
         Some(up) => up.finish_summary()?,

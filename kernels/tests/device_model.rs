@@ -143,7 +143,7 @@ fn adamw_steps_match_the_host_update_bitwise() {
         }
         let gs = dev.forward_backward(&batch, 0.3).unwrap();
         assert_eq!(gs, ws, "step {step}");
-        let u = dev.apply(&opt, lr, clip, gamma, &gs.loads).unwrap();
+        let u = dev.apply(&opt, lr, clip, gamma, &gs.loads, step).unwrap();
         assert_eq!(u.norm.to_bits(), norm.to_bits(), "step {step} norm");
         clipped += (u.clip_factor < 1.0) as usize;
     }

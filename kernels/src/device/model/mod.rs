@@ -33,8 +33,6 @@ pub struct DeviceModel<B: Backend> {
     moments: Vec<Option<(B::Buf, B::Buf)>>,
     host_bias: Vec<Vec<f32>>,
     table: Option<(usize, B::Table)>,
-    /// Optimizer steps taken.
-    pub step: u64,
 }
 
 /// What one optimizer update did.
@@ -103,9 +101,36 @@ impl<B: Backend> DeviceModel<B> {
             grads,
             host_bias,
             table: None,
-            step: 0,
             model,
         })
+    }
+
+    /// Replaces every parameter with `model`'s (same structure), zeroes the gradients and drops
+    /// the moments: a rollback to an older committed state.
+    pub fn replace(&mut self, model: DeepSeekV3) -> BackendResult<()> {
+        let fresh = |a: &DeepSeekV3| {
+            (
+                a.params.names.clone(),
+                a.params
+                    .tensors
+                    .iter()
+                    .map(|t| t.shape.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        if fresh(&model) != fresh(&self.model) {
+            return Err(BackendError("replace: a model of another structure".into()));
+        }
+        for (dst, t) in self.params.iter_mut().zip(&model.params.tensors) {
+            *dst = self.backend.upload(&t.data)?;
+        }
+        for id in model.moe_biases() {
+            self.host_bias[id.0] = model.params.get(id).to_vec();
+        }
+        self.discard_grads()?;
+        self.moments.iter_mut().for_each(|m| *m = None);
+        self.model = model;
+        Ok(())
     }
 
     fn ensure_table(&mut self, seq: usize) -> BackendResult<()> {
@@ -219,16 +244,40 @@ impl<B: Backend> DeviceModel<B> {
         Ok(ts.loss)
     }
 
-    /// Clips the accumulated gradients by their global norm, applies AdamW (f32 moments; weight
-    /// decay on matrices) at `lr`, zeroes the gradients and runs the bias update with γ from the
-    /// step's expert loads: `TrainState::apply` on the device.
-    pub fn apply(
+    /// The pre-clip global norm of the trainable tensors' gradients, in tensor order.
+    pub fn grad_norm(&self) -> BackendResult<f64> {
+        let live: Vec<&B::Buf> = self
+            .grads
+            .iter()
+            .zip(&self.model.params.trainable)
+            .filter(|(_, t)| **t)
+            .map(|(g, _)| g)
+            .collect();
+        self.backend.global_norm(&live)
+    }
+
+    /// Zeroes every gradient (a step whose update was refused).
+    pub fn discard_grads(&mut self) -> BackendResult<()> {
+        for g in &mut self.grads {
+            self.backend.fill_zero(g)?;
+        }
+        Ok(())
+    }
+
+    /// Clips the accumulated gradients by their global norm `norm`, applies AdamW (f32 moments;
+    /// weight decay on matrices) at `lr` as 1-based step `t`, zeroes the gradients and runs the
+    /// bias update with γ from the step's expert loads: `TrainState::apply_with_norm` on the
+    /// device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_with_norm(
         &mut self,
+        norm: f64,
         opt: &AdamW,
         lr: f32,
         clip: f32,
         gamma: f32,
         loads: &[Vec<u32>],
+        t: u64,
     ) -> BackendResult<UpdateStats> {
         if opt.bf16_moments {
             return Err(BackendError(
@@ -237,16 +286,7 @@ impl<B: Backend> DeviceModel<B> {
         }
         let b = &self.backend;
         let trainable = &self.model.params.trainable;
-        let live: Vec<&B::Buf> = self
-            .grads
-            .iter()
-            .zip(trainable)
-            .filter(|(_, t)| **t)
-            .map(|(g, _)| g)
-            .collect();
-        let norm = b.global_norm(&live)?;
         let factor = adamw::clip_factor(norm, clip);
-        self.step += 1;
         for (i, &tr) in trainable.iter().enumerate() {
             if !tr {
                 b.fill_zero(&mut self.grads[i])?;
@@ -258,7 +298,7 @@ impl<B: Backend> DeviceModel<B> {
             }
             let (m, v) = self.moments[i].as_mut().expect("just made");
             let decay = self.model.params.tensors[i].shape.len() >= 2;
-            let c = opt.consts(lr, self.step, decay);
+            let c = opt.consts(lr, t, decay);
             b.adamw_step(&mut self.params[i], &mut self.grads[i], m, v, factor, &c)?;
         }
         for (id, l) in self.model.moe_biases().into_iter().zip(loads) {
@@ -270,6 +310,35 @@ impl<B: Backend> DeviceModel<B> {
             norm,
             clip_factor: factor,
         })
+    }
+
+    /// [`DeviceModel::grad_norm`] then [`DeviceModel::apply_with_norm`]: `TrainState::apply`.
+    pub fn apply(
+        &mut self,
+        opt: &AdamW,
+        lr: f32,
+        clip: f32,
+        gamma: f32,
+        loads: &[Vec<u32>],
+        t: u64,
+    ) -> BackendResult<UpdateStats> {
+        let norm = self.grad_norm()?;
+        self.apply_with_norm(norm, opt, lr, clip, gamma, loads, t)
+    }
+
+    /// Installs f32 moments (m, v) for tensor `i` (a resumed state's).
+    pub fn load_moments(&mut self, i: usize, m: &[f32], v: &[f32]) -> BackendResult<()> {
+        let n = self.backend.len(&self.params[i]);
+        if m.len() != n || v.len() != n {
+            return Err(BackendError(format!(
+                "moments of {} have {} / {} values, the tensor {n}",
+                self.model.params.names[i],
+                m.len(),
+                v.len()
+            )));
+        }
+        self.moments[i] = Some((self.backend.upload(m)?, self.backend.upload(v)?));
+        Ok(())
     }
 
     /// The gradients as host tensors (shaped like the parameters).

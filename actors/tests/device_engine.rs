@@ -1,0 +1,59 @@
+//! The training loop around the device step (`actors::engine::DeviceEngine`) on the CPU backend:
+//! the same run as the plain CPU loop, bit for bit (losses, evaluations, final parameters),
+//! including the host copies the loop reads (evaluations between steps, checkpoints) and a resume
+//! from the device run's own checkpoints, which reloads parameters and moments onto the device.
+
+mod common;
+
+use actors::engine::train_on_device;
+use actors::trainer::{self, CheckpointPlan, TrainSummary};
+use kernels::device::backend::Cpu;
+
+fn runs_alike(a: &TrainSummary, b: &TrainSummary) {
+    assert_eq!(a.params_sha256, b.params_sha256);
+    assert_eq!(a.final_loss.to_bits(), b.final_loss.to_bits());
+    assert_eq!(a.eval_loss.to_bits(), b.eval_loss.to_bits());
+    assert_eq!(a.initial_eval_loss.to_bits(), b.initial_eval_loss.to_bits());
+}
+
+#[test]
+fn device_engine_on_the_cpu_backend_is_the_plain_loop_bitwise() {
+    let mut opts = common::micro_options("device-plain", 2, 4, 8);
+    opts.config.training.eval_every = 3;
+    let want = trainer::train(&opts, |_, _| {}).expect("plain run");
+    let mut evals = Vec::new();
+    let mut opts_dev = opts.clone();
+    opts_dev.out_dir = common::scratch("device-dev");
+    let got = train_on_device(&opts_dev, Cpu, |r, _| evals.push(r.eval_loss)).expect("device run");
+    runs_alike(&got, &want);
+    // evaluations ran between steps (each reads the device's parameters back)
+    assert_eq!(evals.iter().filter(|e| e.is_some()).count(), 3, "{evals:?}");
+    println!("8 steps: {} = plain", got.params_sha256);
+}
+
+#[test]
+fn device_run_resumes_from_its_checkpoints_to_the_uninterrupted_weights() {
+    let opts = common::micro_options("device-whole", 2, 4, 8);
+    let whole = trainer::train(&opts, |_, _| {}).expect("uninterrupted plain run");
+    let store = common::scratch("device-store");
+    let mut first = common::micro_options("device-first", 2, 4, 4);
+    first.checkpoints = Some(CheckpointPlan {
+        store: store.display().to_string(),
+        every: 2,
+        resume: false,
+        run: None,
+    });
+    let half = train_on_device(&first, Cpu, |_, _| {}).expect("first half on the device");
+    assert_eq!(half.checkpoints, 2, "checkpoints at steps 2 and 4");
+    let mut second = common::micro_options("device-second", 2, 4, 8);
+    second.checkpoints = Some(CheckpointPlan {
+        store: store.display().to_string(),
+        every: 0,
+        resume: true,
+        run: None,
+    });
+    let rest = train_on_device(&second, Cpu, |_, _| {}).expect("resumed on the device");
+    assert_eq!(rest.resumed_from, Some(4));
+    assert_eq!(rest.params_sha256, whole.params_sha256);
+    println!("4 + 4 steps resumed on the device: {}", rest.params_sha256);
+}
