@@ -279,15 +279,26 @@ pub struct BenchArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
-    /// Where the measured steps run: cpu, cuda or cuda:N. Only the CPU trains so far (issue 12):
-    /// `cuda` reports whether a driver and device were found, then stops.
+    /// Where the measured steps run: cpu, cuda or cuda:N (`bench train` only: the whole device
+    /// step, tokens/s, model TFLOP/s and the share of the device's measured SGEMM ceiling).
     #[arg(long, default_value = "cpu")]
     device: kernels::device::Device,
+    /// `bench train --device cuda`: skip the MTP modules (λ = 0), as the PyTorch figures of
+    /// scripts/bench_pytorch.py do.
+    #[arg(long)]
+    no_mtp: bool,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     a.device.ensure_can_train()?;
+    if a.device != kernels::device::Device::Cpu && a.what != "train" {
+        bail!(
+            "--device cuda measures `bench train` only (got `bench {}`)",
+            a.what
+        );
+    }
     match a.what.as_str() {
+        "train" if a.device != kernels::device::Device::Cpu => bench_train_device(a),
         "train" => bench_train(a),
         "pipeline" => bench_pipeline(a),
         "fp8" => {
@@ -448,6 +459,62 @@ fn bench_train(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
+}
+
+/// `bench train --device cuda[:N]`: the device step per config, beside the SGEMM ceiling of the
+/// same cuBLAS call measured on the device (f32: the model runs in FP32, TF32 off).
+#[cfg(feature = "cuda")]
+fn bench_train_device(a: BenchArgs) -> Result<()> {
+    use kernels::device::cuda::backend::CudaBackend;
+    let kernels::device::Device::Cuda(ordinal) = a.device else {
+        bail!("bench_train_device needs a CUDA device")
+    };
+    let open =
+        || CudaBackend::open(ordinal).map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"));
+    let ceiling = open()?
+        .sgemm_tflops(4096, 5)
+        .map_err(|e| anyhow::anyhow!("SGEMM ceiling: {e}"))?;
+    println!("device SGEMM ceiling: {ceiling:.1} TFLOP/s (f32 4096³ through cuBLAS, TF32 off)");
+    for c in &bench_configs(&a) {
+        let r = actors::bench::device_step_throughput(
+            open()?,
+            c,
+            a.batch_size,
+            a.seq_len,
+            a.steps,
+            !a.no_mtp,
+        )?;
+        let rc = kernels::model::RunConfig::load(c)?;
+        let mut cfg = rc.model.clone();
+        if a.no_mtp {
+            cfg.num_nextn_predict_layers = 0;
+        }
+        let per_token = simulations::cost::training_flops_per_token(&cfg, a.seq_len as u64);
+        let tflops = per_token * r.tokens_per_s / 1e12;
+        println!(
+            "{} on {}: {} params, batch {}x{}, MTP {}: {:.0} tokens/s, {:.1} ms/step, {:.2} model TFLOP/s = {:.1}% of the SGEMM ceiling",
+            r.config,
+            r.device,
+            r.parameters,
+            r.batch,
+            r.seq,
+            if r.mtp { "on" } else { "off" },
+            r.tokens_per_s,
+            r.step_ms,
+            tflops,
+            100.0 * tflops / ceiling
+        );
+        let mut j = serde_json::to_value(&r)?;
+        j["model_tflops"] = serde_json::json!(tflops);
+        j["sgemm_ceiling_tflops"] = serde_json::json!(ceiling);
+        println!("{j}");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_train_device(_: BenchArgs) -> Result<()> {
+    unreachable!("Device::ensure_can_train refuses cuda in a build without the feature")
 }
 
 fn rayon_threads() -> usize {

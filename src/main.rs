@@ -217,6 +217,9 @@ fn train(a: TrainArgs) -> Result<()> {
     a.device.ensure_can_train()?;
     let opts = commands::train_options(&a)?;
     let layout = commands::layout(&a)?;
+    if let kernels::device::Device::Cuda(ordinal) = a.device {
+        return train_cuda(&a, &opts, &layout, ordinal);
+    }
     if let Some(world) = actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())? {
         return cluster::train_in_world(&a, &opts, &layout, &world);
     }
@@ -228,6 +231,45 @@ fn train(a: TrainArgs) -> Result<()> {
         actors::formation::train_with(&opts, &layout, inject, a.threads, on_step)
     })?;
     print_summary(&summary, a.summary_json.as_deref())
+}
+
+/// `--device cuda[:N]`: the single-process run with every step on the GPU (the device step of
+/// `kernels::device::model`); the formation (`--pp`, `--ep`, `--inject`, `--threads`) and the
+/// multi-process launch are not built on the GPU yet and are refused by name.
+#[cfg(feature = "cuda")]
+fn train_cuda(
+    a: &TrainArgs,
+    opts: &actors::trainer::TrainOptions,
+    layout: &actors::formation::Layout,
+    ordinal: usize,
+) -> Result<()> {
+    if *layout != actors::formation::Layout::default() || a.inject.is_some() || a.threads {
+        anyhow::bail!(
+            "--device cuda trains the single-process step only: the formation (--pp, --ep, \
+             --microbatches, --schedule, --inject, --threads) does not run on the GPU yet"
+        );
+    }
+    if actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())?.is_some() {
+        anyhow::bail!(
+            "--device cuda: multi-process runs (phalanx launch) do not run on the GPU yet"
+        );
+    }
+    let backend = kernels::device::cuda::backend::CudaBackend::open(ordinal)
+        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+    let summary = with_progress(opts.config.training.steps, |on_step| {
+        actors::engine::train_on_device(opts, backend, on_step)
+    })?;
+    print_summary(&summary, a.summary_json.as_deref())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(
+    _: &TrainArgs,
+    _: &actors::trainer::TrainOptions,
+    _: &actors::formation::Layout,
+    _: usize,
+) -> Result<()> {
+    unreachable!("Device::ensure_can_train refuses cuda in a build without the feature")
 }
 
 /// Runs `f` with a step callback that draws a progress bar on a terminal and logs evaluations.

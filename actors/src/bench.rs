@@ -315,3 +315,88 @@ pub fn checkpoint_costs(config: &Path, batch: usize, seq: usize) -> Result<Check
         same_after_read: back == sorted,
     })
 }
+
+/// Throughput of the device step (`kernels::device::model`) on one config: forward, backward,
+/// clipped AdamW and the bias update, all on the backend; losses and routing read back each step
+/// as training needs them.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceBench {
+    pub config: String,
+    pub device: String,
+    pub parameters: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    /// Whether the MTP modules ran (λ > 0).
+    pub mtp: bool,
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    /// The last timed step's loss (a check that it trained, not a figure of merit).
+    pub loss: f64,
+}
+
+/// Times `steps` device steps after one warm-up step on `backend`.
+pub fn device_step_throughput<B: kernels::device::backend::Backend>(
+    backend: B,
+    config: &Path,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    mtp: bool,
+) -> Result<DeviceBench> {
+    use kernels::device::model::DeviceModel;
+    let dev = |e: kernels::device::backend::BackendError| anyhow::anyhow!("device step: {e}");
+    let rc = RunConfig::load(config)?;
+    let t = &rc.training;
+    let model = DeepSeekV3::new(&rc.model, t.init_std, 0);
+    let parameters = model.num_params();
+    let device = backend.describe();
+    let mut m = DeviceModel::new(backend, model).map_err(dev)?;
+    let opt = AdamW {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+        bf16_moments: false,
+    };
+    let lambda = if mtp { t.mtp_loss_weight } else { 0.0 };
+    let data = storage::dataset::Dataset::synthetic(rc.model.vocab_size, 0, 1 << 20);
+    let run = |m: &mut DeviceModel<B>, step: u64| -> Result<f64> {
+        let w = data
+            .train_batch(0, step, batch, seq)
+            .map_err(anyhow::Error::msg)?;
+        let b = Batch::from_windows(&w, batch, seq);
+        let stats = m.forward_backward(&b, lambda).map_err(dev)?;
+        m.apply(
+            &opt,
+            1e-4,
+            t.grad_clip,
+            t.bias_update_speed,
+            &stats.loads,
+            step,
+        )
+        .map_err(dev)?;
+        Ok(stats.loss)
+    };
+    run(&mut m, 1)?;
+    m.backend.synchronize().map_err(dev)?;
+    let started = Instant::now();
+    let mut loss = f64::NAN;
+    for s in 0..steps {
+        loss = run(&mut m, 2 + s as u64)?;
+    }
+    m.backend.synchronize().map_err(dev)?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(DeviceBench {
+        config: config.display().to_string(),
+        device,
+        parameters,
+        batch,
+        seq,
+        steps,
+        mtp,
+        tokens_per_s: (steps * batch * seq) as f64 / secs,
+        step_ms: secs * 1e3 / steps.max(1) as f64,
+        loss,
+    })
+}

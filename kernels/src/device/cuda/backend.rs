@@ -63,6 +63,23 @@ impl CudaBackend {
         Ok(CudaBackend { gpu, blas })
     }
 
+    /// The f32 SGEMM ceiling of this device through the same cuBLAS call the Linear layers use
+    /// (y = x·Wᵀ, n×n×n, FP32, TF32 off): TFLOP/s of the best of `reps` timed calls.
+    pub fn sgemm_tflops(&self, n: usize, reps: usize) -> Result<f64, GpuError> {
+        let x = self.gpu.upload(&vec![0.5f32; n * n])?;
+        let w = self.gpu.upload(&vec![0.25f32; n * n])?;
+        let mut y = self.gpu.zeros::<f32>(n * n)?;
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(1) {
+            let ms = self.gpu.time_ms(1, || {
+                self.blas
+                    .linear(LinearGemm::Forward, &mut y, &x, &w, n, n, n)
+            })?;
+            best = best.min(ms);
+        }
+        Ok(2.0 * (n as f64).powi(3) / (best * 1e-3) / 1e12)
+    }
+
     fn buf(&self, n: usize) -> BackendResult<CudaSlice<f32>> {
         Ok(self.gpu.zeros(n)?)
     }
