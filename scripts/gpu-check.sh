@@ -2,14 +2,19 @@
 # The GPU check of issue 12, for a machine with an NVIDIA GPU and no Rust toolchain (the H200 the
 # `device` tool lends). Two steps:
 #   1. here (cargo):  scripts/gpu-check.sh build
-#      builds `phalanx` with --features cuda and the nvrtc_compile and gpu_parity test binaries,
-#      strips them into gpu-bin/ (git-ignored): name `gpu-bin` in the device call's `carry` list.
+#      builds `phalanx` with --features cuda and the nvrtc_compile, gpu_parity and gpu_model test
+#      binaries, strips them into gpu-bin/ (git-ignored): name `gpu-bin` in the device call's
+#      `carry` list.
 #   2. there:         scripts/gpu-check.sh
 #      with /usr/local/cuda (lib64, include, include/cccl): compiles every kernel to a cubin with the
-#      machine's own NVRTC (fails on a spill), probes the GPU through `phalanx train --device cuda`,
-#      runs gpu_parity (every kernel launched and compared with its CPU reference on fresh random
-#      inputs, with timings; its own table is printed above) and prints a summary table last.
-#      Written and compile-checked without a GPU: the parity run has not been tried on one yet.
+#      machine's own NVRTC (fails on a spill); gpu_parity (every kernel against its CPU reference);
+#      gpu_model (the CUDA backend against the CPU backend: cuBLAS GEMMs, layouts, MoE, the micro
+#      and tiny step's loss and every gradient within 1e-5, two runs with the same bits); a
+#      300-step tiny run on the GPU and on the CPU (eval loss within 1%); `bench train --device
+#      cuda` on small at 8×128 and 32×1024 without MTP beside PyTorch's figures on the same GPU
+#      (10,369 and 233,646 tokens/s, ../shared/reference/gpu-h200.md), and on medium in f32. Prints
+#      a summary table last. Budget: about 5 minutes.
+#      Written and compile-checked without a GPU: none of it has run on one yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=gpu-bin
@@ -18,7 +23,7 @@ if [ "${1:-}" = build ]; then
   mkdir -p "$BIN"
   cargo build --release --features cuda
   strip -o "$BIN/phalanx" target/release/phalanx
-  for t in nvrtc_compile gpu_parity; do
+  for t in nvrtc_compile gpu_parity gpu_model; do
     exe=$(cargo test --release -p kernels --features cuda --test "$t" --no-run \
             --message-format=json | grep -o "\"executable\":\"[^\"]*/$t-[^\"]*\"" | cut -d'"' -f4)
     strip -o "$BIN/$t" "$exe"
@@ -31,7 +36,7 @@ export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PHALANX_CUDA_INCLUDE="$CUDA/include:$CUDA/include/cccl"
 rows=()
 row() { rows+=("| $1 | $2 | $3 |"); }
-for f in phalanx nvrtc_compile gpu_parity; do
+for f in phalanx nvrtc_compile gpu_parity gpu_model; do
   [ -x "$BIN/$f" ] || { echo "missing $BIN/$f: run 'scripts/gpu-check.sh build' on the build machine and carry $BIN"; exit 2; }
 done
 gpu=$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>&1); rc=$?
@@ -43,21 +48,57 @@ echo "$out"
 summary=$(echo "$out" | grep -E "kernels in .* sources|SKIPPED" | head -1)
 row "nvrtc compile, no spills" "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" "${summary:-exit $rc}"
 
-echo "== phalanx train --device cuda (the probe)"
-out=$("$BIN/phalanx" train --device cuda --steps 1 --no-checkpoint --out /tmp/gpu-check-run 2>&1); rc=$?
-echo "$out"
-# expected until the CUDA training path exists: exit 1, the device found and "not built yet"
-found=$(echo "$out" | grep -o "found cuda:[^,]*([^)]*)" | head -1)
-row "probe (--device cuda)" "$([ $rc = 1 ] && [ -n "$found" ] && echo ok || echo FAIL)" "${found:-$(echo "$out" | tail -1)}"
-
 echo "== GPU parity: every kernel against its CPU reference (timings informative)"
 out=$(timeout 240 "$BIN/gpu_parity" --nocapture --test-threads 1 2>&1); rc=$?
 echo "$out"
 summary=$(echo "$out" | grep -E "^GPU parity: |SKIPPED" | head -1)
 seed=$(echo "$out" | grep -o "PHALANX_PARITY_SEED=[0-9]*" | head -1)
 fails=$(echo "$out" | grep -E "^\| .* \| FAIL \|$" | cut -d'|' -f2,4 | head -5 | tr '|\n' '/;')
-row "gpu parity (20 kernels)" "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" \
+row "gpu parity (every kernel)" "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" \
   "${summary:-exit $rc}${seed:+, $seed}${fails:+; failed: $fails}"
+
+echo "== gpu_model: the CUDA backend against the CPU backend"
+out=$(timeout 180 "$BIN/gpu_model" --nocapture --test-threads 1 2>&1); rc=$?
+echo "$out"
+worst=$(echo "$out" | grep -E "^\| backward \(every gradient\)" | cut -d'|' -f3,6 | tr '\n' ';')
+det=$(echo "$out" | grep -o "GPU determinism: [0-9a-f]\{12\}" | head -1)
+fails=$(echo "$out" | grep -E "^\| .* \| FAIL \|$" | cut -d'|' -f2,3,4 | head -5 | tr '|\n' '/;')
+row "gpu model (primitives, micro+tiny step, determinism)" \
+  "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" \
+  "${worst:-exit $rc}${det:+; $det}${fails:+; failed: $fails}"
+
+echo "== tiny, 300 steps: --device cuda and --device cpu"
+tiny() {  # device -> prints the eval loss, the sha and tokens/s of the run's summary
+  timeout 150 "$BIN/phalanx" train --config configs/tiny.toml --steps 300 --device "$1" \
+    --no-checkpoint --out "/tmp/gpu-check-tiny-$1" --summary-json "/tmp/gpu-check-tiny-$1.json" >/dev/null 2>"/tmp/gpu-check-tiny-$1.log"
+  local rc=$?
+  tail -3 "/tmp/gpu-check-tiny-$1.log"
+  python3 -c "import json,sys; s=json.load(open('/tmp/gpu-check-tiny-$1.json')); print(s['eval_loss'], s['params_sha256'][:12], round(s['tokens_per_s']))" 2>/dev/null || echo "nan - 0 (exit $rc)"
+}
+read -r ev_gpu sha_gpu tps_gpu < <(tiny cuda | tail -1)
+read -r ev_cpu sha_cpu tps_cpu < <(tiny cpu | tail -1)
+ok=$(python3 -c "print('ok' if abs($ev_gpu-$ev_cpu) <= 0.01*abs($ev_cpu) else 'FAIL')" 2>/dev/null || echo FAIL)
+row "tiny 300 steps: eval loss gpu vs cpu (≤ 1%)" "$ok" "gpu $ev_gpu ($tps_gpu tok/s, $sha_gpu) vs cpu $ev_cpu ($tps_cpu tok/s)"
+
+echo "== bench train --device cuda"
+bench() {  # config batch seq steps extra... -> prints its lines, then "tokens/s tflops share%"
+  local out
+  out=$(timeout 150 "$BIN/phalanx" bench train --device cuda --config "$1" --batch-size "$2" --seq-len "$3" --steps "$4" "${@:5}" 2>&1)
+  echo "$out" >&2
+  echo "$out" | grep -o '[0-9]* tokens/s, [0-9.]* ms/step, [0-9.]* model TFLOP/s = [0-9.]*%' | head -1 \
+    | awk '{print $1, $5, $9}'
+}
+read -r t8 f8 p8 < <(bench configs/small.toml 8 128 10 --no-mtp)
+row "small 8×128, no MTP vs PyTorch 10,369 tok/s" "$([ -n "$t8" ] && echo measured || echo FAIL)" \
+  "${t8:-?} tok/s = $(python3 -c "print(f'{${t8:-0}/10369:.2f}')")× PyTorch; ${f8:-?} TFLOP/s = ${p8:-?} of SGEMM"
+read -r t32 f32 p32 < <(bench configs/small.toml 32 1024 5 --no-mtp)
+row "small 32×1024, no MTP vs PyTorch 233,646 tok/s (goal ≥ 2×)" "$([ -n "$t32" ] && echo measured || echo FAIL)" \
+  "${t32:-?} tok/s = $(python3 -c "print(f'{${t32:-0}/233646:.2f}')")× PyTorch; ${f32:-?} TFLOP/s = ${p32:-?} of SGEMM"
+read -r tm fm pm < <(bench configs/medium.toml 8 1024 2)
+row "medium 8×1024 f32 (BF16, FP8: not built)" "$([ -n "$tm" ] && echo measured || echo FAIL)" \
+  "${tm:-?} tok/s, ${fm:-?} model TFLOP/s = ${pm:-?} of the f32 SGEMM ceiling"
+ceiling=$("$BIN/phalanx" bench train --device cuda --config configs/tiny.toml --steps 1 2>&1 | grep -o "ceiling: [0-9.]* TFLOP/s" | head -1)
+row "f32 SGEMM ceiling (cuBLAS 4096³, TF32 off)" "$([ -n "$ceiling" ] && echo measured || echo FAIL)" "${ceiling:-?}"
 
 echo
 echo "| check | result | detail |"
