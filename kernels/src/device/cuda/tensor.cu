@@ -1,7 +1,8 @@
-// Layout moves and elementwise ops of the device step (kernels/src/device/model): each mirrors a
-// method of the CPU backend (kernels/src/device/backend/cpu.rs) that names it. Pure copies and
-// sums in the CPU's order, so every one gives the CPU's bits except the sigmoid (CUDA's expf,
-// ≤ 2 ulp). Grid-stride over the output elements, any launch shape; no atomics.
+// Layout moves and elementwise ops of the device step (kernels/src/device/model).
+// Mirrors kernels/src/device/backend/cpu.rs: each kernel is the CPU backend method its comment
+// names. Pure copies and sums in the CPU's order, so every one gives the CPU's bits except the
+// sigmoid (CUDA's expf, ≤ 2 ulp). Grid-stride over the output elements, any launch shape; no
+// atomics.
 // Written for issue 12 and compile-checked for sm_90; never run on a GPU.
 
 // cpu.rs: add. out = a + b.
