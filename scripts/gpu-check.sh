@@ -11,8 +11,10 @@
 #      gpu_model (the CUDA backend against the CPU backend: cuBLAS GEMMs, layouts, MoE, the micro
 #      and tiny step's loss and every gradient within 1e-5, two runs with the same bits); a
 #      300-step tiny run on the GPU and on the CPU (eval loss within 1%); `bench train --device
-#      cuda` on small at 8×128 and 32×1024 without MTP beside PyTorch's figures on the same GPU
-#      (10,369 and 233,646 tokens/s, ../shared/reference/gpu-h200.md), and on medium in f32. Prints
+#      cuda` on small at 8×128 and 32×1024 without MTP (BF16, as PyTorch's autocast) beside its
+#      figures on the same GPU
+#      (10,369 and 233,646 tokens/s, ../shared/reference/gpu-h200.md), and on medium in BF16 and
+#      f32, with the f32 and BF16 GEMM ceilings. Prints
 #      a summary table last. Budget: about 5 minutes.
 #      Written and compile-checked without a GPU: none of it has run on one yet.
 set -uo pipefail
@@ -88,17 +90,26 @@ bench() {  # config batch seq steps extra... -> prints its lines, then "tokens/s
   echo "$out" | grep -o '[0-9]* tokens/s, [0-9.]* ms/step, [0-9.]* model TFLOP/s = [0-9.]*%' | head -1 \
     | awk '{print $1, $5, $9}'
 }
-read -r t8 f8 p8 < <(bench configs/small.toml 8 128 10 --no-mtp)
-row "small 8×128, no MTP vs PyTorch 10,369 tok/s" "$([ -n "$t8" ] && echo measured || echo FAIL)" \
-  "${t8:-?} tok/s = $(python3 -c "print(f'{${t8:-0}/10369:.2f}')")× PyTorch; ${f8:-?} TFLOP/s = ${p8:-?} of SGEMM"
-read -r t32 f32 p32 < <(bench configs/small.toml 32 1024 5 --no-mtp)
-row "small 32×1024, no MTP vs PyTorch 233,646 tok/s (goal ≥ 2×)" "$([ -n "$t32" ] && echo measured || echo FAIL)" \
-  "${t32:-?} tok/s = $(python3 -c "print(f'{${t32:-0}/233646:.2f}')")× PyTorch; ${f32:-?} TFLOP/s = ${p32:-?} of SGEMM"
-read -r tm fm pm < <(bench configs/medium.toml 8 1024 2)
-row "medium 8×1024 f32 (BF16, FP8: not built)" "$([ -n "$tm" ] && echo measured || echo FAIL)" \
-  "${tm:-?} tok/s, ${fm:-?} model TFLOP/s = ${pm:-?} of the f32 SGEMM ceiling"
-ceiling=$("$BIN/phalanx" bench train --device cuda --config configs/tiny.toml --steps 1 2>&1 | grep -o "ceiling: [0-9.]* TFLOP/s" | head -1)
-row "f32 SGEMM ceiling (cuBLAS 4096³, TF32 off)" "$([ -n "$ceiling" ] && echo measured || echo FAIL)" "${ceiling:-?}"
+# PyTorch's figures are BF16 autocast (f32 master weights): the BF16 rows are the comparison
+read -r t8 f8 p8 < <(bench configs/small.toml 8 128 10 --no-mtp --precision bf16)
+row "small 8×128 bf16, no MTP vs PyTorch 10,369 tok/s" "$([ -n "$t8" ] && echo measured || echo FAIL)" \
+  "${t8:-?} tok/s = $(python3 -c "print(f'{${t8:-0}/10369:.2f}')")× PyTorch; ${f8:-?} TFLOP/s = ${p8:-?} of the bf16 GEMM ceiling"
+read -r t32 f32 p32 < <(bench configs/small.toml 32 1024 5 --no-mtp --precision bf16)
+row "small 32×1024 bf16, no MTP vs PyTorch 233,646 tok/s (goal ≥ 2×)" "$([ -n "$t32" ] && echo measured || echo FAIL)" \
+  "${t32:-?} tok/s = $(python3 -c "print(f'{${t32:-0}/233646:.2f}')")× PyTorch; ${f32:-?} TFLOP/s = ${p32:-?} of the bf16 GEMM ceiling"
+read -r s32 sf32 sp32 < <(bench configs/small.toml 32 1024 5 --no-mtp)
+row "small 32×1024 f32, no MTP" "$([ -n "$s32" ] && echo measured || echo FAIL)" \
+  "${s32:-?} tok/s; ${sf32:-?} TFLOP/s = ${sp32:-?} of the f32 SGEMM ceiling"
+read -r tm fm pm < <(bench configs/medium.toml 8 1024 2 --precision bf16)
+row "medium 8×1024 bf16 (goal ≥ 35% of the BF16 GEMM ceiling)" "$([ -n "$tm" ] && echo measured || echo FAIL)" \
+  "${tm:-?} tok/s, ${fm:-?} model TFLOP/s = ${pm:-?} of the bf16 GEMM ceiling"
+read -r tmf fmf pmf < <(bench configs/medium.toml 8 1024 2)
+row "medium 8×1024 f32 (FP8 on the device: not built)" "$([ -n "$tmf" ] && echo measured || echo FAIL)" \
+  "${tmf:-?} tok/s, ${fmf:-?} model TFLOP/s = ${pmf:-?} of the f32 SGEMM ceiling"
+for p in f32 bf16; do
+  ceiling=$("$BIN/phalanx" bench train --device cuda --config configs/tiny.toml --steps 1 --precision $p 2>&1 | grep -o "ceiling: [0-9.]* TFLOP/s" | head -1)
+  row "$p GEMM ceiling (cuBLAS 4096³, f32 accumulation)" "$([ -n "$ceiling" ] && echo measured || echo FAIL)" "${ceiling:-?}"
+done
 
 echo
 echo "| check | result | detail |"

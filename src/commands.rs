@@ -287,6 +287,10 @@ pub struct BenchArgs {
     /// scripts/bench_pytorch.py do.
     #[arg(long)]
     no_mtp: bool,
+    /// `bench train --device cuda`: the GEMM precision, f32 or bf16 (mixed precision: f32 master
+    /// weights and moments).
+    #[arg(long, default_value = "f32")]
+    precision: kernels::model::Precision,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -295,6 +299,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!(
             "--device cuda measures `bench train` only (got `bench {}`)",
             a.what
+        );
+    }
+    if a.device == kernels::device::Device::Cpu && a.precision != kernels::model::Precision::F32 {
+        bail!(
+            "--precision {} is for `bench train --device cuda`; the CPU benchmarks run f32",
+            a.precision
         );
     }
     match a.what.as_str() {
@@ -465,16 +475,27 @@ fn bench_train(a: BenchArgs) -> Result<()> {
 /// same cuBLAS call measured on the device (f32: the model runs in FP32, TF32 off).
 #[cfg(feature = "cuda")]
 fn bench_train_device(a: BenchArgs) -> Result<()> {
+    use kernels::device::backend::GemmPrecision;
     use kernels::device::cuda::backend::CudaBackend;
     let kernels::device::Device::Cuda(ordinal) = a.device else {
         bail!("bench_train_device needs a CUDA device")
     };
     let open =
         || CudaBackend::open(ordinal).map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"));
+    let gemm = match a.precision {
+        kernels::model::Precision::F32 => GemmPrecision::F32,
+        kernels::model::Precision::Bf16 => GemmPrecision::Bf16,
+        kernels::model::Precision::Fp8 => {
+            bail!("--precision fp8 is not built on the device yet (f32 and bf16 are)")
+        }
+    };
     let ceiling = open()?
-        .sgemm_tflops(4096, 5)
-        .map_err(|e| anyhow::anyhow!("SGEMM ceiling: {e}"))?;
-    println!("device SGEMM ceiling: {ceiling:.1} TFLOP/s (f32 4096³ through cuBLAS, TF32 off)");
+        .gemm_tflops(4096, 5, gemm)
+        .map_err(|e| anyhow::anyhow!("GEMM ceiling: {e}"))?;
+    println!(
+        "device {} GEMM ceiling: {ceiling:.1} TFLOP/s (4096³ through cuBLAS, f32 accumulation, TF32 off)",
+        a.precision
+    );
     for c in &bench_configs(&a) {
         let r = actors::bench::device_step_throughput(
             open()?,
@@ -483,6 +504,7 @@ fn bench_train_device(a: BenchArgs) -> Result<()> {
             a.seq_len,
             a.steps,
             !a.no_mtp,
+            gemm,
         )?;
         let rc = kernels::model::RunConfig::load(c)?;
         let mut cfg = rc.model.clone();
@@ -492,7 +514,7 @@ fn bench_train_device(a: BenchArgs) -> Result<()> {
         let per_token = simulations::cost::training_flops_per_token(&cfg, a.seq_len as u64);
         let tflops = per_token * r.tokens_per_s / 1e12;
         println!(
-            "{} on {}: {} params, batch {}x{}, MTP {}: {:.0} tokens/s, {:.1} ms/step, {:.2} model TFLOP/s = {:.1}% of the SGEMM ceiling",
+            "{} on {}: {} params, batch {}x{}, MTP {}: {:.0} tokens/s, {:.1} ms/step, {:.2} model TFLOP/s = {:.1}% of the {} GEMM ceiling",
             r.config,
             r.device,
             r.parameters,
@@ -502,11 +524,13 @@ fn bench_train_device(a: BenchArgs) -> Result<()> {
             r.tokens_per_s,
             r.step_ms,
             tflops,
-            100.0 * tflops / ceiling
+            100.0 * tflops / ceiling,
+            a.precision
         );
         let mut j = serde_json::to_value(&r)?;
         j["model_tflops"] = serde_json::json!(tflops);
-        j["sgemm_ceiling_tflops"] = serde_json::json!(ceiling);
+        j["gemm_ceiling_tflops"] = serde_json::json!(ceiling);
+        j["precision"] = serde_json::json!(a.precision.to_string());
         println!("{j}");
     }
     Ok(())

@@ -125,12 +125,13 @@ pub struct TrainArgs {
     /// Run the formation on plain threads (no actors, no fault handling): the pipeline reference.
     #[arg(long)]
     threads: bool,
-    /// Linear layers in f32 (bitwise-deterministic reference) or fp8 (DeepSeek-V3's E4M3 recipe)
+    /// Linear layers in f32 (bitwise-deterministic reference), fp8 (DeepSeek-V3's E4M3 recipe,
+    /// the CPU) or bf16 (mixed precision with f32 master weights, `--device cuda` only)
     /// [default: f32].
     #[arg(long)]
     precision: Option<String>,
-    /// Where the math runs: cpu, cuda or cuda:N. Only the CPU trains so far (issue 12): `cuda`
-    /// reports whether a driver and device were found, then stops.
+    /// Where the math runs: cpu, cuda or cuda:N (every step on that GPU, single process; built
+    /// with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: kernels::device::Device,
 }
@@ -219,6 +220,11 @@ fn train(a: TrainArgs) -> Result<()> {
     let layout = commands::layout(&a)?;
     if let kernels::device::Device::Cuda(ordinal) = a.device {
         return train_cuda(&a, &opts, &layout, ordinal);
+    }
+    if opts.precision == kernels::model::Precision::Bf16 {
+        anyhow::bail!(
+            "--precision bf16 is the GPU's mixed precision (--device cuda); the CPU trains f32 or fp8"
+        );
     }
     if let Some(world) = actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())? {
         return cluster::train_in_world(&a, &opts, &layout, &world);

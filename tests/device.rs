@@ -60,3 +60,22 @@ fn a_bad_device_name_is_a_flag_error() {
         assert!(err.contains("expected `cpu`, `cuda` or `cuda:N`"), "{err}");
     }
 }
+
+/// BF16 mixed precision is the GPU's: on the CPU it is refused by name instead of training f32.
+#[test]
+fn bf16_on_the_cpu_is_refused_by_name() {
+    let err = refused(&[
+        "train",
+        "--precision",
+        "bf16",
+        "--steps",
+        "1",
+        "--no-checkpoint",
+    ]);
+    assert!(
+        err.contains("--precision bf16 is the GPU's mixed precision (--device cuda)"),
+        "{err}"
+    );
+    let err = refused(&["train", "--precision", "bf32", "--steps", "1"]);
+    assert!(err.contains("expected f32, bf16 or fp8"), "{err}");
+}

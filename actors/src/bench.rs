@@ -343,6 +343,7 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     seq: usize,
     steps: usize,
     mtp: bool,
+    gemm: kernels::device::backend::GemmPrecision,
 ) -> Result<DeviceBench> {
     use kernels::device::model::DeviceModel;
     let dev = |e: kernels::device::backend::BackendError| anyhow::anyhow!("device step: {e}");
@@ -352,6 +353,7 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     let parameters = model.num_params();
     let device = backend.describe();
     let mut m = DeviceModel::new(backend, model).map_err(dev)?;
+    m.set_gemm_precision(gemm);
     let opt = AdamW {
         beta1: t.beta1,
         beta2: t.beta2,

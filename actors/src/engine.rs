@@ -6,7 +6,7 @@
 use crate::state::TrainState;
 use crate::trainer::{StepHyper, StepOutput, finish_step, judge, microbatches};
 use anyhow::{Result, anyhow};
-use kernels::device::backend::Backend;
+use kernels::device::backend::{Backend, GemmPrecision};
 use kernels::device::model::DeviceModel;
 use kernels::model::stage::{
     combine_microbatch_stats, forward_backward_microbatches, scale_for_microbatches,
@@ -243,6 +243,13 @@ pub fn train_on_device<B: Backend>(
         t.batch_size,
         t.seq_len,
     )?;
-    tracing::info!(device = %engine.describe(), "training on the device step");
+    if opts.precision == kernels::model::Precision::Bf16 {
+        engine.model.set_gemm_precision(GemmPrecision::Bf16);
+    }
+    tracing::info!(
+        device = %engine.describe(),
+        precision = %opts.precision,
+        "training on the device step"
+    );
     crate::trainer::run(opts, &data, state, &mut engine, on_step)
 }

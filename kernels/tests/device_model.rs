@@ -16,10 +16,16 @@ use kernels::ops::balance;
 use kernels::rng::Rng;
 
 fn model(config: &str, depths: usize, seed: u64) -> (DeepSeekV3, Rng) {
+    model_with_std(config, depths, seed, 0.2)
+}
+
+/// `config`'s model with `depths` MTP depths, matrices ~ N(0, std), norms 1 ± 0.2 and small
+/// random routing biases; and the rng for its batches.
+fn model_with_std(config: &str, depths: usize, seed: u64, std: f32) -> (DeepSeekV3, Rng) {
     let mut cfg = RunConfig::load(&configs_dir().join(config)).unwrap().model;
     cfg.aux_loss_alpha = 0.05;
     cfg.num_nextn_predict_layers = depths;
-    let mut m = DeepSeekV3::new(&cfg, 0.2, seed);
+    let mut m = DeepSeekV3::new(&cfg, std, seed);
     let mut rng = Rng::new(seed + 1);
     for (i, name) in m.params.names.clone().iter().enumerate() {
         if name.contains("norm") {
@@ -188,4 +194,83 @@ fn eval_loss_matches_and_fp8_is_refused_by_name() {
     };
     let e = dev.forward_backward(&bad, 0.0).unwrap_err();
     assert!(e.0.contains("is not below 64"), "{e}");
+}
+
+/// Routing biases 2 apart (expert 0 highest): every token picks the same experts whatever the
+/// rounding, so a BF16 step and an f32 step route alike and their gradients are comparable. With
+/// the natural small biases a few near-tied tokens pick other experts under BF16, and those
+/// experts' gradients differ at O(1) (reported, not judged).
+fn separate_routing(m: &mut DeepSeekV3) {
+    for id in m.moe_biases() {
+        let t = &mut m.params.tensors[id.0];
+        let e = t.data.len();
+        for (i, b) in t.data.iter_mut().enumerate() {
+            *b = 2.0 * (e - i) as f32;
+        }
+    }
+}
+
+/// BF16 mixed precision on the CPU backend (the operands of every Linear GEMM but the MoE gate
+/// rounded to BF16, f32 sums), from the configs' own initialisation (std 0.02): the losses within
+/// issue 12's BF16 bound (2e-2) of the f32 CPU model and really different from it (the rounding
+/// took effect); whenever both route alike (always with the routing held apart), every gradient
+/// within 2e-2 normwise too. (From std 0.2 the worst gradient reaches 6e-2 on tiny: BF16's error
+/// grows with the activations' size.)
+#[test]
+fn bf16_step_is_within_2e_2_of_the_f32_model() {
+    use kernels::device::backend::GemmPrecision;
+    for (config, b, t) in [("micro.toml", 3, 8), ("tiny.toml", 2, 16)] {
+        for separated in [false, true] {
+            // the configs' own initialisation (std 0.02), as a run starts
+            let (mut cpu, mut rng) = model_with_std(config, 1, 5, 0.02);
+            if separated {
+                separate_routing(&mut cpu);
+            }
+            let batch = batch(&mut rng, cpu.cfg.vocab_size, b, t);
+            let mut want = cpu.params.zeros_like();
+            let ws = cpu.forward_backward(&batch, 0.3, &mut want);
+            let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+            dev.set_gemm_precision(GemmPrecision::Bf16);
+            let gs = dev.forward_backward(&batch, 0.3).unwrap();
+            assert_ne!(gs.loss.to_bits(), ws.loss.to_bits(), "bf16 changed nothing");
+            let rel = (gs.loss - ws.loss).abs() / ws.loss;
+            assert!(rel < 2e-2, "{config}: loss {} vs {}", gs.loss, ws.loss);
+            let got = dev.grads().unwrap();
+            let mut worst = (0.0f64, 0usize);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let (d, n) = g
+                    .data
+                    .iter()
+                    .zip(&w.data)
+                    .fold((0.0f64, 0.0f64), |(d, n), (a, b)| {
+                        let e = (*a as f64) - (*b as f64);
+                        (d + e * e, n + (*b as f64) * (*b as f64))
+                    });
+                let e = if d == 0.0 { 0.0 } else { (d / n).sqrt() };
+                if e > worst.0 {
+                    worst = (e, i);
+                }
+            }
+            println!(
+                "{config} bf16, routing {}: loss {:.6} vs f32 {:.6} (rel {rel:.1e}), loads equal {}, worst gradient {:.2e} ({})",
+                if separated { "held apart" } else { "natural" },
+                gs.loss,
+                ws.loss,
+                gs.loads == ws.loads,
+                worst.0,
+                cpu.params.names[worst.1]
+            );
+            if separated {
+                assert_eq!(gs.loads, ws.loads, "routing held apart must not change");
+            }
+            if gs.loads == ws.loads {
+                assert!(
+                    worst.0 < 2e-2,
+                    "{}: {:.3e}",
+                    cpu.params.names[worst.1],
+                    worst.0
+                );
+            }
+        }
+    }
 }

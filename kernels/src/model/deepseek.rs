@@ -16,6 +16,10 @@ use std::sync::Arc;
 pub enum Precision {
     /// Everything in f32: the bitwise-deterministic reference.
     F32,
+    /// BF16 mixed precision: every Linear GEMM on BF16-rounded operands with f32 accumulation,
+    /// f32 master weights, gradients and moments. The GPU's (`--device cuda`); the CPU model
+    /// itself stays f32 (`kernels::device::backend::Cpu` emulates it for checks).
+    Bf16,
     /// DeepSeek-V3's FP8 recipe for Fprop, Dgrad and Wgrad (see `set_precision`).
     Fp8,
 }
@@ -25,8 +29,11 @@ impl std::str::FromStr for Precision {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
             "fp8" => Ok(Precision::Fp8),
-            _ => Err(format!("unknown precision {s:?} (expected f32 or fp8)")),
+            _ => Err(format!(
+                "unknown precision {s:?} (expected f32, bf16 or fp8)"
+            )),
         }
     }
 }
@@ -35,6 +42,7 @@ impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
             Precision::Fp8 => "fp8",
         })
     }

@@ -215,8 +215,10 @@ int main(int argc, char** argv) {
         launch(grid_stride(m), BLOCK, [&] { tensor_add(sum.data(), a.data(), b.data(), m); });
         launch(grid_stride(m), BLOCK, [&] { sigmoid_forward(sig.data(), a.data(), m); });
         launch(grid_stride(m), BLOCK, [&] { sigmoid_backward_input(dsig.data(), b.data(), s.data(), m); });
+        std::vector<u16> b16(m);
+        launch(grid_stride(m), BLOCK, [&] { tensor_to_bf16(b16.data(), a.data(), m); });
         launch(grid_stride(n), BLOCK, [&] { tensor_copy(a.data(), doff, b.data(), soff, n, acc); });
-        save("sum", sum), save("sig", sig), save("dsig", dsig), save("copy", a);
+        save("sum", sum), save("sig", sig), save("dsig", dsig), save("copy", a), save("bf16", b16);
     } else if (op == "moe") {  // k d (launch/tensor.rs: grid-stride; combine backward a block per row)
         int k = arg(3), d = arg(4);
         auto x = load<float>("x"), ye = load<float>("ye"), dout = load<float>("dout");

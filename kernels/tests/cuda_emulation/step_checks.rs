@@ -4,7 +4,7 @@
 //! Bit for bit where the kernel's header claims the CPU's bits; sigmoid (expf) within 1e-5 relative and
 //! the combine's dot products (a block tree, with cancellation) within 1e-5 normwise.
 
-use super::parity::{Report, indices, normals, shape};
+use super::parity::{Report, bf16_mismatches, indices, normals, shape, sprinkle};
 use super::{Emu, failed};
 use kernels::device::backend::{Backend, Cpu, HostPlan};
 use kernels::ops::moe_dispatch::DispatchPlan;
@@ -69,6 +69,24 @@ pub fn elementwise_rows(emu: &Emu, r: &mut Report, seed: u64) {
         let s = format!("{}, copy {n} at {doff} ← {soff}", shape(&[m]));
         let mut a = normals(seed, "ew a", m);
         a.iter_mut().step_by(7).for_each(|v| *v *= 12.0);
+        // ±0, subnormals, huge values; exact BF16 ties (to even), the largest finite (to inf), NaNs
+        // (kept quiet with their payload's top bits), −inf
+        sprinkle(&mut a, seed, "ew a specials", m / 50 + 1);
+        for (i, bits) in [
+            0x3f80_8000u32,
+            0x3f81_8000,
+            0x7f7f_ffff,
+            0x0000_8000,
+            0x8001_8000,
+            0x7f80_0001,
+            0xffc1_2345,
+            0xff80_0000,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            a[(i * 97) % m] = f32::from_bits(bits);
+        }
         let b = normals(seed, "ew b", m);
         let c = Cpu;
         let sig = c.sigmoid_forward(&a).unwrap();
@@ -81,13 +99,22 @@ pub fn elementwise_rows(emu: &Emu, r: &mut Report, seed: u64) {
             failed(r, "tensor_add", &s, e);
             continue;
         }
-        r.bits(
-            "tensor_add",
+        let want16: Vec<u16> = a
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let (bad, first) = bf16_mismatches(&run.get::<u16>("bf16"), &want16);
+        let at = first.map(|i| format!(", first at {i}")).unwrap_or_default();
+        let what = "bits (half::bf16::from_f32)";
+        r.check(
+            "tensor_to_bf16",
             &s,
-            "a + b",
-            &run.get("sum"),
-            &c.add(&a, &b).unwrap(),
+            what,
+            format!("{bad}/{m} differ{at}"),
+            bad == 0,
         );
+        let sum = c.add(&a, &b).unwrap();
+        r.bits("tensor_add", &s, "a + b", &run.get("sum"), &sum);
         r.rel("sigmoid_forward", &s, "s", &run.get("sig"), &sig);
         let dsig = c.sigmoid_backward_input(&b, &sig).unwrap();
         r.bits("sigmoid_backward_input", &s, "d", &run.get("dsig"), &dsig);

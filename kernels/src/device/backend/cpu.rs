@@ -2,15 +2,25 @@
 //! vectors. It is the reference the CUDA backend is compared with, and it lets the device step
 //! (`device::model`) be checked against the CPU model without a GPU.
 
-use super::{Backend, BackendError, BackendResult, HostPlan};
+use super::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
 use crate::ops::adamw::{self, StepConsts};
 use crate::ops::rope::RopeTable;
 use crate::ops::{attention, cross_entropy, embedding, linear, moe_dispatch, moe_gate};
 use crate::ops::{rmsnorm, rope, swiglu};
+use half::bf16;
+use std::borrow::Cow;
 
 /// The host as a device (rayon inside the ops).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
+
+/// `x` as the GEMM reads it: as is in f32, each value rounded to BF16 (nearest even) in BF16.
+fn operand(x: &[f32], p: GemmPrecision) -> Cow<'_, [f32]> {
+    match p {
+        GemmPrecision::F32 => Cow::Borrowed(x),
+        GemmPrecision::Bf16 => Cow::Owned(x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()),
+    }
+}
 
 fn check(what: &str, len: usize, want: usize) -> BackendResult<()> {
     if len == want {
@@ -83,11 +93,12 @@ impl Backend for Cpu {
         n: usize,
         din: usize,
         dout: usize,
+        p: GemmPrecision,
     ) -> BackendResult<Vec<f32>> {
         check("linear x", x.len(), n * din)?;
         check("linear w", w.len(), dout * din)?;
         let mut y = vec![0.0; n * dout];
-        linear::forward(&mut y, x, w, n, din, dout);
+        linear::forward(&mut y, &operand(x, p), &operand(w, p), n, din, dout);
         Ok(y)
     }
 
@@ -100,10 +111,12 @@ impl Backend for Cpu {
         din: usize,
         dout: usize,
         acc: bool,
+        p: GemmPrecision,
     ) -> BackendResult<()> {
         check("linear dx", dx.len(), n * din)?;
         check("linear dy", dy.len(), n * dout)?;
-        linear::backward_input(dx, dy, w, n, din, dout, acc);
+        let (dy, w) = (operand(dy, p), operand(w, p));
+        linear::backward_input(dx, &dy, &w, n, din, dout, acc);
         Ok(())
     }
 
@@ -115,10 +128,11 @@ impl Backend for Cpu {
         n: usize,
         din: usize,
         dout: usize,
+        p: GemmPrecision,
     ) -> BackendResult<()> {
         check("linear dw", dw.len(), dout * din)?;
         check("linear x", x.len(), n * din)?;
-        linear::backward_weight(dw, dy, x, n, din, dout);
+        linear::backward_weight(dw, &operand(dy, p), &operand(x, p), n, din, dout);
         Ok(())
     }
 

@@ -25,6 +25,16 @@ pub struct BackendError(pub String);
 
 pub type BackendResult<T> = Result<T, BackendError>;
 
+/// The precision of the Linear GEMMs: f32 (the reference), or BF16 mixed precision, where both
+/// operands are rounded to BF16 (nearest even) and the products are summed in f32 into an f32
+/// output; master weights, gradients and moments stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
 /// A MoE layer's dispatch plan as the host built it (`DispatchPlan`), with the routing weights
 /// and, for every token, its `k` rows in ascending row order (the order the CPU adds them in).
 #[derive(Clone, Debug)]
@@ -93,6 +103,7 @@ pub trait Backend {
     fn synchronize(&self) -> BackendResult<()>;
 
     /// y[n, dout] = x[n, din] · w[dout, din]ᵀ
+    #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
         x: &Self::Buf,
@@ -100,6 +111,7 @@ pub trait Backend {
         n: usize,
         din: usize,
         dout: usize,
+        p: GemmPrecision,
     ) -> BackendResult<Self::Buf>;
     /// dx[n, din] (+)= dy[n, dout] · w[dout, din]
     #[allow(clippy::too_many_arguments)]
@@ -112,6 +124,7 @@ pub trait Backend {
         din: usize,
         dout: usize,
         acc: bool,
+        p: GemmPrecision,
     ) -> BackendResult<()>;
     /// dw[dout, din] += dy[n, dout]ᵀ · x[n, din]
     #[allow(clippy::too_many_arguments)]
@@ -123,6 +136,7 @@ pub trait Backend {
         n: usize,
         din: usize,
         dout: usize,
+        p: GemmPrecision,
     ) -> BackendResult<()>;
 
     /// (y, rstd) of RMSNorm over rows of `d`.

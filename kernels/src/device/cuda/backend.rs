@@ -9,7 +9,7 @@
 //! with its CPU twin by `gpu_parity.rs` (on a GPU) and `cuda_emulation.rs` (on the CPU).
 
 use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan};
-use crate::device::backend::{Backend, BackendError, BackendResult, HostPlan};
+use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
 use crate::ops::adamw::StepConsts;
 use crate::ops::rope::RopeTable;
 use cudarc::driver::{CudaSlice, sys};
@@ -63,17 +63,22 @@ impl CudaBackend {
         Ok(CudaBackend { gpu, blas })
     }
 
-    /// The f32 SGEMM ceiling of this device through the same cuBLAS call the Linear layers use
-    /// (y = x·Wᵀ, n×n×n, FP32, TF32 off): TFLOP/s of the best of `reps` timed calls.
-    pub fn sgemm_tflops(&self, n: usize, reps: usize) -> Result<f64, GpuError> {
+    /// The GEMM ceiling of this device in precision `p` through the same cuBLAS call the Linear
+    /// layers use (y = x·Wᵀ, n×n×n; f32: SGEMM, TF32 off; BF16: GemmEx with f32 accumulation and
+    /// output, operands already rounded): TFLOP/s of the best of `reps` timed calls.
+    pub fn gemm_tflops(&self, n: usize, reps: usize, p: GemmPrecision) -> Result<f64, GpuError> {
         let x = self.gpu.upload(&vec![0.5f32; n * n])?;
         let w = self.gpu.upload(&vec![0.25f32; n * n])?;
+        let (mut x16, mut w16) = (self.gpu.zeros::<u16>(n * n)?, self.gpu.zeros::<u16>(n * n)?);
+        self.gpu.to_bf16(&mut x16, &x)?;
+        self.gpu.to_bf16(&mut w16, &w)?;
         let mut y = self.gpu.zeros::<f32>(n * n)?;
+        let fwd = LinearGemm::Forward;
         let mut best = f64::MAX;
         for _ in 0..reps.max(1) {
-            let ms = self.gpu.time_ms(1, || {
-                self.blas
-                    .linear(LinearGemm::Forward, &mut y, &x, &w, n, n, n)
+            let ms = self.gpu.time_ms(1, || match p {
+                GemmPrecision::F32 => self.blas.linear(fwd, &mut y, &x, &w, n, n, n),
+                GemmPrecision::Bf16 => self.blas.linear_bf16(fwd, &mut y, &x16, &w16, n, n, n),
             })?;
             best = best.min(ms);
         }
@@ -82,6 +87,36 @@ impl CudaBackend {
 
     fn buf(&self, n: usize) -> BackendResult<CudaSlice<f32>> {
         Ok(self.gpu.zeros(n)?)
+    }
+
+    fn bf16(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<u16>> {
+        let mut out = self.gpu.zeros::<u16>(x.len())?;
+        self.gpu.to_bf16(&mut out, x)?;
+        Ok(out)
+    }
+
+    /// One Linear GEMM in precision `p` (BF16: both operands rounded on the device first).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        which: LinearGemm,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        w_or_x: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+        p: GemmPrecision,
+    ) -> BackendResult<()> {
+        match p {
+            GemmPrecision::F32 => Ok(self.blas.linear(which, out, a, w_or_x, n, din, dout)?),
+            GemmPrecision::Bf16 => {
+                let (a16, b16) = (self.bf16(a)?, self.bf16(w_or_x)?);
+                Ok(self
+                    .blas
+                    .linear_bf16(which, out, &a16, &b16, n, din, dout)?)
+            }
+        }
     }
 }
 
@@ -149,10 +184,10 @@ impl Backend for CudaBackend {
         n: usize,
         din: usize,
         dout: usize,
+        p: GemmPrecision,
     ) -> BackendResult<CudaSlice<f32>> {
         let mut y = self.buf(n * dout)?;
-        self.blas
-            .linear(LinearGemm::Forward, &mut y, x, w, n, din, dout)?;
+        self.gemm(LinearGemm::Forward, &mut y, x, w, n, din, dout, p)?;
         Ok(y)
     }
 
@@ -165,9 +200,10 @@ impl Backend for CudaBackend {
         din: usize,
         dout: usize,
         acc: bool,
+        p: GemmPrecision,
     ) -> BackendResult<()> {
         let which = LinearGemm::BackwardInput { acc };
-        Ok(self.blas.linear(which, dx, dy, w, n, din, dout)?)
+        self.gemm(which, dx, dy, w, n, din, dout, p)
     }
 
     fn linear_backward_weight(
@@ -178,9 +214,9 @@ impl Backend for CudaBackend {
         n: usize,
         din: usize,
         dout: usize,
+        p: GemmPrecision,
     ) -> BackendResult<()> {
-        let which = LinearGemm::BackwardWeight;
-        Ok(self.blas.linear(which, dw, dy, x, n, din, dout)?)
+        self.gemm(LinearGemm::BackwardWeight, dw, dy, x, n, din, dout, p)
     }
 
     fn rmsnorm_forward(

@@ -95,7 +95,8 @@ pub const SOURCES: &[KernelSource] = &[
             "tensor_broadcast_heads",
             "tensor_sum_heads",
             "sigmoid_forward",
-            "sigmoid_backward_input"
+            "sigmoid_backward_input",
+            "tensor_to_bf16"
         ]
     ),
     source!(

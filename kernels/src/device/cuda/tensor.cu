@@ -106,3 +106,18 @@ extern "C" __global__ void sigmoid_backward_input(float* __restrict__ d,
         d[i] = __fmul_rn(__fmul_rn(ds[i], y), 1.0f - y);
     }
 }
+
+// backend/cpu.rs: the BF16 GEMM operand (half::bf16::from_f32: round to nearest even, a NaN
+// kept quiet with its sign and top payload bits), as bits. Grid-stride over n.
+extern "C" __global__ void tensor_to_bf16(u16* __restrict__ out, const float* __restrict__ x,
+                                          long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        u32 u = __float_as_uint(x[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            out[i] = (u16)((u >> 16) | 0x40u);
+        } else {
+            out[i] = (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! parameter ids and shapes; the order of every operation, and of every weight gradient added
 //! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
 
-use super::super::backend::{Backend, BackendResult, HostPlan};
+use super::super::backend::{Backend, BackendResult, GemmPrecision, HostPlan};
 use crate::model::layers::{Block, Ffn, Linear, Mla, Moe, MoeStats, RmsNorm, Rows, SwiGlu};
 use crate::ops::balance;
 use crate::ops::moe_dispatch::DispatchPlan;
@@ -19,6 +19,8 @@ pub(crate) struct Ctx<'a, B: Backend> {
     /// Host copies of the routing biases (by `ParamId` index; empty for other tensors).
     pub host_bias: &'a [Vec<f32>],
     pub table: &'a B::Table,
+    /// The precision of every Linear's GEMMs.
+    pub gemm: GemmPrecision,
 }
 
 /// Positions of the rows a block sees, token rows and per-head rows (`i mod seq`).
@@ -43,8 +45,19 @@ pub(crate) fn linear_forward<B: Backend>(
     l: &Linear,
     x: &B::Buf,
 ) -> BackendResult<B::Buf> {
+    linear_forward_in(c, l, x, c.gemm)
+}
+
+/// A Linear forward in precision `p` (the MoE gate stays f32: routing is decided in full
+/// precision, as DeepSeek-V3 keeps its gating in the original precision).
+fn linear_forward_in<B: Backend>(
+    c: &Ctx<'_, B>,
+    l: &Linear,
+    x: &B::Buf,
+    p: GemmPrecision,
+) -> BackendResult<B::Buf> {
     let n = c.b.len(x) / l.d_in;
-    c.b.linear_forward(x, &c.p[l.w.0], n, l.d_in, l.d_out)
+    c.b.linear_forward(x, &c.p[l.w.0], n, l.d_in, l.d_out, p)
 }
 
 /// dx (+)= dy·W, then dW += dyᵀ·x.
@@ -56,9 +69,23 @@ pub(crate) fn linear_backward<B: Backend>(
     dx: &mut B::Buf,
     acc: bool,
 ) -> BackendResult<()> {
+    let p = c.gemm;
+    linear_backward_in(c, l, dy, x, dx, acc, p)
+}
+
+fn linear_backward_in<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    l: &Linear,
+    dy: &B::Buf,
+    x: &B::Buf,
+    dx: &mut B::Buf,
+    acc: bool,
+    p: GemmPrecision,
+) -> BackendResult<()> {
     let n = c.b.len(dy) / l.d_out;
-    c.b.linear_backward_input(dx, dy, &c.p[l.w.0], n, l.d_in, l.d_out, acc)?;
-    c.b.linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out)
+    let w = &c.p[l.w.0];
+    c.b.linear_backward_input(dx, dy, w, n, l.d_in, l.d_out, acc, p)?;
+    c.b.linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out, p)
 }
 
 /// RMSNorm's input and 1/rms per row.
@@ -271,7 +298,7 @@ pub(crate) fn moe_forward<B: Backend>(
     let b = c.b;
     let d = m.gate.d_in;
     let e = m.experts.len();
-    let logits = linear_forward(c, &m.gate, x)?;
+    let logits = linear_forward_in(c, &m.gate, x, GemmPrecision::F32)?;
     let s = b.sigmoid_forward(&logits)?;
     let s_host = b.download(&s)?;
     let routing = moe_gate::forward(&s_host, &c.host_bias[m.bias.0], &m.rule);
@@ -365,7 +392,7 @@ pub(crate) fn moe_backward<B: Backend>(
     }
     let ds = b.upload(&ds)?;
     let dlogits = b.sigmoid_backward_input(&ds, &st.s)?;
-    linear_backward(c, &m.gate, &dlogits, x, &mut dx, true)?;
+    linear_backward_in(c, &m.gate, &dlogits, x, &mut dx, true, GemmPrecision::F32)?;
     Ok(dx)
 }
 

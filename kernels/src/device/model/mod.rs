@@ -12,7 +12,7 @@
 mod layers;
 mod tail;
 
-use super::backend::{Backend, BackendError, BackendResult};
+use super::backend::{Backend, BackendError, BackendResult, GemmPrecision};
 use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
 use crate::model::layers::{Block, Ffn, Rows};
 use crate::ops::adamw::{self, AdamW};
@@ -33,6 +33,8 @@ pub struct DeviceModel<B: Backend> {
     moments: Vec<Option<(B::Buf, B::Buf)>>,
     host_bias: Vec<Vec<f32>>,
     table: Option<(usize, B::Table)>,
+    /// The precision of the Linear GEMMs (f32 unless [`DeviceModel::set_gemm_precision`]).
+    gemm: GemmPrecision,
 }
 
 /// What one optimizer update did.
@@ -101,6 +103,7 @@ impl<B: Backend> DeviceModel<B> {
             grads,
             host_bias,
             table: None,
+            gemm: GemmPrecision::F32,
             model,
         })
     }
@@ -133,6 +136,15 @@ impl<B: Backend> DeviceModel<B> {
         Ok(())
     }
 
+    /// Sets the precision of every Linear's GEMMs (BF16: mixed precision, f32 master weights).
+    pub fn set_gemm_precision(&mut self, p: GemmPrecision) {
+        self.gemm = p;
+    }
+
+    pub fn gemm_precision(&self) -> GemmPrecision {
+        self.gemm
+    }
+
     fn ensure_table(&mut self, seq: usize) -> BackendResult<()> {
         if self.table.as_ref().map(|(s, _)| *s) != Some(seq) {
             let t: RopeTable = self.model.rope_table(seq);
@@ -161,6 +173,7 @@ impl<B: Backend> DeviceModel<B> {
             grads,
             host_bias,
             table,
+            gemm,
             ..
         } = self;
         let table = &table.as_ref().expect("ensured").1;
@@ -170,6 +183,7 @@ impl<B: Backend> DeviceModel<B> {
             g: grads,
             host_bias,
             table,
+            gemm: *gemm,
         };
         let rows = Rows {
             batch: batch.batch,
@@ -227,6 +241,7 @@ impl<B: Backend> DeviceModel<B> {
             g: &mut [],
             host_bias: &self.host_bias,
             table: &self.table.as_ref().expect("ensured").1,
+            gemm: self.gemm,
         };
         let rows = Rows {
             batch: batch.batch,

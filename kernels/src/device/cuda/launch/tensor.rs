@@ -135,6 +135,19 @@ impl Gpu {
         self.elementwise("sigmoid_backward_input", d, &[ds, s])
     }
 
+    /// out = x rounded to BF16 (nearest even), as bits.
+    pub fn to_bf16(&self, out: &mut CudaSlice<u16>, x: &CudaSlice<f32>) -> Result<(), GpuError> {
+        let kn = "tensor_to_bf16";
+        let n = x.len();
+        check_len(kn, "out", out.len(), n)?;
+        let nl = long(kn, "n", n)?;
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(out).arg(x).arg(&nl);
+        // SAFETY: (u16* out, const float* x, long long n), both holding n (checked); grid-stride.
+        unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
     /// dst[dst_off..+n] (+)= src[src_off..+n]
     pub fn tensor_copy(
         &self,
@@ -374,17 +387,112 @@ impl Gpu {
 /// The cuBLAS handle of one `Gpu`'s stream, for the Linear GEMMs.
 pub struct Blas {
     blas: CudaBlas,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+/// One Linear GEMM as column-major cuBLAS sees it: C = op(A)·op(B), A the `w_or_x` operand
+/// (W, or x for the weight gradient) and B the other.
+struct Plan {
+    transa: cublasOperation_t,
+    transb: cublasOperation_t,
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    ldc: i32,
+    beta: f32,
+    out_len: usize,
+}
+
+/// The GEMM of `which` for W [dout, din] and n rows, lengths checked: a row-major M[r, c] is the
+/// column-major Mᵀ with leading dimension c.
+fn plan(
+    which: LinearGemm,
+    a_len: usize,
+    b_len: usize,
+    out_len: usize,
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Result<Plan, GpuError> {
+    use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+    let kn = "cublas gemm";
+    let i = |what: &str, v: usize| int(kn, what, v);
+    let p = match which {
+        // yᵀ[dout, n] = W · xᵀ: A = W (col-major Wᵀ, op T), B = x (col-major xᵀ, op N)
+        LinearGemm::Forward => {
+            check_len(kn, "x", a_len, n * din)?;
+            check_len(kn, "w", b_len, dout * din)?;
+            Plan {
+                transa: T,
+                transb: N,
+                m: i("dout", dout)?,
+                n: i("n", n)?,
+                k: i("din", din)?,
+                lda: i("din", din)?,
+                ldb: i("din", din)?,
+                ldc: i("dout", dout)?,
+                beta: 0.0,
+                out_len: n * dout,
+            }
+        }
+        // dxᵀ[din, n] = Wᵀ · dyᵀ: A = W (op N, lda din), B = dy (op N, ldb dout)
+        LinearGemm::BackwardInput { acc } => {
+            check_len(kn, "dy", a_len, n * dout)?;
+            check_len(kn, "w", b_len, dout * din)?;
+            Plan {
+                transa: N,
+                transb: N,
+                m: i("din", din)?,
+                n: i("n", n)?,
+                k: i("dout", dout)?,
+                lda: i("din", din)?,
+                ldb: i("dout", dout)?,
+                ldc: i("din", din)?,
+                beta: if acc { 1.0 } else { 0.0 },
+                out_len: n * din,
+            }
+        }
+        // dWᵀ[din, dout] += xᵀ · dy: A = x (op N, lda din), B = dy (op T, ldb dout)
+        LinearGemm::BackwardWeight => {
+            check_len(kn, "dy", a_len, n * dout)?;
+            check_len(kn, "x", b_len, n * din)?;
+            Plan {
+                transa: N,
+                transb: T,
+                m: i("din", din)?,
+                n: i("dout", dout)?,
+                k: i("n", n)?,
+                lda: i("din", din)?,
+                ldb: i("dout", dout)?,
+                ldc: i("din", din)?,
+                beta: 1.0,
+                out_len: dout * din,
+            }
+        }
+    };
+    check_len(kn, "out", out_len, p.out_len)?;
+    Ok(p)
+}
+
+fn blas_err(e: cudarc::cublas::result::CublasError) -> GpuError {
+    shape_err("cublas gemm", format!("{e:?}"))
 }
 
 impl Blas {
     pub fn new(gpu: &Gpu) -> Result<Blas, GpuError> {
         let blas = CudaBlas::new(gpu.stream().clone())
             .map_err(|e| shape_err("cublas", format!("creating the handle: {e:?}")))?;
-        Ok(Blas { blas })
+        Ok(Blas {
+            blas,
+            stream: gpu.stream().clone(),
+        })
     }
 
-    /// One GEMM of a Linear with W [dout, din] and n rows, row-major, through column-major
-    /// cuBLAS: a row-major M[r, c] is the column-major Mᵀ with leading dimension c.
+    /// One f32 GEMM of a Linear with W [dout, din] and n rows (SGEMM; cuBLAS's default math mode
+    /// keeps FP32, TF32 off). `a` is x (forward) or dy (backward); `w_or_x` is W, or x for the
+    /// weight gradient.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
@@ -396,74 +504,80 @@ impl Blas {
         din: usize,
         dout: usize,
     ) -> Result<(), GpuError> {
-        use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
-        let kn = "cublas sgemm";
-        let i = |what: &str, v: usize| int(kn, what, v);
-        // (transa, transb, m, n, k, A, lda, B, ldb, beta, ldc), A = `first`, B = `second`
-        let (cfg, first, second, out_len) = match which {
-            // yᵀ[dout, n] = W · xᵀ: A = W (col-major Wᵀ, op T), B = x (col-major xᵀ, op N)
-            LinearGemm::Forward => {
-                check_len(kn, "x", a.len(), n * din)?;
-                check_len(kn, "w", w_or_x.len(), dout * din)?;
-                let c = GemmConfig {
-                    transa: T,
-                    transb: N,
-                    m: i("dout", dout)?,
-                    n: i("n", n)?,
-                    k: i("din", din)?,
-                    alpha: 1.0f32,
-                    lda: i("din", din)?,
-                    ldb: i("din", din)?,
-                    beta: 0.0,
-                    ldc: i("dout", dout)?,
-                };
-                (c, w_or_x, a, n * dout)
-            }
-            // dxᵀ[din, n] = Wᵀ · dyᵀ: A = W (op N, lda din), B = dy (op N, ldb dout)
-            LinearGemm::BackwardInput { acc } => {
-                check_len(kn, "dy", a.len(), n * dout)?;
-                check_len(kn, "w", w_or_x.len(), dout * din)?;
-                let c = GemmConfig {
-                    transa: N,
-                    transb: N,
-                    m: i("din", din)?,
-                    n: i("n", n)?,
-                    k: i("dout", dout)?,
-                    alpha: 1.0f32,
-                    lda: i("din", din)?,
-                    ldb: i("dout", dout)?,
-                    beta: if acc { 1.0 } else { 0.0 },
-                    ldc: i("din", din)?,
-                };
-                (c, w_or_x, a, n * din)
-            }
-            // dWᵀ[din, dout] += xᵀ · dy: A = x (op N, lda din), B = dy (op T, ldb dout)
-            LinearGemm::BackwardWeight => {
-                check_len(kn, "dy", a.len(), n * dout)?;
-                check_len(kn, "x", w_or_x.len(), n * din)?;
-                let c = GemmConfig {
-                    transa: N,
-                    transb: T,
-                    m: i("din", din)?,
-                    n: i("dout", dout)?,
-                    k: i("n", n)?,
-                    alpha: 1.0f32,
-                    lda: i("din", din)?,
-                    ldb: i("dout", dout)?,
-                    beta: 1.0,
-                    ldc: i("din", din)?,
-                };
-                (c, w_or_x, a, dout * din)
-            }
-        };
-        check_len(kn, "out", out.len(), out_len)?;
-        if out_len == 0 {
+        let p = plan(which, a.len(), w_or_x.len(), out.len(), n, din, dout)?;
+        if p.out_len == 0 {
             return Ok(());
         }
-        // SAFETY: every operand holds the elements its (m, n, k, ld) describe (checked above),
-        // all on the handle's stream.
-        unsafe { self.blas.gemm(cfg, first, second, out) }
-            .map_err(|e| shape_err(kn, format!("{e:?}")))?;
-        Ok(())
+        let (first, second) = (w_or_x, a);
+        let cfg = GemmConfig {
+            transa: p.transa,
+            transb: p.transb,
+            m: p.m,
+            n: p.n,
+            k: p.k,
+            alpha: 1.0f32,
+            lda: p.lda,
+            ldb: p.ldb,
+            beta: p.beta,
+            ldc: p.ldc,
+        };
+        // SAFETY: every operand holds the elements its (m, n, k, ld) describe (checked by
+        // `plan`), all on the handle's stream.
+        unsafe { self.blas.gemm(cfg, first, second, out) }.map_err(blas_err)
+    }
+
+    /// The same GEMM with BF16 operands (bits as u16, rounded by `Gpu::to_bf16`), products summed
+    /// in f32 into the f32 `out` (cublasGemmEx, CUBLAS_COMPUTE_32F).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_bf16(
+        &self,
+        which: LinearGemm,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<u16>,
+        w_or_x: &CudaSlice<u16>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<(), GpuError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let p = plan(which, a.len(), w_or_x.len(), out.len(), n, din, dout)?;
+        if p.out_len == 0 {
+            return Ok(());
+        }
+        let (first, second) = (w_or_x, a);
+        let stream = &self.stream;
+        let (pa, _ra) = first.device_ptr(stream);
+        let (pb, _rb) = second.device_ptr(stream);
+        let (pc, _rc) = out.device_ptr_mut(stream);
+        let (alpha, beta) = (1.0f32, p.beta);
+        let bf = cudaDataType::CUDA_R_16BF;
+        // SAFETY: A and B hold bf16 values and C f32 values in the counts (m, n, k, ld) describe
+        // (checked by `plan`); alpha and beta are f32 as CUBLAS_COMPUTE_32F requires; the pointers
+        // are kept alive by the records until the call is queued on the handle's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                p.transa,
+                p.transb,
+                p.m,
+                p.n,
+                p.k,
+                (&alpha as *const f32).cast(),
+                pa as *const _,
+                bf,
+                p.lda,
+                pb as *const _,
+                bf,
+                p.ldb,
+                (&beta as *const f32).cast(),
+                pc as *mut _,
+                cudaDataType::CUDA_R_32F,
+                p.ldc,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(blas_err)
     }
 }
