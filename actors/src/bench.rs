@@ -343,23 +343,29 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     seq: usize,
     steps: usize,
     mtp: bool,
-    gemm: kernels::device::backend::GemmPrecision,
+    precision: kernels::model::Precision,
 ) -> Result<DeviceBench> {
+    use kernels::device::backend::GemmPrecision;
     use kernels::device::model::DeviceModel;
+    use kernels::model::Precision;
     let dev = |e: kernels::device::backend::BackendError| anyhow::anyhow!("device step: {e}");
     let rc = RunConfig::load(config)?;
     let t = &rc.training;
-    let model = DeepSeekV3::new(&rc.model, t.init_std, 0);
+    let mut model = DeepSeekV3::new(&rc.model, t.init_std, 0);
+    // FP8: the recipe's Linears (`set_precision`) and its BF16 moments, as `phalanx train` runs it
+    model.set_precision(precision);
     let parameters = model.num_params();
     let device = backend.describe();
     let mut m = DeviceModel::new(backend, model).map_err(dev)?;
-    m.set_gemm_precision(gemm);
+    if precision == Precision::Bf16 {
+        m.set_gemm_precision(GemmPrecision::Bf16);
+    }
     let opt = AdamW {
         beta1: t.beta1,
         beta2: t.beta2,
         eps: t.adam_eps,
         weight_decay: t.weight_decay,
-        bf16_moments: false,
+        bf16_moments: precision == Precision::Fp8,
     };
     let lambda = if mtp { t.mtp_loss_weight } else { 0.0 };
     let data = storage::dataset::Dataset::synthetic(rc.model.vocab_size, 0, 1 << 20);

@@ -11,7 +11,6 @@ use kernels::device::model::DeviceModel;
 use kernels::model::stage::{
     combine_microbatch_stats, forward_backward_microbatches, scale_for_microbatches,
 };
-use kernels::ops::adamw::Moments;
 use std::sync::Arc;
 use storage::dataset::Dataset;
 
@@ -100,7 +99,7 @@ impl StepEngine for Sequential {
 /// The whole step on a device: the parameters, gradients and moments live in a `DeviceModel`,
 /// the loss-spike gate judges the device's norm, and `state` (the loop's committed state) is
 /// brought back to the host only when the loop reads it ([`StepEngine::sync_host`]). One batch
-/// per step (no micro-batches); f32 with f32 moments.
+/// per step (no micro-batches); f32, BF16 GEMMs or the FP8 recipe (with its BF16 moments).
 pub struct DeviceEngine<B: Backend> {
     pub data: Arc<Dataset>,
     pub seed: u64,
@@ -140,26 +139,22 @@ impl<B: Backend> DeviceEngine<B> {
     }
 }
 
-/// A device model holding `state`'s parameters and f32 moments.
+/// A device model holding `state`'s parameters and moments.
 fn upload<B: Backend>(backend: B, state: &TrainState) -> Result<DeviceModel<B>> {
     let mut m = on_device(DeviceModel::new(backend, state.model.clone()))?;
     load_moments(&mut m, state)?;
     Ok(m)
 }
 
-/// `state`'s moments onto the device (none before the first step: they start at zero there).
+/// `state`'s moments onto the device (none before the first step: they start at zero there, in
+/// the optimizer's format).
 fn load_moments<B: Backend>(m: &mut DeviceModel<B>, state: &TrainState) -> Result<()> {
+    if state.step == 0 {
+        return Ok(());
+    }
     for (i, mo) in state.moments.iter().enumerate() {
-        match mo {
-            Some(Moments::F32 { m: mm, v }) if state.step > 0 => {
-                on_device(m.load_moments(i, mm, v))?
-            }
-            Some(Moments::Bf16 { .. }) => {
-                return Err(anyhow!(
-                    "device step: BF16 moments are not built on the device yet"
-                ));
-            }
-            _ => {}
+        if let Some(mo) = mo {
+            on_device(m.load_moments(i, mo))?;
         }
     }
     Ok(())
@@ -215,9 +210,9 @@ impl<B: Backend> StepEngine for DeviceEngine<B> {
         state.model.params = host.params.clone();
         for (i, mo) in state.moments.iter_mut().enumerate() {
             if mo.is_some()
-                && let Some((m, v)) = on_device(self.model.moments(i))?
+                && let Some(device) = on_device(self.model.moments(i))?
             {
-                *mo = Some(Moments::F32 { m, v });
+                *mo = Some(device);
             }
         }
         self.dirty = false;

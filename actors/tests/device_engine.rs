@@ -57,3 +57,20 @@ fn device_run_resumes_from_its_checkpoints_to_the_uninterrupted_weights() {
     assert_eq!(rest.params_sha256, whole.params_sha256);
     println!("4 + 4 steps resumed on the device: {}", rest.params_sha256);
 }
+
+/// `--precision fp8` through the device engine (CPU backend): the FP8 recipe with BF16 moments,
+/// the plain loop's run bit for bit.
+#[test]
+fn device_engine_runs_the_fp8_recipe_as_the_plain_loop() {
+    let mut opts = common::micro_options("device-fp8-plain", 2, 4, 6);
+    opts.precision = kernels::model::Precision::Fp8;
+    let want = trainer::train(&opts, |_, _| {}).expect("plain fp8 run");
+    let mut opts_dev = opts.clone();
+    opts_dev.out_dir = common::scratch("device-fp8-dev");
+    let got = train_on_device(&opts_dev, Cpu, |_, _| {}).expect("device fp8 run");
+    runs_alike(&got, &want);
+    let f32_run = trainer::train(&common::micro_options("device-fp8-f32", 2, 4, 6), |_, _| {})
+        .expect("f32 run");
+    assert_ne!(f32_run.params_sha256, got.params_sha256, "fp8 took effect");
+    println!("6 fp8 steps: {} = plain", got.params_sha256);
+}

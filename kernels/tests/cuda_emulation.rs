@@ -45,7 +45,7 @@ macro_rules! raw {
         }
     )*};
 }
-raw!(f32, f64, u32, u16);
+raw!(f32, f64, u32, u16, u8);
 
 /// The compiled driver and a scratch folder per run.
 pub struct Emu {

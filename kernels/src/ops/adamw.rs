@@ -128,16 +128,7 @@ impl AdamW {
             Moments::Bf16 { m, v } => chunks
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| {
-                    for i in 0..p.len() {
-                        let gi = g[i] * grad_scale;
-                        g[i] = 0.0;
-                        let (mi, vi) = moments(gi, m[i].to_f32(), v[i].to_f32(), &c);
-                        m[i] = bf16::from_f32(mi);
-                        v[i] = bf16::from_f32(vi);
-                        c.apply(&mut p[i], m[i].to_f32(), v[i].to_f32());
-                    }
-                }),
+                .for_each(|(((p, g), m), v)| step_bf16(p, g, m, v, grad_scale, &c)),
         }
     }
 }
@@ -158,6 +149,27 @@ pub fn step_f32(
         m[i] = mi;
         v[i] = vi;
         c.apply(&mut p[i], mi, vi);
+    }
+}
+
+/// [`step_f32`] with BF16 moments: each computed in f32 from its stored value and rounded to the
+/// nearest BF16 when stored; the update reads the rounded moments (the `adamw_step_bf16` kernel's
+/// rule).
+pub fn step_bf16(
+    p: &mut [f32],
+    g: &mut [f32],
+    m: &mut [bf16],
+    v: &mut [bf16],
+    grad_scale: f32,
+    c: &StepConsts,
+) {
+    for i in 0..p.len() {
+        let gi = g[i] * grad_scale;
+        g[i] = 0.0;
+        let (mi, vi) = moments(gi, m[i].to_f32(), v[i].to_f32(), c);
+        m[i] = bf16::from_f32(mi);
+        v[i] = bf16::from_f32(vi);
+        c.apply(&mut p[i], m[i].to_f32(), v[i].to_f32());
     }
 }
 

@@ -14,7 +14,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 12] = [
+pub const FAMILIES: [(&str, Family); 13] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -27,6 +27,7 @@ pub const FAMILIES: [(&str, Family); 12] = [
     ("copy_cols", step_checks::copy_rows),
     ("elementwise", step_checks::elementwise_rows),
     ("moe", step_checks::moe_rows),
+    ("fp8_gemm", step_checks::fp8_gemm_rows),
 ];
 
 /// A failed driver run as a failed row.

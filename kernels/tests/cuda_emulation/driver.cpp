@@ -22,6 +22,7 @@
 #include "../../src/device/cuda/swiglu.cu"
 #include "../../src/device/cuda/tensor.cu"
 #include "../../src/device/cuda/moe.cu"
+#include "../../src/device/cuda/fp8_gemm.cu"
 
 static const unsigned BLOCK = 256;
 static std::string dir;
@@ -239,6 +240,20 @@ int main(int argc, char** argv) {
                                        token.data(), slot.data(), k, d);
         });
         save("xe", xe), save("dx", dx), save("out", out), save("dye", dye), save("dweights", dweights);
+    } else if (op == "fp8_gemm") {  // m n k a_i a_k sa_kb sa_i sa_div b_j b_k sb_kb sb_j sb_div
+        int m = arg(3), n = arg(4), k = arg(5);
+        long long a_i = arg(6), a_k = arg(7), sa_kb = arg(8), sa_i = arg(9);
+        int sa_div = arg(10);
+        long long b_j = arg(11), b_k = arg(12), sb_kb = arg(13), sb_j = arg(14);
+        int sb_div = arg(15);
+        auto ac = load<u8>("a"), bc = load<u8>("b");
+        auto as = load<float>("sa"), bs = load<float>("sb");
+        std::vector<float> out((size_t)m * n);
+        launch(grid_stride((long long)m * n), BLOCK, [&] {
+            fp8_gemm_promoted(out.data(), m, n, k, ac.data(), a_i, a_k, as.data(), sa_kb, sa_i, sa_div,
+                              bc.data(), b_j, b_k, bs.data(), sb_kb, sb_j, sb_div);
+        });
+        save("out", out);
     } else {
         fprintf(stderr, "unknown op %s\n", op.c_str());
         return 2;

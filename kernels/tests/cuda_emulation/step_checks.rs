@@ -221,3 +221,74 @@ pub fn moe_rows(emu: &Emu, r: &mut Report, seed: u64) {
         );
     }
 }
+
+/// The promoted FP8 GEMM (`fp8_gemm.cu`) in the three orientations of a Linear, with the
+/// operands' strides the CUDA backend passes, against `fp8::fp8_gemm_fprop`, `_dgrad` and
+/// `_wgrad` on the same quantised tensors (exact products; sums in another order: normwise).
+pub fn fp8_gemm_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    use kernels::fp8::quant::{quantize_1x128, quantize_128x1, quantize_128x128};
+    use kernels::fp8::{ScaleFormat, fp8_gemm_dgrad, fp8_gemm_fprop, fp8_gemm_wgrad};
+    let f = ScaleFormat::F32;
+    for (n, din, dout) in [(5, 200, 130), (130, 64, 3)] {
+        let s = format!("n {n}, {din}→{dout}");
+        let x = normals(seed, "fp8 x", n * din);
+        let w = normals(seed, "fp8 w", dout * din);
+        let dy = normals(seed, "fp8 dy", n * dout);
+        let (kin, kout) = (din.div_ceil(128), dout.div_ceil(128));
+        // (kernel label, m, n, k, A, a strides, B, b strides, CPU result)
+        let xq = quantize_1x128(&x, n, din, f);
+        let wq = quantize_128x128(&w, dout, din, f);
+        let mut y = vec![0f32; n * dout];
+        fp8_gemm_fprop(&mut y, &xq, &wq);
+        let gq = quantize_1x128(&dy, n, dout, f);
+        let mut dx = vec![0f32; n * din];
+        fp8_gemm_dgrad(&mut dx, &gq, &wq);
+        let gt = quantize_128x1(&dy, n, dout, f);
+        let xt = quantize_128x1(&x, n, din, f);
+        let mut dw = vec![0f32; dout * din];
+        fp8_gemm_wgrad(&mut dw, &gt, &xt);
+        type Op<'a> = (&'a kernels::fp8::Fp8Tensor, [usize; 5]);
+        let cases: [(&str, [usize; 3], Op, Op, &Vec<f32>); 3] = [
+            (
+                "fprop",
+                [n, dout, din],
+                (&xq, [din, 1, 1, kin, 1]),
+                (&wq, [din, 1, 1, kin, 128]),
+                &y,
+            ),
+            (
+                "dgrad",
+                [n, din, dout],
+                (&gq, [dout, 1, 1, kout, 1]),
+                (&wq, [1, din, kin, 1, 128]),
+                &dx,
+            ),
+            (
+                "wgrad",
+                [dout, din, n],
+                (&gt, [1, dout, dout, 1, 1]),
+                (&xt, [1, din, din, 1, 1]),
+                &dw,
+            ),
+        ];
+        for (label, [m, nn, k], (a, sa), (b, sb), want) in cases {
+            let run = emu.prepare();
+            run.put("a", &a.codes);
+            run.put("b", &b.codes);
+            run.put("sa", &a.scales);
+            run.put("sb", &b.scales);
+            let args: Vec<String> = [m, nn, k]
+                .into_iter()
+                .chain(sa)
+                .chain(sb)
+                .map(|v| v.to_string())
+                .collect();
+            let kname = format!("fp8_gemm_promoted ({label})");
+            if let Err(e) = emu.exec(&run, "fp8_gemm", &args) {
+                failed(r, "fp8_gemm_promoted", &s, e);
+                continue;
+            }
+            r.norm_rel(&kname, &s, "out", &run.get("out"), want);
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! (`device::model`) be checked against the CPU model without a GPU.
 
 use super::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
+use crate::fp8::quant::{quantize_1x128, quantize_128x1};
+use crate::fp8::{ScaleFormat, ScaleLayout};
 use crate::ops::adamw::{self, StepConsts};
 use crate::ops::rope::RopeTable;
 use crate::ops::{attention, cross_entropy, embedding, linear, moe_dispatch, moe_gate};
@@ -38,6 +40,7 @@ impl Backend for Cpu {
     type Table = RopeTable;
     type Plan = HostPlan;
     type AttnAux = Vec<f32>;
+    type Half = Vec<bf16>;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -133,6 +136,52 @@ impl Backend for Cpu {
         check("linear dw", dw.len(), dout * din)?;
         check("linear x", x.len(), n * din)?;
         linear::backward_weight(dw, &operand(dy, p), &operand(x, p), n, din, dout);
+        Ok(())
+    }
+
+    fn fp8_linear_forward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<Vec<f32>> {
+        check("fp8 linear x", x.len(), n * din)?;
+        check("fp8 linear w", w.len(), dout * din)?;
+        Ok(crate::fp8::linear_fprop_fp8(x, w, n, din, dout))
+    }
+
+    fn fp8_linear_backward_input(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<Vec<f32>> {
+        check("fp8 linear dy", dy.len(), n * dout)?;
+        check("fp8 linear w", w.len(), dout * din)?;
+        Ok(crate::fp8::linear_dgrad_fp8(dy, w, n, din, dout))
+    }
+
+    fn fp8_linear_backward_weight(
+        &self,
+        dw: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<()> {
+        check("fp8 linear dw", dw.len(), dout * din)?;
+        check("fp8 linear x", x.len(), n * din)?;
+        let xt = quantize_1x128(x, n, din, ScaleFormat::F32)
+            .requantize(ScaleLayout::Tile128x1, ScaleFormat::F32);
+        let dyq = quantize_128x1(dy, n, dout, ScaleFormat::F32);
+        let mut g = vec![0.0; dout * din];
+        crate::fp8::fp8_gemm_wgrad(&mut g, &dyq, &xt);
+        dw.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
         Ok(())
     }
 
@@ -505,6 +554,33 @@ impl Backend for Cpu {
 
     fn global_norm(&self, grads: &[&Vec<f32>]) -> BackendResult<f64> {
         Ok(adamw::global_norm(grads.iter().map(|g| g.as_slice())))
+    }
+
+    fn zeros_half(&self, n: usize) -> BackendResult<Vec<bf16>> {
+        Ok(vec![bf16::ZERO; n])
+    }
+
+    fn upload_half(&self, bits: &[u16]) -> BackendResult<Vec<bf16>> {
+        Ok(bits.iter().map(|&b| bf16::from_bits(b)).collect())
+    }
+
+    fn download_half(&self, x: &Vec<bf16>) -> BackendResult<Vec<u16>> {
+        Ok(x.iter().map(|b| b.to_bits()).collect())
+    }
+
+    fn adamw_step_bf16(
+        &self,
+        p: &mut Vec<f32>,
+        g: &mut Vec<f32>,
+        m: &mut Vec<bf16>,
+        v: &mut Vec<bf16>,
+        grad_scale: f32,
+        c: &StepConsts,
+    ) -> BackendResult<()> {
+        check("adamw g", g.len(), p.len())?;
+        check("adamw m", m.len(), p.len())?;
+        adamw::step_bf16(p, g, m, v, grad_scale, c);
+        Ok(())
     }
 
     fn adamw_step(

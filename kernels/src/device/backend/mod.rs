@@ -87,6 +87,8 @@ pub trait Backend {
     /// What attention's forward keeps for its backward (probabilities on the CPU, the row
     /// log-sum-exp on CUDA).
     type AttnAux;
+    /// BF16 values on the device (the AdamW moments of the FP8 recipe).
+    type Half;
 
     /// e.g. `cpu (2 threads)` or `cuda:0 NVIDIA H200 …`.
     fn describe(&self) -> String;
@@ -137,6 +139,38 @@ pub trait Backend {
         din: usize,
         dout: usize,
         p: GemmPrecision,
+    ) -> BackendResult<()>;
+
+    /// DeepSeek-V3's FP8 Fprop (`fp8::linear_fprop_fp8`): y = x·Wᵀ with x in 1×128 E4M3 tiles
+    /// and W in 128×128 blocks, FP32 promotion per 128 of K.
+    fn fp8_linear_forward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<Self::Buf>;
+    /// FP8 Dgrad (`fp8::linear_dgrad_fp8`): dx = dy·W, dy in 1×128 tiles, W in 128×128 blocks.
+    fn fp8_linear_backward_input(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<Self::Buf>;
+    /// FP8 Wgrad as the CPU model's weight job: x quantised 1×128 (what Fprop consumed), then
+    /// requantised 128×1; dy 128×1; dw += dyᵀ·x.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_linear_backward_weight(
+        &self,
+        dw: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        n: usize,
+        din: usize,
+        dout: usize,
     ) -> BackendResult<()>;
 
     /// (y, rstd) of RMSNorm over rows of `d`.
@@ -346,6 +380,20 @@ pub trait Backend {
 
     /// The L2 norm of all `grads` together in f64, `ops::adamw::global_norm`'s fixed order.
     fn global_norm(&self, grads: &[&Self::Buf]) -> BackendResult<f64>;
+    fn zeros_half(&self, n: usize) -> BackendResult<Self::Half>;
+    /// BF16 values as their bits.
+    fn upload_half(&self, bits: &[u16]) -> BackendResult<Self::Half>;
+    fn download_half(&self, x: &Self::Half) -> BackendResult<Vec<u16>>;
+    /// One AdamW update with BF16 moments (`ops::adamw::step_bf16`); zeroes `g`.
+    fn adamw_step_bf16(
+        &self,
+        p: &mut Self::Buf,
+        g: &mut Self::Buf,
+        m: &mut Self::Half,
+        v: &mut Self::Half,
+        grad_scale: f32,
+        c: &StepConsts,
+    ) -> BackendResult<()>;
     /// One AdamW update with f32 moments from `g · grad_scale`; zeroes `g`.
     fn adamw_step(
         &self,

@@ -8,8 +8,11 @@
 //! CPU backend runs bit for bit (`kernels/tests/device_model.rs`); each primitive is compared
 //! with its CPU twin by `gpu_parity.rs` (on a GPU) and `cuda_emulation.rs` (on the CPU).
 
-use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan};
+use super::launch::{
+    AttentionShape, Blas, Fp8Operand, Gpu, GpuError, Indices, LinearGemm, MoePlan,
+};
 use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
+use crate::fp8::{ScaleFormat, ScaleLayout, TILE};
 use crate::ops::adamw::StepConsts;
 use crate::ops::rope::RopeTable;
 use cudarc::driver::{CudaSlice, sys};
@@ -89,6 +92,28 @@ impl CudaBackend {
         Ok(self.gpu.zeros(n)?)
     }
 
+    /// x [rows, cols] quantised to E4M3 in `layout` with f32 scales: (codes, scales).
+    fn quantize(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        layout: ScaleLayout,
+    ) -> BackendResult<(CudaSlice<u8>, CudaSlice<f32>)> {
+        let mut codes = self.gpu.zeros::<u8>(rows * cols)?;
+        let mut scales = self.gpu.zeros::<f32>(layout.num_scales(rows, cols))?;
+        self.gpu.fp8_quantize_dev(
+            x,
+            &mut codes,
+            &mut scales,
+            rows,
+            cols,
+            layout,
+            ScaleFormat::F32,
+        )?;
+        Ok((codes, scales))
+    }
+
     fn bf16(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<u16>> {
         let mut out = self.gpu.zeros::<u16>(x.len())?;
         self.gpu.to_bf16(&mut out, x)?;
@@ -126,6 +151,7 @@ impl Backend for CudaBackend {
     type Table = CudaTable;
     type Plan = MoePlan;
     type AttnAux = CudaSlice<f32>;
+    type Half = CudaSlice<u16>;
 
     fn describe(&self) -> String {
         format!("{} ({})", self.gpu.info, self.gpu.arch)
@@ -217,6 +243,117 @@ impl Backend for CudaBackend {
         p: GemmPrecision,
     ) -> BackendResult<()> {
         self.gemm(LinearGemm::BackwardWeight, dw, dy, x, n, din, dout, p)
+    }
+
+    fn fp8_linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let (xc, xs) = self.quantize(x, n, din, ScaleLayout::Tile1x128)?;
+        let (wc, ws) = self.quantize(w, dout, din, ScaleLayout::Block128x128)?;
+        let kbs = din.div_ceil(TILE);
+        // y[i, j] = Σ_k x[i, k]·W[j, k]: x 1×128 scales [n, kbs], W 128×128 [⌈dout/128⌉, kbs]
+        let a = Fp8Operand {
+            codes: &xc,
+            row_stride: din,
+            k_stride: 1,
+            scales: &xs,
+            scale_kb: 1,
+            scale_row: kbs,
+            scale_div: 1,
+        };
+        let b = Fp8Operand {
+            codes: &wc,
+            row_stride: din,
+            k_stride: 1,
+            scales: &ws,
+            scale_kb: 1,
+            scale_row: kbs,
+            scale_div: TILE,
+        };
+        let mut y = self.buf(n * dout)?;
+        self.gpu.fp8_gemm_promoted(&mut y, (n, dout, din), &a, &b)?;
+        Ok(y)
+    }
+
+    fn fp8_linear_backward_input(
+        &self,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let (gc, gs) = self.quantize(dy, n, dout, ScaleLayout::Tile1x128)?;
+        let (wc, ws) = self.quantize(w, dout, din, ScaleLayout::Block128x128)?;
+        // dx[i, j] = Σ_k dy[i, k]·W[k, j]: dy 1×128 scales [n, ⌈dout/128⌉]; W read down its
+        // columns, its 128×128 scales [⌈dout/128⌉, ⌈din/128⌉] indexed (kb, j/128)
+        let a = Fp8Operand {
+            codes: &gc,
+            row_stride: dout,
+            k_stride: 1,
+            scales: &gs,
+            scale_kb: 1,
+            scale_row: dout.div_ceil(TILE),
+            scale_div: 1,
+        };
+        let b = Fp8Operand {
+            codes: &wc,
+            row_stride: 1,
+            k_stride: din,
+            scales: &ws,
+            scale_kb: din.div_ceil(TILE),
+            scale_row: 1,
+            scale_div: TILE,
+        };
+        let mut dx = self.buf(n * din)?;
+        self.gpu
+            .fp8_gemm_promoted(&mut dx, (n, din, dout), &a, &b)?;
+        Ok(dx)
+    }
+
+    fn fp8_linear_backward_weight(
+        &self,
+        dw: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) -> BackendResult<()> {
+        // x as Fprop consumed it (1×128), dequantised and requantised 128×1: the CPU's weight job
+        let (xc, xs) = self.quantize(x, n, din, ScaleLayout::Tile1x128)?;
+        let mut xd = self.buf(n * din)?;
+        self.gpu
+            .fp8_dequantize_dev(&xc, &xs, &mut xd, n, din, ScaleLayout::Tile1x128)?;
+        let (tc, ts) = self.quantize(&xd, n, din, ScaleLayout::Tile128x1)?;
+        let (gc, gs) = self.quantize(dy, n, dout, ScaleLayout::Tile128x1)?;
+        // dW[i, j] = Σ_k dy[k, i]·x[k, j]: both read down columns, 128×1 scales [⌈n/128⌉, cols]
+        let a = Fp8Operand {
+            codes: &gc,
+            row_stride: 1,
+            k_stride: dout,
+            scales: &gs,
+            scale_kb: dout,
+            scale_row: 1,
+            scale_div: 1,
+        };
+        let b = Fp8Operand {
+            codes: &tc,
+            row_stride: 1,
+            k_stride: din,
+            scales: &ts,
+            scale_kb: din,
+            scale_row: 1,
+            scale_div: 1,
+        };
+        let mut g = self.buf(dout * din)?;
+        self.gpu.fp8_gemm_promoted(&mut g, (dout, din, n), &a, &b)?;
+        self.add_into(dw, &g)
     }
 
     fn rmsnorm_forward(
@@ -571,6 +708,33 @@ impl Backend for CudaBackend {
         let mut out = self.gpu.zeros::<f64>(1)?;
         self.gpu.grad_norm_dev(&mut out, &mut sums, &live)?;
         Ok(self.gpu.download(&out)?[0])
+    }
+
+    fn zeros_half(&self, n: usize) -> BackendResult<CudaSlice<u16>> {
+        Ok(self.gpu.zeros::<u16>(n)?)
+    }
+
+    fn upload_half(&self, bits: &[u16]) -> BackendResult<CudaSlice<u16>> {
+        if bits.is_empty() {
+            return self.zeros_half(0);
+        }
+        Ok(self.gpu.upload(bits)?)
+    }
+
+    fn download_half(&self, x: &CudaSlice<u16>) -> BackendResult<Vec<u16>> {
+        Ok(self.gpu.download(x)?)
+    }
+
+    fn adamw_step_bf16(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+        m: &mut CudaSlice<u16>,
+        v: &mut CudaSlice<u16>,
+        grad_scale: f32,
+        c: &StepConsts,
+    ) -> BackendResult<()> {
+        Ok(self.gpu.adamw_step_dev(p, g, m, v, grad_scale, c)?)
     }
 
     fn adamw_step(

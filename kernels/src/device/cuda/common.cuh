@@ -51,3 +51,12 @@ __device__ __forceinline__ u32 block_max_u32(u32 v, u32* sh) { return block_redu
 __device__ __forceinline__ float block_max(float v, float* sh) {
     return block_reduce(v, sh, -__int_as_float(0x7f800000), MaxF());
 }
+
+// An E4M3 code's exact value (fp8/format.rs: decode_e4m3_arith): the code's low 7 bits as an f32
+// exponent/mantissa field, times 2^120; the sign bit moved to bit 31; 0x7F/0xFF are NaN.
+__device__ __forceinline__ float decode_e4m3(u8 code) {
+    u32 c = code;
+    float mag = __uint_as_float((c & 0x7Fu) << 20) * __uint_as_float(247u << 23);
+    float v = (c & 0x7Fu) == 0x7Fu ? __uint_as_float(0x7FC00000u) : mag;
+    return __uint_as_float(__float_as_uint(v) | ((c & 0x80u) << 24));
+}

@@ -32,14 +32,6 @@ __device__ __forceinline__ u8 encode_e4m3_sat(float v) {
     return (u8)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
 }
 
-// format.rs: decode_e4m3_arith — the code's low 7 bits as an f32 exponent/mantissa field, times 2^120.
-__device__ __forceinline__ float decode_e4m3(u8 code) {
-    u32 c = code;
-    float mag = __uint_as_float((c & 0x7Fu) << 20) * __uint_as_float(247u << 23);
-    float v = (c & 0x7Fu) == 0x7Fu ? __uint_as_float(0x7FC00000u) : mag;
-    return __uint_as_float(__float_as_uint(v) | ((c & 0x80u) << 24));
-}
-
 __device__ __forceinline__ u32 abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
 
 // quant.rs: quantize_1x128_into. One warp per 1×128 tile (lane l takes columns l, l+32, l+64,

@@ -85,6 +85,7 @@ pub const SOURCES: &[KernelSource] = &[
             "attention_backward_dq"
         ]
     ),
+    source!("fp8_gemm", ["fp8_gemm_promoted"]),
     source!(
         "tensor",
         [

@@ -57,7 +57,11 @@ fn linear_forward_in<B: Backend>(
     p: GemmPrecision,
 ) -> BackendResult<B::Buf> {
     let n = c.b.len(x) / l.d_in;
-    c.b.linear_forward(x, &c.p[l.w.0], n, l.d_in, l.d_out, p)
+    let w = &c.p[l.w.0];
+    if l.fp8 {
+        return c.b.fp8_linear_forward(x, w, n, l.d_in, l.d_out);
+    }
+    c.b.linear_forward(x, w, n, l.d_in, l.d_out, p)
 }
 
 /// dx (+)= dy·W, then dW += dyᵀ·x.
@@ -84,6 +88,18 @@ fn linear_backward_in<B: Backend>(
 ) -> BackendResult<()> {
     let n = c.b.len(dy) / l.d_out;
     let w = &c.p[l.w.0];
+    if l.fp8 {
+        // the CPU Linear's FP8 backward: Dgrad, then the weight job on the requantised input
+        let g = c.b.fp8_linear_backward_input(dy, w, n, l.d_in, l.d_out)?;
+        if acc {
+            c.b.add_into(dx, &g)?;
+        } else {
+            *dx = g;
+        }
+        return c
+            .b
+            .fp8_linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out);
+    }
     c.b.linear_backward_input(dx, dy, w, n, l.d_in, l.d_out, acc, p)?;
     c.b.linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out, p)
 }

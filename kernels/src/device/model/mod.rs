@@ -6,19 +6,23 @@
 //! (`kernels/tests/device_model.rs`), which is what makes the CUDA backend's step checkable:
 //! each primitive there is compared with its CPU twin, and the composition is this file's.
 //!
-//! f32 only: a model with FP8 Linears (`--precision fp8`) is refused by name, as are BF16
-//! moments; both are still to be built on the device.
+//! Precisions: f32; BF16 mixed precision (`set_gemm_precision`); and a model whose Linears are
+//! FP8 (`DeepSeekV3::set_precision(Fp8)`) runs DeepSeek-V3's FP8 recipe as the CPU model does
+//! (1×128 / 128×128 E4M3, promotion per 128 of K, Wgrad on the requantised input), with BF16
+//! moments when the optimizer asks. The FP8 input a Linear keeps for Wgrad is recomputed from its
+//! f32 input (the same bits as the CPU's cached codes; the memory saving is not taken).
 
 mod layers;
 mod tail;
 
 use super::backend::{Backend, BackendError, BackendResult, GemmPrecision};
 use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
-use crate::model::layers::{Block, Ffn, Rows};
-use crate::ops::adamw::{self, AdamW};
+use crate::model::layers::Rows;
+use crate::ops::adamw::{self, AdamW, Moments};
 use crate::ops::balance;
 use crate::ops::rope::RopeTable;
 use crate::tensor::Tensor;
+use half::bf16;
 use layers::{Ctx, Positions, block_backward, block_forward};
 
 /// A DeepSeek-V3 whose parameters, gradients and moments live on backend `B`.
@@ -30,11 +34,17 @@ pub struct DeviceModel<B: Backend> {
     params: Vec<B::Buf>,
     grads: Vec<B::Buf>,
     /// (m, v) of every trainable tensor, created at the first update.
-    moments: Vec<Option<(B::Buf, B::Buf)>>,
+    moments: Vec<Option<DeviceMoments<B>>>,
     host_bias: Vec<Vec<f32>>,
     table: Option<(usize, B::Table)>,
     /// The precision of the Linear GEMMs (f32 unless [`DeviceModel::set_gemm_precision`]).
     gemm: GemmPrecision,
+}
+
+/// A tensor's AdamW moments on the device: f32, or BF16 (`AdamW::bf16_moments`, the FP8 recipe).
+enum DeviceMoments<B: Backend> {
+    F32(B::Buf, B::Buf),
+    Bf16(B::Half, B::Half),
 }
 
 /// What one optimizer update did.
@@ -45,42 +55,9 @@ pub struct UpdateStats {
     pub clip_factor: f32,
 }
 
-fn fp8_linears(m: &DeepSeekV3) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut check_block = |b: &Block| {
-        let a = &b.attn;
-        let mut ls = vec![&a.q_a, &a.q_b, &a.kv_a, &a.kv_b, &a.o];
-        match &b.ffn {
-            Ffn::Dense(s) => ls.extend([&s.gate, &s.up, &s.down]),
-            Ffn::Moe(moe) => {
-                for s in moe.experts.iter().chain(std::iter::once(&moe.shared)) {
-                    ls.extend([&s.gate, &s.up, &s.down]);
-                }
-                ls.push(&moe.gate);
-            }
-        }
-        names.extend(
-            ls.into_iter()
-                .filter(|l| l.fp8)
-                .map(|l| m.params.names[l.w.0].clone()),
-        );
-    };
-    m.blocks.iter().for_each(&mut check_block);
-    m.tail.mtp.iter().for_each(|t| check_block(&t.block));
-    names
-}
-
 impl<B: Backend> DeviceModel<B> {
     /// Uploads every tensor of `model` to `backend`, with zero gradients.
     pub fn new(backend: B, model: DeepSeekV3) -> BackendResult<DeviceModel<B>> {
-        let fp8 = fp8_linears(&model);
-        if let Some(first) = fp8.first() {
-            return Err(BackendError(format!(
-                "the device step runs f32 Linears only; {} Linears are FP8 (first: {first}): \
-                 --precision fp8 is not built on the device yet",
-                fp8.len()
-            )));
-        }
         let p = &model.params;
         let params = p
             .tensors
@@ -294,11 +271,6 @@ impl<B: Backend> DeviceModel<B> {
         loads: &[Vec<u32>],
         t: u64,
     ) -> BackendResult<UpdateStats> {
-        if opt.bf16_moments {
-            return Err(BackendError(
-                "BF16 moments are not built on the device yet (optimizer.bf16_moments)".into(),
-            ));
-        }
         let b = &self.backend;
         let trainable = &self.model.params.trainable;
         let factor = adamw::clip_factor(norm, clip);
@@ -307,14 +279,37 @@ impl<B: Backend> DeviceModel<B> {
                 b.fill_zero(&mut self.grads[i])?;
                 continue;
             }
-            if self.moments[i].is_none() {
-                let n = b.len(&self.params[i]);
-                self.moments[i] = Some((b.zeros(n)?, b.zeros(n)?));
+            let n = b.len(&self.params[i]);
+            // zero moments, in BF16 from the first step of an optimizer with bf16_moments (as
+            // `Moments::ensure_bf16` converts the CPU's zeros)
+            let fresh = match (&self.moments[i], opt.bf16_moments) {
+                (None, false) => Some(DeviceMoments::F32(b.zeros(n)?, b.zeros(n)?)),
+                (None, true) => Some(DeviceMoments::Bf16(b.zeros_half(n)?, b.zeros_half(n)?)),
+                // f32 moments under an optimizer with bf16_moments: rounded once, as
+                // `Moments::ensure_bf16` does
+                (Some(DeviceMoments::F32(m, v)), true) => {
+                    let half = |x: &B::Buf| -> BackendResult<B::Half> {
+                        let bits: Vec<u16> = b
+                            .download(x)?
+                            .iter()
+                            .map(|&y| bf16::from_f32(y).to_bits())
+                            .collect();
+                        b.upload_half(&bits)
+                    };
+                    Some(DeviceMoments::Bf16(half(m)?, half(v)?))
+                }
+                _ => None,
+            };
+            if let Some(f) = fresh {
+                self.moments[i] = Some(f);
             }
-            let (m, v) = self.moments[i].as_mut().expect("just made");
             let decay = self.model.params.tensors[i].shape.len() >= 2;
             let c = opt.consts(lr, t, decay);
-            b.adamw_step(&mut self.params[i], &mut self.grads[i], m, v, factor, &c)?;
+            let (p, g) = (&mut self.params[i], &mut self.grads[i]);
+            match self.moments[i].as_mut().expect("just made") {
+                DeviceMoments::F32(m, v) => b.adamw_step(p, g, m, v, factor, &c)?,
+                DeviceMoments::Bf16(m, v) => b.adamw_step_bf16(p, g, m, v, factor, &c)?,
+            }
         }
         for (id, l) in self.model.moe_biases().into_iter().zip(loads) {
             let bias = &mut self.host_bias[id.0];
@@ -341,18 +336,27 @@ impl<B: Backend> DeviceModel<B> {
         self.apply_with_norm(norm, opt, lr, clip, gamma, loads, t)
     }
 
-    /// Installs f32 moments (m, v) for tensor `i` (a resumed state's).
-    pub fn load_moments(&mut self, i: usize, m: &[f32], v: &[f32]) -> BackendResult<()> {
+    /// Installs tensor `i`'s moments (a resumed or rolled-back state's).
+    pub fn load_moments(&mut self, i: usize, mo: &Moments) -> BackendResult<()> {
         let n = self.backend.len(&self.params[i]);
-        if m.len() != n || v.len() != n {
+        let (m_len, v_len) = match mo {
+            Moments::F32 { m, v } => (m.len(), v.len()),
+            Moments::Bf16 { m, v } => (m.len(), v.len()),
+        };
+        if m_len != n || v_len != n {
             return Err(BackendError(format!(
-                "moments of {} have {} / {} values, the tensor {n}",
-                self.model.params.names[i],
-                m.len(),
-                v.len()
+                "moments of {} have {m_len} / {v_len} values, the tensor {n}",
+                self.model.params.names[i]
             )));
         }
-        self.moments[i] = Some((self.backend.upload(m)?, self.backend.upload(v)?));
+        let b = &self.backend;
+        let bits = |x: &[bf16]| x.iter().map(|y| y.to_bits()).collect::<Vec<u16>>();
+        self.moments[i] = Some(match mo {
+            Moments::F32 { m, v } => DeviceMoments::F32(b.upload(m)?, b.upload(v)?),
+            Moments::Bf16 { m, v } => {
+                DeviceMoments::Bf16(b.upload_half(&bits(m))?, b.upload_half(&bits(v))?)
+            }
+        });
         Ok(())
     }
 
@@ -368,12 +372,26 @@ impl<B: Backend> DeviceModel<B> {
         Ok(&self.model)
     }
 
-    /// The moments (m, v) of tensor `i` on the host, once an update made them.
-    pub fn moments(&self, i: usize) -> BackendResult<Option<(Vec<f32>, Vec<f32>)>> {
-        match &self.moments[i] {
-            None => Ok(None),
-            Some((m, v)) => Ok(Some((self.backend.download(m)?, self.backend.download(v)?))),
-        }
+    /// Tensor `i`'s moments on the host, once an update made them.
+    pub fn moments(&self, i: usize) -> BackendResult<Option<Moments>> {
+        let b = &self.backend;
+        let half = |x: &B::Half| -> BackendResult<Vec<bf16>> {
+            Ok(b.download_half(x)?
+                .into_iter()
+                .map(bf16::from_bits)
+                .collect())
+        };
+        Ok(match &self.moments[i] {
+            None => None,
+            Some(DeviceMoments::F32(m, v)) => Some(Moments::F32 {
+                m: b.download(m)?,
+                v: b.download(v)?,
+            }),
+            Some(DeviceMoments::Bf16(m, v)) => Some(Moments::Bf16 {
+                m: half(m)?,
+                v: half(v)?,
+            }),
+        })
     }
 
     fn download_all(&self, bufs: &[B::Buf]) -> BackendResult<Vec<Tensor>> {

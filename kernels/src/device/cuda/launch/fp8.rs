@@ -148,3 +148,95 @@ impl Gpu {
         self.download(&y)
     }
 }
+
+/// One operand of `fp8_gemm_promoted`: E4M3 codes read at `row·row_stride + k·k_stride`, and the
+/// scale of K block kb for row r at `scales[kb·scale_kb + (r / scale_div)·scale_row]`.
+pub struct Fp8Operand<'a> {
+    pub codes: &'a CudaSlice<u8>,
+    pub row_stride: usize,
+    pub k_stride: usize,
+    pub scales: &'a CudaSlice<f32>,
+    pub scale_kb: usize,
+    pub scale_row: usize,
+    pub scale_div: usize,
+}
+
+impl Fp8Operand<'_> {
+    /// Ok when every code and scale the kernel reads for `rows` rows and `k` lies inside the
+    /// buffers (the kernel does not bound-check).
+    fn check(&self, kn: &'static str, what: &str, rows: usize, k: usize) -> Result<(), GpuError> {
+        let last_code = (rows - 1) * self.row_stride + (k - 1) * self.k_stride;
+        let kbs = k.div_ceil(TILE);
+        let last_scale = (kbs - 1) * self.scale_kb + ((rows - 1) / self.scale_div) * self.scale_row;
+        if last_code >= self.codes.len() || last_scale >= self.scales.len() || self.scale_div == 0 {
+            let why = format!(
+                "{what}: reads code {last_code} of {} and scale {last_scale} of {}",
+                self.codes.len(),
+                self.scales.len()
+            );
+            return Err(super::shape_err(kn, why));
+        }
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// out[m, n] = Σ_kb (Σ_{k ∈ kb} A(i, k)·B(j, k)) · sa(kb, i) · sb(kb, j): the FP8 GEMM with
+    /// promotion per 128 of K (`fp8_gemm.cu`), its orientation given by the operands' strides.
+    pub fn fp8_gemm_promoted(
+        &self,
+        out: &mut CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+        a: &Fp8Operand<'_>,
+        b: &Fp8Operand<'_>,
+    ) -> Result<(), GpuError> {
+        let kn = "fp8_gemm_promoted";
+        check_len(kn, "out", out.len(), m * n)?;
+        if m * n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return Err(super::shape_err(kn, "K = 0"));
+        }
+        a.check(kn, "A", m, k)?;
+        b.check(kn, "B", n, k)?;
+        let l = |what: &str, v: usize| super::long(kn, what, v);
+        let (mi, ni, ki) = (int(kn, "m", m)?, int(kn, "n", n)?, int(kn, "k", k)?);
+        let (a_i, a_k, sa_kb, sa_i) = (
+            l("a_i", a.row_stride)?,
+            l("a_k", a.k_stride)?,
+            l("sa_kb", a.scale_kb)?,
+            l("sa_i", a.scale_row)?,
+        );
+        let (b_j, b_k, sb_kb, sb_j) = (
+            l("b_j", b.row_stride)?,
+            l("b_k", b.k_stride)?,
+            l("sb_kb", b.scale_kb)?,
+            l("sb_j", b.scale_row)?,
+        );
+        let (sa_div, sb_div) = (
+            int(kn, "sa_div", a.scale_div)?,
+            int(kn, "sb_div", b.scale_div)?,
+        );
+        let mut bld = self.stream.launch_builder(self.function(kn)?);
+        bld.arg(out).arg(&mi).arg(&ni).arg(&ki);
+        bld.arg(a.codes)
+            .arg(&a_i)
+            .arg(&a_k)
+            .arg(a.scales)
+            .arg(&sa_kb)
+            .arg(&sa_i)
+            .arg(&sa_div);
+        bld.arg(b.codes)
+            .arg(&b_j)
+            .arg(&b_k)
+            .arg(b.scales)
+            .arg(&sb_kb)
+            .arg(&sb_j)
+            .arg(&sb_div);
+        // SAFETY: the argument list is fp8_gemm_promoted's; every code and scale index the kernel
+        // forms lies inside its buffer (checked by `Fp8Operand::check`); grid-stride over m·n.
+        unsafe { bld.launch(grid_stride(m * n)) }?;
+        Ok(())
+    }
+}
