@@ -248,7 +248,8 @@ pub fn fp8_gemm_rows(emu: &Emu, r: &mut Report, seed: u64) {
         let mut dw = vec![0f32; dout * din];
         fp8_gemm_wgrad(&mut dw, &gt, &xt);
         type Op<'a> = (&'a kernels::fp8::Fp8Tensor, [usize; 5]);
-        let cases: [(&str, [usize; 3], Op, Op, &Vec<f32>); 3] = [
+        type Case<'a> = (&'a str, [usize; 3], Op<'a>, Op<'a>, &'a Vec<f32>);
+        let cases: [Case; 3] = [
             (
                 "fprop",
                 [n, dout, din],
