@@ -346,3 +346,33 @@ fn bf16_step_is_within_2e_2_of_the_f32_model() {
         }
     }
 }
+
+/// Bad state for a device model is refused with the tensor or the mismatch named: moments of the
+/// wrong length, a replacement model of another structure; the model is left as it was.
+#[test]
+fn bad_moments_and_a_foreign_model_are_refused_by_name() {
+    let (cpu, mut rng) = model("micro.toml", 1, 21);
+    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let e = dev
+        .load_moments(
+            1,
+            &Moments::F32 {
+                m: vec![0.0; 3],
+                v: vec![0.0; 3],
+            },
+        )
+        .unwrap_err();
+    assert!(
+        e.0.contains(&format!("moments of {}", cpu.params.names[1]))
+            && e.0.contains("have 3 / 3 values"),
+        "{e}"
+    );
+    let (other, _) = model("tiny.toml", 1, 21);
+    let e = dev.replace(other).unwrap_err();
+    assert!(e.0.contains("another structure"), "{e}");
+    // still the micro model, and it still steps as the CPU model does
+    let batch = batch(&mut rng, cpu.cfg.vocab_size, 2, 8);
+    let mut want = cpu.params.zeros_like();
+    let ws = cpu.forward_backward(&batch, 0.3, &mut want);
+    assert_eq!(dev.forward_backward(&batch, 0.3).unwrap(), ws);
+}
