@@ -249,10 +249,15 @@ fn train_cuda(
     layout: &actors::formation::Layout,
     ordinal: usize,
 ) -> Result<()> {
-    if *layout != actors::formation::Layout::default() || a.inject.is_some() || a.threads {
+    let plain = actors::formation::Layout {
+        microbatches: layout.microbatches,
+        ..actors::formation::Layout::default()
+    };
+    if *layout != plain || a.inject.is_some() || a.threads {
         anyhow::bail!(
-            "--device cuda trains the single-process step only: the formation (--pp, --ep, \
-             --microbatches, --schedule, --inject, --threads) does not run on the GPU yet"
+            "--device cuda trains the single-process step only (with --microbatches for gradient \
+             accumulation): the formation (--pp, --ep, --schedule, --inject, --threads) does not \
+             run on the GPU yet"
         );
     }
     if actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())?.is_some() {
@@ -263,7 +268,7 @@ fn train_cuda(
     let backend = kernels::device::cuda::backend::CudaBackend::open(ordinal)
         .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
     let summary = with_progress(opts.config.training.steps, |on_step| {
-        actors::engine::train_on_device(opts, backend, on_step)
+        actors::engine::train_on_device(opts, backend, layout.microbatches, on_step)
     })?;
     print_summary(&summary, a.summary_json.as_deref())
 }

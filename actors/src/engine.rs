@@ -99,12 +99,15 @@ impl StepEngine for Sequential {
 /// The whole step on a device: the parameters, gradients and moments live in a `DeviceModel`,
 /// the loss-spike gate judges the device's norm, and `state` (the loop's committed state) is
 /// brought back to the host only when the loop reads it ([`StepEngine::sync_host`]). One batch
-/// per step (no micro-batches); f32, BF16 GEMMs or the FP8 recipe (with its BF16 moments).
+/// per step, or micro-batches accumulated as `Sequential` does; f32, BF16 GEMMs or the FP8
+/// recipe (with its BF16 moments).
 pub struct DeviceEngine<B: Backend> {
     pub data: Arc<Dataset>,
     pub seed: u64,
     pub batch: usize,
     pub seq: usize,
+    /// Micro-batches per step (gradient accumulation, `Sequential`'s arithmetic).
+    pub microbatches: usize,
     model: DeviceModel<B>,
     /// The device holds updates `state` does not have yet.
     dirty: bool,
@@ -130,6 +133,7 @@ impl<B: Backend> DeviceEngine<B> {
             seed,
             batch,
             seq,
+            microbatches: 1,
             dirty: false,
         })
     }
@@ -167,8 +171,13 @@ impl<B: Backend> StepEngine for DeviceEngine<B> {
         step: u64,
         h: &StepHyper,
     ) -> Result<(TrainState, StepOutput)> {
-        let batch = microbatches(&self.data, self.seed, step, self.batch, self.seq, 1)?;
-        let stats = on_device(self.model.forward_backward(&batch[0], h.mtp_weight))?;
+        let mb = self.microbatches;
+        let batches = microbatches(&self.data, self.seed, step, self.batch, self.seq, mb)?;
+        let per = on_device(
+            self.model
+                .forward_backward_microbatches(&batches, h.mtp_weight),
+        )?;
+        let stats = combine_microbatch_stats(per);
         let grad_norm = on_device(self.model.grad_norm())?;
         let rejected = judge(&stats, grad_norm, h);
         match rejected {
@@ -225,6 +234,7 @@ impl<B: Backend> StepEngine for DeviceEngine<B> {
 pub fn train_on_device<B: Backend>(
     opts: &crate::trainer::TrainOptions,
     backend: B,
+    microbatches: usize,
     on_step: impl FnMut(&crate::trainer::StepRecord, u64),
 ) -> Result<crate::trainer::TrainSummary> {
     let data = Arc::new(crate::trainer::open_data(opts)?);
@@ -241,6 +251,7 @@ pub fn train_on_device<B: Backend>(
     if opts.precision == kernels::model::Precision::Bf16 {
         engine.model.set_gemm_precision(GemmPrecision::Bf16);
     }
+    engine.microbatches = microbatches.max(1);
     tracing::info!(
         device = %engine.describe(),
         precision = %opts.precision,

@@ -24,7 +24,8 @@ fn device_engine_on_the_cpu_backend_is_the_plain_loop_bitwise() {
     let mut evals = Vec::new();
     let mut opts_dev = opts.clone();
     opts_dev.out_dir = common::scratch("device-dev");
-    let got = train_on_device(&opts_dev, Cpu, |r, _| evals.push(r.eval_loss)).expect("device run");
+    let got =
+        train_on_device(&opts_dev, Cpu, 1, |r, _| evals.push(r.eval_loss)).expect("device run");
     runs_alike(&got, &want);
     // evaluations ran between steps (each reads the device's parameters back)
     assert_eq!(evals.iter().filter(|e| e.is_some()).count(), 3, "{evals:?}");
@@ -43,7 +44,7 @@ fn device_run_resumes_from_its_checkpoints_to_the_uninterrupted_weights() {
         resume: false,
         run: None,
     });
-    let half = train_on_device(&first, Cpu, |_, _| {}).expect("first half on the device");
+    let half = train_on_device(&first, Cpu, 1, |_, _| {}).expect("first half on the device");
     assert_eq!(half.checkpoints, 2, "checkpoints at steps 2 and 4");
     let mut second = common::micro_options("device-second", 2, 4, 8);
     second.checkpoints = Some(CheckpointPlan {
@@ -52,7 +53,7 @@ fn device_run_resumes_from_its_checkpoints_to_the_uninterrupted_weights() {
         resume: true,
         run: None,
     });
-    let rest = train_on_device(&second, Cpu, |_, _| {}).expect("resumed on the device");
+    let rest = train_on_device(&second, Cpu, 1, |_, _| {}).expect("resumed on the device");
     assert_eq!(rest.resumed_from, Some(4));
     assert_eq!(rest.params_sha256, whole.params_sha256);
     println!("4 + 4 steps resumed on the device: {}", rest.params_sha256);
@@ -67,10 +68,32 @@ fn device_engine_runs_the_fp8_recipe_as_the_plain_loop() {
     let want = trainer::train(&opts, |_, _| {}).expect("plain fp8 run");
     let mut opts_dev = opts.clone();
     opts_dev.out_dir = common::scratch("device-fp8-dev");
-    let got = train_on_device(&opts_dev, Cpu, |_, _| {}).expect("device fp8 run");
+    let got = train_on_device(&opts_dev, Cpu, 1, |_, _| {}).expect("device fp8 run");
     runs_alike(&got, &want);
     let f32_run = trainer::train(&common::micro_options("device-fp8-f32", 2, 4, 6), |_, _| {})
         .expect("f32 run");
     assert_ne!(f32_run.params_sha256, got.params_sha256, "fp8 took effect");
     println!("6 fp8 steps: {} = plain", got.params_sha256);
+}
+
+/// Gradient accumulation on the device: a step's batch as 4 micro-batches (the halves summed
+/// apart, then ×1/4), the plain loop's micro-batched run bit for bit.
+#[test]
+fn device_microbatches_are_the_plain_microbatched_run() {
+    let opts = common::micro_options("device-mb-plain", 2, 8, 5);
+    let want = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("plain micro-batched run");
+    let mut opts_dev = opts.clone();
+    opts_dev.out_dir = common::scratch("device-mb-dev");
+    let got = train_on_device(&opts_dev, Cpu, 4, |_, _| {}).expect("device micro-batched run");
+    runs_alike(&got, &want);
+    let whole = trainer::train(
+        &common::micro_options("device-mb-whole", 2, 8, 5),
+        |_, _| {},
+    )
+    .expect("one-batch run");
+    assert_ne!(
+        whole.params_sha256, got.params_sha256,
+        "micro-batches changed the arithmetic"
+    );
+    println!("5 steps of 4 micro-batches: {} = plain", got.params_sha256);
 }

@@ -216,6 +216,9 @@ int main(int argc, char** argv) {
         launch(grid_stride(m), BLOCK, [&] { tensor_add(sum.data(), a.data(), b.data(), m); });
         launch(grid_stride(m), BLOCK, [&] { sigmoid_forward(sig.data(), a.data(), m); });
         launch(grid_stride(m), BLOCK, [&] { sigmoid_backward_input(dsig.data(), b.data(), s.data(), m); });
+        std::vector<float> scaled(a);
+        launch(grid_stride(m), BLOCK, [&] { tensor_scale(scaled.data(), 0.37f, m); });
+        save("scaled", scaled);
         std::vector<u16> b16(m);
         launch(grid_stride(m), BLOCK, [&] { tensor_to_bf16(b16.data(), a.data(), m); });
         launch(grid_stride(n), BLOCK, [&] { tensor_copy(a.data(), doff, b.data(), soff, n, acc); });

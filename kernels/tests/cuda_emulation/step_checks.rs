@@ -113,6 +113,9 @@ pub fn elementwise_rows(emu: &Emu, r: &mut Report, seed: u64) {
             format!("{bad}/{m} differ{at}"),
             bad == 0,
         );
+        let mut scaled = a.clone();
+        c.scale(&mut scaled, 0.37).unwrap();
+        r.bits("tensor_scale", &s, "a × 0.37", &run.get("scaled"), &scaled);
         let sum = c.add(&a, &b).unwrap();
         r.bits("tensor_add", &s, "a + b", &run.get("sum"), &sum);
         r.rel("sigmoid_forward", &s, "s", &run.get("sig"), &sig);

@@ -358,6 +358,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn scale(&self, x: &mut Vec<f32>, f: f32) -> BackendResult<()> {
+        x.iter_mut().for_each(|v| *v *= f);
+        Ok(())
+    }
+
     fn copy_cols(
         &self,
         dst: &mut Vec<f32>,

@@ -290,6 +290,8 @@ pub trait Backend {
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> BackendResult<Self::Buf>;
     /// dst += src
     fn add_into(&self, dst: &mut Self::Buf, src: &Self::Buf) -> BackendResult<()>;
+    /// x *= f
+    fn scale(&self, x: &mut Self::Buf, f: f32) -> BackendResult<()>;
     /// dst[r, dst_off..+width] (+)= src[r, src_off..+width] for r < rows (row strides `dst_w`,
     /// `src_w`): slicing and concatenating columns.
     #[allow(clippy::too_many_arguments)]

@@ -550,6 +550,10 @@ impl Backend for CudaBackend {
         Ok(self.gpu.tensor_copy(dst, 0, src, 0, n, true)?)
     }
 
+    fn scale(&self, x: &mut CudaSlice<f32>, f: f32) -> BackendResult<()> {
+        Ok(self.gpu.tensor_scale(x, f)?)
+    }
+
     fn copy_cols(
         &self,
         dst: &mut CudaSlice<f32>,

@@ -90,6 +90,7 @@ pub const SOURCES: &[KernelSource] = &[
         "tensor",
         [
             "tensor_add",
+            "tensor_scale",
             "tensor_copy",
             "tensor_copy_cols",
             "tensor_heads",

@@ -13,6 +13,13 @@ extern "C" __global__ void tensor_add(float* __restrict__ out, const float* __re
         out[i] = a[i] + b[i];
 }
 
+// cpu.rs: scale. x *= f.
+extern "C" __global__ void tensor_scale(float* __restrict__ x, float f, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] = x[i] * f;
+}
+
 // cpu.rs: add_into and put_rows. dst[dst_off + i] (+)= src[src_off + i] for i < n.
 extern "C" __global__ void tensor_copy(float* __restrict__ dst, long long dst_off,
                                        const float* __restrict__ src, long long src_off,

@@ -208,6 +208,51 @@ impl<B: Backend> DeviceModel<B> {
         Ok(stats)
     }
 
+    /// A step's batch as micro-batches, as the CPU's `forward_backward_microbatches` and
+    /// `scale_for_microbatches` run them: the first half accumulate into the gradients, the
+    /// second half into a second set added after, then everything × 1/micro-batches. Returns each
+    /// micro-batch's stats.
+    pub fn forward_backward_microbatches(
+        &mut self,
+        batches: &[Batch],
+        mtp_weight: f32,
+    ) -> BackendResult<Vec<StepStats>> {
+        let mid = batches.len().div_ceil(2);
+        let mut out = Vec::with_capacity(batches.len());
+        let mut second: Option<Vec<B::Buf>> = None;
+        for (i, b) in batches.iter().enumerate() {
+            if i < mid {
+                out.push(self.forward_backward(b, mtp_weight)?);
+                continue;
+            }
+            let mut s = match second.take() {
+                Some(s) => s,
+                None => self
+                    .params
+                    .iter()
+                    .map(|p| self.backend.zeros(self.backend.len(p)))
+                    .collect::<BackendResult<Vec<_>>>()?,
+            };
+            std::mem::swap(&mut self.grads, &mut s);
+            let r = self.forward_backward(b, mtp_weight);
+            std::mem::swap(&mut self.grads, &mut s);
+            second = Some(s);
+            out.push(r?);
+        }
+        if let Some(s) = second {
+            for (d, s) in self.grads.iter_mut().zip(&s) {
+                self.backend.add_into(d, s)?;
+            }
+        }
+        if batches.len() > 1 {
+            let f = 1.0 / batches.len() as f32;
+            for g in &mut self.grads {
+                self.backend.scale(g, f)?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Main-head cross-entropy (mean) of a batch, forward only.
     pub fn eval_loss(&mut self, batch: &Batch) -> BackendResult<f64> {
         self.ensure_table(batch.seq)?;

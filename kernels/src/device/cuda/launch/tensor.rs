@@ -135,6 +135,18 @@ impl Gpu {
         self.elementwise("sigmoid_backward_input", d, &[ds, s])
     }
 
+    /// x *= f
+    pub fn tensor_scale(&self, x: &mut CudaSlice<f32>, f: f32) -> Result<(), GpuError> {
+        let kn = "tensor_scale";
+        let n = x.len();
+        let nl = long(kn, "n", n)?;
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(x).arg(&f).arg(&nl);
+        // SAFETY: (float* x, float f, long long n), x holding n; grid-stride.
+        unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
     /// out = x rounded to BF16 (nearest even), as bits.
     pub fn to_bf16(&self, out: &mut CudaSlice<u16>, x: &CudaSlice<f32>) -> Result<(), GpuError> {
         let kn = "tensor_to_bf16";
