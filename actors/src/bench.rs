@@ -5,7 +5,6 @@ use crate::trainer::TrainState;
 use anyhow::Result;
 use kernels::matmul::{flops_executed, matmul};
 use kernels::model::{Batch, DeepSeekV3, RunConfig};
-use kernels::ops::adamw::AdamW;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -53,13 +52,7 @@ pub fn train_step_throughput(
     let model = DeepSeekV3::new(&rc.model, t.init_std, 0);
     let parameters = model.num_params();
     let mut state = TrainState::new(model);
-    let opt = AdamW {
-        beta1: t.beta1,
-        beta2: t.beta2,
-        eps: t.adam_eps,
-        weight_decay: t.weight_decay,
-        bf16_moments: false,
-    };
+    let opt = crate::trainer::optimizer(t, kernels::model::Precision::F32);
     let data = storage::dataset::Dataset::synthetic(rc.model.vocab_size, 0, 1 << 18);
     let mut run = |step: u64| -> Result<()> {
         let w = data
@@ -360,13 +353,7 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     if precision == Precision::Bf16 {
         m.set_gemm_precision(GemmPrecision::Bf16);
     }
-    let opt = AdamW {
-        beta1: t.beta1,
-        beta2: t.beta2,
-        eps: t.adam_eps,
-        weight_decay: t.weight_decay,
-        bf16_moments: precision == Precision::Fp8,
-    };
+    let opt = crate::trainer::optimizer(t, precision);
     let lambda = if mtp { t.mtp_loss_weight } else { 0.0 };
     let data = storage::dataset::Dataset::synthetic(rc.model.vocab_size, 0, 1 << 20);
     let run = |m: &mut DeviceModel<B>, step: u64| -> Result<f64> {

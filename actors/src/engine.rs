@@ -215,8 +215,7 @@ impl<B: Backend> StepEngine for DeviceEngine<B> {
         if !self.dirty {
             return Ok(());
         }
-        let host = on_device(self.model.to_host())?;
-        state.model.params = host.params.clone();
+        state.model.params = on_device(self.model.to_host())?.params;
         for (i, mo) in state.moments.iter_mut().enumerate() {
             if mo.is_some()
                 && let Some(device) = on_device(self.model.moments(i))?

@@ -347,6 +347,16 @@ pub(crate) fn judge(stats: &StepStats, grad_norm: f64, h: &StepHyper) -> Option<
     h.gate.judge(loss, grad_norm)
 }
 
+/// The run's AdamW from its `[training]` table: BF16 moments under the FP8 recipe, as DeepSeek-V3.
+pub fn optimizer(t: &kernels::model::TrainingConfig, precision: Precision) -> AdamW {
+    AdamW {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+        bf16_moments: precision == Precision::Fp8,
+    }
+}
 /// Runs a whole training job; `on_step` sees every step (the CLI draws its progress bar from it).
 pub fn train(opts: &TrainOptions, on_step: impl FnMut(&StepRecord, u64)) -> Result<TrainSummary> {
     train_microbatched(opts, 1, on_step)
@@ -505,13 +515,7 @@ fn run_steps(
             )
         })
         .transpose()?;
-    let opt = AdamW {
-        beta1: t.beta1,
-        beta2: t.beta2,
-        eps: t.adam_eps,
-        weight_decay: t.weight_decay,
-        bf16_moments: opts.precision == Precision::Fp8,
-    };
+    let opt = optimizer(t, opts.precision);
     let schedule = LrSchedule {
         peak: t.lr,
         warmup: t.warmup_steps,

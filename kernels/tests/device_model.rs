@@ -6,8 +6,10 @@
 //! its primitives are compared with their CPU twins by `gpu_parity.rs` and `cuda_emulation.rs`.
 
 mod common;
+#[path = "common/parity.rs"]
+mod parity;
 
-use common::configs_dir;
+use common::{configs_dir, random_batch as batch, separate_routing};
 use kernels::device::backend::Cpu;
 use kernels::device::model::DeviceModel;
 use kernels::model::{Batch, DeepSeekV3, Precision, RunConfig};
@@ -42,13 +44,6 @@ fn model_with_std(config: &str, depths: usize, seed: u64, std: f32) -> (DeepSeek
         }
     }
     (m, rng)
-}
-
-fn batch(rng: &mut Rng, vocab: usize, b: usize, t: usize) -> Batch {
-    let w: Vec<u32> = (0..b * (t + 1))
-        .map(|_| rng.below(vocab as u64) as u32)
-        .collect();
-    Batch::from_windows(&w, b, t)
 }
 
 fn same_bits(what: &str, a: &[f32], b: &[f32]) {
@@ -177,7 +172,7 @@ fn adamw_steps_match_the_host_update_bitwise() {
         clipped > 0,
         "the clip never engaged: the check would miss it"
     );
-    let host = dev.to_host().unwrap().clone();
+    let host = dev.to_host().unwrap();
     assert_eq!(host.params.sha256(), cpu.params.sha256());
     for (i, m) in moments.iter().enumerate() {
         if let Some(m) = m {
@@ -250,7 +245,7 @@ fn fp8_recipe_matches_the_cpu_model_bitwise() {
         host_update(&mut cpu, &mut moments, &mut g, &opt, hp, step, &ws.loads);
         dev.apply(&opt, 1e-3, 1.0, 1e-3, &gs.loads, step).unwrap();
     }
-    let host = dev.to_host().unwrap().clone();
+    let host = dev.to_host().unwrap();
     assert_eq!(host.params.sha256(), cpu.params.sha256());
     for (i, m) in moments.iter().enumerate() {
         if let Some(m) = m {
@@ -266,20 +261,6 @@ fn fp8_recipe_matches_the_cpu_model_bitwise() {
         "fp8 recipe, 4 steps: params sha256 {}",
         host.params.sha256()
     );
-}
-
-/// Routing biases 2 apart (expert 0 highest): every token picks the same experts whatever the
-/// rounding, so a BF16 step and an f32 step route alike and their gradients are comparable. With
-/// the natural small biases a few near-tied tokens pick other experts under BF16, and those
-/// experts' gradients differ at O(1) (reported, not judged).
-fn separate_routing(m: &mut DeepSeekV3) {
-    for id in m.moe_biases() {
-        let t = &mut m.params.tensors[id.0];
-        let e = t.data.len();
-        for (i, b) in t.data.iter_mut().enumerate() {
-            *b = 2.0 * (e - i) as f32;
-        }
-    }
 }
 
 /// BF16 mixed precision on the CPU backend (the operands of every Linear GEMM but the MoE gate
@@ -308,21 +289,7 @@ fn bf16_step_is_within_2e_2_of_the_f32_model() {
             let rel = (gs.loss - ws.loss).abs() / ws.loss;
             assert!(rel < 2e-2, "{config}: loss {} vs {}", gs.loss, ws.loss);
             let got = dev.grads().unwrap();
-            let mut worst = (0.0f64, 0usize);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let (d, n) = g
-                    .data
-                    .iter()
-                    .zip(&w.data)
-                    .fold((0.0f64, 0.0f64), |(d, n), (a, b)| {
-                        let e = (*a as f64) - (*b as f64);
-                        (d + e * e, n + (*b as f64) * (*b as f64))
-                    });
-                let e = if d == 0.0 { 0.0 } else { (d / n).sqrt() };
-                if e > worst.0 {
-                    worst = (e, i);
-                }
-            }
+            let worst = parity::worst_tensor(&cpu.params.names, &got, &want);
             println!(
                 "{config} bf16, routing {}: loss {:.6} vs f32 {:.6} (rel {rel:.1e}), loads equal {}, worst gradient {:.2e} ({})",
                 if separated { "held apart" } else { "natural" },
@@ -330,18 +297,13 @@ fn bf16_step_is_within_2e_2_of_the_f32_model() {
                 ws.loss,
                 gs.loads == ws.loads,
                 worst.0,
-                cpu.params.names[worst.1]
+                worst.1
             );
             if separated {
                 assert_eq!(gs.loads, ws.loads, "routing held apart must not change");
             }
             if gs.loads == ws.loads {
-                assert!(
-                    worst.0 < 2e-2,
-                    "{}: {:.3e}",
-                    cpu.params.names[worst.1],
-                    worst.0
-                );
+                assert!(worst.0 < 2e-2, "{}: {:.3e}", worst.1, worst.0);
             }
         }
     }

@@ -21,12 +21,12 @@ mod common;
 #[path = "common/parity.rs"]
 mod parity;
 
-use common::configs_dir;
+use common::{configs_dir, random_batch as batch, separate_routing};
 use kernels::device::backend::{Backend, Cpu, GemmPrecision, HostPlan};
 use kernels::device::cuda::backend::CudaBackend;
 use kernels::device::model::DeviceModel;
 use kernels::device::{Device, DeviceError};
-use kernels::model::{Batch, DeepSeekV3, RunConfig};
+use kernels::model::{DeepSeekV3, RunConfig};
 use kernels::ops::adamw::AdamW;
 use kernels::ops::moe_dispatch::DispatchPlan;
 use kernels::ops::moe_gate::Routing;
@@ -328,41 +328,6 @@ fn model(config: &str, depths: usize, seed: u64) -> (DeepSeekV3, Rng) {
     (DeepSeekV3::new(&cfg, 0.2, seed), Rng::new(seed + 1))
 }
 
-fn batch(rng: &mut Rng, vocab: usize, b: usize, t: usize) -> Batch {
-    let w: Vec<u32> = (0..b * (t + 1))
-        .map(|_| rng.below(vocab as u64) as u32)
-        .collect();
-    Batch::from_windows(&w, b, t)
-}
-
-/// The worst per-tensor normwise error of `got` against `want`, and its tensor's name.
-fn worst_gradient(
-    m: &DeepSeekV3,
-    got: &[kernels::Tensor],
-    want: &[kernels::Tensor],
-) -> (f64, String) {
-    let mut worst = (0.0f64, String::new());
-    for (i, (a, w)) in got.iter().zip(want).enumerate() {
-        let e = parity::norm_rel_error(&a.data, &w.data);
-        if e > worst.0 || worst.1.is_empty() {
-            worst = (e, m.params.names[i].clone());
-        }
-    }
-    worst
-}
-
-/// Routing biases 2 apart (expert 0 highest): every token picks the same experts whatever the
-/// rounding, so BF16 and f32 steps route alike (see `device_model.rs`).
-fn separate_routing(m: &mut DeepSeekV3) {
-    for id in m.moe_biases() {
-        let t = &mut m.params.tensors[id.0];
-        let e = t.data.len();
-        for (i, b) in t.data.iter_mut().enumerate() {
-            *b = 2.0 * (e - i) as f32;
-        }
-    }
-}
-
 /// One forward-backward of micro (two MTP depths) and tiny on the GPU in precision `p`, against
 /// the CPU backend in f32: losses and every gradient within `tol` (1e-5 f32, 2e-2 BF16). BF16
 /// starts from the configs' initialisation (std 0.02) with the routing held apart, and is also
@@ -411,7 +376,7 @@ fn steps_match(p: GemmPrecision, tol: f64) {
             got.loads == want.loads,
         );
         let (gg, gw) = (dev.grads().unwrap(), cpu.grads().unwrap());
-        let worst = worst_gradient(&m, &gg, &gw);
+        let worst = parity::worst_tensor(&m.params.names, &gg, &gw);
         r.check(
             "backward (every gradient)",
             &s,
@@ -429,7 +394,7 @@ fn steps_match(p: GemmPrecision, tol: f64) {
             emu.set_gemm_precision(p);
             let want16 = emu.forward_backward(&bt, 0.3).unwrap();
             let e = parity::norm_rel_error(&losses(&got), &losses(&want16));
-            let worst = worst_gradient(&m, &gg, &emu.grads().unwrap());
+            let worst = parity::worst_tensor(&m.params.names, &gg, &emu.grads().unwrap());
             r.check(
                 "bf16 step vs the cpu's bf16 emulation",
                 &s,
@@ -488,7 +453,11 @@ fn fp8_steps_match_the_cpu_fp8_step() {
             format!("{e:.2e}"),
             e <= 1e-4,
         );
-        let worst = worst_gradient(&m, &dev.grads().unwrap(), &cpu.grads().unwrap());
+        let worst = parity::worst_tensor(
+            &m.params.names,
+            &dev.grads().unwrap(),
+            &cpu.grads().unwrap(),
+        );
         r.check(
             "fp8 backward",
             &s,

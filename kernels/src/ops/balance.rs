@@ -54,6 +54,44 @@ pub fn sequence_loss_backward_input(
     }
 }
 
+/// L_Bal of a MoE layer over a batch of `batch` sequences of `seq` tokens: the mean over the
+/// sequences of [`sequence_loss_forward`] (`scores` [batch·seq, E], `experts` [batch·seq, k]).
+pub fn batch_loss_forward(
+    scores: &[f32],
+    experts: &[u32],
+    seq: usize,
+    batch: usize,
+    k: usize,
+    alpha: f32,
+) -> f64 {
+    let e = scores.len() / (seq * batch).max(1);
+    scores
+        .chunks_exact(seq * e)
+        .zip(experts.chunks_exact(seq * k))
+        .map(|(sq, ex)| sequence_loss_forward(sq, ex, k, e, alpha) / batch as f64)
+        .fold(0.0, |acc, l| acc + l)
+}
+
+/// ds += ∂[`batch_loss_forward`]/∂s, sequence by sequence.
+pub fn batch_loss_backward_input(
+    ds: &mut [f32],
+    scores: &[f32],
+    experts: &[u32],
+    seq: usize,
+    batch: usize,
+    k: usize,
+    alpha: f32,
+) {
+    let e = scores.len() / (seq * batch).max(1);
+    for ((dsq, sq), ex) in ds
+        .chunks_exact_mut(seq * e)
+        .zip(scores.chunks_exact(seq * e))
+        .zip(experts.chunks_exact(seq * k))
+    {
+        sequence_loss_backward_input(dsq, sq, ex, k, e, alpha / batch as f32);
+    }
+}
+
 /// Auxiliary-loss-free update after a step: overloaded experts (load > mean) get b −= γ,
 /// underloaded ones b += γ, exactly balanced ones stay.
 pub fn bias_update(bias: &mut [f32], loads: &[u32], gamma: f32) {

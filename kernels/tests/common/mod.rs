@@ -1,8 +1,10 @@
-//! Shared helpers of the kernels integration tests: directional finite-difference checks.
-//! A gradient g of f at x passes when (f(x+εu) − f(x−εu))/2ε ≈ g·u for random unit directions u.
+//! Shared helpers of the kernels integration tests: directional finite-difference checks (a
+//! gradient g of f at x passes when (f(x+εu) − f(x−εu))/2ε ≈ g·u for random unit directions u),
+//! and the device-step tests' random batches and routing held apart.
 
 #![allow(dead_code)]
 
+use kernels::model::{Batch, DeepSeekV3};
 use kernels::rng::Rng;
 use std::path::PathBuf;
 
@@ -12,6 +14,28 @@ pub fn random(n: usize, std: f32, rng: &mut Rng) -> Vec<f32> {
 
 pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+/// `b` random windows of `t + 1` tokens below `vocab`, as a batch.
+pub fn random_batch(rng: &mut Rng, vocab: usize, b: usize, t: usize) -> Batch {
+    let w: Vec<u32> = (0..b * (t + 1))
+        .map(|_| rng.below(vocab as u64) as u32)
+        .collect();
+    Batch::from_windows(&w, b, t)
+}
+
+/// Routing biases 2 apart (expert 0 highest): every token picks the same experts whatever the
+/// rounding, so a BF16 step and an f32 step route alike and their gradients are comparable. With
+/// the natural small biases a few near-tied tokens pick other experts under BF16, and those
+/// experts' gradients differ at O(1).
+pub fn separate_routing(m: &mut DeepSeekV3) {
+    for id in m.moe_biases() {
+        let t = &mut m.params.tensors[id.0];
+        let e = t.data.len();
+        for (i, b) in t.data.iter_mut().enumerate() {
+            *b = 2.0 * (e - i) as f32;
+        }
+    }
 }
 
 pub fn configs_dir() -> PathBuf {

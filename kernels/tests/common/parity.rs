@@ -94,6 +94,23 @@ pub fn norm_rel_error(gpu: &[f32], cpu: &[f32]) -> f64 {
     }
 }
 
+/// The tensor with the worst [`norm_rel_error`] of `got` against `want` (per-tensor gradients, by
+/// `names`), and that error; the first tensor when every one matches.
+pub fn worst_tensor(
+    names: &[String],
+    got: &[kernels::Tensor],
+    want: &[kernels::Tensor],
+) -> (f64, String) {
+    let mut worst = (0.0f64, String::new());
+    for (i, (a, w)) in got.iter().zip(want).enumerate() {
+        let e = norm_rel_error(&a.data, &w.data);
+        if e > worst.0 || worst.1.is_empty() {
+            worst = (e, names[i].clone());
+        }
+    }
+    worst
+}
+
 /// Elements whose bits differ, a NaN matching any NaN (payload and sign may differ); the first.
 pub fn f32_mismatches(gpu: &[f32], cpu: &[f32]) -> (usize, Option<usize>) {
     mismatches(gpu, cpu, |g, c| {

@@ -340,17 +340,12 @@ pub(crate) fn moe_forward<B: Backend>(
     }
     let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
     b.combine_forward(&mut out, &ye, &dev_plan, d)?;
-    let mut balance_loss = 0.0;
-    if m.alpha > 0.0 {
-        let (t, k) = (rows.seq, routing.k);
-        for (sq, ex) in s_host
-            .chunks_exact(t * e)
-            .zip(routing.experts.chunks_exact(t * k))
-        {
-            balance_loss +=
-                balance::sequence_loss_forward(sq, ex, k, e, m.alpha) / rows.batch as f64;
-        }
-    }
+    let balance_loss = if m.alpha > 0.0 {
+        let (t, bs, k) = (rows.seq, rows.batch, routing.k);
+        balance::batch_loss_forward(&s_host, &routing.experts, t, bs, k, m.alpha)
+    } else {
+        0.0
+    };
     let stats = MoeStats {
         balance_loss,
         loads: plan.plan.loads(),
@@ -378,7 +373,6 @@ pub(crate) fn moe_backward<B: Backend>(
 ) -> BackendResult<B::Buf> {
     let b = c.b;
     let d = m.gate.d_in;
-    let e = m.experts.len();
     let k = st.routing.k;
     let n = b.len(x) / d;
     let (dye, dweights) = b.combine_backward_input(dy, &st.ye, &st.dev_plan, d)?;
@@ -397,14 +391,8 @@ pub(crate) fn moe_backward<B: Backend>(
     let mut ds = vec![0.0; st.s_host.len()];
     moe_gate::backward_input(&mut ds, &dweights, &st.s_host, &st.routing, &m.rule);
     if m.alpha > 0.0 {
-        let t = rows.seq;
-        for ((dsq, sq), ex) in ds
-            .chunks_exact_mut(t * e)
-            .zip(st.s_host.chunks_exact(t * e))
-            .zip(st.routing.experts.chunks_exact(t * k))
-        {
-            balance::sequence_loss_backward_input(dsq, sq, ex, k, e, m.alpha / rows.batch as f32);
-        }
+        let (t, bs, ex) = (rows.seq, rows.batch, &st.routing.experts);
+        balance::batch_loss_backward_input(&mut ds, &st.s_host, ex, t, bs, k, m.alpha);
     }
     let ds = b.upload(&ds)?;
     let dlogits = b.sigmoid_backward_input(&ds, &st.s)?;

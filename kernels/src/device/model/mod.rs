@@ -28,8 +28,8 @@ use layers::{Ctx, Positions, block_backward, block_forward};
 /// A DeepSeek-V3 whose parameters, gradients and moments live on backend `B`.
 pub struct DeviceModel<B: Backend> {
     pub backend: B,
-    /// The layer structure and the host copy of every tensor as of construction or the last
-    /// [`DeviceModel::to_host`]; the routing biases here are current (the host routes).
+    /// The layer structure (configuration, parameter names, shapes, flags); its tensors hold no
+    /// data on the host (the device does: [`DeviceModel::to_host`] copies it back).
     pub model: DeepSeekV3,
     params: Vec<B::Buf>,
     grads: Vec<B::Buf>,
@@ -45,6 +45,16 @@ pub struct DeviceModel<B: Backend> {
 enum DeviceMoments<B: Backend> {
     F32(B::Buf, B::Buf),
     Bf16(B::Half, B::Half),
+}
+
+/// `m` with every tensor's data dropped (shapes kept): the device holds the values, and a host
+/// copy of a large model is not kept twice.
+fn structure_only(mut m: DeepSeekV3) -> DeepSeekV3 {
+    m.params
+        .tensors
+        .iter_mut()
+        .for_each(|t| t.data = Vec::new());
+    m
 }
 
 /// What one optimizer update did.
@@ -81,7 +91,7 @@ impl<B: Backend> DeviceModel<B> {
             host_bias,
             table: None,
             gemm: GemmPrecision::F32,
-            model,
+            model: structure_only(model),
         })
     }
 
@@ -109,7 +119,7 @@ impl<B: Backend> DeviceModel<B> {
         }
         self.discard_grads()?;
         self.moments.iter_mut().for_each(|m| *m = None);
-        self.model = model;
+        self.model = structure_only(model);
         Ok(())
     }
 
@@ -410,11 +420,13 @@ impl<B: Backend> DeviceModel<B> {
         self.download_all(&self.grads)
     }
 
-    /// Copies the device parameters into `self.model`'s host store and returns it.
-    pub fn to_host(&mut self) -> BackendResult<&DeepSeekV3> {
+    /// The model with the device's current parameters, on the host.
+    pub fn to_host(&self) -> BackendResult<DeepSeekV3> {
         let t = self.download_all(&self.params)?;
-        self.model.params = self.model.params.with_tensors(t);
-        Ok(&self.model)
+        Ok(DeepSeekV3 {
+            params: self.model.params.with_tensors(t),
+            ..self.model.clone()
+        })
     }
 
     /// Tensor `i`'s moments on the host, once an update made them.

@@ -197,17 +197,12 @@ impl Moe {
         }
         let (mut out, shared) = self.shared.forward(p, x.clone());
         moe_dispatch::combine_forward(&mut out, &ye, &routing.weights, routing.k, &plan, d);
-        let mut balance_loss = 0.0;
-        if self.alpha > 0.0 {
-            let (t, k) = (rows.seq, routing.k);
-            for (sq, ex) in s
-                .chunks_exact(t * e)
-                .zip(routing.experts.chunks_exact(t * k))
-            {
-                balance_loss +=
-                    balance::sequence_loss_forward(sq, ex, k, e, self.alpha) / rows.batch as f64;
-            }
-        }
+        let balance_loss = if self.alpha > 0.0 {
+            let (t, b, k) = (rows.seq, rows.batch, routing.k);
+            balance::batch_loss_forward(&s, &routing.experts, t, b, k, self.alpha)
+        } else {
+            0.0
+        };
         let stats = MoeStats {
             balance_loss,
             loads: plan.loads(),
@@ -336,21 +331,8 @@ impl Moe {
         let mut ds = vec![0.0; st.s.len()];
         moe_gate::backward_input(&mut ds, &dweights, &st.s, &st.routing, &self.rule);
         if self.alpha > 0.0 {
-            let t = rows.seq;
-            for ((dsq, sq), ex) in ds
-                .chunks_exact_mut(t * e)
-                .zip(st.s.chunks_exact(t * e))
-                .zip(st.routing.experts.chunks_exact(t * k))
-            {
-                balance::sequence_loss_backward_input(
-                    dsq,
-                    sq,
-                    ex,
-                    k,
-                    e,
-                    self.alpha / rows.batch as f32,
-                );
-            }
+            let (t, b, ex) = (rows.seq, rows.batch, &st.routing.experts);
+            balance::batch_loss_backward_input(&mut ds, &st.s, ex, t, b, k, self.alpha);
         }
         let mut dlogits = vec![0.0; ds.len()];
         moe_gate::sigmoid_backward_input(&mut dlogits, &ds, &st.s);
