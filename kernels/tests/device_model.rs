@@ -53,7 +53,15 @@ fn same_bits(what: &str, a: &[f32], b: &[f32]) {
     }
 }
 
-fn forward_backward_matches(config: &str, depths: usize, b: usize, t: usize) {
+/// `nonzero`: the trainable tensors that receive a gradient, of all trainable (the rest are the
+/// three tensors of each expert no token chose).
+fn forward_backward_matches(
+    config: &str,
+    depths: usize,
+    b: usize,
+    t: usize,
+    nonzero_want: (usize, usize),
+) {
     let (cpu, mut rng) = model(config, depths, 5);
     let batch = batch(&mut rng, cpu.cfg.vocab_size, b, t);
     let lambda = 0.3;
@@ -76,7 +84,11 @@ fn forward_backward_matches(config: &str, depths: usize, b: usize, t: usize) {
         got.len(),
         gs.loss
     );
-    assert!(nonzero * 10 >= trainable * 8, "{nonzero} of {trainable}");
+    assert_eq!(
+        (nonzero, trainable),
+        nonzero_want,
+        "non-zero of trainable tensors"
+    );
     // a second forward-backward accumulates into the same buffers, as on the CPU
     let ws2 = cpu.forward_backward(&batch, lambda, &mut want);
     let gs2 = dev.forward_backward(&batch, lambda).unwrap();
@@ -88,12 +100,12 @@ fn forward_backward_matches(config: &str, depths: usize, b: usize, t: usize) {
 
 #[test]
 fn micro_step_matches_the_cpu_model_bitwise() {
-    forward_backward_matches("micro.toml", 2, 3, 8);
+    forward_backward_matches("micro.toml", 2, 3, 8, (125, 134));
 }
 
 #[test]
 fn tiny_step_matches_the_cpu_model_bitwise() {
-    forward_backward_matches("tiny.toml", 1, 2, 16);
+    forward_backward_matches("tiny.toml", 1, 2, 16, (263, 263));
 }
 
 /// Zero AdamW moments for every trainable tensor of `m` (a fresh `TrainState`'s).
@@ -168,10 +180,8 @@ fn adamw_steps_match_the_host_update_bitwise() {
         assert_eq!(u.norm.to_bits(), norm.to_bits(), "step {step} norm");
         clipped += (u.clip_factor < 1.0) as usize;
     }
-    assert!(
-        clipped > 0,
-        "the clip never engaged: the check would miss it"
-    );
+    // clip 0.5 engages on every step of this run (the clipped path is the one compared)
+    assert_eq!(clipped, 4, "steps whose update the clip scaled");
     let host = dev.to_host().unwrap();
     assert_eq!(host.params.sha256(), cpu.params.sha256());
     for (i, m) in moments.iter().enumerate() {
@@ -287,7 +297,8 @@ fn bf16_step_is_within_2e_2_of_the_f32_model() {
             let gs = dev.forward_backward(&batch, 0.3).unwrap();
             assert_ne!(gs.loss.to_bits(), ws.loss.to_bits(), "bf16 changed nothing");
             let rel = (gs.loss - ws.loss).abs() / ws.loss;
-            assert!(rel < 2e-2, "{config}: loss {} vs {}", gs.loss, ws.loss);
+            // measured ≤ 3.4e-4 (issue 12's bound is 2e-2)
+            assert!(rel < 1e-3, "{config}: loss {} vs {}", gs.loss, ws.loss);
             let got = dev.grads().unwrap();
             let worst = parity::worst_tensor(&cpu.params.names, &got, &want);
             println!(

@@ -227,7 +227,8 @@ pub fn moe_rows(emu: &Emu, r: &mut Report, seed: u64) {
 
 /// The promoted FP8 GEMM (`fp8_gemm.cu`) in the three orientations of a Linear, with the
 /// operands' strides the CUDA backend passes, against `fp8::fp8_gemm_fprop`, `_dgrad` and
-/// `_wgrad` on the same quantised tensors (exact products; sums in another order: normwise).
+/// `_wgrad` on the same quantised tensors (exact products; sums in another order: normwise
+/// within 1e-7).
 pub fn fp8_gemm_rows(emu: &Emu, r: &mut Report, seed: u64) {
     use kernels::fp8::quant::{quantize_1x128, quantize_128x1, quantize_128x128};
     use kernels::fp8::{ScaleFormat, fp8_gemm_dgrad, fp8_gemm_fprop, fp8_gemm_wgrad};
@@ -292,7 +293,15 @@ pub fn fp8_gemm_rows(emu: &Emu, r: &mut Report, seed: u64) {
                 failed(r, "fp8_gemm_promoted", &s, e);
                 continue;
             }
-            r.norm_rel(&kname, &s, "out", &run.get("out"), want);
+            // exact products, reordered f32 sums: measured ≤ 4e-9 normwise, judged at 1e-7
+            let e = super::parity::norm_rel_error(&run.get("out"), want);
+            r.check(
+                &kname,
+                &s,
+                "out norm rel ≤ 1e-7",
+                format!("{e:.2e}"),
+                e <= 1e-7,
+            );
         }
     }
 }
