@@ -482,23 +482,40 @@ fn bench_train_device(a: BenchArgs) -> Result<()> {
     };
     let open =
         || CudaBackend::open(ordinal).map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"));
-    // the ceiling a precision is measured against: FP8 runs its promoted GEMM on CUDA cores (no
-    // FP8 tensor-core GEMM is built), so it is held against the BF16 tensor-core ceiling
+    // the ceiling a precision is measured against: its own GEMM's (FP8: cuBLASLt's block-scaled
+    // FP8 when the backend runs FP8 on the tensor cores; on the CUDA cores it is held against the
+    // BF16 tensor-core ceiling)
+    let backend = open()?;
     let gemm = match a.precision {
         kernels::model::Precision::F32 => GemmPrecision::F32,
         _ => GemmPrecision::Bf16,
     };
-    let ceiling = open()?
-        .gemm_tflops(4096, 5, gemm)
-        .map_err(|e| anyhow::anyhow!("GEMM ceiling: {e}"))?;
-    let ceiling_name = if gemm == GemmPrecision::F32 {
-        "f32"
-    } else {
-        "bf16"
+    let fp8_ceiling = (a.precision == kernels::model::Precision::Fp8)
+        .then(|| backend.fp8.gemm_tflops(&backend.gpu, 8192, 5).ok())
+        .flatten();
+    let (ceiling, ceiling_name) = match fp8_ceiling {
+        Some(t) => (t, "fp8"),
+        None => {
+            let t = backend
+                .gemm_tflops(4096, 5, gemm)
+                .map_err(|e| anyhow::anyhow!("GEMM ceiling: {e}"))?;
+            (
+                t,
+                if gemm == GemmPrecision::F32 {
+                    "f32"
+                } else {
+                    "bf16"
+                },
+            )
+        }
     };
-    println!(
-        "device {ceiling_name} GEMM ceiling: {ceiling:.1} TFLOP/s (4096³ through cuBLAS, f32 accumulation, TF32 off)"
-    );
+    drop(backend);
+    let how = if fp8_ceiling.is_some() {
+        "8192³ through cuBLASLt, E4M3 with 1×128 and 128×128 FP32 scales"
+    } else {
+        "4096³ through cuBLAS, f32 accumulation, TF32 off"
+    };
+    println!("device {ceiling_name} GEMM ceiling: {ceiling:.1} TFLOP/s ({how})");
     for c in &bench_configs(&a) {
         let r = actors::bench::device_step_throughput(
             open()?,

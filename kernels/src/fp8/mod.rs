@@ -39,4 +39,5 @@ macro_rules! simd_fn {
 pub mod bench;
 pub mod format;
 pub mod gemm;
+pub mod pack;
 pub mod quant;

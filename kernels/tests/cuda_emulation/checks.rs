@@ -14,7 +14,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 13] = [
+pub const FAMILIES: [(&str, Family); 14] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -28,6 +28,7 @@ pub const FAMILIES: [(&str, Family); 13] = [
     ("elementwise", step_checks::elementwise_rows),
     ("moe", step_checks::moe_rows),
     ("fp8_gemm", step_checks::fp8_gemm_rows),
+    ("fp8_pack", step_checks::fp8_pack_rows),
 ];
 
 /// A failed driver run as a failed row.

@@ -23,6 +23,7 @@
 #include "../../src/device/cuda/tensor.cu"
 #include "../../src/device/cuda/moe.cu"
 #include "../../src/device/cuda/fp8_gemm.cu"
+#include "../../src/device/cuda/fp8_pack.cu"
 
 static const unsigned BLOCK = 256;
 static std::string dir;
@@ -257,6 +258,17 @@ int main(int argc, char** argv) {
                               bc.data(), b_j, b_k, bs.data(), sb_kb, sb_j, sb_div);
         });
         save("out", out);
+    } else if (op == "fp8_pack") {  // rows cols rs cs ld (the same gather of codes and scales)
+        long long rows = arg(3), cols = arg(4), rs = arg(5), cs = arg(6), ld = arg(7);
+        auto codes = load<u8>("codes");
+        auto scales = load<float>("scales");
+        std::vector<u8> pc((size_t)(rows * ld));
+        std::vector<float> ps((size_t)(rows * ld));
+        launch(grid_stride(rows * ld), BLOCK,
+               [&] { fp8_pack_codes(pc.data(), codes.data(), rows, cols, rs, cs, ld); });
+        launch(grid_stride(rows * ld), BLOCK,
+               [&] { fp8_pack_scales(ps.data(), scales.data(), rows, cols, rs, cs, ld); });
+        save("packed_codes", pc), save("packed_scales", ps);
     } else {
         fprintf(stderr, "unknown op %s\n", op.c_str());
         return 2;

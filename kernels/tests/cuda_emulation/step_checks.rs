@@ -305,3 +305,59 @@ pub fn fp8_gemm_rows(emu: &Emu, r: &mut Report, seed: u64) {
         }
     }
 }
+
+/// The packing of every operand of the three FP8 GEMMs for cuBLASLt (`fp8_pack.cu`) against
+/// `fp8::pack::Gather::apply`, bit for bit: codes transposed and K-padded, scales K-block-major or
+/// in padded block rows. Shapes off the 16/128 boundaries.
+pub fn fp8_pack_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    use kernels::fp8::pack::{self, Gather};
+    for (n, din, dout) in [(37, 640, 144), (130, 256, 528)] {
+        let plans = [
+            ("fprop", pack::fprop(n, din, dout)),
+            ("dgrad", pack::dgrad(n, din, dout)),
+            ("wgrad", pack::wgrad(n, din, dout)),
+        ];
+        for (label, p) in plans {
+            for (side, op) in [("A", p.a), ("B", p.b)] {
+                // codes and scales are packed by one gather each; run both gathers' shapes
+                for (what, g) in [("codes", op.codes), ("scales", op.scales)] {
+                    let s = format!("{label} {side} {what} {}", shape(&[g.rows, g.ld]));
+                    let len = g.src_extent();
+                    let codes: Vec<u8> = indices(seed, "pack codes", len, 256)
+                        .into_iter()
+                        .map(|c| c as u8)
+                        .collect();
+                    let scales = normals(seed, "pack scales", len);
+                    let run = emu.prepare();
+                    run.put("codes", &codes);
+                    run.put("scales", &scales);
+                    let Gather {
+                        rows,
+                        cols,
+                        rs,
+                        cs,
+                        ld,
+                    } = g;
+                    let args = [rows, cols, rs, cs, ld].map(|v| v.to_string());
+                    if let Err(e) = emu.exec(&run, "fp8_pack", &args) {
+                        failed(r, "fp8_pack", &s, e);
+                        continue;
+                    }
+                    let got: Vec<u8> = run.get("packed_codes");
+                    let want = g.apply(&codes);
+                    let bad = got.len().abs_diff(want.len())
+                        + got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                    let value = format!("{bad}/{} differ", g.len());
+                    r.check("fp8_pack_codes", &s, "bits", value, bad == 0);
+                    r.bits(
+                        "fp8_pack_scales",
+                        &s,
+                        "",
+                        &run.get("packed_scales"),
+                        &g.apply(&scales),
+                    );
+                }
+            }
+        }
+    }
+}

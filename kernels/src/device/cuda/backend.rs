@@ -8,11 +8,9 @@
 //! CPU backend runs bit for bit (`kernels/tests/device_model.rs`); each primitive is compared
 //! with its CPU twin by `gpu_parity.rs` (on a GPU) and `cuda_emulation.rs` (on the CPU).
 
-use super::launch::{
-    AttentionShape, Blas, Fp8Operand, Gpu, GpuError, Indices, LinearGemm, MoePlan,
-};
+use super::fp8_linear::Fp8Linear;
+use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan};
 use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
-use crate::fp8::{ScaleFormat, ScaleLayout, TILE};
 use crate::ops::adamw::StepConsts;
 use crate::ops::rope::RopeTable;
 use cudarc::driver::{CudaSlice, sys};
@@ -34,6 +32,8 @@ pub struct CudaTable {
 pub struct CudaBackend {
     pub gpu: Gpu,
     blas: Blas,
+    /// The FP8 Linear's GEMM engine (tensor cores through cuBLASLt, or the CUDA-core kernel).
+    pub fp8: Fp8Linear,
 }
 
 impl CudaBackend {
@@ -63,7 +63,8 @@ impl CudaBackend {
                 }
             }
         }
-        Ok(CudaBackend { gpu, blas })
+        let fp8 = Fp8Linear::open(&gpu);
+        Ok(CudaBackend { gpu, blas, fp8 })
     }
 
     /// The GEMM ceiling of this device in precision `p` through the same cuBLAS call the Linear
@@ -90,28 +91,6 @@ impl CudaBackend {
 
     fn buf(&self, n: usize) -> BackendResult<CudaSlice<f32>> {
         Ok(self.gpu.zeros(n)?)
-    }
-
-    /// x [rows, cols] quantised to E4M3 in `layout` with f32 scales: (codes, scales).
-    fn quantize(
-        &self,
-        x: &CudaSlice<f32>,
-        rows: usize,
-        cols: usize,
-        layout: ScaleLayout,
-    ) -> BackendResult<(CudaSlice<u8>, CudaSlice<f32>)> {
-        let mut codes = self.gpu.zeros::<u8>(rows * cols)?;
-        let mut scales = self.gpu.zeros::<f32>(layout.num_scales(rows, cols))?;
-        self.gpu.fp8_quantize_dev(
-            x,
-            &mut codes,
-            &mut scales,
-            rows,
-            cols,
-            layout,
-            ScaleFormat::F32,
-        )?;
-        Ok((codes, scales))
     }
 
     fn bf16(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<u16>> {
@@ -154,7 +133,12 @@ impl Backend for CudaBackend {
     type Half = CudaSlice<u16>;
 
     fn describe(&self) -> String {
-        format!("{} ({})", self.gpu.info, self.gpu.arch)
+        format!(
+            "{} ({}; {})",
+            self.gpu.info,
+            self.gpu.arch,
+            self.fp8.describe()
+        )
     }
 
     fn len(&self, x: &CudaSlice<f32>) -> usize {
@@ -253,31 +237,7 @@ impl Backend for CudaBackend {
         din: usize,
         dout: usize,
     ) -> BackendResult<CudaSlice<f32>> {
-        let (xc, xs) = self.quantize(x, n, din, ScaleLayout::Tile1x128)?;
-        let (wc, ws) = self.quantize(w, dout, din, ScaleLayout::Block128x128)?;
-        let kbs = din.div_ceil(TILE);
-        // y[i, j] = Σ_k x[i, k]·W[j, k]: x 1×128 scales [n, kbs], W 128×128 [⌈dout/128⌉, kbs]
-        let a = Fp8Operand {
-            codes: &xc,
-            row_stride: din,
-            k_stride: 1,
-            scales: &xs,
-            scale_kb: 1,
-            scale_row: kbs,
-            scale_div: 1,
-        };
-        let b = Fp8Operand {
-            codes: &wc,
-            row_stride: din,
-            k_stride: 1,
-            scales: &ws,
-            scale_kb: 1,
-            scale_row: kbs,
-            scale_div: TILE,
-        };
-        let mut y = self.buf(n * dout)?;
-        self.gpu.fp8_gemm_promoted(&mut y, (n, dout, din), &a, &b)?;
-        Ok(y)
+        Ok(self.fp8.forward(&self.gpu, x, w, n, din, dout)?)
     }
 
     fn fp8_linear_backward_input(
@@ -288,32 +248,7 @@ impl Backend for CudaBackend {
         din: usize,
         dout: usize,
     ) -> BackendResult<CudaSlice<f32>> {
-        let (gc, gs) = self.quantize(dy, n, dout, ScaleLayout::Tile1x128)?;
-        let (wc, ws) = self.quantize(w, dout, din, ScaleLayout::Block128x128)?;
-        // dx[i, j] = Σ_k dy[i, k]·W[k, j]: dy 1×128 scales [n, ⌈dout/128⌉]; W read down its
-        // columns, its 128×128 scales [⌈dout/128⌉, ⌈din/128⌉] indexed (kb, j/128)
-        let a = Fp8Operand {
-            codes: &gc,
-            row_stride: dout,
-            k_stride: 1,
-            scales: &gs,
-            scale_kb: 1,
-            scale_row: dout.div_ceil(TILE),
-            scale_div: 1,
-        };
-        let b = Fp8Operand {
-            codes: &wc,
-            row_stride: 1,
-            k_stride: din,
-            scales: &ws,
-            scale_kb: din.div_ceil(TILE),
-            scale_row: 1,
-            scale_div: TILE,
-        };
-        let mut dx = self.buf(n * din)?;
-        self.gpu
-            .fp8_gemm_promoted(&mut dx, (n, din, dout), &a, &b)?;
-        Ok(dx)
+        Ok(self.fp8.backward_input(&self.gpu, dy, w, n, din, dout)?)
     }
 
     fn fp8_linear_backward_weight(
@@ -325,34 +260,7 @@ impl Backend for CudaBackend {
         din: usize,
         dout: usize,
     ) -> BackendResult<()> {
-        // x as Fprop consumed it (1×128), dequantised and requantised 128×1: the CPU's weight job
-        let (xc, xs) = self.quantize(x, n, din, ScaleLayout::Tile1x128)?;
-        let mut xd = self.buf(n * din)?;
-        self.gpu
-            .fp8_dequantize_dev(&xc, &xs, &mut xd, n, din, ScaleLayout::Tile1x128)?;
-        let (tc, ts) = self.quantize(&xd, n, din, ScaleLayout::Tile128x1)?;
-        let (gc, gs) = self.quantize(dy, n, dout, ScaleLayout::Tile128x1)?;
-        // dW[i, j] = Σ_k dy[k, i]·x[k, j]: both read down columns, 128×1 scales [⌈n/128⌉, cols]
-        let a = Fp8Operand {
-            codes: &gc,
-            row_stride: 1,
-            k_stride: dout,
-            scales: &gs,
-            scale_kb: dout,
-            scale_row: 1,
-            scale_div: 1,
-        };
-        let b = Fp8Operand {
-            codes: &tc,
-            row_stride: 1,
-            k_stride: din,
-            scales: &ts,
-            scale_kb: din,
-            scale_row: 1,
-            scale_div: 1,
-        };
-        let mut g = self.buf(dout * din)?;
-        self.gpu.fp8_gemm_promoted(&mut g, (dout, din, n), &a, &b)?;
+        let g = self.fp8.backward_weight(&self.gpu, dy, x, n, din, dout)?;
         self.add_into(dw, &g)
     }
 

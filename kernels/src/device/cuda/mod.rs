@@ -9,6 +9,8 @@
 #[cfg(feature = "cuda")]
 pub mod backend;
 #[cfg(feature = "cuda")]
+pub mod fp8_linear;
+#[cfg(feature = "cuda")]
 pub mod launch;
 
 /// Prepended to every source before compilation (sources do not `#include` it): element types
@@ -86,6 +88,7 @@ pub const SOURCES: &[KernelSource] = &[
         ]
     ),
     source!("fp8_gemm", ["fp8_gemm_promoted"]),
+    source!("fp8_pack", ["fp8_pack_codes", "fp8_pack_scales"]),
     source!(
         "tensor",
         [

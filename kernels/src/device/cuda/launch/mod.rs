@@ -13,6 +13,7 @@
 
 mod attention;
 mod fp8;
+mod lt;
 mod ops;
 mod optim;
 mod tensor;
@@ -22,6 +23,7 @@ pub use attention::{ATTENTION_MAX_HEAD_DIM, AttentionShape};
 /// The device buffer type the wrappers take, for callers without a cudarc dependency of their own.
 pub use cudarc::driver::CudaSlice;
 pub use fp8::Fp8Operand;
+pub use lt::{Lt, Packed};
 pub use ops::Indices;
 pub use optim::grad_norm_ends;
 pub use tensor::{Blas, LinearGemm, MoePlan};
