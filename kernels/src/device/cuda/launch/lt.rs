@@ -145,7 +145,12 @@ fn scale_mode(s: PackedScales) -> i32 {
 }
 
 impl Lt {
+    /// A handle on `gpu`'s stream; an error (never a panic) without libcublasLt.
     pub fn new(gpu: &Gpu) -> Result<Lt, GpuError> {
+        // SAFETY: only tries to load the library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(shape_err(KN, "libcublasLt could not be loaded"));
+        }
         let handle = lt::create_handle().map_err(|e| lt_err("creating the handle", e))?;
         let workspace = gpu.zeros::<u8>(WORKSPACE)?;
         Ok(Lt {
