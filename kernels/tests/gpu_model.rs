@@ -110,6 +110,101 @@ fn gemm_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
     }
 }
 
+/// The routed experts' grouped GEMMs (one `cublasGemmGroupedBatchedEx` call per projection)
+/// against the CPU backend's expert-by-expert reference, f32 and BF16, over segments with an
+/// empty expert and a one-row expert; `grouped_refused` says whether cuBLAS took the calls (it
+/// must for f32; for BF16 operands with an f32 output it is reported).
+fn grouped_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
+    use kernels::device::backend::ExpertGemm;
+    let c = Cpu;
+    let offsets = [0usize, 40, 40, 41, 200, 256];
+    let (rows, experts) = (256, offsets.len() - 1);
+    for p in [GemmPrecision::F32, GemmPrecision::Bf16] {
+        let before = g.grouped_refused.get().0;
+        let kind = ExpertGemm::Plain(p);
+        for (din, dout) in [(64, 96), (33, 7)] {
+            let s = format!("{experts} experts, {rows} rows, {din}→{dout}, {p:?}");
+            let ws: Vec<Vec<f32>> = (0..experts)
+                .map(|e| normals(seed + e as u64, "grouped w", dout * din))
+                .collect();
+            let wsg: Vec<_> = ws.iter().map(|w| up(g, w)).collect();
+            let ids: Vec<usize> = (0..experts).rev().collect();
+            let x = normals(seed, "grouped x", rows * din);
+            let dy = normals(seed, "grouped dy", rows * dout);
+            let prior = normals(seed, "grouped dx prior", rows * din);
+            let (xg, dyg) = (up(g, &x), up(g, &dy));
+            let y = c
+                .grouped_linear_forward(&x, &ws, &ids, &offsets, din, dout, kind)
+                .unwrap();
+            let yg = g
+                .grouped_linear_forward(&xg, &wsg, &ids, &offsets, din, dout, kind)
+                .unwrap();
+            r.norm_rel("grouped_linear_forward", &s, "y", &down(g, &yg), &y);
+            for acc in [false, true] {
+                let mut dx = prior.clone();
+                c.grouped_linear_backward_input(
+                    &mut dx, &dy, &ws, &ids, &offsets, din, dout, acc, kind,
+                )
+                .unwrap();
+                let mut dxg = up(g, &prior);
+                g.grouped_linear_backward_input(
+                    &mut dxg, &dyg, &wsg, &ids, &offsets, din, dout, acc, kind,
+                )
+                .unwrap();
+                let what = if acc { "dx (+=)" } else { "dx" };
+                r.norm_rel(
+                    "grouped_linear_backward_input",
+                    &s,
+                    what,
+                    &down(g, &dxg),
+                    &dx,
+                );
+            }
+            let priors: Vec<Vec<f32>> = (0..experts)
+                .map(|e| normals(seed + e as u64, "grouped dw prior", dout * din))
+                .collect();
+            let mut dws = priors.clone();
+            c.grouped_linear_backward_weight(&mut dws, &ids, &dy, &x, &offsets, din, dout, kind)
+                .unwrap();
+            let mut dwsg: Vec<_> = priors.iter().map(|w| up(g, w)).collect();
+            g.grouped_linear_backward_weight(&mut dwsg, &ids, &dyg, &xg, &offsets, din, dout, kind)
+                .unwrap();
+            let got: Vec<f32> = dwsg.iter().flat_map(|b| down(g, b)).collect();
+            let want: Vec<f32> = dws.concat();
+            r.norm_rel(
+                "grouped_linear_backward_weight",
+                &s,
+                "dW (+=), every expert",
+                &got,
+                &want,
+            );
+        }
+        let (after, first) = g.grouped_refused.get();
+        let value = format!(
+            "{} refused{}",
+            after - before,
+            first.map(|f| format!(" (first: {f})")).unwrap_or_default()
+        );
+        if p == GemmPrecision::F32 {
+            r.check(
+                "grouped gemm (cuBLAS)",
+                "f32",
+                "one call per projection",
+                value,
+                after == before,
+            );
+        } else {
+            r.push(
+                "grouped gemm (cuBLAS)",
+                "bf16 → f32",
+                "one call per projection",
+                value,
+                parity::Verdict::Info,
+            );
+        }
+    }
+}
+
 /// The FP8 Linear of the recipe (quantisation on the device, then each GEMM engine) against the
 /// CPU's `fp8::linear_*_fp8` and weight job: codes and scales are bit-identical, the block sums
 /// are reordered. The CUDA-core kernel is judged at 1e-5 normwise; cuBLASLt's tensor cores at
@@ -128,7 +223,7 @@ fn fp8_rows(g: &mut CudaBackend, r: &mut Report, seed: u64) {
     g.fp8 = opened;
     if matches!(g.fp8.engine, Fp8Engine::TensorCores(_)) {
         fp8_linear_rows(g, r, seed, "tensor cores", AGREE);
-        let (n, first) = g.fp8.refused.borrow().clone();
+        let (n, first) = g.fp8.refused.get();
         let value = format!(
             "{n} refused{}",
             first.map(|f| format!(" (first: {f})")).unwrap_or_default()
@@ -378,6 +473,7 @@ fn backend_primitives_match_the_cpu_backend() {
     println!("seed {seed} (repeat with PHALANX_PARITY_SEED={seed})");
     let mut r = Report::default();
     gemm_rows(&g, &mut r, seed);
+    grouped_rows(&g, &mut r, seed);
     fp8_rows(&mut g, &mut r, seed);
     layout_rows(&g, &mut r, seed);
     moe_rows(&g, &mut r, seed);

@@ -25,13 +25,7 @@ fn operand(x: &[f32], p: GemmPrecision) -> Cow<'_, [f32]> {
 }
 
 fn check(what: &str, len: usize, want: usize) -> BackendResult<()> {
-    if len == want {
-        Ok(())
-    } else {
-        Err(BackendError(format!(
-            "cpu backend: {what} has {len} elements, want {want}"
-        )))
-    }
+    super::check_len("cpu backend", what, len, want)
 }
 
 impl Backend for Cpu {

@@ -11,8 +11,10 @@
 //! uploads the dispatch plan. Every value that decides bits is computed without atomics.
 
 mod cpu;
+pub mod grouped;
 
 pub use cpu::Cpu;
+pub use grouped::ExpertGemm;
 
 use crate::ops::adamw::StepConsts;
 use crate::ops::moe_dispatch::DispatchPlan;
@@ -24,6 +26,17 @@ use crate::ops::rope::RopeTable;
 pub struct BackendError(pub String);
 
 pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Ok when a buffer `what` of `who` holds `want` elements, else an error naming both.
+pub(crate) fn check_len(who: &str, what: &str, len: usize, want: usize) -> BackendResult<()> {
+    if len == want {
+        Ok(())
+    } else {
+        Err(BackendError(format!(
+            "{who}: {what} has {len} elements, want {want}"
+        )))
+    }
+}
 
 /// The precision of the Linear GEMMs: f32 (the reference), or BF16 mixed precision, where both
 /// operands are rounded to BF16 (nearest even) and the products are summed in f32 into an f32
@@ -379,6 +392,64 @@ pub trait Backend {
         d: usize,
         acc: bool,
     ) -> BackendResult<()>;
+
+    /// The routed experts' Linear forward (`grouped`): y[rows, dout], segment e of x[rows, din]
+    /// times `params[ids[e]]`ᵀ.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_linear_forward(
+        &self,
+        x: &Self::Buf,
+        params: &[Self::Buf],
+        ids: &[usize],
+        offsets: &[usize],
+        din: usize,
+        dout: usize,
+        kind: ExpertGemm,
+    ) -> BackendResult<Self::Buf>
+    where
+        Self: Sized,
+    {
+        grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind)
+    }
+    /// dx[rows, din] (+)= segment e of dy[rows, dout] times `params[ids[e]]`.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_linear_backward_input(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        params: &[Self::Buf],
+        ids: &[usize],
+        offsets: &[usize],
+        din: usize,
+        dout: usize,
+        acc: bool,
+        kind: ExpertGemm,
+    ) -> BackendResult<()>
+    where
+        Self: Sized,
+    {
+        grouped::backward_input_per_segment(
+            self, dx, dy, params, ids, offsets, din, dout, acc, kind,
+        )
+    }
+    /// grads[ids[e]] += (segment e of dy)ᵀ · (segment e of x).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_linear_backward_weight(
+        &self,
+        grads: &mut [Self::Buf],
+        ids: &[usize],
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        offsets: &[usize],
+        din: usize,
+        dout: usize,
+        kind: ExpertGemm,
+    ) -> BackendResult<()>
+    where
+        Self: Sized,
+    {
+        grouped::backward_weight_per_segment(self, grads, ids, dy, x, offsets, din, dout, kind)
+    }
 
     /// The L2 norm of all `grads` together in f64, `ops::adamw::global_norm`'s fixed order.
     fn global_norm(&self, grads: &[&Self::Buf]) -> BackendResult<f64>;

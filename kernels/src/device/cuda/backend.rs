@@ -9,8 +9,10 @@
 //! with its CPU twin by `gpu_parity.rs` (on a GPU) and `cuda_emulation.rs` (on the CPU).
 
 use super::fp8_linear::Fp8Linear;
-use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan};
-use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
+use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan, Refusals};
+use crate::device::backend::{
+    Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision, HostPlan,
+};
 use crate::ops::adamw::StepConsts;
 use crate::ops::rope::RopeTable;
 use cudarc::driver::{CudaSlice, sys};
@@ -31,9 +33,11 @@ pub struct CudaTable {
 /// One CUDA device as a `Backend`.
 pub struct CudaBackend {
     pub gpu: Gpu,
-    blas: Blas,
+    pub(super) blas: Blas,
     /// The FP8 Linear's GEMM engine (tensor cores through cuBLASLt, or the CUDA-core kernel).
     pub fp8: Fp8Linear,
+    /// Grouped expert GEMMs cuBLAS refused (then run expert by expert).
+    pub grouped_refused: Refusals,
 }
 
 impl CudaBackend {
@@ -64,7 +68,12 @@ impl CudaBackend {
             }
         }
         let fp8 = Fp8Linear::open(&gpu);
-        Ok(CudaBackend { gpu, blas, fp8 })
+        Ok(CudaBackend {
+            gpu,
+            blas,
+            fp8,
+            grouped_refused: Refusals::default(),
+        })
     }
 
     /// The GEMM ceiling of this device in precision `p` through the same cuBLAS call the Linear
@@ -133,8 +142,15 @@ impl Backend for CudaBackend {
     type Half = CudaSlice<u16>;
 
     fn describe(&self) -> String {
+        let grouped = match self.grouped_refused.get() {
+            (0, _) => "expert gemms: grouped".to_string(),
+            (n, first) => format!(
+                "expert gemms: {n} grouped calls refused, run expert by expert (first: {})",
+                first.unwrap_or_default()
+            ),
+        };
         format!(
-            "{} ({}; {})",
+            "{} ({}; {}; {grouped})",
             self.gpu.info,
             self.gpu.arch,
             self.fp8.describe()
@@ -262,6 +278,48 @@ impl Backend for CudaBackend {
     ) -> BackendResult<()> {
         let g = self.fp8.backward_weight(&self.gpu, dy, x, n, din, dout)?;
         self.add_into(dw, &g)
+    }
+
+    fn grouped_linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        params: &[CudaSlice<f32>],
+        ids: &[usize],
+        offsets: &[usize],
+        din: usize,
+        dout: usize,
+        kind: ExpertGemm,
+    ) -> BackendResult<CudaSlice<f32>> {
+        self.grouped_forward(x, params, ids, offsets, (din, dout), kind)
+    }
+
+    fn grouped_linear_backward_input(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        params: &[CudaSlice<f32>],
+        ids: &[usize],
+        offsets: &[usize],
+        din: usize,
+        dout: usize,
+        acc: bool,
+        kind: ExpertGemm,
+    ) -> BackendResult<()> {
+        self.grouped_backward_input(dx, dy, params, ids, offsets, (din, dout), acc, kind)
+    }
+
+    fn grouped_linear_backward_weight(
+        &self,
+        grads: &mut [CudaSlice<f32>],
+        ids: &[usize],
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        offsets: &[usize],
+        din: usize,
+        dout: usize,
+        kind: ExpertGemm,
+    ) -> BackendResult<()> {
+        self.grouped_backward_weight(grads, ids, dy, x, offsets, (din, dout), kind)
     }
 
     fn rmsnorm_forward(

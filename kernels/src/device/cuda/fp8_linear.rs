@@ -11,7 +11,7 @@
 //! cuBLASLt, on random operands of every orientation at open, agrees with the CUDA-core kernel to
 //! [`AGREE`] normwise (a wrong scale layout or operand order is off by O(1)). Never run on a GPU.
 
-use super::launch::{Fp8Operand, Gpu, GpuError, Lt};
+use super::launch::{Fp8Operand, Gpu, GpuError, Lt, Refusals};
 use crate::fp8::pack::{self, Plan};
 use crate::fp8::{ScaleFormat, ScaleLayout, TILE};
 use crate::rng::Rng;
@@ -36,7 +36,7 @@ pub struct Fp8Linear {
     pub agreement: Option<f64>,
     /// GEMMs the tensor cores refused at run time (then run on the CUDA cores), and the first
     /// refusal.
-    pub refused: std::cell::RefCell<(u64, Option<String>)>,
+    pub refused: Refusals,
 }
 
 /// x `[rows, cols]` quantised to E4M3 in `layout` with f32 scales: (codes, scales).
@@ -108,8 +108,7 @@ impl Fp8Linear {
 
     /// e.g. `fp8 gemm: tensor cores (cuBLASLt, block-scaled; 3.1e-6 from the CUDA-core kernel)`.
     pub fn describe(&self) -> String {
-        let refused = self.refused.borrow();
-        if let (n @ 1.., Some(first)) = (refused.0, &refused.1) {
+        if let (n @ 1.., Some(first)) = self.refused.get() {
             return format!(
                 "fp8 gemm: tensor cores, {n} GEMMs refused and run on the CUDA cores (first: {first})"
             );
@@ -220,13 +219,6 @@ impl Fp8Linear {
         }
     }
 
-    /// Counts a GEMM the tensor cores refused.
-    fn refuse(&self, e: GpuError) {
-        let mut r = self.refused.borrow_mut();
-        r.0 += 1;
-        r.1.get_or_insert_with(|| e.to_string());
-    }
-
     /// `p`'s product on the tensor cores when they take it, else (or when they refuse it at run
     /// time) `own`, the CUDA-core kernel.
     fn gemm(
@@ -238,7 +230,7 @@ impl Fp8Linear {
     ) -> Result<CudaSlice<f32>, GpuError> {
         match self.lt_for(p) {
             Some(lt) => tensor_cores(gpu, lt, p, a, b).or_else(|e| {
-                self.refuse(e);
+                self.refused.note(&e);
                 own()
             }),
             None => own(),

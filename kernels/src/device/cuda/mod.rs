@@ -11,6 +11,8 @@ pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod fp8_linear;
 #[cfg(feature = "cuda")]
+mod grouped;
+#[cfg(feature = "cuda")]
 pub mod launch;
 
 /// Prepended to every source before compilation (sources do not `#include` it): element types

@@ -4,7 +4,7 @@
 //! parameter ids and shapes; the order of every operation, and of every weight gradient added
 //! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
 
-use super::super::backend::{Backend, BackendResult, GemmPrecision, HostPlan};
+use super::super::backend::{Backend, BackendResult, ExpertGemm, GemmPrecision, HostPlan};
 use crate::model::layers::{Block, Ffn, Linear, Mla, Moe, MoeStats, RmsNorm, Rows, SwiGlu};
 use crate::ops::balance;
 use crate::ops::moe_dispatch::DispatchPlan;
@@ -293,16 +293,30 @@ pub(crate) fn mla_backward<B: Backend>(
     Ok(dh)
 }
 
-/// DeepSeekMoE's activations (its input is kept by the block).
+/// DeepSeekMoE's activations (its input is kept by the block): the routed experts' as one
+/// block of dispatched rows (`xe`, the gate and up outputs, SwiGLU's output, the experts' output).
 pub(crate) struct MoeSt<B: Backend> {
     s: B::Buf,
     s_host: Vec<f32>,
     routing: Routing,
     plan: HostPlan,
     dev_plan: B::Plan,
-    experts: Vec<Option<(B::Buf, SwiSt<B>)>>,
+    xe: B::Buf,
+    a: B::Buf,
+    bv: B::Buf,
+    h: B::Buf,
     ye: B::Buf,
     shared: SwiSt<B>,
+}
+
+/// The routed experts' parameter ids (gate, up, down per expert) and how they multiply.
+fn expert_ids<B: Backend>(c: &Ctx<'_, B>, m: &Moe) -> ([Vec<usize>; 3], ExpertGemm) {
+    let ids = |f: fn(&SwiGlu) -> &Linear| m.experts.iter().map(|e| f(e).w.0).collect();
+    let kind = match m.experts.first() {
+        Some(e) if e.gate.fp8 => ExpertGemm::Fp8,
+        _ => ExpertGemm::Plain(c.gemm),
+    };
+    ([ids(|e| &e.gate), ids(|e| &e.up), ids(|e| &e.down)], kind)
 }
 
 pub(crate) fn moe_forward<B: Backend>(
@@ -325,19 +339,16 @@ pub(crate) fn moe_forward<B: Backend>(
     );
     let dev_plan = b.plan(&plan)?;
     let xe = b.dispatch_forward(x, &dev_plan, d)?;
-    let mut ye = b.zeros(plan.plan.rows() * d)?;
-    let mut experts = Vec::with_capacity(e);
-    for (i, ex) in m.experts.iter().enumerate() {
-        let (lo, hi) = (plan.plan.offsets[i], plan.plan.offsets[i + 1]);
-        if hi == lo {
-            experts.push(None);
-            continue;
-        }
-        let xi = b.rows(&xe, lo, hi, d)?;
-        let (yi, st) = swiglu_forward(c, ex, &xi)?;
-        b.put_rows(&mut ye, lo, &yi, d, false)?;
-        experts.push(Some((xi, st)));
-    }
+    // every expert's SwiGLU at once: grouped GEMMs over the segments, SwiGLU over all rows
+    let ([gate, up, down], kind) = expert_ids(c, m);
+    let (offs, inter) = (
+        &plan.plan.offsets,
+        m.experts.first().map_or(0, |e| e.gate.d_out),
+    );
+    let a = b.grouped_linear_forward(&xe, c.p, &gate, offs, d, inter, kind)?;
+    let bv = b.grouped_linear_forward(&xe, c.p, &up, offs, d, inter, kind)?;
+    let h = b.swiglu_forward(&a, &bv)?;
+    let ye = b.grouped_linear_forward(&h, c.p, &down, offs, inter, d, kind)?;
     let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
     b.combine_forward(&mut out, &ye, &dev_plan, d)?;
     let balance_loss = if m.alpha > 0.0 {
@@ -356,7 +367,10 @@ pub(crate) fn moe_forward<B: Backend>(
         routing,
         plan,
         dev_plan,
-        experts,
+        xe,
+        a,
+        bv,
+        h,
         ye,
         shared,
     };
@@ -378,15 +392,21 @@ pub(crate) fn moe_backward<B: Backend>(
     let (dye, dweights) = b.combine_backward_input(dy, &st.ye, &st.dev_plan, d)?;
     let mut dx = b.zeros(n * d)?;
     swiglu_backward(c, &m.shared, dy, st.shared, x, &mut dx, false)?;
-    let mut dxe = b.zeros(st.plan.plan.rows() * d)?;
-    for (i, ex) in st.experts.into_iter().enumerate() {
-        let Some((xi, est)) = ex else { continue };
-        let (lo, hi) = (st.plan.plan.offsets[i], st.plan.plan.offsets[i + 1]);
-        let dyi = b.rows(&dye, lo, hi, d)?;
-        let mut dxi = b.zeros((hi - lo) * d)?;
-        swiglu_backward(c, &m.experts[i], &dyi, est, &xi, &mut dxi, false)?;
-        b.put_rows(&mut dxe, lo, &dxi, d, false)?;
-    }
+    // the experts' SwiGLU backward, each GEMM grouped: down, SwiGLU, gate, then up
+    let ([gate, up, down], kind) = expert_ids(c, m);
+    let (offs, inter) = (
+        &st.plan.plan.offsets,
+        b.len(&st.a) / st.plan.plan.rows().max(1),
+    );
+    let mut dh = b.zeros(b.len(&st.a))?;
+    b.grouped_linear_backward_input(&mut dh, &dye, c.p, &down, offs, inter, d, false, kind)?;
+    b.grouped_linear_backward_weight(c.g, &down, &dye, &st.h, offs, inter, d, kind)?;
+    let (da, db) = b.swiglu_backward_input(&dh, &st.a, &st.bv)?;
+    let mut dxe = b.zeros(b.len(&st.xe))?;
+    b.grouped_linear_backward_input(&mut dxe, &da, c.p, &gate, offs, d, inter, false, kind)?;
+    b.grouped_linear_backward_weight(c.g, &gate, &da, &st.xe, offs, d, inter, kind)?;
+    b.grouped_linear_backward_input(&mut dxe, &db, c.p, &up, offs, d, inter, true, kind)?;
+    b.grouped_linear_backward_weight(c.g, &up, &db, &st.xe, offs, d, inter, kind)?;
     b.dispatch_backward_input(&mut dx, &dxe, &st.dev_plan, d)?;
     let mut ds = vec![0.0; st.s_host.len()];
     moe_gate::backward_input(&mut ds, &dweights, &st.s_host, &st.routing, &m.rule);

@@ -13,6 +13,7 @@
 
 mod attention;
 mod fp8;
+mod grouped;
 mod lt;
 mod ops;
 mod optim;
@@ -23,6 +24,7 @@ pub use attention::{ATTENTION_MAX_HEAD_DIM, AttentionShape};
 /// The device buffer type the wrappers take, for callers without a cudarc dependency of their own.
 pub use cudarc::driver::CudaSlice;
 pub use fp8::Fp8Operand;
+pub use grouped::Group;
 pub use lt::{Lt, Packed};
 pub use ops::Indices;
 pub use optim::grad_norm_ends;
@@ -126,6 +128,24 @@ pub(crate) fn config(grid: (u32, u32), block: u32) -> LaunchConfig {
 pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32;
     config((blocks, 1), BLOCK)
+}
+
+/// Calls a faster path refused at run time (then run another way): how many, and the first
+/// reason, for the backend's description.
+#[derive(Debug, Default)]
+pub struct Refusals(std::cell::RefCell<(u64, Option<String>)>);
+
+impl Refusals {
+    pub fn note(&self, why: &dyn std::fmt::Display) {
+        let mut r = self.0.borrow_mut();
+        r.0 += 1;
+        r.1.get_or_insert_with(|| why.to_string());
+    }
+
+    /// (count, first reason).
+    pub fn get(&self) -> (u64, Option<String>) {
+        self.0.borrow().clone()
+    }
 }
 
 /// The real architecture of compute capability (major, minor): `sm_90` for 9.0.

@@ -398,28 +398,28 @@ impl Gpu {
 
 /// The cuBLAS handle of one `Gpu`'s stream, for the Linear GEMMs.
 pub struct Blas {
-    blas: CudaBlas,
-    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    pub(super) blas: CudaBlas,
+    pub(super) stream: std::sync::Arc<cudarc::driver::CudaStream>,
 }
 
 /// One Linear GEMM as column-major cuBLAS sees it: C = op(A)·op(B), A the `w_or_x` operand
 /// (W, or x for the weight gradient) and B the other.
-struct Plan {
-    transa: cublasOperation_t,
-    transb: cublasOperation_t,
-    m: i32,
-    n: i32,
-    k: i32,
-    lda: i32,
-    ldb: i32,
-    ldc: i32,
-    beta: f32,
-    out_len: usize,
+pub(super) struct Plan {
+    pub(super) transa: cublasOperation_t,
+    pub(super) transb: cublasOperation_t,
+    pub(super) m: i32,
+    pub(super) n: i32,
+    pub(super) k: i32,
+    pub(super) lda: i32,
+    pub(super) ldb: i32,
+    pub(super) ldc: i32,
+    pub(super) beta: f32,
+    pub(super) out_len: usize,
 }
 
 /// The GEMM of `which` for W [dout, din] and n rows, lengths checked: a row-major M[r, c] is the
 /// column-major Mᵀ with leading dimension c.
-fn plan(
+pub(super) fn plan(
     which: LinearGemm,
     a_len: usize,
     b_len: usize,
@@ -488,7 +488,7 @@ fn plan(
     Ok(p)
 }
 
-fn blas_err(e: cudarc::cublas::result::CublasError) -> GpuError {
+pub(super) fn blas_err(e: cudarc::cublas::result::CublasError) -> GpuError {
     shape_err("cublas gemm", format!("{e:?}"))
 }
 

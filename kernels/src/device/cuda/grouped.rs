@@ -1,0 +1,242 @@
+//! The CUDA backend's routed-expert GEMMs (feature `cuda`): every expert's Linear in one
+//! `cublasGemmGroupedBatchedEx` call (`launch::grouped`) on the dispatched rows in place, no row
+//! copies; BF16 rounds the shared operand once and each expert's weight once per call. FP8
+//! experts, and any call cuBLAS refuses (counted in `CudaBackend::grouped_refused`), run the
+//! reference loop of `backend::grouped`, one Linear per expert. Never run on a GPU.
+
+use super::backend::CudaBackend;
+use super::launch::{Group, LinearGemm};
+use crate::device::backend::grouped::{self, ExpertGemm, segments};
+use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+/// The bytes of one operand element: BF16 bits or f32.
+fn elem(p: GemmPrecision) -> u64 {
+    match p {
+        GemmPrecision::F32 => 4,
+        GemmPrecision::Bf16 => 2,
+    }
+}
+
+fn check(what: &str, len: usize, want: usize) -> BackendResult<()> {
+    crate::device::backend::check_len("grouped gemm", what, len, want)
+}
+
+/// An operand as the GEMM reads it: the f32 buffer, or its BF16 rounding.
+enum Operand<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl CudaBackend {
+    fn operand<'a>(&self, x: &'a CudaSlice<f32>, p: GemmPrecision) -> BackendResult<Operand<'a>> {
+        Ok(match p {
+            GemmPrecision::F32 => Operand::F32(x),
+            GemmPrecision::Bf16 => {
+                let mut out = self.gpu.zeros::<u16>(x.len())?;
+                self.gpu.to_bf16(&mut out, x)?;
+                Operand::Bf16(out)
+            }
+        })
+    }
+
+    /// The GEMM `which` for every segment: `shared` is the operand whose rows the segments split
+    /// (x or dy), `per_expert` the one each expert brings (W, or for the weight gradient the x
+    /// rows, split as well when `split_second`), `outs` the output address of each segment.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_call(
+        &self,
+        which: LinearGemm,
+        offsets: &[usize],
+        shared: (&CudaSlice<f32>, usize),
+        second: &[&CudaSlice<f32>],
+        split_second: Option<usize>,
+        outs: &[u64],
+        din: usize,
+        dout: usize,
+        p: GemmPrecision,
+    ) -> BackendResult<()> {
+        let stream = self.gpu.stream();
+        let e = elem(p);
+        let a = self.operand(shared.0, p)?;
+        let seconds = second
+            .iter()
+            .map(|s| self.operand(s, p))
+            .collect::<BackendResult<Vec<_>>>()?;
+        let ptr = |o: &Operand<'_>| match o {
+            Operand::F32(x) => x.device_ptr(stream).0,
+            Operand::Bf16(x) => x.device_ptr(stream).0,
+        };
+        let a0 = ptr(&a);
+        let mut groups = Vec::new();
+        for (i, (_, lo, hi)) in segments(offsets).enumerate() {
+            let w = ptr(&seconds[i.min(seconds.len() - 1)]);
+            groups.push(Group {
+                n: hi - lo,
+                a: a0 + (lo * shared.1) as u64 * e,
+                w_or_x: match split_second {
+                    Some(width) => w + (lo * width) as u64 * e,
+                    None => w,
+                },
+                out: outs[i],
+            });
+        }
+        let bf16 = p == GemmPrecision::Bf16;
+        self.blas
+            .linear_grouped(&self.gpu, which, &groups, din, dout, bf16)
+            .map_err(|e| BackendError(e.to_string()))?;
+        // the operands' BF16 copies are freed stream-ordered, after the call
+        drop((a, seconds));
+        Ok(())
+    }
+
+    pub(super) fn grouped_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        params: &[CudaSlice<f32>],
+        ids: &[usize],
+        offsets: &[usize],
+        (din, dout): (usize, usize),
+        kind: ExpertGemm,
+    ) -> BackendResult<CudaSlice<f32>> {
+        let ExpertGemm::Plain(p) = kind else {
+            return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
+        };
+        let rows = offsets.last().copied().unwrap_or(0);
+        check("x", x.len(), rows * din)?;
+        let ws: Vec<&CudaSlice<f32>> = segments(offsets).map(|(e, _, _)| &params[ids[e]]).collect();
+        for w in &ws {
+            check("W", w.len(), dout * din)?;
+        }
+        let mut y = self.zeros(rows * dout)?;
+        let outs: Vec<u64> = {
+            let (y0, _r) = y.device_ptr_mut(self.gpu.stream());
+            segments(offsets)
+                .map(|(_, lo, _)| y0 + (lo * dout * 4) as u64)
+                .collect()
+        };
+        let call = self.grouped_call(
+            LinearGemm::Forward,
+            offsets,
+            (x, din),
+            &ws,
+            None,
+            &outs,
+            din,
+            dout,
+            p,
+        );
+        match call {
+            Ok(()) => Ok(y),
+            Err(e) => {
+                self.grouped_refused.note(&e);
+                grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grouped_backward_input(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        params: &[CudaSlice<f32>],
+        ids: &[usize],
+        offsets: &[usize],
+        (din, dout): (usize, usize),
+        acc: bool,
+        kind: ExpertGemm,
+    ) -> BackendResult<()> {
+        let per_segment = |b: &Self, dx: &mut CudaSlice<f32>| {
+            grouped::backward_input_per_segment(
+                b, dx, dy, params, ids, offsets, din, dout, acc, kind,
+            )
+        };
+        let ExpertGemm::Plain(p) = kind else {
+            return per_segment(self, dx);
+        };
+        let rows = offsets.last().copied().unwrap_or(0);
+        check("dy", dy.len(), rows * dout)?;
+        check("dx", dx.len(), rows * din)?;
+        let ws: Vec<&CudaSlice<f32>> = segments(offsets).map(|(e, _, _)| &params[ids[e]]).collect();
+        for w in &ws {
+            check("W", w.len(), dout * din)?;
+        }
+        let outs: Vec<u64> = {
+            let (d0, _r) = dx.device_ptr_mut(self.gpu.stream());
+            segments(offsets)
+                .map(|(_, lo, _)| d0 + (lo * din * 4) as u64)
+                .collect()
+        };
+        let which = LinearGemm::BackwardInput { acc };
+        match self.grouped_call(which, offsets, (dy, dout), &ws, None, &outs, din, dout, p) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.grouped_refused.note(&e);
+                per_segment(self, dx)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grouped_backward_weight(
+        &self,
+        grads: &mut [CudaSlice<f32>],
+        ids: &[usize],
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        offsets: &[usize],
+        (din, dout): (usize, usize),
+        kind: ExpertGemm,
+    ) -> BackendResult<()> {
+        let ExpertGemm::Plain(p) = kind else {
+            return grouped::backward_weight_per_segment(
+                self, grads, ids, dy, x, offsets, din, dout, kind,
+            );
+        };
+        let rows = offsets.last().copied().unwrap_or(0);
+        check("dy", dy.len(), rows * dout)?;
+        check("x", x.len(), rows * din)?;
+        let targets: Vec<usize> = segments(offsets).map(|(e, _, _)| ids[e]).collect();
+        let mut outs = vec![0u64; targets.len()];
+        {
+            let stream = self.gpu.stream();
+            let mut records = Vec::new();
+            for (i, g) in grads.iter_mut().enumerate() {
+                let at: Vec<usize> = (0..targets.len()).filter(|&s| targets[s] == i).collect();
+                if at.is_empty() {
+                    continue;
+                }
+                if at.len() > 1 {
+                    return Err(BackendError(format!(
+                        "grouped gemm: tensor {i} is two experts' weight"
+                    )));
+                }
+                check("dW", g.len(), dout * din)?;
+                let (ptr, r) = g.device_ptr_mut(stream);
+                records.push(r);
+                outs[at[0]] = ptr;
+            }
+        }
+        let which = LinearGemm::BackwardWeight;
+        match self.grouped_call(
+            which,
+            offsets,
+            (dy, dout),
+            &[x],
+            Some(din),
+            &outs,
+            din,
+            dout,
+            p,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.grouped_refused.note(&e);
+                grouped::backward_weight_per_segment(
+                    self, grads, ids, dy, x, offsets, din, dout, kind,
+                )
+            }
+        }
+    }
+}
