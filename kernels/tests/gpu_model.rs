@@ -117,6 +117,9 @@ fn gemm_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
 fn grouped_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
     use kernels::device::backend::ExpertGemm;
     let c = Cpu;
+    let on = g.grouped_off.clone().unwrap_or_else(|| "on".into());
+    let ok = g.grouped_off.is_none();
+    r.check("grouped gemm (cuBLAS)", "open", "passed its check", on, ok);
     let offsets = [0usize, 40, 40, 41, 200, 256];
     let (rows, experts) = (256, offsets.len() - 1);
     for p in [GemmPrecision::F32, GemmPrecision::Bf16] {

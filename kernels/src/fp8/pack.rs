@@ -298,13 +298,7 @@ mod tests {
     }
 
     fn rel(got: &[f32], want: &[f32]) -> f64 {
-        let num: f64 = got
-            .iter()
-            .zip(want)
-            .map(|(&a, &b)| ((a - b) as f64).powi(2))
-            .sum();
-        let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
-        (num / den.max(1e-30)).sqrt()
+        crate::device::norm_rel_error(got, want)
     }
 
     /// Packs both operands with the plan and multiplies them.

@@ -38,6 +38,9 @@ pub struct CudaBackend {
     pub fp8: Fp8Linear,
     /// Grouped expert GEMMs cuBLAS refused (then run expert by expert).
     pub grouped_refused: Refusals,
+    /// Why the grouped expert GEMMs are off (`PHALANX_GROUPED_GEMM=off`, or the check at open
+    /// failed), or None when they are on.
+    pub grouped_off: Option<String>,
 }
 
 impl CudaBackend {
@@ -68,12 +71,15 @@ impl CudaBackend {
             }
         }
         let fp8 = Fp8Linear::open(&gpu);
-        Ok(CudaBackend {
+        let mut b = CudaBackend {
             gpu,
             blas,
             fp8,
             grouped_refused: Refusals::default(),
-        })
+            grouped_off: None,
+        };
+        b.grouped_off = b.grouped_check();
+        Ok(b)
     }
 
     /// The GEMM ceiling of this device in precision `p` through the same cuBLAS call the Linear
@@ -143,6 +149,10 @@ impl Backend for CudaBackend {
 
     fn describe(&self) -> String {
         let grouped = match self.grouped_refused.get() {
+            _ if self.grouped_off.is_some() => format!(
+                "expert gemms: one by one ({})",
+                self.grouped_off.as_deref().unwrap_or_default()
+            ),
             (0, _) => "expert gemms: grouped".to_string(),
             (n, first) => format!(
                 "expert gemms: {n} grouped calls refused, run expert by expert (first: {})",

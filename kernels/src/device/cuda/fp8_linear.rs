@@ -169,18 +169,7 @@ impl Fp8Linear {
         ] {
             let got = gpu.download(&tensor_cores(gpu, lt, &p, a, b)?)?;
             let want = gpu.download(&own)?;
-            let num: f64 = got
-                .iter()
-                .zip(&want)
-                .map(|(&g, &c)| ((g - c) as f64).powi(2))
-                .sum();
-            let den: f64 = want.iter().map(|&c| (c as f64).powi(2)).sum();
-            let e = (num / den.max(1e-30)).sqrt();
-            worst = if e.is_nan() {
-                f64::INFINITY
-            } else {
-                worst.max(e)
-            };
+            worst = worst.max(crate::device::norm_rel_error(&got, &want));
         }
         Ok(worst)
     }

@@ -2,7 +2,9 @@
 //! `cublasGemmGroupedBatchedEx` call (`launch::grouped`) on the dispatched rows in place, no row
 //! copies; BF16 rounds the shared operand once and each expert's weight once per call. FP8
 //! experts, and any call cuBLAS refuses (counted in `CudaBackend::grouped_refused`), run the
-//! reference loop of `backend::grouped`, one Linear per expert. Never run on a GPU.
+//! reference loop of `backend::grouped`, one Linear per expert. The grouped calls are on only
+//! when, at open, they agree with that loop on random experts (`CudaBackend::grouped_check`;
+//! `PHALANX_GROUPED_GEMM=off` turns them off). Never run on a GPU.
 
 use super::backend::CudaBackend;
 use super::launch::{Group, LinearGemm};
@@ -90,7 +92,75 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// None when the grouped calls may be used: not turned off by `PHALANX_GROUPED_GEMM=off`,
+    /// and on random f32 experts (one of them empty) the forward and the weight gradient agree
+    /// with the expert-by-expert loop to 1e-5 normwise (a wrong address or leading dimension is
+    /// off by O(1)). Else why not.
+    pub(super) fn grouped_check(&self) -> Option<String> {
+        if std::env::var("PHALANX_GROUPED_GEMM").is_ok_and(|v| v == "off") {
+            return Some("PHALANX_GROUPED_GEMM=off".into());
+        }
+        let run = || -> BackendResult<f64> {
+            let (din, dout, offsets) = (96usize, 64usize, [0usize, 5, 5, 70, 128]);
+            let rows = offsets[offsets.len() - 1];
+            let mut rng = crate::rng::Rng::new(0x6e0b);
+            let mut random = |n: usize| -> BackendResult<CudaSlice<f32>> {
+                self.upload(&(0..n).map(|_| rng.normal()).collect::<Vec<f32>>())
+            };
+            let params = (0..4)
+                .map(|_| random(dout * din))
+                .collect::<BackendResult<Vec<_>>>()?;
+            let (x, dy) = (random(rows * din)?, random(rows * dout)?);
+            let ids = [3, 1, 0, 2];
+            let kind = ExpertGemm::Plain(GemmPrecision::F32);
+            let mut worst = 0f64;
+            let mut judge = |got: Vec<f32>, want: Vec<f32>| {
+                worst = worst.max(crate::device::norm_rel_error(&got, &want));
+            };
+            let y = self.grouped_forward_on(&x, &params, &ids, &offsets, (din, dout), kind)?;
+            let want =
+                grouped::forward_per_segment(self, &x, &params, &ids, &offsets, din, dout, kind)?;
+            judge(self.download(&y)?, self.download(&want)?);
+            let mut g = (0..4)
+                .map(|_| self.zeros(dout * din))
+                .collect::<BackendResult<Vec<_>>>()?;
+            let mut h = (0..4)
+                .map(|_| self.zeros(dout * din))
+                .collect::<BackendResult<Vec<_>>>()?;
+            self.grouped_backward_weight_on(&mut g, &ids, &dy, &x, &offsets, (din, dout), kind)?;
+            grouped::backward_weight_per_segment(
+                self, &mut h, &ids, &dy, &x, &offsets, din, dout, kind,
+            )?;
+            for (a, b) in g.iter().zip(&h) {
+                judge(self.download(a)?, self.download(b)?);
+            }
+            Ok(worst)
+        };
+        match run() {
+            Ok(w) if w <= 1e-5 => None,
+            Ok(w) => Some(format!(
+                "the grouped call differs from the expert loop by {w:.1e}"
+            )),
+            Err(e) => Some(format!("the grouped call failed its check: {e}")),
+        }
+    }
+
     pub(super) fn grouped_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        params: &[CudaSlice<f32>],
+        ids: &[usize],
+        offsets: &[usize],
+        (din, dout): (usize, usize),
+        kind: ExpertGemm,
+    ) -> BackendResult<CudaSlice<f32>> {
+        if self.grouped_off.is_some() {
+            return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
+        }
+        self.grouped_forward_on(x, params, ids, offsets, (din, dout), kind)
+    }
+
+    fn grouped_forward_on(
         &self,
         x: &CudaSlice<f32>,
         params: &[CudaSlice<f32>],
@@ -155,6 +225,9 @@ impl CudaBackend {
         let ExpertGemm::Plain(p) = kind else {
             return per_segment(self, dx);
         };
+        if self.grouped_off.is_some() {
+            return per_segment(self, dx);
+        }
         let rows = offsets.last().copied().unwrap_or(0);
         check("dy", dy.len(), rows * dout)?;
         check("dx", dx.len(), rows * din)?;
@@ -180,6 +253,25 @@ impl CudaBackend {
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn grouped_backward_weight(
+        &self,
+        grads: &mut [CudaSlice<f32>],
+        ids: &[usize],
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        offsets: &[usize],
+        (din, dout): (usize, usize),
+        kind: ExpertGemm,
+    ) -> BackendResult<()> {
+        if self.grouped_off.is_some() {
+            return grouped::backward_weight_per_segment(
+                self, grads, ids, dy, x, offsets, din, dout, kind,
+            );
+        }
+        self.grouped_backward_weight_on(grads, ids, dy, x, offsets, (din, dout), kind)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_backward_weight_on(
         &self,
         grads: &mut [CudaSlice<f32>],
         ids: &[usize],
