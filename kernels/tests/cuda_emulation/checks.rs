@@ -14,7 +14,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 14] = [
+pub const FAMILIES: [(&str, Family); 15] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -29,6 +29,7 @@ pub const FAMILIES: [(&str, Family); 14] = [
     ("moe", step_checks::moe_rows),
     ("fp8_gemm", step_checks::fp8_gemm_rows),
     ("fp8_pack", step_checks::fp8_pack_rows),
+    ("router", step_checks::router_rows),
 ];
 
 /// A failed driver run as a failed row.

@@ -24,6 +24,7 @@
 #include "../../src/device/cuda/moe.cu"
 #include "../../src/device/cuda/fp8_gemm.cu"
 #include "../../src/device/cuda/fp8_pack.cu"
+#include "../../src/device/cuda/router.cu"
 
 static const unsigned BLOCK = 256;
 static std::string dir;
@@ -269,6 +270,36 @@ int main(int argc, char** argv) {
         launch(grid_stride(rows * ld), BLOCK,
                [&] { fp8_pack_scales(ps.data(), scales.data(), rows, cols, rs, cs, ld); });
         save("packed_codes", pc), save("packed_scales", ps);
+    } else if (op == "route") {  // n e n_group topk_group k scale_bits normalize seq alpha_bits alpha_seq_bits
+        int n = arg(3), e = arg(4), ng = arg(5), tg = arg(6), k = arg(7), norm = arg(9), seq = arg(10);
+        float scale = farg(8), alpha = farg(11), alpha_seq = farg(12);
+        int batch = n / seq;
+        auto s = load<float>("s"), bias = load<float>("bias"), dw = load<float>("dweights");
+        long long total = (long long)n * k;
+        std::vector<u32> experts(total), counts(e), offsets(e + 1), token(total), slot(total), row_of(total),
+            rows(total);
+        std::vector<float> weights(total), ds((size_t)n * e);
+        std::vector<double> loss(batch), tok_sum((size_t)n);
+        // launch/router.rs: one warp per token, then one block per expert, then per token
+        launch({cdiv(n, BLOCK / 32), 1, 1}, BLOCK, [&] {
+            moe_route(experts.data(), weights.data(), s.data(), bias.data(), n, e, ng, tg, k, scale, norm);
+        });
+        launch({(unsigned)e, 1, 1}, BLOCK, [&] { moe_plan_count(counts.data(), experts.data(), total); });
+        launch({(unsigned)e, 1, 1}, BLOCK, [&] {
+            moe_plan_fill(offsets.data(), token.data(), slot.data(), row_of.data(), counts.data(), experts.data(),
+                          total, k, e);
+        });
+        launch(grid_stride(n), BLOCK, [&] { moe_plan_rows(rows.data(), row_of.data(), n, k); });
+        launch(grid_stride(n), BLOCK, [&] {
+            moe_route_backward(ds.data(), dw.data(), s.data(), experts.data(), n, e, k, scale, norm);
+        });
+        launch({(unsigned)batch, 1, 1}, BLOCK, [&] {
+            moe_balance_forward(loss.data(), tok_sum.data(), s.data(), experts.data(), seq, e, k, alpha);
+        });
+        launch({(unsigned)batch, 1, 1}, BLOCK,
+               [&] { moe_balance_backward(ds.data(), s.data(), experts.data(), seq, e, k, alpha_seq); });
+        save("experts", experts), save("weights", weights), save("offsets", offsets), save("token", token);
+        save("slot", slot), save("rows_of_token", rows), save("ds", ds), save("loss", loss);
     } else {
         fprintf(stderr, "unknown op %s\n", op.c_str());
         return 2;

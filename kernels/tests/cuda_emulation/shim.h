@@ -119,6 +119,9 @@ inline unsigned __float_as_uint(float f) { return emu::bit_cast<unsigned>(f); }
 // A product rounded on its own (never contracted into an FMA; the driver builds with
 // -ffp-contract=off).
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+// A warp's lanes meet (the router's shared picks between lanes).
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::my_warp().arrive_and_wait(); }
 
 // CUDA's integer max/min overloads (mixed operands promote as in C++ arithmetic).
 template <class A, class B>

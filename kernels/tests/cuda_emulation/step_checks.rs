@@ -361,3 +361,127 @@ pub fn fp8_pack_rows(emu: &Emu, r: &mut Report, seed: u64) {
         }
     }
 }
+
+/// The router on the device (`router.cu`) against `ops::moe_gate`, `DispatchPlan`, `HostPlan`
+/// and `ops::balance`, bit for bit: experts and weights, the plan (offsets, token, slot, each
+/// token's rows), the gate's and the balance loss's gradient, each sequence's balance loss (f64).
+/// Affinities rounded to 1/16 make ties, so the lower-index rule is exercised.
+pub fn router_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    use kernels::ops::balance;
+    use kernels::ops::moe_gate::{self, RouteRule};
+    let rules = [
+        (32, 8, 4, 4, true, 2.5),
+        (16, 1, 1, 2, false, 1.0),
+        (64, 8, 3, 6, true, 1.5),
+        (8, 4, 2, 2, true, 2.5),
+    ];
+    for (case, &(e, n_group, topk_group, k, normalize, scale)) in rules.iter().enumerate() {
+        let (batch, seq) = (3, 37);
+        let n = batch * seq;
+        let s_name = shape(&[n, e]);
+        let s = format!("{s_name}, {n_group} groups top-{topk_group}, k {k}");
+        let ties = case % 2 == 0;
+        let aff: Vec<f32> = normals(seed + case as u64, "route s", n * e)
+            .into_iter()
+            .map(|v| {
+                let p = 1.0 / (1.0 + (-v).exp());
+                if ties { (p * 16.0).round() / 16.0 } else { p }
+            })
+            .collect();
+        let bias: Vec<f32> = normals(seed + case as u64, "route bias", e)
+            .into_iter()
+            .map(|v| if ties { 0.0 } else { v * 0.05 })
+            .collect();
+        let dweights = normals(seed + case as u64, "route dw", n * k);
+        let rule = RouteRule {
+            n_group,
+            topk_group,
+            k,
+            scale,
+            normalize,
+        };
+        let alpha = 1e-3f32;
+        let alpha_seq = alpha / batch as f32;
+        let run = emu.prepare();
+        run.put("s", &aff);
+        run.put("bias", &bias);
+        run.put("dweights", &dweights);
+        let args = [
+            n.to_string(),
+            e.to_string(),
+            n_group.to_string(),
+            topk_group.to_string(),
+            k.to_string(),
+            scale.to_bits().to_string(),
+            u8::from(normalize).to_string(),
+            seq.to_string(),
+            alpha.to_bits().to_string(),
+            alpha_seq.to_bits().to_string(),
+        ];
+        if let Err(err) = emu.exec(&run, "route", &args) {
+            failed(r, "moe_route", &s, err);
+            continue;
+        }
+        let routing = moe_gate::forward(&aff, &bias, &rule);
+        let plan = HostPlan::new(DispatchPlan::new(&routing, e), k, routing.weights.clone());
+        let same = |got: Vec<u32>, want: &[u32]| {
+            let bad = got.len().abs_diff(want.len())
+                + got.iter().zip(want).filter(|(a, b)| a != b).count();
+            (format!("{bad}/{} differ", want.len()), bad == 0)
+        };
+        let (v, ok) = same(run.get("experts"), &routing.experts);
+        r.check("moe_route", &s, "experts", v, ok);
+        r.bits(
+            "moe_route",
+            &s,
+            "weights",
+            &run.get("weights"),
+            &routing.weights,
+        );
+        let offsets: Vec<u32> = plan.plan.offsets.iter().map(|&o| o as u32).collect();
+        let (v, ok) = same(run.get("offsets"), &offsets);
+        r.check("moe_plan_count/fill", &s, "offsets", v, ok);
+        let (v, ok) = same(run.get("token"), &plan.plan.token);
+        r.check("moe_plan_fill", &s, "token", v, ok);
+        let (v, ok) = same(run.get("slot"), &plan.plan.slot);
+        r.check("moe_plan_fill", &s, "slot", v, ok);
+        let (v, ok) = same(run.get("rows_of_token"), &plan.rows_of_token);
+        r.check("moe_plan_rows", &s, "rows_of_token", v, ok);
+        let mut ds = vec![0f32; n * e];
+        moe_gate::backward_input(&mut ds, &dweights, &aff, &routing, &rule);
+        balance::batch_loss_backward_input(&mut ds, &aff, &routing.experts, seq, batch, k, alpha);
+        r.bits(
+            "moe_route_backward + balance",
+            &s,
+            "ds",
+            &run.get("ds"),
+            &ds,
+        );
+        let loss: Vec<f64> = run.get("loss");
+        let want: Vec<f64> = (0..batch)
+            .map(|b| {
+                let sq = &aff[b * seq * e..(b + 1) * seq * e];
+                let ex = &routing.experts[b * seq * k..(b + 1) * seq * k];
+                balance::sequence_loss_forward(sq, ex, k, e, alpha)
+            })
+            .collect();
+        let bad = loss.len().abs_diff(want.len())
+            + loss
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+        let v = format!(
+            "{bad}/{batch} differ (first {:e} vs {:e})",
+            loss.first().copied().unwrap_or(f64::NAN),
+            want[0]
+        );
+        r.check(
+            "moe_balance_forward",
+            &s,
+            "per-sequence loss bits",
+            v,
+            bad == 0,
+        );
+    }
+}

@@ -14,6 +14,9 @@ typedef unsigned long long u64;
 struct SumF {
     __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
+struct SumU32 {
+    __device__ __forceinline__ u32 operator()(u32 a, u32 b) const { return a + b; }
+};
 struct MaxU32 {
     __device__ __forceinline__ u32 operator()(u32 a, u32 b) const { return max(a, b); }
 };
@@ -42,6 +45,33 @@ __device__ __forceinline__ T block_reduce(T v, T* sh, T identity, Op op) {
     T t = warp_reduce(lane < warps ? sh[lane] : identity, op);
     __syncthreads();  // sh may be reused by the caller's next reduction
     return t;
+}
+
+// A block's exclusive prefix sum of u32 flags or counts (exact: integers), and its total in
+// *total; every thread must call it, blockDim.x a multiple of 32, `sh` 32 elements of shared
+// memory. Lanes read lower lanes with __shfl_sync (a lane below the offset keeps its value).
+__device__ __forceinline__ u32 block_exclusive_scan(u32 v, u32* sh, u32* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    u32 x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 y = __shfl_sync(FULL_MASK, x, lane >= o ? lane - o : lane);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) sh[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        u32 w = lane < warps ? sh[lane] : 0u;
+        for (int o = 1; o < 32; o <<= 1) {
+            u32 y = __shfl_sync(FULL_MASK, w, lane >= o ? lane - o : lane);
+            if (lane >= o) w += y;
+        }
+        sh[lane] = w;
+    }
+    __syncthreads();
+    u32 before = (warp > 0 ? sh[warp - 1] : 0u) + x - v;
+    *total = sh[warps - 1];
+    __syncthreads();  // sh may be reused by the caller's next scan
+    return before;
 }
 
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumF()); }

@@ -92,6 +92,18 @@ pub const SOURCES: &[KernelSource] = &[
     source!("fp8_gemm", ["fp8_gemm_promoted"]),
     source!("fp8_pack", ["fp8_pack_codes", "fp8_pack_scales"]),
     source!(
+        "router",
+        [
+            "moe_route",
+            "moe_plan_count",
+            "moe_plan_fill",
+            "moe_plan_rows",
+            "moe_route_backward",
+            "moe_balance_forward",
+            "moe_balance_backward"
+        ]
+    ),
+    source!(
         "tensor",
         [
             "tensor_add",

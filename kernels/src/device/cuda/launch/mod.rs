@@ -17,6 +17,7 @@ mod grouped;
 mod lt;
 mod ops;
 mod optim;
+mod router;
 mod tensor;
 
 pub use crate::ops::adamw::StepConsts;
@@ -28,6 +29,7 @@ pub use grouped::Group;
 pub use lt::{Lt, Packed};
 pub use ops::Indices;
 pub use optim::grad_norm_ends;
+pub use router::{DeviceRoute, route_unsupported};
 pub use tensor::{Blas, LinearGemm, MoePlan};
 
 use super::SOURCES;

@@ -11,8 +11,8 @@ use crate::device::backend::HostPlan;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-/// A MoE dispatch plan on the device (`HostPlan` uploaded): per row its token and slot, per
-/// token its rows ascending, and the routing weights.
+/// A MoE dispatch plan on the device (`HostPlan` uploaded, or built by `router.cu`): per row its
+/// token and slot, per token its rows ascending, and the routing weights.
 pub struct MoePlan {
     token: CudaSlice<u32>,
     slot: CudaSlice<u32>,
@@ -32,6 +32,29 @@ pub enum LinearGemm {
     BackwardInput { acc: bool },
     /// dW[dout, din] += dy[n, dout]ᵀ·x[n, din]
     BackwardWeight,
+}
+
+impl MoePlan {
+    /// A plan from device buffers the router filled (`launch::router`).
+    pub(super) fn from_parts(
+        token: CudaSlice<u32>,
+        slot: CudaSlice<u32>,
+        rows_of_token: CudaSlice<u32>,
+        weights: CudaSlice<f32>,
+        rows: usize,
+        tokens: usize,
+        k: usize,
+    ) -> MoePlan {
+        MoePlan {
+            token,
+            slot,
+            rows_of_token,
+            weights,
+            rows,
+            tokens,
+            k,
+        }
+    }
 }
 
 impl Gpu {
