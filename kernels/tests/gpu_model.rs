@@ -110,6 +110,70 @@ fn gemm_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
     }
 }
 
+/// The router through the trait, the device's (`router.cu`) and, past its limits (300 experts),
+/// the host fallback, against the CPU backend bit for bit: the plan's offsets and the dispatched
+/// rows, the balance loss (f64 bits) and the router's gradient with the balance term.
+fn route_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
+    use kernels::ops::moe_gate::RouteRule;
+    let c = Cpu;
+    for (e, n_group, topk_group, k) in [(32, 8, 4, 4), (256, 8, 4, 8), (300, 1, 1, 2)] {
+        let (seq, batch, d) = (64, 3, 16);
+        let n = seq * batch;
+        let s = format!("{n} tokens, {e} experts, {n_group} groups, top-{k}");
+        let rule = RouteRule {
+            n_group,
+            topk_group,
+            k,
+            scale: 2.5,
+            normalize: true,
+        };
+        let aff: Vec<f32> = normals(seed, "route s", n * e)
+            .into_iter()
+            .map(|v| ((1.0 / (1.0 + (-v).exp())) * 32.0).round() / 32.0)
+            .collect();
+        let bias: Vec<f32> = normals(seed, "route bias", e)
+            .iter()
+            .map(|v| v * 0.01)
+            .collect();
+        let dweights = normals(seed, "route dw", n * k);
+        let x = normals(seed, "route x", n * d);
+        let alpha = 1e-3;
+        let want = c.route(&aff, &bias, &rule, e).unwrap();
+        let (sg, bg) = (up(g, &aff), up(g, &bias));
+        let got = g.route(&sg, &bg, &rule, e).unwrap();
+        let offsets_ok = g.route_offsets(&got) == c.route_offsets(&want);
+        r.check(
+            "route (offsets)",
+            &s,
+            "equal",
+            format!("{offsets_ok}"),
+            offsets_ok,
+        );
+        let xe = c.dispatch_forward(&x, c.route_plan(&want), d).unwrap();
+        let xeg = g
+            .dispatch_forward(&up(g, &x), g.route_plan(&got), d)
+            .unwrap();
+        r.bits("route (plan)", &s, "dispatched rows", &down(g, &xeg), &xe);
+        let lw = c.balance_loss(&aff, &want, (seq, batch), alpha).unwrap();
+        let lg = g.balance_loss(&sg, &got, (seq, batch), alpha).unwrap();
+        let v = format!("gpu {lg:e}, cpu {lw:e}");
+        r.check(
+            "balance_loss",
+            &s,
+            "f64 bits",
+            v,
+            lg.to_bits() == lw.to_bits(),
+        );
+        let ds = c
+            .route_backward(&dweights, &aff, &want, &rule, (seq, batch), alpha)
+            .unwrap();
+        let dsg = g
+            .route_backward(&up(g, &dweights), &sg, &got, &rule, (seq, batch), alpha)
+            .unwrap();
+        r.bits("route_backward (+ balance)", &s, "ds", &down(g, &dsg), &ds);
+    }
+}
+
 /// The routed experts' grouped GEMMs (one `cublasGemmGroupedBatchedEx` call per projection)
 /// against the CPU backend's expert-by-expert reference, f32 and BF16, over segments with an
 /// empty expert and a one-row expert; `grouped_refused` says whether cuBLAS took the calls (it
@@ -452,7 +516,13 @@ fn moe_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
         &down(g, &dyeg),
         &dye,
     );
-    r.norm_rel("moe_combine_backward_input", &s, "dweights", &dwg, &dw);
+    r.norm_rel(
+        "moe_combine_backward_input",
+        &s,
+        "dweights",
+        &down(g, &dwg),
+        &dw,
+    );
     let tensors: Vec<Vec<f32>> = [1usize, 16_383, 16_384, 40_000]
         .iter()
         .map(|&n| normals(seed, "norm g", n))
@@ -477,6 +547,7 @@ fn backend_primitives_match_the_cpu_backend() {
     let mut r = Report::default();
     gemm_rows(&g, &mut r, seed);
     grouped_rows(&g, &mut r, seed);
+    route_rows(&g, &mut r, seed);
     fp8_rows(&mut g, &mut r, seed);
     layout_rows(&g, &mut r, seed);
     moe_rows(&g, &mut r, seed);

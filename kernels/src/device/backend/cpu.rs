@@ -6,8 +6,10 @@ use super::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
 use crate::fp8::quant::{quantize_1x128, quantize_128x1};
 use crate::fp8::{ScaleFormat, ScaleLayout};
 use crate::ops::adamw::{self, StepConsts};
+use crate::ops::moe_dispatch::DispatchPlan;
+use crate::ops::moe_gate::{RouteRule, Routing};
 use crate::ops::rope::RopeTable;
-use crate::ops::{attention, cross_entropy, embedding, linear, moe_dispatch, moe_gate};
+use crate::ops::{attention, balance, cross_entropy, embedding, linear, moe_dispatch, moe_gate};
 use crate::ops::{rmsnorm, rope, swiglu};
 use half::bf16;
 use std::borrow::Cow;
@@ -24,6 +26,12 @@ fn operand(x: &[f32], p: GemmPrecision) -> Cow<'_, [f32]> {
     }
 }
 
+/// A MoE layer's routing on the host: the `Routing` and its plan.
+pub struct CpuRoute {
+    pub routing: Routing,
+    pub plan: HostPlan,
+}
+
 fn check(what: &str, len: usize, want: usize) -> BackendResult<()> {
     super::check_len("cpu backend", what, len, want)
 }
@@ -33,6 +41,7 @@ impl Backend for Cpu {
     type Ids = Vec<u32>;
     type Table = RopeTable;
     type Plan = HostPlan;
+    type Route = CpuRoute;
     type AttnAux = Vec<f32>;
     type Half = Vec<bf16>;
 
@@ -514,6 +523,61 @@ impl Backend for Cpu {
             d,
         );
         Ok((dye, dweights))
+    }
+
+    fn route(
+        &self,
+        s: &Vec<f32>,
+        bias: &Vec<f32>,
+        rule: &RouteRule,
+        e: usize,
+    ) -> BackendResult<CpuRoute> {
+        check("bias", bias.len(), e)?;
+        let routing = moe_gate::forward(s, bias, rule);
+        let plan = HostPlan::new(
+            DispatchPlan::new(&routing, e),
+            routing.k,
+            routing.weights.clone(),
+        );
+        Ok(CpuRoute { routing, plan })
+    }
+
+    fn route_plan<'r>(&self, r: &'r CpuRoute) -> &'r HostPlan {
+        &r.plan
+    }
+
+    fn route_offsets<'r>(&self, r: &'r CpuRoute) -> &'r [usize] {
+        &r.plan.plan.offsets
+    }
+
+    fn balance_loss(
+        &self,
+        s: &Vec<f32>,
+        r: &CpuRoute,
+        (seq, batch): (usize, usize),
+        alpha: f32,
+    ) -> BackendResult<f64> {
+        let k = r.routing.k;
+        let ex = &r.routing.experts;
+        Ok(balance::batch_loss_forward(s, ex, seq, batch, k, alpha))
+    }
+
+    fn route_backward(
+        &self,
+        dweights: &Vec<f32>,
+        s: &Vec<f32>,
+        r: &CpuRoute,
+        rule: &RouteRule,
+        (seq, batch): (usize, usize),
+        alpha: f32,
+    ) -> BackendResult<Vec<f32>> {
+        let mut ds = vec![0.0; s.len()];
+        moe_gate::backward_input(&mut ds, dweights, s, &r.routing, rule);
+        if alpha > 0.0 {
+            let (ex, k) = (&r.routing.experts, r.routing.k);
+            balance::batch_loss_backward_input(&mut ds, s, ex, seq, batch, k, alpha);
+        }
+        Ok(ds)
     }
 
     fn rows(&self, x: &Vec<f32>, lo: usize, hi: usize, d: usize) -> BackendResult<Vec<f32>> {

@@ -6,18 +6,20 @@
 //! `kernels::ops` functions on host vectors, the reference) and, with feature `cuda`,
 //! `cuda::backend::CudaBackend` (cuBLAS and the NVRTC kernels).
 //!
-//! Routing decisions (the group-limited top-k of `ops::moe_gate`) and the balance loss stay on
-//! the host: the backend downloads the sigmoid affinities of a MoE layer, the host routes and
-//! uploads the dispatch plan. Every value that decides bits is computed without atomics.
+//! Routing (the group-limited top-k of `ops::moe_gate`, the dispatch plan) and the balance loss
+//! are backend primitives too (`route`, `balance_loss`, `route_backward`): CUDA computes them on
+//! the device and sends the host only the plan's expert offsets (which size the grouped expert
+//! GEMMs) and the per-sequence losses. Every value that decides bits is computed without atomics.
 
 mod cpu;
 pub mod grouped;
 
-pub use cpu::Cpu;
+pub use cpu::{Cpu, CpuRoute};
 pub use grouped::ExpertGemm;
 
 use crate::ops::adamw::StepConsts;
 use crate::ops::moe_dispatch::DispatchPlan;
+use crate::ops::moe_gate::RouteRule;
 use crate::ops::rope::RopeTable;
 
 /// Why a backend call failed (a device error, a shape a kernel refused), as text.
@@ -97,6 +99,9 @@ pub trait Backend {
     type Table;
     /// A MoE dispatch plan on the device.
     type Plan;
+    /// A MoE layer's routing as the backend keeps it (`route`): its chosen experts, weights and
+    /// dispatch plan, with the plan's expert offsets on the host.
+    type Route;
     /// What attention's forward keeps for its backward (probabilities on the CPU, the row
     /// log-sum-exp on CUDA).
     type AttnAux;
@@ -373,14 +378,48 @@ pub trait Backend {
         p: &Self::Plan,
         d: usize,
     ) -> BackendResult<()>;
-    /// (dye, dweights[tokens, k] on the host).
+    /// (dye, dweights[tokens, k]).
     fn combine_backward_input(
         &self,
         dout: &Self::Buf,
         ye: &Self::Buf,
         p: &Self::Plan,
         d: usize,
-    ) -> BackendResult<(Self::Buf, Vec<f32>)>;
+    ) -> BackendResult<(Self::Buf, Self::Buf)>;
+    /// Routes a MoE layer's `s.len() / e` tokens from their sigmoid affinities s [n, e] and the
+    /// selection bias [e]: `ops::moe_gate::forward` (group-limited top-k), then the dispatch plan
+    /// (`DispatchPlan`, `HostPlan`'s rows per token).
+    fn route(
+        &self,
+        s: &Self::Buf,
+        bias: &Self::Buf,
+        rule: &RouteRule,
+        e: usize,
+    ) -> BackendResult<Self::Route>;
+    /// The route's dispatch plan.
+    fn route_plan<'r>(&self, r: &'r Self::Route) -> &'r Self::Plan;
+    /// The route's expert offsets (E + 1): expert i's rows are `offsets[i]..offsets[i + 1]`.
+    fn route_offsets<'r>(&self, r: &'r Self::Route) -> &'r [usize];
+    /// The layer's balance loss over `batch` sequences of `seq` tokens
+    /// (`ops::balance::batch_loss_forward`).
+    fn balance_loss(
+        &self,
+        s: &Self::Buf,
+        r: &Self::Route,
+        seq_batch: (usize, usize),
+        alpha: f32,
+    ) -> BackendResult<f64>;
+    /// ds [n, e]: the router's gradient from dweights [n, k] (`moe_gate::backward_input`), plus
+    /// the balance loss's (`balance::batch_loss_backward_input`) when `alpha > 0`.
+    fn route_backward(
+        &self,
+        dweights: &Self::Buf,
+        s: &Self::Buf,
+        r: &Self::Route,
+        rule: &RouteRule,
+        seq_batch: (usize, usize),
+        alpha: f32,
+    ) -> BackendResult<Self::Buf>;
     /// Rows [lo, hi) of x[rows, d] as a buffer of their own.
     fn rows(&self, x: &Self::Buf, lo: usize, hi: usize, d: usize) -> BackendResult<Self::Buf>;
     /// dst rows [at, at + rows of src) (+)= src.

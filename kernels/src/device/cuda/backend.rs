@@ -10,10 +10,12 @@
 
 use super::fp8_linear::Fp8Linear;
 use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan, Refusals};
+use super::route::CudaRoute;
 use crate::device::backend::{
     Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision, HostPlan,
 };
 use crate::ops::adamw::StepConsts;
+use crate::ops::moe_gate::RouteRule;
 use crate::ops::rope::RopeTable;
 use cudarc::driver::{CudaSlice, sys};
 
@@ -144,6 +146,7 @@ impl Backend for CudaBackend {
     type Ids = Indices;
     type Table = CudaTable;
     type Plan = MoePlan;
+    type Route = CudaRoute;
     type AttnAux = CudaSlice<f32>;
     type Half = CudaSlice<u16>;
 
@@ -644,12 +647,52 @@ impl Backend for CudaBackend {
         ye: &CudaSlice<f32>,
         p: &MoePlan,
         d: usize,
-    ) -> BackendResult<(CudaSlice<f32>, Vec<f32>)> {
+    ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>)> {
         let mut dye = self.buf(p.rows * d)?;
         let mut dw = self.buf(p.tokens * p.k)?;
         self.gpu
             .moe_combine_backward_input(&mut dye, &mut dw, dout, ye, p, d)?;
-        Ok((dye, self.gpu.download(&dw)?))
+        Ok((dye, dw))
+    }
+
+    fn route(
+        &self,
+        s: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        rule: &RouteRule,
+        e: usize,
+    ) -> BackendResult<CudaRoute> {
+        self.route_on(s, bias, rule, e)
+    }
+
+    fn route_plan<'r>(&self, r: &'r CudaRoute) -> &'r MoePlan {
+        r.plan()
+    }
+
+    fn route_offsets<'r>(&self, r: &'r CudaRoute) -> &'r [usize] {
+        r.offsets()
+    }
+
+    fn balance_loss(
+        &self,
+        s: &CudaSlice<f32>,
+        r: &CudaRoute,
+        seq_batch: (usize, usize),
+        alpha: f32,
+    ) -> BackendResult<f64> {
+        self.balance_on(s, r, seq_batch, alpha)
+    }
+
+    fn route_backward(
+        &self,
+        dweights: &CudaSlice<f32>,
+        s: &CudaSlice<f32>,
+        r: &CudaRoute,
+        rule: &RouteRule,
+        seq_batch: (usize, usize),
+        alpha: f32,
+    ) -> BackendResult<CudaSlice<f32>> {
+        self.route_backward_on(dweights, s, r, rule, seq_batch, alpha)
     }
 
     fn rows(

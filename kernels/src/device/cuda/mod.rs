@@ -14,6 +14,8 @@ pub mod fp8_linear;
 mod grouped;
 #[cfg(feature = "cuda")]
 pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod route;
 
 /// Prepended to every source before compilation (sources do not `#include` it): element types
 /// and the fixed-tree block reductions.

@@ -4,20 +4,15 @@
 //! parameter ids and shapes; the order of every operation, and of every weight gradient added
 //! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
 
-use super::super::backend::{Backend, BackendResult, ExpertGemm, GemmPrecision, HostPlan};
+use super::super::backend::{Backend, BackendResult, ExpertGemm, GemmPrecision};
 use crate::model::layers::{Block, Ffn, Linear, Mla, Moe, MoeStats, RmsNorm, Rows, SwiGlu};
-use crate::ops::balance;
-use crate::ops::moe_dispatch::DispatchPlan;
-use crate::ops::moe_gate::{self, Routing};
 
 /// What a layer reads and writes: the backend, the parameters and the gradient buffers (by
-/// `ParamId` index), the routing biases on the host, and the geometry of the rows.
+/// `ParamId` index), and the geometry of the rows.
 pub(crate) struct Ctx<'a, B: Backend> {
     pub b: &'a B,
     pub p: &'a [B::Buf],
     pub g: &'a mut [B::Buf],
-    /// Host copies of the routing biases (by `ParamId` index; empty for other tensors).
-    pub host_bias: &'a [Vec<f32>],
     pub table: &'a B::Table,
     /// The precision of every Linear's GEMMs.
     pub gemm: GemmPrecision,
@@ -293,14 +288,12 @@ pub(crate) fn mla_backward<B: Backend>(
     Ok(dh)
 }
 
-/// DeepSeekMoE's activations (its input is kept by the block): the routed experts' as one
-/// block of dispatched rows (`xe`, the gate and up outputs, SwiGLU's output, the experts' output).
+/// DeepSeekMoE's activations (its input is kept by the block): the affinities and the routing,
+/// and the routed experts' as one block of dispatched rows (`xe`, the gate and up outputs,
+/// SwiGLU's output, the experts' output).
 pub(crate) struct MoeSt<B: Backend> {
     s: B::Buf,
-    s_host: Vec<f32>,
-    routing: Routing,
-    plan: HostPlan,
-    dev_plan: B::Plan,
+    route: B::Route,
     xe: B::Buf,
     a: B::Buf,
     bv: B::Buf,
@@ -330,43 +323,31 @@ pub(crate) fn moe_forward<B: Backend>(
     let e = m.experts.len();
     let logits = linear_forward_in(c, &m.gate, x, GemmPrecision::F32)?;
     let s = b.sigmoid_forward(&logits)?;
-    let s_host = b.download(&s)?;
-    let routing = moe_gate::forward(&s_host, &c.host_bias[m.bias.0], &m.rule);
-    let plan = HostPlan::new(
-        DispatchPlan::new(&routing, e),
-        routing.k,
-        routing.weights.clone(),
-    );
-    let dev_plan = b.plan(&plan)?;
-    let xe = b.dispatch_forward(x, &dev_plan, d)?;
+    let route = b.route(&s, &c.p[m.bias.0], &m.rule, e)?;
+    let (plan, offs) = (b.route_plan(&route), b.route_offsets(&route));
+    let xe = b.dispatch_forward(x, plan, d)?;
     // every expert's SwiGLU at once: grouped GEMMs over the segments, SwiGLU over all rows
     let ([gate, up, down], kind) = expert_ids(c, m);
-    let (offs, inter) = (
-        &plan.plan.offsets,
-        m.experts.first().map_or(0, |e| e.gate.d_out),
-    );
+    let inter = m.experts.first().map_or(0, |e| e.gate.d_out);
     let a = b.grouped_linear_forward(&xe, c.p, &gate, offs, d, inter, kind)?;
     let bv = b.grouped_linear_forward(&xe, c.p, &up, offs, d, inter, kind)?;
     let h = b.swiglu_forward(&a, &bv)?;
     let ye = b.grouped_linear_forward(&h, c.p, &down, offs, inter, d, kind)?;
     let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
-    b.combine_forward(&mut out, &ye, &dev_plan, d)?;
+    b.combine_forward(&mut out, &ye, plan, d)?;
     let balance_loss = if m.alpha > 0.0 {
-        let (t, bs, k) = (rows.seq, rows.batch, routing.k);
-        balance::batch_loss_forward(&s_host, &routing.experts, t, bs, k, m.alpha)
+        b.balance_loss(&s, &route, (rows.seq, rows.batch), m.alpha)?
     } else {
         0.0
     };
+    let loads = offs.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
     let stats = MoeStats {
         balance_loss,
-        loads: plan.plan.loads(),
+        loads,
     };
     let st = MoeSt {
         s,
-        s_host,
-        routing,
-        plan,
-        dev_plan,
+        route,
         xe,
         a,
         bv,
@@ -387,17 +368,14 @@ pub(crate) fn moe_backward<B: Backend>(
 ) -> BackendResult<B::Buf> {
     let b = c.b;
     let d = m.gate.d_in;
-    let k = st.routing.k;
     let n = b.len(x) / d;
-    let (dye, dweights) = b.combine_backward_input(dy, &st.ye, &st.dev_plan, d)?;
+    let (plan, offs) = (b.route_plan(&st.route), b.route_offsets(&st.route));
+    let (dye, dweights) = b.combine_backward_input(dy, &st.ye, plan, d)?;
     let mut dx = b.zeros(n * d)?;
     swiglu_backward(c, &m.shared, dy, st.shared, x, &mut dx, false)?;
     // the experts' SwiGLU backward, each GEMM grouped: down, SwiGLU, gate, then up
     let ([gate, up, down], kind) = expert_ids(c, m);
-    let (offs, inter) = (
-        &st.plan.plan.offsets,
-        b.len(&st.a) / st.plan.plan.rows().max(1),
-    );
+    let inter = b.len(&st.a) / offs.last().copied().unwrap_or(0).max(1);
     let mut dh = b.zeros(b.len(&st.a))?;
     b.grouped_linear_backward_input(&mut dh, &dye, c.p, &down, offs, inter, d, false, kind)?;
     b.grouped_linear_backward_weight(c.g, &down, &dye, &st.h, offs, inter, d, kind)?;
@@ -407,14 +385,9 @@ pub(crate) fn moe_backward<B: Backend>(
     b.grouped_linear_backward_weight(c.g, &gate, &da, &st.xe, offs, d, inter, kind)?;
     b.grouped_linear_backward_input(&mut dxe, &db, c.p, &up, offs, d, inter, true, kind)?;
     b.grouped_linear_backward_weight(c.g, &up, &db, &st.xe, offs, d, inter, kind)?;
-    b.dispatch_backward_input(&mut dx, &dxe, &st.dev_plan, d)?;
-    let mut ds = vec![0.0; st.s_host.len()];
-    moe_gate::backward_input(&mut ds, &dweights, &st.s_host, &st.routing, &m.rule);
-    if m.alpha > 0.0 {
-        let (t, bs, ex) = (rows.seq, rows.batch, &st.routing.experts);
-        balance::batch_loss_backward_input(&mut ds, &st.s_host, ex, t, bs, k, m.alpha);
-    }
-    let ds = b.upload(&ds)?;
+    b.dispatch_backward_input(&mut dx, &dxe, plan, d)?;
+    let seq_batch = (rows.seq, rows.batch);
+    let ds = b.route_backward(&dweights, &st.s, &st.route, &m.rule, seq_batch, m.alpha)?;
     let dlogits = b.sigmoid_backward_input(&ds, &st.s)?;
     linear_backward_in(c, &m.gate, &dlogits, x, &mut dx, true, GemmPrecision::F32)?;
     Ok(dx)

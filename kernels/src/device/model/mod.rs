@@ -158,7 +158,6 @@ impl<B: Backend> DeviceModel<B> {
             model,
             params,
             grads,
-            host_bias,
             table,
             gemm,
             ..
@@ -168,7 +167,6 @@ impl<B: Backend> DeviceModel<B> {
             b: &*backend,
             p: params,
             g: grads,
-            host_bias,
             table,
             gemm: *gemm,
         };
@@ -271,7 +269,6 @@ impl<B: Backend> DeviceModel<B> {
             b,
             p: &self.params,
             g: &mut [],
-            host_bias: &self.host_bias,
             table: &self.table.as_ref().expect("ensured").1,
             gemm: self.gemm,
         };
