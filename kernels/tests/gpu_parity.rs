@@ -1,4 +1,6 @@
-//! GPU parity (issue 12): every CUDA C kernel of `kernels::device::cuda`, launched through
+//! GPU parity (issue 12): the op kernels of `kernels::device::cuda` (the step's own kernels,
+//! `tensor.cu`, `moe.cu`, `fp8_gemm.cu`, `fp8_pack.cu` and `router.cu`, are compared through the
+//! backend by `gpu_model.rs`), launched through
 //! `device::cuda::launch::Gpu`, against the CPU function it mirrors, on fresh random inputs each
 //! run (the seed is printed; `PHALANX_PARITY_SEED=N` repeats a run). Kernels whose header claims
 //! the CPU's bits are compared bit for bit (a NaN matching any NaN: the GPU writes canonical

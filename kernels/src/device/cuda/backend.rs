@@ -43,6 +43,8 @@ pub struct CudaBackend {
     /// Why the grouped expert GEMMs are off (`PHALANX_GROUPED_GEMM=off`, or the check at open
     /// failed), or None when they are on.
     pub grouped_off: Option<String>,
+    /// MoE layers route on the host (`PHALANX_DEVICE_ROUTER=off`) instead of with `router.cu`.
+    pub host_routing: bool,
 }
 
 impl CudaBackend {
@@ -79,6 +81,7 @@ impl CudaBackend {
             fp8,
             grouped_refused: Refusals::default(),
             grouped_off: None,
+            host_routing: std::env::var("PHALANX_DEVICE_ROUTER").is_ok_and(|v| v == "off"),
         };
         b.grouped_off = b.grouped_check();
         Ok(b)
@@ -162,8 +165,13 @@ impl Backend for CudaBackend {
                 first.unwrap_or_default()
             ),
         };
+        let routing = if self.host_routing {
+            "routing: host (PHALANX_DEVICE_ROUTER=off)"
+        } else {
+            "routing: device"
+        };
         format!(
-            "{} ({}; {}; {grouped})",
+            "{} ({}; {}; {grouped}; {routing})",
             self.gpu.info,
             self.gpu.arch,
             self.fp8.describe()

@@ -1,8 +1,9 @@
 //! The CUDA backend's MoE routing (feature `cuda`): on the device through `router.cu` (the
 //! group-limited top-k, the dispatch plan, the balance loss and their backward, only the plan's
 //! expert offsets and the per-sequence losses downloaded), or, for layers beyond its limits
-//! (more than 256 experts, 32 groups or top-8), on the host as the CPU backend does, with the
-//! affinities downloaded and the plan uploaded. Never run on a GPU.
+//! (more than 256 experts, 32 groups or top-8) or with `PHALANX_DEVICE_ROUTER=off`, on the host
+//! as the CPU backend does, with the affinities downloaded and the plan uploaded. Never run on a
+//! GPU.
 
 use super::backend::CudaBackend;
 use super::launch::{DeviceRoute, MoePlan, route_unsupported};
@@ -48,7 +49,7 @@ impl CudaBackend {
         e: usize,
     ) -> BackendResult<CudaRoute> {
         let n = s.len() / e.max(1);
-        if route_unsupported(e, rule).is_none() {
+        if !self.host_routing && route_unsupported(e, rule).is_none() {
             return Ok(CudaRoute::Device(self.gpu.moe_route(s, bias, n, e, rule)?));
         }
         let s_host = self.gpu.download(s)?;
