@@ -5,14 +5,18 @@
 //!
 //! Row-major `out[m, n] = A[m, k]·B[n, k]ᵀ` is column-major `outᵀ[n, m]`, so cuBLASLt's A is our
 //! B (op T over a `k × n` K-major matrix) and its B is our A (op N): the "TN" layout its FP8
-//! kernels require. **Never run on a GPU**: the backend checks this path against its own FP8
-//! kernel when it opens (`CudaBackend::new`) and uses it only if they agree.
+//! kernels require. Each shape's descriptor, layouts and heuristic algorithm are prepared once
+//! and kept (at most 512; expert GEMMs change their row counts every step); only the scale
+//! pointers are set per call. **Never run on a GPU**: the backend checks this path against its
+//! own FP8 kernel when it opens (`Fp8Linear::open`) and uses it only if they agree.
 
 use super::{Gpu, GpuError, check_len, grid_stride, long, shape_err};
 use crate::fp8::pack::{Gather, Operand, PackedScales, Plan};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 const KN: &str = "cublaslt fp8 gemm";
@@ -89,11 +93,27 @@ impl Gpu {
     }
 }
 
-/// A cuBLASLt handle and its workspace on the backend's stream.
+/// A cuBLASLt handle, its workspace on the backend's stream, and the prepared GEMMs by shape.
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
+    cache: RefCell<HashMap<PrepKey, Prepared>>,
+}
+
+/// (m, n, k, A's ld, B's ld, A's and B's scale modes).
+type PrepKey = (usize, usize, usize, usize, usize, i32, i32);
+
+/// Prepared GEMMs kept at most (then the cache starts again).
+const CACHE_MAX: usize = 512;
+
+/// One shape's descriptor, layouts and algorithm.
+struct Prepared {
+    desc: Desc,
+    la: Layout,
+    lb: Layout,
+    lc: Layout,
+    algo: sys::cublasLtMatmulAlgo_t,
 }
 
 // SAFETY: the handle is only used through &self on the one stream it was made for; cuBLASLt
@@ -157,6 +177,7 @@ impl Lt {
             handle,
             workspace,
             stream: gpu.stream().clone(),
+            cache: RefCell::new(HashMap::new()),
         })
     }
 
@@ -174,75 +195,29 @@ impl Lt {
         })
     }
 
-    /// `out[m, n] = A·Bᵀ` (row-major f32, overwritten) on packed operands.
-    pub fn gemm(
-        &self,
-        out: &mut CudaSlice<f32>,
-        p: &Plan,
-        a: &Packed,
-        b: &Packed,
-    ) -> Result<(), GpuError> {
-        if let Some(why) = p.unsupported() {
-            return Err(shape_err(KN, why));
-        }
-        check_len(KN, "out", out.len(), p.m * p.n)?;
-        check_len(KN, "A codes", a.codes.len(), p.m * p.a.ld())?;
-        check_len(KN, "B codes", b.codes.len(), p.n * p.b.ld())?;
-        check_len(KN, "A scales", a.scales.len(), p.a.scales.len())?;
-        check_len(KN, "B scales", b.scales.len(), p.b.scales.len())?;
+    /// The descriptor, layouts and algorithm of `p`'s shapes and scale modes (created once per
+    /// shape and kept: the heuristic query is not repeated; the scale pointers are set per call).
+    fn prepare(&self, p: &Plan) -> Result<Prepared, GpuError> {
         use sys::cublasLtMatmulDescAttributes_t as D;
         use sys::cudaDataType_t as T;
-        let stream = &self.stream;
-        let (pa, _ra) = a.codes.device_ptr(stream);
-        let (pb, _rb) = b.codes.device_ptr(stream);
-        let (sa, _rsa) = a.scales.device_ptr(stream);
-        let (sb, _rsb) = b.scales.device_ptr(stream);
-        let (pw, _rw) = self.workspace.device_ptr(stream);
-        let (po, _ro) = out.device_ptr_mut(stream);
         let err = |what: &'static str| move |e| lt_err(what, e);
         let desc = Desc(
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, T::CUDA_R_32F)
                 .map_err(err("matmul descriptor"))?,
         );
         // cuBLASLt's A is our B (op T), its B our A (op N)
-        let set = |attr: D, v: *const std::ffi::c_void, size: usize| {
-            // SAFETY: `v` points to a live value of the attribute's type and `size` bytes.
-            unsafe { lt::set_matmul_desc_attribute(desc.0, attr, v, size) }
-                .map_err(err("matmul attribute"))
-        };
         let (op_t, op_n) = (1i32, 0i32);
-        set(
-            D::CUBLASLT_MATMUL_DESC_TRANSA,
-            (&op_t as *const i32).cast(),
-            4,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_TRANSB,
-            (&op_n as *const i32).cast(),
-            4,
-        )?;
         let (mode_a, mode_b) = (scale_mode(p.b.mode), scale_mode(p.a.mode));
-        set(
-            D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-            (&mode_a as *const i32).cast(),
-            4,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-            (&mode_b as *const i32).cast(),
-            4,
-        )?;
-        let ptr = std::mem::size_of::<u64>();
-        set(
-            D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-            (&sb as *const u64).cast(),
-            ptr,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-            (&sa as *const u64).cast(),
-            ptr,
-        )?;
+        for (attr, v) in [
+            (D::CUBLASLT_MATMUL_DESC_TRANSA, &op_t),
+            (D::CUBLASLT_MATMUL_DESC_TRANSB, &op_n),
+            (D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode_a),
+            (D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode_b),
+        ] {
+            // SAFETY: each attribute is an int32 and `v` points to a live i32.
+            unsafe { lt::set_matmul_desc_attribute(desc.0, attr, (v as *const i32).cast(), 4) }
+                .map_err(err("matmul attribute"))?;
+        }
         let layout = |t: T, rows: usize, cols: usize, ld: usize| -> Result<Layout, GpuError> {
             Ok(Layout(
                 lt::create_matrix_layout(t, rows as u64, cols as u64, ld as i64)
@@ -264,29 +239,94 @@ impl Lt {
             )
         }
         .map_err(err("workspace preference"))?;
-        // SAFETY: every descriptor is live until the end of this function.
+        // SAFETY: every descriptor is live here.
         let heuristic = unsafe {
             lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0)
         }
         .map_err(err("no algorithm for these shapes and scale modes"))?;
+        Ok(Prepared {
+            desc,
+            la,
+            lb,
+            lc,
+            algo: heuristic.algo,
+        })
+    }
+
+    /// `out[m, n] = A·Bᵀ` (row-major f32, overwritten) on packed operands.
+    pub fn gemm(
+        &self,
+        out: &mut CudaSlice<f32>,
+        p: &Plan,
+        a: &Packed,
+        b: &Packed,
+    ) -> Result<(), GpuError> {
+        if let Some(why) = p.unsupported() {
+            return Err(shape_err(KN, why));
+        }
+        check_len(KN, "out", out.len(), p.m * p.n)?;
+        check_len(KN, "A codes", a.codes.len(), p.m * p.a.ld())?;
+        check_len(KN, "B codes", b.codes.len(), p.n * p.b.ld())?;
+        check_len(KN, "A scales", a.scales.len(), p.a.scales.len())?;
+        check_len(KN, "B scales", b.scales.len(), p.b.scales.len())?;
+        let key = (
+            p.m,
+            p.n,
+            p.k,
+            p.a.ld(),
+            p.b.ld(),
+            scale_mode(p.a.mode),
+            scale_mode(p.b.mode),
+        );
+        let mut cache = self.cache.borrow_mut();
+        if !cache.contains_key(&key) {
+            if cache.len() >= CACHE_MAX {
+                // expert GEMMs change their row counts every step: keep the cache bounded
+                cache.clear();
+            }
+            let prepared = self.prepare(p)?;
+            cache.insert(key, prepared);
+        }
+        let prep = &cache[&key];
+        let stream = &self.stream;
+        let (pa, _ra) = a.codes.device_ptr(stream);
+        let (pb, _rb) = b.codes.device_ptr(stream);
+        let (sa, _rsa) = a.scales.device_ptr(stream);
+        let (sb, _rsb) = b.scales.device_ptr(stream);
+        let (pw, _rw) = self.workspace.device_ptr(stream);
+        let (po, _ro) = out.device_ptr_mut(stream);
+        let err = |what: &'static str| move |e| lt_err(what, e);
+        use sys::cublasLtMatmulDescAttributes_t as D;
+        // cuBLASLt's A is our B: its scales are B's
+        for (attr, v) in [
+            (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb),
+            (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa),
+        ] {
+            // SAFETY: each attribute is a device pointer and `v` a live u64 address; the
+            // descriptor is read when the call below is queued.
+            unsafe {
+                lt::set_matmul_desc_attribute(prep.desc.0, attr, (v as *const u64).cast(), 8)
+            }
+            .map_err(err("scale pointer"))?;
+        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the codes, scales and output hold what the layouts describe (lengths checked
         // above against the plan); the records keep the buffers alive until the call is queued.
         unsafe {
             lt::matmul(
                 self.handle,
-                desc.0,
+                prep.desc.0,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
                 pb as *const _,
-                la.0,
+                prep.la.0,
                 pa as *const _,
-                lb.0,
+                prep.lb.0,
                 po as *const _,
-                lc.0,
+                prep.lc.0,
                 po as *mut _,
-                lc.0,
-                &heuristic.algo,
+                prep.lc.0,
+                &prep.algo,
                 pw as *mut _,
                 WORKSPACE,
                 stream.cu_stream() as *mut _,
