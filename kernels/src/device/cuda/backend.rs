@@ -45,6 +45,8 @@ pub struct CudaBackend {
     pub grouped_off: Option<String>,
     /// MoE layers route on the host (`PHALANX_DEVICE_ROUTER=off`) instead of with `router.cu`.
     pub host_routing: bool,
+    /// cuBLAS refused a grouped call on BF16 operands: BF16 expert GEMMs go one by one.
+    pub grouped_bf16_refused: std::cell::Cell<bool>,
 }
 
 impl CudaBackend {
@@ -82,6 +84,7 @@ impl CudaBackend {
             grouped_refused: Refusals::default(),
             grouped_off: None,
             host_routing: std::env::var("PHALANX_DEVICE_ROUTER").is_ok_and(|v| v == "off"),
+            grouped_bf16_refused: std::cell::Cell::new(false),
         };
         b.grouped_off = b.grouped_check();
         Ok(b)

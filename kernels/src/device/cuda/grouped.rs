@@ -92,6 +92,20 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// A refused grouped call: counted, and for BF16 operands remembered (cuBLAS may not take
+    /// BF16 inputs with an f32 output; later BF16 calls then go expert by expert at once).
+    fn refuse_grouped(&self, p: GemmPrecision, e: &BackendError) {
+        self.grouped_refused.note(e);
+        if p == GemmPrecision::Bf16 {
+            self.grouped_bf16_refused.set(true);
+        }
+    }
+
+    /// A BF16 grouped call was refused before.
+    fn refused_before(&self, p: GemmPrecision) -> bool {
+        p == GemmPrecision::Bf16 && self.grouped_bf16_refused.get()
+    }
+
     /// None when the grouped calls may be used: not turned off by `PHALANX_GROUPED_GEMM=off`,
     /// and on random f32 experts (one of them empty) the forward and the weight gradient agree
     /// with the expert-by-expert loop to 1e-5 normwise (a wrong address or leading dimension is
@@ -172,6 +186,9 @@ impl CudaBackend {
         let ExpertGemm::Plain(p) = kind else {
             return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
         };
+        if self.refused_before(p) {
+            return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
+        }
         let rows = offsets.last().copied().unwrap_or(0);
         check("x", x.len(), rows * din)?;
         let ws: Vec<&CudaSlice<f32>> = segments(offsets).map(|(e, _, _)| &params[ids[e]]).collect();
@@ -199,7 +216,7 @@ impl CudaBackend {
         match call {
             Ok(()) => Ok(y),
             Err(e) => {
-                self.grouped_refused.note(&e);
+                self.refuse_grouped(p, &e);
                 grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind)
             }
         }
@@ -225,6 +242,9 @@ impl CudaBackend {
         let ExpertGemm::Plain(p) = kind else {
             return per_segment(self, dx);
         };
+        if self.refused_before(p) {
+            return per_segment(self, dx);
+        }
         if self.grouped_off.is_some() {
             return per_segment(self, dx);
         }
@@ -245,7 +265,7 @@ impl CudaBackend {
         match self.grouped_call(which, offsets, (dy, dout), &ws, None, &outs, din, dout, p) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.grouped_refused.note(&e);
+                self.refuse_grouped(p, &e);
                 per_segment(self, dx)
             }
         }
@@ -286,6 +306,11 @@ impl CudaBackend {
                 self, grads, ids, dy, x, offsets, din, dout, kind,
             );
         };
+        if self.refused_before(p) {
+            return grouped::backward_weight_per_segment(
+                self, grads, ids, dy, x, offsets, din, dout, kind,
+            );
+        }
         let rows = offsets.last().copied().unwrap_or(0);
         check("dy", dy.len(), rows * dout)?;
         check("x", x.len(), rows * din)?;
@@ -324,7 +349,7 @@ impl CudaBackend {
         ) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.grouped_refused.note(&e);
+                self.refuse_grouped(p, &e);
                 grouped::backward_weight_per_segment(
                     self, grads, ids, dy, x, offsets, din, dout, kind,
                 )
