@@ -159,6 +159,24 @@ pub trait Backend {
         p: GemmPrecision,
     ) -> BackendResult<()>;
 
+    /// A Linear's backward in one call: dx (+)= dy·W, then dw += dyᵀ·x (a device may share work
+    /// between the two, as CUDA shares dy's BF16 rounding). `shape` is (n, din, dout).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        x: &Self::Buf,
+        (n, din, dout): (usize, usize, usize),
+        acc: bool,
+        p: GemmPrecision,
+    ) -> BackendResult<()> {
+        self.linear_backward_input(dx, dy, w, n, din, dout, acc, p)?;
+        self.linear_backward_weight(dw, dy, x, n, din, dout, p)
+    }
+
     /// DeepSeek-V3's FP8 Fprop (`fp8::linear_fprop_fp8`): y = x·Wᵀ with x in 1×128 E4M3 tiles
     /// and W in 128×128 blocks, FP32 promotion per 128 of K.
     fn fp8_linear_forward(

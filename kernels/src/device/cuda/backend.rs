@@ -90,60 +90,8 @@ impl CudaBackend {
         Ok(b)
     }
 
-    /// The GEMM ceiling of this device in precision `p` through the same cuBLAS call the Linear
-    /// layers use (y = x·Wᵀ, n×n×n; f32: SGEMM, TF32 off; BF16: GemmEx with f32 accumulation and
-    /// output, operands already rounded): TFLOP/s of the best of `reps` timed calls.
-    pub fn gemm_tflops(&self, n: usize, reps: usize, p: GemmPrecision) -> Result<f64, GpuError> {
-        let x = self.gpu.upload(&vec![0.5f32; n * n])?;
-        let w = self.gpu.upload(&vec![0.25f32; n * n])?;
-        let (mut x16, mut w16) = (self.gpu.zeros::<u16>(n * n)?, self.gpu.zeros::<u16>(n * n)?);
-        self.gpu.to_bf16(&mut x16, &x)?;
-        self.gpu.to_bf16(&mut w16, &w)?;
-        let mut y = self.gpu.zeros::<f32>(n * n)?;
-        let fwd = LinearGemm::Forward;
-        let mut best = f64::MAX;
-        for _ in 0..reps.max(1) {
-            let ms = self.gpu.time_ms(1, || match p {
-                GemmPrecision::F32 => self.blas.linear(fwd, &mut y, &x, &w, n, n, n),
-                GemmPrecision::Bf16 => self.blas.linear_bf16(fwd, &mut y, &x16, &w16, n, n, n),
-            })?;
-            best = best.min(ms);
-        }
-        Ok(2.0 * (n as f64).powi(3) / (best * 1e-3) / 1e12)
-    }
-
     fn buf(&self, n: usize) -> BackendResult<CudaSlice<f32>> {
         Ok(self.gpu.zeros(n)?)
-    }
-
-    fn bf16(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<u16>> {
-        let mut out = self.gpu.zeros::<u16>(x.len())?;
-        self.gpu.to_bf16(&mut out, x)?;
-        Ok(out)
-    }
-
-    /// One Linear GEMM in precision `p` (BF16: both operands rounded on the device first).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        which: LinearGemm,
-        out: &mut CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        w_or_x: &CudaSlice<f32>,
-        n: usize,
-        din: usize,
-        dout: usize,
-        p: GemmPrecision,
-    ) -> BackendResult<()> {
-        match p {
-            GemmPrecision::F32 => Ok(self.blas.linear(which, out, a, w_or_x, n, din, dout)?),
-            GemmPrecision::Bf16 => {
-                let (a16, b16) = (self.bf16(a)?, self.bf16(w_or_x)?);
-                Ok(self
-                    .blas
-                    .linear_bf16(which, out, &a16, &b16, n, din, dout)?)
-            }
-        }
     }
 }
 
@@ -267,6 +215,20 @@ impl Backend for CudaBackend {
         p: GemmPrecision,
     ) -> BackendResult<()> {
         self.gemm(LinearGemm::BackwardWeight, dw, dy, x, n, din, dout, p)
+    }
+
+    fn linear_backward(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        (n, din, dout): (usize, usize, usize),
+        acc: bool,
+        p: GemmPrecision,
+    ) -> BackendResult<()> {
+        self.linear_backward_shared_dy(dx, dw, dy, w, x, (n, din, dout), acc, p)
     }
 
     fn fp8_linear_forward(

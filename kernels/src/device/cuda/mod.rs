@@ -11,6 +11,8 @@ pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod fp8_linear;
 #[cfg(feature = "cuda")]
+mod gemm;
+#[cfg(feature = "cuda")]
 mod grouped;
 #[cfg(feature = "cuda")]
 pub mod launch;

@@ -95,8 +95,8 @@ fn linear_backward_in<B: Backend>(
             .b
             .fp8_linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out);
     }
-    c.b.linear_backward_input(dx, dy, w, n, l.d_in, l.d_out, acc, p)?;
-    c.b.linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out, p)
+    let shape = (n, l.d_in, l.d_out);
+    c.b.linear_backward(dx, &mut c.g[l.w.0], dy, w, x, shape, acc, p)
 }
 
 /// RMSNorm's input and 1/rms per row.
