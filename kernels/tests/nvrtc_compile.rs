@@ -123,3 +123,57 @@ fn the_spill_check_sees_a_kernel_that_spills() {
         c.log
     );
 }
+
+/// The kernel cache with the real compiler: a first pass compiles and stores every source, a
+/// second loads the same bytes back without compiling, and a damaged file is compiled again.
+#[test]
+fn compiled_kernels_are_cached_and_loaded_back() {
+    use kernels::device::kernel_cache::KernelCache;
+    use kernels::device::nvrtc::CacheUse;
+    if !nvrtc::library_present() {
+        println!("SKIPPED: libnvrtc could not be loaded");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("phalanx-kcache-nvrtc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = KernelCache::at(&dir);
+    let t0 = std::time::Instant::now();
+    let first: Vec<Vec<u8>> = SOURCES
+        .iter()
+        .map(|s| {
+            let (cubin, used) = nvrtc::compile_cached(s, ARCH, Some(&cache)).expect("compiles");
+            assert_eq!(used, CacheUse::Miss { stored: Ok(()) }, "{}", s.name);
+            cubin
+        })
+        .collect();
+    let compiled = t0.elapsed();
+    let t1 = std::time::Instant::now();
+    for (s, want) in SOURCES.iter().zip(&first) {
+        let (cubin, used) = nvrtc::compile_cached(s, ARCH, Some(&cache)).expect("loads");
+        assert_eq!(used, CacheUse::Hit, "{}", s.name);
+        assert_eq!(&cubin, want, "{}: the cached cubin differs", s.name);
+    }
+    let loaded = t1.elapsed();
+    println!(
+        "{} sources: compiled and stored in {:.2} s, loaded from the cache in {:.3} s",
+        SOURCES.len(),
+        compiled.as_secs_f64(),
+        loaded.as_secs_f64()
+    );
+    // a damaged file is a miss: compiled again and repaired
+    let victim = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .expect("a cached file");
+    std::fs::write(&victim, b"damaged").unwrap();
+    let misses = SOURCES
+        .iter()
+        .filter(|s| {
+            let (_, used) = nvrtc::compile_cached(s, ARCH, Some(&cache)).expect("compiles");
+            used != CacheUse::Hit
+        })
+        .count();
+    assert_eq!(misses, 1, "exactly the damaged source compiles again");
+    let _ = std::fs::remove_dir_all(&dir);
+}

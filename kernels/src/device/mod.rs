@@ -16,6 +16,7 @@ pub mod backend;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod driver;
+pub mod kernel_cache;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;

@@ -8,9 +8,10 @@
 //! contract, so the CPU's operation order gives the CPU's bits) and IEEE division and square root
 //! (NVRTC's defaults). Headers (`cuda_fp8.h` and the CCCL headers it pulls in) come from
 //! `PHALANX_CUDA_INCLUDE` (directories separated by `:`), else `/usr/local/cuda/include` and
-//! `/usr/local/cuda/include/cccl`.
+//! `/usr/local/cuda/include/cccl`. [`compile_cached`] keeps the cubins in a `KernelCache`.
 
 use super::cuda::{KernelSource, PtxasReport, SOURCES, parse_ptxas_log};
+use super::kernel_cache::KernelCache;
 use cudarc::nvrtc::{result, sys};
 use std::ffi::CString;
 use std::path::PathBuf;
@@ -147,6 +148,44 @@ pub fn compile(src: &KernelSource, arch: &str) -> Result<Compiled, CompileError>
         kernels: parse_ptxas_log(&log),
         log,
     })
+}
+
+/// Where a cubin came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Loaded from the cache.
+    Hit,
+    /// Compiled; then stored in the cache, or why not.
+    Miss { stored: Result<(), String> },
+    /// Compiled; no cache.
+    Off,
+}
+
+/// `src`'s cubin for `arch`: from `cache` when it holds one for this exact source, architecture,
+/// option list and NVRTC version, else compiled (and stored there).
+pub fn compile_cached(
+    src: &KernelSource,
+    arch: &str,
+    cache: Option<&KernelCache>,
+) -> Result<(Vec<u8>, CacheUse), CompileError> {
+    let Some(cache) = cache else {
+        return Ok((compile(src, arch)?.cubin, CacheUse::Off));
+    };
+    let key = KernelCache::key(
+        src.name,
+        &src.full_source(),
+        arch,
+        &options(arch),
+        version()?,
+    );
+    if let Some(cubin) = cache.load(src.name, &key) {
+        return Ok((cubin, CacheUse::Hit));
+    }
+    let cubin = compile(src, arch)?.cubin;
+    let stored = cache
+        .store(src.name, &key, &cubin)
+        .map_err(|e| format!("{}: {e}", cache.path(src.name, &key).display()));
+    Ok((cubin, CacheUse::Miss { stored }))
 }
 
 /// The cubin of a compiled program (cudarc 0.19 wraps only the PTX getter, so the two sys calls).

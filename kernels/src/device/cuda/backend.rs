@@ -121,8 +121,21 @@ impl Backend for CudaBackend {
         } else {
             "routing: device"
         };
+        let kernels = match &self.gpu.kernel_cache {
+            Some(dir) => format!(
+                "kernels: {} of {} sources from the cache {}, {:.1} s to load",
+                self.gpu.cache_hits,
+                super::SOURCES.len(),
+                dir.display(),
+                self.gpu.compile_time.as_secs_f64()
+            ),
+            None => format!(
+                "kernels: compiled in {:.1} s, no cache",
+                self.gpu.compile_time.as_secs_f64()
+            ),
+        };
         format!(
-            "{} ({}; {}; {grouped}; {routing})",
+            "{} ({}; {kernels}; {}; {grouped}; {routing})",
             self.gpu.info,
             self.gpu.arch,
             self.fp8.describe()

@@ -1,6 +1,7 @@
 //! Launching the CUDA C kernels (feature `cuda`): `Gpu` opens a device through cudarc (context and
 //! its default stream), compiles every source of `device::cuda` with NVRTC to a cubin for the
-//! device's own architecture, loads each as a module and keeps its entry points; the typed
+//! device's own architecture (or loads it from the kernel cache, `device::kernel_cache`), loads
+//! each as a module and keeps its entry points; the typed
 //! wrappers in `fp8`, `ops`, `optim` and `attention` check shapes, pick the grid and block each kernel's
 //! indexing expects (the launch shapes its `.cu` header states) and launch on the stream.
 //!
@@ -33,6 +34,7 @@ pub use router::{DeviceRoute, route_unsupported};
 pub use tensor::{Blas, LinearGemm, MoePlan};
 
 use super::SOURCES;
+use crate::device::kernel_cache::KernelCache;
 use crate::device::nvrtc::{self, CompileError};
 use crate::device::{Device, DeviceError, DeviceInfo};
 use cudarc::driver::{
@@ -160,8 +162,13 @@ pub struct Gpu {
     pub info: DeviceInfo,
     /// The architecture the kernels were compiled for (`sm_90` on an H200).
     pub arch: String,
-    /// Time NVRTC took for all sources, and module loading.
+    /// Time NVRTC took for all sources (or the cache, for the sources it held), and module
+    /// loading.
     pub compile_time: Duration,
+    /// Sources loaded from the kernel cache instead of compiled.
+    pub cache_hits: usize,
+    /// The kernel cache's directory (`device::kernel_cache`), None when it is off.
+    pub kernel_cache: Option<std::path::PathBuf>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
@@ -180,9 +187,32 @@ impl Gpu {
         let stream = ctx.default_stream();
         let start = Instant::now();
         let mut functions = HashMap::new();
+        let cache = KernelCache::from_env();
+        let mut cache_hits = 0;
         for src in SOURCES {
-            let compiled = nvrtc::compile(src, &arch)?;
-            let module = ctx.load_module(Ptx::from_binary(compiled.cubin))?;
+            let (cubin, used) = nvrtc::compile_cached(src, &arch, cache.as_ref())?;
+            let module = match ctx.load_module(Ptx::from_binary(cubin)) {
+                Ok(m) => {
+                    cache_hits += usize::from(used == nvrtc::CacheUse::Hit);
+                    m
+                }
+                // a cached cubin the driver refuses: compile it again (and store the new one)
+                Err(_) if used == nvrtc::CacheUse::Hit => {
+                    let fresh = nvrtc::compile(src, &arch)?.cubin;
+                    if let Some(c) = &cache {
+                        let key = KernelCache::key(
+                            src.name,
+                            &src.full_source(),
+                            &arch,
+                            &nvrtc::options(&arch),
+                            nvrtc::version()?,
+                        );
+                        let _ = c.store(src.name, &key, &fresh);
+                    }
+                    ctx.load_module(Ptx::from_binary(fresh))?
+                }
+                Err(e) => return Err(e.into()),
+            };
             for &name in src.entry_points {
                 functions.insert(name, module.load_function(name)?);
             }
@@ -191,6 +221,8 @@ impl Gpu {
             info,
             arch,
             compile_time: start.elapsed(),
+            cache_hits,
+            kernel_cache: cache.map(|c| c.dir),
             ctx,
             stream,
             functions,
