@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+mod bench;
 mod cluster;
 mod commands;
 mod tools;
@@ -30,7 +31,7 @@ enum Command {
     /// Print and draw a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev).
     Schedule(commands::ScheduleArgs),
     /// Measure training throughput against this machine's GEMM peak.
-    Bench(commands::BenchArgs),
+    Bench(bench::BenchArgs),
     /// List the runs recorded in a run directory's journal (status, steps, losses, checkpoints).
     Runs(commands::RunsArgs),
     /// Draw a run as an SVG: loss and eval loss, checkpoints, restarts, rollbacks, tokens/s.
@@ -201,7 +202,7 @@ fn main() {
         }
         Some(Command::Eval(a)) => commands::eval(a),
         Some(Command::Schedule(a)) => commands::schedule(a),
-        Some(Command::Bench(a)) => commands::bench(a),
+        Some(Command::Bench(a)) => bench::bench(a),
         Some(Command::Runs(a)) => commands::runs(a),
         Some(Command::Report(a)) => tools::report(a),
         Some(Command::Simulate(a)) => tools::simulate(a),
