@@ -161,6 +161,18 @@ pub enum CacheUse {
     Off,
 }
 
+/// The kernel cache's key of `src` compiled for `arch` by the loaded NVRTC with [`options`].
+pub fn cache_key(src: &KernelSource, arch: &str) -> Result<String, CompileError> {
+    let opts = options(arch);
+    Ok(KernelCache::key(
+        src.name,
+        &src.full_source(),
+        arch,
+        &opts,
+        version()?,
+    ))
+}
+
 /// `src`'s cubin for `arch`: from `cache` when it holds one for this exact source, architecture,
 /// option list and NVRTC version, else compiled (and stored there).
 pub fn compile_cached(
@@ -171,13 +183,7 @@ pub fn compile_cached(
     let Some(cache) = cache else {
         return Ok((compile(src, arch)?.cubin, CacheUse::Off));
     };
-    let key = KernelCache::key(
-        src.name,
-        &src.full_source(),
-        arch,
-        &options(arch),
-        version()?,
-    );
+    let key = cache_key(src, arch)?;
     if let Some(cubin) = cache.load(src.name, &key) {
         return Ok((cubin, CacheUse::Hit));
     }

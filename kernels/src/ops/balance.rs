@@ -65,10 +65,19 @@ pub fn batch_loss_forward(
     alpha: f32,
 ) -> f64 {
     let e = scores.len() / (seq * batch).max(1);
-    scores
+    let per_sequence = scores
         .chunks_exact(seq * e)
         .zip(experts.chunks_exact(seq * k))
-        .map(|(sq, ex)| sequence_loss_forward(sq, ex, k, e, alpha) / batch as f64)
+        .map(|(sq, ex)| sequence_loss_forward(sq, ex, k, e, alpha));
+    batch_mean(per_sequence, batch)
+}
+
+/// The batch's loss from its sequences' losses: each divided by `batch`, added in order (what a
+/// device that computes the per-sequence losses reports, bit for bit).
+pub fn batch_mean(per_sequence: impl IntoIterator<Item = f64>, batch: usize) -> f64 {
+    per_sequence
+        .into_iter()
+        .map(|l| l / batch as f64)
         .fold(0.0, |acc, l| acc + l)
 }
 

@@ -73,25 +73,7 @@ pub fn rel_errors(gpu: &[f32], cpu: &[f32]) -> (f64, f64) {
 /// element on either side, or unequal lengths, is ∞. For outputs that are long sums with
 /// cancellation (attention), where single elements near zero carry the sum's rounding.
 pub fn norm_rel_error(gpu: &[f32], cpu: &[f32]) -> f64 {
-    if gpu.len() != cpu.len() {
-        return f64::INFINITY;
-    }
-    let (diff, norm) = gpu
-        .par_iter()
-        .zip(cpu)
-        .map(|(&g, &c)| {
-            if !g.is_finite() || !c.is_finite() {
-                return (f64::INFINITY, 0.0);
-            }
-            let d = g as f64 - c as f64;
-            (d * d, c as f64 * c as f64)
-        })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    if diff == 0.0 {
-        0.0
-    } else {
-        (diff / norm).sqrt()
-    }
+    kernels::device::norm_rel_error(gpu, cpu)
 }
 
 /// The tensor with the worst [`norm_rel_error`] of `got` against `want` (per-tensor gradients, by

@@ -189,8 +189,8 @@ impl Fp8Linear {
         let wq = quantize(gpu, &x, n, n, ScaleLayout::Block128x128)?;
         let p = pack::fprop(n, n, n);
         let (a, b) = (
-            lt.pack(gpu, &p.a, &xq.0, &xq.1)?,
-            lt.pack(gpu, &p.b, &wq.0, &wq.1)?,
+            gpu.fp8_pack(&p.a, &xq.0, &xq.1)?,
+            gpu.fp8_pack(&p.b, &wq.0, &wq.1)?,
         );
         let mut y = gpu.zeros::<f32>(n * n)?;
         let mut best = f64::MAX;
@@ -293,8 +293,8 @@ fn tensor_cores(
     a: &Quantised,
     b: &Quantised,
 ) -> Result<CudaSlice<f32>, GpuError> {
-    let pa = lt.pack(gpu, &p.a, &a.0, &a.1)?;
-    let pb = lt.pack(gpu, &p.b, &b.0, &b.1)?;
+    let pa = gpu.fp8_pack(&p.a, &a.0, &a.1)?;
+    let pb = gpu.fp8_pack(&p.b, &b.0, &b.1)?;
     let mut out = gpu.zeros::<f32>(p.m * p.n)?;
     lt.gemm(&mut out, p, &pa, &pb)?;
     Ok(out)

@@ -101,9 +101,14 @@ impl CudaBackend {
         }
     }
 
-    /// A BF16 grouped call was refused before.
-    fn refused_before(&self, p: GemmPrecision) -> bool {
-        p == GemmPrecision::Bf16 && self.grouped_bf16_refused.get()
+    /// The precision of a grouped call for `kind`, or None when the experts go one by one: FP8
+    /// experts, the grouped calls off, or BF16 after cuBLAS refused a BF16 grouped call.
+    fn grouped_precision(&self, kind: ExpertGemm) -> Option<GemmPrecision> {
+        let ExpertGemm::Plain(p) = kind else {
+            return None;
+        };
+        let refused = p == GemmPrecision::Bf16 && self.grouped_bf16_refused.get();
+        (self.grouped_off.is_none() && !refused).then_some(p)
     }
 
     /// None when the grouped calls may be used: not turned off by `PHALANX_GROUPED_GEMM=off`,
@@ -114,6 +119,7 @@ impl CudaBackend {
         if std::env::var("PHALANX_GROUPED_GEMM").is_ok_and(|v| v == "off") {
             return Some("PHALANX_GROUPED_GEMM=off".into());
         }
+        // runs at open, before `grouped_off` is set: the grouped calls below are really made
         let run = || -> BackendResult<f64> {
             let (din, dout, offsets) = (96usize, 64usize, [0usize, 5, 5, 70, 128]);
             let rows = offsets[offsets.len() - 1];
@@ -131,7 +137,7 @@ impl CudaBackend {
             let mut judge = |got: Vec<f32>, want: Vec<f32>| {
                 worst = worst.max(crate::device::norm_rel_error(&got, &want));
             };
-            let y = self.grouped_forward_on(&x, &params, &ids, &offsets, (din, dout), kind)?;
+            let y = self.grouped_forward(&x, &params, &ids, &offsets, (din, dout), kind)?;
             let want =
                 grouped::forward_per_segment(self, &x, &params, &ids, &offsets, din, dout, kind)?;
             judge(self.download(&y)?, self.download(&want)?);
@@ -141,7 +147,7 @@ impl CudaBackend {
             let mut h = (0..4)
                 .map(|_| self.zeros(dout * din))
                 .collect::<BackendResult<Vec<_>>>()?;
-            self.grouped_backward_weight_on(&mut g, &ids, &dy, &x, &offsets, (din, dout), kind)?;
+            self.grouped_backward_weight(&mut g, &ids, &dy, &x, &offsets, (din, dout), kind)?;
             grouped::backward_weight_per_segment(
                 self, &mut h, &ids, &dy, &x, &offsets, din, dout, kind,
             )?;
@@ -168,27 +174,9 @@ impl CudaBackend {
         (din, dout): (usize, usize),
         kind: ExpertGemm,
     ) -> BackendResult<CudaSlice<f32>> {
-        if self.grouped_off.is_some() {
-            return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
-        }
-        self.grouped_forward_on(x, params, ids, offsets, (din, dout), kind)
-    }
-
-    fn grouped_forward_on(
-        &self,
-        x: &CudaSlice<f32>,
-        params: &[CudaSlice<f32>],
-        ids: &[usize],
-        offsets: &[usize],
-        (din, dout): (usize, usize),
-        kind: ExpertGemm,
-    ) -> BackendResult<CudaSlice<f32>> {
-        let ExpertGemm::Plain(p) = kind else {
+        let Some(p) = self.grouped_precision(kind) else {
             return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
         };
-        if self.refused_before(p) {
-            return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
-        }
         let rows = offsets.last().copied().unwrap_or(0);
         check("x", x.len(), rows * din)?;
         let ws: Vec<&CudaSlice<f32>> = segments(offsets).map(|(e, _, _)| &params[ids[e]]).collect();
@@ -239,15 +227,9 @@ impl CudaBackend {
                 b, dx, dy, params, ids, offsets, din, dout, acc, kind,
             )
         };
-        let ExpertGemm::Plain(p) = kind else {
+        let Some(p) = self.grouped_precision(kind) else {
             return per_segment(self, dx);
         };
-        if self.refused_before(p) {
-            return per_segment(self, dx);
-        }
-        if self.grouped_off.is_some() {
-            return per_segment(self, dx);
-        }
         let rows = offsets.last().copied().unwrap_or(0);
         check("dy", dy.len(), rows * dout)?;
         check("dx", dx.len(), rows * din)?;
@@ -282,35 +264,11 @@ impl CudaBackend {
         (din, dout): (usize, usize),
         kind: ExpertGemm,
     ) -> BackendResult<()> {
-        if self.grouped_off.is_some() {
-            return grouped::backward_weight_per_segment(
-                self, grads, ids, dy, x, offsets, din, dout, kind,
-            );
-        }
-        self.grouped_backward_weight_on(grads, ids, dy, x, offsets, (din, dout), kind)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn grouped_backward_weight_on(
-        &self,
-        grads: &mut [CudaSlice<f32>],
-        ids: &[usize],
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        offsets: &[usize],
-        (din, dout): (usize, usize),
-        kind: ExpertGemm,
-    ) -> BackendResult<()> {
-        let ExpertGemm::Plain(p) = kind else {
+        let Some(p) = self.grouped_precision(kind) else {
             return grouped::backward_weight_per_segment(
                 self, grads, ids, dy, x, offsets, din, dout, kind,
             );
         };
-        if self.refused_before(p) {
-            return grouped::backward_weight_per_segment(
-                self, grads, ids, dy, x, offsets, din, dout, kind,
-            );
-        }
         let rows = offsets.last().copied().unwrap_or(0);
         check("dy", dy.len(), rows * dout)?;
         check("x", x.len(), rows * din)?;

@@ -8,6 +8,7 @@
 use super::backend::CudaBackend;
 use super::launch::{DeviceRoute, MoePlan, route_unsupported};
 use crate::device::backend::{Backend, BackendResult, Cpu, CpuRoute};
+use crate::ops::balance;
 use crate::ops::moe_gate::RouteRule;
 use cudarc::driver::CudaSlice;
 
@@ -75,11 +76,7 @@ impl CudaBackend {
             CudaRoute::Device(d) => {
                 let e = s.len() / (seq * batch).max(1);
                 let per_seq = self.gpu.moe_balance_forward(s, d, (seq, batch), e, alpha)?;
-                // batch_loss_forward's mean: each sequence's loss / batch, folded in order
-                Ok(per_seq
-                    .iter()
-                    .map(|l| l / batch as f64)
-                    .fold(0.0, |acc, l| acc + l))
+                Ok(balance::batch_mean(per_seq, batch))
             }
             CudaRoute::Host { cpu, s, .. } => Cpu.balance_loss(s, cpu, (seq, batch), alpha),
         }

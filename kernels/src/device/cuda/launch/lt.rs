@@ -29,6 +29,19 @@ fn lt_err(what: &str, e: lt::CublasError) -> GpuError {
 }
 
 impl Gpu {
+    /// One operand of a plan packed from quantised codes and scales in `fp8::gemm`'s layouts.
+    pub fn fp8_pack(
+        &self,
+        op: &Operand,
+        codes: &CudaSlice<u8>,
+        scales: &CudaSlice<f32>,
+    ) -> Result<Packed, GpuError> {
+        Ok(Packed {
+            codes: self.fp8_pack_codes(&op.codes, codes)?,
+            scales: self.fp8_pack_scales(&op.scales, scales)?,
+        })
+    }
+
     /// `g` applied to device codes: a new `[rows, ld]` buffer.
     pub fn fp8_pack_codes(
         &self,
@@ -178,20 +191,6 @@ impl Lt {
             workspace,
             stream: gpu.stream().clone(),
             cache: RefCell::new(HashMap::new()),
-        })
-    }
-
-    /// Packs one operand of `p` from quantised codes and scales in `fp8::gemm`'s layouts.
-    pub fn pack(
-        &self,
-        gpu: &Gpu,
-        op: &Operand,
-        codes: &CudaSlice<u8>,
-        scales: &CudaSlice<f32>,
-    ) -> Result<Packed, GpuError> {
-        Ok(Packed {
-            codes: gpu.fp8_pack_codes(&op.codes, codes)?,
-            scales: gpu.fp8_pack_scales(&op.scales, scales)?,
         })
     }
 

@@ -200,14 +200,7 @@ impl Gpu {
                 Err(_) if used == nvrtc::CacheUse::Hit => {
                     let fresh = nvrtc::compile(src, &arch)?.cubin;
                     if let Some(c) = &cache {
-                        let key = KernelCache::key(
-                            src.name,
-                            &src.full_source(),
-                            &arch,
-                            &nvrtc::options(&arch),
-                            nvrtc::version()?,
-                        );
-                        let _ = c.store(src.name, &key, &fresh);
+                        let _ = c.store(src.name, &nvrtc::cache_key(src, &arch)?, &fresh);
                     }
                     ctx.load_module(Ptx::from_binary(fresh))?
                 }
