@@ -173,6 +173,7 @@ fn bench_pipeline(a: BenchArgs) -> Result<()> {
         schedule: actors::schedule::ScheduleKind::DualPipe,
         microbatches: 8,
         wire: actors::formation::Wire::F32,
+        compute: Default::default(),
     };
     let r = actors::bench::pipeline_overhead(&opts, &layout)?;
     println!(

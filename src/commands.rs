@@ -202,6 +202,7 @@ pub fn layout(a: &TrainArgs) -> Result<actors::formation::Layout> {
             .parse()
             .map_err(anyhow::Error::msg)
             .context("--wire")?,
+        compute: actors::formation::StagePlacement::Model,
     })
 }
 

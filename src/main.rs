@@ -230,10 +230,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(world) = actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())? {
         return cluster::train_in_world(&a, &opts, &layout, &world);
     }
-    let inject = match &a.inject {
-        Some(p) => Some(actors::formation::InjectPlan::load(p).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
+    let inject = inject_plan(a.inject.as_deref())?;
     let summary = with_progress(opts.config.training.steps, |on_step| {
         actors::formation::train_with(&opts, &layout, inject, a.threads, on_step)
     })?;
@@ -241,8 +238,9 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 /// `--device cuda[:N]`: the single-process run with every step on the GPU (the device step of
-/// `kernels::device::model`); the formation (`--pp`, `--ep`, `--inject`, `--threads`) and the
-/// multi-process launch are not built on the GPU yet and are refused by name.
+/// `kernels::device::model`); with formation flags (`--pp`, `--schedule`, `--inject`,
+/// `--threads`), the formation with every stage copy on a GPU (rank r on cuda:N+r, modulo the
+/// devices there are). Expert groups (`--ep`) and the multi-process launch are refused by name.
 #[cfg(feature = "cuda")]
 fn train_cuda(
     a: &TrainArgs,
@@ -250,26 +248,38 @@ fn train_cuda(
     layout: &actors::formation::Layout,
     ordinal: usize,
 ) -> Result<()> {
-    let plain = actors::formation::Layout {
-        microbatches: layout.microbatches,
-        ..actors::formation::Layout::default()
-    };
-    if *layout != plain || a.inject.is_some() || a.threads {
-        anyhow::bail!(
-            "--device cuda trains the single-process step only (with --microbatches for gradient \
-             accumulation): the formation (--pp, --ep, --schedule, --inject, --threads) does not \
-             run on the GPU yet"
-        );
-    }
+    use kernels::device::backend::GemmPrecision;
     if actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())?.is_some() {
         anyhow::bail!(
             "--device cuda: multi-process runs (phalanx launch) do not run on the GPU yet"
         );
     }
-    let backend = kernels::device::cuda::backend::CudaBackend::open(ordinal)
-        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+    let plain = actors::formation::Layout {
+        microbatches: layout.microbatches,
+        ..actors::formation::Layout::default()
+    };
+    if *layout == plain && a.inject.is_none() && !a.threads {
+        let backend = kernels::device::cuda::backend::CudaBackend::open(ordinal)
+            .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+        let summary = with_progress(opts.config.training.steps, |on_step| {
+            actors::engine::train_on_device(opts, backend, layout.microbatches, on_step)
+        })?;
+        return print_summary(&summary, a.summary_json.as_deref());
+    }
+    let gemm = match opts.precision {
+        kernels::model::Precision::Bf16 => GemmPrecision::Bf16,
+        _ => GemmPrecision::F32,
+    };
+    let layout = actors::formation::Layout {
+        compute: actors::formation::StagePlacement::Backend {
+            device: kernels::device::Device::Cuda(ordinal),
+            gemm,
+        },
+        ..*layout
+    };
+    let inject = inject_plan(a.inject.as_deref())?;
     let summary = with_progress(opts.config.training.steps, |on_step| {
-        actors::engine::train_on_device(opts, backend, layout.microbatches, on_step)
+        actors::formation::train_with(opts, &layout, inject, a.threads, on_step)
     })?;
     print_summary(&summary, a.summary_json.as_deref())
 }
@@ -282,6 +292,12 @@ fn train_cuda(
     _: usize,
 ) -> Result<()> {
     unreachable!("Device::ensure_can_train refuses cuda in a build without the feature")
+}
+
+/// The `--inject` plan, when one is named.
+fn inject_plan(path: Option<&std::path::Path>) -> Result<Option<actors::formation::InjectPlan>> {
+    path.map(|p| actors::formation::InjectPlan::load(p).map_err(anyhow::Error::msg))
+        .transpose()
 }
 
 /// Runs `f` with a step callback that draws a progress bar on a terminal and logs evaluations.

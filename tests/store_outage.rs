@@ -135,6 +135,7 @@ fn outage_against(endpoint: &str, root: &std::path::Path) {
         schedule: ScheduleKind::OneFOneB,
         microbatches: 2,
         wire: Wire::F32,
+        compute: Default::default(),
     };
     let mut opts = tiny_options(root.join("run"), 40);
     opts.checkpoints = Some(CheckpointPlan {

@@ -16,6 +16,7 @@ fn layout(schedule: ScheduleKind, pp: usize, ep: usize, microbatches: usize, wir
         schedule,
         microbatches,
         wire,
+        compute: Default::default(),
     }
 }
 

@@ -21,6 +21,7 @@ fn layout() -> Layout {
         schedule: ScheduleKind::DualPipe,
         microbatches: 4,
         wire: Wire::F32,
+        compute: Default::default(),
     }
 }
 

@@ -14,6 +14,7 @@ fn layout(schedule: ScheduleKind, pp: usize, microbatches: usize) -> Layout {
         schedule,
         microbatches,
         wire: Wire::F32,
+        compute: Default::default(),
     }
 }
 

@@ -18,6 +18,7 @@ fn check(kind: ScheduleKind, pp: usize, microbatches: usize) {
         schedule: kind,
         microbatches,
         wire: Wire::F32,
+        compute: Default::default(),
     };
     let got = formation::train_threads(&opts, &layout, |_, _| {}).expect("pipelined run");
     println!(
@@ -80,6 +81,7 @@ fn lossy_wires_train_close_to_the_f32_wire() {
             schedule: ScheduleKind::DualPipe,
             microbatches: 4,
             wire,
+            compute: Default::default(),
         };
         let got = formation::train_threads(&opts, &layout, |_, _| {}).expect("lossy-wire run");
         println!("{wire}: loss {} vs f32 {}", got.final_loss, want.final_loss);

@@ -16,6 +16,7 @@ fn layout() -> Layout {
         schedule: ScheduleKind::OneFOneB,
         microbatches: 2,
         wire: Wire::F32,
+        compute: Default::default(),
     }
 }
 

@@ -138,8 +138,9 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
     let mut pipeline = Pipeline::new(&model, schedule.clone(), t.mtp_loss_weight, layout.wire)?
         .with_ep(&model, layout.ep);
-    let rank = pipeline.ranks.swap_remove(spec.rank);
+    let mut rank = pipeline.ranks.swap_remove(spec.rank);
     drop(pipeline);
+    rank.on(layout.compute, schedule.microbatches)?;
     let d = model.cfg.hidden_size;
     let full = model.params;
     let mut cfg = TcpConfig::new(&spec.job, &spec.secret);

@@ -17,6 +17,7 @@ pub use inject::InjectPlan;
 use crate::schedule::{ScheduleKind, build};
 use crate::trainer::{self, StepRecord, TrainOptions, TrainSummary};
 use anyhow::{Result, anyhow, bail};
+pub use kernels::device::model::stage::StagePlacement;
 use std::sync::Arc;
 
 /// How the model is laid out over the formation.
@@ -31,6 +32,8 @@ pub struct Layout {
     /// Micro-batches per step; the batch size must be a multiple.
     pub microbatches: usize,
     pub wire: Wire,
+    /// Where the stage copies compute (`--device`): the CPU model, or a device backend.
+    pub compute: StagePlacement,
 }
 
 impl Default for Layout {
@@ -42,6 +45,7 @@ impl Default for Layout {
             schedule: ScheduleKind::OneFOneB,
             microbatches: 1,
             wire: Wire::F32,
+            compute: StagePlacement::Model,
         }
     }
 }
@@ -73,6 +77,13 @@ impl Layout {
                     m.topk_group
                 );
             }
+        }
+        if self.ep > 1 && self.compute != StagePlacement::Model {
+            bail!(
+                "--ep {} with --device: the expert groups run on the CPU model; on a device the \
+                 routed experts run inside their stage (use --ep 1)",
+                self.ep
+            );
         }
         if self.microbatches == 0 || !t.batch_size.is_multiple_of(self.microbatches) {
             bail!(
@@ -152,6 +163,7 @@ pub fn train(
         batch: t.batch_size,
         seq: t.seq_len,
         committed: state.step,
+        compute: layout.compute,
     };
     let mut engine = crate::shell::ActorEngine::start(&state.model, spec)?;
     let first_step = state.step + 1;
@@ -223,7 +235,8 @@ pub fn train_threads(
     let t = &opts.config.training;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
     let pipeline = threads::Pipeline::new(&state.model, schedule, t.mtp_loss_weight, layout.wire)?
-        .with_ep(&state.model, layout.ep);
+        .with_ep(&state.model, layout.ep)
+        .on(layout.compute)?;
     let mut engine = threads::ThreadEngine {
         pipeline,
         data: data.clone(),

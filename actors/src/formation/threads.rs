@@ -6,6 +6,7 @@
 //! single-process step (bit for bit with the f32 wire), and the engine behind `--pp` without
 //! fault injection.
 
+use super::StagePlacement;
 use super::compute::{Wire, WiredExperts, exec_op};
 use crate::core::executor::Arrival;
 use crate::core::rank::{RankCommand, RankEvent, RankMachine, RankStats};
@@ -37,6 +38,21 @@ pub struct RankState {
 }
 
 impl RankState {
+    /// Moves every stage copy of this rank onto `placement`'s device (a no-op on the CPU
+    /// model); the error names the rank and the device that did not open.
+    pub fn on(&mut self, placement: StagePlacement, microbatches: usize) -> Result<()> {
+        for (copy, r) in &mut self.copies {
+            if let Some(d) = placement
+                .open(self.rank, microbatches)
+                .map_err(anyhow::Error::msg)?
+            {
+                r.set_device(d)
+                    .map_err(|e| anyhow!("stage copy s{copy} on rank {}: {e}", self.rank))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs a machine's `RunOp` on the copy it names; its answer for the machine.
     pub fn run_op(
         &mut self,
@@ -150,6 +166,15 @@ impl Pipeline {
             }
         }
         self
+    }
+
+    /// Every rank's stage copies on `placement` (see [`RankState::on`]).
+    pub fn on(mut self, placement: StagePlacement) -> Result<Pipeline> {
+        let m = self.schedule.microbatches;
+        for r in &mut self.ranks {
+            r.on(placement, m)?;
+        }
+        Ok(self)
     }
 
     /// Installs whole-model parameter values in every stage copy.

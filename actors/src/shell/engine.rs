@@ -47,6 +47,8 @@ pub struct FormationSpec {
     pub seq: usize,
     /// Steps already committed (a resumed run): the first step is `committed + 1`.
     pub committed: u64,
+    /// Where the stage copies compute (the CPU model, or a device per rank).
+    pub compute: crate::formation::StagePlacement,
 }
 
 /// A running formation: its runtime-side handles.
@@ -107,6 +109,7 @@ impl ActorEngine {
             mtp_weight: spec.mtp_weight,
             wire: spec.wire,
             ep: spec.ep.max(1),
+            compute: spec.compute,
             hidden: model.cfg.hidden_size,
             faults: spec.faults.clone(),
             policy: spec.policy,

@@ -152,6 +152,8 @@ pub struct Ctx {
     mtp_weight: f32,
     wire: Wire,
     ep: usize,
+    /// Where each stage copy computes.
+    compute: crate::formation::StagePlacement,
     hidden: usize,
     faults: Arc<FaultBook>,
     policy: RestartPolicy,

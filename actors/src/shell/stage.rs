@@ -180,12 +180,19 @@ impl Actor for StageActor {
     ) -> Result<StageState, ActorProcessingErr> {
         let ctx = a.ctx.clone();
         let copy = a.copy;
+        let rank = a.rank;
         let mut runner = tokio::task::spawn_blocking(move || {
             let model_stage = ctx.schedule.stages[copy].model_stage;
             let stage = Stage::from_model(&ctx.template, &ctx.ranges, model_stage);
-            StageRunner::new(stage, ctx.mtp_weight, ctx.schedule.microbatches)
+            let m = ctx.schedule.microbatches;
+            let mut r = StageRunner::new(stage, ctx.mtp_weight, m);
+            if let Some(d) = ctx.compute.open(rank, m)? {
+                r.set_device(d)?;
+            }
+            Ok::<_, String>(r)
         })
-        .await?;
+        .await?
+        .map_err(|e| format!("stage copy s{copy} on rank {rank}: {e}"))?;
         let step = Arc::new(AtomicU64::new(0));
         let lost = Arc::new(std::sync::Mutex::new(None));
         let mut experts = None;

@@ -207,18 +207,7 @@ impl DeepSeekV3 {
 
     /// The RoPE table for sequences of `seq` tokens (YaRN-corrected when the config asks).
     pub fn rope_table(&self, seq: usize) -> RopeTable {
-        let yarn = self.cfg.rope_scaling.as_ref().map(|r| Yarn {
-            factor: r.factor,
-            original_max_position: r.original_max_position_embeddings,
-            beta_fast: r.beta_fast,
-            beta_slow: r.beta_slow,
-        });
-        RopeTable::new(
-            self.cfg.qk_rope_head_dim,
-            self.cfg.rope_theta,
-            seq.max(1),
-            yarn,
-        )
+        rope_table(&self.cfg, seq)
     }
 
     /// Main-model logits [batch·seq, vocab] (no MTP), for evaluation and parity tests.

@@ -91,22 +91,23 @@ impl HostPlan {
 /// overwriting it. Each method mirrors the `kernels::ops` function it names, and on `Cpu` is
 /// exactly that function.
 pub trait Backend {
-    /// f32 values on the device.
-    type Buf;
+    /// f32 values on the device. Every handle may move between threads (a formation's stage
+    /// copy runs its micro-batches on whichever blocking-pool thread is free).
+    type Buf: Send;
     /// u32 indices on the device (token ids, targets, positions), checked below a bound.
-    type Ids;
+    type Ids: Send;
     /// A RoPE table on the device.
-    type Table;
+    type Table: Send;
     /// A MoE dispatch plan on the device.
-    type Plan;
+    type Plan: Send;
     /// A MoE layer's routing as the backend keeps it (`route`): its chosen experts, weights and
     /// dispatch plan, with the plan's expert offsets on the host.
-    type Route;
+    type Route: Send;
     /// What attention's forward keeps for its backward (probabilities on the CPU, the row
     /// log-sum-exp on CUDA).
-    type AttnAux;
+    type AttnAux: Send;
     /// BF16 values on the device (the AdamW moments of the FP8 recipe).
-    type Half;
+    type Half: Send;
 
     /// e.g. `cpu (2 threads)` or `cuda:0 NVIDIA H200 …`.
     fn describe(&self) -> String;
@@ -121,6 +122,11 @@ pub trait Backend {
     fn plan(&self, p: &HostPlan) -> BackendResult<Self::Plan>;
     /// Waits for queued work (a no-op on the CPU).
     fn synchronize(&self) -> BackendResult<()>;
+    /// Makes the device current on the calling thread, before a run of calls from a thread that
+    /// may not have made any yet (a no-op on the CPU).
+    fn enter(&self) -> BackendResult<()> {
+        Ok(())
+    }
 
     /// y[n, dout] = x[n, din] · w[dout, din]ᵀ
     #[allow(clippy::too_many_arguments)]

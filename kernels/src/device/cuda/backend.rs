@@ -188,6 +188,14 @@ impl Backend for CudaBackend {
         Ok(self.gpu.synchronize()?)
     }
 
+    fn enter(&self) -> BackendResult<()> {
+        Ok(self
+            .gpu
+            .context()
+            .bind_to_thread()
+            .map_err(GpuError::from)?)
+    }
+
     fn linear_forward(
         &self,
         x: &CudaSlice<f32>,

@@ -4,8 +4,12 @@
 //! parameter ids and shapes; the order of every operation, and of every weight gradient added
 //! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
 
-use super::super::backend::{Backend, BackendResult, ExpertGemm, GemmPrecision};
+use super::super::backend::{Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision};
+use crate::model::config::ModelConfig;
+use crate::model::deepseek::{Batch, rope_table};
 use crate::model::layers::{Block, Ffn, Linear, Mla, Moe, MoeStats, RmsNorm, Rows, SwiGlu};
+use crate::model::params::{ParamId, WeightGrad};
+use std::sync::Arc;
 
 /// What a layer reads and writes: the backend, the parameters and the gradient buffers (by
 /// `ParamId` index), and the geometry of the rows.
@@ -16,6 +20,76 @@ pub(crate) struct Ctx<'a, B: Backend> {
     pub table: &'a B::Table,
     /// The precision of every Linear's GEMMs.
     pub gemm: GemmPrecision,
+    /// Where the embedding's weight gradients go instead of `g` when another pipeline stage
+    /// holds the table too (a pipeline stage's shared embedding, see `model::stage`).
+    pub handed: Option<&'a mut Vec<WeightGrad>>,
+}
+
+impl<'a, B: Backend> Ctx<'a, B> {
+    /// A forward-only context (no gradient is written).
+    pub fn forward_only(
+        b: &'a B,
+        p: &'a [B::Buf],
+        table: &'a B::Table,
+        gemm: GemmPrecision,
+    ) -> Self {
+        Ctx {
+            b,
+            p,
+            g: &mut [],
+            table,
+            gemm,
+            handed: None,
+        }
+    }
+}
+
+/// Ok when `batch` holds `batch × seq` tokens with seq ≥ 1.
+pub(crate) fn check_batch(batch: &Batch) -> BackendResult<()> {
+    if batch.inputs.len() != batch.batch * batch.seq || batch.seq == 0 {
+        return Err(BackendError(format!(
+            "batch of {} tokens is not {}×{} (seq ≥ 1)",
+            batch.inputs.len(),
+            batch.batch,
+            batch.seq
+        )));
+    }
+    Ok(())
+}
+
+/// The RoPE table of `seq` positions in `slot`, made (and uploaded) when the one there is for
+/// another length.
+pub(crate) fn ensure_table<'s, B: Backend>(
+    b: &B,
+    slot: &'s mut Option<(usize, B::Table)>,
+    cfg: &ModelConfig,
+    seq: usize,
+) -> BackendResult<&'s B::Table> {
+    if slot.as_ref().map(|(s, _)| *s) != Some(seq) {
+        *slot = Some((seq, b.table(&rope_table(cfg, seq))?));
+    }
+    Ok(&slot.as_ref().expect("just made").1)
+}
+
+/// dtable[ids] += dy; or, when the table is shared with another stage (`Ctx::handed`), the job
+/// handed to the reduce with `ids` and `dy` on the host.
+pub(crate) fn embedding_backward<B: Backend>(
+    c: &mut Ctx<'_, B>,
+    table: ParamId,
+    ids: &B::Ids,
+    host_ids: &[u32],
+    dy: &B::Buf,
+    d: usize,
+) -> BackendResult<()> {
+    if let Some(h) = c.handed.as_deref_mut() {
+        h.push(WeightGrad::Embedding {
+            w: table,
+            ids: Arc::new(host_ids.to_vec()),
+            dy: c.b.download(dy)?,
+        });
+        return Ok(());
+    }
+    c.b.embedding_backward_weight(&mut c.g[table.0], ids, dy, d)
 }
 
 /// Positions of the rows a block sees, token rows and per-head rows (`i mod seq`).

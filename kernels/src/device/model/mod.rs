@@ -13,6 +13,7 @@
 //! f32 input (the same bits as the CPU's cached codes; the memory saving is not taken).
 
 mod layers;
+pub mod stage;
 mod tail;
 
 use super::backend::{Backend, BackendError, BackendResult, GemmPrecision};
@@ -20,10 +21,11 @@ use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
 use crate::model::layers::Rows;
 use crate::ops::adamw::{self, AdamW, Moments};
 use crate::ops::balance;
-use crate::ops::rope::RopeTable;
 use crate::tensor::Tensor;
 use half::bf16;
-use layers::{Ctx, Positions, block_backward, block_forward};
+use layers::{
+    Ctx, Positions, block_backward, block_forward, check_batch, embedding_backward, ensure_table,
+};
 
 /// A DeepSeek-V3 whose parameters, gradients and moments live on backend `B`.
 pub struct DeviceModel<B: Backend> {
@@ -132,27 +134,11 @@ impl<B: Backend> DeviceModel<B> {
         self.gemm
     }
 
-    fn ensure_table(&mut self, seq: usize) -> BackendResult<()> {
-        if self.table.as_ref().map(|(s, _)| *s) != Some(seq) {
-            let t: RopeTable = self.model.rope_table(seq);
-            self.table = Some((seq, self.backend.table(&t)?));
-        }
-        Ok(())
-    }
-
     /// Forward and backward of one step; gradients are added into the device gradient buffers
     /// (`DeepSeekV3::forward_backward`'s contract). λ = `mtp_weight`; 0 skips MTP.
     pub fn forward_backward(&mut self, batch: &Batch, mtp_weight: f32) -> BackendResult<StepStats> {
         let vocab = self.model.cfg.vocab_size;
-        if batch.inputs.len() != batch.batch * batch.seq || batch.seq == 0 {
-            return Err(BackendError(format!(
-                "batch of {} tokens is not {}×{} (seq ≥ 1)",
-                batch.inputs.len(),
-                batch.batch,
-                batch.seq
-            )));
-        }
-        self.ensure_table(batch.seq)?;
+        check_batch(batch)?;
         let DeviceModel {
             backend,
             model,
@@ -162,13 +148,14 @@ impl<B: Backend> DeviceModel<B> {
             gemm,
             ..
         } = self;
-        let table = &table.as_ref().expect("ensured").1;
+        let table = ensure_table(&*backend, table, &model.cfg, batch.seq)?;
         let mut c = Ctx {
             b: &*backend,
             p: params,
             g: grads,
             table,
             gemm: *gemm,
+            handed: None,
         };
         let rows = Rows {
             batch: batch.batch,
@@ -212,7 +199,7 @@ impl<B: Backend> DeviceModel<B> {
         for (blk, st) in model.blocks.iter().zip(stashes).rev() {
             dx = block_backward(&mut c, blk, dx, st, rows, &pos)?;
         }
-        c.b.embedding_backward_weight(&mut c.g[model.embed.0], &ids, &dx, d)?;
+        embedding_backward(&mut c, model.embed, &ids, &batch.inputs, &dx, d)?;
         Ok(stats)
     }
 
@@ -263,15 +250,10 @@ impl<B: Backend> DeviceModel<B> {
 
     /// Main-head cross-entropy (mean) of a batch, forward only.
     pub fn eval_loss(&mut self, batch: &Batch) -> BackendResult<f64> {
-        self.ensure_table(batch.seq)?;
+        check_batch(batch)?;
         let (b, model) = (&self.backend, &self.model);
-        let c = Ctx {
-            b,
-            p: &self.params,
-            g: &mut [],
-            table: &self.table.as_ref().expect("ensured").1,
-            gemm: self.gemm,
-        };
+        let table = ensure_table(b, &mut self.table, &model.cfg, batch.seq)?;
+        let c = Ctx::forward_only(b, &self.params, table, self.gemm);
         let rows = Rows {
             batch: batch.batch,
             seq: batch.seq,

@@ -4,8 +4,8 @@
 
 use super::super::backend::{Backend, BackendResult};
 use super::layers::{
-    BlockSt, Ctx, NormSt, Positions, block_backward, block_forward, linear_backward,
-    linear_forward, norm_backward, norm_forward,
+    BlockSt, Ctx, NormSt, Positions, block_backward, block_forward, embedding_backward,
+    linear_backward, linear_forward, norm_backward, norm_forward,
 };
 use crate::model::config::ModelConfig;
 use crate::model::deepseek::{Batch, Tail, TailStats};
@@ -14,6 +14,7 @@ use crate::model::params::ParamId;
 
 struct MtpSt<B: Backend> {
     ids: B::Ids,
+    host_ids: Vec<u32>,
     targets: B::Ids,
     en: NormSt<B>,
     hn: NormSt<B>,
@@ -103,6 +104,7 @@ pub(crate) fn tail_forward<B: Backend>(
             stats.mtp_objective += mtp_weight as f64 / depth as f64 * sum / n as f64;
             mtp.push(MtpSt {
                 ids,
+                host_ids: mids,
                 targets: mtargets,
                 en: en_st,
                 hn: hn_st,
@@ -182,7 +184,7 @@ pub(crate) fn tail_backward<B: Backend>(
         b.copy_cols(&mut dhnn, d, 0, &dcat, 2 * d, d, d, false)?;
         let mut de = b.zeros(bsz * len * d)?;
         norm_backward(c, &m.enorm, &den, &ms.en, &mut de, false)?;
-        b.embedding_backward_weight(&mut c.g[embed.0], &ms.ids, &de, d)?;
+        embedding_backward(c, embed, &ms.ids, &ms.host_ids, &de, d)?;
         let mut dh_rows = b.zeros(bsz * len * d)?;
         norm_backward(c, &m.hnorm, &dhnn, &ms.hn, &mut dh_rows, false)?;
         // scatter into the previous hidden [bsz, prev_len, d]

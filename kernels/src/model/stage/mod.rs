@@ -41,8 +41,10 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+mod device;
 mod microbatch;
 mod sum;
+pub use device::DeviceStage;
 pub use microbatch::*;
 pub use sum::*;
 
@@ -493,6 +495,19 @@ impl std::fmt::Debug for StageStash {
     }
 }
 
+/// The device behind a mutex no one else holds (a panic inside it poisons nothing that matters:
+/// the runner is dropped with it).
+fn lock(
+    d: &std::sync::Mutex<Box<dyn DeviceStage>>,
+) -> std::sync::MutexGuard<'_, Box<dyn DeviceStage>> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The device of a runner borrowed mutably: no lock needed.
+fn unlocked(d: &mut std::sync::Mutex<Box<dyn DeviceStage>>) -> &mut Box<dyn DeviceStage> {
+    d.get_mut().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A stage plus its per-micro-batch state: stashes between F and B, queued W jobs between B* and
 /// W, and weight gradients until the reduce takes them.
 #[derive(Debug)]
@@ -504,6 +519,11 @@ pub struct StageRunner {
     grads: GradSums,
     /// The routed experts of this stage's decoder blocks when they run elsewhere (`--ep`).
     experts: Option<Box<dyn ExpertCompute>>,
+    /// The device F, B* and W run on when not on the CPU model (then the fields above but
+    /// `stage` and `mtp_weight` stay empty). In a mutex so that the runner is `Sync` (an actor
+    /// holds it across awaits) though a device's handles are only `Send`; `&mut self` methods
+    /// reach it without locking.
+    device: Option<std::sync::Mutex<Box<dyn DeviceStage>>>,
 }
 
 impl StageRunner {
@@ -516,11 +536,44 @@ impl StageRunner {
             queues: BTreeMap::new(),
             grads: GradSums::new(microbatches),
             experts: None,
+            device: None,
         }
+    }
+
+    /// Runs F, B* and W on `device` from now on, with this stage's current parameter values.
+    pub fn set_device(&mut self, mut device: Box<dyn DeviceStage>) -> Result<(), String> {
+        if self.experts.is_some() {
+            return Err(format!(
+                "stage {}: its routed experts run in expert groups (--ep), which a device stage \
+                 does not drive",
+                self.stage.index
+            ));
+        }
+        device.load(&self.stage)?;
+        self.device = Some(std::sync::Mutex::new(device));
+        Ok(())
+    }
+
+    /// Where F, B* and W run: the device's description, or None on the CPU model.
+    pub fn device(&self) -> Option<String> {
+        self.device.as_ref().map(|d| lock(d).describe())
+    }
+
+    /// `r` or a panic naming the stage and its device (a failure its supervisor heals).
+    fn on_device<T>(&self, r: Result<T, String>) -> T {
+        r.unwrap_or_else(|e| {
+            let on = self.device().unwrap_or_default();
+            panic!("stage {} on {on}: {e}", self.stage.index)
+        })
     }
 
     /// Runs the routed experts of the decoder blocks in `experts` from now on.
     pub fn set_experts(&mut self, experts: Box<dyn ExpertCompute>) {
+        assert!(
+            self.device.is_none(),
+            "stage {}: expert groups (--ep) do not run beside a device stage",
+            self.stage.index
+        );
         self.experts = Some(experts);
     }
 
@@ -532,6 +585,10 @@ impl StageRunner {
         batch: &Batch,
         input: Option<Vec<f32>>,
     ) -> (Option<Vec<f32>>, StageStats) {
+        if let Some(d) = self.device.as_mut().map(unlocked) {
+            let r = d.forward(&self.stage, mb, batch, input, self.mtp_weight);
+            return self.on_device(r);
+        }
         let (out, stash, stats) = self.stage.forward_with(
             batch,
             input,
@@ -552,6 +609,10 @@ impl StageRunner {
 
     /// B*: input gradient of `mb` from the gradient of its output; queues its W jobs.
     pub fn backward_input(&mut self, mb: usize, dy: Option<Vec<f32>>) -> Option<Vec<f32>> {
+        if let Some(d) = self.device.as_mut().map(unlocked) {
+            let r = d.backward_input(&self.stage, mb, dy);
+            return self.on_device(r);
+        }
         let stash = self.stashes.remove(&mb).unwrap_or_else(|| {
             panic!(
                 "stage {}: backward of micro-batch {mb} before its forward",
@@ -580,6 +641,10 @@ impl StageRunner {
     /// W: runs the queued weight-gradient jobs of `mb` into the running sum of its half (or
     /// keeps them until the micro-batches before it in that half have run theirs).
     pub fn backward_weight(&mut self, mb: usize) {
+        if let Some(d) = self.device.as_mut().map(unlocked) {
+            let r = d.backward_weight(&self.stage, mb);
+            return self.on_device(r);
+        }
         let q = self.queues.remove(&mb).unwrap_or_else(|| {
             panic!(
                 "stage {}: W of micro-batch {mb} before its backward",
@@ -598,16 +663,26 @@ impl StageRunner {
 
     /// Micro-batches whose forward ran and whose backward has not.
     pub fn stashed(&self) -> usize {
+        if let Some(d) = &self.device {
+            return lock(d).stashed();
+        }
         self.stashes.len()
     }
 
     /// Micro-batches whose W is still owed.
     pub fn pending_weight(&self) -> usize {
+        if let Some(d) = &self.device {
+            return lock(d).pending_weight();
+        }
         self.queues.len()
     }
 
     /// Hands over the step's gradient sums.
     pub fn take_grads(&mut self) -> GradSums {
+        if let Some(d) = self.device.as_mut().map(unlocked) {
+            let r = d.take_grads(&self.stage);
+            return self.on_device(r);
+        }
         let m = self.grads.microbatches();
         std::mem::replace(&mut self.grads, GradSums::new(m))
     }
@@ -617,6 +692,9 @@ impl StageRunner {
         self.stashes.clear();
         self.queues.clear();
         self.grads = GradSums::new(self.grads.microbatches());
+        if let Some(d) = self.device.as_mut().map(unlocked) {
+            d.reset();
+        }
         if let Some(e) = self
             .experts
             .as_deref_mut()
@@ -629,6 +707,10 @@ impl StageRunner {
     /// Installs parameter values from a whole-model store (after a commit or on restore).
     pub fn load_from(&mut self, full: &dyn TensorSource) {
         self.stage.load_from(full);
+        if let Some(d) = self.device.as_mut().map(unlocked) {
+            let r = d.load(&self.stage);
+            self.on_device(r);
+        }
         if let Some(e) = self
             .experts
             .as_deref_mut()

@@ -1,0 +1,127 @@
+//! The formation with its stage copies on a device backend (`Layout::compute`): on the CPU
+//! backend (the CPU ops through the `Backend` trait, what a GPU's backend is checked against),
+//! every schedule run by the thread executor and by the supervised actors (with injected panics
+//! healed) ends with the single-process run's parameters bit for bit; a layout the device
+//! stages do not take is refused by flag.
+
+mod common;
+
+use actors::formation::{self, InjectPlan, Layout, StagePlacement, Wire};
+use actors::schedule::ScheduleKind;
+use actors::trainer;
+use kernels::device::Device;
+use kernels::device::backend::GemmPrecision;
+
+const ON_CPU_BACKEND: StagePlacement = StagePlacement::Backend {
+    device: Device::Cpu,
+    gemm: GemmPrecision::F32,
+};
+
+fn layout(schedule: ScheduleKind, pp: usize, microbatches: usize) -> Layout {
+    Layout {
+        pp,
+        ep: 1,
+        schedule,
+        microbatches,
+        wire: Wire::F32,
+        compute: ON_CPU_BACKEND,
+    }
+}
+
+#[test]
+fn device_stages_match_single_process_bitwise_on_every_schedule() {
+    for (kind, pp, m) in [
+        (ScheduleKind::OneFOneB, 2, 4),
+        (ScheduleKind::Zb1p, 3, 8),
+        (ScheduleKind::DualPipe, 2, 4),
+        (ScheduleKind::DualPipeV, 2, 8),
+    ] {
+        let name = format!("{kind}-{pp}-{m}");
+        let opts = common::micro_options(&format!("dev-ref-{name}"), 4, 8, 3);
+        let want = trainer::train_microbatched(&opts, m, |_, _| {}).expect("reference run");
+        let opts = common::micro_options(&format!("dev-threads-{name}"), 4, 8, 3);
+        let got = formation::train_threads(&opts, &layout(kind, pp, m), |_, _| {})
+            .expect("device stages, thread executor");
+        println!(
+            "{name} threads: {} (reference {})",
+            got.params_sha256, want.params_sha256
+        );
+        assert_eq!(got.params_sha256, want.params_sha256, "{name}, threads");
+        assert_eq!(got.final_loss.to_bits(), want.final_loss.to_bits());
+    }
+}
+
+/// The actor formation on device stages, clean and with stage and gpu panics in every phase:
+/// a restarted stage copy opens its device again and loads the committed values.
+#[test]
+fn actor_formation_on_device_stages_heals_to_the_same_bits() {
+    let kind = ScheduleKind::DualPipe;
+    let opts = common::micro_options("dev-actors-ref", 4, 4, 6);
+    let want = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("reference");
+    let opts = common::micro_options("dev-actors", 4, 4, 6);
+    let got = formation::train(&opts, &layout(kind, 2, 4), None, |_, _| {}).expect("formation");
+    assert_eq!(got.params_sha256, want.params_sha256, "clean");
+    let mut plan = String::from("step_timeout_ms = 1500\n");
+    for (step, phase, actor, rank) in [
+        (2, "forward", "stage", 0),
+        (3, "backward", "stage", 1),
+        (4, "weight", "gpu", 0),
+        (5, "optimizer", "stage", 1),
+    ] {
+        plan.push_str(&format!(
+            "\n[[fault]]\nat_step = {step}\nphase = \"{phase}\"\nactor = \"{actor}\"\nrank = {rank}\nkind = \"panic\"\n"
+        ));
+    }
+    let plan = InjectPlan::parse(&plan, "device-faults.toml").expect("plan");
+    let opts = common::micro_options("dev-actors-faults", 4, 4, 6);
+    let healed =
+        formation::train(&opts, &layout(kind, 2, 4), Some(plan), |_, _| {}).expect("healed");
+    println!(
+        "device stages, 4 panics: {} restarts, {} replayed, {} (reference {})",
+        healed.restarts, healed.replayed_steps, healed.params_sha256, want.params_sha256
+    );
+    assert!(healed.restarts >= 4, "{} restarts", healed.restarts);
+    assert_eq!(healed.params_sha256, want.params_sha256, "after faults");
+}
+
+#[test]
+fn expert_groups_on_device_stages_are_refused_by_flag() {
+    let opts = common::micro_options("dev-ep", 4, 4, 1);
+    let mut l = layout(ScheduleKind::OneFOneB, 2, 2);
+    l.ep = 2;
+    let e = formation::train_threads(&opts, &l, |_, _| {}).unwrap_err();
+    assert!(format!("{e}").contains("--ep 2 with --device"), "{e}");
+}
+
+/// The device stages really run: with BF16 GEMMs on the CPU backend (which rounds the operands as
+/// a GPU's mixed precision does) both engines leave the f32 run's bits and stay near its loss.
+#[test]
+fn bf16_device_stages_leave_the_f32_bits_in_both_engines() {
+    let mut l = layout(ScheduleKind::OneFOneB, 2, 4);
+    l.compute = StagePlacement::Backend {
+        device: Device::Cpu,
+        gemm: GemmPrecision::Bf16,
+    };
+    let opts = common::micro_options("dev-bf16-ref", 4, 8, 3);
+    let want = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("reference");
+    let opts = common::micro_options("dev-bf16-threads", 4, 8, 3);
+    let threads = formation::train_threads(&opts, &l, |_, _| {}).expect("threads");
+    let opts = common::micro_options("dev-bf16-actors", 4, 8, 3);
+    let actors = formation::train(&opts, &l, None, |_, _| {}).expect("actors");
+    for (engine, got) in [("threads", &threads), ("actors", &actors)] {
+        let rel = (got.final_loss - want.final_loss).abs() / want.final_loss;
+        println!(
+            "bf16 device stages, {engine}: loss {} vs f32 {} (relative {rel:.2e})",
+            got.final_loss, want.final_loss
+        );
+        assert_ne!(
+            got.params_sha256, want.params_sha256,
+            "{engine}: BF16 ran as f32"
+        );
+        assert!(rel < 1e-4, "{engine}: BF16 loss {rel:.2e} from f32");
+    }
+    assert_eq!(
+        threads.params_sha256, actors.params_sha256,
+        "threads and actors agree"
+    );
+}

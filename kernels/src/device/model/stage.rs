@@ -1,0 +1,417 @@
+//! One pipeline stage copy on a `Backend` (issue 12: the formation with each GpuActor on a
+//! device): `BackendStage` runs a `model::stage::Stage`'s layer range with the device step's
+//! layers, so a formation's stage copies compute on a GPU while the pipeline, the reduce and the
+//! update stay what they are.
+//!
+//! F uploads the input activations (or embeds the tokens on stage 0), runs the blocks (and the
+//! tail on the last stage) and downloads the output. B* uploads the output gradient, runs the
+//! backward and downloads the input gradient. A device stage adds each weight gradient as soon
+//! as its layer's input gradient is done, into the running sum of the micro-batch's half (as
+//! `DeviceModel` does): the W of a micro-batch runs with its B*, and the schedule's W is
+//! bookkeeping. The sums then equal the CPU runner's bit for bit on the CPU backend when each
+//! half's B* come in micro-batch order, which every schedule here keeps (a B* out of that order
+//! is refused by name). Jobs on a shared tensor (the embedding stage 0 and the last stage both
+//! hold under MTP) are handed to the reduce as host jobs, as the CPU runner hands them.
+
+use super::layers::{
+    BlockSt, Ctx, Positions, block_backward, block_forward, check_batch, embedding_backward,
+    ensure_table,
+};
+use super::tail::{TailSt, tail_backward, tail_forward};
+use crate::device::Device;
+use crate::device::backend::{Backend, BackendError, BackendResult, Cpu, GemmPrecision};
+use crate::model::deepseek::Batch;
+use crate::model::layers::Rows;
+use crate::model::params::WeightGrad;
+use crate::model::stage::{DeviceStage, GradSums, HalfSum, Stage, StageStats, half_of, half_range};
+use crate::tensor::Tensor;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where a formation's stage copies compute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StagePlacement {
+    /// The CPU model (`StageRunner`'s own F, B and W with its W queues): the default.
+    #[default]
+    Model,
+    /// A [`BackendStage`] per copy: on `Device::Cpu` the reference backend (the CPU ops through
+    /// the `Backend` trait, which the tests compare with the CPU model), on `cuda:N` a GPU, the
+    /// copies of pipeline rank `r` on `cuda:(N + r)` (modulo the devices there are). `gemm` is the
+    /// precision of the Linears' GEMMs.
+    Backend { device: Device, gemm: GemmPrecision },
+}
+
+impl StagePlacement {
+    /// The device stage of a copy on pipeline rank `rank` for steps of `microbatches`
+    /// micro-batches (None on the CPU model); the error names the device that did not open.
+    pub fn open(
+        self,
+        rank: usize,
+        microbatches: usize,
+    ) -> Result<Option<Box<dyn DeviceStage>>, String> {
+        let StagePlacement::Backend { device, gemm } = self else {
+            return Ok(None);
+        };
+        Ok(Some(match device {
+            Device::Cpu => Box::new(BackendStage::new(Cpu, microbatches, gemm)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(first) => {
+                use crate::device::DeviceError;
+                let want = first + rank;
+                let ordinal = match Device::Cuda(want).probe() {
+                    Ok(_) => want,
+                    Err(DeviceError::NoSuchDevice { found, .. }) if found > 0 => want % found,
+                    Err(e) => return Err(format!("pipeline rank {rank} on cuda:{want}: {e}")),
+                };
+                let b = crate::device::cuda::backend::CudaBackend::open(ordinal)
+                    .map_err(|e| format!("pipeline rank {rank} on cuda:{ordinal}: {e}"))?;
+                Box::new(BackendStage::new(b, microbatches, gemm))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                let e = crate::device::DeviceError::NotBuilt;
+                return Err(format!("pipeline rank {rank}: {e}"));
+            }
+        }))
+    }
+}
+
+/// What a micro-batch's forward keeps for its backward.
+struct Stash<B: Backend> {
+    /// The tokens (stage 0 embeds them; its backward adds their embedding gradient).
+    ids: Option<(B::Ids, Vec<u32>)>,
+    rows: Rows,
+    pos: Positions<B>,
+    blocks: Vec<BlockSt<B>>,
+    tail: Option<TailSt<B>>,
+}
+
+/// A stage copy's parameters, stashes and gradient sums on backend `B`.
+pub struct BackendStage<B: Backend> {
+    backend: B,
+    /// By the stage's local tensor id.
+    params: Vec<B::Buf>,
+    gemm: GemmPrecision,
+    table: Option<(usize, B::Table)>,
+    microbatches: usize,
+    stashes: BTreeMap<usize, Stash<B>>,
+    /// Per half of the step's micro-batches: its running sums (by local id), once a B* ran.
+    halves: [Option<Vec<B::Buf>>; 2],
+    /// Per half: the micro-batch whose B* comes next.
+    next_b: [usize; 2],
+    /// Micro-batches whose B* ran and whose W has not been asked for.
+    owed: BTreeSet<usize>,
+    /// Micro-batches whose W has been asked for.
+    weighed: BTreeSet<usize>,
+    /// Per micro-batch: the jobs on shared tensors (local ids), for the reduce.
+    shared: BTreeMap<usize, Vec<WeightGrad>>,
+}
+
+impl<B: Backend> std::fmt::Debug for BackendStage<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BackendStage({}, {} stashed, {} W owed)",
+            self.backend.describe(),
+            self.stashes.len(),
+            self.owed.len()
+        )
+    }
+}
+
+impl<B: Backend> BackendStage<B> {
+    /// A stage copy on `backend` for steps of `microbatches` micro-batches, its Linears' GEMMs in
+    /// `gemm` (FP8 Linears follow the stage's own precision); parameters come with
+    /// [`DeviceStage::load`].
+    pub fn new(backend: B, microbatches: usize, gemm: GemmPrecision) -> BackendStage<B> {
+        BackendStage {
+            backend,
+            params: Vec::new(),
+            gemm,
+            table: None,
+            microbatches,
+            stashes: BTreeMap::new(),
+            halves: [None, None],
+            next_b: [0, half_range(1, microbatches).start],
+            owed: BTreeSet::new(),
+            weighed: BTreeSet::new(),
+            shared: BTreeMap::new(),
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn forward_in(
+        &mut self,
+        stage: &Stage,
+        mb: usize,
+        batch: &Batch,
+        input: Option<Vec<f32>>,
+        mtp_weight: f32,
+    ) -> BackendResult<(Option<Vec<f32>>, StageStats)> {
+        if self.stashes.contains_key(&mb) {
+            return Err(BackendError(format!(
+                "forward of micro-batch {mb} ran twice"
+            )));
+        }
+        check_batch(batch)?;
+        self.backend.enter()?;
+        let b = &self.backend;
+        let cfg = &stage.cfg;
+        let table = ensure_table(b, &mut self.table, cfg, batch.seq)?;
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let rows = Rows {
+            batch: batch.batch,
+            seq: batch.seq,
+        };
+        let c = Ctx::forward_only(b, &self.params, table, self.gemm);
+        let pos = Positions::new(b, rows, cfg.num_attention_heads)?;
+        let (mut x, ids) = match (stage.is_first(), input) {
+            (true, _) => {
+                let table = stage.embed.expect("stage 0 holds the embedding");
+                let ids = b.ids(&batch.inputs, vocab)?;
+                let x = b.embedding_forward(&ids, &c.p[table.0], d)?;
+                (x, Some((ids, batch.inputs.clone())))
+            }
+            (false, Some(x)) => {
+                if x.len() != rows.n() * d {
+                    return Err(BackendError(format!(
+                        "input has {} values, want {}×{d}",
+                        x.len(),
+                        rows.n()
+                    )));
+                }
+                (b.upload(&x)?, None)
+            }
+            (false, None) => {
+                return Err(BackendError(
+                    "a stage after the first needs its input activations".into(),
+                ));
+            }
+        };
+        let mut stats = StageStats::default();
+        let mut blocks = Vec::with_capacity(stage.blocks.len());
+        for blk in &stage.blocks {
+            let (y, st, ms) = block_forward(&c, blk, x, rows, &pos)?;
+            if let Some(ms) = ms {
+                stats.balance.push(ms.balance_loss);
+                stats.loads.push(ms.loads);
+            }
+            blocks.push(st);
+            x = y;
+        }
+        let (out, tail) = match &stage.tail {
+            None => (Some(b.download(&x)?), None),
+            Some(tail) => {
+                // a missing table is only read when MTP runs, and the last stage holds it then
+                let embed = stage
+                    .embed
+                    .unwrap_or(crate::model::params::ParamId(usize::MAX));
+                let (st, ts) = tail_forward(&c, tail, embed, cfg, batch, x, mtp_weight)?;
+                stats.loss = ts.loss;
+                stats.mtp_loss = ts.mtp_loss;
+                stats.mtp_objective = ts.mtp_objective;
+                stats.balance.extend(ts.balance);
+                stats.loads.extend(ts.loads);
+                (None, Some(st))
+            }
+        };
+        let stash = Stash {
+            ids,
+            rows,
+            pos,
+            blocks,
+            tail,
+        };
+        self.stashes.insert(mb, stash);
+        Ok((out, stats))
+    }
+
+    fn backward_input_in(
+        &mut self,
+        stage: &Stage,
+        mb: usize,
+        dy: Option<Vec<f32>>,
+    ) -> BackendResult<Option<Vec<f32>>> {
+        let h = half_of(mb, self.microbatches);
+        if mb >= self.microbatches || mb != self.next_b[h] {
+            return Err(BackendError(format!(
+                "the backward of micro-batch {mb} came before micro-batch {}'s: a device stage \
+                 adds its weight gradients with the backward, so each half of the step's {} \
+                 micro-batches must run its backwards in order",
+                self.next_b[h], self.microbatches
+            )));
+        }
+        let Some(st) = self.stashes.remove(&mb) else {
+            return Err(BackendError(format!(
+                "backward of micro-batch {mb} before its forward"
+            )));
+        };
+        self.backend.enter()?;
+        let b = &self.backend;
+        if self.halves[h].is_none() {
+            let sums = self
+                .params
+                .iter()
+                .map(|p| b.zeros(b.len(p)))
+                .collect::<BackendResult<Vec<_>>>()?;
+            self.halves[h] = Some(sums);
+        }
+        let cfg = &stage.cfg;
+        let d = cfg.hidden_size;
+        let mut handed = Vec::new();
+        let shares_embed = stage.embed.is_some_and(|e| stage.shared[e.0]);
+        let mut c = Ctx {
+            b,
+            p: &self.params,
+            g: self.halves[h].as_mut().expect("made above"),
+            table: &self.table.as_ref().expect("the forward made it").1,
+            gemm: self.gemm,
+            handed: shares_embed.then_some(&mut handed),
+        };
+        let Stash {
+            ids,
+            rows,
+            pos,
+            blocks,
+            tail,
+        } = st;
+        let mut dx = match (&stage.tail, tail, dy) {
+            (Some(tl), Some(st), _) => {
+                let embed = stage
+                    .embed
+                    .unwrap_or(crate::model::params::ParamId(usize::MAX));
+                tail_backward(&mut c, tl, embed, cfg, st, rows)?
+            }
+            (None, None, Some(dy)) => {
+                if dy.len() != rows.n() * d {
+                    return Err(BackendError(format!(
+                        "output gradient has {} values, want {}×{d}",
+                        dy.len(),
+                        rows.n()
+                    )));
+                }
+                b.upload(&dy)?
+            }
+            (None, None, None) => {
+                return Err(BackendError(
+                    "a stage before the last needs the gradient of its output".into(),
+                ));
+            }
+            _ => unreachable!("the stash has a tail exactly on the last stage"),
+        };
+        for (blk, st) in stage.blocks.iter().zip(blocks).rev() {
+            dx = block_backward(&mut c, blk, dx, st, rows, &pos)?;
+        }
+        let out = match ids {
+            Some((ids, host)) => {
+                let table = stage.embed.expect("stage 0 holds the embedding");
+                embedding_backward(&mut c, table, &ids, &host, &dx, d)?;
+                None
+            }
+            None => Some(b.download(&dx)?),
+        };
+        if !handed.is_empty() {
+            self.shared.insert(mb, handed);
+        }
+        self.next_b[h] += 1;
+        self.owed.insert(mb);
+        Ok(out)
+    }
+
+    fn take_grads_in(&mut self, stage: &Stage) -> BackendResult<GradSums> {
+        self.backend.enter()?;
+        let m = self.microbatches;
+        let mut halves: [Option<HalfSum>; 2] = [None, None];
+        for (h, slot) in halves.iter_mut().enumerate() {
+            let Some(sums) = self.halves[h].take() else {
+                continue;
+            };
+            let range = half_range(h, m);
+            let next = range
+                .clone()
+                .find(|mb| !self.weighed.contains(mb))
+                .unwrap_or(range.end);
+            let sums = sums
+                .iter()
+                .zip(&stage.params.tensors)
+                .map(|(s, t)| Ok(Tensor::from_vec(&t.shape, self.backend.download(s)?)))
+                .collect::<BackendResult<Vec<_>>>()?;
+            *slot = Some(HalfSum { sums, next });
+        }
+        let shared = std::mem::take(&mut self.shared);
+        self.next_b = [0, half_range(1, m).start];
+        self.weighed.clear();
+        Ok(GradSums::from_parts(m, halves, shared))
+    }
+}
+
+impl<B: Backend + Send> DeviceStage for BackendStage<B> {
+    fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    fn forward(
+        &mut self,
+        stage: &Stage,
+        mb: usize,
+        batch: &Batch,
+        input: Option<Vec<f32>>,
+        mtp_weight: f32,
+    ) -> Result<(Option<Vec<f32>>, StageStats), String> {
+        self.forward_in(stage, mb, batch, input, mtp_weight)
+            .map_err(|e| e.0)
+    }
+
+    fn backward_input(
+        &mut self,
+        stage: &Stage,
+        mb: usize,
+        dy: Option<Vec<f32>>,
+    ) -> Result<Option<Vec<f32>>, String> {
+        self.backward_input_in(stage, mb, dy).map_err(|e| e.0)
+    }
+
+    fn backward_weight(&mut self, _: &Stage, mb: usize) -> Result<(), String> {
+        if !self.owed.remove(&mb) {
+            return Err(format!("W of micro-batch {mb} before its backward"));
+        }
+        self.weighed.insert(mb);
+        Ok(())
+    }
+
+    fn stashed(&self) -> usize {
+        self.stashes.len()
+    }
+
+    fn pending_weight(&self) -> usize {
+        self.owed.len()
+    }
+
+    fn take_grads(&mut self, stage: &Stage) -> Result<GradSums, String> {
+        self.take_grads_in(stage).map_err(|e| e.0)
+    }
+
+    fn reset(&mut self) {
+        self.stashes.clear();
+        self.halves = [None, None];
+        self.next_b = [0, half_range(1, self.microbatches).start];
+        self.owed.clear();
+        self.weighed.clear();
+        self.shared.clear();
+    }
+
+    fn load(&mut self, stage: &Stage) -> Result<(), String> {
+        let b = &self.backend;
+        b.enter().map_err(|e| e.0)?;
+        self.params = stage
+            .params
+            .tensors
+            .iter()
+            .map(|t| b.upload(&t.data))
+            .collect::<BackendResult<Vec<_>>>()
+            .map_err(|e| format!("uploading the parameters: {e}"))?;
+        Ok(())
+    }
+}

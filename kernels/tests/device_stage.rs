@@ -1,0 +1,237 @@
+//! Pipeline stage copies on a device (`kernels::device::model::stage`) against the CPU model's
+//! stage runners: on the CPU backend a pipelined step's reduced gradients and stats equal the
+//! CPU runners' bit for bit (f32 and FP8, one to three stages, MTP's shared embedding, one or
+//! two copies per stage, W deferred and out of order), parameters installed after a step are the
+//! ones the next step uses, and an order the device cannot keep is refused by name.
+
+use kernels::device::Device;
+use kernels::device::backend::{Cpu, GemmPrecision};
+use kernels::device::model::stage::{BackendStage, StagePlacement};
+use kernels::model::config::RunConfig;
+use kernels::model::stage::{
+    DeviceStage, GradSums, Stage, StageGrads, StageRunner, StageStats, half_range, reduce,
+    split_batch,
+};
+use kernels::model::{Batch, DeepSeekV3, Precision};
+use kernels::rng::Rng;
+use kernels::tensor::Tensor;
+
+const MTP: f32 = 0.3;
+
+fn model(name: &str) -> DeepSeekV3 {
+    let path = format!("{}/../configs/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    let cfg = RunConfig::load(std::path::Path::new(&path)).expect("config");
+    DeepSeekV3::new(&cfg.model, 0.02, 11)
+}
+
+fn batches(model: &DeepSeekV3, b: usize, t: usize, m: usize, seed: u64) -> Vec<Batch> {
+    let mut rng = Rng::stream(seed, "device-stage-test");
+    let v = model.cfg.vocab_size as u64;
+    let w: Vec<u32> = (0..b * (t + 1))
+        .map(|_| (rng.next_u64() % v) as u32)
+        .collect();
+    split_batch(&Batch::from_windows(&w, b, t), m).unwrap()
+}
+
+/// `lanes` copies of each of `stages` stages (lane `l` runs half `l` of the micro-batches when
+/// there are two), on the CPU model or the CPU backend.
+fn runners(
+    model: &DeepSeekV3,
+    stages: usize,
+    lanes: usize,
+    m: usize,
+    dev: bool,
+) -> Vec<Vec<StageRunner>> {
+    let place = StagePlacement::Backend {
+        device: Device::Cpu,
+        gemm: GemmPrecision::F32,
+    };
+    (0..lanes)
+        .map(|_| {
+            Stage::split(model, stages)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, st)| {
+                    let mut r = StageRunner::new(st, MTP, m);
+                    if dev {
+                        r.set_device(place.open(rank, m).unwrap().unwrap()).unwrap();
+                    }
+                    r
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One step: every forward (lane by lane, micro-batches in order), then every B* in order, then
+/// every W in reverse order (the device runs W with B*; the CPU runner makes it wait). Returns
+/// the reduced gradients and each micro-batch's combined stats.
+fn step(
+    lanes: &mut [Vec<StageRunner>],
+    full: &DeepSeekV3,
+    mbs: &[Batch],
+) -> (Vec<Tensor>, Vec<(u64, u64, Vec<Vec<u32>>)>) {
+    let m = mbs.len();
+    let two = lanes.len() == 2;
+    let mine = |lane: usize| if two { half_range(lane, m) } else { 0..m };
+    let mut stats = vec![Vec::new(); m];
+    for (lane, rs) in lanes.iter_mut().enumerate() {
+        for i in mine(lane) {
+            let mut x = None;
+            for r in rs.iter_mut() {
+                let (y, st) = r.forward(i, &mbs[i], x);
+                stats[i].push(st);
+                x = y;
+            }
+        }
+        for i in mine(lane) {
+            let mut dy = None;
+            for r in rs.iter_mut().rev() {
+                dy = r.backward_input(i, dy);
+            }
+        }
+        for i in mine(lane).rev() {
+            rs.iter_mut().for_each(|r| r.backward_weight(i));
+        }
+    }
+    let sums: Vec<Vec<GradSums>> = lanes
+        .iter_mut()
+        .map(|rs| rs.iter_mut().map(|r| r.take_grads()).collect())
+        .collect();
+    let parts = lanes
+        .iter()
+        .zip(sums)
+        .flat_map(|(rs, ss)| rs.iter().zip(ss))
+        .map(|(r, sums)| StageGrads {
+            stage: &r.stage,
+            sums,
+        })
+        .collect();
+    let grads = reduce(&full.params, parts, m).unwrap();
+    let stats = stats
+        .iter()
+        .map(|s: &Vec<StageStats>| {
+            let c = StageStats::combine(s);
+            (c.loss.to_bits(), c.objective.to_bits(), c.loads)
+        })
+        .collect();
+    (grads, stats)
+}
+
+fn assert_same(full: &DeepSeekV3, got: &[Tensor], want: &[Tensor], what: &str) {
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            a.data == b.data,
+            "{}: {} differs ({what})",
+            full.params.names[i],
+            what
+        );
+    }
+}
+
+#[test]
+fn device_stages_equal_the_cpu_runners_bitwise() {
+    for (name, precision) in [("micro", Precision::F32), ("micro", Precision::Fp8)] {
+        let mut full = model(name);
+        full.set_precision(precision);
+        let mbs = batches(&full, 4, 8, 4, 3);
+        for (stages, lanes) in [(1, 1), (2, 1), (3, 1), (2, 2)] {
+            let what = format!("{name} {precision:?}, {stages} stages × {lanes} copies");
+            let (want, want_stats) =
+                step(&mut runners(&full, stages, lanes, 4, false), &full, &mbs);
+            let mut dev = runners(&full, stages, lanes, 4, true);
+            assert!(dev[0][0].device().unwrap().starts_with("cpu"));
+            let (got, got_stats) = step(&mut dev, &full, &mbs);
+            assert_same(&full, &got, &want, &what);
+            assert_eq!(got_stats, want_stats, "{what}");
+            assert!(
+                want.iter().any(|g| g.data.iter().any(|&v| v != 0.0)),
+                "{what}: no gradient"
+            );
+        }
+    }
+}
+
+/// New values installed after a step (as the formation installs the update) are what the next
+/// step computes with: both engines' second steps agree bit for bit and differ from the first.
+#[test]
+fn installed_parameters_reach_the_device() {
+    let full = model("micro");
+    let mbs = batches(&full, 2, 8, 2, 9);
+    let mut cpu = runners(&full, 2, 1, 2, false);
+    let mut dev = runners(&full, 2, 1, 2, true);
+    let (first, _) = step(&mut dev, &full, &mbs);
+    let mut next = full.clone();
+    for (t, g) in next.params.tensors.iter_mut().zip(&first) {
+        t.data
+            .iter_mut()
+            .zip(&g.data)
+            .for_each(|(p, d)| *p -= 0.5 * d);
+    }
+    for rs in [&mut cpu, &mut dev] {
+        rs[0].iter_mut().for_each(|r| r.load_from(&next.params));
+    }
+    let (want, _) = step(&mut cpu, &next, &mbs);
+    let (got, _) = step(&mut dev, &next, &mbs);
+    assert_same(&next, &got, &want, "after install");
+    assert!(got.iter().zip(&first).any(|(a, b)| a.data != b.data));
+}
+
+/// A B* out of micro-batch order within a half, a W before its B*, and a B* before its forward
+/// are refused by name; an aborted step's reset clears the stashes and owed W.
+#[test]
+fn orders_a_device_stage_cannot_keep_are_refused() {
+    let full = model("micro");
+    let mbs = batches(&full, 4, 8, 4, 5);
+    let stage = Stage::split(&full, 1).remove(0);
+    let mut d = BackendStage::new(Cpu, 4, GemmPrecision::F32);
+    d.load(&stage).unwrap();
+    for i in 0..2 {
+        d.forward(&stage, i, &mbs[i], None, MTP).unwrap();
+    }
+    let e = d.backward_input(&stage, 1, None).unwrap_err();
+    assert!(
+        e.contains("micro-batch 1") && e.contains("micro-batch 0's"),
+        "{e}"
+    );
+    let e = d.backward_weight(&stage, 0).unwrap_err();
+    assert!(e.contains("before its backward"), "{e}");
+    let e = d.backward_input(&stage, 2, None).unwrap_err();
+    assert!(e.contains("before its forward"), "{e}");
+    d.backward_input(&stage, 0, None).unwrap();
+    assert_eq!((d.stashed(), d.pending_weight()), (1, 1));
+    // a W still owed at the reduce: refused there
+    let sums = d.take_grads(&stage).unwrap();
+    let err = reduce(
+        &full.params,
+        vec![StageGrads {
+            stage: &stage,
+            sums,
+        }],
+        4,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("only up to 0") || err.contains("no gradients"),
+        "{err}"
+    );
+    d.reset();
+    assert_eq!((d.stashed(), d.pending_weight()), (0, 0));
+}
+
+/// A stage runner whose experts run in expert groups does not take a device, by name.
+#[test]
+fn expert_groups_and_device_stages_do_not_mix() {
+    let full = model("micro");
+    let stage = Stage::split(&full, 1).remove(0);
+    let layers = stage.layers.clone();
+    let mut r = StageRunner::new(stage, MTP, 1);
+    r.set_experts(Box::new(kernels::model::experts::LocalExpertGroups::new(
+        &full, layers, 2,
+    )));
+    let e = r
+        .set_device(Box::new(BackendStage::new(Cpu, 1, GemmPrecision::F32)))
+        .unwrap_err();
+    assert!(e.contains("--ep"), "{e}");
+}
