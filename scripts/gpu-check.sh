@@ -10,7 +10,9 @@
 #      machine's own NVRTC (fails on a spill); gpu_parity (every kernel against its CPU reference);
 #      gpu_model (the CUDA backend against the CPU backend: cuBLAS GEMMs, layouts, MoE, the micro
 #      and tiny step's loss and every gradient within 1e-5, two runs with the same bits); a
-#      300-step tiny run on the GPU and on the CPU (eval loss within 1%); `bench train --device
+#      300-step tiny run on the GPU and on the CPU (eval loss within 1%); the formation on the GPU
+#      (tiny, 30 steps, DualPipe over 2 ranks against the single-process device run: final loss
+#      within 1e-5, and whether the bits agree); `bench train --device
 #      cuda` on small at 8×128 and 32×1024 without MTP (BF16, as PyTorch's autocast) beside its
 #      figures on the same GPU
 #      (10,369 and 233,646 tokens/s, ../shared/reference/gpu-h200.md), medium in BF16,
@@ -115,6 +117,22 @@ read -r ev_gpu sha_gpu tps_gpu < <(tiny cuda | tail -1)
 read -r ev_cpu sha_cpu tps_cpu < <(tiny cpu | tail -1)
 ok=$(python3 -c "print('ok' if abs($ev_gpu-$ev_cpu) <= 0.01*abs($ev_cpu) else 'FAIL')" 2>/dev/null || echo FAIL)
 row "tiny 300 steps: eval loss gpu vs cpu (≤ 1%)" "$ok" "gpu $ev_gpu ($tps_gpu tok/s, $sha_gpu) vs cpu $ev_cpu ($tps_cpu tok/s)"
+
+echo "== the formation on the GPU: tiny, 30 steps, dualpipe --pp 2 vs the single-process device run"
+form() {  # name extra... -> prints the final loss and the sha of the run's summary
+  local name=$1; shift
+  timeout 120 "$BIN/phalanx" train --config configs/tiny.toml --steps 30 --device cuda --microbatches 4 \
+    --no-checkpoint --out "/tmp/gpu-check-form-$name" --summary-json "/tmp/gpu-check-form-$name.json" "$@" \
+    >/dev/null 2>"/tmp/gpu-check-form-$name.log"
+  local rc=$?
+  tail -2 "/tmp/gpu-check-form-$name.log"
+  python3 -c "import json; s=json.load(open('/tmp/gpu-check-form-$name.json')); print(s['final_loss'], s['params_sha256'][:12])" 2>/dev/null || echo "nan exit-$rc"
+}
+read -r l_one sha_one < <(form one | tail -1)
+read -r l_pipe sha_pipe < <(form pipe --pp 2 --schedule dualpipe | tail -1)
+ok=$(python3 -c "print('ok' if abs($l_pipe-$l_one) <= 1e-5*abs($l_one) else 'FAIL')" 2>/dev/null || echo FAIL)
+row "formation on the gpu: dualpipe pp 2 vs one process (loss ≤ 1e-5)" "$ok" \
+  "pipe $l_pipe ($sha_pipe) vs one $l_one ($sha_one); same bits: $([ "$sha_pipe" = "$sha_one" ] && echo yes || echo no)"
 
 echo "== bench train --device cuda"
 bench() {  # config batch seq steps extra... -> prints its lines, then "tokens/s tflops share%"

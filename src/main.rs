@@ -131,8 +131,9 @@ pub struct TrainArgs {
     /// [default: f32].
     #[arg(long)]
     precision: Option<String>,
-    /// Where the math runs: cpu, cuda or cuda:N (every step on that GPU, single process; built
-    /// with `--features cuda`).
+    /// Where the math runs: cpu, cuda or cuda:N (built with `--features cuda`): every step on
+    /// that GPU in one process, or with --pp/--schedule/--inject/--threads the formation with
+    /// pipeline rank r's stage copies on cuda:N+r (modulo the devices there are).
     #[arg(long, default_value = "cpu")]
     device: kernels::device::Device,
 }

@@ -42,6 +42,21 @@ fn train_on_cuda_is_refused_with_the_reason() {
             "--no-checkpoint",
         ][..],
         &["bench", "train", "--device", "cuda", "--steps", "1"][..],
+        // the formation on GPUs: refused before any rank starts
+        &[
+            "train",
+            "--device",
+            "cuda",
+            "--pp",
+            "2",
+            "--schedule",
+            "dualpipe",
+            "--microbatches",
+            "4",
+            "--steps",
+            "1",
+            "--no-checkpoint",
+        ][..],
     ] {
         let err = refused(args);
         println!("{args:?}: {err}");

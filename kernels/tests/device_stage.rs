@@ -18,6 +18,9 @@ use kernels::tensor::Tensor;
 
 const MTP: f32 = 0.3;
 
+/// A micro-batch's combined stats: loss and objective bits, expert loads.
+type MbStats = (u64, u64, Vec<Vec<u32>>);
+
 fn model(name: &str) -> DeepSeekV3 {
     let path = format!("{}/../configs/{name}.toml", env!("CARGO_MANIFEST_DIR"));
     let cfg = RunConfig::load(std::path::Path::new(&path)).expect("config");
@@ -70,7 +73,7 @@ fn step(
     lanes: &mut [Vec<StageRunner>],
     full: &DeepSeekV3,
     mbs: &[Batch],
-) -> (Vec<Tensor>, Vec<(u64, u64, Vec<Vec<u32>>)>) {
+) -> (Vec<Tensor>, Vec<MbStats>) {
     let m = mbs.len();
     let two = lanes.len() == 2;
     let mine = |lane: usize| if two { half_range(lane, m) } else { 0..m };
@@ -186,8 +189,8 @@ fn orders_a_device_stage_cannot_keep_are_refused() {
     let stage = Stage::split(&full, 1).remove(0);
     let mut d = BackendStage::new(Cpu, 4, GemmPrecision::F32);
     d.load(&stage).unwrap();
-    for i in 0..2 {
-        d.forward(&stage, i, &mbs[i], None, MTP).unwrap();
+    for (i, b) in mbs.iter().enumerate().take(2) {
+        d.forward(&stage, i, b, None, MTP).unwrap();
     }
     let e = d.backward_input(&stage, 1, None).unwrap_err();
     assert!(
