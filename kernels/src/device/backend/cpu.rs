@@ -65,6 +65,14 @@ impl Backend for Cpu {
         Ok(vec![0.0; n])
     }
 
+    fn copy(&self, x: &Vec<f32>) -> BackendResult<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn copy_ids(&self, ids: &Vec<u32>) -> BackendResult<Vec<u32>> {
+        Ok(ids.clone())
+    }
+
     fn fill_zero(&self, x: &mut Vec<f32>) -> BackendResult<()> {
         x.iter_mut().for_each(|v| *v = 0.0);
         Ok(())

@@ -115,6 +115,10 @@ pub trait Backend {
     fn upload(&self, x: &[f32]) -> BackendResult<Self::Buf>;
     fn download(&self, x: &Self::Buf) -> BackendResult<Vec<f32>>;
     fn zeros(&self, n: usize) -> BackendResult<Self::Buf>;
+    /// A copy of `x` on the device (a deferred weight gradient keeps its inputs).
+    fn copy(&self, x: &Self::Buf) -> BackendResult<Self::Buf>;
+    /// A copy of `ids` on the device.
+    fn copy_ids(&self, ids: &Self::Ids) -> BackendResult<Self::Ids>;
     /// Sets every element to zero.
     fn fill_zero(&self, x: &mut Self::Buf) -> BackendResult<()>;
     fn ids(&self, ids: &[u32], bound: usize) -> BackendResult<Self::Ids>;

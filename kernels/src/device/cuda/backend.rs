@@ -161,6 +161,14 @@ impl Backend for CudaBackend {
         self.buf(n)
     }
 
+    fn copy(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<f32>> {
+        Ok(x.try_clone().map_err(GpuError::from)?)
+    }
+
+    fn copy_ids(&self, ids: &Indices) -> BackendResult<Indices> {
+        Ok(ids.try_clone()?)
+    }
+
     fn fill_zero(&self, x: &mut CudaSlice<f32>) -> BackendResult<()> {
         self.gpu
             .stream()

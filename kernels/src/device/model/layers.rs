@@ -5,6 +5,7 @@
 //! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
 
 use super::super::backend::{Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision};
+use super::weight::{OwedJob, WeightJob, defers, weight};
 use crate::model::config::ModelConfig;
 use crate::model::deepseek::{Batch, rope_table};
 use crate::model::layers::{Block, Ffn, Linear, Mla, Moe, MoeStats, RmsNorm, Rows, SwiGlu};
@@ -23,6 +24,9 @@ pub(crate) struct Ctx<'a, B: Backend> {
     /// Where the embedding's weight gradients go instead of `g` when another pipeline stage
     /// holds the table too (a pipeline stage's shared embedding, see `model::stage`).
     pub handed: Option<&'a mut Vec<WeightGrad>>,
+    /// Where weight gradients wait for W when they are deferred (a pipeline stage's B*); None
+    /// adds them into `g` at once.
+    pub defer: Option<&'a mut Vec<OwedJob<B>>>,
 }
 
 impl<'a, B: Backend> Ctx<'a, B> {
@@ -40,6 +44,7 @@ impl<'a, B: Backend> Ctx<'a, B> {
             table,
             gemm,
             handed: None,
+            defer: None,
         }
     }
 }
@@ -89,7 +94,8 @@ pub(crate) fn embedding_backward<B: Backend>(
         });
         return Ok(());
     }
-    c.b.embedding_backward_weight(&mut c.g[table.0], ids, dy, d)
+    let w = table.0;
+    weight(c, WeightJob::Embedding { w, ids, dy, d })
 }
 
 /// Positions of the rows a block sees, token rows and per-head rows (`i mod seq`).
@@ -165,11 +171,16 @@ fn linear_backward_in<B: Backend>(
         } else {
             *dx = g;
         }
-        return c
-            .b
-            .fp8_linear_backward_weight(&mut c.g[l.w.0], dy, x, n, l.d_in, l.d_out);
+        let (w, shape) = (l.w.0, (n, l.d_in, l.d_out));
+        return weight(c, WeightJob::Fp8Linear { w, dy, x, shape });
     }
     let shape = (n, l.d_in, l.d_out);
+    if defers(c) {
+        // the input half now, the weight half when W runs
+        c.b.linear_backward_input(dx, dy, w, n, l.d_in, l.d_out, acc, p)?;
+        let w = l.w.0;
+        return weight(c, WeightJob::Linear { w, dy, x, shape, p });
+    }
     c.b.linear_backward(dx, &mut c.g[l.w.0], dy, w, x, shape, acc, p)
 }
 
@@ -197,7 +208,8 @@ pub(crate) fn norm_backward<B: Backend>(
     acc: bool,
 ) -> BackendResult<()> {
     c.b.rmsnorm_backward_input(dx, dy, &st.x, &st.rstd, &c.p[l.w.0], l.d, acc)?;
-    c.b.rmsnorm_backward_weight(&mut c.g[l.w.0], dy, &st.x, &st.rstd, l.d)
+    let (w, x, rstd, d) = (l.w.0, &st.x, &st.rstd, l.d);
+    weight(c, WeightJob::Norm { w, dy, x, rstd, d })
 }
 
 /// SwiGLU's activations (its input is kept by the caller).
@@ -452,13 +464,22 @@ pub(crate) fn moe_backward<B: Backend>(
     let inter = b.len(&st.a) / offs.last().copied().unwrap_or(0).max(1);
     let mut dh = b.zeros(b.len(&st.a))?;
     b.grouped_linear_backward_input(&mut dh, &dye, c.p, &down, offs, inter, d, false, kind)?;
-    b.grouped_linear_backward_weight(c.g, &down, &dye, &st.h, offs, inter, d, kind)?;
+    let grouped = |ids, dy, x, din, dout| WeightJob::Grouped {
+        ids,
+        dy,
+        x,
+        offsets: offs.to_vec(),
+        din,
+        dout,
+        kind,
+    };
+    weight(c, grouped(down, &dye, &st.h, inter, d))?;
     let (da, db) = b.swiglu_backward_input(&dh, &st.a, &st.bv)?;
     let mut dxe = b.zeros(b.len(&st.xe))?;
     b.grouped_linear_backward_input(&mut dxe, &da, c.p, &gate, offs, d, inter, false, kind)?;
-    b.grouped_linear_backward_weight(c.g, &gate, &da, &st.xe, offs, d, inter, kind)?;
+    weight(c, grouped(gate, &da, &st.xe, d, inter))?;
     b.grouped_linear_backward_input(&mut dxe, &db, c.p, &up, offs, d, inter, true, kind)?;
-    b.grouped_linear_backward_weight(c.g, &up, &db, &st.xe, offs, d, inter, kind)?;
+    weight(c, grouped(up, &db, &st.xe, d, inter))?;
     b.dispatch_backward_input(&mut dx, &dxe, plan, d)?;
     let seq_batch = (rows.seq, rows.batch);
     let ds = b.route_backward(&dweights, &st.s, &st.route, &m.rule, seq_batch, m.alpha)?;

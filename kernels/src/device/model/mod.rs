@@ -15,6 +15,7 @@
 mod layers;
 pub mod stage;
 mod tail;
+mod weight;
 
 use super::backend::{Backend, BackendError, BackendResult, GemmPrecision};
 use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
@@ -156,6 +157,7 @@ impl<B: Backend> DeviceModel<B> {
             table,
             gemm: *gemm,
             handed: None,
+            defer: None,
         };
         let rows = Rows {
             batch: batch.batch,

@@ -5,19 +5,20 @@
 //!
 //! F uploads the input activations (or embeds the tokens on stage 0), runs the blocks (and the
 //! tail on the last stage) and downloads the output. B* uploads the output gradient, runs the
-//! backward and downloads the input gradient. A device stage adds each weight gradient as soon
-//! as its layer's input gradient is done, into the running sum of the micro-batch's half (as
-//! `DeviceModel` does): the W of a micro-batch runs with its B*, and the schedule's W is
-//! bookkeeping. The sums then equal the CPU runner's bit for bit on the CPU backend when each
-//! half's B* come in micro-batch order, which every schedule here keeps (a B* out of that order
-//! is refused by name). Jobs on a shared tensor (the embedding stage 0 and the last stage both
-//! hold under MTP) are handed to the reduce as host jobs, as the CPU runner hands them.
+//! backward and downloads the input gradient; its weight gradients are deferred as jobs holding
+//! device copies of their inputs (`weight.rs`), the CPU's W queue on the device. W runs a
+//! micro-batch's jobs into the running sum of its half, micro-batches in order (an early W
+//! waits), as the CPU runner's `GradSums` does, so on the CPU backend the sums are the CPU
+//! runner's bits whatever the schedule. Jobs on a shared tensor (the embedding stage 0 and the
+//! last stage both hold under MTP) are handed to the reduce as host jobs, as the CPU runner
+//! hands them.
 
 use super::layers::{
     BlockSt, Ctx, Positions, block_backward, block_forward, check_batch, embedding_backward,
     ensure_table,
 };
 use super::tail::{TailSt, tail_backward, tail_forward};
+use super::weight::OwedJob;
 use crate::device::Device;
 use crate::device::backend::{Backend, BackendError, BackendResult, Cpu, GemmPrecision};
 use crate::model::deepseek::Batch;
@@ -25,7 +26,7 @@ use crate::model::layers::Rows;
 use crate::model::params::WeightGrad;
 use crate::model::stage::{DeviceStage, GradSums, HalfSum, Stage, StageStats, half_of, half_range};
 use crate::tensor::Tensor;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Where a formation's stage copies compute.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +76,11 @@ impl StagePlacement {
     }
 }
 
+/// The first micro-batch of each half of a step of `m`.
+fn first_of_halves(m: usize) -> [usize; 2] {
+    [half_range(0, m).start, half_range(1, m).start]
+}
+
 /// What a micro-batch's forward keeps for its backward.
 struct Stash<B: Backend> {
     /// The tokens (stage 0 embeds them; its backward adds their embedding gradient).
@@ -94,16 +100,23 @@ pub struct BackendStage<B: Backend> {
     table: Option<(usize, B::Table)>,
     microbatches: usize,
     stashes: BTreeMap<usize, Stash<B>>,
-    /// Per half of the step's micro-batches: its running sums (by local id), once a B* ran.
+    /// Per micro-batch whose B* ran and whose W has not been asked for: its owed jobs.
+    queues: BTreeMap<usize, Owed<B>>,
+    /// Per half of the step's micro-batches: its running sums (by local id), once a W ran.
     halves: [Option<Vec<B::Buf>>; 2],
-    /// Per half: the micro-batch whose B* comes next.
-    next_b: [usize; 2],
-    /// Micro-batches whose B* ran and whose W has not been asked for.
-    owed: BTreeSet<usize>,
-    /// Micro-batches whose W has been asked for.
-    weighed: BTreeSet<usize>,
+    /// Per half: the micro-batch whose W runs next.
+    next_w: [usize; 2],
+    /// W asked for before an earlier micro-batch of its half ran its own: waits its turn.
+    waiting: BTreeMap<usize, Owed<B>>,
     /// Per micro-batch: the jobs on shared tensors (local ids), for the reduce.
     shared: BTreeMap<usize, Vec<WeightGrad>>,
+}
+
+/// What a micro-batch's B* leaves for its W: the device's jobs, and the host jobs on shared
+/// tensors that go to the reduce.
+struct Owed<B: Backend> {
+    jobs: Vec<OwedJob<B>>,
+    handed: Vec<WeightGrad>,
 }
 
 impl<B: Backend> std::fmt::Debug for BackendStage<B> {
@@ -113,7 +126,7 @@ impl<B: Backend> std::fmt::Debug for BackendStage<B> {
             "BackendStage({}, {} stashed, {} W owed)",
             self.backend.describe(),
             self.stashes.len(),
-            self.owed.len()
+            self.queues.len()
         )
     }
 }
@@ -130,10 +143,10 @@ impl<B: Backend> BackendStage<B> {
             table: None,
             microbatches,
             stashes: BTreeMap::new(),
+            queues: BTreeMap::new(),
             halves: [None, None],
-            next_b: [0, half_range(1, microbatches).start],
-            owed: BTreeSet::new(),
-            weighed: BTreeSet::new(),
+            next_w: first_of_halves(microbatches),
+            waiting: BTreeMap::new(),
             shared: BTreeMap::new(),
         }
     }
@@ -234,13 +247,9 @@ impl<B: Backend> BackendStage<B> {
         mb: usize,
         dy: Option<Vec<f32>>,
     ) -> BackendResult<Option<Vec<f32>>> {
-        let h = half_of(mb, self.microbatches);
-        if mb >= self.microbatches || mb != self.next_b[h] {
+        if self.queues.contains_key(&mb) || self.waiting.contains_key(&mb) {
             return Err(BackendError(format!(
-                "the backward of micro-batch {mb} came before micro-batch {}'s: a device stage \
-                 adds its weight gradients with the backward, so each half of the step's {} \
-                 micro-batches must run its backwards in order",
-                self.next_b[h], self.microbatches
+                "backward of micro-batch {mb} ran twice"
             )));
         }
         let Some(st) = self.stashes.remove(&mb) else {
@@ -250,25 +259,19 @@ impl<B: Backend> BackendStage<B> {
         };
         self.backend.enter()?;
         let b = &self.backend;
-        if self.halves[h].is_none() {
-            let sums = self
-                .params
-                .iter()
-                .map(|p| b.zeros(b.len(p)))
-                .collect::<BackendResult<Vec<_>>>()?;
-            self.halves[h] = Some(sums);
-        }
         let cfg = &stage.cfg;
         let d = cfg.hidden_size;
-        let mut handed = Vec::new();
+        let (mut jobs, mut handed) = (Vec::new(), Vec::new());
         let shares_embed = stage.embed.is_some_and(|e| stage.shared[e.0]);
         let mut c = Ctx {
             b,
             p: &self.params,
-            g: self.halves[h].as_mut().expect("made above"),
+            // every weight gradient is deferred: nothing is added now
+            g: &mut [],
             table: &self.table.as_ref().expect("the forward made it").1,
             gemm: self.gemm,
             handed: shares_embed.then_some(&mut handed),
+            defer: Some(&mut jobs),
         };
         let Stash {
             ids,
@@ -312,12 +315,53 @@ impl<B: Backend> BackendStage<B> {
             }
             None => Some(b.download(&dx)?),
         };
-        if !handed.is_empty() {
-            self.shared.insert(mb, handed);
-        }
-        self.next_b[h] += 1;
-        self.owed.insert(mb);
+        self.queues.insert(mb, Owed { jobs, handed });
         Ok(out)
+    }
+
+    /// W of `mb`: its jobs into the running sums of its half when it is next there, then every
+    /// waiting successor's; otherwise it waits (the CPU runner's `GradSums::weight`).
+    fn backward_weight_in(&mut self, mb: usize) -> BackendResult<()> {
+        let Some(owed) = self.queues.remove(&mb) else {
+            return Err(BackendError(format!(
+                "W of micro-batch {mb} before its backward"
+            )));
+        };
+        let m = self.microbatches;
+        let h = half_of(mb, m);
+        if mb != self.next_w[h] {
+            self.waiting.insert(mb, owed);
+            return Ok(());
+        }
+        self.backend.enter()?;
+        let b = &self.backend;
+        if self.halves[h].is_none() {
+            let sums = self
+                .params
+                .iter()
+                .map(|p| b.zeros(b.len(p)))
+                .collect::<BackendResult<Vec<_>>>()?;
+            self.halves[h] = Some(sums);
+        }
+        let sums = self.halves[h].as_mut().expect("made above");
+        let (mut owed, mut mb) = (owed, mb);
+        loop {
+            for job in &owed.jobs {
+                job.run(b, sums)?;
+            }
+            if !owed.handed.is_empty() {
+                self.shared.insert(mb, owed.handed);
+            }
+            self.next_w[h] += 1;
+            mb = self.next_w[h];
+            match (mb < half_range(h, m).end)
+                .then(|| self.waiting.remove(&mb))
+                .flatten()
+            {
+                Some(next) => owed = next,
+                None => return Ok(()),
+            }
+        }
     }
 
     fn take_grads_in(&mut self, stage: &Stage) -> BackendResult<GradSums> {
@@ -328,11 +372,7 @@ impl<B: Backend> BackendStage<B> {
             let Some(sums) = self.halves[h].take() else {
                 continue;
             };
-            let range = half_range(h, m);
-            let next = range
-                .clone()
-                .find(|mb| !self.weighed.contains(mb))
-                .unwrap_or(range.end);
+            let next = self.next_w[h];
             let sums = sums
                 .iter()
                 .zip(&stage.params.tensors)
@@ -341,8 +381,8 @@ impl<B: Backend> BackendStage<B> {
             *slot = Some(HalfSum { sums, next });
         }
         let shared = std::mem::take(&mut self.shared);
-        self.next_b = [0, half_range(1, m).start];
-        self.weighed.clear();
+        self.next_w = first_of_halves(m);
+        self.waiting.clear();
         Ok(GradSums::from_parts(m, halves, shared))
     }
 }
@@ -374,11 +414,7 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
     }
 
     fn backward_weight(&mut self, _: &Stage, mb: usize) -> Result<(), String> {
-        if !self.owed.remove(&mb) {
-            return Err(format!("W of micro-batch {mb} before its backward"));
-        }
-        self.weighed.insert(mb);
-        Ok(())
+        self.backward_weight_in(mb).map_err(|e| e.0)
     }
 
     fn stashed(&self) -> usize {
@@ -386,7 +422,7 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
     }
 
     fn pending_weight(&self) -> usize {
-        self.owed.len()
+        self.queues.len()
     }
 
     fn take_grads(&mut self, stage: &Stage) -> Result<GradSums, String> {
@@ -395,10 +431,10 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
 
     fn reset(&mut self) {
         self.stashes.clear();
+        self.queues.clear();
         self.halves = [None, None];
-        self.next_b = [0, half_range(1, self.microbatches).start];
-        self.owed.clear();
-        self.weighed.clear();
+        self.next_w = first_of_halves(self.microbatches);
+        self.waiting.clear();
         self.shared.clear();
     }
 

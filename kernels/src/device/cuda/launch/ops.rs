@@ -31,6 +31,15 @@ pub struct Indices {
 }
 
 impl Indices {
+    /// A copy on the device, with the same bound.
+    pub fn try_clone(&self) -> Result<Indices, GpuError> {
+        Ok(Indices {
+            buf: self.buf.try_clone()?,
+            len: self.len,
+            bound: self.bound,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
