@@ -2,14 +2,16 @@
 # The GPU check of issue 12, for a machine with an NVIDIA GPU and no Rust toolchain (the H200 the
 # `device` tool lends). Two steps:
 #   1. here (cargo):  scripts/gpu-check.sh build
-#      builds `phalanx` with --features cuda and the nvrtc_compile, gpu_parity and gpu_model test
+#      builds `phalanx` with --features cuda and the nvrtc_compile, gpu_parity, gpu_model and gpu_stage test
 #      binaries, strips them into gpu-bin/ (git-ignored): name `gpu-bin` in the device call's
 #      `carry` list.
 #   2. there:         scripts/gpu-check.sh
 #      with /usr/local/cuda (lib64, include, include/cccl): compiles every kernel to a cubin with the
 #      machine's own NVRTC (fails on a spill); gpu_parity (every kernel against its CPU reference);
 #      gpu_model (the CUDA backend against the CPU backend: cuBLAS GEMMs, layouts, MoE, the micro
-#      and tiny step's loss and every gradient within 1e-5, two runs with the same bits); a
+#      and tiny step's loss and every gradient within 1e-5, two runs with the same bits); gpu_stage
+#      (two pipeline stages on the GPU, deferred W, against the CPU's stages and the GPU's whole
+#      step within 1e-5); a
 #      300-step tiny run on the GPU and on the CPU (eval loss within 1%); the formation on the GPU
 #      (tiny, 30 steps, DualPipe over 2 ranks against the single-process device run: final loss
 #      within 1e-5, and whether the bits agree); `bench train --device
@@ -30,7 +32,7 @@ if [ "${1:-}" = build ]; then
   mkdir -p "$BIN"
   cargo build --release --features cuda
   strip -o "$BIN/phalanx" target/release/phalanx
-  for t in nvrtc_compile gpu_parity gpu_model; do
+  for t in nvrtc_compile gpu_parity gpu_model gpu_stage; do
     exe=$(cargo test --release -p kernels --features cuda --test "$t" --no-run \
             --message-format=json | grep -o "\"executable\":\"[^\"]*/$t-[^\"]*\"" | cut -d'"' -f4)
     strip -o "$BIN/$t" "$exe"
@@ -104,6 +106,13 @@ row "backend as opened (fp8 engine, expert gemms)" "$([ -n "$dev" ] && echo info
 row "gpu model (primitives, micro+tiny step, determinism)" \
   "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" \
   "${worst:-exit $rc}${det:+; $det}${fails:+; failed: $fails}"
+
+echo "== gpu_stage: pipeline stages on the GPU against the CPU's stages and the GPU's whole step"
+out=$(timeout 90 "$BIN/gpu_stage" --nocapture --test-threads 1 2>&1); rc=$?
+echo "$out"
+vals=$(echo "$out" | grep -E "^\| staged" | cut -d'|' -f2,5 | tr '|\n' ':;')
+row "gpu stages (2 stages, deferred W) vs cpu stages and the gpu step" \
+  "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" "${vals:-exit $rc}"
 
 echo "== tiny, 300 steps: --device cuda and --device cpu"
 tiny() {  # device -> prints the eval loss, the sha and tokens/s of the run's summary

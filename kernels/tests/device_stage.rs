@@ -238,3 +238,17 @@ fn expert_groups_and_device_stages_do_not_mix() {
         .unwrap_err();
     assert!(e.contains("--ep"), "{e}");
 }
+
+/// The staged step (two stages, reduced and scaled by 1/micro-batches) equals the whole-model
+/// device step over the same micro-batches (`DeviceModel::forward_backward_microbatches`) bit for
+/// bit on the CPU backend: the relation `gpu_stage.rs` checks on a GPU.
+#[test]
+fn staged_step_equals_the_whole_device_step() {
+    let full = model("micro");
+    let mbs = batches(&full, 4, 8, 4, 13);
+    let (mut got, _) = step(&mut runners(&full, 2, 1, 4, true), &full, &mbs);
+    kernels::model::stage::scale_for_microbatches(&mut got, 4);
+    let mut whole = kernels::device::model::DeviceModel::new(Cpu, full.clone()).unwrap();
+    whole.forward_backward_microbatches(&mbs, MTP).unwrap();
+    assert_same(&full, &got, &whole.grads().unwrap(), "staged vs whole");
+}
