@@ -131,6 +131,14 @@ impl<B: Backend> std::fmt::Debug for BackendStage<B> {
     }
 }
 
+impl<B: Backend> Drop for BackendStage<B> {
+    /// The device buffers are freed on whatever thread drops the stage (an actor's restart):
+    /// the device is made current there first (best effort).
+    fn drop(&mut self) {
+        let _ = self.backend.enter();
+    }
+}
+
 impl<B: Backend> BackendStage<B> {
     /// A stage copy on `backend` for steps of `microbatches` micro-batches, its Linears' GEMMs in
     /// `gemm` (FP8 Linears follow the stage's own precision); parameters come with
@@ -430,6 +438,8 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
     }
 
     fn reset(&mut self) {
+        // the buffers are freed on this thread: the device must be current (best effort)
+        let _ = self.backend.enter();
         self.stashes.clear();
         self.queues.clear();
         self.halves = [None, None];
