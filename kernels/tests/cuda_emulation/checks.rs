@@ -1,6 +1,7 @@
 //! The emulated kernel families against `kernels::ops`, on small shapes (every CUDA thread is an
 //! OS thread): the same inputs and verdicts as `gpu_parity/` — RMSNorm, SwiGLU, RoPE (YaRN
-//! table), cross-entropy, embedding, AdamW (F32 and BF16 moments), the grad norm and attention.
+//! table), cross-entropy, embedding, AdamW (F32 and BF16 moments), the grad norm, attention and
+//! the row kernels of its tensor-core path.
 
 use super::parity::{
     ADAMW_STEP, Report, adamw_case, adamw_kernel, bf16_mismatches, ce_case, indices, norm_tensors,
@@ -14,7 +15,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 15] = [
+pub const FAMILIES: [(&str, Family); 16] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -23,6 +24,7 @@ pub const FAMILIES: [(&str, Family); 15] = [
     ("adamw", adamw_rows),
     ("grad_norm", norm_rows),
     ("attention", attention_rows),
+    ("attention_gemm", attention_gemm_rows),
     ("heads", step_checks::heads_rows),
     ("copy_cols", step_checks::copy_rows),
     ("elementwise", step_checks::elementwise_rows),
@@ -320,5 +322,52 @@ fn attention_rows(emu: &Emu, r: &mut Report, seed: u64) {
         r.norm_rel(kb, &s, "dq", &run.get("dq"), &dq);
         r.norm_rel(kb, &s, "dk", &run.get("dk"), &dk);
         r.norm_rel(kb, &s, "dv", &run.get("dv"), &dvv);
+    }
+}
+
+/// `attention_gemm.cu`'s row kernels (between the tensor-core path's GEMMs) against
+/// `ops::attention`'s: the causal softmax of raw scores, then its backward from the kernel's own
+/// probabilities; t past 256 takes the threads' column loop more than once.
+fn attention_gemm_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    for (bh, t, scale) in [(3, 100, 0.125f32), (1, 300, 0.3), (2, 1, 1.0)] {
+        let s = format!("bh {bh} t {t}");
+        let n = bh * t * t;
+        let scores = scaled(seed, "att rows s", n, 4.0);
+        let dp = normals(seed, "att rows dp", n);
+        let run = emu.prepare();
+        run.put("s", &scores);
+        run.put("dp", &dp);
+        let args = [bh.to_string(), t.to_string(), bits(scale)];
+        if let Err(e) = emu.exec(&run, "attention_rows", &args) {
+            failed(r, "attention_gemm", &s, e);
+            continue;
+        }
+        let got_p: Vec<f32> = run.get("p");
+        let mut p = scores.clone();
+        p.chunks_exact_mut(t * t)
+            .for_each(|b| attention::softmax_causal_rows(b, t, scale));
+        r.norm_rel("attention_softmax_rows", &s, "p", &got_p, &p);
+        let upper_zero = got_p
+            .chunks_exact(t)
+            .enumerate()
+            .all(|(row, x)| x[row % t + 1..].iter().all(|&v| v == 0.0));
+        r.check(
+            "attention_softmax_rows",
+            &s,
+            "zeros past the diagonal",
+            format!("{} rows", bh * t),
+            upper_zero,
+        );
+        let mut ds = dp.clone();
+        ds.chunks_exact_mut(t * t)
+            .zip(got_p.chunks_exact(t * t))
+            .for_each(|(d, p)| attention::softmax_backward_rows(d, p, t, scale));
+        r.norm_rel(
+            "attention_softmax_backward_rows",
+            &s,
+            "ds",
+            &run.get("ds"),
+            &ds,
+        );
     }
 }

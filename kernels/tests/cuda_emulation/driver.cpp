@@ -14,6 +14,7 @@
 #include "../../src/device/cuda/common.cuh"
 #include "../../src/device/cuda/adamw.cu"
 #include "../../src/device/cuda/attention.cu"
+#include "../../src/device/cuda/attention_gemm.cu"
 #include "../../src/device/cuda/cross_entropy.cu"
 #include "../../src/device/cuda/embedding.cu"
 #include "../../src/device/cuda/grad_norm.cu"
@@ -191,6 +192,15 @@ int main(int argc, char** argv) {
                                   t, dqk, dv, scale);
         });
         save("o", o), save("lse", lse), save("dq", dq), save("dk", dk), save("dv", dvo);
+    } else if (op == "attention_rows") {  // bh t scale_bits (launch/attention.rs: a block per row)
+        int bh = arg(3), t = arg(4);
+        float scale = farg(5);
+        auto p = load<float>("s"), ds = load<float>("dp");
+        const long long rows = (long long)bh * t;
+        launch({(unsigned)rows, 1, 1}, BLOCK, [&] { attention_softmax_rows(p.data(), rows, t, scale); });
+        launch({(unsigned)rows, 1, 1}, BLOCK,
+               [&] { attention_softmax_backward_rows(ds.data(), p.data(), rows, t, scale); });
+        save("p", p), save("ds", ds);
     } else if (op == "heads") {  // b t nh w (launch/tensor.rs: grid-stride over the output)
         int b = arg(3), t = arg(4), nh = arg(5), w = arg(6);
         auto x = load<float>("x"), xt = load<float>("xt");

@@ -282,11 +282,13 @@ impl Backend for Cpu {
         dqk: usize,
         dv: usize,
         scale: f32,
+        prec: GemmPrecision,
     ) -> BackendResult<(Vec<f32>, Vec<f32>)> {
         check("attention q", q.len(), bh * t * dqk)?;
         let mut o = vec![0.0; bh * t * dv];
         let mut p = vec![0.0; bh * t * t];
-        attention::forward(&mut o, &mut p, q, k, v, t, dqk, dv, scale);
+        let read: &attention::Read<'_> = &move |x| operand(x, prec);
+        attention::forward_reading(&mut o, &mut p, q, k, v, t, dqk, dv, scale, read);
         Ok((o, p))
     }
 
@@ -303,12 +305,14 @@ impl Backend for Cpu {
         dqk: usize,
         dv: usize,
         scale: f32,
+        prec: GemmPrecision,
     ) -> BackendResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let mut dq = vec![0.0; bh * t * dqk];
         let mut dk = vec![0.0; bh * t * dqk];
         let mut dvv = vec![0.0; bh * t * dv];
-        attention::backward_input(
-            &mut dq, &mut dk, &mut dvv, d_o, probs, q, k, v, t, dqk, dv, scale,
+        let read: &attention::Read<'_> = &move |x| operand(x, prec);
+        attention::backward_input_reading(
+            &mut dq, &mut dk, &mut dvv, d_o, probs, q, k, v, t, dqk, dv, scale, read,
         );
         Ok((dq, dk, dvv))
     }

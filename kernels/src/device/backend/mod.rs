@@ -270,7 +270,9 @@ pub trait Backend {
         backward: bool,
     ) -> BackendResult<()>;
 
-    /// Causal attention per (sequence, head) block: o[bh, t, dv] and what backward keeps.
+    /// Causal attention per (sequence, head) block: o[bh, t, dv] and what backward keeps. In
+    /// `p` = BF16 the six products read BF16-rounded operands with f32 sums (a GPU's tensor-core
+    /// attention; the softmax stays f32); f32 is the reference.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
@@ -282,8 +284,9 @@ pub trait Backend {
         dqk: usize,
         dv: usize,
         scale: f32,
+        p: GemmPrecision,
     ) -> BackendResult<(Self::Buf, Self::AttnAux)>;
-    /// (dq, dk, dv) from d_o and the forward's output and aux.
+    /// (dq, dk, dv) from d_o and the forward's output and aux (`p` as the forward's).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_input(
         &self,
@@ -298,6 +301,7 @@ pub trait Backend {
         dqk: usize,
         dv: usize,
         scale: f32,
+        p: GemmPrecision,
     ) -> BackendResult<(Self::Buf, Self::Buf, Self::Buf)>;
 
     /// Σ_rows −log softmax(logits)[target], in f64.

@@ -8,6 +8,7 @@
 //! CPU backend runs bit for bit (`kernels/tests/device_model.rs`); each primitive is compared
 //! with its CPU twin by `gpu_parity.rs` (on a GPU) and `cuda_emulation.rs` (on the CPU).
 
+use super::attention_gemm::CudaAttnAux;
 use super::fp8_linear::Fp8Linear;
 use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan, Refusals};
 use super::route::CudaRoute;
@@ -47,6 +48,9 @@ pub struct CudaBackend {
     pub host_routing: bool,
     /// cuBLAS refused a grouped call on BF16 operands: BF16 expert GEMMs go one by one.
     pub grouped_bf16_refused: std::cell::Cell<bool>,
+    /// Why BF16 attention runs the fused f32 kernel instead of the tensor cores
+    /// (`attention_gemm.rs`: `PHALANX_GEMM_ATTENTION=off`, or its check at open failed).
+    pub gemm_attention_off: Option<String>,
 }
 
 impl CudaBackend {
@@ -85,8 +89,10 @@ impl CudaBackend {
             grouped_off: None,
             host_routing: std::env::var("PHALANX_DEVICE_ROUTER").is_ok_and(|v| v == "off"),
             grouped_bf16_refused: std::cell::Cell::new(false),
+            gemm_attention_off: None,
         };
         b.grouped_off = b.grouped_check();
+        b.gemm_attention_off = b.gemm_attention_check();
         Ok(b)
     }
 
@@ -101,7 +107,7 @@ impl Backend for CudaBackend {
     type Table = CudaTable;
     type Plan = MoePlan;
     type Route = CudaRoute;
-    type AttnAux = CudaSlice<f32>;
+    type AttnAux = CudaAttnAux;
     type Half = CudaSlice<u16>;
 
     fn describe(&self) -> String {
@@ -134,8 +140,12 @@ impl Backend for CudaBackend {
                 self.gpu.compile_time.as_secs_f64()
             ),
         };
+        let attention = match &self.gemm_attention_off {
+            None => "bf16 attention: tensor cores".to_string(),
+            Some(why) => format!("bf16 attention: the f32 kernel ({why})"),
+        };
         format!(
-            "{} ({}; {kernels}; {}; {grouped}; {routing})",
+            "{} ({}; {kernels}; {}; {grouped}; {routing}; {attention})",
             self.gpu.info,
             self.gpu.arch,
             self.fp8.describe()
@@ -424,7 +434,8 @@ impl Backend for CudaBackend {
         dqk: usize,
         dv: usize,
         scale: f32,
-    ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>)> {
+        p: GemmPrecision,
+    ) -> BackendResult<(CudaSlice<f32>, CudaAttnAux)> {
         let s = AttentionShape {
             bh,
             t,
@@ -432,16 +443,20 @@ impl Backend for CudaBackend {
             dv,
             scale,
         };
+        if self.gemm_attention(p, bh, t) {
+            let (o, probs) = self.attention_forward_gemm(q, k, v, s)?;
+            return Ok((o, CudaAttnAux::Probs(probs)));
+        }
         let (mut o, mut lse) = (self.buf(bh * t * dv)?, self.buf(bh * t)?);
         self.gpu.attention_forward(&mut o, &mut lse, q, k, v, s)?;
-        Ok((o, lse))
+        Ok((o, CudaAttnAux::Lse(lse)))
     }
 
     fn attention_backward_input(
         &self,
         d_o: &CudaSlice<f32>,
         o: &CudaSlice<f32>,
-        lse: &CudaSlice<f32>,
+        aux: &CudaAttnAux,
         q: &CudaSlice<f32>,
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
@@ -450,6 +465,7 @@ impl Backend for CudaBackend {
         dqk: usize,
         dv: usize,
         scale: f32,
+        _: GemmPrecision,
     ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
         let s = AttentionShape {
             bh,
@@ -457,6 +473,13 @@ impl Backend for CudaBackend {
             dqk,
             dv,
             scale,
+        };
+        // the forward chose the path: its aux says which
+        let lse = match aux {
+            CudaAttnAux::Probs(probs) => {
+                return self.attention_backward_gemm(d_o, probs, (q, k, v), s);
+            }
+            CudaAttnAux::Lse(lse) => lse,
         };
         let (mut dq, mut dk) = (self.buf(bh * t * dqk)?, self.buf(bh * t * dqk)?);
         let (mut dvv, mut delta) = (self.buf(bh * t * dv)?, self.buf(bh * t)?);

@@ -31,7 +31,8 @@ impl CudaBackend {
         Ok(2.0 * (n as f64).powi(3) / (best * 1e-3) / 1e12)
     }
 
-    fn bf16(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<u16>> {
+    /// `x` rounded to BF16 on the device (bits as u16).
+    pub(super) fn bf16(&self, x: &CudaSlice<f32>) -> BackendResult<CudaSlice<u16>> {
         let mut out = self.gpu.zeros::<u16>(x.len())?;
         self.gpu.to_bf16(&mut out, x)?;
         Ok(out)

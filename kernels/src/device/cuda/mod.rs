@@ -7,6 +7,8 @@
 //! GPU: parity with the CPU (`kernels/tests/gpu_parity.rs`) and speed are still to be measured.
 
 #[cfg(feature = "cuda")]
+pub mod attention_gemm;
+#[cfg(feature = "cuda")]
 pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod fp8_linear;
@@ -92,6 +94,10 @@ pub const SOURCES: &[KernelSource] = &[
             "attention_backward_dkdv",
             "attention_backward_dq"
         ]
+    ),
+    source!(
+        "attention_gemm",
+        ["attention_softmax_rows", "attention_softmax_backward_rows"]
     ),
     source!("fp8_gemm", ["fp8_gemm_promoted"]),
     source!("fp8_pack", ["fp8_pack_codes", "fp8_pack_scales"]),

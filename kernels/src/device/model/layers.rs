@@ -296,7 +296,7 @@ pub(crate) fn mla_forward<B: Backend>(
     let mut v = b.zeros(n * nh * m.v)?;
     b.copy_cols(&mut v, m.v, 0, &kv, kvh, m.nope, m.v, false)?;
     b.rope(&mut q, dq, m.nope, &pos.heads, c.table, false)?;
-    let (attn, aux) = b.attention_forward(&q, &k, &v, bsz * nh, t, dq, m.v, m.scale)?;
+    let (attn, aux) = b.attention_forward(&q, &k, &v, bsz * nh, t, dq, m.v, m.scale, c.gemm)?;
     let o = b.heads(&attn, bsz, t, nh, m.v, true)?;
     let y = linear_forward(c, &m.o, &o)?;
     let st = MlaSt {
@@ -344,6 +344,7 @@ pub(crate) fn mla_backward<B: Backend>(
         dqw,
         m.v,
         m.scale,
+        c.gemm,
     )?;
     b.rope(&mut dqh, dqw, m.nope, &pos.heads, c.table, true)?;
     let dqf = b.heads(&dqh, bsz, t, nh, dqw, true)?;

@@ -235,3 +235,64 @@ struct Saved<'a> {
     k: &'a CudaSlice<f32>,
     v: &'a CudaSlice<f32>,
 }
+
+impl Gpu {
+    /// `ops::attention::softmax_causal_rows` on `rows` rows of `t` scores in place (row r is
+    /// position r mod t): one block of 256 threads per row.
+    pub fn attention_softmax_rows(
+        &self,
+        p: &mut CudaSlice<f32>,
+        rows: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<(), GpuError> {
+        let kn = "attention_softmax_rows";
+        let (cfg, rows_arg, t_arg) = row_grid(kn, p.len(), rows, t)?;
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(p).arg(&rows_arg).arg(&t_arg).arg(&scale);
+        // SAFETY: attention_softmax_rows takes (float* p, long long rows, int t, float scale); p
+        // holds rows·t values (checked); one block of 256 threads per row, 32 floats of static
+        // shared memory.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `ops::attention::softmax_backward_rows` on `rows` rows of `t`: `ds` holds dP and receives
+    /// dS, `p` the forward's probabilities.
+    pub fn attention_softmax_backward_rows(
+        &self,
+        ds: &mut CudaSlice<f32>,
+        p: &CudaSlice<f32>,
+        rows: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<(), GpuError> {
+        let kn = "attention_softmax_backward_rows";
+        check_len(kn, "p", p.len(), rows * t)?;
+        let (cfg, rows_arg, t_arg) = row_grid(kn, ds.len(), rows, t)?;
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(ds).arg(p).arg(&rows_arg).arg(&t_arg).arg(&scale);
+        // SAFETY: attention_softmax_backward_rows takes (float* ds, const float* p, long long
+        // rows, int t, float scale); ds and p hold rows·t values (checked); one block of 256
+        // threads per row.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+/// One block per row for the row kernels, with their integer arguments; `len` must be rows·t.
+fn row_grid(
+    kn: &'static str,
+    len: usize,
+    rows: usize,
+    t: usize,
+) -> Result<(LaunchConfig, i64, i32), GpuError> {
+    check_len(kn, "scores", len, rows * t)?;
+    let blocks = grid_dim(kn, rows.max(1), GRID_X_MAX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((cfg, long(kn, "rows", rows)?, int(kn, "t", t)?))
+}

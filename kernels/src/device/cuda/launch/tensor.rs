@@ -615,4 +615,76 @@ impl Blas {
         }
         .map_err(blas_err)
     }
+
+    /// A row-major strided-batched product on BF16 operands (bits as u16) with f32 sums into the
+    /// f32 `out` (cublasGemmStridedBatchedEx, CUBLAS_COMPUTE_32F, overwritten): for each of
+    /// `batch` blocks, out[m, n] = op(a)·op(b) with op(a) m×k (a stored k×m when `ta`) and op(b)
+    /// k×n (b stored n×k when `tb`); blocks lie m·k, k·n and m·n elements apart.
+    pub fn batched_bf16(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<u16>,
+        b: &CudaSlice<u16>,
+        (m, n, k): (usize, usize, usize),
+        (ta, tb): (bool, bool),
+        batch: usize,
+    ) -> Result<(), GpuError> {
+        use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let kn = "cublas batched gemm";
+        check_len(kn, "a", a.len(), batch * m * k)?;
+        check_len(kn, "b", b.len(), batch * k * n)?;
+        check_len(kn, "out", out.len(), batch * m * n)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let i = |what: &str, v: usize| int(kn, what, v);
+        // row-major out = op(a)·op(b) is column-major outᵀ = op(b)ᵀ·op(a)ᵀ: b first, then a
+        let (transa, lda) = if tb { (T, i("k", k)?) } else { (N, i("n", n)?) };
+        let (transb, ldb) = if ta { (T, i("m", m)?) } else { (N, i("k", k)?) };
+        let (sa, sb, sc) = (
+            long(kn, "k·n", k * n)?,
+            long(kn, "m·k", m * k)?,
+            long(kn, "m·n", m * n)?,
+        );
+        let stream = &self.stream;
+        let (pa, _ra) = b.device_ptr(stream);
+        let (pb, _rb) = a.device_ptr(stream);
+        let (pc, _rc) = out.device_ptr_mut(stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let bf = cudaDataType::CUDA_R_16BF;
+        // SAFETY: a and b hold batch·m·k and batch·k·n bf16 values and out batch·m·n f32 values
+        // (checked), which the (m, n, k, ld, stride) above describe; alpha and beta are f32 as
+        // CUBLAS_COMPUTE_32F requires; the records keep the pointers alive until the call is
+        // queued on the handle's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                transa,
+                transb,
+                i("n", n)?,
+                i("m", m)?,
+                i("k", k)?,
+                (&alpha as *const f32).cast(),
+                pa as *const _,
+                bf,
+                lda,
+                sa,
+                pb as *const _,
+                bf,
+                ldb,
+                sb,
+                (&beta as *const f32).cast(),
+                pc as *mut _,
+                cudaDataType::CUDA_R_32F,
+                i("n", n)?,
+                sc,
+                i("batch", batch)?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(blas_err)
+    }
 }
