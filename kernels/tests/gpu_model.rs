@@ -5,7 +5,8 @@
 //!    three cuBLAS GEMMs of a Linear, accumulation included, in f32 and in BF16 against the CPU's
 //!    BF16 emulation; layouts, copies, add, sigmoid, MoE
 //!    dispatch and combine, the global norm): bit for bit where the kernel claims the CPU's
-//!    bits, GEMMs and dot products within 1e-5 normwise;
+//!    bits, GEMMs and dot products within 1e-5 normwise; BF16 attention (the tensor-core path)
+//!    within 1e-3 of the CPU's BF16 emulation and 1e-2 of the f32 CPU;
 //! 2. one forward-backward of micro (two MTP depths) and tiny: the losses within 1e-5, the same
 //!    expert loads, every gradient tensor within 1e-5 normwise (issue 12's f32 bound); with BF16
 //!    GEMMs, the same against the f32 CPU step within 2e-2 (issue 12's BF16 bound);
@@ -551,8 +552,55 @@ fn backend_primitives_match_the_cpu_backend() {
     fp8_rows(&mut g, &mut r, seed);
     layout_rows(&g, &mut r, seed);
     moe_rows(&g, &mut r, seed);
+    attention_rows(&g, &mut r, seed);
     r.print();
     assert_eq!(r.failures(), 0, "backend primitives differ (table above)");
+}
+
+/// Attention through the trait in BF16 (the tensor cores when the check at open passed, which
+/// the description says): o, dq, dk, dv against the CPU's BF16 emulation (the same rounded
+/// operands; a probability near a rounding boundary may round the other way, 1e-3) and against
+/// the f32 CPU (BF16's rounding, 1e-2).
+fn attention_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
+    let (c, p16) = (Cpu, GemmPrecision::Bf16);
+    for (bh, t, dqk, dv) in [(4, 128, 96, 64), (1, 300, 192, 128)] {
+        let s = format!("bh {bh} t {t} d {dqk}/{dv}");
+        let scale = (dqk as f32).powf(-0.5);
+        let (nqk, nv) = (bh * t * dqk, bh * t * dv);
+        let (q, k) = (normals(seed, "att q", nqk), normals(seed, "att k", nqk));
+        let (v, d_o) = (normals(seed, "att v", nv), normals(seed, "att do", nv));
+        let (qg, kg, vg, dog) = (up(g, &q), up(g, &k), up(g, &v), up(g, &d_o));
+        let (og, aux) = g
+            .attention_forward(&qg, &kg, &vg, bh, t, dqk, dv, scale, p16)
+            .unwrap();
+        let gg = g
+            .attention_backward_input(&dog, &og, &aux, &qg, &kg, &vg, bh, t, dqk, dv, scale, p16)
+            .unwrap();
+        let got = [down(g, &og), down(g, &gg.0), down(g, &gg.1), down(g, &gg.2)];
+        for (prec, tol, tag) in [
+            (p16, 1e-3, "cpu bf16"),
+            (GemmPrecision::F32, 1e-2, "cpu f32"),
+        ] {
+            let (o, pr) = c
+                .attention_forward(&q, &k, &v, bh, t, dqk, dv, scale, prec)
+                .unwrap();
+            let (dq, dk, dvv) = c
+                .attention_backward_input(&d_o, &o, &pr, &q, &k, &v, bh, t, dqk, dv, scale, prec)
+                .unwrap();
+            let e = [&o, &dq, &dk, &dvv]
+                .iter()
+                .zip(&got)
+                .map(|(w, x)| parity::norm_rel_error(x, w))
+                .fold(0f64, f64::max);
+            r.check(
+                "attention bf16 (o, dq, dk, dv)",
+                &s,
+                &format!("norm rel ≤ {tol:e} vs {tag}"),
+                format!("{e:.2e}"),
+                e <= tol,
+            );
+        }
+    }
 }
 
 fn model(config: &str, depths: usize, seed: u64) -> (DeepSeekV3, Rng) {

@@ -19,6 +19,8 @@ mod grouped;
 #[cfg(feature = "cuda")]
 pub mod launch;
 #[cfg(feature = "cuda")]
+mod open;
+#[cfg(feature = "cuda")]
 pub mod route;
 
 /// Prepended to every source before compilation (sources do not `#include` it): element types

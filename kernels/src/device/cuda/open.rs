@@ -1,0 +1,99 @@
+//! Opening the CUDA backend (feature `cuda`): the device and its kernels, cuBLAS, the memory
+//! pool's release threshold, the checks at open that decide each fast path (FP8 tensor cores,
+//! grouped expert GEMMs, BF16 attention on the tensor cores), and the description of what
+//! opened. Never run on a GPU.
+
+use super::backend::CudaBackend;
+use super::fp8_linear::Fp8Linear;
+use super::launch::{Blas, Gpu, GpuError, Refusals};
+use cudarc::driver::sys;
+
+impl CudaBackend {
+    /// Opens device `ordinal` (probe, NVRTC compile of every kernel, cuBLAS handle) and keeps
+    /// freed memory in its pool.
+    pub fn open(ordinal: usize) -> Result<CudaBackend, GpuError> {
+        let gpu = Gpu::open(ordinal)?;
+        let blas = Blas::new(&gpu)?;
+        let ctx = gpu.context();
+        if ctx.has_async_alloc() {
+            // SAFETY: plain driver calls on the context's own device; `pool` is written by the
+            // first and read by the second, `threshold` outlives the call.
+            unsafe {
+                let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+                let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+                if r == sys::CUresult::CUDA_SUCCESS {
+                    let mut threshold = u64::MAX;
+                    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+                    let r =
+                        sys::cuMemPoolSetAttribute(pool, attr, (&mut threshold as *mut u64).cast());
+                    if r != sys::CUresult::CUDA_SUCCESS {
+                        return Err(super::launch::shape_err(
+                            "memory pool",
+                            format!("setting the release threshold: {r:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+        let fp8 = Fp8Linear::open(&gpu);
+        let mut b = CudaBackend {
+            gpu,
+            blas,
+            fp8,
+            grouped_refused: Refusals::default(),
+            grouped_off: None,
+            host_routing: std::env::var("PHALANX_DEVICE_ROUTER").is_ok_and(|v| v == "off"),
+            grouped_bf16_refused: std::cell::Cell::new(false),
+            gemm_attention_off: None,
+        };
+        b.grouped_off = b.grouped_check();
+        b.gemm_attention_off = b.gemm_attention_check();
+        Ok(b)
+    }
+}
+
+impl CudaBackend {
+    /// The device and what opened on it: the kernels (from the cache or compiled), the FP8
+    /// engine, the expert GEMMs, the routing and BF16 attention (each fast path, or why not).
+    pub fn description(&self) -> String {
+        let grouped = match self.grouped_refused.get() {
+            _ if self.grouped_off.is_some() => format!(
+                "expert gemms: one by one ({})",
+                self.grouped_off.as_deref().unwrap_or_default()
+            ),
+            (0, _) => "expert gemms: grouped".to_string(),
+            (n, first) => format!(
+                "expert gemms: {n} grouped calls refused, run expert by expert (first: {})",
+                first.unwrap_or_default()
+            ),
+        };
+        let routing = if self.host_routing {
+            "routing: host (PHALANX_DEVICE_ROUTER=off)"
+        } else {
+            "routing: device"
+        };
+        let kernels = match &self.gpu.kernel_cache {
+            Some(dir) => format!(
+                "kernels: {} of {} sources from the cache {}, {:.1} s to load",
+                self.gpu.cache_hits,
+                super::SOURCES.len(),
+                dir.display(),
+                self.gpu.compile_time.as_secs_f64()
+            ),
+            None => format!(
+                "kernels: compiled in {:.1} s, no cache",
+                self.gpu.compile_time.as_secs_f64()
+            ),
+        };
+        let attention = match &self.gemm_attention_off {
+            None => "bf16 attention: tensor cores".to_string(),
+            Some(why) => format!("bf16 attention: the f32 kernel ({why})"),
+        };
+        format!(
+            "{} ({}; {kernels}; {}; {grouped}; {routing}; {attention})",
+            self.gpu.info,
+            self.gpu.arch,
+            self.fp8.describe()
+        )
+    }
+}
