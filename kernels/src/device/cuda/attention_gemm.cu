@@ -1,7 +1,7 @@
-// The row kernels of attention on tensor cores (BF16 GEMMs by cuBLAS, f32 softmax here). Mirrors
-// kernels/src/ops/attention.rs: `softmax_causal_rows` (p = softmax(scale·s) over the row's first
-// i + 1 columns, zeros after) and `softmax_backward_rows` (ds = p ⊙ (dp − Σ dp ⊙ p) · scale), on
-// bh·t rows of t columns, row r being position i = r mod t of its (sequence, head) block. The
+// The row kernels of attention on tensor cores (BF16 GEMMs by cuBLAS, f32 softmax here).
+// Mirrors kernels/src/ops/attention.rs: `softmax_causal_rows` (p = softmax(scale·s) over the row's
+// first i + 1 columns, zeros after) and `softmax_backward_rows` (ds = p ⊙ (dp − Σ dp ⊙ p) · scale),
+// on bh·t rows of t columns, row r being position i = r mod t of its (sequence, head) block. The
 // backend runs S = Q·Kᵀ, O = P·V and the backward's four products as strided-batched cuBLAS GEMMs
 // on BF16 operands with f32 sums (`cuda/attention_gemm.rs`), and these kernels between them: the
 // T×T scores are materialised, so the backend uses this path for BF16 up to a size bound and the
