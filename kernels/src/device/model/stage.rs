@@ -24,7 +24,7 @@ use crate::device::backend::{Backend, BackendError, BackendResult, Cpu, GemmPrec
 use crate::model::deepseek::Batch;
 use crate::model::layers::Rows;
 use crate::model::params::WeightGrad;
-use crate::model::stage::{DeviceStage, GradSums, HalfSum, Stage, StageStats, half_of, half_range};
+use crate::model::stage::{DeviceStage, GradSums, HalfOrder, HalfSum, Stage, StageStats, half_of};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 
@@ -76,11 +76,6 @@ impl StagePlacement {
     }
 }
 
-/// The first micro-batch of each half of a step of `m`.
-fn first_of_halves(m: usize) -> [usize; 2] {
-    [half_range(0, m).start, half_range(1, m).start]
-}
-
 /// What a micro-batch's forward keeps for its backward.
 struct Stash<B: Backend> {
     /// The tokens (stage 0 embeds them; its backward adds their embedding gradient).
@@ -104,10 +99,8 @@ pub struct BackendStage<B: Backend> {
     queues: BTreeMap<usize, Owed<B>>,
     /// Per half of the step's micro-batches: its running sums (by local id), once a W ran.
     halves: [Option<Vec<B::Buf>>; 2],
-    /// Per half: the micro-batch whose W runs next.
-    next_w: [usize; 2],
-    /// W asked for before an earlier micro-batch of its half ran its own: waits its turn.
-    waiting: BTreeMap<usize, Owed<B>>,
+    /// The order W runs in (the CPU runner's); a W that comes early waits in it.
+    order: HalfOrder<Owed<B>>,
     /// Per micro-batch: the jobs on shared tensors (local ids), for the reduce.
     shared: BTreeMap<usize, Vec<WeightGrad>>,
 }
@@ -153,8 +146,7 @@ impl<B: Backend> BackendStage<B> {
             stashes: BTreeMap::new(),
             queues: BTreeMap::new(),
             halves: [None, None],
-            next_w: first_of_halves(microbatches),
-            waiting: BTreeMap::new(),
+            order: HalfOrder::new(microbatches),
             shared: BTreeMap::new(),
         }
     }
@@ -255,7 +247,7 @@ impl<B: Backend> BackendStage<B> {
         mb: usize,
         dy: Option<Vec<f32>>,
     ) -> BackendResult<Option<Vec<f32>>> {
-        if self.queues.contains_key(&mb) || self.waiting.contains_key(&mb) {
+        if self.queues.contains_key(&mb) || self.order.waiting().any(|w| w == mb) {
             return Err(BackendError(format!(
                 "backward of micro-batch {mb} ran twice"
             )));
@@ -328,21 +320,20 @@ impl<B: Backend> BackendStage<B> {
     }
 
     /// W of `mb`: its jobs into the running sums of its half when it is next there, then every
-    /// waiting successor's; otherwise it waits (the CPU runner's `GradSums::weight`).
+    /// waiting successor's; otherwise it waits (the CPU runner's order, `HalfOrder`).
     fn backward_weight_in(&mut self, mb: usize) -> BackendResult<()> {
         let Some(owed) = self.queues.remove(&mb) else {
             return Err(BackendError(format!(
                 "W of micro-batch {mb} before its backward"
             )));
         };
-        let m = self.microbatches;
-        let h = half_of(mb, m);
-        if mb != self.next_w[h] {
-            self.waiting.insert(mb, owed);
+        let ready = self.order.arrive(mb, owed).map_err(BackendError)?;
+        if ready.is_empty() {
             return Ok(());
         }
         self.backend.enter()?;
         let b = &self.backend;
+        let h = half_of(mb, self.microbatches);
         if self.halves[h].is_none() {
             let sums = self
                 .params
@@ -352,24 +343,15 @@ impl<B: Backend> BackendStage<B> {
             self.halves[h] = Some(sums);
         }
         let sums = self.halves[h].as_mut().expect("made above");
-        let (mut owed, mut mb) = (owed, mb);
-        loop {
+        for (mb, owed) in ready {
             for job in &owed.jobs {
                 job.run(b, sums)?;
             }
             if !owed.handed.is_empty() {
                 self.shared.insert(mb, owed.handed);
             }
-            self.next_w[h] += 1;
-            mb = self.next_w[h];
-            match (mb < half_range(h, m).end)
-                .then(|| self.waiting.remove(&mb))
-                .flatten()
-            {
-                Some(next) => owed = next,
-                None => return Ok(()),
-            }
         }
+        Ok(())
     }
 
     fn take_grads_in(&mut self, stage: &Stage) -> BackendResult<GradSums> {
@@ -380,7 +362,7 @@ impl<B: Backend> BackendStage<B> {
             let Some(sums) = self.halves[h].take() else {
                 continue;
             };
-            let next = self.next_w[h];
+            let next = self.order.next(h);
             let sums = sums
                 .iter()
                 .zip(&stage.params.tensors)
@@ -389,8 +371,7 @@ impl<B: Backend> BackendStage<B> {
             *slot = Some(HalfSum { sums, next });
         }
         let shared = std::mem::take(&mut self.shared);
-        self.next_w = first_of_halves(m);
-        self.waiting.clear();
+        self.order = HalfOrder::new(m);
         Ok(GradSums::from_parts(m, halves, shared))
     }
 }
@@ -443,8 +424,7 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
         self.stashes.clear();
         self.queues.clear();
         self.halves = [None, None];
-        self.next_w = first_of_halves(self.microbatches);
-        self.waiting.clear();
+        self.order = HalfOrder::new(self.microbatches);
         self.shared.clear();
     }
 

@@ -21,6 +21,68 @@ pub fn half_of(mb: usize, microbatches: usize) -> usize {
     usize::from(mb >= microbatches.div_ceil(2))
 }
 
+/// The order W runs in within a step: per half of the micro-batches, the next one whose W may
+/// run; a W that comes early waits, its item kept, until its predecessors in the half have run.
+/// The CPU runner's [`GradSums`] and a device stage keep their W in this one order.
+#[derive(Debug)]
+pub struct HalfOrder<T> {
+    microbatches: usize,
+    next: [usize; 2],
+    waiting: BTreeMap<usize, T>,
+}
+
+impl<T> HalfOrder<T> {
+    pub fn new(microbatches: usize) -> HalfOrder<T> {
+        HalfOrder {
+            microbatches,
+            next: [
+                half_range(0, microbatches).start,
+                half_range(1, microbatches).start,
+            ],
+            waiting: BTreeMap::new(),
+        }
+    }
+
+    /// The W of micro-batch `mb` (its `item`) arrives: the items that may run now, in order
+    /// (`mb`'s and every waiting successor's), or none when it must wait. A micro-batch out of
+    /// range or whose W came before is refused.
+    pub fn arrive(&mut self, mb: usize, item: T) -> Result<Vec<(usize, T)>, String> {
+        let m = self.microbatches;
+        if mb >= m {
+            return Err(format!("W of micro-batch {mb} of {m}"));
+        }
+        let h = half_of(mb, m);
+        if mb < self.next[h] || self.waiting.contains_key(&mb) {
+            return Err(format!("W of micro-batch {mb} ran twice"));
+        }
+        if mb != self.next[h] {
+            self.waiting.insert(mb, item);
+            return Ok(Vec::new());
+        }
+        let end = half_range(h, m).end;
+        let mut ready = vec![(mb, item)];
+        self.next[h] += 1;
+        while self.next[h] < end {
+            let Some(item) = self.waiting.remove(&self.next[h]) else {
+                break;
+            };
+            ready.push((self.next[h], item));
+            self.next[h] += 1;
+        }
+        Ok(ready)
+    }
+
+    /// The micro-batch whose W runs next in half `h` (the half's end once all have).
+    pub fn next(&self, h: usize) -> usize {
+        self.next[h]
+    }
+
+    /// Micro-batches whose W came before an earlier one's and still waits.
+    pub fn waiting(&self) -> impl Iterator<Item = usize> + '_ {
+        self.waiting.keys().copied()
+    }
+}
+
 /// The running sum of one half: every W job of its micro-batches so far, in micro-batch order.
 #[derive(Debug)]
 pub struct HalfSum {
@@ -35,8 +97,8 @@ pub struct HalfSum {
 pub struct GradSums {
     microbatches: usize,
     pub halves: [Option<HalfSum>; 2],
-    /// W queues that came before their turn, by micro-batch.
-    waiting: BTreeMap<usize, WeightGradQueue>,
+    /// The order W runs in; W queues that came before their turn wait in it.
+    order: HalfOrder<WeightGradQueue>,
     /// Per micro-batch: this stage's jobs on shared tensors (local ids), in queue order.
     pub shared: BTreeMap<usize, Vec<WeightGrad>>,
 }
@@ -46,7 +108,7 @@ impl GradSums {
         GradSums {
             microbatches,
             halves: [None, None],
-            waiting: BTreeMap::new(),
+            order: HalfOrder::new(microbatches),
             shared: BTreeMap::new(),
         }
     }
@@ -61,7 +123,7 @@ impl GradSums {
         GradSums {
             microbatches,
             halves,
-            waiting: BTreeMap::new(),
+            order: HalfOrder::new(microbatches),
             shared,
         }
     }
@@ -81,45 +143,27 @@ impl GradSums {
     /// W of micro-batch `mb` (its queued jobs `q`): runs now when `mb` is next in its half, then
     /// every waiting successor; otherwise waits.
     pub fn weight(&mut self, stage: &Stage, mb: usize, q: WeightGradQueue) {
-        assert!(
-            mb < self.microbatches,
-            "stage {}: W of micro-batch {mb} of {}",
-            stage.index,
-            self.microbatches
-        );
-        let h = half_of(mb, self.microbatches);
-        let range = half_range(h, self.microbatches);
+        let m = self.microbatches;
+        let ready = self
+            .order
+            .arrive(mb, q)
+            .unwrap_or_else(|e| panic!("stage {}: {e}", stage.index));
+        let h = half_of(mb, m);
         let half = self.halves[h].get_or_insert_with(|| HalfSum {
             sums: stage.params.zeros_like(),
-            next: range.start,
+            next: half_range(h, m).start,
         });
-        if mb != half.next {
-            let old = self.waiting.insert(mb, q);
-            assert!(
-                old.is_none() && mb > half.next,
-                "stage {}: W of micro-batch {mb} ran twice",
-                stage.index
-            );
-            return;
-        }
-        let mut q = q;
-        let mut mb = mb;
-        loop {
+        for (mb, mut q) in ready {
             let handed = stage.backward_weight(&mut q, &mut half.sums);
             if !handed.is_empty() {
                 self.shared.insert(mb, handed);
             }
-            half.next += 1;
-            mb = half.next;
-            match (mb < range.end).then(|| self.waiting.remove(&mb)).flatten() {
-                Some(next) => q = next,
-                None => break,
-            }
         }
+        half.next = self.order.next(h);
     }
 
     /// Micro-batches whose W came before an earlier one's and still waits.
     pub fn waiting(&self) -> impl Iterator<Item = usize> + '_ {
-        self.waiting.keys().copied()
+        self.order.waiting()
     }
 }

@@ -205,3 +205,23 @@ fn two_copies_per_stage_reduce_to_the_reference() {
     let err = reduce(&model.params, parts, mbs.len()).unwrap_err();
     assert!(err.contains("only up to 3"), "{err}");
 }
+
+/// W's order within a step: per half in micro-batch order, an early W waits and runs with its
+/// predecessor; a second W and a micro-batch out of range are refused.
+#[test]
+fn half_order_releases_each_half_in_micro_batch_order() {
+    // 5 micro-batches: halves 0..3 and 3..5
+    let mut o = HalfOrder::new(5);
+    assert_eq!(o.arrive(2, 'c').unwrap(), vec![]);
+    assert_eq!(o.arrive(4, 'e').unwrap(), vec![]);
+    assert_eq!(o.waiting().collect::<Vec<_>>(), vec![2, 4]);
+    assert_eq!(o.arrive(0, 'a').unwrap(), vec![(0, 'a')]);
+    assert_eq!(o.arrive(3, 'd').unwrap(), vec![(3, 'd'), (4, 'e')]);
+    assert_eq!(o.arrive(1, 'b').unwrap(), vec![(1, 'b'), (2, 'c')]);
+    assert_eq!((o.next(0), o.next(1)), (3, 5));
+    assert!(o.arrive(1, 'x').unwrap_err().contains("ran twice"));
+    assert!(o.arrive(5, 'x').unwrap_err().contains("micro-batch 5 of 5"));
+    let mut o = HalfOrder::new(4);
+    o.arrive(3, ()).unwrap();
+    assert!(o.arrive(3, ()).unwrap_err().contains("ran twice"));
+}
