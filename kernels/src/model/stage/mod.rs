@@ -28,6 +28,12 @@
 //! queued jobs), so it holds at most two gradient copies, never one per micro-batch.
 //! [`forward_backward_microbatches`] is the single-process reference with the same arithmetic and
 //! [`reduce`] puts the copies' sums together, so a pipelined step equals it bit for bit in f32.
+//!
+//! # On a device
+//!
+//! A [`StageRunner`] given a [`DeviceStage`] (`set_device`) hands it F, B* and W; the device keeps
+//! its own parameters, stashes and W jobs, and returns the same [`GradSums`] (see
+//! `kernels::device::model::stage`), so the reduce and the update do not change.
 
 use super::config::ModelConfig;
 use super::deepseek::{Batch, DeepSeekV3, Mtp, StepStats, Tail, TailStash, embed_rows, rope_table};
