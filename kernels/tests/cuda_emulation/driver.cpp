@@ -195,12 +195,14 @@ int main(int argc, char** argv) {
     } else if (op == "attention_rows") {  // bh t scale_bits (launch/attention.rs: a block per row)
         int bh = arg(3), t = arg(4);
         float scale = farg(5);
-        auto p = load<float>("s"), ds = load<float>("dp");
+        auto p = load<float>("s"), dp = load<float>("dp");
         const long long rows = (long long)bh * t;
-        launch({(unsigned)rows, 1, 1}, BLOCK, [&] { attention_softmax_rows(p.data(), rows, t, scale); });
+        std::vector<u16> p16(p.size()), ds16(p.size());
         launch({(unsigned)rows, 1, 1}, BLOCK,
-               [&] { attention_softmax_backward_rows(ds.data(), p.data(), rows, t, scale); });
-        save("p", p), save("ds", ds);
+               [&] { attention_softmax_rows(p.data(), p16.data(), rows, t, scale); });
+        launch({(unsigned)rows, 1, 1}, BLOCK,
+               [&] { attention_softmax_backward_rows(ds16.data(), dp.data(), p.data(), rows, t, scale); });
+        save("p", p), save("p16", p16), save("ds16", ds16);
     } else if (op == "heads") {  // b t nh w (launch/tensor.rs: grid-stride over the output)
         int b = arg(3), t = arg(4), nh = arg(5), w = arg(6);
         auto x = load<float>("x"), xt = load<float>("xt");

@@ -16,17 +16,6 @@ __device__ __forceinline__ float apply(float p, float mi, float vi, const StepCo
     return p - (c.wd * p + c.lr * (mi / c.bc1) / (sqrtf(vi / c.bc2) + c.eps));
 }
 
-// half 2.7: f32_to_bf16 (NaN keeps its high bits with the quiet bit set; otherwise round to nearest even).
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    const u32 x = __float_as_uint(f);
-    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((x >> 16) | 0x0040u);
-    const u32 rb = 0x8000u;
-    if ((x & rb) != 0u && (x & (3u * rb - 1u)) != 0u) return (u16)((x >> 16) + 1u);
-    return (u16)(x >> 16);
-}
-
-__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float((u32)b << 16); }
-
 // A moment's stored value as f32, and storing one: returns the value as stored (rounded for bf16).
 __device__ __forceinline__ float load_moment(const float* m, long long i) { return m[i]; }
 __device__ __forceinline__ float load_moment(const u16* m, long long i) { return bf16_to_f32(m[i]); }

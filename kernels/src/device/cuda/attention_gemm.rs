@@ -1,8 +1,9 @@
 //! Attention on the tensor cores for BF16 mixed precision (feature `cuda`): the six products of
 //! `ops::attention` (S = Q·Kᵀ, O = P·V; dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q) as
 //! strided-batched cuBLAS GEMMs on BF16 operands with f32 sums, and `attention_gemm.cu`'s row
-//! kernels (the causal softmax, its backward) between them. The T×T probabilities are
-//! materialised (kept f32 for the backward), so the path is taken only up to
+//! kernels (the causal softmax, its backward) between them, which also write the BF16 operands
+//! the next products read. The T×T probabilities are materialised (kept in f32 and BF16 for the
+//! backward), so the path is taken only up to
 //! [`GEMM_ATTENTION_MAX_SCORES`] elements of them; longer sequences, f32, and a device where the
 //! check at open fails run the fused f32 kernel (`attention.cu`). The CPU backend emulates the
 //! path (`ops::attention::forward_reading` on BF16-rounded operands). Never run on a GPU.
@@ -19,8 +20,9 @@ pub const GEMM_ATTENTION_MAX_SCORES: usize = 1 << 30;
 pub enum CudaAttnAux {
     /// The fused kernel's per-row log-sum-exp [bh, t].
     Lse(CudaSlice<f32>),
-    /// The tensor-core path's probabilities [bh, t, t] (f32).
-    Probs(CudaSlice<f32>),
+    /// The tensor-core path's probabilities [bh, t, t], in f32 (the softmax's backward reads
+    /// them) and in BF16 (the dV product does).
+    Probs(CudaSlice<f32>, CudaSlice<u16>),
 }
 
 impl CudaBackend {
@@ -38,7 +40,7 @@ impl CudaBackend {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
         s: AttentionShape,
-    ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> BackendResult<(CudaSlice<f32>, CudaAttnAux)> {
         let AttentionShape {
             bh,
             t,
@@ -50,19 +52,20 @@ impl CudaBackend {
         let mut p = self.zeros(bh * t * t)?;
         self.blas
             .batched_bf16(&mut p, &q16, &k16, (t, t, dqk), (false, true), bh)?;
-        self.gpu.attention_softmax_rows(&mut p, bh * t, t, scale)?;
-        let p16 = self.bf16(&p)?;
+        let mut p16 = self.gpu.zeros::<u16>(bh * t * t)?;
+        self.gpu
+            .attention_softmax_rows(&mut p, &mut p16, bh * t, t, scale)?;
         let mut o = self.zeros(bh * t * dv)?;
         self.blas
             .batched_bf16(&mut o, &p16, &v16, (t, dv, t), (false, false), bh)?;
-        Ok((o, p))
+        Ok((o, CudaAttnAux::Probs(p, p16)))
     }
 
     /// (dq, dk, dv) on the tensor cores from d_o and the forward's probabilities.
     pub(super) fn attention_backward_gemm(
         &self,
         d_o: &CudaSlice<f32>,
-        p: &CudaSlice<f32>,
+        (p, p16): (&CudaSlice<f32>, &CudaSlice<u16>),
         (q, k, v): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>),
         s: AttentionShape,
     ) -> BackendResult<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
@@ -79,19 +82,18 @@ impl CudaBackend {
                 self.len(p)
             )));
         }
-        let (do16, p16) = (self.bf16(d_o)?, self.bf16(p)?);
+        let do16 = self.bf16(d_o)?;
         let mut dvv = self.zeros(bh * t * dv)?;
         self.blas
-            .batched_bf16(&mut dvv, &p16, &do16, (t, dv, t), (true, false), bh)?;
-        drop(p16);
-        let mut ds = self.zeros(bh * t * t)?;
+            .batched_bf16(&mut dvv, p16, &do16, (t, dv, t), (true, false), bh)?;
+        let mut dp = self.zeros(bh * t * t)?;
         let v16 = self.bf16(v)?;
         self.blas
-            .batched_bf16(&mut ds, &do16, &v16, (t, t, dv), (false, true), bh)?;
+            .batched_bf16(&mut dp, &do16, &v16, (t, t, dv), (false, true), bh)?;
+        let mut ds16 = self.gpu.zeros::<u16>(bh * t * t)?;
         self.gpu
-            .attention_softmax_backward_rows(&mut ds, p, bh * t, t, scale)?;
-        let ds16 = self.bf16(&ds)?;
-        drop(ds);
+            .attention_softmax_backward_rows(&mut ds16, &dp, p, bh * t, t, scale)?;
+        drop(dp);
         let (q16, k16) = (self.bf16(q)?, self.bf16(k)?);
         let (mut dq, mut dk) = (self.zeros(bh * t * dqk)?, self.zeros(bh * t * dqk)?);
         self.blas
@@ -128,8 +130,11 @@ impl CudaBackend {
             let want = self.attention_backward_input(
                 &d_o, &o_ref, &lse, &q, &k, &v, bh, t, dqk, dv, scale, f32p,
             )?;
-            let (o, p) = self.attention_forward_gemm(&q, &k, &v, s)?;
-            let got = self.attention_backward_gemm(&d_o, &p, (&q, &k, &v), s)?;
+            let (o, aux) = self.attention_forward_gemm(&q, &k, &v, s)?;
+            let CudaAttnAux::Probs(p, p16) = &aux else {
+                unreachable!("the tensor-core forward keeps the probabilities")
+            };
+            let got = self.attention_backward_gemm(&d_o, (p, p16), (&q, &k, &v), s)?;
             let mut worst = 0f64;
             for (a, b) in [
                 (&o, &o_ref),

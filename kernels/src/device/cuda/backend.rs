@@ -365,8 +365,7 @@ impl Backend for CudaBackend {
             scale,
         };
         if self.gemm_attention(p, bh, t) {
-            let (o, probs) = self.attention_forward_gemm(q, k, v, s)?;
-            return Ok((o, CudaAttnAux::Probs(probs)));
+            return self.attention_forward_gemm(q, k, v, s);
         }
         let (mut o, mut lse) = (self.buf(bh * t * dv)?, self.buf(bh * t)?);
         self.gpu.attention_forward(&mut o, &mut lse, q, k, v, s)?;
@@ -397,8 +396,8 @@ impl Backend for CudaBackend {
         };
         // the forward chose the path: its aux says which
         let lse = match aux {
-            CudaAttnAux::Probs(probs) => {
-                return self.attention_backward_gemm(d_o, probs, (q, k, v), s);
+            CudaAttnAux::Probs(p, p16) => {
+                return self.attention_backward_gemm(d_o, (p, p16), (q, k, v), s);
             }
             CudaAttnAux::Lse(lse) => lse,
         };

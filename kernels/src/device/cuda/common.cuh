@@ -82,6 +82,18 @@ __device__ __forceinline__ float block_max(float v, float* sh) {
     return block_reduce(v, sh, -__int_as_float(0x7f800000), MaxF());
 }
 
+// BF16 as half 2.7's bf16::from_f32 rounds it (the moments of AdamW, every BF16 GEMM operand):
+// a NaN keeps its high bits with the quiet bit set; anything else rounds to nearest even.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    const u32 x = __float_as_uint(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((x >> 16) | 0x0040u);
+    const u32 rb = 0x8000u;
+    if ((x & rb) != 0u && (x & (3u * rb - 1u)) != 0u) return (u16)((x >> 16) + 1u);
+    return (u16)(x >> 16);
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float((u32)b << 16); }
+
 // An E4M3 code's exact value (fp8/format.rs: decode_e4m3_arith): the code's low 7 bits as an f32
 // exponent/mantissa field, times 2^120; the sign bit moved to bit 31; 0x7F/0xFF are NaN.
 __device__ __forceinline__ float decode_e4m3(u8 code) {

@@ -120,11 +120,6 @@ extern "C" __global__ void tensor_to_bf16(u16* __restrict__ out, const float* __
                                           long long n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        u32 u = __float_as_uint(x[i]);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            out[i] = (u16)((u >> 16) | 0x40u);
-        } else {
-            out[i] = (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
+        out[i] = f32_to_bf16(x[i]);
     }
 }

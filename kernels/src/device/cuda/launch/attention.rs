@@ -238,30 +238,33 @@ struct Saved<'a> {
 
 impl Gpu {
     /// `ops::attention::softmax_causal_rows` on `rows` rows of `t` scores in place (row r is
-    /// position r mod t): one block of 256 threads per row.
+    /// position r mod t), and `p16` the probabilities in BF16: one block of 256 threads per row.
     pub fn attention_softmax_rows(
         &self,
         p: &mut CudaSlice<f32>,
+        p16: &mut CudaSlice<u16>,
         rows: usize,
         t: usize,
         scale: f32,
     ) -> Result<(), GpuError> {
         let kn = "attention_softmax_rows";
+        check_len(kn, "p16", p16.len(), rows * t)?;
         let (cfg, rows_arg, t_arg) = row_grid(kn, p.len(), rows, t)?;
         let mut b = self.stream.launch_builder(self.function(kn)?);
-        b.arg(p).arg(&rows_arg).arg(&t_arg).arg(&scale);
-        // SAFETY: attention_softmax_rows takes (float* p, long long rows, int t, float scale); p
-        // holds rows·t values (checked); one block of 256 threads per row, 32 floats of static
-        // shared memory.
+        b.arg(p).arg(p16).arg(&rows_arg).arg(&t_arg).arg(&scale);
+        // SAFETY: attention_softmax_rows takes (float* p, u16* p16, long long rows, int t, float
+        // scale); p and p16 hold rows·t values (checked); one block of 256 threads per row, 32
+        // floats of static shared memory.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
-    /// `ops::attention::softmax_backward_rows` on `rows` rows of `t`: `ds` holds dP and receives
-    /// dS, `p` the forward's probabilities.
+    /// `ops::attention::softmax_backward_rows` on `rows` rows of `t`, from dP and the forward's
+    /// probabilities `p`: dS in BF16 into `ds16` (the operand of the dQ and dK products).
     pub fn attention_softmax_backward_rows(
         &self,
-        ds: &mut CudaSlice<f32>,
+        ds16: &mut CudaSlice<u16>,
+        dp: &CudaSlice<f32>,
         p: &CudaSlice<f32>,
         rows: usize,
         t: usize,
@@ -269,12 +272,18 @@ impl Gpu {
     ) -> Result<(), GpuError> {
         let kn = "attention_softmax_backward_rows";
         check_len(kn, "p", p.len(), rows * t)?;
-        let (cfg, rows_arg, t_arg) = row_grid(kn, ds.len(), rows, t)?;
+        check_len(kn, "ds16", ds16.len(), rows * t)?;
+        let (cfg, rows_arg, t_arg) = row_grid(kn, dp.len(), rows, t)?;
         let mut b = self.stream.launch_builder(self.function(kn)?);
-        b.arg(ds).arg(p).arg(&rows_arg).arg(&t_arg).arg(&scale);
-        // SAFETY: attention_softmax_backward_rows takes (float* ds, const float* p, long long
-        // rows, int t, float scale); ds and p hold rows·t values (checked); one block of 256
-        // threads per row.
+        b.arg(ds16)
+            .arg(dp)
+            .arg(p)
+            .arg(&rows_arg)
+            .arg(&t_arg)
+            .arg(&scale);
+        // SAFETY: attention_softmax_backward_rows takes (u16* ds16, const float* dp, const float*
+        // p, long long rows, int t, float scale); all three hold rows·t values (checked); one
+        // block of 256 threads per row.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
