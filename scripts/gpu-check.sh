@@ -141,7 +141,7 @@ read -r l_one sha_one < <(form one | tail -1)
 read -r l_pipe sha_pipe < <(form pipe --pp 2 --schedule dualpipe | tail -1)
 ok=$(python3 -c "print('ok' if abs($l_pipe-$l_one) <= 1e-5*abs($l_one) else 'FAIL')" 2>/dev/null || echo FAIL)
 row "formation on the gpu: dualpipe pp 2 vs one process (loss ≤ 1e-5)" "$ok" \
-  "pipe $l_pipe ($sha_pipe) vs one $l_one ($sha_one); same bits: $([ "$sha_pipe" = "$sha_one" ] && echo yes || echo no)"
+  "pipe $l_pipe ($sha_pipe) vs one $l_one ($sha_one); same bits: $([ "$sha_pipe" = "$sha_one" ] && [ "${sha_one#exit}" = "$sha_one" ] && echo yes || echo no)"
 
 echo "== bench train --device cuda"
 bench() {  # config batch seq steps extra... -> prints its lines, then "tokens/s tflops share%"
