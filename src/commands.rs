@@ -185,7 +185,9 @@ fn checkpoint_plan(a: &TrainArgs) -> Result<Option<actors::trainer::CheckpointPl
     }))
 }
 
-/// The formation layout named by `--pp --ep --schedule --microbatches --wire`.
+/// The formation layout named by `--pp --ep --schedule --microbatches --wire`, its stage copies
+/// on the CPU model, or on the device-stage path over the CPU backend when `PHALANX_STAGE_BACKEND`
+/// is `cpu` (the path a GPU runs, checkable without one; `--device cuda` puts them on GPUs).
 pub fn layout(a: &TrainArgs) -> Result<actors::formation::Layout> {
     let schedule: actors::schedule::ScheduleKind = a.schedule.parse().context("--schedule")?;
     let microbatches = a.microbatches.unwrap_or(match schedule {
@@ -202,8 +204,25 @@ pub fn layout(a: &TrainArgs) -> Result<actors::formation::Layout> {
             .parse()
             .map_err(anyhow::Error::msg)
             .context("--wire")?,
-        compute: actors::formation::StagePlacement::Model,
+        compute: stage_backend(std::env::var("PHALANX_STAGE_BACKEND").ok().as_deref())?,
     })
+}
+
+/// Where `PHALANX_STAGE_BACKEND` puts the stage copies: unset, the CPU model; `cpu`, device
+/// stages on the CPU backend (f32); anything else is refused by name.
+fn stage_backend(v: Option<&str>) -> Result<actors::formation::StagePlacement> {
+    use actors::formation::StagePlacement;
+    match v {
+        None | Some("") => Ok(StagePlacement::Model),
+        Some("cpu") => Ok(StagePlacement::Backend {
+            device: kernels::device::Device::Cpu,
+            gemm: kernels::device::backend::GemmPrecision::F32,
+        }),
+        Some(other) => bail!(
+            "PHALANX_STAGE_BACKEND={other:?}: expected `cpu` (device stages on the CPU backend) or \
+             unset (the CPU model); GPUs are chosen with --device cuda[:N]"
+        ),
+    }
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {

@@ -241,7 +241,8 @@ fn train(a: TrainArgs) -> Result<()> {
 /// `--device cuda[:N]`: the single-process run with every step on the GPU (the device step of
 /// `kernels::device::model`); with formation flags (`--pp`, `--schedule`, `--inject`,
 /// `--threads`), the formation with every stage copy on a GPU (rank r on cuda:N+r, modulo the
-/// devices there are). Expert groups (`--ep`) and the multi-process launch are refused by name.
+/// devices there are), in one process or under `phalanx launch` (each worker process opens its
+/// rank's device). Expert groups (`--ep`) are refused by name.
 #[cfg(feature = "cuda")]
 fn train_cuda(
     a: &TrainArgs,
@@ -250,16 +251,12 @@ fn train_cuda(
     ordinal: usize,
 ) -> Result<()> {
     use kernels::device::backend::GemmPrecision;
-    if actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())?.is_some() {
-        anyhow::bail!(
-            "--device cuda: multi-process runs (phalanx launch) do not run on the GPU yet"
-        );
-    }
+    let world = actors::cluster::launch::world_from_env(&|k| std::env::var(k).ok())?;
     let plain = actors::formation::Layout {
         microbatches: layout.microbatches,
         ..actors::formation::Layout::default()
     };
-    if *layout == plain && a.inject.is_none() && !a.threads {
+    if *layout == plain && a.inject.is_none() && !a.threads && world.is_none() {
         let backend = kernels::device::cuda::backend::CudaBackend::open(ordinal)
             .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
         let summary = with_progress(opts.config.training.steps, |on_step| {
@@ -278,6 +275,10 @@ fn train_cuda(
         },
         ..*layout
     };
+    if let Some(world) = world {
+        // each process's rank on cuda:N+rank (the workers open their devices)
+        return cluster::train_in_world(a, opts, &layout, &world);
+    }
     let inject = inject_plan(a.inject.as_deref())?;
     let summary = with_progress(opts.config.training.steps, |on_step| {
         actors::formation::train_with(opts, &layout, inject, a.threads, on_step)

@@ -94,3 +94,45 @@ fn bf16_on_the_cpu_is_refused_by_name() {
     let err = refused(&["train", "--precision", "bf32", "--steps", "1"]);
     assert!(err.contains("expected f32, bf16 or fp8"), "{err}");
 }
+
+/// `PHALANX_STAGE_BACKEND=cpu` runs the formation's stage copies through the device-stage path on
+/// the CPU backend: the same weights as the CPU model's formation; another value is refused by
+/// name before anything runs.
+#[test]
+fn the_device_stage_path_runs_on_the_cpu_backend_by_environment() {
+    let run = |name: &str, backend: Option<&str>| {
+        let out = common::tmp(name);
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"));
+        cmd.args(["train", "--config", "configs/micro.toml", "--steps", "3"])
+            .args(["--pp", "2", "--schedule", "zb1p", "--microbatches", "4"])
+            .args(["--no-checkpoint", "--out"])
+            .arg(&out)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("RUST_LOG", "info");
+        if let Some(b) = backend {
+            cmd.env("PHALANX_STAGE_BACKEND", b);
+        }
+        cmd.output().expect("phalanx runs")
+    };
+    let sha = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["params_sha256"].as_str().unwrap().to_string()
+    };
+    let model = run("stage-backend-model", None);
+    let dev = run("stage-backend-cpu", Some("cpu"));
+    let (want, got) = (sha(&model), sha(&dev));
+    println!("device stages on the cpu backend: {got} (cpu model {want})");
+    assert_eq!(got, want);
+    // every copy of the two ranks said where it computes; the CPU model's run said nothing
+    let said = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .matches("stage copy computes on cpu")
+            .count()
+    };
+    assert_eq!((said(&dev), said(&model)), (2, 0));
+    let o = run("stage-backend-bad", Some("gpu"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("PHALANX_STAGE_BACKEND=\"gpu\""), "{err}");
+}

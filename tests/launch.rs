@@ -186,6 +186,28 @@ fn four_processes_give_the_one_process_weights() {
     assert_eq!(v["replayed_steps"], 0);
 }
 
+/// The workers' stage copies on the device-stage path (`PHALANX_STAGE_BACKEND=cpu`: the CPU
+/// backend behind the code a GPU runs, W deferred as device jobs): the same weights.
+#[test]
+fn device_stages_in_four_processes_give_the_one_process_weights() {
+    let _g = serial();
+    let sha = reference();
+    let env = [("PHALANX_STAGE_BACKEND", "cpu"), ("RUST_LOG", "info")];
+    let (child, _) = start("launch-device-stages", &env);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "launch failed: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["params_sha256"], sha);
+    assert_eq!(v["processes_restarted"], 0);
+    // DualPipe over 4 ranks: two stage copies per worker, each on the device-stage path
+    assert_eq!(
+        err.matches("stage copy computes on cpu").count(),
+        8,
+        "{err}"
+    );
+}
+
 #[test]
 fn workers_killed_mid_step_are_replaced_one_each_and_the_weights_do_not_change() {
     let _g = serial();

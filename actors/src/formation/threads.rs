@@ -48,6 +48,8 @@ impl RankState {
             {
                 r.set_device(d)
                     .map_err(|e| anyhow!("stage copy s{copy} on rank {}: {e}", self.rank))?;
+                let on = r.device().unwrap_or_default();
+                tracing::info!(rank = self.rank, copy, "stage copy computes on {on}");
             }
         }
         Ok(())

@@ -193,6 +193,9 @@ impl Actor for StageActor {
         })
         .await?
         .map_err(|e| format!("stage copy s{copy} on rank {rank}: {e}"))?;
+        if let Some(on) = runner.device() {
+            tracing::info!(rank, copy, "stage copy computes on {on}");
+        }
         let step = Arc::new(AtomicU64::new(0));
         let lost = Arc::new(std::sync::Mutex::new(None));
         let mut experts = None;
