@@ -26,7 +26,6 @@ use common::{configs_dir, random_batch as batch, separate_routing};
 use kernels::device::backend::{Backend, Cpu, GemmPrecision, HostPlan};
 use kernels::device::cuda::backend::CudaBackend;
 use kernels::device::model::DeviceModel;
-use kernels::device::{Device, DeviceError};
 use kernels::model::{DeepSeekV3, RunConfig};
 use kernels::ops::adamw::AdamW;
 use kernels::ops::moe_dispatch::DispatchPlan;
@@ -37,18 +36,7 @@ use std::time::Instant;
 
 /// The CUDA backend on `PHALANX_PARITY_DEVICE` (default 0), or None (and why) without one.
 fn open() -> Option<CudaBackend> {
-    let ordinal = std::env::var("PHALANX_PARITY_DEVICE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    match Device::Cuda(ordinal).probe() {
-        Err(e @ (DeviceError::NoDriver(_) | DeviceError::NoSuchDevice { .. })) => {
-            println!("SKIPPED: {e}");
-            return None;
-        }
-        Err(e) => panic!("the CUDA probe failed: {e}"),
-        Ok(_) => {}
-    }
+    let ordinal = parity::cuda_ordinal()?;
     let b = CudaBackend::open(ordinal).unwrap_or_else(|e| panic!("opening cuda:{ordinal}: {e}"));
     println!("device {}", b.describe());
     Some(b)

@@ -26,7 +26,6 @@ mod optim;
 mod report;
 
 use kernels::device::cuda::launch::Gpu;
-use kernels::device::{Device, DeviceError};
 use std::time::Instant;
 
 /// One family's checks: they push rows into the report.
@@ -34,19 +33,10 @@ type Family = fn(&Gpu, &mut report::Report, u64);
 
 #[test]
 fn every_kernel_matches_its_cpu_reference() {
-    let ordinal = std::env::var("PHALANX_PARITY_DEVICE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
     // no driver or no device: skip with the reason; anything else found by the probe is a failure
-    match Device::Cuda(ordinal).probe() {
-        Err(e @ (DeviceError::NoDriver(_) | DeviceError::NoSuchDevice { .. })) => {
-            println!("SKIPPED: {e}");
-            return;
-        }
-        Err(e) => panic!("the CUDA probe failed: {e}"),
-        Ok(_) => {}
-    }
+    let Some(ordinal) = report::cuda_ordinal() else {
+        return;
+    };
     let t0 = Instant::now();
     let gpu = Gpu::open(ordinal).unwrap_or_else(|e| panic!("opening cuda:{ordinal}: {e}"));
     let seed = report::seed();

@@ -21,7 +21,6 @@ use kernels::device::backend::{Backend, Cpu, GemmPrecision};
 use kernels::device::cuda::backend::CudaBackend;
 use kernels::device::model::DeviceModel;
 use kernels::device::model::stage::BackendStage;
-use kernels::device::{Device, DeviceError};
 use kernels::model::stage::{
     DeviceStage, Stage, StageGrads, StageRunner, StageStats, reduce, scale_for_microbatches,
     split_batch,
@@ -37,18 +36,7 @@ const M: usize = 4;
 /// cuda:`PHALANX_PARITY_DEVICE` (default 0) twice (one backend per stage, as the formation opens
 /// them), or None (and why) without a device.
 fn open_two() -> Option<([CudaBackend; 2], usize)> {
-    let ordinal = std::env::var("PHALANX_PARITY_DEVICE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    match Device::Cuda(ordinal).probe() {
-        Err(e @ (DeviceError::NoDriver(_) | DeviceError::NoSuchDevice { .. })) => {
-            println!("SKIPPED: {e}");
-            return None;
-        }
-        Err(e) => panic!("the CUDA probe failed: {e}"),
-        Ok(_) => {}
-    }
+    let ordinal = parity::cuda_ordinal()?;
     let open = || CudaBackend::open(ordinal).unwrap_or_else(|e| panic!("cuda:{ordinal}: {e}"));
     Some(([open(), open()], ordinal))
 }

@@ -304,6 +304,25 @@ pub fn shape(dims: &[usize]) -> String {
         .join("×")
 }
 
+/// The CUDA device the GPU harnesses run on, `PHALANX_PARITY_DEVICE` (default 0), or None
+/// after printing `SKIPPED: <reason>` when there is no driver or no such device; any other probe
+/// failure is a test failure.
+pub fn cuda_ordinal() -> Option<usize> {
+    use kernels::device::{Device, DeviceError};
+    let ordinal = std::env::var("PHALANX_PARITY_DEVICE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    match Device::Cuda(ordinal).probe() {
+        Err(e @ (DeviceError::NoDriver(_) | DeviceError::NoSuchDevice { .. })) => {
+            println!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("the CUDA probe failed: {e}"),
+        Ok(_) => Some(ordinal),
+    }
+}
+
 /// The run's seed: `PHALANX_PARITY_SEED`, else the clock (fresh inputs each run).
 pub fn seed() -> u64 {
     match std::env::var("PHALANX_PARITY_SEED") {
