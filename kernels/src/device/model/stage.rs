@@ -151,10 +151,6 @@ impl<B: Backend> BackendStage<B> {
         }
     }
 
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
     fn forward_in(
         &mut self,
         stage: &Stage,
