@@ -168,7 +168,9 @@ row "medium 8×1024 bf16 (goal ≥ 35% of the BF16 GEMM ceiling)" "$([ -n "$tm" 
 fi
 # FP8: the backend opens cuBLASLt's block-scaled FP8 GEMM on the tensor cores when it agrees with
 # the CUDA-core kernel (its `device` line says which engine runs and why); small first, medium
-# (goal FP8 ≥ 1.3× BF16) only on the tensor cores, where a step stays short
+# (goal FP8 ≥ 1.3× BF16) only on the tensor cores, where a step stays short. FP8 runs over the
+# BF16 baseline (head and attention BF16, GemmPrecision::device_baseline), so the ratio is the
+# FP8 Linears' alone
 fp8out=$(bench configs/small.toml 8 128 5 --no-mtp --precision fp8 2>/tmp/gpu-check-fp8.log)
 read -r tf8 ff8 pf8 <<< "$fp8out"
 cat /tmp/gpu-check-fp8.log

@@ -236,10 +236,7 @@ fn bench_train_device(a: BenchArgs) -> Result<()> {
     // FP8 when the backend runs FP8 on the tensor cores; on the CUDA cores it is held against the
     // BF16 tensor-core ceiling)
     let backend = open()?;
-    let gemm = match a.precision {
-        kernels::model::Precision::F32 => GemmPrecision::F32,
-        _ => GemmPrecision::Bf16,
-    };
+    let gemm = GemmPrecision::device_baseline(a.precision);
     let fp8_ceiling = (a.precision == kernels::model::Precision::Fp8)
         .then(|| backend.fp8.gemm_tflops(&backend.gpu, 8192, 5).ok())
         .flatten();

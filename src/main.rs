@@ -264,10 +264,7 @@ fn train_cuda(
         })?;
         return print_summary(&summary, a.summary_json.as_deref());
     }
-    let gemm = match opts.precision {
-        kernels::model::Precision::Bf16 => GemmPrecision::Bf16,
-        _ => GemmPrecision::F32,
-    };
+    let gemm = GemmPrecision::device_baseline(opts.precision);
     let layout = actors::formation::Layout {
         compute: actors::formation::StagePlacement::Backend {
             device: kernels::device::Device::Cuda(ordinal),

@@ -340,7 +340,6 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
 ) -> Result<DeviceBench> {
     use kernels::device::backend::GemmPrecision;
     use kernels::device::model::DeviceModel;
-    use kernels::model::Precision;
     let dev = |e: kernels::device::backend::BackendError| anyhow::anyhow!("device step: {e}");
     let rc = RunConfig::load(config)?;
     let t = &rc.training;
@@ -350,9 +349,8 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     let parameters = model.num_params();
     let device = backend.describe();
     let mut m = DeviceModel::new(backend, model).map_err(dev)?;
-    if precision == Precision::Bf16 {
-        m.set_gemm_precision(GemmPrecision::Bf16);
-    }
+    // FP8 over BF16, as `phalanx train --device` runs it
+    m.set_gemm_precision(GemmPrecision::device_baseline(precision));
     let opt = crate::trainer::optimizer(t, precision);
     let lambda = if mtp { t.mtp_loss_weight } else { 0.0 };
     let data = storage::dataset::Dataset::synthetic(rc.model.vocab_size, 0, 1 << 20);

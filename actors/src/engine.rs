@@ -229,11 +229,25 @@ impl<B: Backend> StepEngine for DeviceEngine<B> {
 }
 
 /// A whole training job with every step on `backend` ([`DeviceEngine`]): the plain loop's data,
-/// schedule, evaluation, checkpoints and summary around the device step.
+/// schedule, evaluation, checkpoints and summary around the device step. What is not an FP8
+/// Linear runs in [`GemmPrecision::device_baseline`] of `opts.precision` (fp8: over BF16).
 pub fn train_on_device<B: Backend>(
     opts: &crate::trainer::TrainOptions,
     backend: B,
     microbatches: usize,
+    on_step: impl FnMut(&crate::trainer::StepRecord, u64),
+) -> Result<crate::trainer::TrainSummary> {
+    let baseline = GemmPrecision::device_baseline(opts.precision);
+    train_on_device_over(opts, backend, microbatches, baseline, on_step)
+}
+
+/// [`train_on_device`] with the GEMMs that are not FP8 Linears in `baseline` (F32 under
+/// `--precision fp8` is the CPU model's recipe, bit for bit on the CPU backend).
+pub fn train_on_device_over<B: Backend>(
+    opts: &crate::trainer::TrainOptions,
+    backend: B,
+    microbatches: usize,
+    baseline: GemmPrecision,
     on_step: impl FnMut(&crate::trainer::StepRecord, u64),
 ) -> Result<crate::trainer::TrainSummary> {
     let data = Arc::new(crate::trainer::open_data(opts)?);
@@ -247,13 +261,12 @@ pub fn train_on_device<B: Backend>(
         t.batch_size,
         t.seq_len,
     )?;
-    if opts.precision == kernels::model::Precision::Bf16 {
-        engine.model.set_gemm_precision(GemmPrecision::Bf16);
-    }
+    engine.model.set_gemm_precision(baseline);
     engine.microbatches = microbatches.max(1);
     tracing::info!(
         device = %engine.describe(),
         precision = %opts.precision,
+        baseline = ?baseline,
         "training on the device step"
     );
     crate::trainer::run(opts, &data, state, &mut engine, on_step)

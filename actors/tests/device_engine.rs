@@ -5,9 +5,9 @@
 
 mod common;
 
-use actors::engine::train_on_device;
+use actors::engine::{train_on_device, train_on_device_over};
 use actors::trainer::{self, CheckpointPlan, TrainSummary};
-use kernels::device::backend::Cpu;
+use kernels::device::backend::{Cpu, GemmPrecision};
 
 fn runs_alike(a: &TrainSummary, b: &TrainSummary) {
     assert_eq!(a.params_sha256, b.params_sha256);
@@ -59,8 +59,8 @@ fn device_run_resumes_from_its_checkpoints_to_the_uninterrupted_weights() {
     println!("4 + 4 steps resumed on the device: {}", rest.params_sha256);
 }
 
-/// `--precision fp8` through the device engine (CPU backend): the FP8 recipe with BF16 moments,
-/// the plain loop's run bit for bit.
+/// `--precision fp8` through the device engine (CPU backend) over an f32 baseline: the CPU
+/// model's FP8 recipe with BF16 moments, the plain loop's run bit for bit.
 #[test]
 fn device_engine_runs_the_fp8_recipe_as_the_plain_loop() {
     let mut opts = common::micro_options("device-fp8-plain", 2, 4, 6);
@@ -68,12 +68,41 @@ fn device_engine_runs_the_fp8_recipe_as_the_plain_loop() {
     let want = trainer::train(&opts, |_, _| {}).expect("plain fp8 run");
     let mut opts_dev = opts.clone();
     opts_dev.out_dir = common::scratch("device-fp8-dev");
-    let got = train_on_device(&opts_dev, Cpu, 1, |_, _| {}).expect("device fp8 run");
+    let got = train_on_device_over(&opts_dev, Cpu, 1, GemmPrecision::F32, |_, _| {})
+        .expect("device fp8 run");
     runs_alike(&got, &want);
     let f32_run = trainer::train(&common::micro_options("device-fp8-f32", 2, 4, 6), |_, _| {})
         .expect("f32 run");
     assert_ne!(f32_run.params_sha256, got.params_sha256, "fp8 took effect");
     println!("6 fp8 steps: {} = plain", got.params_sha256);
+}
+
+/// `--precision fp8` on a device runs over BF16 (DeepSeek-V3's setup): `train_on_device` is the
+/// BF16-baseline run, which leaves the f32-baseline recipe's bits (the head and attention are
+/// BF16) and stays near its loss.
+#[test]
+fn device_fp8_runs_over_a_bf16_baseline() {
+    let mut opts = common::micro_options("device-fp8-bf16", 2, 4, 6);
+    opts.precision = kernels::model::Precision::Fp8;
+    let got = train_on_device(&opts, Cpu, 1, |_, _| {}).expect("device fp8 run");
+    let mut over = opts.clone();
+    over.out_dir = common::scratch("device-fp8-over-bf16");
+    let bf16 =
+        train_on_device_over(&over, Cpu, 1, GemmPrecision::Bf16, |_, _| {}).expect("fp8 over bf16");
+    runs_alike(&got, &bf16);
+    over.out_dir = common::scratch("device-fp8-over-f32");
+    let f32_base =
+        train_on_device_over(&over, Cpu, 1, GemmPrecision::F32, |_, _| {}).expect("fp8 over f32");
+    assert_ne!(
+        got.params_sha256, f32_base.params_sha256,
+        "the baseline took effect"
+    );
+    let rel = ((got.final_loss - f32_base.final_loss) / f32_base.final_loss).abs();
+    assert!(rel < 1e-3, "fp8 over bf16 vs over f32: loss rel {rel:.2e}");
+    println!(
+        "6 fp8 steps over bf16: {} (loss {:.6} vs {:.6} over f32, rel {rel:.2e})",
+        got.params_sha256, got.final_loss, f32_base.final_loss
+    );
 }
 
 /// Gradient accumulation on the device: a step's batch as 4 micro-batches (the halves summed

@@ -698,30 +698,39 @@ fn bf16_steps_are_within_2e_2_of_the_f32_cpu_step() {
 
 /// The FP8 recipe's step on the GPU (micro and tiny, FP8 Linears) against the CPU model's FP8
 /// step: quantisation is bit-identical and the products exact, but reordered block sums can move
-/// a later quantisation across a rounding boundary, so the bound is looser than f32's: losses
-/// within 1e-4, every gradient within 1e-2 normwise (reported per tensor).
+/// a later quantisation across a rounding boundary, so the bound is looser than f32's. Over an
+/// f32 baseline (the CPU model's recipe): losses within 1e-4, every gradient within 1e-2
+/// normwise (reported per tensor). Over BF16 (`--device cuda --precision fp8`), against the CPU
+/// backend's BF16 emulation: issue 12's BF16 bound, 2e-2 for both.
 #[test]
 fn fp8_steps_match_the_cpu_fp8_step() {
     let Some(g) = open() else { return };
     let seed = parity::seed();
     let mut r = Report::default();
     let mut g = Some(g);
-    for (config, b, t) in [("micro.toml", 4, 16), ("tiny.toml", 4, 64)] {
+    let cases = [
+        ("micro.toml", 4, 16, GemmPrecision::F32, 1e-4, 1e-2),
+        ("tiny.toml", 4, 64, GemmPrecision::F32, 1e-4, 1e-2),
+        ("tiny.toml", 4, 64, GemmPrecision::Bf16, 2e-2, 2e-2),
+    ];
+    for (config, b, t, base, loss_tol, grad_tol) in cases {
         let (mut m, mut rng) = model(config, 1, seed);
         m.set_precision(kernels::model::Precision::Fp8);
         let bt = batch(&mut rng, m.cfg.vocab_size, b, t);
         let mut cpu = DeviceModel::new(Cpu, m.clone()).unwrap();
+        cpu.set_gemm_precision(base);
         let want = cpu.forward_backward(&bt, 0.3).unwrap();
         let mut dev = DeviceModel::new(g.take().expect("one device"), m.clone()).unwrap();
+        dev.set_gemm_precision(base);
         let got = dev.forward_backward(&bt, 0.3).unwrap();
-        let s = format!("{config} {b}×{t}, fp8");
+        let s = format!("{config} {b}×{t}, fp8 over {base:?}");
         let e = ((got.loss - want.loss) / want.loss).abs();
         r.check(
             "fp8 forward",
             &s,
-            "loss rel ≤ 1e-4",
+            &format!("loss rel ≤ {loss_tol:.0e}"),
             format!("{e:.2e}"),
-            e <= 1e-4,
+            e <= loss_tol,
         );
         let worst = parity::worst_tensor(
             &m.params.names,
@@ -731,14 +740,14 @@ fn fp8_steps_match_the_cpu_fp8_step() {
         r.check(
             "fp8 backward",
             &s,
-            "every gradient norm rel ≤ 1e-2",
+            &format!("every gradient norm rel ≤ {grad_tol:.0e}"),
             format!(
                 "worst {:.2e} ({}); loads equal {}",
                 worst.0,
                 worst.1,
                 got.loads == want.loads
             ),
-            worst.0 <= 1e-2,
+            worst.0 <= grad_tol,
         );
         g = Some(dev.backend);
     }

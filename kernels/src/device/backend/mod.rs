@@ -50,6 +50,20 @@ pub enum GemmPrecision {
     Bf16,
 }
 
+impl GemmPrecision {
+    /// The precision a device step under `--precision p` gives everything that is not an FP8
+    /// Linear (the output head, MTP's projection, attention; the MoE gate stays f32 whatever
+    /// this says): f32 → F32; bf16 → Bf16; fp8 → Bf16, DeepSeek-V3's own setup, where the FP8
+    /// Linears run over a BF16 mixed-precision baseline. The CPU model has no BF16 mode, so
+    /// `phalanx train --precision fp8` without a device keeps that rest in f32.
+    pub fn device_baseline(p: crate::model::Precision) -> GemmPrecision {
+        match p {
+            crate::model::Precision::F32 => GemmPrecision::F32,
+            crate::model::Precision::Bf16 | crate::model::Precision::Fp8 => GemmPrecision::Bf16,
+        }
+    }
+}
+
 /// A MoE layer's dispatch plan as the host built it (`DispatchPlan`), with the routing weights
 /// and, for every token, its `k` rows in ascending row order (the order the CPU adds them in).
 #[derive(Clone, Debug)]
