@@ -424,3 +424,72 @@ pub fn norm_tensors(seed: u64, lens: &[usize]) -> Vec<Vec<f32>> {
         })
         .collect()
 }
+
+/// One 128-wide group of a row for the FP8 quantisers, of a random kind: Gaussians at magnitudes
+/// 1e-6..1e4, zeros and −0.0, subnormals, exact round-to-nearest-even ties, huge values, specials.
+fn fp8_group(rng: &mut Rng, out: &mut [f32]) {
+    let sign = |rng: &mut Rng| if rng.below(2) == 0 { 1.0f32 } else { -1.0 };
+    match rng.below(8) {
+        0..=2 => {
+            let mag = 10f32.powf(rng.uniform() * 10.0 - 6.0);
+            out.iter_mut().for_each(|v| *v = rng.normal() * mag);
+        }
+        3 => out
+            .iter_mut()
+            .for_each(|v| *v = if rng.below(2) == 0 { 0.0 } else { -0.0 }),
+        4 => out.iter_mut().for_each(|v| {
+            *v = sign(rng) * f32::from_bits(1 + rng.below(0x007F_FFFF) as u32);
+        }),
+        5 => {
+            // amax = 448·2^k makes the scale exactly 2^k, so midpoints between E4M3 codes
+            // (times 2^k) are exact ties for the round-to-nearest-even encoder
+            let pow = 2f32.powi(rng.below(40) as i32 - 20);
+            for v in out.iter_mut() {
+                let c = rng.below(0x7D) as u8;
+                let mid = (kernels::fp8::format::decode_e4m3(c)
+                    + kernels::fp8::format::decode_e4m3(c + 1))
+                    / 2.0;
+                *v = sign(rng) * mid * pow;
+            }
+            out[rng.below(out.len() as u64) as usize] = sign(rng) * 448.0 * pow;
+        }
+        6 => out.iter_mut().for_each(|v| {
+            *v = if rng.below(64) == 0 {
+                sign(rng) * f32::MAX
+            } else {
+                rng.normal() * 1e37
+            };
+        }),
+        _ => {
+            let specials = [0.0, -0.0, 1e-40, -1e-45, 3e38, -2.5e-3, 1e-30];
+            out.iter_mut().for_each(|v| {
+                *v = if rng.below(4) == 0 {
+                    specials[rng.below(specials.len() as u64) as usize]
+                } else {
+                    rng.normal()
+                };
+            });
+        }
+    }
+}
+
+/// Adversarial FP8 input `rows × cols`: row-wise groups of random kinds (`fp8_group`), then one
+/// NaN and one +∞.
+pub fn adversarial(seed: u64, rows: usize, cols: usize) -> Vec<f32> {
+    let mut x = vec![0f32; rows * cols];
+    x.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let mut rng = Rng::stream(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), "fp8");
+            row.chunks_mut(128).for_each(|g| fp8_group(&mut rng, g));
+        });
+    let mut rng = Rng::stream(seed, "fp8 specials");
+    let n = x.len() as u64;
+    if n > 1 {
+        x[rng.below(n) as usize] = f32::INFINITY;
+    }
+    if n > 0 {
+        x[rng.below(n) as usize] = f32::NAN;
+    }
+    x
+}

@@ -7,7 +7,7 @@ use super::parity::{
     ADAMW_STEP, Report, adamw_case, adamw_kernel, bf16_mismatches, ce_case, indices, norm_tensors,
     normals, scaled, shape, sprinkle,
 };
-use super::{Emu, bits, step_checks};
+use super::{Emu, bits, fp8_checks, step_checks};
 use half::bf16;
 use kernels::ops::adamw::{Moments, global_norm};
 use kernels::ops::rope::{RopeTable, Yarn};
@@ -15,7 +15,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 16] = [
+pub const FAMILIES: [(&str, Family); 17] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -29,8 +29,9 @@ pub const FAMILIES: [(&str, Family); 16] = [
     ("copy_cols", step_checks::copy_rows),
     ("elementwise", step_checks::elementwise_rows),
     ("moe", step_checks::moe_rows),
-    ("fp8_gemm", step_checks::fp8_gemm_rows),
-    ("fp8_pack", step_checks::fp8_pack_rows),
+    ("fp8_quant", fp8_checks::fp8_quant_rows),
+    ("fp8_gemm", fp8_checks::fp8_gemm_rows),
+    ("fp8_pack", fp8_checks::fp8_pack_rows),
     ("router", step_checks::router_rows),
 ];
 

@@ -3,8 +3,8 @@
 // block; one block per row, per column tile, grid-stride or attention tiles). Called by
 // kernels/tests/cuda_emulation.rs as `driver <op> <dir> <args…>`: inputs are raw little-endian
 // files <dir>/<name>.bin written by the test, outputs are written the same way; float arguments
-// come as their IEEE bits (decimal u32) so that they cross exactly. The FP8 quantiser is left
-// out: cuda_fp8.h's host path needs headers the NVRTC wheels do not ship.
+// come as their IEEE bits (decimal u32) so that they cross exactly. The FP8 quantisers include
+// cuda_fp8.h, which here is include/cuda_fp8.h: a host stand-in for its one conversion.
 #include "shim.h"
 
 #include <cstdio>
@@ -25,6 +25,13 @@
 #include "../../src/device/cuda/moe.cu"
 #include "../../src/device/cuda/fp8_gemm.cu"
 #include "../../src/device/cuda/fp8_pack.cu"
+// fp8_quant.cu's TILE (128) is not attention.cu's (64): each source is compiled on its own by
+// NVRTC, so here the quantisers get theirs and the driver keeps attention's
+#pragma push_macro("TILE")
+#undef TILE
+#include "../../src/device/cuda/fp8_quant.cu"
+#undef TILE
+#pragma pop_macro("TILE")
 #include "../../src/device/cuda/router.cu"
 
 static const unsigned BLOCK = 256;
@@ -282,6 +289,32 @@ int main(int argc, char** argv) {
         launch(grid_stride(rows * ld), BLOCK,
                [&] { fp8_pack_scales(ps.data(), scales.data(), rows, cols, rs, cs, ld); });
         save("packed_codes", pc), save("packed_scales", ps);
+    } else if (op == "fp8_quant") {  // rows cols layout (0: 1×128, 1: 128×1, 2: 128×128) ue8m0
+        // launch/fp8.rs: fp8_quantize_dev's grids, then fp8_dequantize (grid-stride) on the codes
+        int rows = arg(3), cols = arg(4), layout = arg(5), ue8m0 = arg(6);
+        auto x = load<float>("x");
+        const long long tr = cdiv(rows, 128), tc = cdiv(cols, 128);
+        const long long ns = layout == 0 ? rows * tc : layout == 1 ? tr * cols : tr * tc;
+        std::vector<u8> codes((size_t)rows * cols);
+        std::vector<float> scales((size_t)ns), y((size_t)rows * cols);
+        if (layout == 0) {
+            launch({cdiv(rows * tc, BLOCK / 32), 1, 1}, BLOCK, [&] {
+                fp8_quantize_1x128(x.data(), codes.data(), scales.data(), rows, cols, ue8m0);
+            });
+        } else if (layout == 1) {
+            launch({cdiv(cols, BLOCK), (unsigned)tr, 1}, BLOCK, [&] {
+                fp8_quantize_128x1(x.data(), codes.data(), scales.data(), rows, cols, ue8m0);
+            });
+        } else {
+            launch({(unsigned)tc, (unsigned)tr, 1}, BLOCK, [&] {
+                fp8_quantize_128x128(x.data(), codes.data(), scales.data(), rows, cols, ue8m0);
+            });
+        }
+        const int gr = layout == 0 ? 1 : 128, gc = layout == 1 ? 1 : 128;
+        launch(grid_stride((long long)rows * cols), BLOCK, [&] {
+            fp8_dequantize(codes.data(), scales.data(), y.data(), rows, cols, gr, gc);
+        });
+        save("codes", codes), save("scales", scales), save("y", y);
     } else if (op == "route") {  // n e n_group topk_group k scale_bits normalize seq alpha_bits alpha_seq_bits
         int n = arg(3), e = arg(4), ng = arg(5), tg = arg(6), k = arg(7), norm = arg(9), seq = arg(10);
         float scale = farg(8), alpha = farg(11), alpha_seq = farg(12);

@@ -4,12 +4,10 @@
 //! DeepSeek-sized activation and shapes that are not multiples of 128. Codes and scales must be
 //! bit-identical; a NaN code or scale matches any NaN (the GPU writes canonical NaNs).
 
+pub use super::report::adversarial;
 use super::report::{Report, code_mismatches, f32_mismatches, shape};
 use kernels::device::cuda::launch::Gpu;
-use kernels::fp8::format::decode_e4m3;
 use kernels::fp8::{ScaleFormat, ScaleLayout, dequantize, quantize};
-use kernels::rng::Rng;
-use rayon::prelude::*;
 
 const BIG: (usize, usize) = (4096, 7168);
 const EDGES: [(usize, usize); 5] = [(1, 1), (3, 385), (129, 127), (257, 1000), (130, 4097)];
@@ -20,71 +18,6 @@ const LAYOUTS: [(ScaleLayout, &str); 3] = [
 ];
 const FORMATS: [(ScaleFormat, &str); 2] =
     [(ScaleFormat::F32, "f32"), (ScaleFormat::Ue8m0, "ue8m0")];
-
-/// One 128-wide group of a row, of a random kind (see the module doc).
-fn group(rng: &mut Rng, out: &mut [f32]) {
-    let sign = |rng: &mut Rng| if rng.below(2) == 0 { 1.0f32 } else { -1.0 };
-    match rng.below(8) {
-        0..=2 => {
-            let mag = 10f32.powf(rng.uniform() * 10.0 - 6.0);
-            out.iter_mut().for_each(|v| *v = rng.normal() * mag);
-        }
-        3 => out
-            .iter_mut()
-            .for_each(|v| *v = if rng.below(2) == 0 { 0.0 } else { -0.0 }),
-        4 => out.iter_mut().for_each(|v| {
-            *v = sign(rng) * f32::from_bits(1 + rng.below(0x007F_FFFF) as u32);
-        }),
-        5 => {
-            // amax = 448·2^k makes the scale exactly 2^k, so midpoints between E4M3 codes
-            // (times 2^k) are exact ties for the round-to-nearest-even encoder
-            let pow = 2f32.powi(rng.below(40) as i32 - 20);
-            for v in out.iter_mut() {
-                let c = rng.below(0x7D) as u8;
-                let mid = (decode_e4m3(c) + decode_e4m3(c + 1)) / 2.0;
-                *v = sign(rng) * mid * pow;
-            }
-            out[rng.below(out.len() as u64) as usize] = sign(rng) * 448.0 * pow;
-        }
-        6 => out.iter_mut().for_each(|v| {
-            *v = if rng.below(64) == 0 {
-                sign(rng) * f32::MAX
-            } else {
-                rng.normal() * 1e37
-            };
-        }),
-        _ => {
-            let specials = [0.0, -0.0, 1e-40, -1e-45, 3e38, -2.5e-3, 1e-30];
-            out.iter_mut().for_each(|v| {
-                *v = if rng.below(4) == 0 {
-                    specials[rng.below(specials.len() as u64) as usize]
-                } else {
-                    rng.normal()
-                };
-            });
-        }
-    }
-}
-
-/// Adversarial `rows × cols`: row-wise groups of random kinds, then one NaN and one +∞.
-pub fn adversarial(seed: u64, rows: usize, cols: usize) -> Vec<f32> {
-    let mut x = vec![0f32; rows * cols];
-    x.par_chunks_mut(cols.max(1))
-        .enumerate()
-        .for_each(|(r, row)| {
-            let mut rng = Rng::stream(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), "fp8");
-            row.chunks_mut(128).for_each(|g| group(&mut rng, g));
-        });
-    let mut rng = Rng::stream(seed, "fp8 specials");
-    let n = x.len() as u64;
-    if n > 1 {
-        x[rng.below(n) as usize] = f32::INFINITY;
-    }
-    if n > 0 {
-        x[rng.below(n) as usize] = f32::NAN;
-    }
-    x
-}
 
 /// Mismatch counts of one shape, added into `acc` (codes, scales, dequantised values, elements,
 /// scale count, NaN scales).
