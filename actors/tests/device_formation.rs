@@ -126,3 +126,29 @@ fn bf16_device_stages_leave_the_f32_bits_in_both_engines() {
         "threads and actors agree"
     );
 }
+
+/// `--precision fp8` with formation flags on a device: the stage copies run the FP8 Linears over
+/// the BF16 baseline the single-process device run uses (`GemmPrecision::device_baseline`), and
+/// the formation ends with that run's bits (the CPU backend).
+#[test]
+fn fp8_device_stages_are_the_single_process_device_run() {
+    let precision = kernels::model::Precision::Fp8;
+    let mut l = layout(ScheduleKind::Zb1p, 2, 4);
+    l.compute = StagePlacement::Backend {
+        device: Device::Cpu,
+        gemm: GemmPrecision::device_baseline(precision),
+    };
+    let mut opts = common::micro_options("dev-fp8-single", 4, 8, 3);
+    opts.precision = precision;
+    let want = actors::engine::train_on_device(&opts, kernels::device::backend::Cpu, 4, |_, _| {})
+        .expect("single-process device run");
+    let mut opts = common::micro_options("dev-fp8-threads", 4, 8, 3);
+    opts.precision = precision;
+    let got = formation::train_threads(&opts, &l, |_, _| {}).expect("fp8 device stages");
+    println!(
+        "fp8 over bf16, zb1p pp2: {} (single-process device run {})",
+        got.params_sha256, want.params_sha256
+    );
+    assert_eq!(got.params_sha256, want.params_sha256);
+    assert_eq!(got.final_loss.to_bits(), want.final_loss.to_bits());
+}
