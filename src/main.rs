@@ -242,7 +242,7 @@ fn train(a: TrainArgs) -> Result<()> {
 /// `kernels::device::model`); with formation flags (`--pp`, `--schedule`, `--inject`,
 /// `--threads`), the formation with every stage copy on a GPU (rank r on cuda:N+r, modulo the
 /// devices there are), in one process or under `phalanx launch` (each worker process opens its
-/// rank's device). Expert groups (`--ep`) are refused by name.
+/// rank's device), expert groups (`--ep`) on their stage copy's device.
 #[cfg(feature = "cuda")]
 fn train_cuda(
     a: &TrainArgs,

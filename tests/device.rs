@@ -96,15 +96,17 @@ fn bf16_on_the_cpu_is_refused_by_name() {
 }
 
 /// `PHALANX_STAGE_BACKEND=cpu` runs the formation's stage copies through the device-stage path on
-/// the CPU backend: the same weights as the CPU model's formation; another value is refused by
-/// name before anything runs.
+/// the CPU backend: the same weights as the CPU model's formation, also with `--ep 2` (whose
+/// expert groups then compute on their copy's backend); another value is refused by name before
+/// anything runs.
 #[test]
 fn the_device_stage_path_runs_on_the_cpu_backend_by_environment() {
-    let run = |name: &str, backend: Option<&str>| {
+    let run_with = |name: &str, backend: Option<&str>, extra: &[&str]| {
         let out = common::tmp(name);
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"));
         cmd.args(["train", "--config", "configs/micro.toml", "--steps", "3"])
             .args(["--pp", "2", "--schedule", "zb1p", "--microbatches", "4"])
+            .args(extra)
             .args(["--no-checkpoint", "--out"])
             .arg(&out)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -114,6 +116,7 @@ fn the_device_stage_path_runs_on_the_cpu_backend_by_environment() {
         }
         cmd.output().expect("phalanx runs")
     };
+    let run = |name: &str, backend: Option<&str>| run_with(name, backend, &[]);
     let sha = |o: &std::process::Output| {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -125,12 +128,22 @@ fn the_device_stage_path_runs_on_the_cpu_backend_by_environment() {
     println!("device stages on the cpu backend: {got} (cpu model {want})");
     assert_eq!(got, want);
     // every copy of the two ranks said where it computes; the CPU model's run said nothing
-    let said = |o: &std::process::Output| {
-        String::from_utf8_lossy(&o.stderr)
-            .matches("stage copy computes on cpu")
-            .count()
+    let said = |o: &std::process::Output, what: &str| {
+        String::from_utf8_lossy(&o.stderr).matches(what).count()
     };
-    assert_eq!((said(&dev), said(&model)), (2, 0));
+    let copies = "stage copy computes on cpu";
+    assert_eq!((said(&dev, copies), said(&model, copies)), (2, 0));
+    let ep = ["--ep", "2"];
+    let (model_ep, dev_ep) = (
+        run_with("stage-backend-model-ep", None, &ep),
+        run_with("stage-backend-cpu-ep", Some("cpu"), &ep),
+    );
+    let (want, got) = (sha(&model_ep), sha(&dev_ep));
+    println!("--ep 2, device stages and groups on the cpu backend: {got} (cpu model {want})");
+    assert_eq!(got, want);
+    // two groups for each of the two copies
+    let groups = "expert group computes on cpu";
+    assert_eq!((said(&dev_ep, groups), said(&model_ep, groups)), (4, 0));
     let o = run("stage-backend-bad", Some("gpu"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

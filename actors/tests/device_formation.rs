@@ -85,13 +85,50 @@ fn actor_formation_on_device_stages_heals_to_the_same_bits() {
     assert_eq!(healed.params_sha256, want.params_sha256, "after faults");
 }
 
+/// `--ep 2` on device stages: every stage copy's routed experts in two expert groups, groups and
+/// the rest of the copy's layers on the CPU backend (the groups on their copy's device). The
+/// thread executor and the supervised actors (ExpertGroupActors, with a panic in an expert group
+/// healed: the restarted group opens its device again) end with the CPU formation's bits under
+/// the same `--ep 2`; with BF16 GEMMs on the backend the bits change and the loss stays near.
 #[test]
-fn expert_groups_on_device_stages_are_refused_by_flag() {
-    let opts = common::micro_options("dev-ep", 4, 4, 1);
-    let mut l = layout(ScheduleKind::OneFOneB, 2, 2);
-    l.ep = 2;
-    let e = formation::train_threads(&opts, &l, |_, _| {}).unwrap_err();
-    assert!(format!("{e}").contains("--ep 2 with --device"), "{e}");
+fn expert_groups_on_device_stages_keep_the_cpu_formation_bits() {
+    let kind = ScheduleKind::OneFOneB;
+    let mut cpu = layout(kind, 2, 4);
+    cpu.compute = StagePlacement::Model;
+    cpu.ep = 2;
+    let mut dev = layout(kind, 2, 4);
+    dev.ep = 2;
+    let opts = common::micro_options("dev-ep-cpu", 4, 8, 3);
+    let want = formation::train_threads(&opts, &cpu, |_, _| {}).expect("cpu formation, --ep 2");
+    let opts = common::micro_options("dev-ep-threads", 4, 8, 3);
+    let threads = formation::train_threads(&opts, &dev, |_, _| {}).expect("device stages, --ep 2");
+    let plan = "step_timeout_ms = 1500\n\n[[fault]]\nat_step = 2\nphase = \"forward\"\nactor = \"expert\"\nrank = 1\nkind = \"panic\"\n";
+    let plan = InjectPlan::parse(plan, "device-ep-faults.toml").expect("plan");
+    let opts = common::micro_options("dev-ep-actors", 4, 8, 3);
+    let actors = formation::train(&opts, &dev, Some(plan), |_, _| {}).expect("actors, --ep 2");
+    println!(
+        "--ep 2 on device stages: threads {}, actors {} ({} restarts), cpu formation {}",
+        threads.params_sha256, actors.params_sha256, actors.restarts, want.params_sha256
+    );
+    assert_eq!(threads.params_sha256, want.params_sha256, "threads");
+    assert_eq!(actors.params_sha256, want.params_sha256, "actors");
+    assert_eq!(actors.restarts, 1, "the expert group's panic was healed");
+    // the stage copies really computed on the backend: with BF16 GEMMs there they leave the bits
+    dev.compute = StagePlacement::Backend {
+        device: Device::Cpu,
+        gemm: GemmPrecision::Bf16,
+    };
+    let opts = common::micro_options("dev-ep-bf16", 4, 8, 3);
+    let bf16 = formation::train_threads(&opts, &dev, |_, _| {}).expect("bf16 device stages");
+    let rel = (bf16.final_loss - want.final_loss).abs() / want.final_loss;
+    assert_ne!(
+        bf16.params_sha256, want.params_sha256,
+        "bf16 stages ran as f32"
+    );
+    assert!(
+        rel < 1e-4,
+        "bf16 stages with --ep 2: loss {rel:.2e} from f32"
+    );
 }
 
 /// The device stages really run: with BF16 GEMMs on the CPU backend (which rounds the operands as

@@ -1,8 +1,9 @@
 //! Pipeline stage copies on a device (`kernels::device::model::stage`) against the CPU model's
 //! stage runners: on the CPU backend a pipelined step's reduced gradients and stats equal the
 //! CPU runners' bit for bit (f32 and FP8, one to three stages, MTP's shared embedding, one or
-//! two copies per stage, W deferred and out of order), parameters installed after a step are the
-//! ones the next step uses, and an order the device cannot keep is refused by name.
+//! two copies per stage, W deferred and out of order; with the routed experts in expert groups),
+//! parameters installed after a step are the ones the next step uses, and an order the device
+//! cannot keep is refused by name.
 
 use kernels::device::Device;
 use kernels::device::backend::{Cpu, GemmPrecision};
@@ -38,6 +39,12 @@ fn batches(model: &DeepSeekV3, b: usize, t: usize, m: usize, seed: u64) -> Vec<B
 
 /// `lanes` copies of each of `stages` stages (lane `l` runs half `l` of the micro-batches when
 /// there are two), on the CPU model or the CPU backend.
+/// The stage copies (and expert groups) on the CPU backend, f32 GEMMs.
+const PLACE: StagePlacement = StagePlacement::Backend {
+    device: Device::Cpu,
+    gemm: GemmPrecision::F32,
+};
+
 fn runners(
     model: &DeepSeekV3,
     stages: usize,
@@ -45,10 +52,7 @@ fn runners(
     m: usize,
     dev: bool,
 ) -> Vec<Vec<StageRunner>> {
-    let place = StagePlacement::Backend {
-        device: Device::Cpu,
-        gemm: GemmPrecision::F32,
-    };
+    let place = PLACE;
     (0..lanes)
         .map(|_| {
             Stage::split(model, stages)
@@ -193,14 +197,14 @@ fn out_of_place_calls_are_refused_by_name() {
     let mut d = BackendStage::new(Cpu, 4, GemmPrecision::F32);
     d.load(&stage).unwrap();
     for (i, b) in mbs.iter().enumerate().take(2) {
-        d.forward(&stage, i, b, None, MTP).unwrap();
+        d.forward(&stage, i, b, None, MTP, None).unwrap();
     }
     let e = d.backward_weight(&stage, 0).unwrap_err();
     assert!(e.contains("W of micro-batch 0 before its backward"), "{e}");
-    let e = d.backward_input(&stage, 2, None).unwrap_err();
+    let e = d.backward_input(&stage, 2, None, None).unwrap_err();
     assert!(e.contains("micro-batch 2 before its forward"), "{e}");
-    d.backward_input(&stage, 1, None).unwrap();
-    let e = d.backward_input(&stage, 1, None).unwrap_err();
+    d.backward_input(&stage, 1, None, None).unwrap();
+    let e = d.backward_input(&stage, 1, None, None).unwrap_err();
     assert!(e.contains("micro-batch 1 ran twice"), "{e}");
     assert_eq!((d.stashed(), d.pending_weight()), (1, 1));
     // micro-batch 1's W comes before micro-batch 0's: it waits, nothing owed any more
@@ -223,20 +227,101 @@ fn out_of_place_calls_are_refused_by_name() {
     assert_eq!((d.stashed(), d.pending_weight()), (0, 0));
 }
 
-/// A stage runner whose experts run in expert groups does not take a device, by name.
+/// Expert groups that count the blocks they answer.
+#[derive(Debug)]
+struct Counted {
+    groups: kernels::model::experts::LocalExpertGroups,
+    blocks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl kernels::model::layers::ExpertCompute for Counted {
+    fn forward(
+        &mut self,
+        site: kernels::model::layers::ExpertSite,
+        blocks: Vec<(usize, Vec<f32>)>,
+    ) -> Vec<Vec<f32>> {
+        let n = blocks.len();
+        self.blocks
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.groups.forward(site, blocks)
+    }
+
+    fn backward(
+        &mut self,
+        site: kernels::model::layers::ExpertSite,
+        blocks: Vec<(usize, Vec<f32>)>,
+    ) -> Vec<kernels::model::layers::ExpertGrads> {
+        self.groups.backward(site, blocks)
+    }
+}
+
+/// Expert parallelism beside device stages: each runner's routed experts in two in-process
+/// expert groups (`LocalExpertGroups`, on the CPU model), its other layers on the CPU backend;
+/// the dispatched rows cross to the groups and back, and every expert's weight gradients come
+/// back as dense jobs. With the groups on the CPU model and with the groups on the CPU backend
+/// too (`BackendExperts`), the step equals the CPU runners with CPU groups bit for bit (f32 and
+/// FP8, the MTP module's MoE layer included), and the device stages really sent their experts'
+/// rows to the groups (as many blocks as the CPU runners sent).
 #[test]
-fn expert_groups_and_device_stages_do_not_mix() {
-    let full = model("micro");
-    let stage = Stage::split(&full, 1).remove(0);
-    let layers = stage.layers.clone();
-    let mut r = StageRunner::new(stage, MTP, 1);
-    r.set_experts(Box::new(kernels::model::experts::LocalExpertGroups::new(
-        &full, layers, 2,
-    )));
-    let e = r
-        .set_device(Box::new(BackendStage::new(Cpu, 1, GemmPrecision::F32)))
-        .unwrap_err();
-    assert!(e.contains("--ep"), "{e}");
+fn device_stages_with_expert_groups_equal_the_cpu_runners_bitwise() {
+    use kernels::model::experts::LocalExpertGroups;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for precision in [Precision::F32, Precision::Fp8] {
+        let mut full = model("micro");
+        full.set_precision(precision);
+        let mbs = batches(&full, 4, 8, 4, 21);
+        for stages in [1, 2] {
+            let what = format!("micro {precision:?}, {stages} stages, --ep 2");
+            // the stages on the device or not, and the groups on the device or not
+            let with_groups =
+                |dev: bool, dev_groups: bool, blocks: &std::sync::Arc<AtomicUsize>| {
+                    let mut rs = runners(&full, stages, 1, 4, dev);
+                    for (rank, r) in rs[0].iter_mut().enumerate() {
+                        let layers = r.stage.layers.clone();
+                        let mut groups = LocalExpertGroups::new(&full, layers, 2);
+                        if dev_groups {
+                            for g in &mut groups.groups {
+                                let d = PLACE.open_experts(rank).unwrap().unwrap();
+                                g.set_device(d).unwrap();
+                                assert!(g.device().unwrap().starts_with("cpu"));
+                            }
+                        }
+                        r.set_experts(Box::new(Counted {
+                            groups,
+                            blocks: blocks.clone(),
+                        }));
+                    }
+                    rs
+                };
+            let cpu_blocks = Default::default();
+            let (want, want_stats) = step(&mut with_groups(false, false, &cpu_blocks), &full, &mbs);
+            for dev_groups in [false, true] {
+                let what = format!("{what}, groups on the device: {dev_groups}");
+                let dev_blocks = Default::default();
+                let mut rs = with_groups(true, dev_groups, &dev_blocks);
+                let (got, got_stats) = step(&mut rs, &full, &mbs);
+                assert_same(&full, &got, &want, &what);
+                assert_eq!(got_stats, want_stats, "{what}");
+                let sent = dev_blocks.load(Ordering::Relaxed);
+                assert!(sent > 0, "{what}: the device stages sent no block");
+                assert_eq!(
+                    sent,
+                    cpu_blocks.load(Ordering::Relaxed),
+                    "{what}: blocks sent"
+                );
+            }
+            let expert = full
+                .params
+                .names
+                .iter()
+                .position(|n| n.contains(".experts.0.down_proj"))
+                .expect("micro has routed experts");
+            assert!(
+                want[expert].data.iter().any(|&v| v != 0.0),
+                "{what}: no expert gradient"
+            );
+        }
+    }
 }
 
 /// The staged step (two stages, reduced and scaled by 1/micro-batches) equals the whole-model

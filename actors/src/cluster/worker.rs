@@ -136,10 +136,12 @@ pub fn run(opts: &TrainOptions, layout: &Layout, spec: WorkerSpec) -> Result<Str
     let model = trainer::build_model(opts)?;
     let t = &opts.config.training;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
-    let mut pipeline = Pipeline::new(&model, schedule.clone(), t.mtp_loss_weight, layout.wire)?
-        .with_ep(&model, layout.ep);
+    let mut pipeline = Pipeline::new(&model, schedule.clone(), t.mtp_loss_weight, layout.wire)?;
     let mut rank = pipeline.ranks.swap_remove(spec.rank);
     drop(pipeline);
+    // this process's rank only: its expert groups and stage copies on its device
+    let (ep, d) = (layout.ep, model.cfg.hidden_size);
+    rank.with_ep(&model, ep, layout.wire, d, layout.compute)?;
     rank.on(layout.compute, schedule.microbatches)?;
     let d = model.cfg.hidden_size;
     let full = model.params;

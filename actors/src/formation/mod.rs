@@ -78,13 +78,6 @@ impl Layout {
                 );
             }
         }
-        if self.ep > 1 && self.compute != StagePlacement::Model {
-            bail!(
-                "--ep {} with --device: the expert groups run on the CPU model; on a device the \
-                 routed experts run inside their stage (use --ep 1)",
-                self.ep
-            );
-        }
         if self.microbatches == 0 || !t.batch_size.is_multiple_of(self.microbatches) {
             bail!(
                 "--microbatches {}: the batch size {} must be a positive multiple of it",
@@ -235,7 +228,7 @@ pub fn train_threads(
     let t = &opts.config.training;
     let schedule = build(layout.schedule, layout.pp, layout.microbatches)?;
     let pipeline = threads::Pipeline::new(&state.model, schedule, t.mtp_loss_weight, layout.wire)?
-        .with_ep(&state.model, layout.ep)
+        .with_ep(&state.model, layout.ep, layout.compute)?
         .on(layout.compute)?;
     let mut engine = threads::ThreadEngine {
         pipeline,

@@ -55,6 +55,39 @@ impl RankState {
         Ok(())
     }
 
+    /// Expert parallelism: the routed experts of every stage copy's decoder blocks run in `ep`
+    /// in-process expert groups behind the wire (payloads really encoded to frames as `wire`),
+    /// on the copy's device under `placement` (the CPU model by default). No-op for 1.
+    pub fn with_ep(
+        &mut self,
+        model: &DeepSeekV3,
+        ep: usize,
+        wire: Wire,
+        d: usize,
+        placement: StagePlacement,
+    ) -> Result<()> {
+        if ep <= 1 {
+            return Ok(());
+        }
+        for (copy, c) in self.copies.iter_mut() {
+            let layers = c.stage.layers.clone();
+            let mut groups = LocalExpertGroups::new(model, layers, ep);
+            for g in &mut groups.groups {
+                let (rank, index) = (self.rank, g.index);
+                let on = |e: String| {
+                    anyhow!("expert group {index} of stage copy s{copy} on rank {rank}: {e}")
+                };
+                if let Some(dev) = placement.open_experts(rank).map_err(on)? {
+                    g.set_device(dev).map_err(on)?;
+                    let on = g.device().unwrap_or_default();
+                    tracing::info!(rank, copy, group = index, "expert group computes on {on}");
+                }
+            }
+            c.set_experts(Box::new(WiredExperts { groups, wire, d }));
+        }
+        Ok(())
+    }
+
     /// Runs a machine's `RunOp` on the copy it names; its answer for the machine.
     pub fn run_op(
         &mut self,
@@ -152,22 +185,17 @@ impl Pipeline {
         })
     }
 
-    /// Expert parallelism: the routed experts of every stage copy's decoder blocks run in `ep`
-    /// in-process expert groups behind the wire (payloads really encoded to frames). No-op for 1.
-    pub fn with_ep(mut self, model: &DeepSeekV3, ep: usize) -> Pipeline {
-        if ep > 1 {
-            for r in &mut self.ranks {
-                for c in r.copies.values_mut() {
-                    let layers = c.stage.layers.clone();
-                    c.set_experts(Box::new(WiredExperts {
-                        groups: LocalExpertGroups::new(model, layers, ep),
-                        wire: self.wire,
-                        d: self.hidden,
-                    }));
-                }
-            }
+    /// Expert parallelism on every rank ([`RankState::with_ep`]).
+    pub fn with_ep(
+        mut self,
+        model: &DeepSeekV3,
+        ep: usize,
+        placement: StagePlacement,
+    ) -> Result<Pipeline> {
+        for r in &mut self.ranks {
+            r.with_ep(model, ep, self.wire, self.hidden, placement)?;
         }
-        self
+        Ok(self)
     }
 
     /// Every rank's stage copies on `placement` (see [`RankState::on`]).

@@ -175,13 +175,22 @@ impl Actor for ExpertGroupActor {
         a: ExpertArgs,
     ) -> Result<ExpertState, ActorProcessingErr> {
         let ctx = a.ctx.clone();
-        let (copy, group) = (a.copy, a.group);
+        let (copy, group, rank) = (a.copy, a.group, a.rank);
         let g = tokio::task::spawn_blocking(move || {
             let model_stage = ctx.schedule.stages[copy].model_stage;
             let layers = ctx.ranges[model_stage].clone();
-            ExpertGroup::new(&ctx.template, layers, group, ctx.ep)
+            let mut g = ExpertGroup::new(&ctx.template, layers, group, ctx.ep);
+            // beside a device stage copy, its groups compute on the copy's device
+            if let Some(d) = ctx.compute.open_experts(rank)? {
+                g.set_device(d)?;
+            }
+            Ok::<_, String>(g)
         })
-        .await?;
+        .await?
+        .map_err(|e| format!("expert group {group} of stage copy s{copy} on rank {rank}: {e}"))?;
+        if let Some(on) = g.device() {
+            tracing::info!(rank, copy, group, "expert group computes on {on}");
+        }
         Ok(ExpertState {
             ctx: a.ctx,
             rank: a.rank,

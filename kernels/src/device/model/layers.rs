@@ -5,6 +5,7 @@
 //! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
 
 use super::super::backend::{Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision};
+use super::remote::{self, Remote};
 use super::weight::{OwedJob, WeightJob, defers, weight};
 use crate::model::config::ModelConfig;
 use crate::model::deepseek::{Batch, rope_table};
@@ -27,6 +28,8 @@ pub(crate) struct Ctx<'a, B: Backend> {
     /// Where weight gradients wait for W when they are deferred (a pipeline stage's B*); None
     /// adds them into `g` at once.
     pub defer: Option<&'a mut Vec<OwedJob<B>>>,
+    /// Where the MoE layers' routed experts run when not here (a stage's expert groups, `--ep`).
+    pub remote: Option<&'a Remote<'a>>,
 }
 
 impl<'a, B: Backend> Ctx<'a, B> {
@@ -45,8 +48,18 @@ impl<'a, B: Backend> Ctx<'a, B> {
             gemm,
             handed: None,
             defer: None,
+            remote: None,
         }
     }
+}
+
+/// Every tensor of `store` uploaded to `b` (by tensor id), the device's entered first.
+pub(crate) fn upload_params<B: Backend>(
+    b: &B,
+    store: &crate::model::params::ParamStore,
+) -> BackendResult<Vec<B::Buf>> {
+    b.enter()?;
+    store.tensors.iter().map(|t| b.upload(&t.data)).collect()
 }
 
 /// Ok when `batch` holds `batch × seq` tokens with seq ≥ 1.
@@ -376,17 +389,25 @@ pub(crate) fn mla_backward<B: Backend>(
 }
 
 /// DeepSeekMoE's activations (its input is kept by the block): the affinities and the routing,
-/// and the routed experts' as one block of dispatched rows (`xe`, the gate and up outputs,
-/// SwiGLU's output, the experts' output).
+/// the routed experts' (`Here`, or kept by their expert groups) and their output `ye`.
 pub(crate) struct MoeSt<B: Backend> {
     s: B::Buf,
     route: B::Route,
-    xe: B::Buf,
-    a: B::Buf,
-    bv: B::Buf,
-    h: B::Buf,
+    experts: ExpertsSt<B>,
     ye: B::Buf,
     shared: SwiSt<B>,
+}
+
+/// The routed experts' activations as one block of dispatched rows (`xe`, the gate and up
+/// outputs, SwiGLU's output), or `Remote`: their expert groups keep them.
+enum ExpertsSt<B: Backend> {
+    Here {
+        xe: B::Buf,
+        a: B::Buf,
+        bv: B::Buf,
+        h: B::Buf,
+    },
+    Remote,
 }
 
 /// The routed experts' parameter ids (gate, up, down per expert) and how they multiply.
@@ -399,11 +420,13 @@ fn expert_ids<B: Backend>(c: &Ctx<'_, B>, m: &Moe) -> ([Vec<usize>; 3], ExpertGe
     ([ids(|e| &e.gate), ids(|e| &e.up), ids(|e| &e.down)], kind)
 }
 
+/// MoE layer `layer` (its `ExpertSite` when the routed experts are remote).
 pub(crate) fn moe_forward<B: Backend>(
     c: &Ctx<'_, B>,
     m: &Moe,
     x: &B::Buf,
     rows: Rows,
+    layer: usize,
 ) -> BackendResult<(B::Buf, MoeSt<B>, MoeStats)> {
     let b = c.b;
     let d = m.gate.d_in;
@@ -413,13 +436,22 @@ pub(crate) fn moe_forward<B: Backend>(
     let route = b.route(&s, &c.p[m.bias.0], &m.rule, e)?;
     let (plan, offs) = (b.route_plan(&route), b.route_offsets(&route));
     let xe = b.dispatch_forward(x, plan, d)?;
-    // every expert's SwiGLU at once: grouped GEMMs over the segments, SwiGLU over all rows
-    let ([gate, up, down], kind) = expert_ids(c, m);
-    let inter = m.experts.first().map_or(0, |e| e.gate.d_out);
-    let a = b.grouped_linear_forward(&xe, c.p, &gate, offs, d, inter, kind)?;
-    let bv = b.grouped_linear_forward(&xe, c.p, &up, offs, d, inter, kind)?;
-    let h = b.swiglu_forward(&a, &bv)?;
-    let ye = b.grouped_linear_forward(&h, c.p, &down, offs, inter, d, kind)?;
+    let (ye, experts) = match c.remote {
+        Some(r) => (
+            remote::forward(c, r, layer, &xe, offs, d)?,
+            ExpertsSt::Remote,
+        ),
+        None => {
+            // every expert's SwiGLU at once: grouped GEMMs over the segments, SwiGLU over all rows
+            let ([gate, up, down], kind) = expert_ids(c, m);
+            let inter = m.experts.first().map_or(0, |e| e.gate.d_out);
+            let a = b.grouped_linear_forward(&xe, c.p, &gate, offs, d, inter, kind)?;
+            let bv = b.grouped_linear_forward(&xe, c.p, &up, offs, d, inter, kind)?;
+            let h = b.swiglu_forward(&a, &bv)?;
+            let ye = b.grouped_linear_forward(&h, c.p, &down, offs, inter, d, kind)?;
+            (ye, ExpertsSt::Here { xe, a, bv, h })
+        }
+    };
     let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
     b.combine_forward(&mut out, &ye, plan, d)?;
     let balance_loss = if m.alpha > 0.0 {
@@ -435,10 +467,7 @@ pub(crate) fn moe_forward<B: Backend>(
     let st = MoeSt {
         s,
         route,
-        xe,
-        a,
-        bv,
-        h,
+        experts,
         ye,
         shared,
     };
@@ -452,6 +481,7 @@ pub(crate) fn moe_backward<B: Backend>(
     st: MoeSt<B>,
     x: &B::Buf,
     rows: Rows,
+    layer: usize,
 ) -> BackendResult<B::Buf> {
     let b = c.b;
     let d = m.gate.d_in;
@@ -460,27 +490,42 @@ pub(crate) fn moe_backward<B: Backend>(
     let (dye, dweights) = b.combine_backward_input(dy, &st.ye, plan, d)?;
     let mut dx = b.zeros(n * d)?;
     swiglu_backward(c, &m.shared, dy, st.shared, x, &mut dx, false)?;
-    // the experts' SwiGLU backward, each GEMM grouped: down, SwiGLU, gate, then up
-    let ([gate, up, down], kind) = expert_ids(c, m);
-    let inter = b.len(&st.a) / offs.last().copied().unwrap_or(0).max(1);
-    let mut dh = b.zeros(b.len(&st.a))?;
-    b.grouped_linear_backward_input(&mut dh, &dye, c.p, &down, offs, inter, d, false, kind)?;
-    let grouped = |ids, dy, x, din, dout| WeightJob::Grouped {
-        ids,
-        dy,
-        x,
-        offsets: offs.to_vec(),
-        din,
-        dout,
-        kind,
+    let dxe = match (st.experts, c.remote) {
+        (ExpertsSt::Remote, Some(r)) => remote::backward(c, r, m, layer, &dye, offs, d)?,
+        (ExpertsSt::Here { xe, a, bv, h }, None) => {
+            // the experts' SwiGLU backward, each GEMM grouped: down, SwiGLU, gate, then up
+            let ([gate, up, down], kind) = expert_ids(c, m);
+            let inter = b.len(&a) / offs.last().copied().unwrap_or(0).max(1);
+            let mut dh = b.zeros(b.len(&a))?;
+            b.grouped_linear_backward_input(
+                &mut dh, &dye, c.p, &down, offs, inter, d, false, kind,
+            )?;
+            let grouped = |ids, dy, x, din, dout| WeightJob::Grouped {
+                ids,
+                dy,
+                x,
+                offsets: offs.to_vec(),
+                din,
+                dout,
+                kind,
+            };
+            weight(c, grouped(down, &dye, &h, inter, d))?;
+            let (da, db) = b.swiglu_backward_input(&dh, &a, &bv)?;
+            let mut dxe = b.zeros(b.len(&xe))?;
+            b.grouped_linear_backward_input(
+                &mut dxe, &da, c.p, &gate, offs, d, inter, false, kind,
+            )?;
+            weight(c, grouped(gate, &da, &xe, d, inter))?;
+            b.grouped_linear_backward_input(&mut dxe, &db, c.p, &up, offs, d, inter, true, kind)?;
+            weight(c, grouped(up, &db, &xe, d, inter))?;
+            dxe
+        }
+        _ => {
+            return Err(BackendError(format!(
+                "MoE layer {layer}: backward with its routed experts elsewhere than its forward's"
+            )));
+        }
     };
-    weight(c, grouped(down, &dye, &st.h, inter, d))?;
-    let (da, db) = b.swiglu_backward_input(&dh, &st.a, &st.bv)?;
-    let mut dxe = b.zeros(b.len(&st.xe))?;
-    b.grouped_linear_backward_input(&mut dxe, &da, c.p, &gate, offs, d, inter, false, kind)?;
-    weight(c, grouped(gate, &da, &st.xe, d, inter))?;
-    b.grouped_linear_backward_input(&mut dxe, &db, c.p, &up, offs, d, inter, true, kind)?;
-    weight(c, grouped(up, &db, &st.xe, d, inter))?;
     b.dispatch_backward_input(&mut dx, &dxe, plan, d)?;
     let seq_batch = (rows.seq, rows.batch);
     let ds = b.route_backward(&dweights, &st.s, &st.route, &m.rule, seq_batch, m.alpha)?;
@@ -503,12 +548,14 @@ pub(crate) struct BlockSt<B: Backend> {
     ffn: FfnSt<B>,
 }
 
+/// Decoder block `layer` (numbered as `ExpertSite`s are: decoder layers, then MTP's).
 pub(crate) fn block_forward<B: Backend>(
     c: &Ctx<'_, B>,
     blk: &Block,
     x: B::Buf,
     rows: Rows,
     pos: &Positions<B>,
+    layer: usize,
 ) -> BackendResult<(B::Buf, BlockSt<B>, Option<MoeStats>)> {
     let b = c.b;
     let (h, in_norm) = norm_forward(c, &blk.input_norm, x)?;
@@ -521,7 +568,7 @@ pub(crate) fn block_forward<B: Backend>(
             (f, FfnSt::Dense(s), None)
         }
         Ffn::Moe(m) => {
-            let (f, s, stats) = moe_forward(c, m, &h2, rows)?;
+            let (f, s, stats) = moe_forward(c, m, &h2, rows, layer)?;
             (f, FfnSt::Moe(Box::new(s)), Some(stats))
         }
     };
@@ -543,6 +590,7 @@ pub(crate) fn block_backward<B: Backend>(
     st: BlockSt<B>,
     rows: Rows,
     pos: &Positions<B>,
+    layer: usize,
 ) -> BackendResult<B::Buf> {
     let dh2 = match (&blk.ffn, st.ffn) {
         (Ffn::Dense(m), FfnSt::Dense(s)) => {
@@ -550,7 +598,7 @@ pub(crate) fn block_backward<B: Backend>(
             swiglu_backward(c, m, &dy, s, &st.h2, &mut dh2, false)?;
             dh2
         }
-        (Ffn::Moe(m), FfnSt::Moe(s)) => moe_backward(c, m, &dy, *s, &st.h2, rows)?,
+        (Ffn::Moe(m), FfnSt::Moe(s)) => moe_backward(c, m, &dy, *s, &st.h2, rows, layer)?,
         _ => unreachable!("stash kind always matches the layer kind"),
     };
     let mut dx1 = dy;

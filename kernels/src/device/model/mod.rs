@@ -12,7 +12,9 @@
 //! moments when the optimizer asks. The FP8 input a Linear keeps for Wgrad is recomputed from its
 //! f32 input (the same bits as the CPU's cached codes; the memory saving is not taken).
 
+pub mod experts;
 mod layers;
+mod remote;
 pub mod stage;
 mod tail;
 mod weight;
@@ -26,6 +28,7 @@ use crate::tensor::Tensor;
 use half::bf16;
 use layers::{
     Ctx, Positions, block_backward, block_forward, check_batch, embedding_backward, ensure_table,
+    upload_params,
 };
 
 /// A DeepSeek-V3 whose parameters, gradients and moments live on backend `B`.
@@ -72,11 +75,7 @@ impl<B: Backend> DeviceModel<B> {
     /// Uploads every tensor of `model` to `backend`, with zero gradients.
     pub fn new(backend: B, model: DeepSeekV3) -> BackendResult<DeviceModel<B>> {
         let p = &model.params;
-        let params = p
-            .tensors
-            .iter()
-            .map(|t| backend.upload(&t.data))
-            .collect::<BackendResult<Vec<_>>>()?;
+        let params = upload_params(&backend, p)?;
         let grads = p
             .tensors
             .iter()
@@ -158,6 +157,7 @@ impl<B: Backend> DeviceModel<B> {
             gemm: *gemm,
             handed: None,
             defer: None,
+            remote: None,
         };
         let rows = Rows {
             batch: batch.batch,
@@ -170,8 +170,8 @@ impl<B: Backend> DeviceModel<B> {
         let mut stats = StepStats::default();
         let mut x = c.b.embedding_forward(&ids, &c.p[model.embed.0], d)?;
         let mut stashes = Vec::with_capacity(model.blocks.len());
-        for blk in &model.blocks {
-            let (y, st, ms) = block_forward(&c, blk, x, rows, &pos)?;
+        for (l, blk) in model.blocks.iter().enumerate() {
+            let (y, st, ms) = block_forward(&c, blk, x, rows, &pos, l)?;
             if let Some(ms) = ms {
                 stats.balance_loss += ms.balance_loss;
                 stats.loads.push(ms.loads);
@@ -198,8 +198,8 @@ impl<B: Backend> DeviceModel<B> {
         stats.objective += stats.loss + stats.balance_loss;
         let mut dx =
             tail::tail_backward(&mut c, &model.tail, model.embed, &model.cfg, tail_st, rows)?;
-        for (blk, st) in model.blocks.iter().zip(stashes).rev() {
-            dx = block_backward(&mut c, blk, dx, st, rows, &pos)?;
+        for (l, (blk, st)) in model.blocks.iter().zip(stashes).enumerate().rev() {
+            dx = block_backward(&mut c, blk, dx, st, rows, &pos, l)?;
         }
         embedding_backward(&mut c, model.embed, &ids, &batch.inputs, &dx, d)?;
         Ok(stats)
@@ -264,8 +264,8 @@ impl<B: Backend> DeviceModel<B> {
         let (d, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
         let ids = b.ids(&batch.inputs, vocab)?;
         let mut x = b.embedding_forward(&ids, &c.p[model.embed.0], d)?;
-        for blk in &model.blocks {
-            x = block_forward(&c, blk, x, rows, &pos)?.0;
+        for (l, blk) in model.blocks.iter().enumerate() {
+            x = block_forward(&c, blk, x, rows, &pos, l)?.0;
         }
         let (st, ts) = tail::tail_forward(&c, &model.tail, model.embed, &model.cfg, batch, x, 0.0)?;
         drop(st);

@@ -13,16 +13,19 @@
 //! last stage both hold under MTP) are handed to the reduce as host jobs, as the CPU runner
 //! hands them.
 
+use super::experts::BackendExperts;
 use super::layers::{
     BlockSt, Ctx, Positions, block_backward, block_forward, check_batch, embedding_backward,
-    ensure_table,
+    ensure_table, upload_params,
 };
+use super::remote::Remote;
 use super::tail::{TailSt, tail_backward, tail_forward};
 use super::weight::OwedJob;
 use crate::device::Device;
 use crate::device::backend::{Backend, BackendError, BackendResult, Cpu, GemmPrecision};
 use crate::model::deepseek::Batch;
-use crate::model::layers::Rows;
+use crate::model::experts::DeviceExperts;
+use crate::model::layers::{ExpertCompute, Rows};
 use crate::model::params::WeightGrad;
 use crate::model::stage::{DeviceStage, GradSums, HalfOrder, HalfSum, Stage, StageStats, half_of};
 use crate::tensor::Tensor;
@@ -56,24 +59,52 @@ impl StagePlacement {
             Device::Cpu => Box::new(BackendStage::new(Cpu, microbatches, gemm)),
             #[cfg(feature = "cuda")]
             Device::Cuda(first) => {
-                use crate::device::DeviceError;
-                let want = first + rank;
-                let ordinal = match Device::Cuda(want).probe() {
-                    Ok(_) => want,
-                    Err(DeviceError::NoSuchDevice { found, .. }) if found > 0 => want % found,
-                    Err(e) => return Err(format!("pipeline rank {rank} on cuda:{want}: {e}")),
-                };
-                let b = crate::device::cuda::backend::CudaBackend::open(ordinal)
-                    .map_err(|e| format!("pipeline rank {rank} on cuda:{ordinal}: {e}"))?;
-                Box::new(BackendStage::new(b, microbatches, gemm))
+                Box::new(BackendStage::new(cuda(first, rank)?, microbatches, gemm))
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => {
-                let e = crate::device::DeviceError::NotBuilt;
-                return Err(format!("pipeline rank {rank}: {e}"));
-            }
+            Device::Cuda(_) => return Err(not_built(rank)),
         }))
     }
+
+    /// The device of an expert group serving a stage copy on pipeline rank `rank`: the copy's
+    /// own (None on the CPU model).
+    pub fn open_experts(self, rank: usize) -> Result<Option<Box<dyn DeviceExperts>>, String> {
+        let StagePlacement::Backend { device, gemm } = self else {
+            return Ok(None);
+        };
+        let e = |e: BackendError| format!("an expert group on pipeline rank {rank}: {e}");
+        Ok(Some(match device {
+            Device::Cpu => Box::new(BackendExperts::new(Cpu, gemm).map_err(e)?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(first) => {
+                Box::new(BackendExperts::new(cuda(first, rank)?, gemm).map_err(e)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return Err(not_built(rank)),
+        }))
+    }
+}
+
+/// The GPU of pipeline rank `rank`: `cuda:(first + rank)`, modulo the devices there are.
+#[cfg(feature = "cuda")]
+fn cuda(first: usize, rank: usize) -> Result<crate::device::cuda::backend::CudaBackend, String> {
+    use crate::device::DeviceError;
+    let want = first + rank;
+    let ordinal = match Device::Cuda(want).probe() {
+        Ok(_) => want,
+        Err(DeviceError::NoSuchDevice { found, .. }) if found > 0 => want % found,
+        Err(e) => return Err(format!("pipeline rank {rank} on cuda:{want}: {e}")),
+    };
+    crate::device::cuda::backend::CudaBackend::open(ordinal)
+        .map_err(|e| format!("pipeline rank {rank} on cuda:{ordinal}: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn not_built(rank: usize) -> String {
+    format!(
+        "pipeline rank {rank}: {}",
+        crate::device::DeviceError::NotBuilt
+    )
 }
 
 /// What a micro-batch's forward keeps for its backward.
@@ -158,6 +189,7 @@ impl<B: Backend> BackendStage<B> {
         batch: &Batch,
         input: Option<Vec<f32>>,
         mtp_weight: f32,
+        experts: Option<&mut dyn ExpertCompute>,
     ) -> BackendResult<(Option<Vec<f32>>, StageStats)> {
         if self.stashes.contains_key(&mb) {
             return Err(BackendError(format!(
@@ -174,7 +206,9 @@ impl<B: Backend> BackendStage<B> {
             batch: batch.batch,
             seq: batch.seq,
         };
-        let c = Ctx::forward_only(b, &self.params, table, self.gemm);
+        let remote = experts.map(|e| Remote::new(e, mb));
+        let mut c = Ctx::forward_only(b, &self.params, table, self.gemm);
+        c.remote = remote.as_ref();
         let pos = Positions::new(b, rows, cfg.num_attention_heads)?;
         let (mut x, ids) = match (stage.is_first(), input) {
             (true, _) => {
@@ -201,8 +235,9 @@ impl<B: Backend> BackendStage<B> {
         };
         let mut stats = StageStats::default();
         let mut blocks = Vec::with_capacity(stage.blocks.len());
-        for blk in &stage.blocks {
-            let (y, st, ms) = block_forward(&c, blk, x, rows, &pos)?;
+        for (i, blk) in stage.blocks.iter().enumerate() {
+            let layer = stage.layers.start + i;
+            let (y, st, ms) = block_forward(&c, blk, x, rows, &pos, layer)?;
             if let Some(ms) = ms {
                 stats.balance.push(ms.balance_loss);
                 stats.loads.push(ms.loads);
@@ -242,6 +277,7 @@ impl<B: Backend> BackendStage<B> {
         stage: &Stage,
         mb: usize,
         dy: Option<Vec<f32>>,
+        experts: Option<&mut dyn ExpertCompute>,
     ) -> BackendResult<Option<Vec<f32>>> {
         if self.queues.contains_key(&mb) || self.order.waiting().any(|w| w == mb) {
             return Err(BackendError(format!(
@@ -259,6 +295,7 @@ impl<B: Backend> BackendStage<B> {
         let d = cfg.hidden_size;
         let (mut jobs, mut handed) = (Vec::new(), Vec::new());
         let shares_embed = stage.embed.is_some_and(|e| stage.shared[e.0]);
+        let remote = experts.map(|e| Remote::new(e, mb));
         let mut c = Ctx {
             b,
             p: &self.params,
@@ -268,6 +305,7 @@ impl<B: Backend> BackendStage<B> {
             gemm: self.gemm,
             handed: shares_embed.then_some(&mut handed),
             defer: Some(&mut jobs),
+            remote: remote.as_ref(),
         };
         let Stash {
             ids,
@@ -300,8 +338,9 @@ impl<B: Backend> BackendStage<B> {
             }
             _ => unreachable!("the stash has a tail exactly on the last stage"),
         };
-        for (blk, st) in stage.blocks.iter().zip(blocks).rev() {
-            dx = block_backward(&mut c, blk, dx, st, rows, &pos)?;
+        for (i, (blk, st)) in stage.blocks.iter().zip(blocks).enumerate().rev() {
+            let layer = stage.layers.start + i;
+            dx = block_backward(&mut c, blk, dx, st, rows, &pos, layer)?;
         }
         let out = match ids {
             Some((ids, host)) => {
@@ -384,8 +423,9 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
         batch: &Batch,
         input: Option<Vec<f32>>,
         mtp_weight: f32,
+        experts: Option<&mut dyn ExpertCompute>,
     ) -> Result<(Option<Vec<f32>>, StageStats), String> {
-        self.forward_in(stage, mb, batch, input, mtp_weight)
+        self.forward_in(stage, mb, batch, input, mtp_weight, experts)
             .map_err(|e| e.0)
     }
 
@@ -394,8 +434,10 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
         stage: &Stage,
         mb: usize,
         dy: Option<Vec<f32>>,
+        experts: Option<&mut dyn ExpertCompute>,
     ) -> Result<Option<Vec<f32>>, String> {
-        self.backward_input_in(stage, mb, dy).map_err(|e| e.0)
+        self.backward_input_in(stage, mb, dy, experts)
+            .map_err(|e| e.0)
     }
 
     fn backward_weight(&mut self, _: &Stage, mb: usize) -> Result<(), String> {
@@ -425,14 +467,7 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
     }
 
     fn load(&mut self, stage: &Stage) -> Result<(), String> {
-        let b = &self.backend;
-        b.enter().map_err(|e| e.0)?;
-        self.params = stage
-            .params
-            .tensors
-            .iter()
-            .map(|t| b.upload(&t.data))
-            .collect::<BackendResult<Vec<_>>>()
+        self.params = upload_params(&self.backend, &stage.params)
             .map_err(|e| format!("uploading the parameters: {e}"))?;
         Ok(())
     }

@@ -92,7 +92,8 @@ pub(crate) fn tail_forward<B: Backend>(
                 seq: len,
             };
             let pos = Positions::new(b, mrows, m.block.attn.heads)?;
-            let (hout, bst, ms) = block_forward(c, &m.block, hp, mrows, &pos)?;
+            let layer = cfg.num_hidden_layers + k0;
+            let (hout, bst, ms) = block_forward(c, &m.block, hp, mrows, &pos, layer)?;
             if let Some(ms) = ms {
                 stats.balance.push(ms.balance_loss);
                 stats.loads.push(ms.loads);
@@ -175,7 +176,8 @@ pub(crate) fn tail_backward<B: Backend>(
             batch: bsz,
             seq: len,
         };
-        let dhp = block_backward(c, &m.block, dhout, ms.block, mrows, &ms.pos)?;
+        let layer = cfg.num_hidden_layers + k0;
+        let dhp = block_backward(c, &m.block, dhout, ms.block, mrows, &ms.pos, layer)?;
         let mut dcat = b.zeros(bsz * len * 2 * d)?;
         linear_backward(c, &m.eh_proj, &dhp, &ms.cat, &mut dcat, false)?;
         let mut den = b.zeros(bsz * len * d)?;

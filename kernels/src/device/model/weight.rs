@@ -45,6 +45,8 @@ pub(crate) enum WeightJob<X, I> {
     },
     /// dtable[w][ids] += dy over rows of `d`.
     Embedding { w: usize, ids: I, dy: X, d: usize },
+    /// dW[w] += g: a gradient computed elsewhere from zero (an expert group's, `remote.rs`).
+    Dense { w: usize, g: X },
 }
 
 /// A job kept until W: its inputs copied on the device.
@@ -95,6 +97,7 @@ impl<X, I> WeightJob<X, I> {
             WeightJob::Embedding { w, ids, dy, d } => {
                 b.embedding_backward_weight(&mut g[*w], ids.borrow(), dy.borrow(), *d)
             }
+            WeightJob::Dense { w, g: grad } => b.add_into(&mut g[*w], grad.borrow()),
         }
     }
 
@@ -149,6 +152,7 @@ impl<X, I> WeightJob<X, I> {
                 dy: c(dy)?,
                 d: *d,
             },
+            WeightJob::Dense { w, g } => WeightJob::Dense { w: *w, g: c(g)? },
         })
     }
 }

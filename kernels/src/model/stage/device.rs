@@ -6,6 +6,7 @@
 
 use super::{GradSums, Stage, StageStats};
 use crate::model::deepseek::Batch;
+use crate::model::layers::ExpertCompute;
 
 /// F, B* and W of one stage copy on a device. Activations and gradients come and go as host
 /// vectors (what the pipeline's wire carries); the gradient sums come back as [`GradSums`], the
@@ -18,6 +19,7 @@ pub trait DeviceStage: Send + std::fmt::Debug {
     /// e.g. `cuda:0 NVIDIA H200 …` or `cpu (2 threads)`.
     fn describe(&self) -> String;
     /// F of micro-batch `mb`: the output activations (None on the last stage) and the stats.
+    /// `experts`: where the MoE layers' routed experts run when not on the device (`--ep`).
     fn forward(
         &mut self,
         stage: &Stage,
@@ -25,14 +27,16 @@ pub trait DeviceStage: Send + std::fmt::Debug {
         batch: &Batch,
         input: Option<Vec<f32>>,
         mtp_weight: f32,
+        experts: Option<&mut dyn ExpertCompute>,
     ) -> Result<(Option<Vec<f32>>, StageStats), String>;
     /// B* of `mb` from the gradient of its output (None on the last stage); the gradient of its
-    /// input (None on stage 0).
+    /// input (None on stage 0). `experts` as the forward's.
     fn backward_input(
         &mut self,
         stage: &Stage,
         mb: usize,
         dy: Option<Vec<f32>>,
+        experts: Option<&mut dyn ExpertCompute>,
     ) -> Result<Option<Vec<f32>>, String>;
     /// W of `mb`.
     fn backward_weight(&mut self, stage: &Stage, mb: usize) -> Result<(), String>;
@@ -46,4 +50,20 @@ pub trait DeviceStage: Send + std::fmt::Debug {
     fn reset(&mut self);
     /// Uploads the parameter values of `stage` (after a commit or on restore).
     fn load(&mut self, stage: &Stage) -> Result<(), String>;
+}
+
+/// A device behind a mutex no one else holds (a panic inside it poisons nothing that matters:
+/// its owner is dropped with it). Shared by the stage runner and the expert group.
+pub(crate) fn lock<T: ?Sized>(d: &std::sync::Mutex<Box<T>>) -> std::sync::MutexGuard<'_, Box<T>> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A device whose owner is borrowed mutably: no lock needed.
+pub(crate) fn unlocked<T: ?Sized>(d: &mut std::sync::Mutex<Box<T>>) -> &mut Box<T> {
+    d.get_mut().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `r`, or a panic naming `who` and the device it ran `on` (a failure its supervisor heals).
+pub(crate) fn or_panic<T>(r: Result<T, String>, who: &str, on: Option<String>) -> T {
+    r.unwrap_or_else(|e| panic!("{who} on {}: {e}", on.unwrap_or_default()))
 }

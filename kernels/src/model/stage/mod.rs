@@ -51,6 +51,7 @@ mod device;
 mod microbatch;
 mod sum;
 pub use device::DeviceStage;
+pub(crate) use device::{lock, or_panic, unlocked};
 pub use microbatch::*;
 pub use sum::*;
 
@@ -501,19 +502,6 @@ impl std::fmt::Debug for StageStash {
     }
 }
 
-/// The device behind a mutex no one else holds (a panic inside it poisons nothing that matters:
-/// the runner is dropped with it).
-fn lock(
-    d: &std::sync::Mutex<Box<dyn DeviceStage>>,
-) -> std::sync::MutexGuard<'_, Box<dyn DeviceStage>> {
-    d.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The device of a runner borrowed mutably: no lock needed.
-fn unlocked(d: &mut std::sync::Mutex<Box<dyn DeviceStage>>) -> &mut Box<dyn DeviceStage> {
-    d.get_mut().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A stage plus its per-micro-batch state: stashes between F and B, queued W jobs between B* and
 /// W, and weight gradients until the reduce takes them.
 #[derive(Debug)]
@@ -526,7 +514,8 @@ pub struct StageRunner {
     /// The routed experts of this stage's decoder blocks when they run elsewhere (`--ep`).
     experts: Option<Box<dyn ExpertCompute>>,
     /// The device F, B* and W run on when not on the CPU model (then the fields above but
-    /// `stage` and `mtp_weight` stay empty). In a mutex so that the runner is `Sync` (an actor
+    /// `stage`, `mtp_weight` and `experts` stay empty; the device's MoE layers hand their routed
+    /// experts to `experts` when there are expert groups). In a mutex so that the runner is `Sync` (an actor
     /// holds it across awaits) though a device's handles are only `Send`; `&mut self` methods
     /// reach it without locking.
     device: Option<std::sync::Mutex<Box<dyn DeviceStage>>>,
@@ -546,15 +535,9 @@ impl StageRunner {
         }
     }
 
-    /// Runs F, B* and W on `device` from now on, with this stage's current parameter values.
+    /// Runs F, B* and W on `device` from now on, with this stage's current parameter values
+    /// (the routed experts stay in their expert groups when `set_experts` gave some).
     pub fn set_device(&mut self, mut device: Box<dyn DeviceStage>) -> Result<(), String> {
-        if self.experts.is_some() {
-            return Err(format!(
-                "stage {}: its routed experts run in expert groups (--ep), which a device stage \
-                 does not drive",
-                self.stage.index
-            ));
-        }
         device.load(&self.stage)?;
         self.device = Some(std::sync::Mutex::new(device));
         Ok(())
@@ -567,19 +550,12 @@ impl StageRunner {
 
     /// `r` or a panic naming the stage and its device (a failure its supervisor heals).
     fn on_device<T>(&self, r: Result<T, String>) -> T {
-        r.unwrap_or_else(|e| {
-            let on = self.device().unwrap_or_default();
-            panic!("stage {} on {on}: {e}", self.stage.index)
-        })
+        or_panic(r, &format!("stage {}", self.stage.index), self.device())
     }
 
-    /// Runs the routed experts of the decoder blocks in `experts` from now on.
+    /// Runs the routed experts of the decoder blocks in `experts` from now on (also beside a
+    /// device stage: its MoE layers hand them their dispatched rows).
     pub fn set_experts(&mut self, experts: Box<dyn ExpertCompute>) {
-        assert!(
-            self.device.is_none(),
-            "stage {}: expert groups (--ep) do not run beside a device stage",
-            self.stage.index
-        );
         self.experts = Some(experts);
     }
 
@@ -592,7 +568,11 @@ impl StageRunner {
         input: Option<Vec<f32>>,
     ) -> (Option<Vec<f32>>, StageStats) {
         if let Some(d) = self.device.as_mut().map(unlocked) {
-            let r = d.forward(&self.stage, mb, batch, input, self.mtp_weight);
+            let experts = self
+                .experts
+                .as_deref_mut()
+                .map(|e| e as &mut dyn ExpertCompute);
+            let r = d.forward(&self.stage, mb, batch, input, self.mtp_weight, experts);
             return self.on_device(r);
         }
         let (out, stash, stats) = self.stage.forward_with(
@@ -616,7 +596,11 @@ impl StageRunner {
     /// B*: input gradient of `mb` from the gradient of its output; queues its W jobs.
     pub fn backward_input(&mut self, mb: usize, dy: Option<Vec<f32>>) -> Option<Vec<f32>> {
         if let Some(d) = self.device.as_mut().map(unlocked) {
-            let r = d.backward_input(&self.stage, mb, dy);
+            let experts = self
+                .experts
+                .as_deref_mut()
+                .map(|e| e as &mut dyn ExpertCompute);
+            let r = d.backward_input(&self.stage, mb, dy, experts);
             return self.on_device(r);
         }
         let stash = self.stashes.remove(&mb).unwrap_or_else(|| {

@@ -3,11 +3,17 @@
 //! forward and backward on the rows dispatched to it, keeps their activations between the two and
 //! returns each expert's weight gradients of a micro-batch (run from zero buffers, exactly as a
 //! stage runs them into its per-micro-batch buffers, so the f32 result is bit-identical).
-//! [`LocalExpertGroups`] is the in-process [`ExpertCompute`] over `G` groups.
+//! [`LocalExpertGroups`] is the in-process [`ExpertCompute`] over `G` groups. A group's forward
+//! and backward run on the CPU model, or on a device ([`DeviceExperts`], `device.rs`).
+
+mod device;
+
+pub use device::DeviceExperts;
 
 use super::deepseek::DeepSeekV3;
 use super::layers::{ExpertCompute, ExpertGrads, ExpertSite, Ffn, Linear, SwiGlu, SwiGluStash};
 use super::params::{Init, ParamId, ParamStore, TensorSource, WeightGradQueue};
+use super::stage::{lock, or_panic, unlocked};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -20,6 +26,7 @@ pub fn group_of(expert: usize, n_experts: usize, groups: usize) -> usize {
 
 /// One expert group: its experts of every MoE decoder layer in `layers` (and of the MTP modules'
 /// MoE layers, numbered from `num_hidden_layers`, when `layers` ends at the last decoder layer).
+/// Each expert's gate, up and down weights are three consecutive local tensors.
 #[derive(Debug)]
 pub struct ExpertGroup {
     pub index: usize,
@@ -29,6 +36,9 @@ pub struct ExpertGroup {
     pub global: Vec<ParamId>,
     experts: BTreeMap<(usize, usize), SwiGlu>,
     stashes: BTreeMap<(ExpertSite, usize), SwiGluStash>,
+    /// The device the forward and backward run on when not on the CPU model (then `stashes`
+    /// stays empty). In a mutex so that the group is `Sync` though a device is only `Send`.
+    device: Option<std::sync::Mutex<Box<dyn DeviceExperts>>>,
 }
 
 impl ExpertGroup {
@@ -91,27 +101,57 @@ impl ExpertGroup {
             global,
             experts,
             stashes: BTreeMap::new(),
+            device: None,
         }
     }
 
-    /// Copies this group's tensors from a whole-model store.
+    /// Runs the forward and backward on `device` from now on, with the current values.
+    pub fn set_device(&mut self, mut device: Box<dyn DeviceExperts>) -> Result<(), String> {
+        device.load(self)?;
+        self.device = Some(std::sync::Mutex::new(device));
+        Ok(())
+    }
+
+    /// Where the experts compute: the device's description, or None on the CPU model.
+    pub fn device(&self) -> Option<String> {
+        self.device.as_ref().map(|d| lock(d).describe())
+    }
+
+    /// The device's result, or a panic naming the group and its device (a failure the group's
+    /// supervisor heals).
+    fn on_device<T>(&self, r: Result<T, String>) -> T {
+        or_panic(r, &format!("expert group {}", self.index), self.device())
+    }
+
+    /// Copies this group's tensors from a whole-model store (and onto its device).
     pub fn load_from(&mut self, full: &dyn TensorSource) {
         for (local, g) in self.params.tensors.iter_mut().zip(&self.global) {
             local.data.copy_from_slice(&full.tensor(g.0).data);
+        }
+        if let Some(d) = &self.device {
+            let r = lock(d).load(self);
+            self.on_device(r);
         }
     }
 
     /// Drops every kept activation (an aborted step).
     pub fn reset(&mut self) {
         self.stashes.clear();
+        if let Some(d) = &mut self.device {
+            unlocked(d).reset();
+        }
     }
 
     /// Activations kept for backward.
     pub fn stashed(&self) -> usize {
-        self.stashes.len()
+        match &self.device {
+            Some(d) => lock(d).stashed(),
+            None => self.stashes.len(),
+        }
     }
 
-    fn expert(&self, layer: usize, i: usize) -> &SwiGlu {
+    /// Expert `i` of MoE layer `layer`, by its local tensor ids (gate, up, down consecutive).
+    pub fn expert(&self, layer: usize, i: usize) -> &SwiGlu {
         self.experts.get(&(layer, i)).unwrap_or_else(|| {
             panic!(
                 "expert group {} has no expert {i} of layer {layer}",
@@ -122,6 +162,10 @@ impl ExpertGroup {
 
     /// Forward of the dispatched `(expert, rows)` blocks; outputs in the same order.
     pub fn forward(&mut self, site: ExpertSite, blocks: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+        if let Some(d) = &self.device {
+            let r = lock(d).forward(self, site, blocks);
+            return self.on_device(r);
+        }
         let outs: Vec<(usize, Vec<f32>, SwiGluStash)> = blocks
             .into_par_iter()
             .map(|(i, x)| {
@@ -146,6 +190,10 @@ impl ExpertGroup {
         site: ExpertSite,
         blocks: Vec<(usize, Vec<f32>)>,
     ) -> Vec<ExpertGrads> {
+        if let Some(d) = &self.device {
+            let r = lock(d).backward(self, site, blocks);
+            return self.on_device(r);
+        }
         let work: Vec<(usize, Vec<f32>, SwiGluStash)> = blocks
             .into_iter()
             .map(|(i, dy)| {
