@@ -14,7 +14,8 @@
 #      step within 1e-5); a
 #      300-step tiny run on the GPU and on the CPU (eval loss within 1%); the formation on the GPU
 #      (tiny, 30 steps, DualPipe over 2 ranks against the single-process device run: final loss
-#      within 1e-5, and whether the bits agree); `bench train --device
+#      within 1e-5, and whether the bits agree; again with --ep 2, the expert groups on the
+#      copies' GPUs); `bench train --device
 #      cuda` on small at 8×128 and 32×1024 without MTP (BF16, as PyTorch's autocast) beside its
 #      figures on the same GPU
 #      (10,369 and 233,646 tokens/s, ../shared/reference/gpu-h200.md), medium in BF16,
@@ -130,7 +131,7 @@ row "tiny 300 steps: eval loss gpu vs cpu (≤ 1%)" "$ok" "gpu $ev_gpu ($tps_gpu
 echo "== the formation on the GPU: tiny, 30 steps, dualpipe --pp 2 vs the single-process device run"
 form() {  # name extra... -> prints the final loss and the sha of the run's summary
   local name=$1; shift
-  timeout 120 "$BIN/phalanx" train --config configs/tiny.toml --steps 30 --device cuda --microbatches 4 \
+  RUST_LOG=${RUST_LOG:-info} timeout 120 "$BIN/phalanx" train --config configs/tiny.toml --steps 30 --device cuda --microbatches 4 \
     --no-checkpoint --out "/tmp/gpu-check-form-$name" --summary-json "/tmp/gpu-check-form-$name.json" "$@" \
     >/dev/null 2>"/tmp/gpu-check-form-$name.log"
   local rc=$?
@@ -142,6 +143,11 @@ read -r l_pipe sha_pipe < <(form pipe --pp 2 --schedule dualpipe | tail -1)
 ok=$(python3 -c "print('ok' if abs($l_pipe-$l_one) <= 1e-5*abs($l_one) else 'FAIL')" 2>/dev/null || echo FAIL)
 row "formation on the gpu: dualpipe pp 2 vs one process (loss ≤ 1e-5)" "$ok" \
   "pipe $l_pipe ($sha_pipe) vs one $l_one ($sha_one); same bits: $([ "$sha_pipe" = "$sha_one" ] && [ "${sha_one#exit}" = "$sha_one" ] && echo yes || echo no)"
+# expert groups on the copies' GPUs: the routed experts' rows cross the host to them and back
+read -r l_ep sha_ep < <(form ep --pp 2 --ep 2 --schedule dualpipe | tail -1)
+ok=$(python3 -c "print('ok' if abs($l_ep-$l_one) <= 1e-5*abs($l_one) else 'FAIL')" 2>/dev/null || echo FAIL)
+row "formation on the gpu with --ep 2 vs one process (loss ≤ 1e-5)" "$ok" \
+  "ep $l_ep ($sha_ep) vs one $l_one ($sha_one); groups opened: $(grep -c "expert group computes on" /tmp/gpu-check-form-ep.log)"
 
 echo "== bench train --device cuda"
 bench() {  # config batch seq steps extra... -> prints its lines, then "tokens/s tflops share%"
