@@ -337,3 +337,39 @@ fn staged_step_equals_the_whole_device_step() {
     whole.forward_backward_microbatches(&mbs, MTP).unwrap();
     assert_same(&full, &got, &whole.grads().unwrap(), "staged vs whole");
 }
+
+/// An expert group on a device refuses, by name, a backward before its forward, a second
+/// forward of a site, a backward of other experts than its forward's and a block that is not
+/// whole rows; a site without blocks runs nothing.
+#[test]
+fn expert_group_on_a_device_refuses_out_of_place_calls() {
+    use kernels::device::model::experts::BackendExperts;
+    use kernels::model::experts::{DeviceExperts, ExpertGroup};
+    use kernels::model::layers::{ExpertSite, Ffn};
+    let full = model("micro");
+    let layer = full
+        .blocks
+        .iter()
+        .position(|b| matches!(b.ffn, Ffn::Moe(_)))
+        .expect("micro has a MoE layer");
+    let g = ExpertGroup::new(&full, 0..full.cfg.num_hidden_layers, 0, 2);
+    let mut d = BackendExperts::new(Cpu, GemmPrecision::F32).unwrap();
+    d.load(&g).unwrap();
+    let (site, dm) = (ExpertSite { layer, mb: 0 }, full.cfg.hidden_size);
+    assert!(d.forward(&g, site, Vec::new()).unwrap().is_empty());
+    assert!(d.backward(&g, site, Vec::new()).unwrap().is_empty());
+    let e = d.backward(&g, site, vec![(0, vec![0.0; dm])]).unwrap_err();
+    assert!(e.contains("backward before its forward"), "{e}");
+    let e = d.forward(&g, site, vec![(0, vec![0.5; 3])]).unwrap_err();
+    assert!(e.contains("not rows of"), "{e}");
+    let ys = d.forward(&g, site, vec![(0, vec![0.5; 2 * dm])]).unwrap();
+    assert_eq!((ys.len(), ys[0].len(), d.stashed()), (1, 2 * dm, 1));
+    let e = d
+        .forward(&g, site, vec![(0, vec![0.5; 2 * dm])])
+        .unwrap_err();
+    assert!(e.contains("forward ran twice"), "{e}");
+    let e = d
+        .backward(&g, site, vec![(1, vec![0.0; 2 * dm])])
+        .unwrap_err();
+    assert!(e.contains("backward of experts [1]"), "{e}");
+}

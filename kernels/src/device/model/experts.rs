@@ -1,21 +1,26 @@
 //! One expert group on a `Backend` (`--ep` with the formation on devices): `BackendExperts` runs
-//! an `ExpertGroup`'s blocks with the device step's SwiGLU, each expert on its own three weights
-//! (the group keeps them as consecutive local tensors, so an expert's `Ctx` is a three-tensor
-//! window of the group's), its weight gradients from zero as the CPU group's are, so on the CPU
-//! backend the answers are the CPU group's bits.
+//! the blocks an `ExpertGroup` is handed as one batch of rows, each block an expert's segment,
+//! through the backend's grouped Linears (one grouped GEMM per projection, SwiGLU over every row
+//! at once; the CPU backend's grouped ops are the per-expert Linears), every expert's weight
+//! gradients from zero as the CPU group's are, so on the CPU backend the answers are the CPU
+//! group's bits.
 
-use super::layers::{Ctx, SwiSt, swiglu_backward, swiglu_forward, upload_params};
-use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision};
+use crate::device::backend::{Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision};
 use crate::model::experts::{DeviceExperts, ExpertGroup};
-use crate::model::layers::{ExpertGrads, ExpertSite, Linear, SwiGlu};
-use crate::model::params::ParamId;
-use crate::ops::rope::RopeTable;
+use crate::model::layers::{ExpertGrads, ExpertSite, SwiGlu};
 use std::collections::BTreeMap;
 
-/// What a block's forward keeps for its backward: the input rows and SwiGLU's activations.
+use super::layers::upload_params;
+
+/// What a site's forward keeps for its backward: the experts of its blocks, their segments of
+/// the rows, the rows and SwiGLU's activations over all of them.
 struct Kept<B: Backend> {
+    experts: Vec<usize>,
+    offsets: Vec<usize>,
     x: B::Buf,
-    st: SwiSt<B>,
+    a: B::Buf,
+    bv: B::Buf,
+    h: B::Buf,
 }
 
 /// An expert group's parameters and kept activations on backend `B`.
@@ -24,9 +29,7 @@ pub struct BackendExperts<B: Backend> {
     /// By the group's local tensor id.
     params: Vec<B::Buf>,
     gemm: GemmPrecision,
-    /// A one-position RoPE table: a `Ctx` needs one, SwiGLU never reads it.
-    table: B::Table,
-    kept: BTreeMap<(ExpertSite, usize), Kept<B>>,
+    kept: BTreeMap<ExpertSite, Kept<B>>,
 }
 
 impl<B: Backend> std::fmt::Debug for BackendExperts<B> {
@@ -47,51 +50,65 @@ impl<B: Backend> Drop for BackendExperts<B> {
     }
 }
 
-/// Expert `sw` with its ids moved into the window of its three tensors (gate, up, down from
-/// `sw.gate.w`), and the window's start.
-fn windowed(sw: &SwiGlu) -> BackendResult<(SwiGlu, usize)> {
-    let base = sw.gate.w.0;
-    if sw.up.w.0 != base + 1 || sw.down.w.0 != base + 2 {
-        return Err(BackendError(format!(
-            "an expert's weights are not consecutive tensors ({}, {}, {})",
-            base, sw.up.w.0, sw.down.w.0
-        )));
+/// The experts of `experts` at `layer`: their (gate, up, down) local ids, how they multiply, and
+/// (d, inter).
+fn expert_ids(
+    group: &ExpertGroup,
+    layer: usize,
+    experts: &[usize],
+    gemm: GemmPrecision,
+) -> ([Vec<usize>; 3], ExpertGemm, (usize, usize)) {
+    let sws: Vec<&SwiGlu> = experts.iter().map(|&i| group.expert(layer, i)).collect();
+    let ids = |f: fn(&SwiGlu) -> usize| sws.iter().map(|s| f(s)).collect::<Vec<_>>();
+    let kind = match sws.first() {
+        Some(s) if s.gate.fp8 => ExpertGemm::Fp8,
+        _ => ExpertGemm::Plain(gemm),
+    };
+    let shape = sws.first().map_or((0, 0), |s| (s.gate.d_in, s.gate.d_out));
+    let all = [ids(|s| s.gate.w.0), ids(|s| s.up.w.0), ids(|s| s.down.w.0)];
+    (all, kind, shape)
+}
+
+/// The blocks' rows as one buffer's values, the segment offsets and the experts, checking that
+/// each block holds whole rows of `width`.
+fn concat(
+    blocks: Vec<(usize, Vec<f32>)>,
+    width: usize,
+) -> BackendResult<(Vec<f32>, Vec<usize>, Vec<usize>)> {
+    let mut offsets = vec![0];
+    let (mut experts, mut rows) = (Vec::with_capacity(blocks.len()), Vec::new());
+    for (i, v) in blocks {
+        if width == 0 || !v.len().is_multiple_of(width) {
+            return Err(BackendError(format!(
+                "expert {i}: a block of {} values is not rows of {width}",
+                v.len()
+            )));
+        }
+        offsets.push(offsets.last().copied().unwrap_or(0) + v.len() / width);
+        experts.push(i);
+        rows.extend_from_slice(&v);
     }
-    let at = |l: &Linear, i: usize| Linear {
-        w: ParamId(i),
-        ..l.clone()
-    };
-    let local = SwiGlu {
-        gate: at(&sw.gate, 0),
-        up: at(&sw.up, 1),
-        down: at(&sw.down, 2),
-    };
-    Ok((local, base))
+    Ok((rows, offsets, experts))
+}
+
+/// `y` split into the blocks' rows of `width`.
+fn split(y: Vec<f32>, offsets: &[usize], width: usize) -> Vec<Vec<f32>> {
+    offsets
+        .windows(2)
+        .map(|w| y[w[0] * width..w[1] * width].to_vec())
+        .collect()
 }
 
 impl<B: Backend> BackendExperts<B> {
     /// An expert group on `backend`, its Linears' GEMMs in `gemm` (FP8 Linears follow the
     /// group's own precision); parameters come with [`DeviceExperts::load`].
     pub fn new(backend: B, gemm: GemmPrecision) -> BackendResult<Self> {
-        let one = RopeTable {
-            half: 1,
-            cos: vec![1.0],
-            sin: vec![0.0],
-        };
-        let table = backend.table(&one)?;
         Ok(BackendExperts {
             backend,
             params: Vec::new(),
             gemm,
-            table,
             kept: BTreeMap::new(),
         })
-    }
-
-    fn window(&self, base: usize) -> BackendResult<&[B::Buf]> {
-        self.params
-            .get(base..base + 3)
-            .ok_or_else(|| BackendError(format!("no parameters at local tensor {base}")))
     }
 
     fn forward_in(
@@ -100,22 +117,35 @@ impl<B: Backend> BackendExperts<B> {
         site: ExpertSite,
         blocks: Vec<(usize, Vec<f32>)>,
     ) -> BackendResult<Vec<Vec<f32>>> {
-        self.backend.enter()?;
-        let mut outs = Vec::with_capacity(blocks.len());
-        for (i, rows) in blocks {
-            if self.kept.contains_key(&(site, i)) {
-                return Err(BackendError(format!(
-                    "expert {i} at {site:?}: forward ran twice"
-                )));
-            }
-            let (sw, base) = windowed(group.expert(site.layer, i))?;
-            let b = &self.backend;
-            let c = Ctx::forward_only(b, self.window(base)?, &self.table, self.gemm);
-            let x = b.upload(&rows)?;
-            let (y, st) = swiglu_forward(&c, &sw, &x)?;
-            outs.push(b.download(&y)?);
-            self.kept.insert((site, i), Kept { x, st });
+        if self.kept.contains_key(&site) {
+            return Err(BackendError(format!("{site:?}: forward ran twice")));
         }
+        if blocks.is_empty() {
+            // no rows for this group at this site: nothing to run or keep
+            return Ok(Vec::new());
+        }
+        let experts: Vec<usize> = blocks.iter().map(|b| b.0).collect();
+        let ([gate, up, down], kind, (d, inter)) =
+            expert_ids(group, site.layer, &experts, self.gemm);
+        let (rows, offsets, experts) = concat(blocks, d)?;
+        let b = &self.backend;
+        b.enter()?;
+        let p = &self.params;
+        let x = b.upload(&rows)?;
+        let a = b.grouped_linear_forward(&x, p, &gate, &offsets, d, inter, kind)?;
+        let bv = b.grouped_linear_forward(&x, p, &up, &offsets, d, inter, kind)?;
+        let h = b.swiglu_forward(&a, &bv)?;
+        let y = b.grouped_linear_forward(&h, p, &down, &offsets, inter, d, kind)?;
+        let outs = split(b.download(&y)?, &offsets, d);
+        let kept = Kept {
+            experts,
+            offsets,
+            x,
+            a,
+            bv,
+            h,
+        };
+        self.kept.insert(site, kept);
         Ok(outs)
     }
 
@@ -125,34 +155,58 @@ impl<B: Backend> BackendExperts<B> {
         site: ExpertSite,
         blocks: Vec<(usize, Vec<f32>)>,
     ) -> BackendResult<Vec<ExpertGrads>> {
-        self.backend.enter()?;
-        let mut grads = Vec::with_capacity(blocks.len());
-        for (i, dy) in blocks {
-            let Some(Kept { x, st }) = self.kept.remove(&(site, i)) else {
-                return Err(BackendError(format!(
-                    "expert {i} at {site:?}: backward before its forward"
-                )));
-            };
-            let (sw, base) = windowed(group.expert(site.layer, i))?;
-            let b = &self.backend;
-            let p = self.window(base)?;
-            let mut g = p
-                .iter()
-                .map(|w| b.zeros(b.len(w)))
-                .collect::<BackendResult<Vec<_>>>()?;
-            let dyb = b.upload(&dy)?;
-            let mut dx = b.zeros(b.len(&x))?;
-            let mut c = Ctx::forward_only(b, p, &self.table, self.gemm);
-            c.g = &mut g;
-            swiglu_backward(&mut c, &sw, &dyb, st, &x, &mut dx, false)?;
-            grads.push(ExpertGrads {
-                dx: b.download(&dx)?,
-                dgate: b.download(&g[0])?,
-                dup: b.download(&g[1])?,
-                ddown: b.download(&g[2])?,
-            });
+        if blocks.is_empty() && !self.kept.contains_key(&site) {
+            return Ok(Vec::new());
         }
-        Ok(grads)
+        let Some(k) = self.kept.remove(&site) else {
+            return Err(BackendError(format!(
+                "{site:?}: backward before its forward"
+            )));
+        };
+        let ([gate, up, down], kind, (d, inter)) =
+            expert_ids(group, site.layer, &k.experts, self.gemm);
+        let (rows, offsets, experts) = concat(blocks, d)?;
+        if experts != k.experts || offsets != k.offsets {
+            return Err(BackendError(format!(
+                "{site:?}: backward of experts {experts:?} (offsets {offsets:?}), forward of {:?} ({:?})",
+                k.experts, k.offsets
+            )));
+        }
+        let b = &self.backend;
+        b.enter()?;
+        let p = &self.params;
+        let dy = b.upload(&rows)?;
+        // each expert's weight gradients from zero, one buffer per (block, projection)
+        let zeros = |dout: usize, din: usize| {
+            (0..experts.len())
+                .map(|_| b.zeros(dout * din))
+                .collect::<BackendResult<Vec<_>>>()
+        };
+        let (mut dgate, mut dup, mut ddown) =
+            (zeros(inter, d)?, zeros(inter, d)?, zeros(d, inter)?);
+        let each: Vec<usize> = (0..experts.len()).collect();
+        // SwiGLU's backward as the in-stage experts': down, SwiGLU, gate, then up
+        let mut dh = b.zeros(b.len(&k.a))?;
+        b.grouped_linear_backward_input(&mut dh, &dy, p, &down, &offsets, inter, d, false, kind)?;
+        b.grouped_linear_backward_weight(&mut ddown, &each, &dy, &k.h, &offsets, inter, d, kind)?;
+        let (da, db) = b.swiglu_backward_input(&dh, &k.a, &k.bv)?;
+        let mut dx = b.zeros(b.len(&k.x))?;
+        b.grouped_linear_backward_input(&mut dx, &da, p, &gate, &offsets, d, inter, false, kind)?;
+        b.grouped_linear_backward_weight(&mut dgate, &each, &da, &k.x, &offsets, d, inter, kind)?;
+        b.grouped_linear_backward_input(&mut dx, &db, p, &up, &offsets, d, inter, true, kind)?;
+        b.grouped_linear_backward_weight(&mut dup, &each, &db, &k.x, &offsets, d, inter, kind)?;
+        let dxs = split(b.download(&dx)?, &offsets, d);
+        dxs.into_iter()
+            .enumerate()
+            .map(|(j, dx)| {
+                Ok(ExpertGrads {
+                    dx,
+                    dgate: b.download(&dgate[j])?,
+                    dup: b.download(&dup[j])?,
+                    ddown: b.download(&ddown[j])?,
+                })
+            })
+            .collect()
     }
 }
 

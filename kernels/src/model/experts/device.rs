@@ -28,7 +28,7 @@ pub trait DeviceExperts: Send + std::fmt::Debug {
         site: ExpertSite,
         blocks: Vec<(usize, Vec<f32>)>,
     ) -> Result<Vec<ExpertGrads>, String>;
-    /// Blocks whose forward ran and whose backward has not.
+    /// Activations kept for backward (a count: zero when every forward's backward ran).
     fn stashed(&self) -> usize;
     /// Drops every kept activation (an aborted step).
     fn reset(&mut self);

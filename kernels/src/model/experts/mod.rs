@@ -142,7 +142,8 @@ impl ExpertGroup {
         }
     }
 
-    /// Activations kept for backward.
+    /// Activations kept for backward (blocks on the CPU model, sites on a device; zero when
+    /// every forward's backward ran).
     pub fn stashed(&self) -> usize {
         match &self.device {
             Some(d) => lock(d).stashed(),
