@@ -401,13 +401,7 @@ mod tests {
                 Tensor::from_vec(&t.shape, data.collect())
             })
             .collect();
-        let opt = AdamW {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            bf16_moments: false,
-        };
+        let opt = AdamW::deepseek_v3(false);
         let loads: Vec<Vec<u32>> = state
             .model
             .moe_biases()

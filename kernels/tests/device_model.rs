@@ -157,13 +157,7 @@ fn host_update(
 #[test]
 fn adamw_steps_match_the_host_update_bitwise() {
     let (mut cpu, mut rng) = model("micro.toml", 1, 9);
-    let opt = AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        bf16_moments: false,
-    };
+    let opt = AdamW::deepseek_v3(false);
     let (lr, clip, gamma) = (3e-3, 0.5, 1e-3);
     let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
     let mut moments = host_moments(&cpu);
@@ -225,13 +219,7 @@ fn eval_loss_matches_and_a_bad_batch_is_refused() {
 fn fp8_recipe_matches_the_cpu_model_bitwise() {
     let (mut cpu, mut rng) = model("micro.toml", 1, 13);
     cpu.set_precision(Precision::Fp8);
-    let opt = AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        bf16_moments: true,
-    };
+    let opt = AdamW::deepseek_v3(true);
     let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
     let mut moments = host_moments(&cpu);
     let mut f32_run = cpu.clone();

@@ -16,6 +16,20 @@ pub struct AdamW {
     pub bf16_moments: bool,
 }
 
+impl AdamW {
+    /// DeepSeek-V3's AdamW (β1 0.9, β2 0.95, ε 1e-8, weight decay 0.1; the configs' defaults),
+    /// its moments in BF16 or f32.
+    pub fn deepseek_v3(bf16_moments: bool) -> AdamW {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            bf16_moments,
+        }
+    }
+}
+
 /// Per-parameter optimizer state: first and second moments, in f32 or in BF16.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Moments {
@@ -266,11 +280,8 @@ mod tests {
 
     fn test_opt(weight_decay: f32, bf16_moments: bool) -> AdamW {
         AdamW {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
             weight_decay,
-            bf16_moments,
+            ..AdamW::deepseek_v3(bf16_moments)
         }
     }
 

@@ -349,13 +349,7 @@ pub const ADAMW_STEP: (f32, u64, f32) = (3e-4, 7, 0.37);
 /// One AdamW case of `n` elements: the optimizer, parameters, gradients (adversarial values and
 /// one NaN) and moments (F32 or BF16).
 pub fn adamw_case(seed: u64, n: usize, bf16_moments: bool) -> (AdamW, Vec<f32>, Vec<f32>, Moments) {
-    let opt = AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        bf16_moments,
-    };
+    let opt = AdamW::deepseek_v3(bf16_moments);
     let param = normals(seed, "adamw p", n);
     let mut grad = scaled(seed, "adamw g", n, 1e-3);
     sprinkle(&mut grad, seed, "adamw g specials", n / 1000 + 3);

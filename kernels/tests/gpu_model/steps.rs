@@ -176,13 +176,7 @@ fn fp8_steps_match_the_cpu_fp8_step() {
 fn two_gpu_runs_give_the_same_bits() {
     let Some(g) = open() else { return };
     let (m, _) = model("tiny.toml", 1, 3);
-    let opt = AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        bf16_moments: false,
-    };
+    let opt = AdamW::deepseek_v3(false);
     let mut g = Some(g);
     let mut shas = Vec::new();
     for _ in 0..2 {

@@ -89,13 +89,7 @@ fn every_shell_message_is_plain_data_through_the_codec() {
     );
     assert_eq!(seen, all(3));
     let hyper = StepHyper {
-        opt: AdamW {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            bf16_moments: false,
-        },
+        opt: AdamW::deepseek_v3(false),
         lr: 3e-4,
         clip: 1.0,
         gamma: 1e-3,
