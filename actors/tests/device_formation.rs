@@ -1,8 +1,8 @@
 //! The formation with its stage copies on a device backend (`Layout::compute`): on the CPU
 //! backend (the CPU ops through the `Backend` trait, what a GPU's backend is checked against),
 //! every schedule run by the thread executor and by the supervised actors (with injected panics
-//! healed) ends with the single-process run's parameters bit for bit; a layout the device
-//! stages do not take is refused by flag.
+//! healed) ends with the single-process run's parameters bit for bit, also with expert groups
+//! on the backend and every fault kind injected.
 
 mod common;
 
@@ -188,4 +188,36 @@ fn fp8_device_stages_are_the_single_process_device_run() {
     );
     assert_eq!(got.params_sha256, want.params_sha256);
     assert_eq!(got.final_loss.to_bits(), want.final_loss.to_bits());
+}
+
+/// Every fault kind (panic, hang, slow, drop, corrupt, dup) on every actor type, as
+/// `fault_kinds.rs` injects them into the CPU formation, with the stage copies and their expert
+/// groups (`--ep 2`) on the CPU backend: the run heals to the clean run's weights with the same
+/// counts (10 restarts, 14 replayed steps, 2 coordinator replacements, each kind fired 5 times);
+/// a restarted stage copy or expert group opens its device again when it starts.
+#[test]
+fn every_fault_kind_heals_on_device_stages_and_expert_groups() {
+    let plan = InjectPlan::parse(&common::every_kind_plan(), "every-kind.toml").expect("plan");
+    let steps = 34;
+    let opts = common::micro_options("dev-kinds-ref", 2, 4, steps);
+    let clean = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("clean run");
+    let mut l = layout(ScheduleKind::DualPipe, 2, 4);
+    l.ep = 2;
+    let opts = common::micro_options("dev-kinds", 2, 4, steps);
+    let faulty = formation::train(&opts, &l, Some(plan), |_, _| {}).expect("heals");
+    println!(
+        "device stages and groups, every kind: {} (clean {}): restarts {}, replayed {}, coordinator restarts {}, fired {:?}",
+        faulty.params_sha256,
+        clean.params_sha256,
+        faulty.restarts,
+        faulty.replayed_steps,
+        faulty.coordinator_restarts,
+        faulty.faults_fired
+    );
+    assert_eq!(faulty.params_sha256, clean.params_sha256);
+    for kind in common::KINDS {
+        assert_eq!(faulty.faults_fired.get(kind), Some(&5), "{kind}");
+    }
+    assert_eq!(faulty.coordinator_restarts, 2);
+    assert_eq!((faulty.restarts, faulty.replayed_steps), (10, 14));
 }

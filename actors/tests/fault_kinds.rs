@@ -10,9 +10,7 @@ use actors::schedule::ScheduleKind;
 use actors::trainer;
 use std::time::Instant;
 
-const KINDS: [&str; 6] = ["panic", "hang", "slow", "drop", "corrupt", "dup"];
-const ACTORS: [&str; 5] = ["stage", "expert", "gpu", "coordinator", "dataloader"];
-const PHASES: [&str; 4] = ["forward", "backward", "weight", "optimizer"];
+use common::{KINDS, every_kind_plan};
 
 fn layout() -> Layout {
     Layout {
@@ -23,31 +21,6 @@ fn layout() -> Layout {
         wire: Wire::F32,
         compute: Default::default(),
     }
-}
-
-/// One fault of every kind on every actor type, one fault per step from step 2.
-fn every_kind_plan() -> String {
-    let mut s = String::from("step_timeout_ms = 1000\n");
-    let mut step = 2;
-    for (a, actor) in ACTORS.iter().enumerate() {
-        for (k, kind) in KINDS.iter().enumerate() {
-            let phase = if *actor == "dataloader" {
-                "forward"
-            } else {
-                PHASES[(a + k) % 4]
-            };
-            let rank = if matches!(*actor, "coordinator" | "dataloader") {
-                0
-            } else {
-                (a + k) % 2
-            };
-            s.push_str(&format!(
-                "\n[[fault]]\nat_step = {step}\nactor = \"{actor}\"\nphase = \"{phase}\"\nrank = {rank}\nkind = \"{kind}\"\n"
-            ));
-            step += 1;
-        }
-    }
-    s
 }
 
 #[test]

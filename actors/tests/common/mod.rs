@@ -1,4 +1,5 @@
-//! Shared helpers of the actors integration tests: micro-model options in a scratch directory.
+//! Shared helpers of the actors integration tests: micro-model options in a scratch directory,
+//! and the every-fault-kind inject plan.
 //! Every test gets its own output directory so tests can run in parallel.
 
 #![allow(dead_code)]
@@ -58,4 +59,35 @@ pub fn tiny_options(name: &str, steps: u64) -> TrainOptions {
     config.training.eval_every = steps;
     config.training.eval_batches = 2;
     options(name, path, config)
+}
+
+/// The fault kinds and actor types an inject plan names.
+pub const KINDS: [&str; 6] = ["panic", "hang", "slow", "drop", "corrupt", "dup"];
+pub const ACTORS: [&str; 5] = ["stage", "expert", "gpu", "coordinator", "dataloader"];
+pub const PHASES: [&str; 4] = ["forward", "backward", "weight", "optimizer"];
+
+/// One fault of every kind on every actor type, one fault per step from step 2 (30 faults, steps
+/// 2..=31), under a 1 s step timeout.
+pub fn every_kind_plan() -> String {
+    let mut s = String::from("step_timeout_ms = 1000\n");
+    let mut step = 2;
+    for (a, actor) in ACTORS.iter().enumerate() {
+        for (k, kind) in KINDS.iter().enumerate() {
+            let phase = if *actor == "dataloader" {
+                "forward"
+            } else {
+                PHASES[(a + k) % 4]
+            };
+            let rank = if matches!(*actor, "coordinator" | "dataloader") {
+                0
+            } else {
+                (a + k) % 2
+            };
+            s.push_str(&format!(
+                "\n[[fault]]\nat_step = {step}\nactor = \"{actor}\"\nphase = \"{phase}\"\nrank = {rank}\nkind = \"{kind}\"\n"
+            ));
+            step += 1;
+        }
+    }
+    s
 }
