@@ -8,7 +8,7 @@
 use super::super::backend::grouped::segments;
 use super::super::backend::{Backend, BackendError, BackendResult};
 use super::layers::Ctx;
-use super::weight::{WeightJob, weight};
+use super::weight::{WeightJob, weight_owned};
 use crate::model::layers::{ExpertCompute, ExpertSite, Moe};
 use std::cell::RefCell;
 
@@ -103,7 +103,7 @@ pub(crate) fn backward<B: Backend>(
                 )));
             }
             let g = c.b.upload(grad)?;
-            weight(c, WeightJob::Dense { w: l.w.0, g: &g })?;
+            weight_owned(c, WeightJob::Dense { w: l.w.0, g })?;
         }
     }
     c.b.upload(&dxe)

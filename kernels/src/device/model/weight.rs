@@ -162,6 +162,18 @@ pub(crate) fn defers<B: Backend>(c: &Ctx<'_, B>) -> bool {
     c.defer.is_some()
 }
 
+/// Runs `job`, whose inputs it owns already, now, or keeps it as it is for W when the context
+/// defers (no copy: a remote expert's gradient uploaded for this job alone).
+pub(crate) fn weight_owned<B: Backend>(c: &mut Ctx<'_, B>, job: OwedJob<B>) -> BackendResult<()> {
+    match c.defer.as_deref_mut() {
+        Some(q) => {
+            q.push(job);
+            Ok(())
+        }
+        None => job.run(c.b, c.g),
+    }
+}
+
 /// Runs `job` into the context's gradients now, or keeps it (copied) for W when it defers.
 pub(crate) fn weight<B: Backend>(
     c: &mut Ctx<'_, B>,
