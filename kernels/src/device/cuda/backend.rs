@@ -51,6 +51,9 @@ pub struct CudaBackend {
     /// Why BF16 attention runs the fused f32 kernel instead of the tensor cores
     /// (`attention_gemm.rs`: `PHALANX_GEMM_ATTENTION=off`, or its check at open failed).
     pub gemm_attention_off: Option<String>,
+    /// The checks at open were not run again: an earlier open of this device in the process
+    /// decided the fast paths above.
+    pub checks_reused: bool,
 }
 
 impl CudaBackend {

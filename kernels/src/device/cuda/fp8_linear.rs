@@ -97,6 +97,30 @@ impl Fp8Linear {
         Fp8Linear::new(engine)
     }
 
+    /// What [`Fp8Linear::open`] decided: the tensor cores (with their measured agreement), or
+    /// the CUDA cores and why.
+    pub fn verdict(&self) -> Result<Option<f64>, String> {
+        match &self.engine {
+            Fp8Engine::TensorCores(_) => Ok(self.agreement),
+            Fp8Engine::CudaCores(why) => Err(why.clone()),
+        }
+    }
+
+    /// The engine an earlier open of the same device decided (`verdict`), without measuring
+    /// again; the CUDA cores if cuBLASLt does not open now.
+    pub fn reopen(gpu: &Gpu, verdict: Result<Option<f64>, String>) -> Fp8Linear {
+        match verdict {
+            Ok(agreement) => match Lt::new(gpu) {
+                Ok(lt) => Fp8Linear {
+                    agreement,
+                    ..Fp8Linear::new(Fp8Engine::TensorCores(Box::new(lt)))
+                },
+                Err(e) => Fp8Linear::new(Fp8Engine::CudaCores(format!("cuBLASLt: {e}"))),
+            },
+            Err(why) => Fp8Linear::new(Fp8Engine::CudaCores(why)),
+        }
+    }
+
     /// `engine`, unchecked.
     pub fn new(engine: Fp8Engine) -> Fp8Linear {
         Fp8Linear {

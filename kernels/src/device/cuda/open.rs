@@ -1,16 +1,32 @@
 //! Opening the CUDA backend (feature `cuda`): the device and its kernels, cuBLAS, the memory
 //! pool's release threshold, the checks at open that decide each fast path (FP8 tensor cores,
-//! grouped expert GEMMs, BF16 attention on the tensor cores), and the description of what
-//! opened. Never run on a GPU.
+//! grouped expert GEMMs, BF16 attention on the tensor cores; once per device and process), and
+//! the description of what opened. Never run on a GPU.
 
 use super::backend::CudaBackend;
 use super::fp8_linear::Fp8Linear;
 use super::launch::{Blas, Gpu, GpuError, Refusals};
 use cudarc::driver::sys;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// What the checks at open decided for one device: the FP8 engine (`Fp8Linear::verdict`), and
+/// why the grouped expert GEMMs and BF16 attention on the tensor cores are off, if they are.
+#[derive(Clone, Debug)]
+struct Verdicts {
+    fp8: Result<Option<f64>, String>,
+    grouped_off: Option<String>,
+    gemm_attention_off: Option<String>,
+}
+
+/// The verdicts of the first open of each device in this process: later opens of the same device
+/// (more stage copies, expert groups, a restarted actor) reuse them instead of checking again.
+static VERDICTS: Mutex<BTreeMap<usize, Verdicts>> = Mutex::new(BTreeMap::new());
 
 impl CudaBackend {
     /// Opens device `ordinal` (probe, NVRTC compile of every kernel, cuBLAS handle) and keeps
-    /// freed memory in its pool.
+    /// freed memory in its pool. The checks at open run on the first open of a device in this
+    /// process; later opens take their verdicts (`VERDICTS`).
     pub fn open(ordinal: usize) -> Result<CudaBackend, GpuError> {
         let gpu = Gpu::open(ordinal)?;
         let blas = Blas::new(&gpu)?;
@@ -35,7 +51,15 @@ impl CudaBackend {
                 }
             }
         }
-        let fp8 = Fp8Linear::open(&gpu);
+        let known = VERDICTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ordinal)
+            .cloned();
+        let fp8 = match &known {
+            Some(v) => Fp8Linear::reopen(&gpu, v.fp8.clone()),
+            None => Fp8Linear::open(&gpu),
+        };
         let mut b = CudaBackend {
             gpu,
             blas,
@@ -45,9 +69,27 @@ impl CudaBackend {
             host_routing: std::env::var("PHALANX_DEVICE_ROUTER").is_ok_and(|v| v == "off"),
             grouped_bf16_refused: std::cell::Cell::new(false),
             gemm_attention_off: None,
+            checks_reused: known.is_some(),
         };
-        b.grouped_off = b.grouped_check();
-        b.gemm_attention_off = b.gemm_attention_check();
+        match known {
+            Some(v) => {
+                b.grouped_off = v.grouped_off;
+                b.gemm_attention_off = v.gemm_attention_off;
+            }
+            None => {
+                b.grouped_off = b.grouped_check();
+                b.gemm_attention_off = b.gemm_attention_check();
+                let v = Verdicts {
+                    fp8: b.fp8.verdict(),
+                    grouped_off: b.grouped_off.clone(),
+                    gemm_attention_off: b.gemm_attention_off.clone(),
+                };
+                VERDICTS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(ordinal, v);
+            }
+        }
         Ok(b)
     }
 }
@@ -89,8 +131,13 @@ impl CudaBackend {
             None => "bf16 attention: tensor cores".to_string(),
             Some(why) => format!("bf16 attention: the f32 kernel ({why})"),
         };
+        let checks = if self.checks_reused {
+            "; checks at open: this process's first open of the device"
+        } else {
+            ""
+        };
         format!(
-            "{} ({}; {kernels}; {}; {grouped}; {routing}; {attention})",
+            "{} ({}; {kernels}; {}; {grouped}; {routing}; {attention}{checks})",
             self.gpu.info,
             self.gpu.arch,
             self.fp8.describe()
