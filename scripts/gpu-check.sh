@@ -11,7 +11,7 @@
 #      gpu_model (the CUDA backend against the CPU backend: cuBLAS GEMMs, layouts, MoE, the micro
 #      and tiny step's loss and every gradient within 1e-5, two runs with the same bits); gpu_stage
 #      (two pipeline stages on the GPU, deferred W, against the CPU's stages and the GPU's whole
-#      step within 1e-5); a
+#      step within 1e-5; again with --ep 2 expert groups on the GPU); a
 #      300-step tiny run on the GPU and on the CPU (eval loss within 1%); the formation on the GPU
 #      (tiny, 30 steps, DualPipe over 2 ranks against the single-process device run: final loss
 #      within 1e-5, and whether the bits agree; again with --ep 2, the expert groups on the
@@ -112,7 +112,7 @@ echo "== gpu_stage: pipeline stages on the GPU against the CPU's stages and the 
 out=$(timeout 90 "$BIN/gpu_stage" --nocapture --test-threads 1 2>&1); rc=$?
 echo "$out"
 vals=$(echo "$out" | grep -E "^\| staged" | cut -d'|' -f2,5 | tr '|\n' ':;')
-row "gpu stages (2 stages, deferred W) vs cpu stages and the gpu step" \
+row "gpu stages (2 stages, deferred W; --ep 2 groups on the gpu) vs cpu stages and the gpu step" \
   "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" "${vals:-exit $rc}"
 
 echo "== tiny, 300 steps: --device cuda and --device cpu"
