@@ -107,7 +107,9 @@ pub struct TrainArgs {
     /// formation (Coordinator, NodeSupervisor, GpuActor, StageActor) instead of the plain loop.
     #[arg(long, default_value_t = 1)]
     pp: usize,
-    /// Expert-parallel groups (only 1 is built so far).
+    /// Expert-parallel groups: each stage copy's routed experts split over this many
+    /// ExpertGroupActors (must divide n_routed_experts and n_group; with --device, on the copy's
+    /// GPU). 1 keeps the experts in their stage.
     #[arg(long, default_value_t = 1)]
     ep: usize,
     /// Pipeline schedule: 1f1b, zb1p, dualpipe, dualpipev (dualpipev runs 2·pp stages on pp ranks).
@@ -126,14 +128,15 @@ pub struct TrainArgs {
     /// Run the formation on plain threads (no actors, no fault handling): the pipeline reference.
     #[arg(long)]
     threads: bool,
-    /// Linear layers in f32 (bitwise-deterministic reference), fp8 (DeepSeek-V3's E4M3 recipe,
-    /// the CPU) or bf16 (mixed precision with f32 master weights, `--device cuda` only)
-    /// [default: f32].
+    /// Linear layers in f32 (bitwise-deterministic reference), fp8 (DeepSeek-V3's E4M3 recipe;
+    /// on a device over a BF16 baseline, as DeepSeek-V3 trains) or bf16 (mixed precision with
+    /// f32 master weights, `--device cuda` only) [default: f32].
     #[arg(long)]
     precision: Option<String>,
     /// Where the math runs: cpu, cuda or cuda:N (built with `--features cuda`): every step on
     /// that GPU in one process, or with --pp/--schedule/--inject/--threads the formation with
-    /// pipeline rank r's stage copies on cuda:N+r (modulo the devices there are).
+    /// pipeline rank r's stage copies (and their --ep expert groups) on cuda:N+r (modulo the
+    /// devices there are).
     #[arg(long, default_value = "cpu")]
     device: kernels::device::Device,
 }
