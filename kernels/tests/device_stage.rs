@@ -353,7 +353,7 @@ fn expert_group_on_a_device_refuses_out_of_place_calls() {
         .position(|b| matches!(b.ffn, Ffn::Moe(_)))
         .expect("micro has a MoE layer");
     let g = ExpertGroup::new(&full, 0..full.cfg.num_hidden_layers, 0, 2);
-    let mut d = BackendExperts::new(Cpu, GemmPrecision::F32).unwrap();
+    let mut d = BackendExperts::new(Cpu, GemmPrecision::F32);
     d.load(&g).unwrap();
     let (site, dm) = (ExpertSite { layer, mb: 0 }, full.cfg.hidden_size);
     assert!(d.forward(&g, site, Vec::new()).unwrap().is_empty());

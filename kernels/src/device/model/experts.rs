@@ -102,13 +102,13 @@ fn split(y: Vec<f32>, offsets: &[usize], width: usize) -> Vec<Vec<f32>> {
 impl<B: Backend> BackendExperts<B> {
     /// An expert group on `backend`, its Linears' GEMMs in `gemm` (FP8 Linears follow the
     /// group's own precision); parameters come with [`DeviceExperts::load`].
-    pub fn new(backend: B, gemm: GemmPrecision) -> BackendResult<Self> {
-        Ok(BackendExperts {
+    pub fn new(backend: B, gemm: GemmPrecision) -> Self {
+        BackendExperts {
             backend,
             params: Vec::new(),
             gemm,
             kept: BTreeMap::new(),
-        })
+        }
     }
 
     fn forward_in(

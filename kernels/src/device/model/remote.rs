@@ -32,12 +32,18 @@ impl<'a> Remote<'a> {
     }
 }
 
-/// The `(expert, rows)` blocks of `x` (`[rows, d]`, sorted by expert) over the non-empty segments
-/// of `offsets`.
-fn blocks(x: &[f32], offsets: &[usize], d: usize) -> Vec<(usize, Vec<f32>)> {
-    segments(offsets)
+/// The `(expert, rows)` blocks of `x` (`[rows, d]` on the device, sorted by expert) over the
+/// non-empty segments of `offsets`, on the host.
+fn blocks<B: Backend>(
+    b: &B,
+    x: &B::Buf,
+    offsets: &[usize],
+    d: usize,
+) -> BackendResult<Vec<(usize, Vec<f32>)>> {
+    let x = b.download(x)?;
+    Ok(segments(offsets)
         .map(|(e, lo, hi)| (e, x[lo * d..hi * d].to_vec()))
-        .collect()
+        .collect())
 }
 
 /// Checks that one answer came back per block, each of `(hi - lo)·d` values.
@@ -60,11 +66,11 @@ pub(crate) fn forward<B: Backend>(
     offsets: &[usize],
     d: usize,
 ) -> BackendResult<B::Buf> {
-    let host = c.b.download(xe)?;
+    let blocks = blocks(c.b, xe, offsets, d)?;
     let ys = remote
         .experts
         .borrow_mut()
-        .forward(remote.site(layer), blocks(&host, offsets, d));
+        .forward(remote.site(layer), blocks);
     let lens: Vec<usize> = ys.iter().map(Vec::len).collect();
     check_answers("outputs", &lens, offsets, d)?;
     c.b.upload(&ys.concat())
@@ -82,11 +88,11 @@ pub(crate) fn backward<B: Backend>(
     offsets: &[usize],
     d: usize,
 ) -> BackendResult<B::Buf> {
-    let host = c.b.download(dye)?;
+    let blocks = blocks(c.b, dye, offsets, d)?;
     let gs = remote
         .experts
         .borrow_mut()
-        .backward(remote.site(layer), blocks(&host, offsets, d));
+        .backward(remote.site(layer), blocks);
     let lens: Vec<usize> = gs.iter().map(|g| g.dx.len()).collect();
     check_answers("input gradients", &lens, offsets, d)?;
     let mut dxe = Vec::with_capacity(offsets.last().copied().unwrap_or(0) * d);

@@ -72,13 +72,10 @@ impl StagePlacement {
         let StagePlacement::Backend { device, gemm } = self else {
             return Ok(None);
         };
-        let e = |e: BackendError| format!("an expert group on pipeline rank {rank}: {e}");
         Ok(Some(match device {
-            Device::Cpu => Box::new(BackendExperts::new(Cpu, gemm).map_err(e)?),
+            Device::Cpu => Box::new(BackendExperts::new(Cpu, gemm)),
             #[cfg(feature = "cuda")]
-            Device::Cuda(first) => {
-                Box::new(BackendExperts::new(cuda(first, rank)?, gemm).map_err(e)?)
-            }
+            Device::Cuda(first) => Box::new(BackendExperts::new(cuda(first, rank)?, gemm)),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(not_built(rank)),
         }))

@@ -26,7 +26,6 @@ pub fn group_of(expert: usize, n_experts: usize, groups: usize) -> usize {
 
 /// One expert group: its experts of every MoE decoder layer in `layers` (and of the MTP modules'
 /// MoE layers, numbered from `num_hidden_layers`, when `layers` ends at the last decoder layer).
-/// Each expert's gate, up and down weights are three consecutive local tensors.
 #[derive(Debug)]
 pub struct ExpertGroup {
     pub index: usize,
@@ -151,7 +150,7 @@ impl ExpertGroup {
         }
     }
 
-    /// Expert `i` of MoE layer `layer`, by its local tensor ids (gate, up, down consecutive).
+    /// Expert `i` of MoE layer `layer`, by its local tensor ids.
     pub fn expert(&self, layer: usize, i: usize) -> &SwiGlu {
         self.experts.get(&(layer, i)).unwrap_or_else(|| {
             panic!(

@@ -502,6 +502,11 @@ impl std::fmt::Debug for StageStash {
     }
 }
 
+/// A runner's expert groups reborrowed for one call (None: the experts run in the stage).
+fn experts_of(e: &mut Option<Box<dyn ExpertCompute>>) -> Option<&mut dyn ExpertCompute> {
+    e.as_deref_mut().map(|e| e as &mut dyn ExpertCompute)
+}
+
 /// A stage plus its per-micro-batch state: stashes between F and B, queued W jobs between B* and
 /// W, and weight gradients until the reduce takes them.
 #[derive(Debug)]
@@ -568,10 +573,7 @@ impl StageRunner {
         input: Option<Vec<f32>>,
     ) -> (Option<Vec<f32>>, StageStats) {
         if let Some(d) = self.device.as_mut().map(unlocked) {
-            let experts = self
-                .experts
-                .as_deref_mut()
-                .map(|e| e as &mut dyn ExpertCompute);
+            let experts = experts_of(&mut self.experts);
             let r = d.forward(&self.stage, mb, batch, input, self.mtp_weight, experts);
             return self.on_device(r);
         }
@@ -579,9 +581,7 @@ impl StageRunner {
             batch,
             input,
             self.mtp_weight,
-            self.experts
-                .as_deref_mut()
-                .map(|e| e as &mut dyn ExpertCompute),
+            experts_of(&mut self.experts),
             mb,
         );
         let old = self.stashes.insert(mb, stash);
@@ -596,10 +596,7 @@ impl StageRunner {
     /// B*: input gradient of `mb` from the gradient of its output; queues its W jobs.
     pub fn backward_input(&mut self, mb: usize, dy: Option<Vec<f32>>) -> Option<Vec<f32>> {
         if let Some(d) = self.device.as_mut().map(unlocked) {
-            let experts = self
-                .experts
-                .as_deref_mut()
-                .map(|e| e as &mut dyn ExpertCompute);
+            let experts = experts_of(&mut self.experts);
             let r = d.backward_input(&self.stage, mb, dy, experts);
             return self.on_device(r);
         }
@@ -610,15 +607,9 @@ impl StageRunner {
             )
         });
         let mut q = WeightGradQueue::default();
-        let dx = self.stage.backward_input_with(
-            stash,
-            dy,
-            &mut q,
-            self.experts
-                .as_deref_mut()
-                .map(|e| e as &mut dyn ExpertCompute),
-            mb,
-        );
+        let dx =
+            self.stage
+                .backward_input_with(stash, dy, &mut q, experts_of(&mut self.experts), mb);
         let old = self.queues.insert(mb, q);
         assert!(
             old.is_none(),
@@ -685,11 +676,7 @@ impl StageRunner {
         if let Some(d) = self.device.as_mut().map(unlocked) {
             d.reset();
         }
-        if let Some(e) = self
-            .experts
-            .as_deref_mut()
-            .map(|e| e as &mut dyn ExpertCompute)
-        {
+        if let Some(e) = experts_of(&mut self.experts) {
             e.reset();
         }
     }
@@ -701,11 +688,7 @@ impl StageRunner {
             let r = d.load(&self.stage);
             self.on_device(r);
         }
-        if let Some(e) = self
-            .experts
-            .as_deref_mut()
-            .map(|e| e as &mut dyn ExpertCompute)
-        {
+        if let Some(e) = experts_of(&mut self.experts) {
             e.load_from(full);
         }
     }
