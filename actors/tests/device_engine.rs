@@ -98,7 +98,7 @@ fn device_fp8_runs_over_a_bf16_baseline() {
         "the baseline took effect"
     );
     let rel = ((got.final_loss - f32_base.final_loss) / f32_base.final_loss).abs();
-    assert!(rel < 1e-3, "fp8 over bf16 vs over f32: loss rel {rel:.2e}");
+    assert!(rel < 2e-4, "fp8 over bf16 vs over f32: loss rel {rel:.2e}");
     println!(
         "6 fp8 steps over bf16: {} (loss {:.6} vs {:.6} over f32, rel {rel:.2e})",
         got.params_sha256, got.final_loss, f32_base.final_loss
