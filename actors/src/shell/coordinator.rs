@@ -117,6 +117,10 @@ pub struct CoordState {
     armed: Vec<Fault>,
     /// Heartbeats of the ranks: a GpuActor silent past the bound is declared dead and killed.
     detector: Detector,
+    /// The GpuActor each rank had when it was last probed: a `Kill` after the probe's grace is
+    /// for that actor only (a rank restarted meanwhile, e.g. by the heartbeat detector, has a new
+    /// one that never saw the probe).
+    probed: BTreeMap<usize, ractor::ActorId>,
 }
 
 /// The check a rank verifies on an open (a damaged open is refused as a lost message).
@@ -391,12 +395,23 @@ impl Coordinator {
                 }
                 CoordCommand::Probe { step, attempt } => {
                     tracing::warn!(step, attempt, "step overdue; probing the ranks");
+                    st.probed = (0..Coordinator::ranks(st))
+                        .filter_map(|r| st.ctx.book.gpu(r).map(|g| (r, g.get_id())))
+                        .collect();
                     Coordinator::broadcast(st, |_| GpuMsg::Probe { step, attempt });
                 }
                 CoordCommand::Kill { rank } => {
-                    tracing::warn!(rank, "rank did not answer the probe; killing it");
-                    if let Some(g) = st.ctx.book.gpu(rank) {
-                        g.kill();
+                    match st.ctx.book.gpu(rank) {
+                        Some(g) if st.probed.get(&rank) == Some(&g.get_id()) => {
+                            tracing::warn!(rank, "rank did not answer the probe; killing it");
+                            g.kill();
+                        }
+                        // its death is already on the way (RankDown): the new actor stays
+                        Some(_) => tracing::warn!(
+                            rank,
+                            "rank did not answer the probe but was restarted since; not killing the new actor"
+                        ),
+                        None => {}
                     }
                 }
                 CoordCommand::GiveUp { step, reason } => {
@@ -485,6 +500,7 @@ impl Actor for Coordinator {
             job: None,
             armed: Vec::new(),
             detector: Detector::new(ctx.detector),
+            probed: BTreeMap::new(),
         };
         // a replacement rebuilds its view from the ranks: each drops the attempt it was in and
         // reports in; the first open restores the committed state everywhere
