@@ -401,17 +401,11 @@ impl Coordinator {
                     Coordinator::broadcast(st, |_| GpuMsg::Probe { step, attempt });
                 }
                 CoordCommand::Kill { rank } => {
-                    match st.ctx.book.gpu(rank) {
-                        Some(g) if st.probed.get(&rank) == Some(&g.get_id()) => {
-                            tracing::warn!(rank, "rank did not answer the probe; killing it");
-                            g.kill();
-                        }
-                        // its death is already on the way (RankDown): the new actor stays
-                        Some(_) => tracing::warn!(
-                            rank,
-                            "rank did not answer the probe but was restarted since; not killing the new actor"
-                        ),
-                        None => {}
+                    // a rank restarted since the probe has its death report on the way already
+                    let g = st.ctx.book.gpu(rank);
+                    if let Some(g) = g.filter(|g| st.probed.get(&rank) == Some(&g.get_id())) {
+                        tracing::warn!(rank, "rank did not answer the probe; killing it");
+                        g.kill();
                     }
                 }
                 CoordCommand::GiveUp { step, reason } => {
