@@ -20,7 +20,9 @@
 #      figures on the same GPU
 #      (10,369 and 233,646 tokens/s, ../shared/reference/gpu-h200.md), medium in BF16,
 #      FP8 on small (and on medium when cuBLASLt's tensor cores run it), with the f32 and BF16
-#      GEMM ceilings (medium's host-side init of 3.7B parameters takes a while). Prints
+#      GEMM ceilings (medium's host-side init of 3.7B parameters takes a while); small 32×1024 and
+#      the medium benches also profile one more step (`--profile`: a row with the largest regions
+#      of the step, the whole table in the log). Prints
 #      a summary table last, and writes each row to $OUT/gpu-check-table.md as it is made (the
 #      device tool returns $OUT even from a call that runs past its limit). Budget: about 5
 #      minutes; past BUDGET_S (480 s) the medium benches are skipped with a row saying so.
@@ -154,23 +156,39 @@ bench() {  # config batch seq steps extra... -> prints its lines, then "tokens/s
   local out
   out=$(timeout 150 "$BIN/phalanx" bench train --device cuda --config "$1" --batch-size "$2" --seq-len "$3" --steps "$4" "${@:5}" 2>&1)
   echo "$out" >&2
+  echo "$out" > /tmp/gpu-check-bench-last.log
   echo "$out" | grep -o '[0-9]* tokens/s, [0-9.]* ms/step, [0-9.]* model TFLOP/s = [0-9.]*%' | head -1 \
     | awk '{print $1, $5, $9}'
+}
+# `--profile`: one more step after the timed ones, its regions timed between synchronisations;
+# the row names the largest regions (the whole table is in the log above)
+profile_row() {  # name
+  local top
+  top=$(python3 -c '
+import json, sys
+for line in open("/tmp/gpu-check-bench-last.log"):
+    if line.startswith("{") and "\"profile\"" in line:
+        p = json.loads(line)["profile"]
+        print(p["top"], "(profiled step %.0f ms)" % p["step_ms"])
+        break' 2>/dev/null)
+  row "where a step goes: $1" "$([ -n "$top" ] && echo info || echo FAIL)" "${top:-no profile}"
 }
 # PyTorch's figures are BF16 autocast (f32 master weights): the BF16 rows are the comparison
 read -r t8 f8 p8 < <(bench configs/small.toml 8 128 10 --no-mtp --precision bf16)
 row "small 8×128 bf16, no MTP vs PyTorch 10,369 tok/s" "$([ -n "$t8" ] && echo measured || echo FAIL)" \
   "${t8:-?} tok/s = $(python3 -c "print(f'{${t8:-0}/10369:.2f}')")× PyTorch; ${f8:-?} TFLOP/s = ${p8:-?} of the bf16 GEMM ceiling"
-read -r t32 f32 p32 < <(bench configs/small.toml 32 1024 5 --no-mtp --precision bf16)
+read -r t32 f32 p32 < <(bench configs/small.toml 32 1024 5 --no-mtp --precision bf16 --profile)
 row "small 32×1024 bf16, no MTP vs PyTorch 233,646 tok/s (goal ≥ 2×)" "$([ -n "$t32" ] && echo measured || echo FAIL)" \
   "${t32:-?} tok/s = $(python3 -c "print(f'{${t32:-0}/233646:.2f}')")× PyTorch; ${f32:-?} TFLOP/s = ${p32:-?} of the bf16 GEMM ceiling"
+profile_row "small 32×1024 bf16"
 read -r s32 sf32 sp32 < <(bench configs/small.toml 32 1024 5 --no-mtp)
 row "small 32×1024 f32, no MTP" "$([ -n "$s32" ] && echo measured || echo FAIL)" \
   "${s32:-?} tok/s; ${sf32:-?} TFLOP/s = ${sp32:-?} of the f32 SGEMM ceiling"
 if ! over_budget "medium 8×1024 bf16 (goal ≥ 35% of the BF16 GEMM ceiling)"; then
-read -r tm fm pm < <(bench configs/medium.toml 8 1024 2 --precision bf16)
+read -r tm fm pm < <(bench configs/medium.toml 8 1024 2 --precision bf16 --profile)
 row "medium 8×1024 bf16 (goal ≥ 35% of the BF16 GEMM ceiling)" "$([ -n "$tm" ] && echo measured || echo FAIL)" \
   "${tm:-?} tok/s, ${fm:-?} model TFLOP/s = ${pm:-?} of the bf16 GEMM ceiling"
+profile_row "medium 8×1024 bf16"
 fi
 # FP8: the backend opens cuBLASLt's block-scaled FP8 GEMM on the tensor cores when it agrees with
 # the CUDA-core kernel (its `device` line says which engine runs and why); small first, medium
@@ -186,9 +204,10 @@ row "small 8×128 fp8 recipe vs bf16 (${engine:-engine unknown})" "$([ -n "$tf8"
 if over_budget "medium 8×1024 fp8 vs bf16 (goal ≥ 1.3×)"; then
   :
 elif echo "$engine" | grep -q "tensor cores"; then
-  read -r tmf fmf pmf < <(bench configs/medium.toml 8 1024 2 --precision fp8)
+  read -r tmf fmf pmf < <(bench configs/medium.toml 8 1024 2 --precision fp8 --profile)
   row "medium 8×1024 fp8 vs bf16 (goal ≥ 1.3×)" "$([ -n "$tmf" ] && echo measured || echo FAIL)" \
     "${tmf:-?} tok/s = $(python3 -c "print(f'{${tmf:-0}/max(${tm:-0},1):.2f}')")× bf16; ${fmf:-?} model TFLOP/s = ${pmf:-?} of the bf16 GEMM ceiling"
+  profile_row "medium 8×1024 fp8"
 else
   row "medium 8×1024 fp8 vs bf16 (goal ≥ 1.3×)" "not run" "FP8 is on the CUDA cores: ${engine:-?}"
 fi

@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// or fp8 (DeepSeek-V3's recipe as `phalanx train` runs it, BF16 moments).
     #[arg(long, default_value = "f32")]
     precision: kernels::model::Precision,
+    /// `bench train --device cuda`: after the timed steps, profile one more step (each region of
+    /// the step timed between device synchronisations: attention, the MoE layer's routing, routed
+    /// and shared experts, the head, the optimizer, …) and print where its time went.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -48,6 +53,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!(
             "--device cuda measures `bench train` only (got `bench {}`)",
             a.what
+        );
+    }
+    if a.profile && (a.device == kernels::device::Device::Cpu || a.what != "train") {
+        bail!(
+            "--profile is for `bench train --device cuda` (the device step's regions); got `bench {}` on {}",
+            a.what,
+            a.device
         );
     }
     if a.device == kernels::device::Device::Cpu && a.precision != kernels::model::Precision::F32 {
@@ -272,6 +284,7 @@ fn bench_train_device(a: BenchArgs) -> Result<()> {
             a.steps,
             !a.no_mtp,
             a.precision,
+            a.profile,
         )?;
         let rc = kernels::model::RunConfig::load(c)?;
         let mut cfg = rc.model.clone();
@@ -299,6 +312,14 @@ fn bench_train_device(a: BenchArgs) -> Result<()> {
         j["model_tflops"] = serde_json::json!(tflops);
         j["gemm_ceiling_tflops"] = serde_json::json!(ceiling);
         j["precision"] = serde_json::json!(a.precision.to_string());
+        if let Some(p) = &r.profile {
+            println!(
+                "profile of one more step ({:.1} ms, every region synchronised; self time, nested regions apart):\n{}",
+                p.step_ms, p.table
+            );
+            // the table is printed above; the JSON keeps the one-line summary
+            j["profile"] = serde_json::json!({"step_ms": p.step_ms, "top": p.top});
+        }
         println!("{j}");
     }
     Ok(())

@@ -95,6 +95,24 @@ fn bf16_on_the_cpu_is_refused_by_name() {
     assert!(err.contains("expected f32, bf16 or fp8"), "{err}");
 }
 
+/// `--profile` profiles the device step: on the CPU, and on another benchmark, it is refused by
+/// name instead of being ignored.
+#[test]
+fn profile_outside_the_device_step_is_refused_by_name() {
+    for args in [
+        &["bench", "train", "--profile", "--steps", "1"][..],
+        &["bench", "fp8", "--profile"][..],
+    ] {
+        let err = refused(args);
+        assert!(
+            err.contains(
+                "--profile is for `bench train --device cuda` (the device step's regions)"
+            ),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 /// `PHALANX_STAGE_BACKEND=cpu` runs the formation's stage copies through the device-stage path on
 /// the CPU backend: the same weights as the CPU model's formation, also with `--ep 2` (whose
 /// expert groups then compute on their copy's backend); another value is refused by name before

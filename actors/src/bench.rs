@@ -326,9 +326,24 @@ pub struct DeviceBench {
     pub step_ms: f64,
     /// The last timed step's loss (a check that it trained, not a figure of merit).
     pub loss: f64,
+    /// When asked for: one more step, profiled (`kernels::device::profile`).
+    pub profile: Option<DeviceProfile>,
 }
 
-/// Times `steps` device steps after one warm-up step on `backend`.
+/// Where one profiled device step's time went.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceProfile {
+    /// The profiled step's wall time (slower than a timed step: every region synchronises).
+    pub step_ms: f64,
+    /// The five largest regions and their shares of the step, on one line.
+    pub top: String,
+    /// Every region: calls, milliseconds and share, the largest first.
+    pub table: String,
+}
+
+/// Times `steps` device steps after one warm-up step on `backend`; with `profile`, then runs one
+/// more step with its regions profiled.
+#[allow(clippy::too_many_arguments)]
 pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     backend: B,
     config: &Path,
@@ -337,6 +352,7 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     steps: usize,
     mtp: bool,
     precision: kernels::model::Precision,
+    profile: bool,
 ) -> Result<DeviceBench> {
     use kernels::device::backend::GemmPrecision;
     use kernels::device::model::DeviceModel;
@@ -380,6 +396,21 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
     }
     m.backend.synchronize().map_err(dev)?;
     let secs = started.elapsed().as_secs_f64();
+    let profile = if profile {
+        m.set_profiling(true);
+        let started = Instant::now();
+        run(&mut m, 2 + steps as u64)?;
+        m.backend.synchronize().map_err(dev)?;
+        let wall = started.elapsed().as_secs_f64();
+        let p = m.profile().expect("profiling was turned on");
+        Some(DeviceProfile {
+            step_ms: wall * 1e3,
+            top: p.top(5, wall),
+            table: p.table(wall),
+        })
+    } else {
+        None
+    };
     Ok(DeviceBench {
         config: config.display().to_string(),
         device,
@@ -391,5 +422,6 @@ pub fn device_step_throughput<B: kernels::device::backend::Backend>(
         tokens_per_s: (steps * batch * seq) as f64 / secs,
         step_ms: secs * 1e3 / steps.max(1) as f64,
         loss,
+        profile,
     })
 }

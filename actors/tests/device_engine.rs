@@ -126,3 +126,33 @@ fn device_microbatches_are_the_plain_microbatched_run() {
     );
     println!("5 steps of 4 micro-batches: {} = plain", got.params_sha256);
 }
+
+/// `bench train --device … --profile`'s library call on the CPU backend: the profiled extra step
+/// names the step's regions, the largest first, with shares of that step.
+#[test]
+fn the_device_bench_profiles_one_more_step() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/micro.toml");
+    let f32 = kernels::model::Precision::F32;
+    let r = actors::bench::device_step_throughput(Cpu, &config, 2, 16, 1, true, f32, true)
+        .expect("bench");
+    let p = r.profile.expect("asked for");
+    println!("{}\n{}", p.top, p.table);
+    assert!(r.tokens_per_s > 0.0 && p.step_ms > 0.0);
+    let lines: Vec<&str> = p.table.lines().collect();
+    // a header, 18 regions (micro has dense and MoE layers and MTP) and the rest
+    assert_eq!(lines.len(), 1 + 18 + 1, "{}", p.table);
+    assert!(lines[0].starts_with("region"));
+    assert!(lines[19].starts_with("(outside the regions)"));
+    let ms = |l: &str| -> f64 { l.split_whitespace().rev().nth(1).unwrap().parse().unwrap() };
+    assert!(
+        lines[1..19].windows(2).all(|w| ms(w[0]) >= ms(w[1])),
+        "largest first: {}",
+        p.table
+    );
+    assert_eq!(p.top.split("; ").count(), 5, "{}", p.top);
+    assert!(p.table.contains("forward: moe routed experts"));
+    // without --profile nothing is profiled
+    let r = actors::bench::device_step_throughput(Cpu, &config, 2, 16, 1, true, f32, false)
+        .expect("bench");
+    assert!(r.profile.is_none());
+}

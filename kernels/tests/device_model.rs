@@ -337,3 +337,80 @@ fn bad_moments_and_a_foreign_model_are_refused_by_name() {
     let ws = cpu.forward_backward(&batch, 0.3, &mut want);
     assert_eq!(dev.forward_backward(&batch, 0.3).unwrap(), ws);
 }
+
+/// Profiling (`DeviceModel::set_profiling`) only times: two profiled steps end with the
+/// unprofiled run's bits, and every region is counted once per block (the MTP modules' blocks
+/// inside the tail's region) and per step.
+#[test]
+fn profiled_steps_keep_the_bits_and_count_every_region() {
+    use kernels::model::layers::Ffn;
+    let (cpu, mut rng) = model("micro.toml", 2, 13);
+    let opt = AdamW::deepseek_v3(false);
+    let mut plain = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut profiled = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    profiled.set_profiling(true);
+    let steps = 2u64;
+    let started = std::time::Instant::now();
+    for step in 1..=steps {
+        let batch = batch(&mut rng, cpu.cfg.vocab_size, 2, 8);
+        let a = plain.forward_backward(&batch, 0.3).unwrap();
+        let b = profiled.forward_backward(&batch, 0.3).unwrap();
+        assert_eq!(a, b, "step {step}");
+        plain.apply(&opt, 1e-3, 1.0, 1e-3, &a.loads, step).unwrap();
+        profiled
+            .apply(&opt, 1e-3, 1.0, 1e-3, &b.loads, step)
+            .unwrap();
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let sha = |m: &DeviceModel<Cpu>| m.to_host().unwrap().params.sha256();
+    assert_eq!(sha(&profiled), sha(&plain));
+    let prof = profiled.profile().expect("profiling is on");
+    let totals = prof.totals();
+    let blocks = cpu
+        .blocks
+        .iter()
+        .chain(cpu.tail.mtp.iter().map(|m| &m.block));
+    let moe = blocks
+        .clone()
+        .filter(|b| matches!(b.ffn, Ffn::Moe(_)))
+        .count() as u64;
+    let all = blocks.count() as u64;
+    let dense = all - moe;
+    assert!(
+        moe > 0 && dense > 0,
+        "micro has both kinds: {moe} moe, {dense} dense"
+    );
+    let mut want = vec![
+        ("forward: embedding", 1),
+        ("backward: embedding", 1),
+        ("forward: head, loss, mtp", 1),
+        ("backward: head, loss, mtp", 1),
+        ("forward: attention (norm, mla, residual)", all),
+        ("backward: attention (norm, mla, residual)", all),
+        ("forward: dense mlp (norm, swiglu, residual)", dense),
+        ("backward: dense mlp (norm, swiglu, residual)", dense),
+        ("optimizer: grad norm", 1),
+        ("optimizer: clip, adamw, bias update", 1),
+    ];
+    for label in [
+        "forward: moe layer (norm, residual, stats)",
+        "forward: moe gate, routing, dispatch",
+        "forward: moe routed experts",
+        "forward: moe shared experts, combine, balance",
+        "backward: moe layer (norm, residual)",
+        "backward: moe combine, shared experts",
+        "backward: moe routed experts",
+        "backward: moe dispatch, routing, gate",
+    ] {
+        want.push((label, moe));
+    }
+    let got: Vec<(&str, u64)> = totals.iter().map(|(l, t)| (*l, t.calls)).collect();
+    let mut want: Vec<(&str, u64)> = want.into_iter().map(|(l, n)| (l, n * steps)).collect();
+    want.sort();
+    assert_eq!(got, want, "regions and their calls");
+    // self times: each region's own, adding up to at most the wall time of the two steps
+    let sum = prof.profiled_s();
+    assert!(sum > 0.0 && sum <= wall, "profiled {sum} s of {wall} s");
+    assert!(totals.values().all(|t| t.self_s >= 0.0));
+    println!("{}", prof.table(wall));
+}

@@ -20,6 +20,7 @@ pub mod kernel_cache;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+pub mod profile;
 
 use std::fmt;
 use std::str::FromStr;

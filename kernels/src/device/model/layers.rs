@@ -5,6 +5,7 @@
 //! into the same tensor, is the CPU model's, so the CPU backend reproduces it bit for bit.
 
 use super::super::backend::{Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision};
+use super::super::profile::{self, StepProfile, span};
 use super::remote::{self, Remote};
 use super::weight::{OwedJob, WeightJob, defers, weight};
 use crate::model::config::ModelConfig;
@@ -30,6 +31,8 @@ pub(crate) struct Ctx<'a, B: Backend> {
     pub defer: Option<&'a mut Vec<OwedJob<B>>>,
     /// Where the MoE layers' routed experts run when not here (a stage's expert groups, `--ep`).
     pub remote: Option<&'a Remote<'a>>,
+    /// Where the step's regions are timed, when it is profiled.
+    pub prof: Option<&'a StepProfile>,
 }
 
 impl<'a, B: Backend> Ctx<'a, B> {
@@ -49,6 +52,7 @@ impl<'a, B: Backend> Ctx<'a, B> {
             handed: None,
             defer: None,
             remote: None,
+            prof: None,
         }
     }
 }
@@ -431,11 +435,14 @@ pub(crate) fn moe_forward<B: Backend>(
     let b = c.b;
     let d = m.gate.d_in;
     let e = m.experts.len();
+    let t = span(c.prof, b, "forward: moe gate, routing, dispatch")?;
     let logits = linear_forward_in(c, &m.gate, x, GemmPrecision::F32)?;
     let s = b.sigmoid_forward(&logits)?;
     let route = b.route(&s, &c.p[m.bias.0], &m.rule, e)?;
     let (plan, offs) = (b.route_plan(&route), b.route_offsets(&route));
     let xe = b.dispatch_forward(x, plan, d)?;
+    profile::end(t, b)?;
+    let t = span(c.prof, b, "forward: moe routed experts")?;
     let (ye, experts) = match c.remote {
         Some(r) => (
             remote::forward(c, r, layer, &xe, offs, d)?,
@@ -452,6 +459,8 @@ pub(crate) fn moe_forward<B: Backend>(
             (ye, ExpertsSt::Here { xe, a, bv, h })
         }
     };
+    profile::end(t, b)?;
+    let t = span(c.prof, b, "forward: moe shared experts, combine, balance")?;
     let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
     b.combine_forward(&mut out, &ye, plan, d)?;
     let balance_loss = if m.alpha > 0.0 {
@@ -460,6 +469,7 @@ pub(crate) fn moe_forward<B: Backend>(
         0.0
     };
     let loads = offs.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+    profile::end(t, b)?;
     let stats = MoeStats {
         balance_loss,
         loads,
@@ -487,9 +497,12 @@ pub(crate) fn moe_backward<B: Backend>(
     let d = m.gate.d_in;
     let n = b.len(x) / d;
     let (plan, offs) = (b.route_plan(&st.route), b.route_offsets(&st.route));
+    let t = span(c.prof, b, "backward: moe combine, shared experts")?;
     let (dye, dweights) = b.combine_backward_input(dy, &st.ye, plan, d)?;
     let mut dx = b.zeros(n * d)?;
     swiglu_backward(c, &m.shared, dy, st.shared, x, &mut dx, false)?;
+    profile::end(t, b)?;
+    let t = span(c.prof, b, "backward: moe routed experts")?;
     let dxe = match (st.experts, c.remote) {
         (ExpertsSt::Remote, Some(r)) => remote::backward(c, r, m, layer, &dye, offs, d)?,
         (ExpertsSt::Here { xe, a, bv, h }, None) => {
@@ -526,11 +539,14 @@ pub(crate) fn moe_backward<B: Backend>(
             )));
         }
     };
+    profile::end(t, b)?;
+    let t = span(c.prof, b, "backward: moe dispatch, routing, gate")?;
     b.dispatch_backward_input(&mut dx, &dxe, plan, d)?;
     let seq_batch = (rows.seq, rows.batch);
     let ds = b.route_backward(&dweights, &st.s, &st.route, &m.rule, seq_batch, m.alpha)?;
     let dlogits = b.sigmoid_backward_input(&ds, &st.s)?;
     linear_backward_in(c, &m.gate, &dlogits, x, &mut dx, true, GemmPrecision::F32)?;
+    profile::end(t, b)?;
     Ok(dx)
 }
 
@@ -558,9 +574,12 @@ pub(crate) fn block_forward<B: Backend>(
     layer: usize,
 ) -> BackendResult<(B::Buf, BlockSt<B>, Option<MoeStats>)> {
     let b = c.b;
+    let t = span(c.prof, b, "forward: attention (norm, mla, residual)")?;
     let (h, in_norm) = norm_forward(c, &blk.input_norm, x)?;
     let (a, attn) = mla_forward(c, &blk.attn, h, rows, pos)?;
     let x1 = b.add(&in_norm.x, &a)?;
+    profile::end(t, b)?;
+    let t = span(c.prof, b, ffn_label(&blk.ffn, true))?;
     let (h2, post_norm) = norm_forward(c, &blk.post_norm, x1)?;
     let (f, ffn, stats) = match &blk.ffn {
         Ffn::Dense(m) => {
@@ -573,6 +592,7 @@ pub(crate) fn block_forward<B: Backend>(
         }
     };
     let x2 = b.add(&post_norm.x, &f)?;
+    profile::end(t, b)?;
     let st = BlockSt {
         in_norm,
         attn,
@@ -592,6 +612,8 @@ pub(crate) fn block_backward<B: Backend>(
     pos: &Positions<B>,
     layer: usize,
 ) -> BackendResult<B::Buf> {
+    let (b, prof) = (c.b, c.prof);
+    let t = span(prof, b, ffn_label(&blk.ffn, false))?;
     let dh2 = match (&blk.ffn, st.ffn) {
         (Ffn::Dense(m), FfnSt::Dense(s)) => {
             let mut dh2 = c.b.zeros(c.b.len(&dy))?;
@@ -603,8 +625,22 @@ pub(crate) fn block_backward<B: Backend>(
     };
     let mut dx1 = dy;
     norm_backward(c, &blk.post_norm, &dh2, &st.post_norm, &mut dx1, true)?;
+    profile::end(t, b)?;
+    let t = span(prof, b, "backward: attention (norm, mla, residual)")?;
     let dh = mla_backward(c, &blk.attn, &dx1, st.attn, rows, pos)?;
     let mut dx = dx1;
     norm_backward(c, &blk.input_norm, &dh, &st.in_norm, &mut dx, true)?;
+    profile::end(t, b)?;
     Ok(dx)
+}
+
+/// The profile region of a block's feed-forward half (norm, FFN, residual; a MoE layer's own
+/// regions nest inside it).
+fn ffn_label(ffn: &Ffn, forward: bool) -> &'static str {
+    match (ffn, forward) {
+        (Ffn::Dense(_), true) => "forward: dense mlp (norm, swiglu, residual)",
+        (Ffn::Dense(_), false) => "backward: dense mlp (norm, swiglu, residual)",
+        (Ffn::Moe(_), true) => "forward: moe layer (norm, residual, stats)",
+        (Ffn::Moe(_), false) => "backward: moe layer (norm, residual)",
+    }
 }

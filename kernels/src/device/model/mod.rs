@@ -20,6 +20,7 @@ mod tail;
 mod weight;
 
 use super::backend::{Backend, BackendError, BackendResult, GemmPrecision};
+use super::profile::{self, StepProfile, span};
 use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
 use crate::model::layers::Rows;
 use crate::ops::adamw::{self, AdamW, Moments};
@@ -45,6 +46,8 @@ pub struct DeviceModel<B: Backend> {
     table: Option<(usize, B::Table)>,
     /// The precision of the Linear GEMMs (f32 unless [`DeviceModel::set_gemm_precision`]).
     gemm: GemmPrecision,
+    /// The regions of the steps since [`DeviceModel::set_profiling`] turned profiling on.
+    profile: Option<StepProfile>,
 }
 
 /// A tensor's AdamW moments on the device: f32, or BF16 (`AdamW::bf16_moments`, the FP8 recipe).
@@ -94,6 +97,7 @@ impl<B: Backend> DeviceModel<B> {
             table: None,
             gemm: GemmPrecision::F32,
             model: structure_only(model),
+            profile: None,
         })
     }
 
@@ -134,6 +138,17 @@ impl<B: Backend> DeviceModel<B> {
         self.gemm
     }
 
+    /// Turns profiling on (a fresh [`StepProfile`]: every region of the following steps and
+    /// updates is timed between device synchronisations, which makes them slower) or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(StepProfile::new);
+    }
+
+    /// The regions timed since profiling was turned on.
+    pub fn profile(&self) -> Option<&StepProfile> {
+        self.profile.as_ref()
+    }
+
     /// Forward and backward of one step; gradients are added into the device gradient buffers
     /// (`DeepSeekV3::forward_backward`'s contract). λ = `mtp_weight`; 0 skips MTP.
     pub fn forward_backward(&mut self, batch: &Batch, mtp_weight: f32) -> BackendResult<StepStats> {
@@ -146,6 +161,7 @@ impl<B: Backend> DeviceModel<B> {
             grads,
             table,
             gemm,
+            profile,
             ..
         } = self;
         let table = ensure_table(&*backend, table, &model.cfg, batch.seq)?;
@@ -158,6 +174,7 @@ impl<B: Backend> DeviceModel<B> {
             handed: None,
             defer: None,
             remote: None,
+            prof: profile.as_ref(),
         };
         let rows = Rows {
             batch: batch.batch,
@@ -166,9 +183,11 @@ impl<B: Backend> DeviceModel<B> {
         let heads = model.cfg.num_attention_heads;
         let pos = Positions::new(c.b, rows, heads)?;
         let d = model.cfg.hidden_size;
+        let t = span(c.prof, c.b, "forward: embedding")?;
         let ids = c.b.ids(&batch.inputs, vocab)?;
         let mut stats = StepStats::default();
         let mut x = c.b.embedding_forward(&ids, &c.p[model.embed.0], d)?;
+        profile::end(t, c.b)?;
         let mut stashes = Vec::with_capacity(model.blocks.len());
         for (l, blk) in model.blocks.iter().enumerate() {
             let (y, st, ms) = block_forward(&c, blk, x, rows, &pos, l)?;
@@ -179,6 +198,7 @@ impl<B: Backend> DeviceModel<B> {
             stashes.push(st);
             x = y;
         }
+        let t = span(c.prof, c.b, "forward: head, loss, mtp")?;
         let (tail_st, ts) = tail::tail_forward(
             &c,
             &model.tail,
@@ -188,6 +208,7 @@ impl<B: Backend> DeviceModel<B> {
             x,
             mtp_weight,
         )?;
+        profile::end(t, c.b)?;
         stats.loss = ts.loss;
         stats.mtp_loss = ts.mtp_loss;
         for (b, l) in ts.balance.into_iter().zip(ts.loads) {
@@ -196,12 +217,17 @@ impl<B: Backend> DeviceModel<B> {
         }
         stats.objective = ts.mtp_objective;
         stats.objective += stats.loss + stats.balance_loss;
+        let (b, prof) = (c.b, c.prof);
+        let t = span(prof, b, "backward: head, loss, mtp")?;
         let mut dx =
             tail::tail_backward(&mut c, &model.tail, model.embed, &model.cfg, tail_st, rows)?;
+        profile::end(t, b)?;
         for (l, (blk, st)) in model.blocks.iter().zip(stashes).enumerate().rev() {
             dx = block_backward(&mut c, blk, dx, st, rows, &pos, l)?;
         }
+        let t = span(prof, b, "backward: embedding")?;
         embedding_backward(&mut c, model.embed, &ids, &batch.inputs, &dx, d)?;
+        profile::end(t, b)?;
         Ok(stats)
     }
 
@@ -307,6 +333,8 @@ impl<B: Backend> DeviceModel<B> {
         loads: &[Vec<u32>],
         t: u64,
     ) -> BackendResult<UpdateStats> {
+        let label = "optimizer: clip, adamw, bias update";
+        let s = span(self.profile.as_ref(), &self.backend, label)?;
         let b = &self.backend;
         let trainable = &self.model.params.trainable;
         let factor = adamw::clip_factor(norm, clip);
@@ -352,6 +380,7 @@ impl<B: Backend> DeviceModel<B> {
             balance::bias_update(bias, l, gamma);
             self.params[id.0] = b.upload(bias)?;
         }
+        profile::end(s, b)?;
         Ok(UpdateStats {
             norm,
             clip_factor: factor,
@@ -368,7 +397,9 @@ impl<B: Backend> DeviceModel<B> {
         loads: &[Vec<u32>],
         t: u64,
     ) -> BackendResult<UpdateStats> {
+        let s = span(self.profile.as_ref(), &self.backend, "optimizer: grad norm")?;
         let norm = self.grad_norm()?;
+        profile::end(s, &self.backend)?;
         self.apply_with_norm(norm, opt, lr, clip, gamma, loads, t)
     }
 

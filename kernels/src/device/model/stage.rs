@@ -303,6 +303,7 @@ impl<B: Backend> BackendStage<B> {
             handed: shares_embed.then_some(&mut handed),
             defer: Some(&mut jobs),
             remote: remote.as_ref(),
+            prof: None,
         };
         let Stash {
             ids,
