@@ -49,7 +49,7 @@ macro_rules! raw {
         }
     )*};
 }
-raw!(f32, f64, u32, u16, u8);
+raw!(f32, f64, u32, u16, u8, i64, i32);
 
 /// The compiled driver and a scratch folder per run.
 pub struct Emu {
@@ -182,7 +182,16 @@ fn cuda_kernels_emulated_on_the_host_match_the_cpu_ops() {
         runs: std::cell::Cell::new(0),
     };
     let mut r = parity::Report::default();
-    for (name, family) in checks::FAMILIES {
+    // PHALANX_EMU_ONLY=name,… runs only those families (while working on a kernel)
+    let only = std::env::var("PHALANX_EMU_ONLY").ok();
+    let wanted = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|n| n == name))
+    };
+    for (name, family) in checks::FAMILIES.into_iter().filter(|(n, _)| wanted(n)) {
+        if only.is_some() {
+            println!("PHALANX_EMU_ONLY: {name}");
+        }
         let t = Instant::now();
         println!("== {name}");
         family(&emu, &mut r, seed);

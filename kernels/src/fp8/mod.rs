@@ -39,5 +39,6 @@ macro_rules! simd_fn {
 pub mod bench;
 pub mod format;
 pub mod gemm;
+pub mod grouped;
 pub mod pack;
 pub mod quant;

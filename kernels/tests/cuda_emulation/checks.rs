@@ -15,7 +15,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 17] = [
+pub const FAMILIES: [(&str, Family); 18] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -32,6 +32,7 @@ pub const FAMILIES: [(&str, Family); 17] = [
     ("fp8_quant", fp8_checks::fp8_quant_rows),
     ("fp8_gemm", fp8_checks::fp8_gemm_rows),
     ("fp8_pack", fp8_checks::fp8_pack_rows),
+    ("fp8_grouped", fp8_checks::fp8_grouped_rows),
     ("router", step_checks::router_rows),
 ];
 

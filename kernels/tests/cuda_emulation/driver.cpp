@@ -25,6 +25,7 @@
 #include "../../src/device/cuda/moe.cu"
 #include "../../src/device/cuda/fp8_gemm.cu"
 #include "../../src/device/cuda/fp8_pack.cu"
+#include "../../src/device/cuda/fp8_grouped.cu"
 // fp8_quant.cu's TILE (128) is not attention.cu's (64): each source is compiled on its own by
 // NVRTC, so here the quantisers get theirs and the driver keeps attention's
 #pragma push_macro("TILE")
@@ -277,6 +278,24 @@ int main(int argc, char** argv) {
             fp8_gemm_promoted(out.data(), m, n, k, ac.data(), a_i, a_k, as.data(), sa_kb, sa_i, sa_div,
                               bc.data(), b_j, b_k, bs.data(), sb_kb, sb_j, sb_div);
         });
+        save("out", out);
+    } else if (op == "fp8_grouped") {  // (problems with byte positions: fp8/grouped.rs)
+        // launch/fp8_grouped.rs: one block of 128 threads per (problem, row0, col0) tile; the
+        // positions become addresses in the loaded buffers
+        auto problems = load<long long>("problems");
+        auto tiles = load<int>("tiles");
+        auto ac = load<u8>("a"), bc = load<u8>("b");
+        auto as = load<float>("sa"), bs = load<float>("sb");
+        auto out = load<float>("out");
+        for (size_t p = 0; p < problems.size(); p += FG_FIELDS) {
+            problems[p + 3] += (long long)ac.data();
+            problems[p + 6] += (long long)as.data();
+            problems[p + 10] += (long long)bc.data();
+            problems[p + 13] += (long long)bs.data();
+            problems[p + 17] += (long long)out.data();
+        }
+        launch({(unsigned)(tiles.size() / 3), 1, 1}, 128,
+               [&] { fp8_grouped_gemm(problems.data(), tiles.data()); });
         save("out", out);
     } else if (op == "fp8_pack") {  // rows cols rs cs ld (the same gather of codes and scales)
         long long rows = arg(3), cols = arg(4), rs = arg(5), cs = arg(6), ld = arg(7);

@@ -132,3 +132,42 @@ template <class A, class B>
 inline std::common_type_t<A, B> min(A a, B b) {
     return a < b ? a : b;
 }
+
+// The tensor cores' mma.sync.m16n8k32 with E4M3 operands and f32 accumulators (fp8_grouped.cu):
+// every lane publishes its fragments, then computes its four outputs from the warp's, in the PTX
+// ISA's layout for 8-bit operands (lane = 4·g + t: A rows g and g + 8, K 4t..4t+3 and 16 further;
+// B column g, the same K; D rows g and g + 8, columns 2t and 2t + 1; the lowest K in a register's
+// lowest byte). Products are exact in f32; each output adds its 32 products in K order to an f32
+// sum, then that sum to the accumulator (the hardware's order inside an mma is its own).
+namespace emu {
+inline unsigned mma_a[1024][4];
+inline unsigned mma_b[1024][2];
+inline float e4m3(unsigned code) {
+    const int e = (code >> 3) & 15, m = code & 7;
+    const float mag = e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(8 + m), e - 10);
+    return (code & 0x80) ? -mag : mag;
+}
+}  // namespace emu
+inline void emu_mma_e4m3_m16n8k32(float* d, const unsigned* a, const unsigned* b) {
+    const unsigned me = threadIdx.x, base = me & ~31u, lane = me & 31;
+    for (int r = 0; r < 4; r++) emu::mma_a[me][r] = a[r];
+    for (int r = 0; r < 2; r++) emu::mma_b[me][r] = b[r];
+    emu::my_warp().arrive_and_wait();
+    const int g = lane >> 2, t = lane & 3;
+    auto a_at = [&](int row, int k) {  // A(row, k) of the warp's 16×32 tile
+        const unsigned src = base + (row & 7) * 4 + (k & 15) / 4;
+        const int reg = (row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
+        return emu::e4m3((emu::mma_a[src][reg] >> (8 * (k & 3))) & 0xff);
+    };
+    auto b_at = [&](int k, int col) {  // B(k, col) of the 32×8 tile
+        const unsigned src = base + col * 4 + (k & 15) / 4;
+        return emu::e4m3((emu::mma_b[src][k >= 16 ? 1 : 0] >> (8 * (k & 3))) & 0xff);
+    };
+    for (int c = 0; c < 4; c++) {
+        const int row = g + (c >= 2 ? 8 : 0), col = 2 * t + (c & 1);
+        float sum = 0.0f;
+        for (int k = 0; k < 32; k++) sum = sum + a_at(row, k) * b_at(k, col);
+        d[c] = d[c] + sum;
+    }
+    emu::my_warp().arrive_and_wait();
+}

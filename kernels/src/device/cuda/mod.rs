@@ -103,6 +103,7 @@ pub const SOURCES: &[KernelSource] = &[
     ),
     source!("fp8_gemm", ["fp8_gemm_promoted"]),
     source!("fp8_pack", ["fp8_pack_codes", "fp8_pack_scales"]),
+    source!("fp8_grouped", ["fp8_grouped_gemm"]),
     source!(
         "router",
         [

@@ -1,0 +1,148 @@
+// The routed experts' FP8 GEMMs in one launch on the tensor cores: a list of problems (one per
+// expert with rows), each the promoted GEMM of DeepSeek-V3's recipe
+//   out[i, j] (+)= Σ_kb (Σ_{k ∈ kb} A(i, k) · B(j, k)) · sa(kb, i) · sb(kb, j)
+// with the operand strides of fp8_gemm.cu (A(i, k) = a[i·a_i + k·a_k], the scale of K block kb
+// for row i at sa[kb·sa_kb + (i / sa_div)·sa_i], likewise for B), so the three orientations of a
+// Linear need no packing. Mirrors kernels/src/fp8/gemm.rs (fp8_gemm_fprop, fp8_gemm_dgrad,
+// fp8_gemm_wgrad: exact E4M3 products summed per 128 of K, then acc = acc + (part · sa) · sb);
+// the 32-wide K slices of each block run on the tensor cores (mma.sync m16n8k32, E4M3 operands,
+// f32 accumulation), so a block's sum is the hardware's, not the CPU's order.
+//
+// Problem p is FG_FIELDS long longs at problems + FG_FIELDS·p: m, n, k, then the addresses and
+// strides a, a_i, a_k, sa, sa_kb, sa_i, sa_div, b, b_j, b_k, sb, sb_kb, sb_j, sb_div, out, out_ld,
+// and accumulate (1: out += the product, else out = it). Tile t is (problem, row0, col0) at
+// tiles + 3·t: one FG_M × FG_N output tile per block of 128 threads (4 warps of 32 × 32), K in
+// blocks of 128 staged through shared memory (zero past m, n or k). Every output element is
+// written by one thread; no atomics. Written for issue 12, compile-checked for sm_90 and run
+// under the host emulation (kernels/tests/cuda_emulation, whose shim stands in for the mma);
+// never run on a GPU.
+
+#define FG_FIELDS 20
+#define FG_M 64
+#define FG_N 64
+#define FG_K 128
+// a staged row: 128 codes and 16 of padding (rows stay 16-byte aligned, banks spread)
+#define FG_PITCH 144
+
+// 4 consecutive codes as one register, the lowest k in the lowest byte.
+__device__ __forceinline__ u32 fg_word(const u8* p) {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    return *(const u32*)p;
+#else
+    u32 w;
+    memcpy(&w, p, 4);
+    return w;
+#endif
+}
+
+// d[0..4] += A·B for one m16n8k32 tile: a[4] and b[2] hold this lane's fragments (PTX ISA,
+// mma.m16n8k32 with 8-bit operands: a0 rows g, a1 rows g + 8, a2 and a3 the same rows 16 further
+// along K; b0 and b1 column g, K 0–15 and 16–31; d rows g and g + 8, columns 2·t and 2·t + 1,
+// where g = lane / 4 and t = lane % 4).
+__device__ __forceinline__ void fg_mma(float* d, const u32* a, const u32* b) {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    emu_mma_e4m3_m16n8k32(d, a, b);
+#endif
+}
+
+// K block k0 of rows row0 .. row0 + 64 of an operand into sh [64][FG_PITCH], zero past `rows` and
+// `k`; consecutive threads read consecutive addresses (along K, or along rows when K is strided).
+__device__ __forceinline__ void fg_stage(u8* sh, const u8* src, long long rs, long long ks,
+                                         long long row0, long long rows, long long k0,
+                                         long long k) {
+    const bool along_k = ks == 1 || rs != 1;
+    for (int e = threadIdx.x; e < FG_M * FG_K; e += blockDim.x) {
+        const int r = along_k ? e / FG_K : e % FG_M;
+        const int c = along_k ? e % FG_K : e / FG_M;
+        const long long gr = row0 + r, gk = k0 + c;
+        sh[r * FG_PITCH + c] = (gr < rows && gk < k) ? src[gr * rs + gk * ks] : (u8)0;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    fp8_grouped_gemm(const long long* __restrict__ problems, const int* __restrict__ tiles) {
+    // u32 storage keeps the staged rows 4-byte aligned for the fragment loads
+    __shared__ u32 sa_words[FG_M * FG_PITCH / 4];
+    __shared__ u32 sb_words[FG_N * FG_PITCH / 4];
+    u8* sa_tile = (u8*)sa_words;
+    u8* sb_tile = (u8*)sb_words;
+    const int* t = tiles + 3 * (long long)blockIdx.x;
+    const long long* p = problems + (long long)FG_FIELDS * t[0];
+    const long long row0 = t[1], col0 = t[2];
+    const long long m = p[0], n = p[1], k = p[2];
+    const u8* a = (const u8*)p[3];
+    const long long a_i = p[4], a_k = p[5];
+    const float* sa = (const float*)p[6];
+    const long long sa_kb = p[7], sa_i = p[8], sa_div = p[9];
+    const u8* b = (const u8*)p[10];
+    const long long b_j = p[11], b_k = p[12];
+    const float* sb = (const float*)p[13];
+    const long long sb_kb = p[14], sb_j = p[15], sb_div = p[16];
+    float* out = (float*)p[17];
+    const long long out_ld = p[18], accumulate = p[19];
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tg = lane & 3;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    float acc[2][4][4];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+
+    for (long long k0 = 0; k0 < k; k0 += FG_K) {
+        __syncthreads();  // the previous block's fragments are read
+        fg_stage(sa_tile, a, a_i, a_k, row0, m, k0, k);
+        fg_stage(sb_tile, b, b_j, b_k, col0, n, k0, k);
+        __syncthreads();
+        float part[2][4][4];
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 4; j++)
+                for (int c = 0; c < 4; c++) part[i][j][c] = 0.0f;
+        for (int kk = 0; kk < FG_K; kk += 32) {
+            u32 af[2][4], bf[4][2];
+            for (int i = 0; i < 2; i++) {
+                const u8* r = sa_tile + (wm + i * 16 + g) * FG_PITCH + kk + tg * 4;
+                af[i][0] = fg_word(r);
+                af[i][1] = fg_word(r + 8 * FG_PITCH);
+                af[i][2] = fg_word(r + 16);
+                af[i][3] = fg_word(r + 8 * FG_PITCH + 16);
+            }
+            for (int j = 0; j < 4; j++) {
+                const u8* r = sb_tile + (wn + j * 8 + g) * FG_PITCH + kk + tg * 4;
+                bf[j][0] = fg_word(r);
+                bf[j][1] = fg_word(r + 16);
+            }
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 4; j++) fg_mma(part[i][j], af[i], bf[j]);
+        }
+        // promotion: the block's sum times both scales into the f32 accumulator
+        const long long kb = k0 / FG_K;
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 4; j++)
+                for (int c = 0; c < 4; c++) {
+                    const long long row = row0 + wm + i * 16 + g + (c >= 2 ? 8 : 0);
+                    const long long col = col0 + wn + j * 8 + tg * 2 + (c & 1);
+                    if (row < m && col < n) {
+                        const float s = sa[kb * sa_kb + (row / sa_div) * sa_i];
+                        const float u = sb[kb * sb_kb + (col / sb_div) * sb_j];
+                        acc[i][j][c] = acc[i][j][c] + __fmul_rn(__fmul_rn(part[i][j][c], s), u);
+                    }
+                }
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int c = 0; c < 4; c++) {
+                const long long row = row0 + wm + i * 16 + g + (c >= 2 ? 8 : 0);
+                const long long col = col0 + wn + j * 8 + tg * 2 + (c & 1);
+                if (row < m && col < n) {
+                    float* o = out + row * out_ld + col;
+                    *o = accumulate ? *o + acc[i][j][c] : acc[i][j][c];
+                }
+            }
+}
