@@ -70,17 +70,17 @@ done
 gpu=$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>&1); rc=$?
 row "nvidia-smi" "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(echo "$gpu" | head -1)"
 
-echo "== probe: one tiny step through every fast path (cuBLASLt FP8, grouped expert GEMMs, device router)"
+echo "== probe: one tiny step through every fast path (cuBLASLt FP8, grouped expert GEMMs, FP8 experts in one launch, device router)"
 # a fast path that faults poisons its CUDA context; if the probe fails, everything below runs with
 # the fast paths off (the reference paths), so the rest of the check still measures something
 probe=$(timeout 120 "$BIN/phalanx" bench train --device cuda --config configs/tiny.toml --steps 1 --precision fp8 2>&1); rc=$?
 echo "$probe"
 if [ $rc = 0 ]; then
-  row "probe: fast paths (fp8 tensor cores, grouped gemms, device router)" ok "$(echo "$probe" | grep -m1 "tokens/s" | cut -c1-300)"
+  row "probe: fast paths (fp8 tensor cores, grouped gemms, fp8 experts in one launch, device router)" ok "$(echo "$probe" | grep -m1 "tokens/s" | cut -c1-300)"
 else
-  export PHALANX_FP8_GEMM=own PHALANX_GROUPED_GEMM=off PHALANX_DEVICE_ROUTER=off
-  row "probe: fast paths (fp8 tensor cores, grouped gemms, device router)" FAIL \
-    "exit $rc: $(echo "$probe" | tail -1 | cut -c1-200); the rest runs with PHALANX_FP8_GEMM=own PHALANX_GROUPED_GEMM=off PHALANX_DEVICE_ROUTER=off"
+  export PHALANX_FP8_GEMM=own PHALANX_GROUPED_GEMM=off PHALANX_FP8_GROUPED=off PHALANX_DEVICE_ROUTER=off
+  row "probe: fast paths (fp8 tensor cores, grouped gemms, fp8 experts in one launch, device router)" FAIL \
+    "exit $rc: $(echo "$probe" | tail -1 | cut -c1-200); the rest runs with PHALANX_FP8_GEMM=own PHALANX_GROUPED_GEMM=off PHALANX_FP8_GROUPED=off PHALANX_DEVICE_ROUTER=off"
 fi
 
 echo "== NVRTC: every kernel to an sm_90 cubin"

@@ -163,100 +163,95 @@ fn route_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
     }
 }
 
+/// The routed experts' three GEMMs through the trait on the GPU and on the CPU backend (its
+/// expert-by-expert reference), over `offsets` with the experts' weights in reverse order: the
+/// forward, the input gradient written and added to a prior, and every expert's weight gradient
+/// added to a prior, as (what, gpu, cpu).
+fn expert_gemms(
+    g: &CudaBackend,
+    seed: u64,
+    kind: kernels::device::backend::ExpertGemm,
+    (din, dout): (usize, usize),
+    offsets: &[usize],
+) -> Vec<(&'static str, Vec<f32>, Vec<f32>)> {
+    let c = Cpu;
+    let (rows, experts) = (offsets[offsets.len() - 1], offsets.len() - 1);
+    let ws: Vec<Vec<f32>> = (0..experts)
+        .map(|e| normals(seed + e as u64, "experts w", dout * din))
+        .collect();
+    let wsg: Vec<_> = ws.iter().map(|w| up(g, w)).collect();
+    let ids: Vec<usize> = (0..experts).rev().collect();
+    let x = normals(seed, "experts x", rows * din);
+    let dy = normals(seed, "experts dy", rows * dout);
+    let prior = normals(seed, "experts dx prior", rows * din);
+    let (xg, dyg) = (up(g, &x), up(g, &dy));
+    let mut out = Vec::new();
+    let y = c
+        .grouped_linear_forward(&x, &ws, &ids, offsets, din, dout, kind)
+        .unwrap();
+    let yg = g
+        .grouped_linear_forward(&xg, &wsg, &ids, offsets, din, dout, kind)
+        .unwrap();
+    out.push(("y", down(g, &yg), y));
+    for (acc, what) in [(false, "dx"), (true, "dx (+=)")] {
+        let mut dx = prior.clone();
+        c.grouped_linear_backward_input(&mut dx, &dy, &ws, &ids, offsets, din, dout, acc, kind)
+            .unwrap();
+        let mut dxg = up(g, &prior);
+        g.grouped_linear_backward_input(&mut dxg, &dyg, &wsg, &ids, offsets, din, dout, acc, kind)
+            .unwrap();
+        out.push((what, down(g, &dxg), dx));
+    }
+    let priors: Vec<Vec<f32>> = (0..experts)
+        .map(|e| normals(seed + e as u64, "experts dw prior", dout * din))
+        .collect();
+    let mut dws = priors.clone();
+    c.grouped_linear_backward_weight(&mut dws, &ids, &dy, &x, offsets, din, dout, kind)
+        .unwrap();
+    let mut dwsg: Vec<_> = priors.iter().map(|w| up(g, w)).collect();
+    g.grouped_linear_backward_weight(&mut dwsg, &ids, &dyg, &xg, offsets, din, dout, kind)
+        .unwrap();
+    let got: Vec<f32> = dwsg.iter().flat_map(|b| down(g, b)).collect();
+    out.push(("dW (+=), every expert", got, dws.concat()));
+    out
+}
+
+/// "n refused (first: …)" since `before`, and whether none was.
+fn refused_since(g: &CudaBackend, before: u64) -> (String, bool) {
+    let (after, first) = g.grouped_refused.get();
+    let value = format!(
+        "{} refused{}",
+        after - before,
+        first.map(|f| format!(" (first: {f})")).unwrap_or_default()
+    );
+    (value, after == before)
+}
+
 /// The routed experts' grouped GEMMs (one `cublasGemmGroupedBatchedEx` call per projection)
 /// against the CPU backend's expert-by-expert reference, f32 and BF16, over segments with an
 /// empty expert and a one-row expert; `grouped_refused` says whether cuBLAS took the calls (it
 /// must for f32; for BF16 operands with an f32 output it is reported).
 fn grouped_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
     use kernels::device::backend::ExpertGemm;
-    let c = Cpu;
     let on = g.grouped_off.clone().unwrap_or_else(|| "on".into());
     let ok = g.grouped_off.is_none();
     r.check("grouped gemm (cuBLAS)", "open", "passed its check", on, ok);
     let offsets = [0usize, 40, 40, 41, 200, 256];
-    let (rows, experts) = (256, offsets.len() - 1);
     for p in [GemmPrecision::F32, GemmPrecision::Bf16] {
         let before = g.grouped_refused.get().0;
-        let kind = ExpertGemm::Plain(p);
         for (din, dout) in [(64, 96), (33, 7)] {
-            let s = format!("{experts} experts, {rows} rows, {din}→{dout}, {p:?}");
-            let ws: Vec<Vec<f32>> = (0..experts)
-                .map(|e| normals(seed + e as u64, "grouped w", dout * din))
-                .collect();
-            let wsg: Vec<_> = ws.iter().map(|w| up(g, w)).collect();
-            let ids: Vec<usize> = (0..experts).rev().collect();
-            let x = normals(seed, "grouped x", rows * din);
-            let dy = normals(seed, "grouped dy", rows * dout);
-            let prior = normals(seed, "grouped dx prior", rows * din);
-            let (xg, dyg) = (up(g, &x), up(g, &dy));
-            let y = c
-                .grouped_linear_forward(&x, &ws, &ids, &offsets, din, dout, kind)
-                .unwrap();
-            let yg = g
-                .grouped_linear_forward(&xg, &wsg, &ids, &offsets, din, dout, kind)
-                .unwrap();
-            r.norm_rel("grouped_linear_forward", &s, "y", &down(g, &yg), &y);
-            for acc in [false, true] {
-                let mut dx = prior.clone();
-                c.grouped_linear_backward_input(
-                    &mut dx, &dy, &ws, &ids, &offsets, din, dout, acc, kind,
-                )
-                .unwrap();
-                let mut dxg = up(g, &prior);
-                g.grouped_linear_backward_input(
-                    &mut dxg, &dyg, &wsg, &ids, &offsets, din, dout, acc, kind,
-                )
-                .unwrap();
-                let what = if acc { "dx (+=)" } else { "dx" };
-                r.norm_rel(
-                    "grouped_linear_backward_input",
-                    &s,
-                    what,
-                    &down(g, &dxg),
-                    &dx,
-                );
+            let s = format!("5 experts, 256 rows, {din}→{dout}, {p:?}");
+            let kind = ExpertGemm::Plain(p);
+            for (what, got, want) in expert_gemms(g, seed, kind, (din, dout), &offsets) {
+                r.norm_rel("grouped_linear_*", &s, what, &got, &want);
             }
-            let priors: Vec<Vec<f32>> = (0..experts)
-                .map(|e| normals(seed + e as u64, "grouped dw prior", dout * din))
-                .collect();
-            let mut dws = priors.clone();
-            c.grouped_linear_backward_weight(&mut dws, &ids, &dy, &x, &offsets, din, dout, kind)
-                .unwrap();
-            let mut dwsg: Vec<_> = priors.iter().map(|w| up(g, w)).collect();
-            g.grouped_linear_backward_weight(&mut dwsg, &ids, &dyg, &xg, &offsets, din, dout, kind)
-                .unwrap();
-            let got: Vec<f32> = dwsg.iter().flat_map(|b| down(g, b)).collect();
-            let want: Vec<f32> = dws.concat();
-            r.norm_rel(
-                "grouped_linear_backward_weight",
-                &s,
-                "dW (+=), every expert",
-                &got,
-                &want,
-            );
         }
-        let (after, first) = g.grouped_refused.get();
-        let value = format!(
-            "{} refused{}",
-            after - before,
-            first.map(|f| format!(" (first: {f})")).unwrap_or_default()
-        );
+        let (value, none) = refused_since(g, before);
+        let (label, metric) = ("grouped gemm (cuBLAS)", "one call per projection");
         if p == GemmPrecision::F32 {
-            r.check(
-                "grouped gemm (cuBLAS)",
-                "f32",
-                "one call per projection",
-                value,
-                after == before,
-            );
+            r.check(label, "f32", metric, value, none);
         } else {
-            r.push(
-                "grouped gemm (cuBLAS)",
-                "bf16 → f32",
-                "one call per projection",
-                value,
-                parity::Verdict::Info,
-            );
+            r.push(label, "bf16 → f32", metric, value, parity::Verdict::Info);
         }
     }
 }
@@ -335,6 +330,38 @@ fn fp8_rows(g: &mut CudaBackend, r: &mut Report, seed: u64) {
 }
 
 /// The three FP8 Linear ops on `g`'s engine against the CPU's, normwise within `tol`.
+/// FP8 experts with one launch per GEMM (`fp8_grouped.cu` on the tensor cores, when its check at
+/// open passed) against the CPU backend's expert-by-expert FP8 recipe, over segments with an
+/// empty and a one-row expert and one past 128 rows; within `fp8_linear::AGREE`, as the tensor
+/// cores' FP8 Linear; no call refused.
+fn fp8_grouped_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
+    use kernels::device::backend::ExpertGemm;
+    use kernels::device::cuda::fp8_linear::AGREE;
+    let verdict = match &g.fp8_grouped {
+        Ok(a) => format!("on ({a:.1e} from the expert loop)"),
+        Err(why) => why.clone(),
+    };
+    let on = g.fp8_grouped.is_ok();
+    let label = "fp8 experts, one launch";
+    r.check(label, "open", "passed its check", verdict, on);
+    if !on {
+        return;
+    }
+    let before = g.grouped_refused.get().0;
+    let offsets = [0usize, 40, 40, 41, 200, 256];
+    for (din, dout) in [(256, 192), (200, 130)] {
+        let s = format!("5 experts, 256 rows, {din}→{dout}");
+        let metric = format!("norm rel ≤ {AGREE:.0e}");
+        for (what, got, want) in expert_gemms(g, seed, ExpertGemm::Fp8, (din, dout), &offsets) {
+            let e = parity::norm_rel_error(&got, &want);
+            let kernel = format!("fp8 experts {what}");
+            r.check(&kernel, &s, &metric, format!("{e:.2e}"), e <= AGREE);
+        }
+    }
+    let (value, none) = refused_since(g, before);
+    r.check(label, "calls", "none refused", value, none);
+}
+
 fn fp8_linear_rows(g: &CudaBackend, r: &mut Report, seed: u64, label: &str, tol: f64) {
     let c = Cpu;
     for (n, din, dout) in [(7, 200, 130), (256, 512, 384)] {
@@ -538,6 +565,7 @@ fn backend_primitives_match_the_cpu_backend() {
     grouped_rows(&g, &mut r, seed);
     route_rows(&g, &mut r, seed);
     fp8_rows(&mut g, &mut r, seed);
+    fp8_grouped_rows(&g, &mut r, seed);
     layout_rows(&g, &mut r, seed);
     moe_rows(&g, &mut r, seed);
     attention_rows(&g, &mut r, seed);

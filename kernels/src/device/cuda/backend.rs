@@ -44,6 +44,9 @@ pub struct CudaBackend {
     /// Why the grouped expert GEMMs are off (`PHALANX_GROUPED_GEMM=off`, or the check at open
     /// failed), or None when they are on.
     pub grouped_off: Option<String>,
+    /// FP8 experts in one launch per GEMM (`fp8_grouped.rs`): Ok(their agreement with the
+    /// expert-by-expert loop at open), or why they go expert by expert.
+    pub fp8_grouped: Result<f64, String>,
     /// MoE layers route on the host (`PHALANX_DEVICE_ROUTER=off`) instead of with `router.cu`.
     pub host_routing: bool,
     /// cuBLAS refused a grouped call on BF16 operands: BF16 expert GEMMs go one by one.

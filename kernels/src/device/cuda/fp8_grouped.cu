@@ -91,8 +91,11 @@ extern "C" __global__ void __launch_bounds__(128)
     const int g = lane >> 2, tg = lane & 3;
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
     float acc[2][4][4];
+    #pragma unroll
     for (int i = 0; i < 2; i++)
+        #pragma unroll
         for (int j = 0; j < 4; j++)
+            #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
 
     for (long long k0 = 0; k0 < k; k0 += FG_K) {
@@ -101,11 +104,16 @@ extern "C" __global__ void __launch_bounds__(128)
         fg_stage(sb_tile, b, b_j, b_k, col0, n, k0, k);
         __syncthreads();
         float part[2][4][4];
+        #pragma unroll
         for (int i = 0; i < 2; i++)
+            #pragma unroll
             for (int j = 0; j < 4; j++)
+                #pragma unroll
                 for (int c = 0; c < 4; c++) part[i][j][c] = 0.0f;
+        #pragma unroll
         for (int kk = 0; kk < FG_K; kk += 32) {
             u32 af[2][4], bf[4][2];
+            #pragma unroll
             for (int i = 0; i < 2; i++) {
                 const u8* r = sa_tile + (wm + i * 16 + g) * FG_PITCH + kk + tg * 4;
                 af[i][0] = fg_word(r);
@@ -113,18 +121,24 @@ extern "C" __global__ void __launch_bounds__(128)
                 af[i][2] = fg_word(r + 16);
                 af[i][3] = fg_word(r + 8 * FG_PITCH + 16);
             }
+            #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const u8* r = sb_tile + (wn + j * 8 + g) * FG_PITCH + kk + tg * 4;
                 bf[j][0] = fg_word(r);
                 bf[j][1] = fg_word(r + 16);
             }
+            #pragma unroll
             for (int i = 0; i < 2; i++)
+                #pragma unroll
                 for (int j = 0; j < 4; j++) fg_mma(part[i][j], af[i], bf[j]);
         }
         // promotion: the block's sum times both scales into the f32 accumulator
         const long long kb = k0 / FG_K;
+        #pragma unroll
         for (int i = 0; i < 2; i++)
+            #pragma unroll
             for (int j = 0; j < 4; j++)
+                #pragma unroll
                 for (int c = 0; c < 4; c++) {
                     const long long row = row0 + wm + i * 16 + g + (c >= 2 ? 8 : 0);
                     const long long col = col0 + wn + j * 8 + tg * 2 + (c & 1);
@@ -135,8 +149,11 @@ extern "C" __global__ void __launch_bounds__(128)
                     }
                 }
     }
+    #pragma unroll
     for (int i = 0; i < 2; i++)
+        #pragma unroll
         for (int j = 0; j < 4; j++)
+            #pragma unroll
             for (int c = 0; c < 4; c++) {
                 const long long row = row0 + wm + i * 16 + g + (c >= 2 ? 8 : 0);
                 const long long col = col0 + wn + j * 8 + tg * 2 + (c & 1);

@@ -40,7 +40,7 @@ pub struct Fp8Linear {
 }
 
 /// x `[rows, cols]` quantised to E4M3 in `layout` with f32 scales: (codes, scales).
-fn quantize(
+pub(super) fn quantize(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
     rows: usize,
@@ -62,7 +62,7 @@ fn quantize(
 }
 
 /// A quantised operand: codes and scales in `fp8::gemm`'s layouts.
-type Quantised = (CudaSlice<u8>, CudaSlice<f32>);
+pub(super) type Quantised = (CudaSlice<u8>, CudaSlice<f32>);
 
 impl Fp8Linear {
     /// The engine `PHALANX_FP8_GEMM` names, or the tensor cores if they pass the check.

@@ -1,8 +1,9 @@
 //! The CUDA backend's routed-expert GEMMs (feature `cuda`): every expert's Linear in one
 //! `cublasGemmGroupedBatchedEx` call (`launch::grouped`) on the dispatched rows in place, no row
 //! copies; BF16 rounds the shared operand once and each expert's weight once per call. FP8
-//! experts, and any call cuBLAS refuses (counted in `CudaBackend::grouped_refused`), run the
-//! reference loop of `backend::grouped`, one Linear per expert. The grouped calls are on only
+//! experts run `fp8_grouped.rs` (one launch per GEMM) when its check at open passed; otherwise,
+//! and for any call refused (counted in `CudaBackend::grouped_refused`), the reference loop of
+//! `backend::grouped`, one Linear per expert. The grouped calls are on only
 //! when, at open, they agree with that loop on random experts (`CudaBackend::grouped_check`;
 //! `PHALANX_GROUPED_GEMM=off` turns them off). Never run on a GPU.
 
@@ -22,6 +23,15 @@ fn elem(p: GemmPrecision) -> u64 {
 
 fn check(what: &str, len: usize, want: usize) -> BackendResult<()> {
     crate::device::backend::check_len("grouped gemm", what, len, want)
+}
+
+/// The fast paths of the experts' GEMMs that a check at open compares with the expert loop.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum FastExperts {
+    /// One `cublasGemmGroupedBatchedEx` per projection (f32 checked).
+    CublasGrouped,
+    /// FP8 experts in one launch of `fp8_grouped.cu` per GEMM.
+    Fp8OneLaunch,
 }
 
 /// An operand as the GEMM reads it: the f32 buffer, or its BF16 rounding.
@@ -101,6 +111,12 @@ impl CudaBackend {
         }
     }
 
+    /// FP8 experts whose GEMMs run in one launch each (`fp8_grouped.rs`, on since its check at
+    /// open passed).
+    fn fp8_in_one_launch(&self, kind: ExpertGemm) -> bool {
+        kind == ExpertGemm::Fp8 && self.fp8_grouped.is_ok()
+    }
+
     /// The precision of a grouped call for `kind`, or None when the experts go one by one: FP8
     /// experts, the grouped calls off, or BF16 after cuBLAS refused a BF16 grouped call.
     fn grouped_precision(&self, kind: ExpertGemm) -> Option<GemmPrecision> {
@@ -112,57 +128,103 @@ impl CudaBackend {
     }
 
     /// None when the grouped calls may be used: not turned off by `PHALANX_GROUPED_GEMM=off`,
-    /// and on random f32 experts (one of them empty) the forward and the weight gradient agree
-    /// with the expert-by-expert loop to 1e-5 normwise (a wrong address or leading dimension is
-    /// off by O(1)). Else why not.
+    /// and on random f32 experts the three GEMMs agree with the expert-by-expert loop to 1e-5
+    /// normwise (`loop_agreement`; a wrong address or leading dimension is off by O(1)). Else
+    /// why not.
     pub(super) fn grouped_check(&self) -> Option<String> {
         if std::env::var("PHALANX_GROUPED_GEMM").is_ok_and(|v| v == "off") {
             return Some("PHALANX_GROUPED_GEMM=off".into());
         }
-        // runs at open, before `grouped_off` is set: the grouped calls below are really made
-        let run = || -> BackendResult<f64> {
-            let (din, dout, offsets) = (96usize, 64usize, [0usize, 5, 5, 70, 128]);
-            let rows = offsets[offsets.len() - 1];
-            let mut rng = crate::rng::Rng::new(0x6e0b);
-            let mut random = |n: usize| -> BackendResult<CudaSlice<f32>> {
-                self.upload(&(0..n).map(|_| rng.normal()).collect::<Vec<f32>>())
-            };
-            let params = (0..4)
-                .map(|_| random(dout * din))
-                .collect::<BackendResult<Vec<_>>>()?;
-            let (x, dy) = (random(rows * din)?, random(rows * dout)?);
-            let ids = [3, 1, 0, 2];
-            let kind = ExpertGemm::Plain(GemmPrecision::F32);
-            let mut worst = 0f64;
-            let mut judge = |got: Vec<f32>, want: Vec<f32>| {
-                worst = worst.max(crate::device::norm_rel_error(&got, &want));
-            };
-            let y = self.grouped_forward(&x, &params, &ids, &offsets, (din, dout), kind)?;
-            let want =
-                grouped::forward_per_segment(self, &x, &params, &ids, &offsets, din, dout, kind)?;
-            judge(self.download(&y)?, self.download(&want)?);
-            let mut g = (0..4)
-                .map(|_| self.zeros(dout * din))
-                .collect::<BackendResult<Vec<_>>>()?;
-            let mut h = (0..4)
-                .map(|_| self.zeros(dout * din))
-                .collect::<BackendResult<Vec<_>>>()?;
-            self.grouped_backward_weight(&mut g, &ids, &dy, &x, &offsets, (din, dout), kind)?;
-            grouped::backward_weight_per_segment(
-                self, &mut h, &ids, &dy, &x, &offsets, din, dout, kind,
-            )?;
-            for (a, b) in g.iter().zip(&h) {
-                judge(self.download(a)?, self.download(b)?);
-            }
-            Ok(worst)
-        };
-        match run() {
+        // runs at open, before `grouped_off` is set: the grouped calls are really made
+        let offsets = [0usize, 5, 5, 70, 128];
+        match self.loop_agreement(FastExperts::CublasGrouped, (96, 64), &offsets, 0x6e0b) {
             Ok(w) if w <= 1e-5 => None,
             Ok(w) => Some(format!(
                 "the grouped call differs from the expert loop by {w:.1e}"
             )),
             Err(e) => Some(format!("the grouped call failed its check: {e}")),
         }
+    }
+
+    /// The worst normwise difference between `fast` and the expert-by-expert loop
+    /// (`backend::grouped`'s reference) on random experts over `offsets` (their weights in reverse
+    /// order): the forward, the input gradient added to a prior, and every weight gradient.
+    pub(super) fn loop_agreement(
+        &self,
+        fast: FastExperts,
+        (din, dout): (usize, usize),
+        offsets: &[usize],
+        seed: u64,
+    ) -> BackendResult<f64> {
+        let rows = offsets.last().copied().unwrap_or(0);
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut random = |n: usize| -> BackendResult<CudaSlice<f32>> {
+            self.upload(&(0..n).map(|_| rng.normal()).collect::<Vec<f32>>())
+        };
+        let experts = offsets.len() - 1;
+        let params = (0..experts)
+            .map(|_| random(dout * din))
+            .collect::<BackendResult<Vec<_>>>()?;
+        let (x, dy, prior) = (
+            random(rows * din)?,
+            random(rows * dout)?,
+            random(rows * din)?,
+        );
+        let ids: Vec<usize> = (0..experts).rev().collect();
+        let shape = (din, dout);
+        let kind = match fast {
+            FastExperts::CublasGrouped => ExpertGemm::Plain(GemmPrecision::F32),
+            FastExperts::Fp8OneLaunch => ExpertGemm::Fp8,
+        };
+        let mut worst = 0f64;
+        let mut judge = |got: &CudaSlice<f32>, want: &CudaSlice<f32>| -> BackendResult<()> {
+            let (g, w) = (self.download(got)?, self.download(want)?);
+            worst = worst.max(crate::device::norm_rel_error(&g, &w));
+            Ok(())
+        };
+        let y = match fast {
+            FastExperts::CublasGrouped => {
+                self.grouped_forward(&x, &params, &ids, offsets, shape, kind)?
+            }
+            FastExperts::Fp8OneLaunch => {
+                self.fp8_grouped_forward(&x, &params, &ids, offsets, shape)?
+            }
+        };
+        let want = grouped::forward_per_segment(self, &x, &params, &ids, offsets, din, dout, kind)?;
+        judge(&y, &want)?;
+        let (mut dx, mut want) = (self.copy(&prior)?, self.copy(&prior)?);
+        match fast {
+            FastExperts::CublasGrouped => self
+                .grouped_backward_input(&mut dx, &dy, &params, &ids, offsets, shape, true, kind)?,
+            FastExperts::Fp8OneLaunch => {
+                self.fp8_grouped_backward_input(&mut dx, &dy, &params, &ids, offsets, shape, true)?
+            }
+        }
+        grouped::backward_input_per_segment(
+            self, &mut want, &dy, &params, &ids, offsets, din, dout, true, kind,
+        )?;
+        judge(&dx, &want)?;
+        let zeros = || {
+            (0..experts)
+                .map(|_| self.zeros(dout * din))
+                .collect::<BackendResult<Vec<_>>>()
+        };
+        let (mut g, mut h) = (zeros()?, zeros()?);
+        match fast {
+            FastExperts::CublasGrouped => {
+                self.grouped_backward_weight(&mut g, &ids, &dy, &x, offsets, shape, kind)?
+            }
+            FastExperts::Fp8OneLaunch => {
+                self.fp8_grouped_backward_weight(&mut g, &ids, &dy, &x, offsets, shape)?
+            }
+        }
+        grouped::backward_weight_per_segment(
+            self, &mut h, &ids, &dy, &x, offsets, din, dout, kind,
+        )?;
+        for (a, b) in g.iter().zip(&h) {
+            judge(a, b)?;
+        }
+        Ok(worst)
     }
 
     pub(super) fn grouped_forward(
@@ -174,6 +236,12 @@ impl CudaBackend {
         (din, dout): (usize, usize),
         kind: ExpertGemm,
     ) -> BackendResult<CudaSlice<f32>> {
+        if self.fp8_in_one_launch(kind) {
+            match self.fp8_grouped_forward(x, params, ids, offsets, (din, dout)) {
+                Ok(y) => return Ok(y),
+                Err(e) => self.grouped_refused.note(&e),
+            }
+        }
         let Some(p) = self.grouped_precision(kind) else {
             return grouped::forward_per_segment(self, x, params, ids, offsets, din, dout, kind);
         };
@@ -227,6 +295,13 @@ impl CudaBackend {
                 b, dx, dy, params, ids, offsets, din, dout, acc, kind,
             )
         };
+        if self.fp8_in_one_launch(kind) {
+            let shape = (din, dout);
+            match self.fp8_grouped_backward_input(dx, dy, params, ids, offsets, shape, acc) {
+                Ok(()) => return Ok(()),
+                Err(e) => self.grouped_refused.note(&e),
+            }
+        }
         let Some(p) = self.grouped_precision(kind) else {
             return per_segment(self, dx);
         };
@@ -264,6 +339,12 @@ impl CudaBackend {
         (din, dout): (usize, usize),
         kind: ExpertGemm,
     ) -> BackendResult<()> {
+        if self.fp8_in_one_launch(kind) {
+            match self.fp8_grouped_backward_weight(grads, ids, dy, x, offsets, (din, dout)) {
+                Ok(()) => return Ok(()),
+                Err(e) => self.grouped_refused.note(&e),
+            }
+        }
         let Some(p) = self.grouped_precision(kind) else {
             return grouped::backward_weight_per_segment(
                 self, grads, ids, dy, x, offsets, din, dout, kind,

@@ -11,6 +11,8 @@ pub mod attention_gemm;
 #[cfg(feature = "cuda")]
 pub mod backend;
 #[cfg(feature = "cuda")]
+mod fp8_grouped;
+#[cfg(feature = "cuda")]
 pub mod fp8_linear;
 #[cfg(feature = "cuda")]
 mod gemm;

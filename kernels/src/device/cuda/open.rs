@@ -1,6 +1,7 @@
 //! Opening the CUDA backend (feature `cuda`): the device and its kernels, cuBLAS, the memory
 //! pool's release threshold, the checks at open that decide each fast path (FP8 tensor cores,
-//! grouped expert GEMMs, BF16 attention on the tensor cores; once per device and process), and
+//! grouped expert GEMMs, FP8 experts in one launch, BF16 attention on the tensor cores; once per
+//! device and process), and
 //! the description of what opened. Never run on a GPU.
 
 use super::backend::CudaBackend;
@@ -16,6 +17,7 @@ use std::sync::Mutex;
 struct Verdicts {
     fp8: Result<Option<f64>, String>,
     grouped_off: Option<String>,
+    fp8_grouped: Result<f64, String>,
     gemm_attention_off: Option<String>,
 }
 
@@ -66,6 +68,7 @@ impl CudaBackend {
             fp8,
             grouped_refused: Refusals::default(),
             grouped_off: None,
+            fp8_grouped: Err("not checked yet".into()),
             host_routing: std::env::var("PHALANX_DEVICE_ROUTER").is_ok_and(|v| v == "off"),
             grouped_bf16_refused: std::cell::Cell::new(false),
             gemm_attention_off: None,
@@ -74,14 +77,17 @@ impl CudaBackend {
         match known {
             Some(v) => {
                 b.grouped_off = v.grouped_off;
+                b.fp8_grouped = v.fp8_grouped;
                 b.gemm_attention_off = v.gemm_attention_off;
             }
             None => {
                 b.grouped_off = b.grouped_check();
+                b.fp8_grouped = b.fp8_grouped_check();
                 b.gemm_attention_off = b.gemm_attention_check();
                 let v = Verdicts {
                     fp8: b.fp8.verdict(),
                     grouped_off: b.grouped_off.clone(),
+                    fp8_grouped: b.fp8_grouped.clone(),
                     gemm_attention_off: b.gemm_attention_off.clone(),
                 };
                 VERDICTS
@@ -108,6 +114,10 @@ impl CudaBackend {
                 "expert gemms: {n} grouped calls refused, run expert by expert (first: {})",
                 first.unwrap_or_default()
             ),
+        };
+        let fp8_experts = match &self.fp8_grouped {
+            Ok(a) => format!("fp8 experts: one launch per gemm ({a:.1e} from the expert loop)"),
+            Err(why) => format!("fp8 experts: expert by expert ({why})"),
         };
         let routing = if self.host_routing {
             "routing: host (PHALANX_DEVICE_ROUTER=off)"
@@ -137,7 +147,7 @@ impl CudaBackend {
             ""
         };
         format!(
-            "{} ({}; {kernels}; {}; {grouped}; {routing}; {attention}{checks})",
+            "{} ({}; {kernels}; {}; {grouped}; {fp8_experts}; {routing}; {attention}{checks})",
             self.gpu.info,
             self.gpu.arch,
             self.fp8.describe()

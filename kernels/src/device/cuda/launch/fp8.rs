@@ -240,3 +240,33 @@ impl Gpu {
         Ok(())
     }
 }
+
+impl Gpu {
+    /// Every problem of `fields` (`fp8::grouped::FIELDS` each, addresses already device
+    /// addresses) over the tiles `tiles` (`fp8::grouped::tiles`) in one launch of
+    /// `fp8_grouped_gemm`: one block of 128 threads per tile. The kernel does not bound-check:
+    /// the caller checks every problem's `extents` against its buffers.
+    pub fn fp8_grouped_gemm(&self, fields: &[i64], tiles: &[i32]) -> Result<(), GpuError> {
+        let kn = "fp8_grouped_gemm";
+        if tiles.is_empty() {
+            return Ok(());
+        }
+        let fields_len = crate::fp8::grouped::FIELDS;
+        if !fields.len().is_multiple_of(fields_len) || !tiles.len().is_multiple_of(3) {
+            return Err(super::shape_err(kn, "a partial problem or tile"));
+        }
+        let problems = (fields.len() / fields_len) as i32;
+        if tiles.chunks(3).any(|t| t[0] < 0 || t[0] >= problems) {
+            return Err(super::shape_err(kn, "a tile of no problem"));
+        }
+        let blocks = grid_dim(kn, tiles.len() / 3, GRID_X_MAX)?;
+        let (p, t) = (self.upload(fields)?, self.upload(tiles)?);
+        let mut bld = self.stream.launch_builder(self.function(kn)?);
+        bld.arg(&p).arg(&t);
+        // SAFETY: the argument list is fp8_grouped_gemm's; every tile names a problem, and every
+        // address a problem holds lies, with all it reads and writes, inside a live buffer (the
+        // caller's check); the uploaded lists are freed stream-ordered after the kernel.
+        unsafe { bld.launch(config((blocks, 1), 128)) }?;
+        Ok(())
+    }
+}
