@@ -219,13 +219,20 @@ pub fn fp8_pack_rows(emu: &Emu, r: &mut Report, seed: u64) {
 /// to a prior dx) and Wgrad (added to a prior dW) against `fp8_gemm_fprop`, `_dgrad` and `_wgrad`
 /// on that expert's rows; experts with no rows, a segment past 128 rows, K and N off the 64/128
 /// boundaries. The mma's 32 products are summed in another order than the CPU's: normwise within
-/// 1e-7 per expert (measured ≈ 1e-8), and an empty expert's gradient untouched.
+/// 1e-7 per expert (measured ≈ 1e-8), and an empty expert's gradient untouched. Two widths: off
+/// 16 (staged code by code) and multiples of 16 (16 codes per access, along K or along rows).
 pub fn fp8_grouped_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    // widths off 16 (every operand staged code by code) and multiples of 16 (16 codes an access)
+    for (din, dout) in [(200, 130), (256, 144)] {
+        fp8_grouped_case(emu, r, seed, din, dout);
+    }
+}
+
+fn fp8_grouped_case(emu: &Emu, r: &mut Report, seed: u64, din: usize, dout: usize) {
     use kernels::fp8::grouped::{self, Bases, Problem};
     use kernels::fp8::quant::{quantize_1x128, quantize_128x1, quantize_128x128};
     use kernels::fp8::{Fp8Tensor, fp8_gemm_dgrad, fp8_gemm_fprop, fp8_gemm_wgrad};
     let f = ScaleFormat::F32;
-    let (din, dout) = (200, 130);
     let offsets = [0usize, 70, 70, 201, 209];
     let experts = offsets.len() - 1;
     let rows = offsets[experts];

@@ -12,7 +12,8 @@
 // strides a, a_i, a_k, sa, sa_kb, sa_i, sa_div, b, b_j, b_k, sb, sb_kb, sb_j, sb_div, out, out_ld,
 // and accumulate (1: out += the product, else out = it). Tile t is (problem, row0, col0) at
 // tiles + 3·t: one FG_M × FG_N output tile per block of 128 threads (4 warps of 32 × 32), K in
-// blocks of 128 staged through shared memory (zero past m, n or k). Every output element is
+// blocks of 128 staged through shared memory (zero past m, n or k; 16 codes per access where the
+// operand's layout and alignment allow). Every output element is
 // written by one thread; no atomics. Written for issue 12, compile-checked for sm_90 and run
 // under the host emulation (kernels/tests/cuda_emulation, whose shim stands in for the mma);
 // never run on a GPU.
@@ -51,25 +52,82 @@ __device__ __forceinline__ void fg_mma(float* d, const u32* a, const u32* b) {
 #endif
 }
 
+// 16 codes as one 16-byte access (aligned addresses only).
+struct alignas(16) fg_v16 {
+    u32 w[4];
+};
+__device__ __forceinline__ fg_v16 fg_load16(const u8* p) {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    return *(const fg_v16*)p;
+#else
+    fg_v16 v;
+    memcpy(&v, p, 16);
+    return v;
+#endif
+}
+__device__ __forceinline__ void fg_store16(u8* p, fg_v16 v) {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    *(fg_v16*)p = v;
+#else
+    memcpy(p, &v, 16);
+#endif
+}
+__device__ __forceinline__ u8 fg_byte(const fg_v16& v, int i) {
+    return (u8)((v.w[i >> 2] >> (8 * (i & 3))) & 0xff);
+}
+__device__ __forceinline__ bool fg_aligned16(const u8* p) {
+    return ((unsigned long long)p & 15) == 0;
+}
+
 // K block k0 of rows row0 .. row0 + 64 of an operand into sh [64][FG_PITCH], zero past `rows` and
-// `k`; consecutive threads read consecutive addresses (along K, or along rows when K is strided).
+// `k`. K contiguous (ks = 1): 16 codes along K per access; rows contiguous (rs = 1, K strided:
+// Dgrad's W, Wgrad's operands): 16 rows at one K per access, transposed into the staged rows;
+// an access that is unaligned or crosses the operand's end goes code by code, as do other strides.
 __device__ __forceinline__ void fg_stage(u8* sh, const u8* src, long long rs, long long ks,
                                          long long row0, long long rows, long long k0,
                                          long long k) {
-    const bool along_k = ks == 1 || rs != 1;
-    for (int e = threadIdx.x; e < FG_M * FG_K; e += blockDim.x) {
-        const int r = along_k ? e / FG_K : e % FG_M;
-        const int c = along_k ? e % FG_K : e / FG_M;
-        const long long gr = row0 + r, gk = k0 + c;
-        sh[r * FG_PITCH + c] = (gr < rows && gk < k) ? src[gr * rs + gk * ks] : (u8)0;
+    if (ks == 1) {
+        for (int q = threadIdx.x; q < FG_M * FG_K / 16; q += blockDim.x) {
+            const int r = q >> 3, c = (q & 7) * 16;
+            const long long gr = row0 + r, gk = k0 + c;
+            u8* d = sh + r * FG_PITCH + c;
+            const u8* s = src + gr * rs + gk;
+            if (gr < rows && gk + 16 <= k && fg_aligned16(s)) {
+                fg_store16(d, fg_load16(s));
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; i++) d[i] = (gr < rows && gk + i < k) ? s[i] : (u8)0;
+            }
+        }
+    } else if (rs == 1) {
+        for (int q = threadIdx.x; q < FG_M * FG_K / 16; q += blockDim.x) {
+            const int c = q >> 2, r = (q & 3) * 16;
+            const long long gr = row0 + r, gk = k0 + c;
+            const u8* s = src + gr + gk * ks;
+            if (gk < k && gr + 16 <= rows && fg_aligned16(s)) {
+                const fg_v16 v = fg_load16(s);
+#pragma unroll
+                for (int i = 0; i < 16; i++) sh[(r + i) * FG_PITCH + c] = fg_byte(v, i);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; i++)
+                    sh[(r + i) * FG_PITCH + c] = (gr + i < rows && gk < k) ? s[i] : (u8)0;
+            }
+        }
+    } else {
+        for (int e = threadIdx.x; e < FG_M * FG_K; e += blockDim.x) {
+            const int r = e / FG_K, c = e % FG_K;
+            const long long gr = row0 + r, gk = k0 + c;
+            sh[r * FG_PITCH + c] = (gr < rows && gk < k) ? src[gr * rs + gk * ks] : (u8)0;
+        }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
     fp8_grouped_gemm(const long long* __restrict__ problems, const int* __restrict__ tiles) {
-    // u32 storage keeps the staged rows 4-byte aligned for the fragment loads
-    __shared__ u32 sa_words[FG_M * FG_PITCH / 4];
-    __shared__ u32 sb_words[FG_N * FG_PITCH / 4];
+    // 16-byte storage keeps the staged rows aligned for the 16-code stores and fragment loads
+    __shared__ fg_v16 sa_words[FG_M * FG_PITCH / 16];
+    __shared__ fg_v16 sb_words[FG_N * FG_PITCH / 16];
     u8* sa_tile = (u8*)sa_words;
     u8* sb_tile = (u8*)sb_words;
     const int* t = tiles + 3 * (long long)blockIdx.x;
