@@ -106,6 +106,8 @@ det=$(echo "$out" | grep -o "GPU determinism: [0-9a-f]\{12\}" | head -1)
 fails=$(echo "$out" | grep -E "^\| .* \| FAIL \|$" | cut -d'|' -f2,3,4 | head -5 | tr '|\n' '/;')
 dev=$(echo "$out" | grep -m1 "^device " | cut -c8-)
 row "backend as opened (fp8 engine, expert gemms)" "$([ -n "$dev" ] && echo info || echo FAIL)" "${dev:-no device line}"
+speed=$(echo "$out" | grep -E "^\| fp8 experts speed" | cut -d'|' -f3,5 | head -1)
+row "fp8 experts, one launch vs the expert loop (medium's shape)" "$([ -n "$speed" ] && echo info || echo "not run")" "${speed:-the one-launch path is off (see the row above)}"
 row "gpu model (primitives, micro+tiny step, determinism)" \
   "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" \
   "${worst:-exit $rc}${det:+; $det}${fails:+; failed: $fails}"

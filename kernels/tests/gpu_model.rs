@@ -362,6 +362,61 @@ fn fp8_grouped_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
     r.check(label, "calls", "none refused", value, none);
 }
 
+/// The FP8 experts' Fprop at medium's shape (64 experts of 768 rows, 2048 → 512): one launch
+/// against the expert loop (`Fp8Linear` per expert: its quantise, pack and GEMM launches), each
+/// the best of three calls, host launches included. Information for the next kernel, not judged.
+fn fp8_grouped_speed(g: &CudaBackend, r: &mut Report) {
+    use kernels::device::backend::{ExpertGemm, grouped};
+    if g.fp8_grouped.is_err() {
+        return;
+    }
+    let (experts, per, din, dout) = (64usize, 768usize, 2048usize, 512usize);
+    let rows = experts * per;
+    let offsets: Vec<usize> = (0..=experts).map(|e| e * per).collect();
+    // values of a few magnitudes (no RNG over 100M values on the host)
+    let pattern = |n: usize, k: usize| -> Vec<f32> {
+        (0..n).map(|i| ((i * k) % 29) as f32 * 0.07 - 1.0).collect()
+    };
+    let x = up(g, &pattern(rows * din, 7));
+    let ws: Vec<_> = (0..experts)
+        .map(|e| up(g, &pattern(dout * din, 11 + e)))
+        .collect();
+    let ids: Vec<usize> = (0..experts).collect();
+    let best = |f: &dyn Fn()| -> f64 {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            g.synchronize().unwrap();
+            let t = std::time::Instant::now();
+            f();
+            g.synchronize().unwrap();
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        best
+    };
+    let kind = ExpertGemm::Fp8;
+    let one = best(&|| {
+        g.grouped_linear_forward(&x, &ws, &ids, &offsets, din, dout, kind)
+            .unwrap();
+    });
+    let looped = best(&|| {
+        grouped::forward_per_segment(g, &x, &ws, &ids, &offsets, din, dout, kind).unwrap();
+    });
+    let tflops = |ms: f64| 2.0 * (rows * din * dout) as f64 / (ms * 1e-3) / 1e12;
+    let value = format!(
+        "one launch {one:.2} ms ({:.0} TFLOP/s), expert loop {looped:.2} ms ({:.0} TFLOP/s)",
+        tflops(one),
+        tflops(looped)
+    );
+    let s = format!("{experts}×{per} rows, {din}→{dout}");
+    r.push(
+        "fp8 experts speed",
+        &s,
+        "fprop, best of 3",
+        value,
+        parity::Verdict::Info,
+    );
+}
+
 fn fp8_linear_rows(g: &CudaBackend, r: &mut Report, seed: u64, label: &str, tol: f64) {
     let c = Cpu;
     for (n, din, dout) in [(7, 200, 130), (256, 512, 384)] {
@@ -566,6 +621,7 @@ fn backend_primitives_match_the_cpu_backend() {
     route_rows(&g, &mut r, seed);
     fp8_rows(&mut g, &mut r, seed);
     fp8_grouped_rows(&g, &mut r, seed);
+    fp8_grouped_speed(&g, &mut r);
     layout_rows(&g, &mut r, seed);
     moe_rows(&g, &mut r, seed);
     attention_rows(&g, &mut r, seed);
