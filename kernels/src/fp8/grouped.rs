@@ -124,6 +124,15 @@ pub fn tiles(problems: &[Problem]) -> Vec<i32> {
     t
 }
 
+/// `p` with its B (an expert's W) read as the `i`-th of a batch of weights quantised one after
+/// another in 128×128 blocks (`fp8_quantize_128x128_batched`'s layout: W i's codes at
+/// i·dout·din, its scales at i·⌈dout/128⌉·⌈din/128⌉).
+pub fn in_weight_batch(mut p: Problem, i: usize, din: usize, dout: usize) -> Problem {
+    p.b.codes_at += i * dout * din;
+    p.b.scales_at += i * dout.div_ceil(TILE) * din.div_ceil(TILE);
+    p
+}
+
 /// Fprop of the expert owning rows lo..hi: y[lo..hi] = x[lo..hi]·Wᵀ; A = x's codes (1×128,
 /// `[rows, din]`, all rows quantised at once: a row's tiles do not depend on the others), B = the
 /// expert's W (128×128 blocks, its own buffers).

@@ -334,6 +334,20 @@ int main(int argc, char** argv) {
             fp8_dequantize(codes.data(), scales.data(), y.data(), rows, cols, gr, gc);
         });
         save("codes", codes), save("scales", scales), save("y", y);
+    } else if (op == "fp8_quant_batched") {  // rows cols matrices ue8m0 (128×128 blocks)
+        // launch/fp8.rs: fp8_quantize_128x128_batched, one z slice per matrix, each read
+        // through its own address
+        int rows = arg(3), cols = arg(4), mats = arg(5), ue8m0 = arg(6);
+        auto x = load<float>("x");
+        const long long tr = cdiv(rows, 128), tc = cdiv(cols, 128), per = (long long)rows * cols;
+        std::vector<u64> xs(mats);
+        for (int z = 0; z < mats; z++) xs[z] = (u64)(x.data() + z * per);
+        std::vector<u8> codes((size_t)(mats * per));
+        std::vector<float> scales((size_t)(mats * tr * tc));
+        launch({(unsigned)tc, (unsigned)tr, (unsigned)mats}, BLOCK, [&] {
+            fp8_quantize_128x128_batched(xs.data(), codes.data(), scales.data(), rows, cols, ue8m0);
+        });
+        save("codes", codes), save("scales", scales);
     } else if (op == "route") {  // n e n_group topk_group k scale_bits normalize seq alpha_bits alpha_seq_bits
         int n = arg(3), e = arg(4), ng = arg(5), tg = arg(6), k = arg(7), norm = arg(9), seq = arg(10);
         float scale = farg(8), alpha = farg(11), alpha_seq = farg(12);

@@ -77,6 +77,55 @@ pub fn fp8_quant_rows(emu: &Emu, r: &mut Report, seed: u64) {
     }
 }
 
+/// The batched 128×128 quantiser (`fp8_quantize_128x128_batched`, the routed experts' weights in
+/// one launch) against `fp8::quantize` of each matrix: codes and scales bit for bit, on
+/// adversarial inputs of a ragged shape, both scale formats.
+pub fn fp8_quant_batched_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    let (rows, cols, mats) = (130, 300, 3);
+    let xs: Vec<Vec<f32>> = (0..mats)
+        .map(|z| adversarial(seed ^ (z as u64 + 17), rows, cols))
+        .collect();
+    for (fmt, fname, ue8m0) in [
+        (ScaleFormat::F32, "f32", 0),
+        (ScaleFormat::Ue8m0, "ue8m0", 1),
+    ] {
+        let s = format!("{mats} × {}, {fname} scales", shape(&[rows, cols]));
+        let kernel = "fp8_quantize_128x128_batched";
+        let run = emu.prepare();
+        run.put("x", &xs.concat());
+        let args = [rows, cols, mats, ue8m0].map(|v| v.to_string());
+        if let Err(e) = emu.exec(&run, "fp8_quant_batched", &args) {
+            failed(r, kernel, &s, e);
+            continue;
+        }
+        let (codes, scales): (Vec<u8>, Vec<f32>) = (run.get("codes"), run.get("scales"));
+        let wants: Vec<_> = xs
+            .iter()
+            .map(|x| kernels::fp8::quantize(x, rows, cols, ScaleLayout::Block128x128, fmt))
+            .collect();
+        let want_codes: Vec<u8> = wants.iter().flat_map(|w| w.codes.clone()).collect();
+        let want_scales: Vec<f32> = wants.iter().flat_map(|w| w.scales.clone()).collect();
+        let (bad, _) = code_mismatches(&codes, &want_codes);
+        let ok = bad == 0 && codes.len() == want_codes.len();
+        r.check(
+            kernel,
+            &s,
+            "codes",
+            format!("{bad}/{} differ", want_codes.len()),
+            ok,
+        );
+        let (bad, _) = f32_mismatches(&scales, &want_scales);
+        let ok = bad == 0 && scales.len() == want_scales.len();
+        r.check(
+            kernel,
+            &s,
+            "scales",
+            format!("{bad}/{} differ", want_scales.len()),
+            ok,
+        );
+    }
+}
+
 /// The promoted FP8 GEMM (`fp8_gemm.cu`) in the three orientations of a Linear, with the
 /// operands' strides the CUDA backend passes, against `fp8::fp8_gemm_fprop`, `_dgrad` and
 /// `_wgrad` on the same quantised tensors (exact products; sums in another order: normwise
@@ -258,15 +307,21 @@ fn fp8_grouped_case(emu: &Emu, r: &mut Report, seed: u64, din: usize, dout: usiz
         }
         (c, sc, at)
     };
-    // each expert's weight at its own place in B (the backend's are separate buffers)
-    let (wc, wsc, wat) = cat(&wq.iter().collect::<Vec<_>>());
+    // the experts with rows' weights one after another in B, as the backend's batched quantiser
+    // writes them (`grouped::in_weight_batch`)
+    let live: Vec<usize> = (0..experts)
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .collect();
+    let (wc, wsc, _) = cat(&live.iter().map(|&e| &wq[e]).collect::<Vec<_>>());
     let xq = quantize_1x128(&x, rows, din, f);
     let gq = quantize_1x128(&dy, rows, dout, f);
     let rows_of = |v: &[f32], lo: usize, hi: usize, w: usize| v[lo * w..hi * w].to_vec();
-    let with_b = |mut p: Problem, e: usize| {
-        p.b.codes_at += wat[e].0;
-        p.b.scales_at += wat[e].1;
-        p
+    let with_b = |p: Problem, e: usize| {
+        let i = live
+            .iter()
+            .position(|&l| l == e)
+            .expect("an expert with rows");
+        grouped::in_weight_batch(p, i, din, dout)
     };
     // (label, problems, A, B, prior out, the CPU's result per expert at its place)
     type Case = (

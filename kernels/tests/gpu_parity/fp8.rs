@@ -1,8 +1,9 @@
 //! FP8 parity: the three E4M3 quantisers and the dequantiser against `kernels::fp8::quant`, on
 //! adversarial inputs (per-128 groups of Gaussians at magnitudes 1e-6..1e4, zeros and −0.0,
 //! subnormals, exact round-to-nearest-even ties, huge values, one NaN and one infinity), for a
-//! DeepSeek-sized activation and shapes that are not multiples of 128. Codes and scales must be
-//! bit-identical; a NaN code or scale matches any NaN (the GPU writes canonical NaNs).
+//! DeepSeek-sized activation and shapes that are not multiples of 128, and the batched 128×128
+//! quantiser of the experts' weights. Codes and scales must be bit-identical; a NaN code or scale
+//! matches any NaN (the GPU writes canonical NaNs).
 
 pub use super::report::adversarial;
 use super::report::{Report, code_mismatches, f32_mismatches, shape};
@@ -132,6 +133,52 @@ pub fn run(gpu: &Gpu, r: &mut Report, seed: u64) {
             r.check(&deq, &name, "values bits", value, bad == 0);
         }
         time(gpu, r, &big, layout, &kernel);
+    }
+    batched(gpu, r, seed);
+}
+
+/// The batched 128×128 quantiser (the routed experts' weights in one launch) against
+/// `fp8::quantize` of each matrix, codes and scales bit for bit, both scale formats.
+fn batched(gpu: &Gpu, r: &mut Report, seed: u64) {
+    use cudarc::driver::DevicePtr;
+    let kernel = "fp8_quantize_128x128_batched";
+    let (rows, cols, mats) = (257, 1000, 3);
+    let xs: Vec<Vec<f32>> = (0..mats)
+        .map(|z| adversarial(seed.wrapping_add(100 + z as u64), rows, cols))
+        .collect();
+    let name = format!("{mats} × {}", shape(&[rows, cols]));
+    for (fmt, fname) in FORMATS {
+        let run = || -> Result<(Vec<u8>, Vec<f32>), kernels::device::cuda::launch::GpuError> {
+            let bufs = xs
+                .iter()
+                .map(|x| gpu.upload(x))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ptrs: Vec<u64> = bufs.iter().map(|b| b.device_ptr(gpu.stream()).0).collect();
+            let per = ScaleLayout::Block128x128.num_scales(rows, cols);
+            let mut codes = gpu.zeros::<u8>(mats * rows * cols)?;
+            let mut scales = gpu.zeros::<f32>(mats * per)?;
+            gpu.fp8_quantize_128x128_batched(&ptrs, &mut codes, &mut scales, rows, cols, fmt)?;
+            Ok((gpu.download(&codes)?, gpu.download(&scales)?))
+        };
+        let (codes, scales) = match run() {
+            Ok(v) => v,
+            Err(e) => {
+                r.error(kernel, &name, &e);
+                continue;
+            }
+        };
+        let wants: Vec<_> = xs
+            .iter()
+            .map(|x| quantize(x, rows, cols, ScaleLayout::Block128x128, fmt))
+            .collect();
+        let want_codes: Vec<u8> = wants.iter().flat_map(|w| w.codes.clone()).collect();
+        let want_scales: Vec<f32> = wants.iter().flat_map(|w| w.scales.clone()).collect();
+        let (bad, _) = code_mismatches(&codes, &want_codes);
+        let value = format!("{bad}/{} differ ({fname} scales)", want_codes.len());
+        r.check(kernel, &name, "codes bits", value, bad == 0);
+        let (bad, _) = f32_mismatches(&scales, &want_scales);
+        let value = format!("{bad}/{} differ ({fname} scales)", want_scales.len());
+        r.check(kernel, &name, "scales bits", value, bad == 0);
     }
 }
 

@@ -3,7 +3,8 @@
 //! `fp8::grouped`. The quantisation is the CPU recipe's, as `Fp8Linear` runs it per expert: x and
 //! dy in 1×128 tiles for all rows at once (a row's tiles do not depend on the other rows, so the
 //! codes are each expert's), each expert's W in 128×128 blocks, and for Wgrad each expert's dy and
-//! requantised x in 128×1 tiles over its own rows. Used only when, at open, it agrees with the
+//! requantised x in 128×1 tiles over its own rows; every expert's W in one launch too
+//! (`fp8_quantize_128x128_batched`). Used only when, at open, it agrees with the
 //! expert-by-expert loop (`backend::grouped`'s reference through `Fp8Linear`) to
 //! `fp8_linear::AGREE` on random experts (`fp8_grouped_check`; `PHALANX_FP8_GROUPED=off` turns it
 //! off); a call it refuses runs that loop. Never run on a GPU.
@@ -13,8 +14,8 @@ use super::fp8_linear::{AGREE, Quantised, quantize};
 use super::grouped::FastExperts;
 use crate::device::backend::grouped::segments;
 use crate::device::backend::{Backend, BackendError, BackendResult};
-use crate::fp8::ScaleLayout;
 use crate::fp8::grouped::{self as layout, Bases, Problem};
+use crate::fp8::{ScaleFormat, ScaleLayout};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 /// A buffer as the kernel sees it: its device address and length in elements.
@@ -75,22 +76,36 @@ impl CudaBackend {
             .fp8_grouped_gemm(&fields, &layout::tiles(&problems))?)
     }
 
-    /// Each expert with rows: (expert, lo, hi, its W quantised in 128×128 blocks).
+    /// Every expert with rows' W quantised in 128×128 blocks in one launch, in segment order
+    /// (expert i's codes and scales at i·dout·din and i·⌈dout/128⌉·⌈din/128⌉ of the buffers), with
+    /// each segment's rows (lo, hi).
     fn weights_128x128(
         &self,
         params: &[CudaSlice<f32>],
         ids: &[usize],
         offsets: &[usize],
         (din, dout): (usize, usize),
-    ) -> BackendResult<Vec<(usize, usize, Quantised)>> {
-        segments(offsets)
-            .map(|(e, lo, hi)| {
-                let w = &params[ids[e]];
-                check("W", w.len(), dout * din)?;
-                let q = quantize(&self.gpu, w, dout, din, ScaleLayout::Block128x128)?;
-                Ok((lo, hi, q))
-            })
-            .collect()
+    ) -> BackendResult<(Quantised, Vec<(usize, usize)>)> {
+        let stream = self.gpu.stream();
+        let (mut xs, mut rows) = (Vec::new(), Vec::new());
+        for (e, lo, hi) in segments(offsets) {
+            let w = &params[ids[e]];
+            check("W", w.len(), dout * din)?;
+            xs.push(w.device_ptr(stream).0);
+            rows.push((lo, hi));
+        }
+        let per_scales = ScaleLayout::Block128x128.num_scales(dout, din);
+        let mut codes = self.gpu.zeros::<u8>(xs.len() * dout * din)?;
+        let mut scales = self.gpu.zeros::<f32>(xs.len() * per_scales)?;
+        self.gpu.fp8_quantize_128x128_batched(
+            &xs,
+            &mut codes,
+            &mut scales,
+            dout,
+            din,
+            ScaleFormat::F32,
+        )?;
+        Ok(((codes, scales), rows))
     }
 
     /// y `[rows, dout]`: every expert's rows times its W, one launch.
@@ -109,15 +124,16 @@ impl CudaBackend {
             return Ok(y);
         }
         let xq = quantize(&self.gpu, x, rows, din, ScaleLayout::Tile1x128)?;
-        let ws = self.weights_128x128(params, ids, offsets, (din, dout))?;
+        let (w, segs) = self.weights_128x128(params, ids, offsets, (din, dout))?;
         let len = y.len();
         let out = (y.device_ptr_mut(self.gpu.stream()).0, len);
-        let calls: Vec<Call> = ws
+        let calls: Vec<Call> = segs
             .iter()
-            .map(|(lo, hi, w)| Call {
-                problem: layout::fprop(*lo, *hi, din, dout),
+            .enumerate()
+            .map(|(i, &(lo, hi))| Call {
+                problem: layout::in_weight_batch(layout::fprop(lo, hi, din, dout), i, din, dout),
                 a: self.spans(&xq),
-                b: self.spans(w),
+                b: self.spans(&w),
                 out,
             })
             .collect();
@@ -144,15 +160,21 @@ impl CudaBackend {
             return Ok(());
         }
         let gq = quantize(&self.gpu, dy, rows, dout, ScaleLayout::Tile1x128)?;
-        let ws = self.weights_128x128(params, ids, offsets, (din, dout))?;
+        let (w, segs) = self.weights_128x128(params, ids, offsets, (din, dout))?;
         let len = dx.len();
         let out = (dx.device_ptr_mut(self.gpu.stream()).0, len);
-        let calls: Vec<Call> = ws
+        let calls: Vec<Call> = segs
             .iter()
-            .map(|(lo, hi, w)| Call {
-                problem: layout::dgrad(*lo, *hi, din, dout, acc),
+            .enumerate()
+            .map(|(i, &(lo, hi))| Call {
+                problem: layout::in_weight_batch(
+                    layout::dgrad(lo, hi, din, dout, acc),
+                    i,
+                    din,
+                    dout,
+                ),
                 a: self.spans(&gq),
-                b: self.spans(w),
+                b: self.spans(&w),
                 out,
             })
             .collect();

@@ -85,13 +85,15 @@ extern "C" __global__ void fp8_quantize_128x1(const float* __restrict__ x, u8* _
     scales[(long long)blockIdx.y * cols + c] = s;
 }
 
-// quant.rs: quantize_128x128. One block per 128×128 weight block: grid = (⌈cols/128⌉, ⌈rows/128⌉),
-// blockDim.x a multiple of 32 (256 intended). scales [⌈rows/128⌉, ⌈cols/128⌉].
-extern "C" __global__ void fp8_quantize_128x128(const float* __restrict__ x, u8* __restrict__ codes,
-                                                float* __restrict__ scales, int rows, int cols,
-                                                int ue8m0) {
-    __shared__ u32 sh[32];
-    const int r0 = blockIdx.y * TILE, c0 = blockIdx.x * TILE;
+// quant.rs: quantize_128x128, the block (bx, by) of x [rows, cols]: amax over it, one scale at
+// scales[by·gx + bx] (gx = ⌈cols/128⌉), its codes. Every thread of the block calls it;
+// blockDim.x a multiple of 32 (256 intended).
+__device__ __forceinline__ void quantize_block_128x128(const float* __restrict__ x,
+                                                       u8* __restrict__ codes,
+                                                       float* __restrict__ scales, int rows,
+                                                       int cols, int ue8m0, int bx, int by,
+                                                       int gx, u32* sh) {
+    const int r0 = by * TILE, c0 = bx * TILE;
     const int h = min(TILE, rows - r0), w = min(TILE, cols - c0);
     u32 m = 0u;
     for (int e = threadIdx.x; e < h * TILE; e += blockDim.x) {
@@ -108,7 +110,32 @@ extern "C" __global__ void fp8_quantize_128x128(const float* __restrict__ x, u8*
             codes[i] = encode_e4m3_sat(x[i] * inv);
         }
     }
-    if (threadIdx.x == 0) scales[(long long)blockIdx.y * gridDim.x + blockIdx.x] = s;
+    if (threadIdx.x == 0) scales[(long long)by * gx + bx] = s;
+}
+
+// quant.rs: quantize_128x128. One block per 128×128 weight block: grid = (⌈cols/128⌉, ⌈rows/128⌉),
+// blockDim.x a multiple of 32 (256 intended). scales [⌈rows/128⌉, ⌈cols/128⌉].
+extern "C" __global__ void fp8_quantize_128x128(const float* __restrict__ x, u8* __restrict__ codes,
+                                                float* __restrict__ scales, int rows, int cols,
+                                                int ue8m0) {
+    __shared__ u32 sh[32];
+    quantize_block_128x128(x, codes, scales, rows, cols, ue8m0, blockIdx.x, blockIdx.y, gridDim.x,
+                           sh);
+}
+
+// quantize_128x128 of gridDim.z matrices of one shape in one launch (the routed experts'
+// weights): matrix z is read at xs[z] and written to codes + z·rows·cols and scales +
+// z·⌈rows/128⌉·⌈cols/128⌉. grid = (⌈cols/128⌉, ⌈rows/128⌉, matrices).
+extern "C" __global__ void fp8_quantize_128x128_batched(const u64* __restrict__ xs,
+                                                        u8* __restrict__ codes,
+                                                        float* __restrict__ scales, int rows,
+                                                        int cols, int ue8m0) {
+    __shared__ u32 sh[32];
+    const long long z = blockIdx.z;
+    const long long per_scales = (long long)gridDim.x * gridDim.y;
+    quantize_block_128x128((const float*)xs[z], codes + z * rows * (long long)cols,
+                           scales + z * per_scales, rows, cols, ue8m0, blockIdx.x, blockIdx.y,
+                           gridDim.x, sh);
 }
 
 // quant.rs: dequantize, any layout: group_rows × group_cols share a scale (1×128, 128×1 or

@@ -69,6 +69,53 @@ impl Gpu {
         Ok(())
     }
 
+    /// `fp8_quantize_128x128_batched`: the matrices at the device addresses `xs` (each
+    /// `[rows, cols]` f32, live for the launch) quantised in 128×128 blocks in one launch, matrix z's
+    /// codes at `codes[z·rows·cols..]` and its scales at `scales[z·⌈rows/128⌉·⌈cols/128⌉..]`.
+    pub fn fp8_quantize_128x128_batched(
+        &self,
+        xs: &[u64],
+        codes: &mut CudaSlice<u8>,
+        scales: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        fmt: ScaleFormat,
+    ) -> Result<(), GpuError> {
+        let k = "fp8_quantize_128x128_batched";
+        let n = rows * cols;
+        let per_scales = ScaleLayout::Block128x128.num_scales(rows, cols);
+        check_len(k, "codes", codes.len(), xs.len() * n)?;
+        check_len(k, "scales", scales.len(), xs.len() * per_scales)?;
+        if n == 0 || xs.is_empty() {
+            return Ok(());
+        }
+        let (r, c) = (int(k, "rows", rows)?, int(k, "cols", cols)?);
+        let ue8m0 = i32::from(fmt == ScaleFormat::Ue8m0);
+        let grid = (
+            grid_dim(k, cols.div_ceil(TILE), GRID_X_MAX)?,
+            grid_dim(k, rows.div_ceil(TILE), GRID_Y_MAX)?,
+            grid_dim(k, xs.len(), GRID_Y_MAX)?,
+        );
+        let ptrs = self.upload(xs)?;
+        let mut b = self.stream.launch_builder(self.function(k)?);
+        b.arg(&ptrs)
+            .arg(codes)
+            .arg(scales)
+            .arg(&r)
+            .arg(&c)
+            .arg(&ue8m0);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: grid,
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list is the kernel's; each address in `xs` holds rows·cols f32
+        // (the caller's), codes and scales hold every matrix's (checked above); the pointer list
+        // is freed stream-ordered after the kernel.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
     /// `fp8_dequantize`: `y [rows, cols]` = decode(code) · scale of the element's group.
     pub fn fp8_dequantize_dev(
         &self,
