@@ -198,6 +198,28 @@ pub fn dgrad(lo: usize, hi: usize, din: usize, dout: usize, accumulate: bool) ->
     }
 }
 
+/// The 128-row bands of each segment of `offsets` on its own (a segment's 128×1 quantisation
+/// starts at its first row): (lo, hi) of every band in order, and each segment's first band.
+pub fn row_bands(offsets: &[usize]) -> (Vec<i32>, Vec<usize>) {
+    let (mut bands, mut first) = (Vec::new(), Vec::new());
+    for w in offsets.windows(2) {
+        first.push(bands.len() / 2);
+        for lo in (w[0]..w[1]).step_by(TILE) {
+            bands.extend([lo as i32, (lo + TILE).min(w[1]) as i32]);
+        }
+    }
+    (bands, first)
+}
+
+/// Wgrad of the expert owning rows lo..hi, its 128×1 quantisations of dy `[rows, dout]` and x
+/// `[rows, din]` made in place by segment (`row_bands`: its bands from `band0`): dW += dyᵀ·x.
+pub fn wgrad_in_place(lo: usize, hi: usize, band0: usize, din: usize, dout: usize) -> Problem {
+    let mut p = wgrad(hi - lo, din, dout);
+    (p.a.codes_at, p.a.scales_at) = (lo * dout, band0 * dout);
+    (p.b.codes_at, p.b.scales_at) = (lo * din, band0 * din);
+    p
+}
+
 /// Wgrad of an expert with `n` rows: dW += dyᵀ·x on the expert's own 128×1 quantisations of dy
 /// `[n, dout]` and x `[n, din]` (tiles of 128 of its rows), both read down their columns.
 pub fn wgrad(n: usize, din: usize, dout: usize) -> Problem {
@@ -238,6 +260,19 @@ mod tests {
         assert_eq!(t.len(), 3 * (6 + 1));
         assert_eq!(&t[..6], &[0, 0, 0, 0, 0, 64]);
         assert_eq!(&t[t.len() - 3..], &[2, 0, 0]);
+    }
+
+    #[test]
+    fn bands_start_at_each_segment() {
+        let (bands, first) = row_bands(&[0, 130, 130, 140, 400]);
+        assert_eq!(
+            bands,
+            vec![0, 128, 128, 130, 130, 140, 140, 268, 268, 396, 396, 400]
+        );
+        assert_eq!(first, vec![0, 2, 2, 3]);
+        let p = wgrad_in_place(140, 400, 3, 64, 32);
+        assert_eq!((p.k, p.a.codes_at, p.a.scales_at), (260, 140 * 32, 3 * 32));
+        assert_eq!((p.b.codes_at, p.b.scales_at), (140 * 64, 3 * 64));
     }
 
     #[test]

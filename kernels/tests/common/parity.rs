@@ -107,6 +107,48 @@ pub fn code_mismatches(gpu: &[u8], cpu: &[u8]) -> (usize, Option<usize>) {
     })
 }
 
+/// The CPU's codes and scales of the one-launch quantisers of the experts (`fp8_quant.cu`):
+/// each segment of rows of x `[rows, cols]` quantised 128×1 on its own, codes in place and
+/// scales band by band (`fp8::grouped::row_bands`).
+pub fn quantize_segments(
+    x: &[f32],
+    offsets: &[usize],
+    cols: usize,
+    fmt: kernels::fp8::ScaleFormat,
+) -> (Vec<u8>, Vec<f32>) {
+    let (bands, first) = kernels::fp8::grouped::row_bands(offsets);
+    let rows = offsets[offsets.len() - 1];
+    let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0f32; bands.len() / 2 * cols]);
+    for (e, w) in offsets.windows(2).enumerate() {
+        let (lo, hi) = (w[0], w[1]);
+        let layout = kernels::fp8::ScaleLayout::Tile128x1;
+        let q = kernels::fp8::quantize(&x[lo * cols..hi * cols], hi - lo, cols, layout, fmt);
+        codes[lo * cols..hi * cols].copy_from_slice(&q.codes);
+        let at = first[e] * cols;
+        scales[at..at + q.scales.len()].copy_from_slice(&q.scales);
+    }
+    (codes, scales)
+}
+
+/// The CPU's codes and scales of several matrices `[rows, cols]` quantised 128×128 one after
+/// another (the batched quantiser's layout).
+pub fn quantize_each_128x128(
+    xs: &[Vec<f32>],
+    rows: usize,
+    cols: usize,
+    fmt: kernels::fp8::ScaleFormat,
+) -> (Vec<u8>, Vec<f32>) {
+    let layout = kernels::fp8::ScaleLayout::Block128x128;
+    let qs: Vec<_> = xs
+        .iter()
+        .map(|x| kernels::fp8::quantize(x, rows, cols, layout, fmt))
+        .collect();
+    (
+        qs.iter().flat_map(|q| q.codes.clone()).collect(),
+        qs.iter().flat_map(|q| q.scales.clone()).collect(),
+    )
+}
+
 /// As `f32_mismatches` for bf16 bits.
 pub fn bf16_mismatches(gpu: &[u16], cpu: &[u16]) -> (usize, Option<usize>) {
     let nan = |b: u16| b & 0x7F80 == 0x7F80 && b & 0x007F != 0;
@@ -133,6 +175,27 @@ fn mismatches<T: Copy + Sync>(
 }
 
 impl Report {
+    /// Two rows: a quantiser's codes and scales against the CPU's, bit for bit (`note` says which
+    /// scale format).
+    #[allow(clippy::too_many_arguments)]
+    pub fn codes_and_scales(
+        &mut self,
+        kernel: &str,
+        shape: &str,
+        note: &str,
+        (codes, scales): (&[u8], &[f32]),
+        (want_codes, want_scales): (&[u8], &[f32]),
+    ) {
+        let (bad, _) = code_mismatches(codes, want_codes);
+        let ok = bad == 0 && codes.len() == want_codes.len();
+        let value = format!("{bad}/{} differ ({note})", want_codes.len());
+        self.check(kernel, shape, "codes bits", value, ok);
+        let (bad, _) = f32_mismatches(scales, want_scales);
+        let ok = bad == 0 && scales.len() == want_scales.len();
+        let value = format!("{bad}/{} differ ({note})", want_scales.len());
+        self.check(kernel, shape, "scales bits", value, ok);
+    }
+
     pub fn push(&mut self, kernel: &str, shape: &str, metric: &str, value: String, v: Verdict) {
         let row = Row {
             kernel: kernel.to_string(),

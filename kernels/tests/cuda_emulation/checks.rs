@@ -15,7 +15,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 19] = [
+pub const FAMILIES: [(&str, Family); 20] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -31,6 +31,7 @@ pub const FAMILIES: [(&str, Family); 19] = [
     ("moe", step_checks::moe_rows),
     ("fp8_quant", fp8_checks::fp8_quant_rows),
     ("fp8_quant_batched", fp8_checks::fp8_quant_batched_rows),
+    ("fp8_quant_segmented", fp8_checks::fp8_quant_segmented_rows),
     ("fp8_gemm", fp8_checks::fp8_gemm_rows),
     ("fp8_pack", fp8_checks::fp8_pack_rows),
     ("fp8_grouped", fp8_checks::fp8_grouped_rows),

@@ -334,6 +334,19 @@ int main(int argc, char** argv) {
             fp8_dequantize(codes.data(), scales.data(), y.data(), rows, cols, gr, gc);
         });
         save("codes", codes), save("scales", scales), save("y", y);
+    } else if (op == "fp8_quant_segmented") {  // cols ue8m0 (128×1 bands from the file "bands")
+        // launch/fp8.rs: fp8_quantize_128x1_segmented, one thread per column of each band
+        int cols = arg(3), ue8m0 = arg(4);
+        auto x = load<float>("x");
+        auto bands = load<int>("bands");
+        const long long nb = bands.size() / 2;
+        std::vector<u8> codes(x.size());
+        std::vector<float> scales((size_t)(nb * cols));
+        launch({cdiv(cols, BLOCK), (unsigned)nb, 1}, BLOCK, [&] {
+            fp8_quantize_128x1_segmented(x.data(), codes.data(), scales.data(), bands.data(), cols,
+                                         ue8m0);
+        });
+        save("codes", codes), save("scales", scales);
     } else if (op == "fp8_quant_batched") {  // rows cols matrices ue8m0 (128×128 blocks)
         // launch/fp8.rs: fp8_quantize_128x128_batched, one z slice per matrix, each read
         // through its own address

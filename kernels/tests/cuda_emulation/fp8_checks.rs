@@ -5,7 +5,8 @@
 //! (`fp8_pack.cu`).
 
 use super::parity::{
-    Report, adversarial, code_mismatches, f32_mismatches, indices, normals, shape,
+    Report, adversarial, code_mismatches, f32_mismatches, indices, normals, quantize_each_128x128,
+    quantize_segments, shape,
 };
 use super::{Emu, failed};
 use kernels::fp8::{ScaleFormat, ScaleLayout};
@@ -77,6 +78,35 @@ pub fn fp8_quant_rows(emu: &Emu, r: &mut Report, seed: u64) {
     }
 }
 
+/// The segmented 128×1 quantiser (`fp8_quantize_128x1_segmented`, Wgrad's operands of every
+/// expert in one launch) against `fp8::quantize` of each segment's rows on their own: codes in
+/// place and scales band by band, bit for bit, on adversarial inputs (segments empty, shorter
+/// than a band, and past two bands), both scale formats.
+pub fn fp8_quant_segmented_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    let (offsets, cols) = ([0usize, 130, 130, 131, 400], 300);
+    let x = adversarial(seed ^ 0x5e9, offsets[offsets.len() - 1], cols);
+    let (bands, _) = kernels::fp8::grouped::row_bands(&offsets);
+    let kernel = "fp8_quantize_128x1_segmented";
+    let s = format!("segments {offsets:?} × {cols}");
+    for (fmt, fname, ue8m0) in [
+        (ScaleFormat::F32, "f32", 0),
+        (ScaleFormat::Ue8m0, "ue8m0", 1),
+    ] {
+        let run = emu.prepare();
+        run.put("x", &x);
+        run.put("bands", &bands);
+        let args = [cols, ue8m0].map(|v| v.to_string());
+        if let Err(e) = emu.exec(&run, "fp8_quant_segmented", &args) {
+            failed(r, kernel, &s, e);
+            continue;
+        }
+        let (codes, scales): (Vec<u8>, Vec<f32>) = (run.get("codes"), run.get("scales"));
+        let (wc, ws) = quantize_segments(&x, &offsets, cols, fmt);
+        let note = format!("{fname} scales");
+        r.codes_and_scales(kernel, &s, &note, (&codes, &scales), (&wc, &ws));
+    }
+}
+
 /// The batched 128×128 quantiser (`fp8_quantize_128x128_batched`, the routed experts' weights in
 /// one launch) against `fp8::quantize` of each matrix: codes and scales bit for bit, on
 /// adversarial inputs of a ragged shape, both scale formats.
@@ -85,12 +115,12 @@ pub fn fp8_quant_batched_rows(emu: &Emu, r: &mut Report, seed: u64) {
     let xs: Vec<Vec<f32>> = (0..mats)
         .map(|z| adversarial(seed ^ (z as u64 + 17), rows, cols))
         .collect();
+    let kernel = "fp8_quantize_128x128_batched";
+    let s = format!("{mats} × {}", shape(&[rows, cols]));
     for (fmt, fname, ue8m0) in [
         (ScaleFormat::F32, "f32", 0),
         (ScaleFormat::Ue8m0, "ue8m0", 1),
     ] {
-        let s = format!("{mats} × {}, {fname} scales", shape(&[rows, cols]));
-        let kernel = "fp8_quantize_128x128_batched";
         let run = emu.prepare();
         run.put("x", &xs.concat());
         let args = [rows, cols, mats, ue8m0].map(|v| v.to_string());
@@ -99,30 +129,9 @@ pub fn fp8_quant_batched_rows(emu: &Emu, r: &mut Report, seed: u64) {
             continue;
         }
         let (codes, scales): (Vec<u8>, Vec<f32>) = (run.get("codes"), run.get("scales"));
-        let wants: Vec<_> = xs
-            .iter()
-            .map(|x| kernels::fp8::quantize(x, rows, cols, ScaleLayout::Block128x128, fmt))
-            .collect();
-        let want_codes: Vec<u8> = wants.iter().flat_map(|w| w.codes.clone()).collect();
-        let want_scales: Vec<f32> = wants.iter().flat_map(|w| w.scales.clone()).collect();
-        let (bad, _) = code_mismatches(&codes, &want_codes);
-        let ok = bad == 0 && codes.len() == want_codes.len();
-        r.check(
-            kernel,
-            &s,
-            "codes",
-            format!("{bad}/{} differ", want_codes.len()),
-            ok,
-        );
-        let (bad, _) = f32_mismatches(&scales, &want_scales);
-        let ok = bad == 0 && scales.len() == want_scales.len();
-        r.check(
-            kernel,
-            &s,
-            "scales",
-            format!("{bad}/{} differ", want_scales.len()),
-            ok,
-        );
+        let (wc, ws) = quantize_each_128x128(&xs, rows, cols, fmt);
+        let note = format!("{fname} scales");
+        r.codes_and_scales(kernel, &s, &note, (&codes, &scales), (&wc, &ws));
     }
 }
 
@@ -373,30 +382,33 @@ fn fp8_grouped_case(emu: &Emu, r: &mut Report, seed: u64, din: usize, dout: usiz
         ));
     }
     {
-        // each expert's own 128×1 quantisations, one after another in A and B; dW of expert e at
-        // e·dout·din of the output
-        let live: Vec<_> = segs.iter().filter(|s| s.2 > s.1).copied().collect();
-        let gt: Vec<Fp8Tensor> = live
-            .iter()
-            .map(|&(_, lo, hi)| quantize_128x1(&rows_of(&dy, lo, hi, dout), hi - lo, dout, f))
-            .collect();
-        let xt: Vec<Fp8Tensor> = live
-            .iter()
-            .map(|&(_, lo, hi)| quantize_128x1(&rows_of(&x, lo, hi, din), hi - lo, din, f))
-            .collect();
-        let (ac, asc, aat) = cat(&gt.iter().collect::<Vec<_>>());
-        let (bc, bsc, bat) = cat(&xt.iter().collect::<Vec<_>>());
+        // Wgrad's operands as the backend makes them: dy and x quantised 128×1 segment by
+        // segment in place (`row_bands`: each segment's bands from its first row; the segmented
+        // quantiser's layout, checked bit for bit on its own); dW of expert e at e·dout·din
+        let (bands, first) = grouped::row_bands(&offsets);
+        let nb = bands.len() / 2;
+        let in_place = |v: &[f32], w: usize| -> (Vec<u8>, Vec<f32>, Vec<Fp8Tensor>) {
+            let (mut c, mut sc) = (vec![0u8; rows * w], vec![0f32; nb * w]);
+            let mut per = Vec::new();
+            for &(e, lo, hi) in &segs {
+                let q = quantize_128x1(&rows_of(v, lo, hi, w), hi - lo, w, f);
+                c[lo * w..hi * w].copy_from_slice(&q.codes);
+                sc[first[e] * w..first[e] * w + q.scales.len()].copy_from_slice(&q.scales);
+                per.push(q);
+            }
+            (c, sc, per)
+        };
+        let (ac, asc, gt) = in_place(&dy, dout);
+        let (bc, bsc, xt) = in_place(&x, din);
         let prior = normals(seed, "grouped dw prior", experts * dout * din);
         let mut want = prior.clone();
         let mut ps = Vec::new();
-        for (i, &(e, lo, hi)) in live.iter().enumerate() {
-            let mut p = grouped::wgrad(hi - lo, din, dout);
-            (p.a.codes_at, p.a.scales_at) = aat[i];
-            (p.b.codes_at, p.b.scales_at) = bat[i];
+        for &(e, lo, hi) in segs.iter().filter(|s| s.2 > s.1) {
+            let mut p = grouped::wgrad_in_place(lo, hi, first[e], din, dout);
             p.out_at = e * dout * din;
             ps.push(p);
             let mut dw = vec![0f32; dout * din];
-            fp8_gemm_wgrad(&mut dw, &gt[i], &xt[i]);
+            fp8_gemm_wgrad(&mut dw, &gt[e], &xt[e]);
             for (w, v) in want[e * dout * din..(e + 1) * dout * din]
                 .iter_mut()
                 .zip(&dw)

@@ -3,7 +3,8 @@
 //! `fp8::grouped`. The quantisation is the CPU recipe's, as `Fp8Linear` runs it per expert: x and
 //! dy in 1×128 tiles for all rows at once (a row's tiles do not depend on the other rows, so the
 //! codes are each expert's), each expert's W in 128×128 blocks, and for Wgrad each expert's dy and
-//! requantised x in 128×1 tiles over its own rows; every expert's W in one launch too
+//! requantised x in 128×1 tiles over its own rows, every expert at once
+//! (`fp8_quantize_128x1_segmented`), and every expert's W in one launch
 //! (`fp8_quantize_128x128_batched`). Used only when, at open, it agrees with the
 //! expert-by-expert loop (`backend::grouped`'s reference through `Fp8Linear`) to
 //! `fp8_linear::AGREE` on random experts (`fp8_grouped_check`; `PHALANX_FP8_GROUPED=off` turns it
@@ -13,7 +14,7 @@ use super::backend::CudaBackend;
 use super::fp8_linear::{AGREE, Quantised, quantize};
 use super::grouped::FastExperts;
 use crate::device::backend::grouped::segments;
-use crate::device::backend::{Backend, BackendError, BackendResult};
+use crate::device::backend::{BackendError, BackendResult};
 use crate::fp8::grouped::{self as layout, Bases, Problem};
 use crate::fp8::{ScaleFormat, ScaleLayout};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
@@ -204,27 +205,28 @@ impl CudaBackend {
         let mut xd = self.buf(rows * din)?;
         self.gpu
             .fp8_dequantize_dev(&xc, &xs, &mut xd, rows, din, ScaleLayout::Tile1x128)?;
-        let mut parts = Vec::new();
-        for (e, lo, hi) in segments(offsets) {
-            let n = hi - lo;
-            let xt = quantize(
-                &self.gpu,
-                &self.rows(&xd, lo, hi, din)?,
-                n,
-                din,
-                ScaleLayout::Tile128x1,
+        // each expert's rows quantised 128×1 on their own, every expert in one launch
+        let (bands, first) = layout::row_bands(offsets);
+        let in_bands = |v: &CudaSlice<f32>, w: usize| -> BackendResult<Quantised> {
+            let mut codes = self.gpu.zeros::<u8>(rows * w)?;
+            let mut scales = self.gpu.zeros::<f32>(bands.len() / 2 * w)?;
+            let f = ScaleFormat::F32;
+            self.gpu.fp8_quantize_128x1_segmented(
+                v,
+                &mut codes,
+                &mut scales,
+                &bands,
+                rows,
+                w,
+                f,
             )?;
-            let gt = quantize(
-                &self.gpu,
-                &self.rows(dy, lo, hi, dout)?,
-                n,
-                dout,
-                ScaleLayout::Tile128x1,
-            )?;
-            parts.push((ids[e], n, gt, xt));
-        }
+            Ok((codes, scales))
+        };
+        let (gt, xt) = (in_bands(dy, dout)?, in_bands(&xd, din)?);
         let mut outs: Vec<Option<Span>> = vec![None; grads.len()];
-        for &(id, ..) in &parts {
+        let mut calls = Vec::new();
+        for (e, lo, hi) in segments(offsets) {
+            let id = ids[e];
             let g = grads
                 .get_mut(id)
                 .ok_or_else(|| BackendError(format!("fp8 grouped gemm: no gradient {id}")))?;
@@ -235,17 +237,15 @@ impl CudaBackend {
             }
             check("dW", g.len(), dout * din)?;
             let len = g.len();
-            outs[id] = Some((g.device_ptr_mut(self.gpu.stream()).0, len));
+            let out = (g.device_ptr_mut(self.gpu.stream()).0, len);
+            outs[id] = Some(out);
+            calls.push(Call {
+                problem: layout::wgrad_in_place(lo, hi, first[e], din, dout),
+                a: self.spans(&gt),
+                b: self.spans(&xt),
+                out,
+            });
         }
-        let calls: Vec<Call> = parts
-            .iter()
-            .map(|(id, n, gt, xt)| Call {
-                problem: layout::wgrad(*n, din, dout),
-                a: self.spans(gt),
-                b: self.spans(xt),
-                out: outs[*id].expect("set above"),
-            })
-            .collect();
         self.launch_calls(&calls)
     }
 

@@ -66,14 +66,12 @@ extern "C" __global__ void fp8_quantize_1x128(const float* __restrict__ x, u8* _
     if (lane == 0) scales[tile] = s;
 }
 
-// quant.rs: quantize_128x1. One thread per column of a 128-row band: grid = (⌈cols/blockDim.x⌉,
-// ⌈rows/128⌉), any block size. scales [⌈rows/128⌉, cols].
-extern "C" __global__ void fp8_quantize_128x1(const float* __restrict__ x, u8* __restrict__ codes,
-                                              float* __restrict__ scales, int rows, int cols,
-                                              int ue8m0) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    const int r0 = blockIdx.y * TILE, r1 = min(r0 + TILE, rows);
+// quant.rs: quantize_128x1 of rows r0 .. r1 (≤ 128) of column c: their amax, one scale at
+// scales[band·cols + c], their codes.
+__device__ __forceinline__ void quantize_band_128x1(const float* __restrict__ x,
+                                                    u8* __restrict__ codes,
+                                                    float* __restrict__ scales, int cols, int ue8m0,
+                                                    int c, int r0, int r1, long long band) {
     u32 m = 0u;
     for (int r = r0; r < r1; r++) m = max(m, abs_bits(x[(long long)r * cols + c]));
     const float s = scale_from_amax(__uint_as_float(m), ue8m0);
@@ -82,7 +80,33 @@ extern "C" __global__ void fp8_quantize_128x1(const float* __restrict__ x, u8* _
         long long i = (long long)r * cols + c;
         codes[i] = encode_e4m3_sat(x[i] * inv);
     }
-    scales[(long long)blockIdx.y * cols + c] = s;
+    scales[band * cols + c] = s;
+}
+
+// quant.rs: quantize_128x1. One thread per column of a 128-row band: grid = (⌈cols/blockDim.x⌉,
+// ⌈rows/128⌉), any block size. scales [⌈rows/128⌉, cols].
+extern "C" __global__ void fp8_quantize_128x1(const float* __restrict__ x, u8* __restrict__ codes,
+                                              float* __restrict__ scales, int rows, int cols,
+                                              int ue8m0) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const int r0 = blockIdx.y * TILE, r1 = min(r0 + TILE, rows);
+    quantize_band_128x1(x, codes, scales, cols, ue8m0, c, r0, r1, blockIdx.y);
+}
+
+// quantize_128x1 of each segment of rows on its own (the routed experts' rows for Wgrad), all in
+// one launch: band b covers rows bands[2b] .. bands[2b + 1], 128 rows of one segment from its
+// start (the last band of a segment may be shorter); codes stay in place [rows, cols], band b's
+// scales at scales[b·cols ..]. grid = (⌈cols/blockDim.x⌉, bands), any block size.
+extern "C" __global__ void fp8_quantize_128x1_segmented(const float* __restrict__ x,
+                                                        u8* __restrict__ codes,
+                                                        float* __restrict__ scales,
+                                                        const int* __restrict__ bands, int cols,
+                                                        int ue8m0) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const long long b = blockIdx.y;
+    quantize_band_128x1(x, codes, scales, cols, ue8m0, c, bands[2 * b], bands[2 * b + 1], b);
 }
 
 // quant.rs: quantize_128x128, the block (bx, by) of x [rows, cols]: amax over it, one scale at

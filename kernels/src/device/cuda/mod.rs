@@ -62,6 +62,7 @@ pub const SOURCES: &[KernelSource] = &[
         [
             "fp8_quantize_1x128",
             "fp8_quantize_128x1",
+            "fp8_quantize_128x1_segmented",
             "fp8_quantize_128x128",
             "fp8_quantize_128x128_batched",
             "fp8_dequantize"

@@ -69,6 +69,60 @@ impl Gpu {
         Ok(())
     }
 
+    /// `fp8_quantize_128x1_segmented`: x `[rows, cols]` quantised 128×1 band by band, `bands`
+    /// the (lo, hi) rows of each (`fp8::grouped::row_bands`: every segment's from its first row);
+    /// codes in place, band b's scales at `scales[b·cols..]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_quantize_128x1_segmented(
+        &self,
+        x: &CudaSlice<f32>,
+        codes: &mut CudaSlice<u8>,
+        scales: &mut CudaSlice<f32>,
+        bands: &[i32],
+        rows: usize,
+        cols: usize,
+        fmt: ScaleFormat,
+    ) -> Result<(), GpuError> {
+        let k = "fp8_quantize_128x1_segmented";
+        let nb = bands.len() / 2;
+        check_len(k, "x", x.len(), rows * cols)?;
+        check_len(k, "codes", codes.len(), rows * cols)?;
+        check_len(k, "scales", scales.len(), nb * cols)?;
+        let bad = bands.chunks(2).any(|b| {
+            b.len() != 2
+                || b[0] < 0
+                || b[1] < b[0]
+                || b[1] - b[0] > TILE as i32
+                || b[1] as usize > rows
+        });
+        if bad {
+            return Err(super::shape_err(
+                k,
+                "a band outside the rows or wider than 128",
+            ));
+        }
+        if nb == 0 || cols == 0 {
+            return Ok(());
+        }
+        let c = int(k, "cols", cols)?;
+        let ue8m0 = i32::from(fmt == ScaleFormat::Ue8m0);
+        let gx = grid_dim(k, cols.div_ceil(BLOCK as usize), GRID_X_MAX)?;
+        let gy = grid_dim(k, nb, GRID_Y_MAX)?;
+        let dbands = self.upload(bands)?;
+        let mut b = self.stream.launch_builder(self.function(k)?);
+        b.arg(x)
+            .arg(codes)
+            .arg(scales)
+            .arg(&dbands)
+            .arg(&c)
+            .arg(&ue8m0);
+        // SAFETY: the argument list is the kernel's; every band lies inside the rows (checked
+        // above), so each thread reads and writes x and codes within rows·cols and its scale
+        // within nb·cols; the band list is freed stream-ordered after the kernel.
+        unsafe { b.launch(config((gx, gy), BLOCK)) }?;
+        Ok(())
+    }
+
     /// `fp8_quantize_128x128_batched`: the matrices at the device addresses `xs` (each
     /// `[rows, cols]` f32, live for the launch) quantised in 128×128 blocks in one launch, matrix z's
     /// codes at `codes[z·rows·cols..]` and its scales at `scales[z·⌈rows/128⌉·⌈cols/128⌉..]`.
