@@ -1,14 +1,17 @@
-//! The routed experts' FP8 Linears with one GEMM launch per projection (feature `cuda`):
-//! `fp8_grouped.cu` on the tensor cores over every expert with rows, the problems laid out by
-//! `fp8::grouped`. The quantisation is the CPU recipe's, as `Fp8Linear` runs it per expert: x and
-//! dy in 1×128 tiles for all rows at once (a row's tiles do not depend on the other rows, so the
-//! codes are each expert's), each expert's W in 128×128 blocks, and for Wgrad each expert's dy and
-//! requantised x in 128×1 tiles over its own rows, every expert at once
-//! (`fp8_quantize_128x1_segmented`), and every expert's W in one launch
-//! (`fp8_quantize_128x128_batched`). Used only when, at open, it agrees with the
-//! expert-by-expert loop (`backend::grouped`'s reference through `Fp8Linear`) to
-//! `fp8_linear::AGREE` on random experts (`fp8_grouped_check`; `PHALANX_FP8_GROUPED=off` turns it
-//! off); a call it refuses runs that loop. Never run on a GPU.
+//! The routed experts' FP8 Linears in a few launches per GEMM, whatever the number of experts
+//! (feature `cuda`): `fp8_grouped.cu` on the tensor cores over every expert with rows, the
+//! problems laid out by `fp8::grouped`. The quantisation is the CPU recipe's, as `Fp8Linear` runs
+//! it per expert, done for all experts at once:
+//! - x and dy in 1×128 tiles over all rows (a row's tiles do not depend on the other rows, so the
+//!   codes are each expert's);
+//! - every expert's W in 128×128 blocks in one launch (`fp8_quantize_128x128_batched`);
+//! - for Wgrad, dy and the requantised x in 128×1 tiles over each expert's own rows, in one
+//!   launch (`fp8_quantize_128x1_segmented`).
+//!
+//! Used only when, at open, it agrees with the expert-by-expert loop (`backend::grouped`'s
+//! reference through `Fp8Linear`) to `fp8_linear::AGREE` on random experts
+//! (`fp8_grouped_check`; `PHALANX_FP8_GROUPED=off` turns it off); a call it refuses runs that
+//! loop. Never run on a GPU.
 
 use super::backend::CudaBackend;
 use super::fp8_linear::{AGREE, Quantised, quantize};
