@@ -61,12 +61,33 @@ T exchange(T v, int src) {
 }
 
 // Runs `kernel` on a grid of `grid` blocks of `block` threads (1-D blocks, a multiple of 32
-// threads, as every launch wrapper uses), one block after another.
+// threads, as every launch wrapper uses), one block after another. The `block` OS threads are
+// made once per launch and run every block in turn: before each block the launching thread makes
+// its block and warp barriers fresh (a thread that returned early dropped out of the last ones),
+// and two barriers that no thread drops out of start and end each block.
 template <class F>
 void launch(dim3 grid, unsigned block, F kernel) {
     gridDim = grid;
     blockDim = {block, 1, 1};
     const unsigned warps = (block + 31) / 32;
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    std::barrier<> start(block + 1), end(block + 1);
+    dim3 next{};
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; t++)
+        threads.emplace_back([&, t] {
+            for (unsigned long long b = 0; b < blocks; b++) {
+                start.arrive_and_wait();
+                threadIdx = {t, 0, 0};
+                blockIdx = next;
+                kernel();
+                // an exited thread no longer takes part in its block's barriers
+                my_warp().arrive_and_drop();
+                block_barrier->arrive_and_drop();
+                end.arrive_and_wait();
+            }
+        });
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
@@ -76,20 +97,12 @@ void launch(dim3 grid, unsigned block, F kernel) {
                 for (unsigned w = 0; w < warps; w++)
                     ws.push_back(new std::barrier<>(w + 1 < warps || block % 32 == 0 ? 32 : block % 32));
                 warp_barriers = ws;
-                std::vector<std::thread> threads;
-                threads.reserve(block);
-                for (unsigned t = 0; t < block; t++)
-                    threads.emplace_back([&, t] {
-                        threadIdx = {t, 0, 0};
-                        blockIdx = {bx, by, bz};
-                        kernel();
-                        // an exited thread no longer takes part in barriers
-                        my_warp().arrive_and_drop();
-                        block_barrier->arrive_and_drop();
-                    });
-                for (auto& th : threads) th.join();
+                next = {bx, by, bz};
+                start.arrive_and_wait();
+                end.arrive_and_wait();
                 for (auto* w : ws) delete w;
             }
+    for (auto& th : threads) th.join();
 }
 }  // namespace emu
 
