@@ -61,29 +61,25 @@ impl Problem {
     pub fn fields(&self, at: Bases) -> [i64; FIELDS] {
         let addr = |base: u64, pos: usize, size: u64| (base + pos as u64 * size) as i64;
         let i = |v: usize| v as i64;
-        let (a, b) = (&self.a, &self.b);
-        [
-            i(self.m),
-            i(self.n),
-            i(self.k),
-            addr(at.a_codes, a.codes_at, 1),
-            i(a.row),
-            i(a.k),
-            addr(at.a_scales, a.scales_at, 4),
-            i(a.scale_kb),
-            i(a.scale_row),
-            i(a.scale_div),
-            addr(at.b_codes, b.codes_at, 1),
-            i(b.row),
-            i(b.k),
-            addr(at.b_scales, b.scales_at, 4),
-            i(b.scale_kb),
-            i(b.scale_row),
-            i(b.scale_div),
-            addr(at.out, self.out_at, 4),
-            i(self.out_ld),
-            i64::from(self.accumulate),
-        ]
+        let mut f = Vec::with_capacity(FIELDS);
+        f.extend([self.m, self.n, self.k].map(i));
+        for (s, codes, scales) in [
+            (&self.a, at.a_codes, at.a_scales),
+            (&self.b, at.b_codes, at.b_scales),
+        ] {
+            f.extend([
+                addr(codes, s.codes_at, 1),
+                i(s.row),
+                i(s.k),
+                addr(scales, s.scales_at, 4),
+                i(s.scale_kb),
+                i(s.scale_row),
+                i(s.scale_div),
+            ]);
+        }
+        f.extend([addr(at.out, self.out_at, 4), i(self.out_ld)]);
+        f.push(i64::from(self.accumulate));
+        f.try_into().expect("FIELDS long longs")
     }
 
     /// The last code and scale positions the problem reads of A and of B, and the last output

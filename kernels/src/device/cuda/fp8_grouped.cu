@@ -52,6 +52,13 @@ __device__ __forceinline__ void fg_mma(float* d, const u32* a, const u32* b) {
 #endif
 }
 
+// The tile row and column of accumulator c of m16 tile i, n8 tile j, for lane (g, t) of the warp
+// whose 32×32 part starts at (wm, wn): the mma's D layout (rows g and g + 8, columns 2t, 2t + 1).
+__device__ __forceinline__ int fg_row(int wm, int i, int g, int c) {
+    return wm + i * 16 + g + (c >= 2 ? 8 : 0);
+}
+__device__ __forceinline__ int fg_col(int wn, int j, int t, int c) { return wn + j * 8 + t * 2 + (c & 1); }
+
 // 16 codes as one 16-byte access (aligned addresses only).
 struct alignas(16) fg_v16 {
     u32 w[4];
@@ -198,8 +205,7 @@ extern "C" __global__ void __launch_bounds__(128)
             for (int j = 0; j < 4; j++)
                 #pragma unroll
                 for (int c = 0; c < 4; c++) {
-                    const long long row = row0 + wm + i * 16 + g + (c >= 2 ? 8 : 0);
-                    const long long col = col0 + wn + j * 8 + tg * 2 + (c & 1);
+                    const long long row = row0 + fg_row(wm, i, g, c), col = col0 + fg_col(wn, j, tg, c);
                     if (row < m && col < n) {
                         const float s = sa[kb * sa_kb + (row / sa_div) * sa_i];
                         const float u = sb[kb * sb_kb + (col / sb_div) * sb_j];
@@ -213,8 +219,7 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int j = 0; j < 4; j++)
             #pragma unroll
             for (int c = 0; c < 4; c++) {
-                const long long row = row0 + wm + i * 16 + g + (c >= 2 ? 8 : 0);
-                const long long col = col0 + wn + j * 8 + tg * 2 + (c & 1);
+                const long long row = row0 + fg_row(wm, i, g, c), col = col0 + fg_col(wn, j, tg, c);
                 if (row < m && col < n) {
                     float* o = out + row * out_ld + col;
                     *o = accumulate ? *o + acc[i][j][c] : acc[i][j][c];

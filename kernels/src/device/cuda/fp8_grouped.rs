@@ -129,6 +129,7 @@ impl CudaBackend {
         }
         let xq = quantize(&self.gpu, x, rows, din, ScaleLayout::Tile1x128)?;
         let (w, segs) = self.weights_128x128(params, ids, offsets, (din, dout))?;
+        let (a, b) = (self.spans(&xq), self.spans(&w));
         let len = y.len();
         let out = (y.device_ptr_mut(self.gpu.stream()).0, len);
         let calls: Vec<Call> = segs
@@ -136,8 +137,8 @@ impl CudaBackend {
             .enumerate()
             .map(|(i, &(lo, hi))| Call {
                 problem: layout::in_weight_batch(layout::fprop(lo, hi, din, dout), i, din, dout),
-                a: self.spans(&xq),
-                b: self.spans(&w),
+                a,
+                b,
                 out,
             })
             .collect();
@@ -165,6 +166,7 @@ impl CudaBackend {
         }
         let gq = quantize(&self.gpu, dy, rows, dout, ScaleLayout::Tile1x128)?;
         let (w, segs) = self.weights_128x128(params, ids, offsets, (din, dout))?;
+        let (a, b) = (self.spans(&gq), self.spans(&w));
         let len = dx.len();
         let out = (dx.device_ptr_mut(self.gpu.stream()).0, len);
         let calls: Vec<Call> = segs
@@ -177,8 +179,8 @@ impl CudaBackend {
                     din,
                     dout,
                 ),
-                a: self.spans(&gq),
-                b: self.spans(&w),
+                a,
+                b,
                 out,
             })
             .collect();
@@ -226,6 +228,7 @@ impl CudaBackend {
             Ok((codes, scales))
         };
         let (gt, xt) = (in_bands(dy, dout)?, in_bands(&xd, din)?);
+        let (a, b) = (self.spans(&gt), self.spans(&xt));
         let mut outs: Vec<Option<Span>> = vec![None; grads.len()];
         let mut calls = Vec::new();
         for (e, lo, hi) in segments(offsets) {
@@ -244,8 +247,8 @@ impl CudaBackend {
             outs[id] = Some(out);
             calls.push(Call {
                 problem: layout::wgrad_in_place(lo, hi, first[e], din, dout),
-                a: self.spans(&gt),
-                b: self.spans(&xt),
+                a,
+                b,
                 out,
             });
         }
