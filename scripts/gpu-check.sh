@@ -9,7 +9,8 @@
 #      with /usr/local/cuda (lib64, include, include/cccl): compiles every kernel to a cubin with the
 #      machine's own NVRTC (fails on a spill); gpu_parity (every kernel against its CPU reference);
 #      gpu_model (the CUDA backend against the CPU backend: cuBLAS GEMMs, layouts, MoE, the micro
-#      and tiny step's loss and every gradient within 1e-5, two runs with the same bits); gpu_stage
+#      and tiny step's loss and every gradient within 1e-5, two runs with the same bits, each
+#      weight's BF16 rounding or FP8 quantisation reused within a step with the bits of none); gpu_stage
 #      (two pipeline stages on the GPU, deferred W, against the CPU's stages and the GPU's whole
 #      step within 1e-5; again with --ep 2 expert groups on the GPU); a
 #      300-step tiny run on the GPU and on the CPU (eval loss within 1%); the formation on the GPU
@@ -108,6 +109,9 @@ dev=$(echo "$out" | grep -m1 "^device " | cut -c8-)
 row "backend as opened (fp8 engine, expert gemms)" "$([ -n "$dev" ] && echo info || echo FAIL)" "${dev:-no device line}"
 speed=$(echo "$out" | grep -E "^\| fp8 experts speed" | cut -d'|' -f3,5 | head -1)
 row "fp8 experts, one launch vs the expert loop (medium's shape)" "$([ -n "$speed" ] && echo info || echo "not run")" "${speed:-the one-launch path is off (see the row above)}"
+reuse=$(echo "$out" | grep -E "^tiny, fp8 (true|false), reuse true: " | cut -d' ' -f3,6-10 | tr '\n' ';')
+row "weights prepared once per step (tiny, bf16 and fp8; same bits as every use)" \
+  "$(echo "$out" | grep -q "weight_reuse_keeps_the_gpu_bits ... ok" && echo ok || echo FAIL)" "${reuse:-no reuse line}"
 row "gpu model (primitives, micro+tiny step, determinism)" \
   "$([ $rc = 0 ] && ! echo "$out" | grep -q SKIPPED && echo ok || echo FAIL)" \
   "${worst:-exit $rc}${det:+; $det}${fails:+; failed: $fails}"

@@ -24,8 +24,8 @@ fn device_engine_on_the_cpu_backend_is_the_plain_loop_bitwise() {
     let mut evals = Vec::new();
     let mut opts_dev = opts.clone();
     opts_dev.out_dir = common::scratch("device-dev");
-    let got =
-        train_on_device(&opts_dev, Cpu, 1, |r, _| evals.push(r.eval_loss)).expect("device run");
+    let got = train_on_device(&opts_dev, Cpu::new(), 1, |r, _| evals.push(r.eval_loss))
+        .expect("device run");
     runs_alike(&got, &want);
     // evaluations ran between steps (each reads the device's parameters back)
     assert_eq!(evals.iter().filter(|e| e.is_some()).count(), 3, "{evals:?}");
@@ -44,7 +44,7 @@ fn device_run_resumes_from_its_checkpoints_to_the_uninterrupted_weights() {
         resume: false,
         run: None,
     });
-    let half = train_on_device(&first, Cpu, 1, |_, _| {}).expect("first half on the device");
+    let half = train_on_device(&first, Cpu::new(), 1, |_, _| {}).expect("first half on the device");
     assert_eq!(half.checkpoints, 2, "checkpoints at steps 2 and 4");
     let mut second = common::micro_options("device-second", 2, 4, 8);
     second.checkpoints = Some(CheckpointPlan {
@@ -53,7 +53,7 @@ fn device_run_resumes_from_its_checkpoints_to_the_uninterrupted_weights() {
         resume: true,
         run: None,
     });
-    let rest = train_on_device(&second, Cpu, 1, |_, _| {}).expect("resumed on the device");
+    let rest = train_on_device(&second, Cpu::new(), 1, |_, _| {}).expect("resumed on the device");
     assert_eq!(rest.resumed_from, Some(4));
     assert_eq!(rest.params_sha256, whole.params_sha256);
     println!("4 + 4 steps resumed on the device: {}", rest.params_sha256);
@@ -68,7 +68,7 @@ fn device_engine_runs_the_fp8_recipe_as_the_plain_loop() {
     let want = trainer::train(&opts, |_, _| {}).expect("plain fp8 run");
     let mut opts_dev = opts.clone();
     opts_dev.out_dir = common::scratch("device-fp8-dev");
-    let got = train_on_device_over(&opts_dev, Cpu, 1, GemmPrecision::F32, |_, _| {})
+    let got = train_on_device_over(&opts_dev, Cpu::new(), 1, GemmPrecision::F32, |_, _| {})
         .expect("device fp8 run");
     runs_alike(&got, &want);
     let f32_run = trainer::train(&common::micro_options("device-fp8-f32", 2, 4, 6), |_, _| {})
@@ -84,15 +84,15 @@ fn device_engine_runs_the_fp8_recipe_as_the_plain_loop() {
 fn device_fp8_runs_over_a_bf16_baseline() {
     let mut opts = common::micro_options("device-fp8-bf16", 2, 4, 6);
     opts.precision = kernels::model::Precision::Fp8;
-    let got = train_on_device(&opts, Cpu, 1, |_, _| {}).expect("device fp8 run");
+    let got = train_on_device(&opts, Cpu::new(), 1, |_, _| {}).expect("device fp8 run");
     let mut over = opts.clone();
     over.out_dir = common::scratch("device-fp8-over-bf16");
-    let bf16 =
-        train_on_device_over(&over, Cpu, 1, GemmPrecision::Bf16, |_, _| {}).expect("fp8 over bf16");
+    let bf16 = train_on_device_over(&over, Cpu::new(), 1, GemmPrecision::Bf16, |_, _| {})
+        .expect("fp8 over bf16");
     runs_alike(&got, &bf16);
     over.out_dir = common::scratch("device-fp8-over-f32");
-    let f32_base =
-        train_on_device_over(&over, Cpu, 1, GemmPrecision::F32, |_, _| {}).expect("fp8 over f32");
+    let f32_base = train_on_device_over(&over, Cpu::new(), 1, GemmPrecision::F32, |_, _| {})
+        .expect("fp8 over f32");
     assert_ne!(
         got.params_sha256, f32_base.params_sha256,
         "the baseline took effect"
@@ -113,7 +113,8 @@ fn device_microbatches_are_the_plain_microbatched_run() {
     let want = trainer::train_microbatched(&opts, 4, |_, _| {}).expect("plain micro-batched run");
     let mut opts_dev = opts.clone();
     opts_dev.out_dir = common::scratch("device-mb-dev");
-    let got = train_on_device(&opts_dev, Cpu, 4, |_, _| {}).expect("device micro-batched run");
+    let got =
+        train_on_device(&opts_dev, Cpu::new(), 4, |_, _| {}).expect("device micro-batched run");
     runs_alike(&got, &want);
     let whole = trainer::train(
         &common::micro_options("device-mb-whole", 2, 8, 5),
@@ -133,7 +134,7 @@ fn device_microbatches_are_the_plain_microbatched_run() {
 fn the_device_bench_profiles_one_more_step() {
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/micro.toml");
     let f32 = kernels::model::Precision::F32;
-    let r = actors::bench::device_step_throughput(Cpu, &config, 2, 16, 1, true, f32, true)
+    let r = actors::bench::device_step_throughput(Cpu::new(), &config, 2, 16, 1, true, f32, true)
         .expect("bench");
     let p = r.profile.expect("asked for");
     println!("{}\n{}", p.top, p.table);
@@ -152,7 +153,7 @@ fn the_device_bench_profiles_one_more_step() {
     assert_eq!(p.top.split("; ").count(), 5, "{}", p.top);
     assert!(p.table.contains("forward: moe routed experts"));
     // without --profile nothing is profiled
-    let r = actors::bench::device_step_throughput(Cpu, &config, 2, 16, 1, true, f32, false)
+    let r = actors::bench::device_step_throughput(Cpu::new(), &config, 2, 16, 1, true, f32, false)
         .expect("bench");
     assert!(r.profile.is_none());
 }

@@ -177,8 +177,9 @@ fn fp8_device_stages_are_the_single_process_device_run() {
     };
     let mut opts = common::micro_options("dev-fp8-single", 4, 8, 3);
     opts.precision = precision;
-    let want = actors::engine::train_on_device(&opts, kernels::device::backend::Cpu, 4, |_, _| {})
-        .expect("single-process device run");
+    let want =
+        actors::engine::train_on_device(&opts, kernels::device::backend::Cpu::new(), 4, |_, _| {})
+            .expect("single-process device run");
     let mut opts = common::micro_options("dev-fp8-threads", 4, 8, 3);
     opts.precision = precision;
     let got = formation::train_threads(&opts, &l, |_, _| {}).expect("fp8 device stages");

@@ -68,7 +68,7 @@ fn forward_backward_matches(
     let mut want = cpu.params.zeros_like();
     let ws = cpu.forward_backward(&batch, lambda, &mut want);
     assert!(ws.mtp_loss > 0.0 && ws.balance_loss > 0.0, "{ws:?}");
-    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut dev = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
     let gs = dev.forward_backward(&batch, lambda).unwrap();
     assert_eq!(gs, ws, "{config}: losses and loads");
     let got = dev.grads().unwrap();
@@ -159,7 +159,7 @@ fn adamw_steps_match_the_host_update_bitwise() {
     let (mut cpu, mut rng) = model("micro.toml", 1, 9);
     let opt = AdamW::deepseek_v3(false);
     let (lr, clip, gamma) = (3e-3, 0.5, 1e-3);
-    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut dev = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
     let mut moments = host_moments(&cpu);
     let mut clipped = 0;
     for step in 1..=4u64 {
@@ -197,7 +197,7 @@ fn adamw_steps_match_the_host_update_bitwise() {
 fn eval_loss_matches_and_a_bad_batch_is_refused() {
     let (cpu, mut rng) = model("micro.toml", 1, 3);
     let batch = batch(&mut rng, cpu.cfg.vocab_size, 2, 8);
-    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut dev = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
     assert_eq!(
         dev.eval_loss(&batch).unwrap().to_bits(),
         cpu.eval_loss(&batch).to_bits()
@@ -220,7 +220,7 @@ fn fp8_recipe_matches_the_cpu_model_bitwise() {
     let (mut cpu, mut rng) = model("micro.toml", 1, 13);
     cpu.set_precision(Precision::Fp8);
     let opt = AdamW::deepseek_v3(true);
-    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut dev = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
     let mut moments = host_moments(&cpu);
     let mut f32_run = cpu.clone();
     f32_run.set_precision(Precision::F32);
@@ -280,7 +280,7 @@ fn bf16_step_is_within_2e_2_of_the_f32_model() {
             let batch = batch(&mut rng, cpu.cfg.vocab_size, b, t);
             let mut want = cpu.params.zeros_like();
             let ws = cpu.forward_backward(&batch, 0.3, &mut want);
-            let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+            let mut dev = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
             dev.set_gemm_precision(GemmPrecision::Bf16);
             let gs = dev.forward_backward(&batch, 0.3).unwrap();
             assert_ne!(gs.loss.to_bits(), ws.loss.to_bits(), "bf16 changed nothing");
@@ -313,7 +313,7 @@ fn bf16_step_is_within_2e_2_of_the_f32_model() {
 #[test]
 fn bad_moments_and_a_foreign_model_are_refused_by_name() {
     let (cpu, mut rng) = model("micro.toml", 1, 21);
-    let mut dev = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut dev = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
     let e = dev
         .load_moments(
             1,
@@ -346,8 +346,8 @@ fn profiled_steps_keep_the_bits_and_count_every_region() {
     use kernels::model::layers::Ffn;
     let (cpu, mut rng) = model("micro.toml", 2, 13);
     let opt = AdamW::deepseek_v3(false);
-    let mut plain = DeviceModel::new(Cpu, cpu.clone()).unwrap();
-    let mut profiled = DeviceModel::new(Cpu, cpu.clone()).unwrap();
+    let mut plain = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
+    let mut profiled = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
     profiled.set_profiling(true);
     let steps = 2u64;
     let started = std::time::Instant::now();
@@ -413,4 +413,85 @@ fn profiled_steps_keep_the_bits_and_count_every_region() {
     assert!(sum > 0.0 && sum <= wall, "profiled {sum} s of {wall} s");
     assert!(totals.values().all(|t| t.self_s >= 0.0));
     println!("{}", prof.table(wall));
+}
+
+/// The step holds its weights (`Backend::hold_weights`): each W's BF16 rounding or FP8
+/// quantisation is made in the forward and reused by its input gradient and the step's later
+/// micro-batches. Against a model that prepares every W at every use: the same bits (losses,
+/// every gradient, the parameters after AdamW), and on a step of one batch without MTP exactly
+/// one reuse per weight prepared (each W is read by its forward and its input gradient once).
+/// A weight kept past an update would show here: the steps after the first read updated weights.
+#[test]
+fn weights_prepared_once_per_step_keep_the_bits() {
+    use kernels::device::backend::{Backend, GemmPrecision};
+    for (label, precision, gemm) in [
+        ("bf16", Precision::F32, GemmPrecision::Bf16),
+        ("fp8", Precision::Fp8, GemmPrecision::F32),
+    ] {
+        for depths in [0, 1] {
+            let (mut cpu, mut rng) = model("micro.toml", depths, 17);
+            cpu.set_precision(precision);
+            let opt = AdamW::deepseek_v3(precision == Precision::Fp8);
+            let mut devs = [true, false].map(|reuse| {
+                let mut d = DeviceModel::new(Cpu::new(), cpu.clone()).unwrap();
+                d.set_gemm_precision(gemm);
+                d.set_weight_reuse(reuse);
+                d
+            });
+            let lambda = if depths == 0 { 0.0 } else { 0.3 };
+            for step in 1..=3u64 {
+                let (v, what) = (
+                    cpu.cfg.vocab_size,
+                    format!("{label}, mtp {depths}, step {step}"),
+                );
+                let before = devs[0].backend.weight_reuse();
+                let stats = if step == 2 {
+                    let mbs = [batch(&mut rng, v, 2, 8), batch(&mut rng, v, 1, 8)];
+                    devs.each_mut()
+                        .map(|d| d.forward_backward_microbatches(&mbs, lambda).unwrap())
+                        .map(|s| s.last().cloned().unwrap())
+                } else {
+                    let b = batch(&mut rng, v, 2, 8);
+                    devs.each_mut()
+                        .map(|d| d.forward_backward(&b, lambda).unwrap())
+                };
+                assert_eq!(stats[0], stats[1], "{what}");
+                let (on, off) = (devs[0].grads().unwrap(), devs[1].grads().unwrap());
+                for (i, (a, b)) in on.iter().zip(&off).enumerate() {
+                    same_bits(
+                        &format!("{what}: {}", cpu.params.names[i]),
+                        &a.data,
+                        &b.data,
+                    );
+                }
+                let after = devs[0].backend.weight_reuse();
+                let (hits, made) = (after.0 - before.0, after.1 - before.1);
+                println!("{what}: {made} weights prepared, {hits} reuses");
+                assert!(made > 0 && hits > 0, "{what}: nothing was kept");
+                if step != 2 && depths == 0 {
+                    assert_eq!(hits, made, "{what}: reuses per weight prepared");
+                }
+                if step == 2 {
+                    // the second micro-batch reads the first's weights: more reuses than weights
+                    assert!(hits > made, "{what}: {hits} reuses of {made}");
+                }
+                assert_eq!(
+                    devs[1].backend.weight_reuse(),
+                    (0, 0),
+                    "reuse off keeps nothing"
+                );
+                for d in &mut devs {
+                    d.apply(&opt, 1e-2, 1.0, 1e-3, &stats[0].loads, step)
+                        .unwrap();
+                }
+            }
+            let sums = devs
+                .each_ref()
+                .map(|d| d.to_host().unwrap().params.sha256());
+            assert_eq!(
+                sums[0], sums[1],
+                "{label}, mtp {depths}: parameters after 3 steps"
+            );
+        }
+    }
 }

@@ -194,7 +194,7 @@ fn out_of_place_calls_are_refused_by_name() {
     let full = model("micro");
     let mbs = batches(&full, 4, 8, 4, 5);
     let stage = Stage::split(&full, 1).remove(0);
-    let mut d = BackendStage::new(Cpu, 4, GemmPrecision::F32);
+    let mut d = BackendStage::new(Cpu::new(), 4, GemmPrecision::F32);
     d.load(&stage).unwrap();
     for (i, b) in mbs.iter().enumerate().take(2) {
         d.forward(&stage, i, b, None, MTP, None).unwrap();
@@ -333,7 +333,7 @@ fn staged_step_equals_the_whole_device_step() {
     let mbs = batches(&full, 4, 8, 4, 13);
     let (mut got, _) = step(&mut runners(&full, 2, 1, 4, true), &full, &mbs);
     kernels::model::stage::scale_for_microbatches(&mut got, 4);
-    let mut whole = kernels::device::model::DeviceModel::new(Cpu, full.clone()).unwrap();
+    let mut whole = kernels::device::model::DeviceModel::new(Cpu::new(), full.clone()).unwrap();
     whole.forward_backward_microbatches(&mbs, MTP).unwrap();
     assert_same(&full, &got, &whole.grads().unwrap(), "staged vs whole");
 }
@@ -353,7 +353,7 @@ fn expert_group_on_a_device_refuses_out_of_place_calls() {
         .position(|b| matches!(b.ffn, Ffn::Moe(_)))
         .expect("micro has a MoE layer");
     let g = ExpertGroup::new(&full, 0..full.cfg.num_hidden_layers, 0, 2);
-    let mut d = BackendExperts::new(Cpu, GemmPrecision::F32);
+    let mut d = BackendExperts::new(Cpu::new(), GemmPrecision::F32);
     d.load(&g).unwrap();
     let (site, dm) = (ExpertSite { layer, mb: 0 }, full.cfg.hidden_size);
     assert!(d.forward(&g, site, Vec::new()).unwrap().is_empty());

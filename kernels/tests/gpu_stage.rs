@@ -165,7 +165,9 @@ fn gpu_stages_match_the_cpu_stages_and_the_gpu_step() {
     let full = random_batch(&mut rng, cfg.vocab_size, 8, 16);
     let mbs = split_batch(&full, M).unwrap();
     let cpu: Vec<Box<dyn DeviceStage>> = (0..2)
-        .map(|_| Box::new(BackendStage::new(Cpu, M, GemmPrecision::F32)) as Box<dyn DeviceStage>)
+        .map(|_| {
+            Box::new(BackendStage::new(Cpu::new(), M, GemmPrecision::F32)) as Box<dyn DeviceStage>
+        })
         .collect();
     let want = staged(&m, &mbs, cpu, None);
     let gpu: Vec<Box<dyn DeviceStage>> = [g0, g1]
@@ -222,8 +224,8 @@ fn gpu_stages_with_gpu_expert_groups_match_the_cpu_stages() {
     let mbs = split_batch(&random_batch(&mut rng, cfg.vocab_size, 8, 16), M).unwrap();
     let stages = |b: [Box<dyn DeviceStage>; 2]| b.into_iter().collect::<Vec<_>>();
     let cpu = stages([
-        Box::new(BackendStage::new(Cpu, M, GemmPrecision::F32)),
-        Box::new(BackendStage::new(Cpu, M, GemmPrecision::F32)),
+        Box::new(BackendStage::new(Cpu::new(), M, GemmPrecision::F32)),
+        Box::new(BackendStage::new(Cpu::new(), M, GemmPrecision::F32)),
     ]);
     let on_cpu_model = || None;
     let want = staged(&m, &mbs, cpu, Some(&on_cpu_model));

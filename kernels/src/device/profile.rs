@@ -209,13 +209,13 @@ mod tests {
     fn a_region_left_open_by_an_error_is_forgotten() {
         use crate::device::backend::Cpu;
         let p = StepProfile::new();
-        let outer = span(Some(&p), &Cpu, "outer").unwrap();
-        drop(span(Some(&p), &Cpu, "failed").unwrap());
-        outer.unwrap().end(&Cpu).unwrap();
+        let outer = span(Some(&p), &Cpu::new(), "outer").unwrap();
+        drop(span(Some(&p), &Cpu::new(), "failed").unwrap());
+        outer.unwrap().end(&Cpu::new()).unwrap();
         assert!(p.nested.borrow().is_empty());
         let labels: Vec<&str> = p.totals().keys().copied().collect();
         assert_eq!(labels, vec!["outer"]);
-        assert!(span(None, &Cpu, "off").unwrap().is_none());
+        assert!(span(None, &Cpu::new(), "off").unwrap().is_none());
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub fn heads_rows(emu: &Emu, r: &mut Report, seed: u64) {
             failed(r, "tensor_heads", &s, e);
             continue;
         }
-        let c = Cpu;
+        let c = Cpu::new();
         let fwd = c.heads(&x, b, t, nh, w, false).unwrap();
         let inv = c.heads(&x, b, t, nh, w, true).unwrap();
         r.bits(
@@ -57,7 +57,8 @@ pub fn copy_rows(emu: &Emu, r: &mut Report, seed: u64) {
                 continue;
             }
             let mut want = dst.clone();
-            Cpu.copy_cols(&mut want, dw, doff, &src, sw, soff, width, acc)
+            Cpu::new()
+                .copy_cols(&mut want, dw, doff, &src, sw, soff, width, acc)
                 .unwrap();
             r.bits("tensor_copy_cols", &s, "dst", &run.get("dst"), &want);
         }
@@ -88,7 +89,7 @@ pub fn elementwise_rows(emu: &Emu, r: &mut Report, seed: u64) {
             a[(i * 97) % m] = f32::from_bits(bits);
         }
         let b = normals(seed, "ew b", m);
-        let c = Cpu;
+        let c = Cpu::new();
         let sig = c.sigmoid_forward(&a).unwrap();
         let run = emu.prepare();
         run.put("a", &a);
@@ -190,7 +191,7 @@ pub fn moe_rows(emu: &Emu, r: &mut Report, seed: u64) {
             failed(r, "moe_dispatch_forward", &s, er);
             continue;
         }
-        let c = Cpu;
+        let c = Cpu::new();
         let xe = c.dispatch_forward(&x, &hp, d).unwrap();
         r.bits("moe_dispatch_forward", &s, "xe", &run.get("xe"), &xe);
         let mut want_dx = dx.clone();

@@ -1,6 +1,6 @@
 //! The whole step on the GPU against the CPU backend (`gpu_model.rs`'s checks 2 and 3): one
 //! forward-backward of micro and tiny in f32, BF16 and the FP8 recipe (over f32 and over BF16),
-//! and two GPU runs' bits. Without a CUDA driver or device each test prints `SKIPPED` and passes.
+//! two GPU runs' bits, and the weights' reuse within a step against none. Without a CUDA driver or device each test prints `SKIPPED` and passes.
 
 use super::*;
 
@@ -31,7 +31,7 @@ fn steps_match(p: GemmPrecision, tol: f64) {
             separate_routing(&mut m);
         }
         let bt = batch(&mut rng, m.cfg.vocab_size, b, t);
-        let mut cpu = DeviceModel::new(Cpu, m.clone()).unwrap();
+        let mut cpu = DeviceModel::new(Cpu::new(), m.clone()).unwrap();
         let want = cpu.forward_backward(&bt, 0.3).unwrap();
         let mut dev = DeviceModel::new(g.take().expect("one device"), m.clone()).unwrap();
         dev.set_gemm_precision(p);
@@ -73,7 +73,7 @@ fn steps_match(p: GemmPrecision, tol: f64) {
             worst.0 <= tol,
         );
         if bf16 {
-            let mut emu = DeviceModel::new(Cpu, m.clone()).unwrap();
+            let mut emu = DeviceModel::new(Cpu::new(), m.clone()).unwrap();
             emu.set_gemm_precision(p);
             let want16 = emu.forward_backward(&bt, 0.3).unwrap();
             let e = parity::norm_rel_error(&losses(&got), &losses(&want16));
@@ -130,7 +130,7 @@ fn fp8_steps_match_the_cpu_fp8_step() {
         let (mut m, mut rng) = model(config, 1, seed);
         m.set_precision(kernels::model::Precision::Fp8);
         let bt = batch(&mut rng, m.cfg.vocab_size, b, t);
-        let mut cpu = DeviceModel::new(Cpu, m.clone()).unwrap();
+        let mut cpu = DeviceModel::new(Cpu::new(), m.clone()).unwrap();
         cpu.set_gemm_precision(base);
         let want = cpu.forward_backward(&bt, 0.3).unwrap();
         let mut dev = DeviceModel::new(g.take().expect("one device"), m.clone()).unwrap();
@@ -192,4 +192,51 @@ fn two_gpu_runs_give_the_same_bits() {
     }
     println!("GPU determinism: {} / {}", shas[0], shas[1]);
     assert_eq!(shas[0], shas[1], "two GPU runs from the same seed differ");
+}
+
+/// Each weight prepared once per step on the GPU (`Backend::hold_weights`: the BF16 roundings,
+/// the FP8 128×128 quantisations, every expert's in one batch) against preparing it at every
+/// use: tiny in BF16 and in the FP8 recipe over BF16, three steps (the second of two
+/// micro-batches) with AdamW between, the same parameters bit for bit.
+#[test]
+fn weight_reuse_keeps_the_gpu_bits() {
+    let Some(g) = open() else { return };
+    let mut g = Some(g);
+    for fp8 in [false, true] {
+        let (mut m, _) = model("tiny.toml", 1, 4);
+        if fp8 {
+            m.set_precision(kernels::model::Precision::Fp8);
+        }
+        let opt = AdamW::deepseek_v3(fp8);
+        let mut shas = Vec::new();
+        for reuse in [true, false] {
+            let mut dev = DeviceModel::new(g.take().expect("one device"), m.clone()).unwrap();
+            dev.set_gemm_precision(GemmPrecision::Bf16);
+            dev.set_weight_reuse(reuse);
+            let before = dev.backend.weight_reuse();
+            let mut rng = Rng::new(7);
+            for step in 1..=3 {
+                let v = m.cfg.vocab_size;
+                let st = if step == 2 {
+                    let mbs = [batch(&mut rng, v, 2, 64), batch(&mut rng, v, 2, 64)];
+                    let s = dev.forward_backward_microbatches(&mbs, 0.3).unwrap();
+                    s.last().cloned().unwrap()
+                } else {
+                    dev.forward_backward(&batch(&mut rng, v, 4, 64), 0.3)
+                        .unwrap()
+                };
+                dev.apply(&opt, 1e-3, 1.0, 1e-3, &st.loads, step).unwrap();
+            }
+            let after = dev.backend.weight_reuse();
+            let (hits, made) = (after.0 - before.0, after.1 - before.1);
+            println!("tiny, fp8 {fp8}, reuse {reuse}: {made} weights prepared, {hits} reuses");
+            assert_eq!(reuse, hits > 0, "reuse {reuse}: {hits} reuses");
+            shas.push(dev.to_host().unwrap().params.sha256());
+            g = Some(dev.backend);
+        }
+        assert_eq!(
+            shas[0], shas[1],
+            "fp8 {fp8}: reusing weights changed the bits"
+        );
+    }
 }

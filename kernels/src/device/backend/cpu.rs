@@ -2,8 +2,9 @@
 //! vectors. It is the reference the CUDA backend is compared with, and it lets the device step
 //! (`device::model`) be checked against the CPU model without a GPU.
 
+use super::weight_cache::{Form, Storage, WeightCache};
 use super::{Backend, BackendError, BackendResult, GemmPrecision, HostPlan};
-use crate::fp8::quant::{quantize_1x128, quantize_128x1};
+use crate::fp8::quant::{Fp8Tensor, quantize_1x128, quantize_128x1, quantize_128x128};
 use crate::fp8::{ScaleFormat, ScaleLayout};
 use crate::ops::adamw::{self, StepConsts};
 use crate::ops::moe_dispatch::DispatchPlan;
@@ -13,16 +14,80 @@ use crate::ops::{attention, balance, cross_entropy, embedding, linear, moe_dispa
 use crate::ops::{rmsnorm, rope, swiglu};
 use half::bf16;
 use std::borrow::Cow;
+use std::convert::Infallible;
+use std::sync::Arc;
 
-/// The host as a device (rayon inside the ops).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+/// The host as a device (rayon inside the ops), with the weights it rounded or quantised while
+/// they are held (`weight_cache`).
+#[derive(Debug, Default)]
+pub struct Cpu {
+    bf16: WeightCache<Vec<f32>>,
+    fp8: WeightCache<Fp8Tensor>,
+}
+
+impl Cpu {
+    /// The host, nothing kept.
+    pub fn new() -> Cpu {
+        Cpu::default()
+    }
+
+    /// W as the GEMM reads it in `p`: as is in f32; in BF16 its rounding, kept while held.
+    fn weight<'a>(&self, w: &'a [f32], p: GemmPrecision) -> Operand<'a> {
+        match p {
+            GemmPrecision::F32 => Operand::Borrowed(w),
+            GemmPrecision::Bf16 => {
+                Operand::Kept(never(
+                    self.bf16.get(Form::Bf16, storage(w), || Ok(round_bf16(w))),
+                ))
+            }
+        }
+    }
+
+    /// W `[dout, din]` in 128×128 E4M3 blocks (f32 scales), kept while held.
+    fn fp8_weight(&self, w: &[f32], dout: usize, din: usize) -> Arc<Fp8Tensor> {
+        never(self.fp8.get(Form::Fp8Blocks { dout, din }, storage(w), || {
+            Ok(quantize_128x128(w, dout, din, ScaleFormat::F32))
+        }))
+    }
+}
+
+/// A host slice as the weight cache knows it.
+fn storage(w: &[f32]) -> Storage {
+    Storage::one(w.as_ptr() as u64, w.len())
+}
+
+fn never<T>(r: Result<T, Infallible>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => match e {},
+    }
+}
+
+fn round_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+/// A weight as the GEMM reads it: as is, or its rounding (kept while held).
+enum Operand<'a> {
+    Borrowed(&'a [f32]),
+    Kept(Arc<Vec<f32>>),
+}
+
+impl std::ops::Deref for Operand<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Operand::Borrowed(x) => x,
+            Operand::Kept(x) => x,
+        }
+    }
+}
 
 /// `x` as the GEMM reads it: as is in f32, each value rounded to BF16 (nearest even) in BF16.
 fn operand(x: &[f32], p: GemmPrecision) -> Cow<'_, [f32]> {
     match p {
         GemmPrecision::F32 => Cow::Borrowed(x),
-        GemmPrecision::Bf16 => Cow::Owned(x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()),
+        GemmPrecision::Bf16 => Cow::Owned(round_bf16(x)),
     }
 }
 
@@ -100,6 +165,21 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn hold_weights(&self) {
+        self.bf16.hold();
+        self.fp8.hold();
+    }
+
+    fn release_weights(&self) {
+        self.bf16.release();
+        self.fp8.release();
+    }
+
+    fn weight_reuse(&self) -> (u64, u64) {
+        let ((a, b), (c, d)) = (self.bf16.counts(), self.fp8.counts());
+        (a + c, b + d)
+    }
+
     fn linear_forward(
         &self,
         x: &Vec<f32>,
@@ -112,7 +192,7 @@ impl Backend for Cpu {
         check("linear x", x.len(), n * din)?;
         check("linear w", w.len(), dout * din)?;
         let mut y = vec![0.0; n * dout];
-        linear::forward(&mut y, &operand(x, p), &operand(w, p), n, din, dout);
+        linear::forward(&mut y, &operand(x, p), &self.weight(w, p), n, din, dout);
         Ok(y)
     }
 
@@ -129,7 +209,7 @@ impl Backend for Cpu {
     ) -> BackendResult<()> {
         check("linear dx", dx.len(), n * din)?;
         check("linear dy", dy.len(), n * dout)?;
-        let (dy, w) = (operand(dy, p), operand(w, p));
+        let (dy, w) = (operand(dy, p), self.weight(w, p));
         linear::backward_input(dx, &dy, &w, n, din, dout, acc);
         Ok(())
     }
@@ -160,7 +240,10 @@ impl Backend for Cpu {
     ) -> BackendResult<Vec<f32>> {
         check("fp8 linear x", x.len(), n * din)?;
         check("fp8 linear w", w.len(), dout * din)?;
-        Ok(crate::fp8::linear_fprop_fp8(x, w, n, din, dout))
+        let xq = quantize_1x128(x, n, din, ScaleFormat::F32);
+        let mut y = vec![0f32; n * dout];
+        crate::fp8::fp8_gemm_fprop(&mut y, &xq, &self.fp8_weight(w, dout, din));
+        Ok(y)
     }
 
     fn fp8_linear_backward_input(
@@ -173,7 +256,10 @@ impl Backend for Cpu {
     ) -> BackendResult<Vec<f32>> {
         check("fp8 linear dy", dy.len(), n * dout)?;
         check("fp8 linear w", w.len(), dout * din)?;
-        Ok(crate::fp8::linear_dgrad_fp8(dy, w, n, din, dout))
+        let dyq = quantize_1x128(dy, n, dout, ScaleFormat::F32);
+        let mut dx = vec![0f32; n * din];
+        crate::fp8::fp8_gemm_dgrad(&mut dx, &dyq, &self.fp8_weight(w, dout, din));
+        Ok(dx)
     }
 
     fn fp8_linear_backward_weight(

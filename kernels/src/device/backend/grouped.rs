@@ -139,11 +139,22 @@ mod tests {
         let params = vec![vec![2.0f32], vec![10.0f32]];
         let x = vec![1.0f32, 2.0, 3.0];
         let kind = ExpertGemm::Plain(GemmPrecision::F32);
-        let y = forward_per_segment(&Cpu, &x, &params, &[1, 0], &[0, 2, 3], 1, 1, kind).unwrap();
+        let y =
+            forward_per_segment(&Cpu::new(), &x, &params, &[1, 0], &[0, 2, 3], 1, 1, kind).unwrap();
         assert_eq!(y, vec![10.0, 20.0, 6.0]);
         let mut grads = vec![vec![0.0f32], vec![0.0f32]];
-        backward_weight_per_segment(&Cpu, &mut grads, &[1, 0], &y, &x, &[0, 2, 3], 1, 1, kind)
-            .unwrap();
+        backward_weight_per_segment(
+            &Cpu::new(),
+            &mut grads,
+            &[1, 0],
+            &y,
+            &x,
+            &[0, 2, 3],
+            1,
+            1,
+            kind,
+        )
+        .unwrap();
         assert_eq!(grads, vec![vec![18.0], vec![50.0]]);
     }
 }

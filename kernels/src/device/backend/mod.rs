@@ -13,6 +13,7 @@
 
 mod cpu;
 pub mod grouped;
+pub mod weight_cache;
 
 pub use cpu::{Cpu, CpuRoute};
 pub use grouped::ExpertGemm;
@@ -100,6 +101,25 @@ impl HostPlan {
     }
 }
 
+/// A [`Backend::hold_weights`] until dropped (also on an early return with an error).
+pub struct WeightsHeld<'a, B: Backend>(&'a B);
+
+impl<'a, B: Backend> WeightsHeld<'a, B> {
+    /// Holds `b`'s weights when `on` (else a guard that holds nothing).
+    pub fn new(b: &'a B, on: bool) -> Option<WeightsHeld<'a, B>> {
+        on.then(|| {
+            b.hold_weights();
+            WeightsHeld(b)
+        })
+    }
+}
+
+impl<B: Backend> Drop for WeightsHeld<'_, B> {
+    fn drop(&mut self) {
+        self.0.release_weights();
+    }
+}
+
 /// The primitives of a training step on one device. Shapes are row-major and explicit; a buffer
 /// of `n` elements is `Buf` with `len(buf) == n`. `acc` arguments add into the output instead of
 /// overwriting it. Each method mirrors the `kernels::ops` function it names, and on `Cpu` is
@@ -144,6 +164,18 @@ pub trait Backend {
     /// may not have made any yet (a no-op on the CPU).
     fn enter(&self) -> BackendResult<()> {
         Ok(())
+    }
+    /// From here to the matching [`release_weights`](Self::release_weights) the caller neither
+    /// writes nor frees a weight it hands the Linear and grouped GEMMs (their `w` and `params`),
+    /// so the backend may keep each weight's BF16 rounding or FP8 quantisation and reuse it
+    /// (`weight_cache`): the backward's input gradient and later micro-batches then prepare no W
+    /// again. Holds nest; [`WeightsHeld`] pairs them. The default keeps nothing.
+    fn hold_weights(&self) {}
+    /// Ends a [`hold_weights`](Self::hold_weights); the kept weights go at the last.
+    fn release_weights(&self) {}
+    /// (weights reused, weights prepared and kept) since the backend was made.
+    fn weight_reuse(&self) -> (u64, u64) {
+        (0, 0)
     }
 
     /// y[n, dout] = x[n, din] · w[dout, din]ᵀ

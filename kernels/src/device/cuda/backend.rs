@@ -9,9 +9,10 @@
 //! with its CPU twin by `gpu_parity.rs` (on a GPU) and `cuda_emulation.rs` (on the CPU).
 
 use super::attention_gemm::CudaAttnAux;
-use super::fp8_linear::Fp8Linear;
+use super::fp8_linear::{Fp8Linear, Quantised};
 use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan, Refusals};
 use super::route::CudaRoute;
+use crate::device::backend::weight_cache::WeightCache;
 use crate::device::backend::{
     Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision, HostPlan,
 };
@@ -57,6 +58,13 @@ pub struct CudaBackend {
     /// The checks at open were not run again: an earlier open of this device in the process
     /// decided the fast paths above.
     pub checks_reused: bool,
+    /// Whether weights are kept while held (`PHALANX_WEIGHT_REUSE=off`: prepared at every use).
+    pub reuse_weights: bool,
+    /// Weights' BF16 roundings, kept while the model holds its weights (`backend::weight_cache`).
+    pub(super) bf16_weights: WeightCache<CudaSlice<u16>>,
+    /// Weights' 128×128 FP8 quantisations (one W, or every expert's of a MoE projection), kept
+    /// while held.
+    pub(super) fp8_weights: WeightCache<Quantised>,
 }
 
 impl CudaBackend {
@@ -133,6 +141,25 @@ impl Backend for CudaBackend {
         Ok(self.gpu.synchronize()?)
     }
 
+    fn hold_weights(&self) {
+        if self.reuse_weights {
+            self.bf16_weights.hold();
+            self.fp8_weights.hold();
+        }
+    }
+
+    fn release_weights(&self) {
+        if self.reuse_weights {
+            self.bf16_weights.release();
+            self.fp8_weights.release();
+        }
+    }
+
+    fn weight_reuse(&self) -> (u64, u64) {
+        let ((a, b), (c, d)) = (self.bf16_weights.counts(), self.fp8_weights.counts());
+        (a + c, b + d)
+    }
+
     fn enter(&self) -> BackendResult<()> {
         Ok(self
             .gpu
@@ -205,7 +232,8 @@ impl Backend for CudaBackend {
         din: usize,
         dout: usize,
     ) -> BackendResult<CudaSlice<f32>> {
-        Ok(self.fp8.forward(&self.gpu, x, w, n, din, dout)?)
+        let wq = self.fp8_weight(w, dout, din)?;
+        Ok(self.fp8.forward(&self.gpu, x, &wq, n, din, dout)?)
     }
 
     fn fp8_linear_backward_input(
@@ -216,7 +244,8 @@ impl Backend for CudaBackend {
         din: usize,
         dout: usize,
     ) -> BackendResult<CudaSlice<f32>> {
-        Ok(self.fp8.backward_input(&self.gpu, dy, w, n, din, dout)?)
+        let wq = self.fp8_weight(w, dout, din)?;
+        Ok(self.fp8.backward_input(&self.gpu, dy, &wq, n, din, dout)?)
     }
 
     fn fp8_linear_backward_weight(

@@ -4,7 +4,8 @@
 //! it per expert, done for all experts at once:
 //! - x and dy in 1×128 tiles over all rows (a row's tiles do not depend on the other rows, so the
 //!   codes are each expert's);
-//! - every expert's W in 128×128 blocks in one launch (`fp8_quantize_128x128_batched`);
+//! - every expert's W in 128×128 blocks in one launch (`fp8_quantize_128x128_batched`), kept for
+//!   the input gradient and later micro-batches while the model holds its weights;
 //! - for Wgrad, dy and the requantised x in 128×1 tiles over each expert's own rows, in one
 //!   launch (`fp8_quantize_128x1_segmented`).
 //!
@@ -17,10 +18,15 @@ use super::backend::CudaBackend;
 use super::fp8_linear::{AGREE, Quantised, quantize};
 use super::grouped::FastExperts;
 use crate::device::backend::grouped::segments;
+use crate::device::backend::weight_cache::{Form, Storage};
 use crate::device::backend::{BackendError, BackendResult};
 use crate::fp8::grouped::{self as layout, Bases, Problem};
 use crate::fp8::{ScaleFormat, ScaleLayout};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use std::sync::Arc;
+
+/// A non-empty segment of the dispatched rows: (expert, lo, hi).
+type Segment = (usize, usize, usize);
 
 /// A buffer as the kernel sees it: its device address and length in elements.
 type Span = (u64, usize);
@@ -80,36 +86,46 @@ impl CudaBackend {
             .fp8_grouped_gemm(&fields, &layout::tiles(&problems))?)
     }
 
-    /// Every expert with rows' W quantised in 128×128 blocks in one launch, in segment order
-    /// (expert i's codes and scales at i·dout·din and i·⌈dout/128⌉·⌈din/128⌉ of the buffers), with
-    /// each segment's rows (lo, hi).
+    /// Every expert's W (`params[ids[e]]`, e in 0..E) quantised in 128×128 blocks in one launch
+    /// (expert e's codes and scales at e·dout·din and e·⌈dout/128⌉·⌈din/128⌉ of the buffers), kept
+    /// while the weights are held (the forward's serve the input gradient), with each non-empty
+    /// segment (e, lo, hi). Experts without rows are quantised too: one launch and one key for
+    /// the projection whichever experts a batch reaches.
     fn weights_128x128(
         &self,
         params: &[CudaSlice<f32>],
         ids: &[usize],
         offsets: &[usize],
         (din, dout): (usize, usize),
-    ) -> BackendResult<(Quantised, Vec<(usize, usize)>)> {
+    ) -> BackendResult<(Arc<Quantised>, Vec<Segment>)> {
         let stream = self.gpu.stream();
-        let (mut xs, mut rows) = (Vec::new(), Vec::new());
-        for (e, lo, hi) in segments(offsets) {
-            let w = &params[ids[e]];
+        let mut xs = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let w = &params[id];
             check("W", w.len(), dout * din)?;
             xs.push(w.device_ptr(stream).0);
-            rows.push((lo, hi));
         }
-        let per_scales = ScaleLayout::Block128x128.num_scales(dout, din);
-        let mut codes = self.gpu.zeros::<u8>(xs.len() * dout * din)?;
-        let mut scales = self.gpu.zeros::<f32>(xs.len() * per_scales)?;
-        self.gpu.fp8_quantize_128x128_batched(
-            &xs,
-            &mut codes,
-            &mut scales,
-            dout,
-            din,
-            ScaleFormat::F32,
-        )?;
-        Ok(((codes, scales), rows))
+        let at = Storage {
+            addrs: xs.clone(),
+            len: dout * din,
+        };
+        let q = self
+            .fp8_weights
+            .get(Form::Fp8Blocks { dout, din }, at, || {
+                let per_scales = ScaleLayout::Block128x128.num_scales(dout, din);
+                let mut codes = self.gpu.zeros::<u8>(xs.len() * dout * din)?;
+                let mut scales = self.gpu.zeros::<f32>(xs.len() * per_scales)?;
+                self.gpu.fp8_quantize_128x128_batched(
+                    &xs,
+                    &mut codes,
+                    &mut scales,
+                    dout,
+                    din,
+                    ScaleFormat::F32,
+                )?;
+                Ok::<_, BackendError>((codes, scales))
+            })?;
+        Ok((q, segments(offsets).collect()))
     }
 
     /// y `[rows, dout]`: every expert's rows times its W, one launch.
@@ -134,9 +150,8 @@ impl CudaBackend {
         let out = (y.device_ptr_mut(self.gpu.stream()).0, len);
         let calls: Vec<Call> = segs
             .iter()
-            .enumerate()
-            .map(|(i, &(lo, hi))| Call {
-                problem: layout::in_weight_batch(layout::fprop(lo, hi, din, dout), i, din, dout),
+            .map(|&(e, lo, hi)| Call {
+                problem: layout::in_weight_batch(layout::fprop(lo, hi, din, dout), e, din, dout),
                 a,
                 b,
                 out,
@@ -171,11 +186,10 @@ impl CudaBackend {
         let out = (dx.device_ptr_mut(self.gpu.stream()).0, len);
         let calls: Vec<Call> = segs
             .iter()
-            .enumerate()
-            .map(|(i, &(lo, hi))| Call {
+            .map(|&(e, lo, hi)| Call {
                 problem: layout::in_weight_batch(
                     layout::dgrad(lo, hi, din, dout, acc),
-                    i,
+                    e,
                     din,
                     dout,
                 ),

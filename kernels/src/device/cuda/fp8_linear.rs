@@ -250,40 +250,34 @@ impl Fp8Linear {
         }
     }
 
-    /// y `[n, dout]` = x·Wᵀ.
+    /// y `[n, dout]` = x·Wᵀ, W already quantised in 128×128 blocks (`CudaBackend::fp8_weight`).
     pub fn forward(
         &self,
         gpu: &Gpu,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        wq: &Quantised,
         n: usize,
         din: usize,
         dout: usize,
     ) -> Result<CudaSlice<f32>, GpuError> {
         let xq = quantize(gpu, x, n, din, ScaleLayout::Tile1x128)?;
-        let wq = quantize(gpu, w, dout, din, ScaleLayout::Block128x128)?;
         let p = pack::fprop(n, din, dout);
-        self.gemm(gpu, &p, (&xq, &wq), || {
-            own_fprop(gpu, &xq, &wq, n, din, dout)
-        })
+        self.gemm(gpu, &p, (&xq, wq), || own_fprop(gpu, &xq, wq, n, din, dout))
     }
 
-    /// dx `[n, din]` = dy·W.
+    /// dx `[n, din]` = dy·W, W already quantised in 128×128 blocks.
     pub fn backward_input(
         &self,
         gpu: &Gpu,
         dy: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        wq: &Quantised,
         n: usize,
         din: usize,
         dout: usize,
     ) -> Result<CudaSlice<f32>, GpuError> {
         let gq = quantize(gpu, dy, n, dout, ScaleLayout::Tile1x128)?;
-        let wq = quantize(gpu, w, dout, din, ScaleLayout::Block128x128)?;
         let p = pack::dgrad(n, din, dout);
-        self.gemm(gpu, &p, (&gq, &wq), || {
-            own_dgrad(gpu, &gq, &wq, n, din, dout)
-        })
+        self.gemm(gpu, &p, (&gq, wq), || own_dgrad(gpu, &gq, wq, n, din, dout))
     }
 
     /// dW `[dout, din]` = dyᵀ·x (a fresh buffer): x as Fprop consumed it (1×128), dequantised

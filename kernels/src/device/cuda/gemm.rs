@@ -1,12 +1,17 @@
 //! The CUDA backend's Linear GEMMs (feature `cuda`): one GEMM of a Linear in f32 (SGEMM, TF32
 //! off) or BF16 (operands rounded on the device, f32 accumulation and output), the backward pair
-//! sharing dy's BF16 rounding, and the GEMM ceiling `bench train --device cuda` divides by.
-//! Never run on a GPU.
+//! sharing dy's BF16 rounding, a weight's BF16 rounding and FP8 quantisation kept while the model
+//! holds its weights (`backend::weight_cache`), and the GEMM ceiling `bench train --device cuda`
+//! divides by. Never run on a GPU.
 
 use super::backend::CudaBackend;
+use super::fp8_linear::{Quantised, quantize};
 use super::launch::{GpuError, LinearGemm};
+use crate::device::backend::weight_cache::{Form, Storage};
 use crate::device::backend::{BackendResult, GemmPrecision};
-use cudarc::driver::CudaSlice;
+use crate::fp8::ScaleLayout;
+use cudarc::driver::{CudaSlice, DevicePtr};
+use std::sync::Arc;
 
 impl CudaBackend {
     /// The GEMM ceiling of this device in precision `p` through the same cuBLAS call the Linear
@@ -38,7 +43,38 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// One Linear GEMM in precision `p` (BF16: both operands rounded on the device first).
+    /// A buffer as the weight cache knows it.
+    pub(super) fn storage(&self, w: &CudaSlice<f32>) -> Storage {
+        Storage::one(w.device_ptr(self.gpu.stream()).0, w.len())
+    }
+
+    /// Weight `w` rounded to BF16: kept while the weights are held.
+    pub(super) fn bf16_weight(&self, w: &CudaSlice<f32>) -> BackendResult<Arc<CudaSlice<u16>>> {
+        self.bf16_weights
+            .get(Form::Bf16, self.storage(w), || self.bf16(w))
+    }
+
+    /// Weight `w` `[dout, din]` quantised in 128×128 blocks: kept while the weights are held.
+    pub(super) fn fp8_weight(
+        &self,
+        w: &CudaSlice<f32>,
+        dout: usize,
+        din: usize,
+    ) -> BackendResult<Arc<Quantised>> {
+        let form = Form::Fp8Blocks { dout, din };
+        self.fp8_weights.get(form, self.storage(w), || {
+            Ok(quantize(
+                &self.gpu,
+                w,
+                dout,
+                din,
+                ScaleLayout::Block128x128,
+            )?)
+        })
+    }
+
+    /// One Linear GEMM in precision `p` (BF16: both operands rounded on the device first; the
+    /// weight of Forward and BackwardInput through [`bf16_weight`](Self::bf16_weight)).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
@@ -54,7 +90,11 @@ impl CudaBackend {
         match p {
             GemmPrecision::F32 => Ok(self.blas.linear(which, out, a, w_or_x, n, din, dout)?),
             GemmPrecision::Bf16 => {
-                let (a16, b16) = (self.bf16(a)?, self.bf16(w_or_x)?);
+                let a16 = self.bf16(a)?;
+                let b16 = match which {
+                    LinearGemm::BackwardWeight => Arc::new(self.bf16(w_or_x)?),
+                    _ => self.bf16_weight(w_or_x)?,
+                };
                 Ok(self
                     .blas
                     .linear_bf16(which, out, &a16, &b16, n, din, dout)?)
@@ -82,7 +122,7 @@ impl CudaBackend {
             }
             GemmPrecision::Bf16 => {
                 let dy16 = self.bf16(dy)?;
-                let (w16, x16) = (self.bf16(w)?, self.bf16(x)?);
+                let (w16, x16) = (self.bf16_weight(w)?, self.bf16(x)?);
                 self.blas
                     .linear_bf16(input, dx, &dy16, &w16, n, din, dout)?;
                 Ok(self.blas.linear_bf16(

@@ -1,6 +1,7 @@
 //! The CUDA backend's routed-expert GEMMs (feature `cuda`): every expert's Linear in one
 //! `cublasGemmGroupedBatchedEx` call (`launch::grouped`) on the dispatched rows in place, no row
-//! copies; BF16 rounds the shared operand once and each expert's weight once per call. FP8
+//! copies; BF16 rounds the shared operand once and each expert's weight once per call (once per
+//! step while the model holds its weights, `backend::weight_cache`). FP8
 //! experts run `fp8_grouped.rs` (one launch per GEMM) when its check at open passed; otherwise,
 //! and for any call refused (counted in `CudaBackend::grouped_refused`), the reference loop of
 //! `backend::grouped`, one Linear per expert. The grouped calls are on only
@@ -12,6 +13,7 @@ use super::launch::{Group, LinearGemm};
 use crate::device::backend::grouped::{self, ExpertGemm, segments};
 use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use std::sync::Arc;
 
 /// The bytes of one operand element: BF16 bits or f32.
 fn elem(p: GemmPrecision) -> u64 {
@@ -37,18 +39,21 @@ pub(super) enum FastExperts {
 /// An operand as the GEMM reads it: the f32 buffer, or its BF16 rounding.
 enum Operand<'a> {
     F32(&'a CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+    Bf16(Arc<CudaSlice<u16>>),
 }
 
 impl CudaBackend {
-    fn operand<'a>(&self, x: &'a CudaSlice<f32>, p: GemmPrecision) -> BackendResult<Operand<'a>> {
+    /// `x` as the GEMM reads it; a `weight`'s BF16 rounding is kept while the weights are held.
+    fn operand<'a>(
+        &self,
+        x: &'a CudaSlice<f32>,
+        p: GemmPrecision,
+        weight: bool,
+    ) -> BackendResult<Operand<'a>> {
         Ok(match p {
             GemmPrecision::F32 => Operand::F32(x),
-            GemmPrecision::Bf16 => {
-                let mut out = self.gpu.zeros::<u16>(x.len())?;
-                self.gpu.to_bf16(&mut out, x)?;
-                Operand::Bf16(out)
-            }
+            GemmPrecision::Bf16 if weight => Operand::Bf16(self.bf16_weight(x)?),
+            GemmPrecision::Bf16 => Operand::Bf16(Arc::new(self.bf16(x)?)),
         })
     }
 
@@ -70,10 +75,11 @@ impl CudaBackend {
     ) -> BackendResult<()> {
         let stream = self.gpu.stream();
         let e = elem(p);
-        let a = self.operand(shared.0, p)?;
+        let a = self.operand(shared.0, p, false)?;
+        // without a split the second operands are the experts' weights
         let seconds = second
             .iter()
-            .map(|s| self.operand(s, p))
+            .map(|s| self.operand(s, p, split_second.is_none()))
             .collect::<BackendResult<Vec<_>>>()?;
         let ptr = |o: &Operand<'_>| match o {
             Operand::F32(x) => x.device_ptr(stream).0,

@@ -7,6 +7,7 @@
 use super::backend::CudaBackend;
 use super::fp8_linear::Fp8Linear;
 use super::launch::{Blas, Gpu, GpuError, Refusals};
+use crate::device::backend::weight_cache::WeightCache;
 use cudarc::driver::sys;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -73,6 +74,9 @@ impl CudaBackend {
             grouped_bf16_refused: std::cell::Cell::new(false),
             gemm_attention_off: None,
             checks_reused: known.is_some(),
+            reuse_weights: !std::env::var("PHALANX_WEIGHT_REUSE").is_ok_and(|v| v == "off"),
+            bf16_weights: WeightCache::default(),
+            fp8_weights: WeightCache::default(),
         };
         match known {
             Some(v) => {
@@ -141,13 +145,18 @@ impl CudaBackend {
             None => "bf16 attention: tensor cores".to_string(),
             Some(why) => format!("bf16 attention: the f32 kernel ({why})"),
         };
+        let weights = if self.reuse_weights {
+            "weights: prepared once per step"
+        } else {
+            "weights: prepared at every use (PHALANX_WEIGHT_REUSE=off)"
+        };
         let checks = if self.checks_reused {
             "; checks at open: this process's first open of the device"
         } else {
             ""
         };
         format!(
-            "{} ({}; {kernels}; {}; {grouped}; {fp8_experts}; {routing}; {attention}{checks})",
+            "{} ({}; {kernels}; {}; {grouped}; {fp8_experts}; {routing}; {attention}; {weights}{checks})",
             self.gpu.info,
             self.gpu.arch,
             self.fp8.describe()

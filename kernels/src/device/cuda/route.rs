@@ -56,7 +56,7 @@ impl CudaBackend {
         let s_host = self.gpu.download(s)?;
         let mut bias_host = self.gpu.download(bias)?;
         bias_host.truncate(e);
-        let cpu = Cpu.route(&s_host, &bias_host, rule, e)?;
+        let cpu = Cpu::new().route(&s_host, &bias_host, rule, e)?;
         let plan = self.gpu.upload_plan(&cpu.plan)?;
         Ok(CudaRoute::Host {
             cpu,
@@ -78,7 +78,7 @@ impl CudaBackend {
                 let per_seq = self.gpu.moe_balance_forward(s, d, (seq, batch), e, alpha)?;
                 Ok(balance::batch_mean(per_seq, batch))
             }
-            CudaRoute::Host { cpu, s, .. } => Cpu.balance_loss(s, cpu, (seq, batch), alpha),
+            CudaRoute::Host { cpu, s, .. } => Cpu::new().balance_loss(s, cpu, (seq, batch), alpha),
         }
     }
 
@@ -107,7 +107,7 @@ impl CudaBackend {
             CudaRoute::Host { cpu, s, .. } => {
                 let mut dw = self.gpu.download(dweights)?;
                 dw.truncate(cpu.routing.weights.len());
-                let ds = Cpu.route_backward(&dw, s, cpu, rule, (seq, batch), alpha)?;
+                let ds = Cpu::new().route_backward(&dw, s, cpu, rule, (seq, batch), alpha)?;
                 Ok(self.gpu.upload(&ds)?)
             }
         }

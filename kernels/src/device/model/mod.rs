@@ -19,7 +19,7 @@ pub mod stage;
 mod tail;
 mod weight;
 
-use super::backend::{Backend, BackendError, BackendResult, GemmPrecision};
+use super::backend::{Backend, BackendError, BackendResult, GemmPrecision, WeightsHeld};
 use super::profile::{self, StepProfile, span};
 use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
 use crate::model::layers::Rows;
@@ -48,6 +48,9 @@ pub struct DeviceModel<B: Backend> {
     gemm: GemmPrecision,
     /// The regions of the steps since [`DeviceModel::set_profiling`] turned profiling on.
     profile: Option<StepProfile>,
+    /// Whether a step holds the weights (`Backend::hold_weights`): each W is rounded to BF16 or
+    /// quantised to FP8 once per step, not again for its input gradient or each micro-batch.
+    reuse_weights: bool,
 }
 
 /// A tensor's AdamW moments on the device: f32, or BF16 (`AdamW::bf16_moments`, the FP8 recipe).
@@ -98,6 +101,7 @@ impl<B: Backend> DeviceModel<B> {
             gemm: GemmPrecision::F32,
             model: structure_only(model),
             profile: None,
+            reuse_weights: true,
         })
     }
 
@@ -149,6 +153,12 @@ impl<B: Backend> DeviceModel<B> {
         self.profile.as_ref()
     }
 
+    /// Whether steps reuse each weight's BF16 rounding or FP8 quantisation within the step (on
+    /// by default; the bits are the same either way).
+    pub fn set_weight_reuse(&mut self, on: bool) {
+        self.reuse_weights = on;
+    }
+
     /// Forward and backward of one step; gradients are added into the device gradient buffers
     /// (`DeepSeekV3::forward_backward`'s contract). λ = `mtp_weight`; 0 skips MTP.
     pub fn forward_backward(&mut self, batch: &Batch, mtp_weight: f32) -> BackendResult<StepStats> {
@@ -162,8 +172,11 @@ impl<B: Backend> DeviceModel<B> {
             table,
             gemm,
             profile,
+            reuse_weights,
             ..
         } = self;
+        // no parameter is written until the step returns
+        let _held = WeightsHeld::new(&*backend, *reuse_weights);
         let table = ensure_table(&*backend, table, &model.cfg, batch.seq)?;
         let mut c = Ctx {
             b: &*backend,
@@ -236,6 +249,23 @@ impl<B: Backend> DeviceModel<B> {
     /// second half into a second set added after, then everything × 1/micro-batches. Returns each
     /// micro-batch's stats.
     pub fn forward_backward_microbatches(
+        &mut self,
+        batches: &[Batch],
+        mtp_weight: f32,
+    ) -> BackendResult<Vec<StepStats>> {
+        // one hold over every micro-batch: each W is prepared once per step
+        let held = self.reuse_weights;
+        if held {
+            self.backend.hold_weights();
+        }
+        let r = self.microbatches_held(batches, mtp_weight);
+        if held {
+            self.backend.release_weights();
+        }
+        r
+    }
+
+    fn microbatches_held(
         &mut self,
         batches: &[Batch],
         mtp_weight: f32,

@@ -56,7 +56,7 @@ impl StagePlacement {
             return Ok(None);
         };
         Ok(Some(match device {
-            Device::Cpu => Box::new(BackendStage::new(Cpu, microbatches, gemm)),
+            Device::Cpu => Box::new(BackendStage::new(Cpu::new(), microbatches, gemm)),
             #[cfg(feature = "cuda")]
             Device::Cuda(first) => {
                 Box::new(BackendStage::new(cuda(first, rank)?, microbatches, gemm))
@@ -73,7 +73,7 @@ impl StagePlacement {
             return Ok(None);
         };
         Ok(Some(match device {
-            Device::Cpu => Box::new(BackendExperts::new(Cpu, gemm)),
+            Device::Cpu => Box::new(BackendExperts::new(Cpu::new(), gemm)),
             #[cfg(feature = "cuda")]
             Device::Cuda(first) => Box::new(BackendExperts::new(cuda(first, rank)?, gemm)),
             #[cfg(not(feature = "cuda"))]
@@ -131,6 +131,9 @@ pub struct BackendStage<B: Backend> {
     order: HalfOrder<Owed<B>>,
     /// Per micro-batch: the jobs on shared tensors (local ids), for the reduce.
     shared: BTreeMap<usize, Vec<WeightGrad>>,
+    /// The backend holds `params` (`Backend::hold_weights`) from one `load` to the next: they
+    /// change only there, so each W is rounded or quantised once per step.
+    held: bool,
 }
 
 /// What a micro-batch's B* leaves for its W: the device's jobs, and the host jobs on shared
@@ -176,6 +179,7 @@ impl<B: Backend> BackendStage<B> {
             halves: [None, None],
             order: HalfOrder::new(microbatches),
             shared: BTreeMap::new(),
+            held: false,
         }
     }
 
@@ -465,8 +469,14 @@ impl<B: Backend + Send> DeviceStage for BackendStage<B> {
     }
 
     fn load(&mut self, stage: &Stage) -> Result<(), String> {
+        // the old parameters are freed here: their prepared copies go first
+        if std::mem::take(&mut self.held) {
+            self.backend.release_weights();
+        }
         self.params = upload_params(&self.backend, &stage.params)
             .map_err(|e| format!("uploading the parameters: {e}"))?;
+        self.backend.hold_weights();
+        self.held = true;
         Ok(())
     }
 }
