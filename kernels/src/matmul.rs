@@ -4,22 +4,62 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Which library computes `matmul` in this process.
-pub fn backend() -> &'static str {
-    if use_openblas() {
-        "OpenBLAS (single-threaded calls split over rayon threads)"
-    } else {
-        "gemm crate (x86-v4)"
+pub fn backend() -> String {
+    #[cfg(openblas)]
+    if let Some(s) = openblas_split() {
+        let cols = match s.cols {
+            Some(c) => format!("columns at multiples of {c}"),
+            None => "columns never".into(),
+        };
+        return format!(
+            "OpenBLAS (single-threaded calls split over rayon threads: rows at multiples of {}, {cols})",
+            s.rows
+        );
     }
+    "gemm crate (x86-v4)".into()
 }
 
-/// OpenBLAS is used only when linked and built thread-safe: a sequential (USE_THREAD=0) build
-/// shares one buffer pool between callers, and concurrent calls then return wrong values
-/// (observed with Debian's libopenblas0-serial). Such a build falls back to the gemm crate.
+/// Where OpenBLAS's calls may be split over threads and still give the unsplit bits: at
+/// multiples of `rows` rows, and of `cols` columns when some alignment keeps those too.
+#[cfg(openblas)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Split {
+    rows: usize,
+    cols: Option<usize>,
+}
+
+/// OpenBLAS's split in this process, or None when it is not used. It is used only when linked
+/// and built thread-safe (a sequential USE_THREAD=0 build shares one buffer pool between callers,
+/// and concurrent calls then return wrong values, as Debian's libopenblas0-serial did) and when
+/// some row alignment keeps the unsplit bits on this CPU's micro-kernel (`Split::probe`: 24 on
+/// the Zen kernel, whose column splits never do; 16 or 64 on others). Else the gemm crate.
+#[cfg(openblas)]
+fn openblas_split() -> Option<Split> {
+    static SPLIT: std::sync::OnceLock<Option<Split>> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(|| {
+        if openblas::init_thread_safe() {
+            Split::probe()
+        } else {
+            None
+        }
+    })
+}
+
+/// The smallest multiple of this process's row alignment that is at least `rows`: a caller that
+/// cuts a product into blocks of rows starting at multiples of it gets the uncut product's bits
+/// (OpenBLAS's tiles start there; the gemm crate keeps the bits at any 128 rows, as before).
+pub fn row_block(rows: usize) -> usize {
+    #[cfg(openblas)]
+    if let Some(s) = openblas_split() {
+        return rows.div_ceil(s.rows).max(1) * s.rows;
+    }
+    rows
+}
+
 fn use_openblas() -> bool {
     #[cfg(openblas)]
     {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(openblas::init_thread_safe)
+        openblas_split().is_some()
     }
     #[cfg(not(openblas))]
     false
@@ -311,54 +351,34 @@ fn openblas_gemm(
     trans_b: bool,
     threads: usize,
 ) {
-    let lda = if trans_a { m } else { k };
-    let ldb = if trans_b { k } else { n };
-    // split the larger of m and n into one block per thread, at multiples of 64 rows (columns):
-    // OpenBLAS computes a tile of its micro-kernel the same way wherever the call starts, but an
-    // edge tile differently, so blocks that start on a tile boundary give the unsplit bits
-    const ALIGN: usize = 64;
-    let split_rows = m >= n;
+    // split the larger of m and n into one block per thread, at multiples of the split's
+    // alignment: OpenBLAS computes a tile of its micro-kernel the same way wherever the call
+    // starts, but an edge tile differently, so blocks that start on a tile boundary give the
+    // unsplit bits (columns only where the probe found that true; rows otherwise)
+    let split = openblas_split().expect("openblas_gemm runs only when OpenBLAS is used");
+    let (split_rows, align) = match split.cols {
+        Some(c) if n > m => (false, c),
+        _ => (true, split.rows),
+    };
     let len = if split_rows { m } else { n };
-    let tiles = len.div_ceil(ALIGN);
+    let tiles = len.div_ceil(align);
     let parts = threads.min(tiles).max(1);
     let out = SendPtr(c.as_mut_ptr());
     let run = |i: usize| {
-        let lo = (tiles * i / parts * ALIGN).min(len);
-        let hi = (tiles * (i + 1) / parts * ALIGN).min(len);
+        let lo = (tiles * i / parts * align).min(len);
+        let hi = (tiles * (i + 1) / parts * align).min(len);
         // SAFETY: block i covers rows (or columns) lo..hi of c only; a and b are read within the
         // shapes `matmul` asserted.
         unsafe {
-            if split_rows {
-                let a_off = if trans_a { lo } else { lo * k };
-                openblas::sgemm(
-                    out.get().add(lo * n),
-                    n,
-                    a.as_ptr().add(a_off),
-                    lda,
-                    b.as_ptr(),
-                    ldb,
-                    hi - lo,
-                    k,
-                    n,
-                    trans_a,
-                    trans_b,
-                );
-            } else {
-                let b_off = if trans_b { lo * k } else { lo };
-                openblas::sgemm(
-                    out.get().add(lo),
-                    n,
-                    a.as_ptr(),
-                    lda,
-                    b.as_ptr().add(b_off),
-                    ldb,
-                    m,
-                    k,
-                    hi - lo,
-                    trans_a,
-                    trans_b,
-                );
-            }
+            block(
+                out.get(),
+                a,
+                b,
+                (m, k, n),
+                (trans_a, trans_b),
+                split_rows,
+                lo..hi,
+            )
         }
     };
     if parts == 1 {
@@ -366,6 +386,112 @@ fn openblas_gemm(
     } else {
         use rayon::prelude::*;
         (0..parts).into_par_iter().for_each(run);
+    }
+}
+
+/// Rows (or columns) `span` of c = op(a)·op(b) in one single-threaded OpenBLAS call.
+///
+/// # Safety
+/// `c` must address the whole m×n output, written by no one else in `span`'s rows (columns).
+#[cfg(openblas)]
+unsafe fn block(
+    c: *mut f32,
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    (trans_a, trans_b): (bool, bool),
+    rows: bool,
+    span: std::ops::Range<usize>,
+) {
+    let lda = if trans_a { m } else { k };
+    let ldb = if trans_b { k } else { n };
+    let (lo, hi) = (span.start, span.end);
+    unsafe {
+        if rows {
+            let a_off = if trans_a { lo } else { lo * k };
+            let (ap, bp) = (a.as_ptr().add(a_off), b.as_ptr());
+            openblas::sgemm(
+                c.add(lo * n),
+                n,
+                ap,
+                lda,
+                bp,
+                ldb,
+                hi - lo,
+                k,
+                n,
+                trans_a,
+                trans_b,
+            );
+        } else {
+            let b_off = if trans_b { lo * k } else { lo };
+            let (ap, bp) = (a.as_ptr(), b.as_ptr().add(b_off));
+            openblas::sgemm(
+                c.add(lo),
+                n,
+                ap,
+                lda,
+                bp,
+                ldb,
+                m,
+                k,
+                hi - lo,
+                trans_a,
+                trans_b,
+            );
+        }
+    }
+}
+
+#[cfg(openblas)]
+impl Split {
+    /// Alignments tried, smallest first (micro-kernel tiles are 4 to 32 wide).
+    const ALIGNS: [usize; 9] = [16, 24, 32, 48, 64, 96, 128, 192, 384];
+
+    /// The smallest alignment of rows (and of columns) at which a split call gives the unsplit
+    /// bits on this CPU, or None when no row alignment does.
+    fn probe() -> Option<Split> {
+        let find = |rows| {
+            Self::ALIGNS
+                .into_iter()
+                .find(|&al| Self::keeps_bits(al, rows))
+        };
+        Some(Split {
+            rows: find(true)?,
+            cols: find(false),
+        })
+    }
+
+    /// Whether calls split at `al` rows (columns) and `2·al`, with an edge tile after, equal the
+    /// unsplit call bit for bit in every orientation, for k within and past one block of k.
+    fn keeps_bits(al: usize, rows: bool) -> bool {
+        let mut rng = crate::rng::Rng::new(al as u64);
+        let len = 2 * al + 13;
+        for k in [64, 600] {
+            for other in [17, 100] {
+                let (m, n) = if rows { (len, other) } else { (other, len) };
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+                for t in [(false, false), (false, true), (true, false), (true, true)] {
+                    let (mut whole, mut split) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    // SAFETY: each call writes its own span of a buffer of the whole output
+                    unsafe {
+                        block(whole.as_mut_ptr(), &a, &b, (m, k, n), t, rows, 0..len);
+                        for span in [0..al, al..2 * al, 2 * al..len] {
+                            block(split.as_mut_ptr(), &a, &b, (m, k, n), t, rows, span);
+                        }
+                    }
+                    if whole
+                        .iter()
+                        .zip(&split)
+                        .any(|(x, y)| x.to_bits() != y.to_bits())
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
     }
 }
 

@@ -76,10 +76,12 @@ fn promoted_gemm(
     if m == 0 || n == 0 {
         return;
     }
-    out.par_chunks_mut(ROWS * n)
+    // blocks of rows that start where `matmul`'s split would: the whole product's bits
+    let rows = matmul::row_block(ROWS);
+    out.par_chunks_mut(rows * n)
         .enumerate()
         .for_each(|(chunk, out_c)| {
-            let (i0, mc) = (chunk * ROWS, out_c.len() / n);
+            let (i0, mc) = (chunk * rows, out_c.len() / n);
             let mut a = vec![0f32; mc * TILE.min(k)];
             let mut part = vec![0f32; mc * n];
             for (kb, b) in b_dec.iter().enumerate() {

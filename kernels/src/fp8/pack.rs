@@ -340,13 +340,13 @@ mod tests {
                 ("dgrad", dgrad(n, din, dout), &gq, &wq, dx),
                 ("wgrad", wgrad(n, din, dout), &gt, &xt, dw),
             ] {
-                // the same block sums in the same order: bit for bit
+                // the same block sums promoted in the same order; within a block the library may
+                // order the k-sum its own way (OpenBLAS's Zen kernel does; its SkylakeX kernel
+                // gave these bits exactly): normwise 1e-6 (measured ≤ 2.4e-9), while a wrong
+                // index is off by O(1)
                 let got = run(&p, (&a.codes, &a.scales), (&b.codes, &b.scales));
-                assert!(
-                    got == want,
-                    "{label} {n}x{din}x{dout}: {}",
-                    rel(&got, &want)
-                );
+                let r = rel(&got, &want);
+                assert!(r < 1e-6, "{label} {n}x{din}x{dout}: {r:.2e}");
             }
         }
     }
