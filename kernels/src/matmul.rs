@@ -56,15 +56,6 @@ pub fn row_block(rows: usize) -> usize {
     rows
 }
 
-fn use_openblas() -> bool {
-    #[cfg(openblas)]
-    {
-        openblas_split().is_some()
-    }
-    #[cfg(not(openblas))]
-    false
-}
-
 /// Floating-point operations (2·m·n·k per call) executed by `matmul` since the process started.
 static FLOPS: AtomicU64 = AtomicU64::new(0);
 
@@ -188,7 +179,7 @@ fn product(
     threads: usize,
 ) {
     #[cfg(openblas)]
-    if use_openblas() {
+    if openblas_split().is_some() {
         openblas_gemm(c, a, b, m, k, n, trans_a, trans_b, threads);
         return;
     }
@@ -406,40 +397,27 @@ unsafe fn block(
     let lda = if trans_a { m } else { k };
     let ldb = if trans_b { k } else { n };
     let (lo, hi) = (span.start, span.end);
+    // the block's offsets into c, a and b, and its rows and columns
+    let (c_off, a_off, b_off, bm, bn) = if rows {
+        (lo * n, if trans_a { lo } else { lo * k }, 0, hi - lo, n)
+    } else {
+        (lo, 0, if trans_b { lo * k } else { lo }, m, hi - lo)
+    };
     unsafe {
-        if rows {
-            let a_off = if trans_a { lo } else { lo * k };
-            let (ap, bp) = (a.as_ptr().add(a_off), b.as_ptr());
-            openblas::sgemm(
-                c.add(lo * n),
-                n,
-                ap,
-                lda,
-                bp,
-                ldb,
-                hi - lo,
-                k,
-                n,
-                trans_a,
-                trans_b,
-            );
-        } else {
-            let b_off = if trans_b { lo * k } else { lo };
-            let (ap, bp) = (a.as_ptr(), b.as_ptr().add(b_off));
-            openblas::sgemm(
-                c.add(lo),
-                n,
-                ap,
-                lda,
-                bp,
-                ldb,
-                m,
-                k,
-                hi - lo,
-                trans_a,
-                trans_b,
-            );
-        }
+        let (ap, bp) = (a.as_ptr().add(a_off), b.as_ptr().add(b_off));
+        openblas::sgemm(
+            c.add(c_off),
+            n,
+            ap,
+            lda,
+            bp,
+            ldb,
+            bm,
+            k,
+            bn,
+            trans_a,
+            trans_b,
+        );
     }
 }
 

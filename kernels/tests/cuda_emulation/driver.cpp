@@ -243,6 +243,15 @@ int main(int argc, char** argv) {
         save("scaled", scaled);
         std::vector<u16> b16(m);
         launch(grid_stride(m), BLOCK, [&] { tensor_to_bf16(b16.data(), a.data(), m); });
+        // launch/tensor.rs: tensor_to_bf16_batched, a's two halves read through their addresses
+        // in reverse order (one z slice each)
+        const long long half = m / 2;
+        std::vector<u64> halves = {(u64)(a.data() + half), (u64)a.data()};
+        std::vector<u16> b16b(2 * half);
+        dim3 by_half = grid_stride(half);
+        by_half.y = 2;
+        launch(by_half, BLOCK, [&] { tensor_to_bf16_batched(b16b.data(), halves.data(), half); });
+        save("bf16_batched", b16b);
         launch(grid_stride(n), BLOCK, [&] { tensor_copy(a.data(), doff, b.data(), soff, n, acc); });
         save("sum", sum), save("sig", sig), save("dsig", dsig), save("copy", a), save("bf16", b16);
     } else if (op == "moe") {  // k d (launch/tensor.rs: grid-stride; combine backward a block per row)

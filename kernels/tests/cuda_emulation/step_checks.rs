@@ -114,6 +114,18 @@ pub fn elementwise_rows(emu: &Emu, r: &mut Report, seed: u64) {
             format!("{bad}/{m} differ{at}"),
             bad == 0,
         );
+        // the batched kernel read a's halves in reverse order: the same bits, swapped
+        let half = m / 2;
+        let swapped = [&want16[half..2 * half], &want16[..half]].concat();
+        let (bad, first) = bf16_mismatches(&run.get::<u16>("bf16_batched"), &swapped);
+        let at = first.map(|i| format!(", first at {i}")).unwrap_or_default();
+        r.check(
+            "tensor_to_bf16_batched",
+            &s,
+            "bits, 2 buffers by address",
+            format!("{bad}/{} differ{at}", 2 * half),
+            bad == 0,
+        );
         let mut scaled = a.clone();
         c.scale(&mut scaled, 0.37).unwrap();
         r.bits("tensor_scale", &s, "a × 0.37", &run.get("scaled"), &scaled);

@@ -1,7 +1,8 @@
 //! The CUDA backend's routed-expert GEMMs (feature `cuda`): every expert's Linear in one
 //! `cublasGemmGroupedBatchedEx` call (`launch::grouped`) on the dispatched rows in place, no row
-//! copies; BF16 rounds the shared operand once and each expert's weight once per call (once per
-//! step while the model holds its weights, `backend::weight_cache`). FP8
+//! copies; BF16 rounds the shared operand once and every expert's weight in one launch per call
+//! (`tensor_to_bf16_batched`; once per step while the model holds its weights,
+//! `backend::weight_cache`). FP8
 //! experts run `fp8_grouped.rs` (one launch per GEMM) when its check at open passed; otherwise,
 //! and for any call refused (counted in `CudaBackend::grouped_refused`), the reference loop of
 //! `backend::grouped`, one Linear per expert. The grouped calls are on only
@@ -11,6 +12,7 @@
 use super::backend::CudaBackend;
 use super::launch::{Group, LinearGemm};
 use crate::device::backend::grouped::{self, ExpertGemm, segments};
+use crate::device::backend::weight_cache::{Form, Storage};
 use crate::device::backend::{Backend, BackendError, BackendResult, GemmPrecision};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
@@ -42,32 +44,58 @@ enum Operand<'a> {
     Bf16(Arc<CudaSlice<u16>>),
 }
 
+/// What each expert brings to a grouped GEMM besides its rows of the shared operand.
+#[derive(Clone, Copy)]
+enum PerExpert<'a> {
+    /// Its weight `params[ids[e]]` (`[dout, din]`; in BF16 every expert's rounded in one launch).
+    Weights(&'a [CudaSlice<f32>], &'a [usize]),
+    /// Its rows of this operand, `width` values each (the weight gradient's x).
+    Rows(&'a CudaSlice<f32>, usize),
+}
+
 impl CudaBackend {
-    /// `x` as the GEMM reads it; a `weight`'s BF16 rounding is kept while the weights are held.
-    fn operand<'a>(
-        &self,
-        x: &'a CudaSlice<f32>,
-        p: GemmPrecision,
-        weight: bool,
-    ) -> BackendResult<Operand<'a>> {
+    /// Rows `x` as the GEMM reads them: as is, or rounded to BF16 for this call.
+    fn operand<'a>(&self, x: &'a CudaSlice<f32>, p: GemmPrecision) -> BackendResult<Operand<'a>> {
         Ok(match p {
             GemmPrecision::F32 => Operand::F32(x),
-            GemmPrecision::Bf16 if weight => Operand::Bf16(self.bf16_weight(x)?),
             GemmPrecision::Bf16 => Operand::Bf16(Arc::new(self.bf16(x)?)),
         })
     }
 
+    /// Every expert's weight (`params[ids[e]]`, `len` values each) rounded to BF16 in one launch,
+    /// expert e's bits at `e·len`: kept while the weights are held.
+    fn bf16_expert_weights(
+        &self,
+        params: &[CudaSlice<f32>],
+        ids: &[usize],
+        len: usize,
+    ) -> BackendResult<Arc<CudaSlice<u16>>> {
+        let stream = self.gpu.stream();
+        let xs: Vec<u64> = ids
+            .iter()
+            .map(|&id| params[id].device_ptr(stream).0)
+            .collect();
+        let at = Storage {
+            addrs: xs.clone(),
+            len,
+        };
+        self.bf16_weights.get(Form::Bf16, at, || {
+            let mut out = self.gpu.zeros::<u16>(xs.len() * len)?;
+            self.gpu.to_bf16_batched(&mut out, &xs, len)?;
+            Ok::<_, BackendError>(out)
+        })
+    }
+
     /// The GEMM `which` for every segment: `shared` is the operand whose rows the segments split
-    /// (x or dy), `per_expert` the one each expert brings (W, or for the weight gradient the x
-    /// rows, split as well when `split_second`), `outs` the output address of each segment.
+    /// (x or dy), `second` what each expert brings (its W, or for the weight gradient its x rows),
+    /// `outs` the output address of each segment.
     #[allow(clippy::too_many_arguments)]
     fn grouped_call(
         &self,
         which: LinearGemm,
         offsets: &[usize],
         shared: (&CudaSlice<f32>, usize),
-        second: &[&CudaSlice<f32>],
-        split_second: Option<usize>,
+        second: PerExpert<'_>,
         outs: &[u64],
         din: usize,
         dout: usize,
@@ -75,36 +103,46 @@ impl CudaBackend {
     ) -> BackendResult<()> {
         let stream = self.gpu.stream();
         let e = elem(p);
-        let a = self.operand(shared.0, p, false)?;
-        // without a split the second operands are the experts' weights
-        let seconds = second
-            .iter()
-            .map(|s| self.operand(s, p, split_second.is_none()))
-            .collect::<BackendResult<Vec<_>>>()?;
         let ptr = |o: &Operand<'_>| match o {
             Operand::F32(x) => x.device_ptr(stream).0,
             Operand::Bf16(x) => x.device_ptr(stream).0,
         };
+        let a = self.operand(shared.0, p)?;
+        // each segment's second operand, and what holds it until the call is queued
+        let (seconds, held): (Vec<u64>, Option<Operand<'_>>) = match (second, p) {
+            (PerExpert::Rows(x, width), _) => {
+                let o = self.operand(x, p)?;
+                let base = ptr(&o);
+                let at = segments(offsets).map(|(_, lo, _)| base + (lo * width) as u64 * e);
+                (at.collect(), Some(o))
+            }
+            (PerExpert::Weights(params, ids), GemmPrecision::F32) => {
+                let at = segments(offsets).map(|(x, _, _)| params[ids[x]].device_ptr(stream).0);
+                (at.collect(), None)
+            }
+            (PerExpert::Weights(params, ids), GemmPrecision::Bf16) => {
+                let o = Operand::Bf16(self.bf16_expert_weights(params, ids, din * dout)?);
+                let base = ptr(&o);
+                let at = segments(offsets).map(|(x, _, _)| base + (x * din * dout) as u64 * e);
+                (at.collect(), Some(o))
+            }
+        };
         let a0 = ptr(&a);
-        let mut groups = Vec::new();
-        for (i, (_, lo, hi)) in segments(offsets).enumerate() {
-            let w = ptr(&seconds[i.min(seconds.len() - 1)]);
-            groups.push(Group {
+        let groups: Vec<Group> = segments(offsets)
+            .zip(seconds.iter().zip(outs))
+            .map(|((_, lo, hi), (&w_or_x, &out))| Group {
                 n: hi - lo,
                 a: a0 + (lo * shared.1) as u64 * e,
-                w_or_x: match split_second {
-                    Some(width) => w + (lo * width) as u64 * e,
-                    None => w,
-                },
-                out: outs[i],
-            });
-        }
+                w_or_x,
+                out,
+            })
+            .collect();
         let bf16 = p == GemmPrecision::Bf16;
         self.blas
             .linear_grouped(&self.gpu, which, &groups, din, dout, bf16)
             .map_err(|e| BackendError(e.to_string()))?;
         // the operands' BF16 copies are freed stream-ordered, after the call
-        drop((a, seconds));
+        drop((a, held));
         Ok(())
     }
 
@@ -253,9 +291,8 @@ impl CudaBackend {
         };
         let rows = offsets.last().copied().unwrap_or(0);
         check("x", x.len(), rows * din)?;
-        let ws: Vec<&CudaSlice<f32>> = segments(offsets).map(|(e, _, _)| &params[ids[e]]).collect();
-        for w in &ws {
-            check("W", w.len(), dout * din)?;
+        for &id in ids {
+            check("W", params[id].len(), dout * din)?;
         }
         let mut y = self.zeros(rows * dout)?;
         let outs: Vec<u64> = {
@@ -268,8 +305,7 @@ impl CudaBackend {
             LinearGemm::Forward,
             offsets,
             (x, din),
-            &ws,
-            None,
+            PerExpert::Weights(params, ids),
             &outs,
             din,
             dout,
@@ -314,9 +350,8 @@ impl CudaBackend {
         let rows = offsets.last().copied().unwrap_or(0);
         check("dy", dy.len(), rows * dout)?;
         check("dx", dx.len(), rows * din)?;
-        let ws: Vec<&CudaSlice<f32>> = segments(offsets).map(|(e, _, _)| &params[ids[e]]).collect();
-        for w in &ws {
-            check("W", w.len(), dout * din)?;
+        for &id in ids {
+            check("W", params[id].len(), dout * din)?;
         }
         let outs: Vec<u64> = {
             let (d0, _r) = dx.device_ptr_mut(self.gpu.stream());
@@ -325,7 +360,8 @@ impl CudaBackend {
                 .collect()
         };
         let which = LinearGemm::BackwardInput { acc };
-        match self.grouped_call(which, offsets, (dy, dout), &ws, None, &outs, din, dout, p) {
+        let w = PerExpert::Weights(params, ids);
+        match self.grouped_call(which, offsets, (dy, dout), w, &outs, din, dout, p) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.refuse_grouped(p, &e);
@@ -385,8 +421,7 @@ impl CudaBackend {
             which,
             offsets,
             (dy, dout),
-            &[x],
-            Some(din),
+            PerExpert::Rows(x, din),
             &outs,
             din,
             dout,

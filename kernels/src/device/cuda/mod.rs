@@ -132,7 +132,8 @@ pub const SOURCES: &[KernelSource] = &[
             "tensor_sum_heads",
             "sigmoid_forward",
             "sigmoid_backward_input",
-            "tensor_to_bf16"
+            "tensor_to_bf16",
+            "tensor_to_bf16_batched"
         ]
     ),
     source!(

@@ -123,3 +123,15 @@ extern "C" __global__ void tensor_to_bf16(u16* __restrict__ out, const float* __
         out[i] = f32_to_bf16(x[i]);
     }
 }
+
+// tensor_to_bf16 of gridDim.y buffers of n values in one launch (a MoE projection's expert
+// weights): buffer z is read at xs[z] and its bits written to out + z·n. Grid-stride over n in x.
+extern "C" __global__ void tensor_to_bf16_batched(u16* __restrict__ out,
+                                                  const u64* __restrict__ xs, long long n) {
+    const float* x = (const float*)xs[blockIdx.y];
+    u16* o = out + (long long)blockIdx.y * n;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        o[i] = f32_to_bf16(x[i]);
+    }
+}

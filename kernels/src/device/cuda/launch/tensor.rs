@@ -5,7 +5,8 @@
 
 use super::shape_err;
 use super::{
-    BLOCK, GRID_X_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int, long,
+    BLOCK, GRID_X_MAX, GRID_Y_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int,
+    long,
 };
 use crate::device::backend::HostPlan;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
@@ -180,6 +181,32 @@ impl Gpu {
         b.arg(out).arg(x).arg(&nl);
         // SAFETY: (u16* out, const float* x, long long n), both holding n (checked); grid-stride.
         unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
+    /// `tensor_to_bf16_batched`: the buffers at the device addresses `xs` (each `n` f32, live for
+    /// the launch) rounded to BF16 in one launch, buffer z's bits at `out[z·n..]`.
+    pub fn to_bf16_batched(
+        &self,
+        out: &mut CudaSlice<u16>,
+        xs: &[u64],
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let kn = "tensor_to_bf16_batched";
+        check_len(kn, "out", out.len(), xs.len() * n)?;
+        if n == 0 || xs.is_empty() {
+            return Ok(());
+        }
+        let nl = long(kn, "n", n)?;
+        let mut cfg = grid_stride(n);
+        cfg.grid_dim.1 = grid_dim(kn, xs.len(), GRID_Y_MAX)?;
+        let ptrs = self.upload(xs)?;
+        let mut b = self.stream.launch_builder(self.function(kn)?);
+        b.arg(out).arg(&ptrs).arg(&nl);
+        // SAFETY: (u16* out, const u64* xs, long long n): each address in `xs` holds n f32 (the
+        // caller's), out holds every buffer's (checked); the address list is freed
+        // stream-ordered after the kernel.
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
