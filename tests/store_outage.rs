@@ -157,10 +157,11 @@ fn outage_against(endpoint: &str, root: &std::path::Path) {
         "checkpoints committed {}, missed {}, faults {:?}, restarts {}",
         full.checkpoints, full.checkpoints_missed, full.faults_fired, full.restarts
     );
-    // the checkpoint of step 10 always misses (its five tries span 1.5 s of the 4 s outage);
-    // that of step 12 misses too unless two steps take more than 1.5 s (tiny: 0.4 s each)
+    // the checkpoint of step 10 misses (its five tries span 1.5 s of the 4 s outage) unless
+    // step 8's, still uploading, took the outage's first requests; step 8's and step 12's may
+    // miss too (12's unless two steps take more than 1.5 s, tiny: 0.4 s each)
     assert!(
-        (1..=2).contains(&full.checkpoints_missed),
+        (1..=3).contains(&full.checkpoints_missed),
         "{} missed",
         full.checkpoints_missed
     );
@@ -174,15 +175,17 @@ fn outage_against(endpoint: &str, root: &std::path::Path) {
     let mut steps = block_on(checkpoint::committed_steps(&store, &run)).unwrap();
     steps.sort_unstable();
     println!("committed steps: {steps:?}");
-    assert!(
-        steps.contains(&8),
-        "the checkpoint before the outage: {steps:?}"
-    );
-    let gap: Vec<u64> = (10..=40)
-        .step_by(2)
-        .filter(|s| !steps.contains(s))
-        .collect();
+    // the checkpoints before the outage committed; the outage can also catch step 8's while it
+    // still uploads at the start of step 10 (a slow store: seen against moto on a fast CPU)
+    for s in [2, 4, 6] {
+        assert!(steps.contains(&s), "the checkpoint of step {s}: {steps:?}");
+    }
+    let gap: Vec<u64> = (8..=40).step_by(2).filter(|s| !steps.contains(s)).collect();
     assert_eq!(gap.len() as u64, full.checkpoints_missed, "{steps:?}");
+    assert!(
+        gap.iter().all(|s| (8..=12).contains(s)) && gap.windows(2).all(|w| w[1] == w[0] + 2),
+        "the missed checkpoints are those the outage reached, one run of them: {gap:?}"
+    );
     let after = *steps
         .iter()
         .find(|&&s| s > gap[gap.len() - 1])

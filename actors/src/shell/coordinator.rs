@@ -79,8 +79,9 @@ impl Job {
         self.answer(ctx, Err(reason));
     }
 
-    /// Drops the attempt's gradient sums and updates.
+    /// Drops the attempt's gradient sums and updates, closing it first (late readers are stale).
     fn drop_attempt(&mut self, ctx: &Ctx) {
+        ctx.set_open_attempt(None);
         for (_, (grads, _)) in std::mem::take(&mut self.done) {
             for (_, g) in grads {
                 ctx.payloads.release(g.sums);
@@ -293,6 +294,7 @@ impl Coordinator {
                         continue;
                     };
                     let restore = restore.then_some(job.state);
+                    st.ctx.set_open_attempt(Some((step, attempt)));
                     if attempt > 0 {
                         tracing::warn!(step, attempt, "replaying step");
                     }
@@ -360,6 +362,7 @@ impl Coordinator {
                         continue;
                     };
                     tracing::debug!(step, attempts, "step committed");
+                    st.ctx.set_open_attempt(None);
                     let now = st.ctx.now_ms();
                     st.sup.on(now, SupEvent::Progress);
                     if let Some(n) = st.ctx.book.node() {

@@ -140,6 +140,7 @@ impl ActorEngine {
             coordinators: std::sync::atomic::AtomicU64::new(0),
             fatal: std::sync::Mutex::new(None),
             stopping: AtomicBool::new(false),
+            open_attempt: std::sync::Mutex::new(None),
         });
         let (tx, inbox) = tokio::sync::mpsc::unbounded_channel();
         ctx.book.set_engine(tx);

@@ -282,11 +282,20 @@ impl Actor for ExpertGroupActor {
             ExpertMsg::Install {
                 call,
                 step,
+                attempt,
                 updates,
             } => {
                 let fault = st.maybe_fail(step, Phase::Optimizer).await;
                 let parts = st.ctx.payloads.get_all::<TensorUpdates>(&updates);
-                let parts = parts.ok_or("the stages' updates are gone")?;
+                let parts = match parts {
+                    Some(p) => p,
+                    None if st.ctx.is_open(step, attempt) => {
+                        return Err("the stages' updates are gone".into());
+                    }
+                    // its attempt was dropped while the stage waited: nothing to install, the
+                    // replay restores the committed values
+                    None => Vec::new(),
+                };
                 if !parts.is_empty() {
                     st.blocking(move |g| g.load_from(&updates_by_id(&parts)))
                         .await?;

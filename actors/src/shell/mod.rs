@@ -179,6 +179,10 @@ pub struct Ctx {
     /// Why the root gave up, when it did.
     fatal: Mutex<Option<String>>,
     stopping: AtomicBool,
+    /// The step attempt the coordinator has open (set when it opens one, cleared before it
+    /// drops an attempt's payloads): a message of any other attempt that finds its payload
+    /// gone is stale and dropped, not a fault of the actor that reads it.
+    open_attempt: Mutex<Option<(u64, u32)>>,
 }
 
 impl Ctx {
@@ -194,6 +198,19 @@ impl Ctx {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn set_open_attempt(&self, open: Option<(u64, u32)>) {
+        if let Ok(mut a) = self.open_attempt.lock() {
+            *a = open;
+        }
+    }
+
+    /// Whether `(step, attempt)` is the attempt the coordinator has open.
+    fn is_open(&self, step: u64, attempt: u32) -> bool {
+        self.open_attempt
+            .lock()
+            .is_ok_and(|a| *a == Some((step, attempt)))
     }
 }
 

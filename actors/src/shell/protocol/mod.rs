@@ -48,6 +48,7 @@ pub enum ExpertMsg {
     Install {
         call: u64,
         step: u64,
+        attempt: u32,
         updates: Vec<PayloadKey>,
     },
 }

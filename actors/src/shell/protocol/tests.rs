@@ -57,6 +57,7 @@ fn every_shell_message_is_plain_data_through_the_codec() {
             ExpertMsg::Install {
                 call: 4,
                 step: 4,
+                attempt: 1,
                 updates: vec![k, PayloadKey(9)],
             },
         ],
