@@ -281,7 +281,8 @@ pub fn fp8_pack_rows(emu: &Emu, r: &mut Report, seed: u64) {
 /// 16 (staged code by code) and multiples of 16 (16 codes per access, along K or along rows).
 pub fn fp8_grouped_rows(emu: &Emu, r: &mut Report, seed: u64) {
     // widths off 16 (every operand staged code by code) and multiples of 16 (16 codes an access)
-    for (din, dout) in [(200, 130), (256, 144)] {
+    // (384: three K blocks of Fprop, so each shared buffer is staged twice)
+    for (din, dout) in [(200, 130), (384, 144)] {
         fp8_grouped_case(emu, r, seed, din, dout);
     }
 }

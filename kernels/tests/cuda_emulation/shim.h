@@ -146,6 +146,33 @@ inline std::common_type_t<A, B> min(A a, B b) {
     return a < b ? a : b;
 }
 
+// cp.async (fp8_grouped.cu): a thread's copies are held until it waits for their group and land
+// then, the latest moment the PTX memory model allows, so a kernel that reads a buffer before its
+// wait (or before the barrier after it) reads the bytes that were there before.
+namespace emu {
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    size_t n;
+};
+inline thread_local std::vector<AsyncCopy> async_open;
+inline thread_local std::vector<std::vector<AsyncCopy>> async_groups;
+}  // namespace emu
+inline void emu_cp_async(void* dst, const void* src, size_t n) {
+    emu::async_open.push_back({dst, src, n});
+}
+inline void emu_cp_async_commit() {
+    emu::async_groups.push_back(std::move(emu::async_open));
+    emu::async_open.clear();
+}
+// cp.async.wait_group `pending`: every group but the newest `pending` lands.
+inline void emu_cp_async_wait(int pending) {
+    while ((int)emu::async_groups.size() > pending) {
+        for (const auto& c : emu::async_groups.front()) memcpy(c.dst, c.src, c.n);
+        emu::async_groups.erase(emu::async_groups.begin());
+    }
+}
+
 // The tensor cores' mma.sync.m16n8k32 with E4M3 operands and f32 accumulators (fp8_grouped.cu):
 // every lane publishes its fragments, then computes its four outputs from the warp's, in the PTX
 // ISA's layout for 8-bit operands (lane = 4·g + t: A rows g and g + 8, K 4t..4t+3 and 16 further;

@@ -12,8 +12,9 @@
 // strides a, a_i, a_k, sa, sa_kb, sa_i, sa_div, b, b_j, b_k, sb, sb_kb, sb_j, sb_div, out, out_ld,
 // and accumulate (1: out += the product, else out = it). Tile t is (problem, row0, col0) at
 // tiles + 3·t: one FG_M × FG_N output tile per block of 128 threads (4 warps of 32 × 32), K in
-// blocks of 128 staged through shared memory (zero past m, n or k; 16 codes per access where the
-// operand's layout and alignment allow). Every output element is
+// blocks of 128 staged through two shared-memory buffers (zero past m, n or k; 16 codes per access
+// where the operand's layout and alignment allow, along K as asynchronous copies: block kb + 1
+// lands while the tensor cores work on block kb). Every output element is
 // written by one thread; no atomics. Written for issue 12, compile-checked for sm_90 and run
 // under the host emulation (kernels/tests/cuda_emulation, whose shim stands in for the mma);
 // never run on a GPU.
@@ -72,13 +73,6 @@ __device__ __forceinline__ fg_v16 fg_load16(const u8* p) {
     return v;
 #endif
 }
-__device__ __forceinline__ void fg_store16(u8* p, fg_v16 v) {
-#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
-    *(fg_v16*)p = v;
-#else
-    memcpy(p, &v, 16);
-#endif
-}
 __device__ __forceinline__ u8 fg_byte(const fg_v16& v, int i) {
     return (u8)((v.w[i >> 2] >> (8 * (i & 3))) & 0xff);
 }
@@ -86,8 +80,40 @@ __device__ __forceinline__ bool fg_aligned16(const u8* p) {
     return ((unsigned long long)p & 15) == 0;
 }
 
+// 16 bytes global -> shared without passing through registers (cp.async, sm_80+): it lands by
+// the time this thread waits for its group (fg_async_wait); the emulation lands it exactly then.
+__device__ __forceinline__ void fg_copy16_async(u8* d, const u8* s) {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    const unsigned sd = (unsigned)__cvta_generic_to_shared(d);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sd), "l"(s));
+#else
+    emu_cp_async(d, s, 16);
+#endif
+}
+// Closes this thread's group of copies issued since the last commit.
+__device__ __forceinline__ void fg_async_commit() {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    asm volatile("cp.async.commit_group;\n" ::);
+#else
+    emu_cp_async_commit();
+#endif
+}
+// Waits until at most `pending` (0 or 1) of this thread's newest groups are still in flight.
+__device__ __forceinline__ void fg_async_wait(int pending) {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    if (pending > 0) {
+        asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+#else
+    emu_cp_async_wait(pending);
+#endif
+}
+
 // K block k0 of rows row0 .. row0 + 64 of an operand into sh [64][FG_PITCH], zero past `rows` and
-// `k`. K contiguous (ks = 1): 16 codes along K per access; rows contiguous (rs = 1, K strided:
+// `k`. K contiguous (ks = 1): 16 codes along K per access, copied asynchronously (the caller
+// commits and waits); rows contiguous (rs = 1, K strided:
 // Dgrad's W, Wgrad's operands): 16 rows at one K per access, transposed into the staged rows;
 // an access that is unaligned or crosses the operand's end goes code by code, as do other strides.
 __device__ __forceinline__ void fg_stage(u8* sh, const u8* src, long long rs, long long ks,
@@ -100,7 +126,7 @@ __device__ __forceinline__ void fg_stage(u8* sh, const u8* src, long long rs, lo
             u8* d = sh + r * FG_PITCH + c;
             const u8* s = src + gr * rs + gk;
             if (gr < rows && gk + 16 <= k && fg_aligned16(s)) {
-                fg_store16(d, fg_load16(s));
+                fg_copy16_async(d, s);
             } else {
 #pragma unroll
                 for (int i = 0; i < 16; i++) d[i] = (gr < rows && gk + i < k) ? s[i] : (u8)0;
@@ -132,11 +158,10 @@ __device__ __forceinline__ void fg_stage(u8* sh, const u8* src, long long rs, lo
 
 extern "C" __global__ void __launch_bounds__(128)
     fp8_grouped_gemm(const long long* __restrict__ problems, const int* __restrict__ tiles) {
-    // 16-byte storage keeps the staged rows aligned for the 16-code stores and fragment loads
-    __shared__ fg_v16 sa_words[FG_M * FG_PITCH / 16];
-    __shared__ fg_v16 sb_words[FG_N * FG_PITCH / 16];
-    u8* sa_tile = (u8*)sa_words;
-    u8* sb_tile = (u8*)sb_words;
+    // two buffers per operand (36 KiB in all): block kb + 1 is staged while block kb is read;
+    // 16-byte storage keeps the staged rows aligned for the 16-code copies and fragment loads
+    __shared__ fg_v16 sa_words[2][FG_M * FG_PITCH / 16];
+    __shared__ fg_v16 sb_words[2][FG_N * FG_PITCH / 16];
     const int* t = tiles + 3 * (long long)blockIdx.x;
     const long long* p = problems + (long long)FG_FIELDS * t[0];
     const long long row0 = t[1], col0 = t[2];
@@ -163,11 +188,40 @@ extern "C" __global__ void __launch_bounds__(128)
             #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
 
-    for (long long k0 = 0; k0 < k; k0 += FG_K) {
-        __syncthreads();  // the previous block's fragments are read
-        fg_stage(sa_tile, a, a_i, a_k, row0, m, k0, k);
-        fg_stage(sb_tile, b, b_j, b_k, col0, n, k0, k);
-        __syncthreads();
+    // this thread's 4 rows' and 8 columns' scales of a K block (0 past m or n: those accumulators
+    // are never stored, and their staged codes are zero)
+    float srow[2][2], ucol[4][2];
+    fg_stage((u8*)sa_words[0], a, a_i, a_k, row0, m, 0, k);
+    fg_stage((u8*)sb_words[0], b, b_j, b_k, col0, n, 0, k);
+    fg_async_commit();
+    for (long long k0 = 0, buf = 0; k0 < k; k0 += FG_K, buf ^= 1) {
+        const u8* sa_tile = (const u8*)sa_words[buf];
+        const u8* sb_tile = (const u8*)sb_words[buf];
+        // the next block into the other buffers (read by the previous block: the barrier at the
+        // end of that block's loop let every warp finish it)
+        const bool more = k0 + FG_K < k;
+        if (more) {
+            fg_stage((u8*)sa_words[buf ^ 1], a, a_i, a_k, row0, m, k0 + FG_K, k);
+            fg_stage((u8*)sb_words[buf ^ 1], b, b_j, b_k, col0, n, k0 + FG_K, k);
+            fg_async_commit();
+        }
+        const long long kb = k0 / FG_K;
+        #pragma unroll
+        for (int i = 0; i < 2; i++)
+            #pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const long long row = row0 + fg_row(wm, i, g, 2 * h);
+                srow[i][h] = row < m ? sa[kb * sa_kb + (row / sa_div) * sa_i] : 0.0f;
+            }
+        #pragma unroll
+        for (int j = 0; j < 4; j++)
+            #pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const long long col = col0 + fg_col(wn, j, tg, c);
+                ucol[j][c] = col < n ? sb[kb * sb_kb + (col / sb_div) * sb_j] : 0.0f;
+            }
+        fg_async_wait(more ? 1 : 0);  // this block's copies have landed (the next may be in flight)
+        __syncthreads();              // ... and every thread's, with the plain stores
         float part[2][4][4];
         #pragma unroll
         for (int i = 0; i < 2; i++)
@@ -198,20 +252,15 @@ extern "C" __global__ void __launch_bounds__(128)
                 for (int j = 0; j < 4; j++) fg_mma(part[i][j], af[i], bf[j]);
         }
         // promotion: the block's sum times both scales into the f32 accumulator
-        const long long kb = k0 / FG_K;
         #pragma unroll
         for (int i = 0; i < 2; i++)
             #pragma unroll
             for (int j = 0; j < 4; j++)
                 #pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const long long row = row0 + fg_row(wm, i, g, c), col = col0 + fg_col(wn, j, tg, c);
-                    if (row < m && col < n) {
-                        const float s = sa[kb * sa_kb + (row / sa_div) * sa_i];
-                        const float u = sb[kb * sb_kb + (col / sb_div) * sb_j];
-                        acc[i][j][c] = acc[i][j][c] + __fmul_rn(__fmul_rn(part[i][j][c], s), u);
-                    }
-                }
+                for (int c = 0; c < 4; c++)
+                    acc[i][j][c] = acc[i][j][c] +
+                                   __fmul_rn(__fmul_rn(part[i][j][c], srow[i][c >> 1]), ucol[j][c & 1]);
+        __syncthreads();  // every warp has read this block's buffers before they are staged again
     }
     #pragma unroll
     for (int i = 0; i < 2; i++)
