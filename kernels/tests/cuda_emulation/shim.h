@@ -133,6 +133,13 @@ inline unsigned __float_as_uint(float f) { return emu::bit_cast<unsigned>(f); }
 // -ffp-contract=off).
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+// PTX prmt: byte i of the result is byte (selector nibble i) of the 8 bytes y:x (x the low 4).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long xy = ((unsigned long long)y << 32) | x;
+    unsigned out = 0;
+    for (int i = 0; i < 4; i++) out |= (unsigned)((xy >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return out;
+}
 // A warp's lanes meet (the router's shared picks between lanes).
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::my_warp().arrive_and_wait(); }
 

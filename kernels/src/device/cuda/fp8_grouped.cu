@@ -73,8 +73,13 @@ __device__ __forceinline__ fg_v16 fg_load16(const u8* p) {
     return v;
 #endif
 }
-__device__ __forceinline__ u8 fg_byte(const fg_v16& v, int i) {
-    return (u8)((v.w[i >> 2] >> (8 * (i & 3))) & 0xff);
+// One 4-code word into shared memory (4-byte aligned).
+__device__ __forceinline__ void fg_put_word(u8* p, u32 w) {
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+    *(u32*)p = w;
+#else
+    memcpy(p, &w, 4);
+#endif
 }
 __device__ __forceinline__ bool fg_aligned16(const u8* p) {
     return ((unsigned long long)p & 15) == 0;
@@ -111,11 +116,22 @@ __device__ __forceinline__ void fg_async_wait(int pending) {
 #endif
 }
 
+// The 4×4 byte transpose of words a, b, c, d (4 rows' codes at K 0, 1, 2, 3): out[i] holds row
+// i's codes at K 0..3, the lowest K in the lowest byte.
+__device__ __forceinline__ void fg_transpose4(u32 a, u32 b, u32 c, u32 d, u32* out) {
+    const u32 ab_lo = __byte_perm(a, b, 0x5140), ab_hi = __byte_perm(a, b, 0x7362);
+    const u32 cd_lo = __byte_perm(c, d, 0x5140), cd_hi = __byte_perm(c, d, 0x7362);
+    out[0] = __byte_perm(ab_lo, cd_lo, 0x5410);
+    out[1] = __byte_perm(ab_lo, cd_lo, 0x7632);
+    out[2] = __byte_perm(ab_hi, cd_hi, 0x5410);
+    out[3] = __byte_perm(ab_hi, cd_hi, 0x7632);
+}
+
 // K block k0 of rows row0 .. row0 + 64 of an operand into sh [64][FG_PITCH], zero past `rows` and
 // `k`. K contiguous (ks = 1): 16 codes along K per access, copied asynchronously (the caller
-// commits and waits); rows contiguous (rs = 1, K strided:
-// Dgrad's W, Wgrad's operands): 16 rows at one K per access, transposed into the staged rows;
-// an access that is unaligned or crosses the operand's end goes code by code, as do other strides.
+// commits and waits); rows contiguous (rs = 1, K strided: Dgrad's W, Wgrad's operands): 16 rows
+// at each of 4 K per thread, transposed in registers into one 4-code word per staged row; an
+// access that is unaligned or crosses the operand's end goes code by code, as do other strides.
 __device__ __forceinline__ void fg_stage(u8* sh, const u8* src, long long rs, long long ks,
                                          long long row0, long long rows, long long k0,
                                          long long k) {
@@ -133,18 +149,28 @@ __device__ __forceinline__ void fg_stage(u8* sh, const u8* src, long long rs, lo
             }
         }
     } else if (rs == 1) {
-        for (int q = threadIdx.x; q < FG_M * FG_K / 16; q += blockDim.x) {
-            const int c = q >> 2, r = (q & 3) * 16;
+        for (int q = threadIdx.x; q < FG_M * FG_K / 64; q += blockDim.x) {
+            const int c = (q >> 2) * 4, r = (q & 3) * 16;
             const long long gr = row0 + r, gk = k0 + c;
             const u8* s = src + gr + gk * ks;
-            if (gk < k && gr + 16 <= rows && fg_aligned16(s)) {
-                const fg_v16 v = fg_load16(s);
+            if (gk + 4 <= k && gr + 16 <= rows && fg_aligned16(s) && (ks & 15) == 0) {
+                const fg_v16 v0 = fg_load16(s), v1 = fg_load16(s + ks);
+                const fg_v16 v2 = fg_load16(s + 2 * ks), v3 = fg_load16(s + 3 * ks);
 #pragma unroll
-                for (int i = 0; i < 16; i++) sh[(r + i) * FG_PITCH + c] = fg_byte(v, i);
+                for (int w = 0; w < 4; w++) {
+                    u32 rows4[4];
+                    fg_transpose4(v0.w[w], v1.w[w], v2.w[w], v3.w[w], rows4);
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        fg_put_word(sh + (r + 4 * w + i) * FG_PITCH + c, rows4[i]);
+                }
             } else {
 #pragma unroll
-                for (int i = 0; i < 16; i++)
-                    sh[(r + i) * FG_PITCH + c] = (gr + i < rows && gk < k) ? s[i] : (u8)0;
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int i = 0; i < 16; i++)
+                        sh[(r + i) * FG_PITCH + c + j] =
+                            (gr + i < rows && gk + j < k) ? s[i + j * ks] : (u8)0;
             }
         }
     } else {
