@@ -287,15 +287,10 @@ impl Actor for ExpertGroupActor {
             } => {
                 let fault = st.maybe_fail(step, Phase::Optimizer).await;
                 let parts = st.ctx.payloads.get_all::<TensorUpdates>(&updates);
-                let parts = match parts {
-                    Some(p) => p,
-                    None if st.ctx.is_open(step, attempt) => {
-                        return Err("the stages' updates are gone".into());
-                    }
-                    // its attempt was dropped while the stage waited: nothing to install, the
-                    // replay restores the committed values
-                    None => Vec::new(),
-                };
+                // gone with a dropped attempt: nothing to install, the replay restores the values
+                let parts = st.ctx.live(parts, step, attempt);
+                let parts = parts.map_err(|()| "the stages' updates are gone")?;
+                let parts = parts.unwrap_or_default();
                 if !parts.is_empty() {
                     st.blocking(move |g| g.load_from(&updates_by_id(&parts)))
                         .await?;

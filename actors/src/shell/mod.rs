@@ -206,11 +206,23 @@ impl Ctx {
         }
     }
 
-    /// Whether `(step, attempt)` is the attempt the coordinator has open.
-    fn is_open(&self, step: u64, attempt: u32) -> bool {
-        self.open_attempt
-            .lock()
-            .is_ok_and(|a| *a == Some((step, attempt)))
+    /// A payload that a message of `(step, attempt)` names: `Ok(Some)` when it is there;
+    /// `Ok(None)` when it went with its dropped attempt (the message is stale: the replay sends
+    /// its own); `Err` when it is gone from the attempt still open (the reader names it).
+    fn live<T>(&self, found: Option<T>, step: u64, attempt: u32) -> Result<Option<T>, ()> {
+        if found.is_some() {
+            return Ok(found);
+        }
+        let open = self.open_attempt.lock().map(|a| *a);
+        if open.is_ok_and(|a| a == Some((step, attempt))) {
+            return Err(());
+        }
+        tracing::debug!(
+            step,
+            attempt,
+            "a payload of a dropped attempt: the message is stale"
+        );
+        Ok(None)
     }
 }
 

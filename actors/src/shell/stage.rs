@@ -106,31 +106,6 @@ impl StageState {
             .ok_or_else(|| self.gone(what))
     }
 
-    /// A payload of `(step, attempt)` that a message names: `found` when it is there; `None`
-    /// when it is gone because the coordinator dropped that attempt (the message is stale: the
-    /// replay sends its own); the error naming `what` when it is gone from the open attempt.
-    fn live<T>(
-        &self,
-        found: Option<T>,
-        step: u64,
-        attempt: u32,
-        what: &str,
-    ) -> Result<Option<T>, ActorProcessingErr> {
-        match found {
-            Some(v) => Ok(Some(v)),
-            None if self.ctx.is_open(step, attempt) => Err(self.gone(what)),
-            None => {
-                tracing::debug!(
-                    step,
-                    attempt,
-                    copy = self.copy,
-                    "{what} of a dropped attempt are gone: the message is stale"
-                );
-                Ok(None)
-            }
-        }
-    }
-
     /// The error of a payload that is gone (`what` names it).
     fn gone(&self, what: &str) -> ActorProcessingErr {
         format!(
@@ -330,7 +305,8 @@ impl Actor for StageActor {
             } => {
                 let mb = op.mb();
                 let batches = st.ctx.payloads.get::<Vec<Batch>>(batches);
-                let Some(batches) = st.live(batches, step, attempt, "the step's micro-batches")?
+                let batches = st.ctx.live(batches, step, attempt);
+                let Some(batches) = batches.map_err(|()| st.gone("the step's micro-batches"))?
                 else {
                     return Ok(());
                 };
@@ -391,7 +367,8 @@ impl Actor for StageActor {
                 st.pending = None;
                 let faults = st.faults(step, &[Phase::Optimizer]).await;
                 let parts = st.ctx.payloads.get_all::<TensorUpdates>(&updates);
-                let Some(parts) = st.live(parts, step, attempt, "the stages' updates")? else {
+                let parts = st.ctx.live(parts, step, attempt);
+                let Some(parts) = parts.map_err(|()| st.gone("the stages' updates"))? else {
                     return Ok(());
                 };
                 st.to_groups(move |call| ExpertMsg::Install {

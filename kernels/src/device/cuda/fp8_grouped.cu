@@ -214,9 +214,6 @@ extern "C" __global__ void __launch_bounds__(128)
             #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
 
-    // this thread's 4 rows' and 8 columns' scales of a K block (0 past m or n: those accumulators
-    // are never stored, and their staged codes are zero)
-    float srow[2][2], ucol[4][2];
     fg_stage((u8*)sa_words[0], a, a_i, a_k, row0, m, 0, k);
     fg_stage((u8*)sb_words[0], b, b_j, b_k, col0, n, 0, k);
     fg_async_commit();
@@ -231,7 +228,10 @@ extern "C" __global__ void __launch_bounds__(128)
             fg_stage((u8*)sb_words[buf ^ 1], b, b_j, b_k, col0, n, k0 + FG_K, k);
             fg_async_commit();
         }
+        // this thread's 4 rows' and 8 columns' scales of the block (0 past m or n: those
+        // accumulators are never stored, and their staged codes are zero)
         const long long kb = k0 / FG_K;
+        float srow[2][2], ucol[4][2];
         #pragma unroll
         for (int i = 0; i < 2; i++)
             #pragma unroll
