@@ -395,8 +395,9 @@ fn profiled_steps_keep_the_bits_and_count_every_region() {
     for label in [
         "forward: moe layer (norm, residual, stats)",
         "forward: moe gate, routing, dispatch",
+        "forward: moe shared experts",
         "forward: moe routed experts",
-        "forward: moe shared experts, combine, balance",
+        "forward: moe combine, balance",
         "backward: moe layer (norm, residual)",
         "backward: moe combine, shared experts",
         "backward: moe routed experts",

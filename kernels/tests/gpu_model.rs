@@ -131,7 +131,7 @@ fn route_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
         let want = c.route(&aff, &bias, &rule, e).unwrap();
         let (sg, bg) = (up(g, &aff), up(g, &bias));
         let got = g.route(&sg, &bg, &rule, e).unwrap();
-        let offsets_ok = g.route_offsets(&got) == c.route_offsets(&want);
+        let offsets_ok = g.route_offsets(&got).unwrap() == c.route_offsets(&want).unwrap();
         r.check(
             "route (offsets)",
             &s,
@@ -145,7 +145,9 @@ fn route_rows(g: &CudaBackend, r: &mut Report, seed: u64) {
             .unwrap();
         r.bits("route (plan)", &s, "dispatched rows", &down(g, &xeg), &xe);
         let lw = c.balance_loss(&aff, &want, (seq, batch), alpha).unwrap();
+        let lw = c.read_loss(lw).unwrap();
         let lg = g.balance_loss(&sg, &got, (seq, batch), alpha).unwrap();
+        let lg = g.read_loss(lg).unwrap();
         let v = format!("gpu {lg:e}, cpu {lw:e}");
         r.check(
             "balance_loss",

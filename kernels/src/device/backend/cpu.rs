@@ -107,6 +107,7 @@ impl Backend for Cpu {
     type Table = RopeTable;
     type Plan = HostPlan;
     type Route = CpuRoute;
+    type Loss = f64;
     type AttnAux = Vec<f32>;
     type Half = Vec<bf16>;
 
@@ -644,8 +645,8 @@ impl Backend for Cpu {
         &r.plan
     }
 
-    fn route_offsets<'r>(&self, r: &'r CpuRoute) -> &'r [usize] {
-        &r.plan.plan.offsets
+    fn route_offsets<'r>(&self, r: &'r CpuRoute) -> BackendResult<&'r [usize]> {
+        Ok(&r.plan.plan.offsets)
     }
 
     fn balance_loss(
@@ -658,6 +659,14 @@ impl Backend for Cpu {
         let k = r.routing.k;
         let ex = &r.routing.experts;
         Ok(balance::batch_loss_forward(s, ex, seq, batch, k, alpha))
+    }
+
+    fn read_loss(&self, l: f64) -> BackendResult<f64> {
+        Ok(l)
+    }
+
+    fn host_loss(&self, v: f64) -> f64 {
+        v
     }
 
     fn route_backward(

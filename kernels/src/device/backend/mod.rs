@@ -135,8 +135,11 @@ pub trait Backend {
     /// A MoE dispatch plan on the device.
     type Plan: Send;
     /// A MoE layer's routing as the backend keeps it (`route`): its chosen experts, weights and
-    /// dispatch plan, with the plan's expert offsets on the host.
+    /// dispatch plan, and the plan's expert offsets for the host (`route_offsets`).
     type Route: Send;
+    /// A loss the device computed, read on the host later (`read_loss`): a MoE layer's balance
+    /// loss is read once the step's forward has its cross-entropy, not when the layer ends.
+    type Loss: Send;
     /// What attention's forward keeps for its backward (probabilities on the CPU, the row
     /// log-sum-exp on CUDA).
     type AttnAux: Send;
@@ -476,17 +479,23 @@ pub trait Backend {
     ) -> BackendResult<Self::Route>;
     /// The route's dispatch plan.
     fn route_plan<'r>(&self, r: &'r Self::Route) -> &'r Self::Plan;
-    /// The route's expert offsets (E + 1): expert i's rows are `offsets[i]..offsets[i + 1]`.
-    fn route_offsets<'r>(&self, r: &'r Self::Route) -> &'r [usize];
+    /// The route's expert offsets (E + 1): expert i's rows are `offsets[i]..offsets[i + 1]`. On a
+    /// device the first call waits for them (not for the work queued after the routing), so a
+    /// caller queues what does not need them first.
+    fn route_offsets<'r>(&self, r: &'r Self::Route) -> BackendResult<&'r [usize]>;
     /// The layer's balance loss over `batch` sequences of `seq` tokens
-    /// (`ops::balance::batch_loss_forward`).
+    /// (`ops::balance::batch_loss_forward`), to be read by `read_loss`.
     fn balance_loss(
         &self,
         s: &Self::Buf,
         r: &Self::Route,
         seq_batch: (usize, usize),
         alpha: f32,
-    ) -> BackendResult<f64>;
+    ) -> BackendResult<Self::Loss>;
+    /// A loss's value (on a device, once its copy to the host has finished).
+    fn read_loss(&self, l: Self::Loss) -> BackendResult<f64>;
+    /// A loss already known on the host (a MoE layer without a balance loss: 0).
+    fn host_loss(&self, v: f64) -> Self::Loss;
     /// ds [n, e]: the router's gradient from dweights [n, k] (`moe_gate::backward_input`), plus
     /// the balance loss's (`balance::batch_loss_backward_input`) when `alpha > 0`.
     fn route_backward(

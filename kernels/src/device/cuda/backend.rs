@@ -11,7 +11,7 @@
 use super::attention_gemm::CudaAttnAux;
 use super::fp8_linear::{Fp8Linear, Quantised};
 use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, MoePlan, Refusals};
-use super::route::CudaRoute;
+use super::route::{CudaLoss, CudaRoute};
 use crate::device::backend::weight_cache::WeightCache;
 use crate::device::backend::{
     Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision, HostPlan,
@@ -80,6 +80,7 @@ impl Backend for CudaBackend {
     type Table = CudaTable;
     type Plan = MoePlan;
     type Route = CudaRoute;
+    type Loss = CudaLoss;
     type AttnAux = CudaAttnAux;
     type Half = CudaSlice<u16>;
 
@@ -649,8 +650,8 @@ impl Backend for CudaBackend {
         r.plan()
     }
 
-    fn route_offsets<'r>(&self, r: &'r CudaRoute) -> &'r [usize] {
-        r.offsets()
+    fn route_offsets<'r>(&self, r: &'r CudaRoute) -> BackendResult<&'r [usize]> {
+        r.offsets(&self.gpu)
     }
 
     fn balance_loss(
@@ -659,8 +660,16 @@ impl Backend for CudaBackend {
         r: &CudaRoute,
         seq_batch: (usize, usize),
         alpha: f32,
-    ) -> BackendResult<f64> {
+    ) -> BackendResult<CudaLoss> {
         self.balance_on(s, r, seq_batch, alpha)
+    }
+
+    fn read_loss(&self, l: CudaLoss) -> BackendResult<f64> {
+        self.read_loss_on(l)
+    }
+
+    fn host_loss(&self, v: f64) -> CudaLoss {
+        CudaLoss::Host(v)
     }
 
     fn route_backward(

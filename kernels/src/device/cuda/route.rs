@@ -1,12 +1,13 @@
 //! The CUDA backend's MoE routing (feature `cuda`): on the device through `router.cu` (the
 //! group-limited top-k, the dispatch plan, the balance loss and their backward, only the plan's
-//! expert offsets and the per-sequence losses downloaded), or, for layers beyond its limits
+//! expert offsets and the per-sequence losses copied to the host, each read when the host needs
+//! it rather than when it is queued), or, for layers beyond its limits
 //! (more than 256 experts, 32 groups or top-8) or with `PHALANX_DEVICE_ROUTER=off`, on the host
 //! as the CPU backend does, with the affinities downloaded and the plan uploaded. Never run on a
 //! GPU.
 
 use super::backend::CudaBackend;
-use super::launch::{DeviceRoute, MoePlan, route_unsupported};
+use super::launch::{DeviceRoute, Gpu, MoePlan, Readback, route_unsupported};
 use crate::device::backend::{Backend, BackendResult, Cpu, CpuRoute};
 use crate::ops::balance;
 use crate::ops::moe_gate::RouteRule;
@@ -33,12 +34,23 @@ impl CudaRoute {
         }
     }
 
-    pub fn offsets(&self) -> &[usize] {
+    /// The plan's expert offsets (the first call on a device route waits for their copy).
+    pub fn offsets(&self, gpu: &Gpu) -> BackendResult<&[usize]> {
         match self {
-            CudaRoute::Device(d) => &d.offsets,
-            CudaRoute::Host { cpu, .. } => &cpu.plan.plan.offsets,
+            CudaRoute::Device(d) => Ok(d.offsets(gpu)?),
+            CudaRoute::Host { cpu, .. } => Ok(&cpu.plan.plan.offsets),
         }
     }
+}
+
+/// A MoE layer's balance loss: known on the host (routed there), or its per-sequence values on
+/// their way from the device.
+pub enum CudaLoss {
+    Host(f64),
+    Device {
+        per_seq: Readback<f64>,
+        batch: usize,
+    },
 }
 
 impl CudaBackend {
@@ -71,14 +83,36 @@ impl CudaBackend {
         r: &CudaRoute,
         (seq, batch): (usize, usize),
         alpha: f32,
-    ) -> BackendResult<f64> {
+    ) -> BackendResult<CudaLoss> {
         match r {
             CudaRoute::Device(d) => {
                 let e = s.len() / (seq * batch).max(1);
                 let per_seq = self.gpu.moe_balance_forward(s, d, (seq, batch), e, alpha)?;
-                Ok(balance::batch_mean(per_seq, batch))
+                Ok(
+                    per_seq.map_or(CudaLoss::Host(0.0), |per_seq| CudaLoss::Device {
+                        per_seq,
+                        batch,
+                    }),
+                )
             }
-            CudaRoute::Host { cpu, s, .. } => Cpu::new().balance_loss(s, cpu, (seq, batch), alpha),
+            CudaRoute::Host { cpu, s, .. } => Ok(CudaLoss::Host(Cpu::new().balance_loss(
+                s,
+                cpu,
+                (seq, batch),
+                alpha,
+            )?)),
+        }
+    }
+
+    /// The loss's value: the mean over the batch of the per-sequence losses, as the CPU sums it.
+    pub(super) fn read_loss_on(&self, l: CudaLoss) -> BackendResult<f64> {
+        match l {
+            CudaLoss::Host(v) => Ok(v),
+            CudaLoss::Device { per_seq, batch } => {
+                let mut v = self.gpu.read(per_seq)?;
+                v.truncate(batch);
+                Ok(balance::batch_mean(v, batch))
+            }
         }
     }
 

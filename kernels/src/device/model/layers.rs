@@ -424,14 +424,34 @@ fn expert_ids<B: Backend>(c: &Ctx<'_, B>, m: &Moe) -> ([Vec<usize>; 3], ExpertGe
     ([ids(|e| &e.gate), ids(|e| &e.up), ids(|e| &e.down)], kind)
 }
 
-/// MoE layer `layer` (its `ExpertSite` when the routed experts are remote).
+/// A MoE layer's forward statistics with its balance loss still where the backend computed it
+/// (`read` brings it to the host: a device route's copy is read after the step's cross-entropy,
+/// which waits for the device anyway, not at the layer).
+pub(crate) struct MoeStatsOn<B: Backend> {
+    pub balance_loss: B::Loss,
+    pub loads: Vec<u32>,
+}
+
+impl<B: Backend> MoeStatsOn<B> {
+    pub(crate) fn read(self, b: &B) -> BackendResult<MoeStats> {
+        Ok(MoeStats {
+            balance_loss: b.read_loss(self.balance_loss)?,
+            loads: self.loads,
+        })
+    }
+}
+
+/// MoE layer `layer` (its `ExpertSite` when the routed experts are remote). The shared experts
+/// are queued between the routing and the routed experts: the host needs the routing's expert
+/// offsets to size the grouped GEMMs, and on a device it waits for them while the device runs
+/// the shared experts (the CPU model's bits: each product is the same, only queued earlier).
 pub(crate) fn moe_forward<B: Backend>(
     c: &Ctx<'_, B>,
     m: &Moe,
     x: &B::Buf,
     rows: Rows,
     layer: usize,
-) -> BackendResult<(B::Buf, MoeSt<B>, MoeStats)> {
+) -> BackendResult<(B::Buf, MoeSt<B>, MoeStatsOn<B>)> {
     let b = c.b;
     let d = m.gate.d_in;
     let e = m.experts.len();
@@ -439,10 +459,14 @@ pub(crate) fn moe_forward<B: Backend>(
     let logits = linear_forward_in(c, &m.gate, x, GemmPrecision::F32)?;
     let s = b.sigmoid_forward(&logits)?;
     let route = b.route(&s, &c.p[m.bias.0], &m.rule, e)?;
-    let (plan, offs) = (b.route_plan(&route), b.route_offsets(&route));
+    let plan = b.route_plan(&route);
     let xe = b.dispatch_forward(x, plan, d)?;
     profile::end(t, b)?;
+    let t = span(c.prof, b, "forward: moe shared experts")?;
+    let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
+    profile::end(t, b)?;
     let t = span(c.prof, b, "forward: moe routed experts")?;
+    let offs = b.route_offsets(&route)?;
     let (ye, experts) = match c.remote {
         Some(r) => (
             remote::forward(c, r, layer, &xe, offs, d)?,
@@ -460,17 +484,16 @@ pub(crate) fn moe_forward<B: Backend>(
         }
     };
     profile::end(t, b)?;
-    let t = span(c.prof, b, "forward: moe shared experts, combine, balance")?;
-    let (mut out, shared) = swiglu_forward(c, &m.shared, x)?;
+    let t = span(c.prof, b, "forward: moe combine, balance")?;
     b.combine_forward(&mut out, &ye, plan, d)?;
     let balance_loss = if m.alpha > 0.0 {
         b.balance_loss(&s, &route, (rows.seq, rows.batch), m.alpha)?
     } else {
-        0.0
+        b.host_loss(0.0)
     };
     let loads = offs.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
     profile::end(t, b)?;
-    let stats = MoeStats {
+    let stats = MoeStatsOn {
         balance_loss,
         loads,
     };
@@ -496,7 +519,7 @@ pub(crate) fn moe_backward<B: Backend>(
     let b = c.b;
     let d = m.gate.d_in;
     let n = b.len(x) / d;
-    let (plan, offs) = (b.route_plan(&st.route), b.route_offsets(&st.route));
+    let (plan, offs) = (b.route_plan(&st.route), b.route_offsets(&st.route)?);
     let t = span(c.prof, b, "backward: moe combine, shared experts")?;
     let (dye, dweights) = b.combine_backward_input(dy, &st.ye, plan, d)?;
     let mut dx = b.zeros(n * d)?;
@@ -564,6 +587,9 @@ pub(crate) struct BlockSt<B: Backend> {
     ffn: FfnSt<B>,
 }
 
+/// A block's output, what its backward keeps, and its MoE layer's statistics if it has one.
+pub(crate) type BlockOut<B> = (<B as Backend>::Buf, BlockSt<B>, Option<MoeStatsOn<B>>);
+
 /// Decoder block `layer` (numbered as `ExpertSite`s are: decoder layers, then MTP's).
 pub(crate) fn block_forward<B: Backend>(
     c: &Ctx<'_, B>,
@@ -572,7 +598,7 @@ pub(crate) fn block_forward<B: Backend>(
     rows: Rows,
     pos: &Positions<B>,
     layer: usize,
-) -> BackendResult<(B::Buf, BlockSt<B>, Option<MoeStats>)> {
+) -> BackendResult<BlockOut<B>> {
     let b = c.b;
     let t = span(c.prof, b, "forward: attention (norm, mla, residual)")?;
     let (h, in_norm) = norm_forward(c, &blk.input_norm, x)?;

@@ -202,12 +202,10 @@ impl<B: Backend> DeviceModel<B> {
         let mut x = c.b.embedding_forward(&ids, &c.p[model.embed.0], d)?;
         profile::end(t, c.b)?;
         let mut stashes = Vec::with_capacity(model.blocks.len());
+        let mut moe_stats = Vec::new();
         for (l, blk) in model.blocks.iter().enumerate() {
             let (y, st, ms) = block_forward(&c, blk, x, rows, &pos, l)?;
-            if let Some(ms) = ms {
-                stats.balance_loss += ms.balance_loss;
-                stats.loads.push(ms.loads);
-            }
+            moe_stats.extend(ms);
             stashes.push(st);
             x = y;
         }
@@ -222,6 +220,12 @@ impl<B: Backend> DeviceModel<B> {
             mtp_weight,
         )?;
         profile::end(t, c.b)?;
+        // the balance losses, read once the cross-entropy has waited for the device
+        for ms in moe_stats {
+            let ms = ms.read(c.b)?;
+            stats.balance_loss += ms.balance_loss;
+            stats.loads.push(ms.loads);
+        }
         stats.loss = ts.loss;
         stats.mtp_loss = ts.mtp_loss;
         for (b, l) in ts.balance.into_iter().zip(ts.loads) {

@@ -236,24 +236,37 @@ impl<B: Backend> BackendStage<B> {
         };
         let mut stats = StageStats::default();
         let mut blocks = Vec::with_capacity(stage.blocks.len());
+        let mut moe_stats = Vec::new();
         for (i, blk) in stage.blocks.iter().enumerate() {
             let layer = stage.layers.start + i;
             let (y, st, ms) = block_forward(&c, blk, x, rows, &pos, layer)?;
-            if let Some(ms) = ms {
-                stats.balance.push(ms.balance_loss);
-                stats.loads.push(ms.loads);
-            }
+            moe_stats.extend(ms);
             blocks.push(st);
             x = y;
         }
+        // the balance losses are read once the stage's output (or its cross-entropy) has waited
+        // for the device
+        let read_moe = |stats: &mut StageStats| -> BackendResult<()> {
+            for ms in moe_stats {
+                let ms = ms.read(b)?;
+                stats.balance.push(ms.balance_loss);
+                stats.loads.push(ms.loads);
+            }
+            Ok(())
+        };
         let (out, tail) = match &stage.tail {
-            None => (Some(b.download(&x)?), None),
+            None => {
+                let out = b.download(&x)?;
+                read_moe(&mut stats)?;
+                (Some(out), None)
+            }
             Some(tail) => {
                 // a missing table is only read when MTP runs, and the last stage holds it then
                 let embed = stage
                     .embed
                     .unwrap_or(crate::model::params::ParamId(usize::MAX));
                 let (st, ts) = tail_forward(&c, tail, embed, cfg, batch, x, mtp_weight)?;
+                read_moe(&mut stats)?;
                 stats.loss = ts.loss;
                 stats.mtp_loss = ts.mtp_loss;
                 stats.mtp_objective = ts.mtp_objective;

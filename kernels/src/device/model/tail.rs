@@ -94,13 +94,15 @@ pub(crate) fn tail_forward<B: Backend>(
             let pos = Positions::new(b, mrows, m.block.attn.heads)?;
             let layer = cfg.num_hidden_layers + k0;
             let (hout, bst, ms) = block_forward(c, &m.block, hp, mrows, &pos, layer)?;
-            if let Some(ms) = ms {
-                stats.balance.push(ms.balance_loss);
-                stats.loads.push(ms.loads);
-            }
             let (z, z_st) = norm_forward(c, &m.head_norm, hout)?;
             let mlogits = linear_forward(c, &tail.head, &z)?;
             let sum = b.cross_entropy_forward(&mlogits, &mtargets, vocab)?;
+            // the depth's balance loss, read once its cross-entropy has waited for the device
+            if let Some(ms) = ms {
+                let ms = ms.read(b)?;
+                stats.balance.push(ms.balance_loss);
+                stats.loads.push(ms.loads);
+            }
             stats.mtp_loss += sum / (bsz * len) as f64 / depth as f64;
             stats.mtp_objective += mtp_weight as f64 / depth as f64 * sum / n as f64;
             mtp.push(MtpSt {

@@ -18,6 +18,7 @@ mod grouped;
 mod lt;
 mod ops;
 mod optim;
+mod readback;
 mod router;
 mod tensor;
 
@@ -30,6 +31,7 @@ pub use grouped::Group;
 pub use lt::{Lt, Packed};
 pub use ops::Indices;
 pub use optim::grad_norm_ends;
+pub use readback::{Pooled, Readback};
 pub use router::{DeviceRoute, route_unsupported};
 pub use tensor::{Blas, LinearGemm, MoePlan};
 
@@ -172,6 +174,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
+    pinned_u32: readback::PinnedPool<u32>,
+    pinned_f64: readback::PinnedPool<f64>,
 }
 
 impl Gpu {
@@ -219,6 +223,8 @@ impl Gpu {
             ctx,
             stream,
             functions,
+            pinned_u32: Default::default(),
+            pinned_f64: Default::default(),
         })
     }
 

@@ -1,13 +1,15 @@
 //! Launch wrappers of `router.cu`: a MoE layer's routing, dispatch plan and balance loss on the
 //! device, so that only the plan's offsets (one per expert) and the per-sequence balance losses
-//! reach the host. Limits of the kernels: E ≤ 256 experts, ≤ 32 groups, k ≤ 8. Never run on a GPU.
+//! reach the host, both as readbacks (`readback.rs`) the host waits for only when it reads them.
+//! Limits of the kernels: E ≤ 256 experts, ≤ 32 groups, k ≤ 8. Never run on a GPU.
 
 use super::{
-    BLOCK, GRID_X_MAX, Gpu, GpuError, MoePlan, check_len, config, grid_dim, grid_stride, int,
-    shape_err,
+    BLOCK, GRID_X_MAX, Gpu, GpuError, MoePlan, Readback, check_len, config, grid_dim, grid_stride,
+    int, shape_err,
 };
 use crate::ops::moe_gate::RouteRule;
 use cudarc::driver::{CudaSlice, PushKernelArg};
+use std::sync::{Mutex, OnceLock};
 
 /// The kernels' limits (`router.cu`: ROUTE_MAX_E, the group mask, the picked list).
 pub const ROUTE_MAX_EXPERTS: usize = 256;
@@ -19,8 +21,41 @@ pub struct DeviceRoute {
     /// [tokens, k] the chosen experts, in selection order.
     pub experts: CudaSlice<u32>,
     pub plan: MoePlan,
-    /// The plan's expert offsets (E + 1), downloaded.
-    pub offsets: Vec<usize>,
+    /// The plan's expert offsets (E + 1), on their way to the host.
+    offsets: PendingOffsets,
+}
+
+/// Expert offsets copied to the host behind the routing kernels: the first `DeviceRoute::offsets`
+/// waits for the copy (only for it: the work queued after it goes on), later ones read them.
+struct PendingOffsets {
+    copy: Mutex<Option<Readback<u32>>>,
+    host: OnceLock<Vec<usize>>,
+}
+
+impl DeviceRoute {
+    /// The plan's expert offsets (E + 1): expert i's rows are `offsets[i]..offsets[i + 1]`.
+    pub fn offsets(&self, gpu: &Gpu) -> Result<&[usize], GpuError> {
+        if let Some(o) = self.offsets.host.get() {
+            return Ok(o);
+        }
+        let copy = self
+            .offsets
+            .copy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(copy) = copy {
+            let host = gpu.read(copy)?.into_iter().map(|o| o as usize).collect();
+            // a second reader that raced here finds it set: the same values either way
+            let _ = self.offsets.host.set(host);
+        }
+        self.offsets.host.get().map(Vec::as_slice).ok_or_else(|| {
+            shape_err(
+                "moe_route",
+                "the expert offsets' copy was lost (an earlier read failed)",
+            )
+        })
+    }
 }
 
 /// Why `rule` over `e` experts is beyond the kernels, if it is.
@@ -44,7 +79,7 @@ pub fn route_unsupported(e: usize, rule: &RouteRule) -> Option<String> {
 
 impl Gpu {
     /// Routes `n` tokens from their affinities `s [n, e]` and the selection bias, builds the
-    /// dispatch plan and downloads its offsets.
+    /// dispatch plan and queues the copy of its offsets to the host (`DeviceRoute::offsets`).
     pub fn moe_route(
         &self,
         s: &CudaSlice<f32>,
@@ -107,15 +142,20 @@ impl Gpu {
         b.arg(&mut rows_of_token).arg(&row_of).arg(&n_l).arg(&ki);
         // SAFETY: grid-stride over tokens; each reads and writes its own k entries.
         unsafe { b.launch(grid_stride(n)) }?;
-        let offsets_host: Vec<usize> = self
-            .download(&offsets)?
-            .into_iter()
-            .map(|o| o as usize)
-            .collect();
+        let copy = self.readback(&offsets)?;
+        if copy.len() != e + 1 {
+            return Err(shape_err(
+                kn,
+                format!("{} offsets, want {}", copy.len(), e + 1),
+            ));
+        }
         Ok(DeviceRoute {
             experts,
             plan: MoePlan::from_parts(token, slot, rows_of_token, weights, total, n, k),
-            offsets: offsets_host,
+            offsets: PendingOffsets {
+                copy: Mutex::new(Some(copy)),
+                host: OnceLock::new(),
+            },
         })
     }
 
@@ -147,7 +187,8 @@ impl Gpu {
         Ok(ds)
     }
 
-    /// α·Σ fᵢPᵢ of each of `batch` sequences of `seq` tokens (`balance::sequence_loss_forward`).
+    /// α·Σ fᵢPᵢ of each of `batch` sequences of `seq` tokens (`balance::sequence_loss_forward`),
+    /// on its way to the host (`Gpu::read`; none for an empty batch).
     pub fn moe_balance_forward(
         &self,
         s: &CudaSlice<f32>,
@@ -155,13 +196,13 @@ impl Gpu {
         (seq, batch): (usize, usize),
         e: usize,
         alpha: f32,
-    ) -> Result<Vec<f64>, GpuError> {
+    ) -> Result<Option<Readback<f64>>, GpuError> {
         let kn = "moe_balance_forward";
         let k = route.plan.k;
         check_len(kn, "s", s.len(), seq * batch * e)?;
         check_len(kn, "experts", route.experts.len(), seq * batch * k)?;
         if batch == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let mut loss = self.zeros::<f64>(batch)?;
         let mut tok_sum = self.zeros::<f64>(seq * batch)?;
@@ -174,9 +215,7 @@ impl Gpu {
         b.arg(&ti).arg(&ei).arg(&ki).arg(&alpha);
         // SAFETY: one block per sequence over its seq·e affinities and seq·k entries, E ≤ 256.
         unsafe { b.launch(config((grid_dim(kn, batch, GRID_X_MAX)?, 1), BLOCK)) }?;
-        let mut per_seq = self.download(&loss)?;
-        per_seq.truncate(batch);
-        Ok(per_seq)
+        Ok(Some(self.readback(&loss)?))
     }
 
     /// ds += ∂(balance loss)/∂s, `alpha_per_seq` = α / batch in f32 as the CPU passes it.

@@ -1,0 +1,92 @@
+//! Device-to-host copies that do not wait (feature `cuda`): a small buffer the host needs later
+//! (a MoE layer's expert offsets, its per-sequence balance losses) is copied on the stream into
+//! page-locked memory and read only when the host needs the values, so queueing the step's
+//! kernels does not stop to drain the stream at every MoE layer. The page-locked buffers are
+//! pooled per element type: allocating one is a driver call far slower than the copy.
+//!
+//! **Compile-checked only: this code has never run on a GPU.**
+
+use super::{Gpu, GpuError};
+use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use std::sync::Mutex;
+
+/// Page-locked buffers of one element type, kept for reuse (at most `POOL_MAX`).
+#[doc(hidden)]
+pub struct PinnedPool<T>(Mutex<Vec<PinnedHostSlice<T>>>);
+
+impl<T> Default for PinnedPool<T> {
+    fn default() -> Self {
+        PinnedPool(Mutex::new(Vec::new()))
+    }
+}
+
+const POOL_MAX: usize = 64;
+
+/// An element type the readbacks pool.
+pub trait Pooled: DeviceRepr + ValidAsZeroBits + Copy {
+    #[doc(hidden)]
+    fn pool(gpu: &Gpu) -> &PinnedPool<Self>;
+}
+
+impl Pooled for u32 {
+    fn pool(gpu: &Gpu) -> &PinnedPool<u32> {
+        &gpu.pinned_u32
+    }
+}
+
+impl Pooled for f64 {
+    fn pool(gpu: &Gpu) -> &PinnedPool<f64> {
+        &gpu.pinned_f64
+    }
+}
+
+/// A copy of `len` elements in flight to page-locked memory; `Gpu::read` waits for it.
+pub struct Readback<T> {
+    pinned: PinnedHostSlice<T>,
+    len: usize,
+}
+
+impl<T> Readback<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Gpu {
+    /// Queues a copy of `src` to the host behind everything queued so far, without waiting.
+    pub fn readback<T: Pooled>(&self, src: &CudaSlice<T>) -> Result<Readback<T>, GpuError> {
+        let len = src.len();
+        let reused = {
+            let mut pool = T::pool(self).0.lock().unwrap_or_else(|p| p.into_inner());
+            pool.iter()
+                .position(|p| p.len() >= len)
+                .map(|i| pool.swap_remove(i))
+        };
+        let mut pinned = match reused {
+            Some(p) => p,
+            // SAFETY: the buffer is written by the copy below before any element of it is read
+            // (`read` returns the first `len`); flags 0: cached page-locked memory, which the
+            // host reads fast (write-combined memory, cudarc's default, is slow to read).
+            None => unsafe {
+                self.ctx
+                    .alloc_pinned_with_flags::<T>(len.max(64).next_power_of_two(), 0)?
+            },
+        };
+        self.stream.memcpy_dtoh(src, &mut pinned)?;
+        Ok(Readback { pinned, len })
+    }
+
+    /// The values of a readback, once its copy has finished (the stream's later work goes on).
+    pub fn read<T: Pooled>(&self, r: Readback<T>) -> Result<Vec<T>, GpuError> {
+        let values = r.pinned.as_slice()?[..r.len].to_vec();
+        let mut pool = T::pool(self).0.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(r.pinned);
+        }
+        Ok(values)
+    }
+}
