@@ -1,7 +1,8 @@
 //! GPU peer copies (feature `cuda`, through cudarc): a frame moved from one GPU's memory to
-//! another's with `cuMemcpyPeerAsync` (NVLink when the GPUs are linked, PCIe otherwise), peer
-//! access enabled when the pair allows it. libcuda is loaded at run time: without it, or without
-//! two GPUs, `PeerCopy::open` fails with a clear error and the job keeps its TCP link.
+//! another's with `cuMemcpyPeerAsync` (the driver routes it over NVLink when the GPUs are linked,
+//! PCIe otherwise; peer access is not enabled explicitly, so it may be staged through the host).
+//! libcuda is loaded at run time: without it, or without two GPUs, `PeerCopy::open` fails with a
+//! clear error and the job keeps its TCP link.
 //!
 //! **Not run on multi-GPU hardware**: the machines this was written on have no GPU, or one.
 
@@ -56,15 +57,14 @@ impl PeerCopy {
             .map_err(|e| PeerError::Driver(e.to_string()))
     }
 
-    /// Moves `frame` to the destination device (a peer copy between the two contexts).
+    /// Moves `frame` to the destination device (a peer copy between the two contexts), and
+    /// waits for it: the copy is queued on the destination's stream, which nothing orders with
+    /// the source's freeing `frame`, so `frame` may be dropped only once it has been read.
     pub fn copy(&self, frame: &CudaSlice<u8>) -> Result<CudaSlice<u8>, PeerError> {
-        let mut out = self
-            .dst
-            .alloc_zeros::<u8>(frame.len())
-            .map_err(|e| PeerError::Driver(e.to_string()))?;
-        self.dst
-            .memcpy_dtod(frame, &mut out)
-            .map_err(|e| PeerError::Driver(e.to_string()))?;
+        let driver = |e: cudarc::driver::DriverError| PeerError::Driver(e.to_string());
+        let mut out = self.dst.alloc_zeros::<u8>(frame.len()).map_err(driver)?;
+        self.dst.memcpy_dtod(frame, &mut out).map_err(driver)?;
+        self.dst.synchronize().map_err(driver)?;
         Ok(out)
     }
 

@@ -22,6 +22,12 @@ use cudarc::driver::CudaSlice;
 /// and the tensor cores' internal accumulation).
 pub const AGREE: f64 = 1e-3;
 
+/// The row counts the check at open multiplies, each with the row alignment it stands for. The
+/// rows' operand's `VEC128_32F` scales are stored `[⌈K/128⌉, m]` (`fp8::pack`); whether cuBLASLt
+/// reads them with stride m for every m, or pads m to 4 or 16, is measured, not assumed: the
+/// tensor cores take row counts of the finest alignment that agrees.
+const CHECK_ROWS: [(usize, usize); 3] = [(16, 208), (4, 204), (1, 37)];
+
 /// Where the FP8 GEMMs run.
 pub enum Fp8Engine {
     TensorCores(Box<Lt>),
@@ -34,6 +40,8 @@ pub struct Fp8Linear {
     pub engine: Fp8Engine,
     /// The tensor cores' agreement with the CUDA-core kernel measured at open, when checked.
     pub agreement: Option<f64>,
+    /// The tensor cores take GEMMs whose row count (`Plan::m`) is a multiple of this (1: any).
+    pub rows_align: usize,
     /// GEMMs the tensor cores refused at run time (then run on the CUDA cores), and the first
     /// refusal.
     pub refused: Refusals,
@@ -81,15 +89,13 @@ impl Fp8Linear {
                 Err(e) => Fp8Engine::CudaCores(format!("cuBLASLt: {e}")),
                 Ok(lt) => {
                     let mut candidate = Fp8Linear::new(Fp8Engine::TensorCores(lt));
-                    match candidate.measure_agreement(gpu) {
-                        Ok(worst) if worst <= AGREE => {
+                    match candidate.check_rows(gpu) {
+                        Ok((worst, align)) => {
                             candidate.agreement = Some(worst);
+                            candidate.rows_align = align;
                             return candidate;
                         }
-                        Ok(worst) => Fp8Engine::CudaCores(format!(
-                            "cuBLASLt differs from the CUDA-core FP8 GEMM by {worst:.1e} (> {AGREE:.0e})"
-                        )),
-                        Err(e) => Fp8Engine::CudaCores(format!("cuBLASLt: {e}")),
+                        Err(why) => Fp8Engine::CudaCores(why),
                     }
                 }
             },
@@ -97,22 +103,44 @@ impl Fp8Linear {
         Fp8Linear::new(engine)
     }
 
-    /// What [`Fp8Linear::open`] decided: the tensor cores (with their measured agreement), or
-    /// the CUDA cores and why.
-    pub fn verdict(&self) -> Result<Option<f64>, String> {
+    /// The agreement at the [`CHECK_ROWS`] in turn while it holds: the worst difference and the
+    /// finest row alignment that agreed, or why the tensor cores are off (the aligned rows
+    /// disagree or are refused).
+    fn check_rows(&self, gpu: &Gpu) -> Result<(f64, usize), String> {
+        let mut passed: Option<(f64, usize)> = None;
+        for (align, n) in CHECK_ROWS {
+            let why = match self.measure_agreement(gpu, n) {
+                Ok(worst) if worst <= AGREE => {
+                    passed = Some((passed.map_or(worst, |p| p.0.max(worst)), align));
+                    continue;
+                }
+                Ok(worst) => format!(
+                    "cuBLASLt differs from the CUDA-core FP8 GEMM by {worst:.1e} (> {AGREE:.0e}) at {n} rows"
+                ),
+                Err(e) => format!("cuBLASLt: {e}"),
+            };
+            return passed.ok_or(why);
+        }
+        passed.ok_or_else(|| "no row count checked".into())
+    }
+
+    /// What [`Fp8Linear::open`] decided: the tensor cores (with their measured agreement and
+    /// the row alignment they take), or the CUDA cores and why.
+    pub fn verdict(&self) -> Result<(Option<f64>, usize), String> {
         match &self.engine {
-            Fp8Engine::TensorCores(_) => Ok(self.agreement),
+            Fp8Engine::TensorCores(_) => Ok((self.agreement, self.rows_align)),
             Fp8Engine::CudaCores(why) => Err(why.clone()),
         }
     }
 
     /// The engine an earlier open of the same device decided (`verdict`), without measuring
     /// again; the CUDA cores if cuBLASLt does not open now.
-    pub fn reopen(gpu: &Gpu, verdict: Result<Option<f64>, String>) -> Fp8Linear {
+    pub fn reopen(gpu: &Gpu, verdict: Result<(Option<f64>, usize), String>) -> Fp8Linear {
         match verdict {
-            Ok(agreement) => match Lt::new(gpu) {
+            Ok((agreement, rows_align)) => match Lt::new(gpu) {
                 Ok(lt) => Fp8Linear {
                     agreement,
+                    rows_align,
                     ..Fp8Linear::new(Fp8Engine::TensorCores(Box::new(lt)))
                 },
                 Err(e) => Fp8Linear::new(Fp8Engine::CudaCores(format!("cuBLASLt: {e}"))),
@@ -126,6 +154,7 @@ impl Fp8Linear {
         Fp8Linear {
             engine,
             agreement: None,
+            rows_align: 1,
             refused: Default::default(),
         }
     }
@@ -139,6 +168,10 @@ impl Fp8Linear {
         }
         match &self.engine {
             Fp8Engine::TensorCores(_) => match self.agreement {
+                Some(a) if self.rows_align > 1 => format!(
+                    "fp8 gemm: tensor cores (cuBLASLt, block-scaled; {a:.1e} from the CUDA-core kernel; row counts not a multiple of {} on the CUDA cores)",
+                    self.rows_align
+                ),
                 Some(a) => format!(
                     "fp8 gemm: tensor cores (cuBLASLt, block-scaled; {a:.1e} from the CUDA-core kernel)"
                 ),
@@ -149,16 +182,16 @@ impl Fp8Linear {
     }
 
     /// The worst normwise difference between the tensor-core and CUDA-core engines over the
-    /// three GEMMs of a Linear on random operands (n 200: not a multiple of 16 or 128; K blocks
-    /// not a multiple of 4). An error when the tensor cores refuse them.
-    pub fn measure_agreement(&self, gpu: &Gpu) -> Result<f64, GpuError> {
+    /// three GEMMs of a Linear of `n` rows on random operands (K blocks not a multiple of 4).
+    /// An error when the tensor cores refuse them.
+    pub fn measure_agreement(&self, gpu: &Gpu, n: usize) -> Result<f64, GpuError> {
         let Fp8Engine::TensorCores(lt) = &self.engine else {
             return Err(super::launch::shape_err(
                 "fp8 agreement",
                 "the tensor cores are off",
             ));
         };
-        let (n, din, dout) = (200, 640, 256);
+        let (din, dout) = (640, 256);
         let mut rng = Rng::new(0x005e_edf8);
         let mut random = |len: usize| {
             let v: Vec<f32> = (0..len).map(|_| rng.normal()).collect();
@@ -227,7 +260,11 @@ impl Fp8Linear {
     /// The tensor cores' engine when they are on and take `p`'s shapes.
     fn lt_for(&self, p: &Plan) -> Option<&Lt> {
         match &self.engine {
-            Fp8Engine::TensorCores(lt) if p.unsupported().is_none() => Some(lt),
+            Fp8Engine::TensorCores(lt)
+                if p.unsupported().is_none() && p.m.is_multiple_of(self.rows_align) =>
+            {
+                Some(lt)
+            }
             _ => None,
         }
     }

@@ -396,6 +396,10 @@ impl CudaBackend {
         check("dy", dy.len(), rows * dout)?;
         check("x", x.len(), rows * din)?;
         let targets: Vec<usize> = segments(offsets).map(|(e, _, _)| ids[e]).collect();
+        // every segment's gradient must exist: an output address left null would be written
+        if let Some(id) = targets.iter().find(|&&id| id >= grads.len()) {
+            return Err(BackendError(format!("grouped gemm: no gradient {id}")));
+        }
         let mut outs = vec![0u64; targets.len()];
         {
             let stream = self.gpu.stream();

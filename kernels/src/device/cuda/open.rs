@@ -16,7 +16,7 @@ use std::sync::Mutex;
 /// why the grouped expert GEMMs and BF16 attention on the tensor cores are off, if they are.
 #[derive(Clone, Debug)]
 struct Verdicts {
-    fp8: Result<Option<f64>, String>,
+    fp8: Result<(Option<f64>, usize), String>,
     grouped_off: Option<String>,
     fp8_grouped: Result<f64, String>,
     gemm_attention_off: Option<String>,

@@ -32,6 +32,7 @@ impl Blas {
         dout: usize,
         bf16: bool,
     ) -> Result<(), GpuError> {
+        self.bind()?;
         let kn = "cublas grouped gemm";
         let groups: Vec<&Group> = groups.iter().filter(|g| g.n > 0).collect();
         if groups.is_empty() {

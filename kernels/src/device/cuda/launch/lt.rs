@@ -260,6 +260,7 @@ impl Lt {
         a: &Packed,
         b: &Packed,
     ) -> Result<(), GpuError> {
+        self.stream.context().bind_to_thread()?;
         if let Some(why) = p.unsupported() {
             return Err(shape_err(KN, why));
         }

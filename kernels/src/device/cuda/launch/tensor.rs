@@ -552,6 +552,12 @@ impl Blas {
         })
     }
 
+    /// Makes the handle's context current on the calling thread: cuBLAS runs on whatever
+    /// context is current, and the step's calls may come from any thread.
+    pub(super) fn bind(&self) -> Result<(), GpuError> {
+        Ok(self.stream.context().bind_to_thread()?)
+    }
+
     /// One f32 GEMM of a Linear with W [dout, din] and n rows (SGEMM; cuBLAS's default math mode
     /// keeps FP32, TF32 off). `a` is x (forward) or dy (backward); `w_or_x` is W, or x for the
     /// weight gradient.
@@ -566,6 +572,7 @@ impl Blas {
         din: usize,
         dout: usize,
     ) -> Result<(), GpuError> {
+        self.bind()?;
         let p = plan(which, a.len(), w_or_x.len(), out.len(), n, din, dout)?;
         if p.out_len == 0 {
             return Ok(());
@@ -601,6 +608,7 @@ impl Blas {
         din: usize,
         dout: usize,
     ) -> Result<(), GpuError> {
+        self.bind()?;
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let p = plan(which, a.len(), w_or_x.len(), out.len(), n, din, dout)?;
@@ -656,6 +664,7 @@ impl Blas {
         (ta, tb): (bool, bool),
         batch: usize,
     ) -> Result<(), GpuError> {
+        self.bind()?;
         use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
         use cudarc::driver::{DevicePtr, DevicePtrMut};
