@@ -50,7 +50,8 @@ pub struct CudaBackend {
     pub fp8_grouped: Result<f64, String>,
     /// MoE layers route on the host (`PHALANX_DEVICE_ROUTER=off`) instead of with `router.cu`.
     pub host_routing: bool,
-    /// cuBLAS refused a grouped call on BF16 operands: BF16 expert GEMMs go one by one.
+    /// cuBLAS refused a grouped call on BF16 operands: BF16 expert GEMMs go one cublasGemmEx
+    /// per expert on the grouped call's addresses (`launch::grouped`).
     pub grouped_bf16_refused: std::cell::Cell<bool>,
     /// Why BF16 attention runs the fused f32 kernel instead of the tensor cores
     /// (`attention_gemm.rs`: `PHALANX_GEMM_ATTENTION=off`, or its check at open failed).

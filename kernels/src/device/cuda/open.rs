@@ -18,6 +18,7 @@ use std::sync::Mutex;
 struct Verdicts {
     fp8: Result<(Option<f64>, usize), String>,
     grouped_off: Option<String>,
+    grouped_bf16_refused: bool,
     fp8_grouped: Result<f64, String>,
     gemm_attention_off: Option<String>,
 }
@@ -81,6 +82,7 @@ impl CudaBackend {
         match known {
             Some(v) => {
                 b.grouped_off = v.grouped_off;
+                b.grouped_bf16_refused.set(v.grouped_bf16_refused);
                 b.fp8_grouped = v.fp8_grouped;
                 b.gemm_attention_off = v.gemm_attention_off;
             }
@@ -91,6 +93,7 @@ impl CudaBackend {
                 let v = Verdicts {
                     fp8: b.fp8.verdict(),
                     grouped_off: b.grouped_off.clone(),
+                    grouped_bf16_refused: b.grouped_bf16_refused.get(),
                     fp8_grouped: b.fp8_grouped.clone(),
                     gemm_attention_off: b.gemm_attention_off.clone(),
                 };
@@ -113,6 +116,9 @@ impl CudaBackend {
                 "expert gemms: one by one ({})",
                 self.grouped_off.as_deref().unwrap_or_default()
             ),
+            _ if self.grouped_bf16_refused.get() => {
+                "expert gemms: grouped, bf16 one cublasGemmEx per expert (cuBLAS refused the grouped call on bf16 operands)".to_string()
+            }
             (0, _) => "expert gemms: grouped".to_string(),
             (n, first) => format!(
                 "expert gemms: {n} grouped calls refused, run expert by expert (first: {})",

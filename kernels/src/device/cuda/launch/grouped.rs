@@ -3,9 +3,11 @@
 //! operation, leading dimensions and β as `Blas::linear`), operands f32 or BF16, f32 output and
 //! accumulation. The operand and output addresses go to the device as pointer arrays. **Never run
 //! on a GPU**: a refused call (an unsupported type combination, say) is an error the backend
-//! answers by running the groups one by one.
+//! answers by running the groups one by one; cuBLAS may not take BF16 operands with an f32 output
+//! grouped, so after such a refusal the same groups go one `cublasGemmEx` each
+//! (`one_call: false`), on the same addresses, without copying any rows.
 
-use super::tensor::{Blas, LinearGemm, blas_err, plan};
+use super::tensor::{Blas, LinearGemm, Plan, blas_err, plan};
 use super::{Gpu, GpuError, shape_err};
 use cudarc::cublas::sys::{self, cublasComputeType_t, cudaDataType_t};
 
@@ -20,8 +22,9 @@ pub struct Group {
 }
 
 impl Blas {
-    /// Every group's Linear GEMM `which` (W `[dout, din]`) in one call; `bf16`: the operands hold
-    /// BF16 bits (u16), else f32. Lengths are the caller's to check (the addresses are raw).
+    /// Every group's Linear GEMM `which` (W `[dout, din]`) in one call (`one_call`), or one call
+    /// per group; `bf16`: the operands hold BF16 bits (u16), else f32. Lengths are the caller's
+    /// to check (the addresses are raw).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_grouped(
         &self,
@@ -30,7 +33,7 @@ impl Blas {
         groups: &[Group],
         din: usize,
         dout: usize,
-        bf16: bool,
+        (bf16, one_call): (bool, bool),
     ) -> Result<(), GpuError> {
         self.bind()?;
         let kn = "cublas grouped gemm";
@@ -48,6 +51,9 @@ impl Blas {
                 LinearGemm::BackwardWeight => (g.n * dout, g.n * din, dout * din),
             };
             p.push(plan(which, a_len, b_len, out_len, g.n, din, dout)?);
+        }
+        if !one_call {
+            return self.linear_per_group(&groups, &p, bf16);
         }
         let collect = |f: &dyn Fn(usize) -> i32| (0..p.len()).map(f).collect::<Vec<i32>>();
         let (m, n, k) = (
@@ -108,5 +114,52 @@ impl Blas {
         }
         .result()
         .map_err(blas_err)
+    }
+
+    /// The groups' GEMMs one `cublasGemmEx` each, with the plans and addresses of the grouped
+    /// call (f32 sums and output, CUBLAS_COMPUTE_32F: TF32 off).
+    fn linear_per_group(
+        &self,
+        groups: &[&Group],
+        plans: &[Plan],
+        bf16: bool,
+    ) -> Result<(), GpuError> {
+        use cudarc::cublas::sys::cublasGemmAlgo_t;
+        let ab = if bf16 {
+            cudaDataType_t::CUDA_R_16BF
+        } else {
+            cudaDataType_t::CUDA_R_32F
+        };
+        for (g, q) in groups.iter().zip(plans) {
+            let (alpha, beta) = (1.0f32, q.beta);
+            // SAFETY: as the grouped call's: each address holds the values the group's plan
+            // (m, n, k, ld) describes, in buffers the caller keeps alive until the calls are
+            // queued; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *self.blas.handle(),
+                    q.transa,
+                    q.transb,
+                    q.m,
+                    q.n,
+                    q.k,
+                    (&alpha as *const f32).cast(),
+                    g.w_or_x as *const _,
+                    ab,
+                    q.lda,
+                    g.a as *const _,
+                    ab,
+                    q.ldb,
+                    (&beta as *const f32).cast(),
+                    g.out as *mut _,
+                    cudaDataType_t::CUDA_R_32F,
+                    q.ldc,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(blas_err)?;
+        }
+        Ok(())
     }
 }

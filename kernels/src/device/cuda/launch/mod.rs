@@ -188,6 +188,11 @@ impl Gpu {
         };
         let arch = arch_of(*capability);
         let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: every buffer of this context is used on its one stream (the default stream;
+        // none other is made), so stream order is all the synchronisation a buffer needs; the
+        // two events cudarc would otherwise create (and destroy) per allocation are only ever
+        // waited on with several streams. Readbacks record their own event (`readback.rs`).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let start = Instant::now();
         let mut functions = HashMap::new();
