@@ -117,48 +117,17 @@ impl Blas {
     }
 
     /// The groups' GEMMs one `cublasGemmEx` each, with the plans and addresses of the grouped
-    /// call (f32 sums and output, CUBLAS_COMPUTE_32F: TF32 off).
+    /// call.
     fn linear_per_group(
         &self,
         groups: &[&Group],
         plans: &[Plan],
         bf16: bool,
     ) -> Result<(), GpuError> {
-        use cudarc::cublas::sys::cublasGemmAlgo_t;
-        let ab = if bf16 {
-            cudaDataType_t::CUDA_R_16BF
-        } else {
-            cudaDataType_t::CUDA_R_32F
-        };
         for (g, q) in groups.iter().zip(plans) {
-            let (alpha, beta) = (1.0f32, q.beta);
             // SAFETY: as the grouped call's: each address holds the values the group's plan
-            // (m, n, k, ld) describes, in buffers the caller keeps alive until the calls are
-            // queued; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
-            unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    *self.blas.handle(),
-                    q.transa,
-                    q.transb,
-                    q.m,
-                    q.n,
-                    q.k,
-                    (&alpha as *const f32).cast(),
-                    g.w_or_x as *const _,
-                    ab,
-                    q.lda,
-                    g.a as *const _,
-                    ab,
-                    q.ldb,
-                    (&beta as *const f32).cast(),
-                    g.out as *mut _,
-                    cudaDataType_t::CUDA_R_32F,
-                    q.ldc,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(blas_err)?;
+            // describes, in buffers the caller keeps alive until the calls are queued.
+            unsafe { self.gemm_ex(q, (g.w_or_x, g.a, g.out), bf16) }?;
         }
         Ok(())
     }

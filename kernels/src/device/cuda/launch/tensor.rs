@@ -609,22 +609,42 @@ impl Blas {
         dout: usize,
     ) -> Result<(), GpuError> {
         self.bind()?;
-        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let p = plan(which, a.len(), w_or_x.len(), out.len(), n, din, dout)?;
         if p.out_len == 0 {
             return Ok(());
         }
-        let (first, second) = (w_or_x, a);
         let stream = &self.stream;
-        let (pa, _ra) = first.device_ptr(stream);
-        let (pb, _rb) = second.device_ptr(stream);
+        let (pa, _ra) = w_or_x.device_ptr(stream);
+        let (pb, _rb) = a.device_ptr(stream);
         let (pc, _rc) = out.device_ptr_mut(stream);
+        // SAFETY: W (or x) and `a` hold bf16 values and `out` f32 values in the counts (m, n, k,
+        // ld) describe (checked by `plan`); the records keep the pointers alive until the call
+        // is queued on the handle's stream.
+        unsafe { self.gemm_ex(&p, (pa, pb, pc), true) }
+    }
+
+    /// One cublasGemmEx of a Linear's plan `p` on raw addresses (W or x, the `a` operand, the
+    /// f32 output): BF16 or f32 operands, products summed in f32 (CUBLAS_COMPUTE_32F: TF32 off).
+    ///
+    /// # Safety
+    /// Each address holds the values `p`'s (m, n, k, ld) describe, in buffers alive until the
+    /// call is queued on the handle's stream.
+    pub(super) unsafe fn gemm_ex(
+        &self,
+        p: &Plan,
+        (w_or_x, a, out): (u64, u64, u64),
+        bf16: bool,
+    ) -> Result<(), GpuError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        let ab = if bf16 {
+            cudaDataType::CUDA_R_16BF
+        } else {
+            cudaDataType::CUDA_R_32F
+        };
         let (alpha, beta) = (1.0f32, p.beta);
-        let bf = cudaDataType::CUDA_R_16BF;
-        // SAFETY: A and B hold bf16 values and C f32 values in the counts (m, n, k, ld) describe
-        // (checked by `plan`); alpha and beta are f32 as CUBLAS_COMPUTE_32F requires; the pointers
-        // are kept alive by the records until the call is queued on the handle's stream.
+        // SAFETY: the caller's promise on the addresses; alpha and beta are f32 as
+        // CUBLAS_COMPUTE_32F requires.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -634,14 +654,14 @@ impl Blas {
                 p.n,
                 p.k,
                 (&alpha as *const f32).cast(),
-                pa as *const _,
-                bf,
+                w_or_x as *const _,
+                ab,
                 p.lda,
-                pb as *const _,
-                bf,
+                a as *const _,
+                ab,
                 p.ldb,
                 (&beta as *const f32).cast(),
-                pc as *mut _,
+                out as *mut _,
                 cudaDataType::CUDA_R_32F,
                 p.ldc,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
