@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
         launch({(unsigned)rows, 1, 1}, BLOCK, [&] { rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), d, eps); });
         launch({(unsigned)rows, 1, 1}, BLOCK,
                [&] { rmsnorm_backward_input(dx.data(), dy.data(), x.data(), rs.data(), w.data(), d, acc); });
-        launch({cdiv(d, BLOCK), 1, 1}, BLOCK,
+        launch({cdiv(d, RBW_COLS), 1, 1}, RBW_THREADS,
                [&] { rmsnorm_backward_weight(dw.data(), dy.data(), x.data(), rs.data(), rows, d); });
         save("y", y), save("rstd_out", rstd), save("dx", dx), save("dw", dw);
     } else if (op == "swiglu") {

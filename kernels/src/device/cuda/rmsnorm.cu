@@ -41,15 +41,37 @@ extern "C" __global__ void rmsnorm_backward_input(float* __restrict__ dx, const 
     }
 }
 
-// rmsnorm.rs: backward_weight. dw[j] += Σ_n dy[n,j]·x[n,j]·rstd[n], rows in order (one thread per
-// column, so no two threads touch one dw[j]: deterministic without atomics and the CPU's bits).
-// grid = ⌈d/blockDim.x⌉, any block size. Parallel over columns only: slow for long n (to measure).
-extern "C" __global__ void rmsnorm_backward_weight(float* __restrict__ dw, const float* __restrict__ dy,
-                                                   const float* __restrict__ x,
-                                                   const float* __restrict__ rstd, int n, int d) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= d) return;
-    float g = dw[j];
-    for (long long row = 0; row < n; row++) g += dy[row * d + j] * x[row * d + j] * rstd[row];
-    dw[j] = g;
+// rmsnorm.rs: backward_weight. dw[j] += Σ_n dy[n,j]·x[n,j]·rstd[n], rows in order: each column
+// is summed by one thread, so no two threads touch one dw[j] (deterministic without atomics, the
+// CPU's bits). A block owns RBW_COLS columns; its threads stage the products of RBW_ROWS rows at
+// a time into shared memory, all of a thread's loads issued together (a lone thread walking n rows
+// would wait on memory at every few rows), then its first warp adds them in row order.
+// grid = ⌈d/RBW_COLS⌉, blockDim.x = RBW_THREADS.
+#define RBW_COLS 32
+#define RBW_ROWS 256
+#define RBW_THREADS 256
+extern "C" __global__ void __launch_bounds__(RBW_THREADS)
+rmsnorm_backward_weight(float* __restrict__ dw, const float* __restrict__ dy,
+                        const float* __restrict__ x, const float* __restrict__ rstd, int n, int d) {
+    __shared__ float prod[RBW_ROWS][RBW_COLS];  // 32 KiB
+    const int c = threadIdx.x % RBW_COLS;
+    const int j = blockIdx.x * RBW_COLS + c;
+    const bool summer = threadIdx.x < RBW_COLS;
+    float g = summer && j < d ? dw[j] : 0.0f;
+    for (int base = 0; base < n; base += RBW_ROWS) {
+        const int rows = min(RBW_ROWS, n - base);
+#pragma unroll
+        for (int k = 0; k < RBW_ROWS * RBW_COLS / RBW_THREADS; k++) {
+            const int r = threadIdx.x / RBW_COLS + k * (RBW_THREADS / RBW_COLS);
+            if (r < rows && j < d) {
+                const long long row = (long long)base + r;
+                prod[r][c] = dy[row * d + j] * x[row * d + j] * rstd[row];
+            }
+        }
+        __syncthreads();
+        if (summer)
+            for (int r = 0; r < rows; r++) g += prod[r][c];
+        __syncthreads();
+    }
+    if (summer && j < d) dw[j] = g;
 }

@@ -88,6 +88,9 @@ impl Gpu {
         check_len(k, "rstd", rstd.len(), rows)?;
         check_len(k, "w", w.len(), d)?;
         let di = int(k, "d", d)?;
+        if rows == 0 {
+            return Ok(()); // a grid of no blocks is a launch error
+        }
         let cfg = per_row(k, rows)?;
         let mut b = self.stream.launch_builder(self.function(k)?);
         b.arg(y).arg(rstd).arg(x).arg(w).arg(&di).arg(&eps);
@@ -117,6 +120,9 @@ impl Gpu {
         check_len(k, "rstd", rstd.len(), rows)?;
         check_len(k, "w", w.len(), d)?;
         let (di, acc) = (int(k, "d", d)?, i32::from(accumulate));
+        if rows == 0 {
+            return Ok(()); // a grid of no blocks is a launch error
+        }
         let cfg = per_row(k, rows)?;
         let mut b = self.stream.launch_builder(self.function(k)?);
         b.arg(dx).arg(dy).arg(x).arg(rstd).arg(w).arg(&di).arg(&acc);
@@ -143,12 +149,16 @@ impl Gpu {
         check_len(k, "rstd", rstd.len(), rows)?;
         check_len(k, "dw", dw.len(), d)?;
         let (ni, di) = (int(k, "rows", rows)?, int(k, "d", d)?);
-        let cfg = per_column(k, d)?;
+        if d == 0 {
+            return Ok(());
+        }
+        // RBW_COLS columns per block of RBW_THREADS (rmsnorm.cu)
+        let cfg = config((grid_dim(k, d.div_ceil(32), GRID_X_MAX)?, 1), 256);
         let mut b = self.stream.launch_builder(self.function(k)?);
         b.arg(dw).arg(dy).arg(x).arg(rstd).arg(&ni).arg(&di);
         // SAFETY: rmsnorm_backward_weight takes (float* dw, const float* dy, const float* x,
-        // const float* rstd, int n, int d); dy and x hold n·d, rstd n, dw d (checked); one
-        // thread per column.
+        // const float* rstd, int n, int d); dy and x hold n·d, rstd n, dw d (checked); 32
+        // columns per block of 256 threads, as its header states.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
