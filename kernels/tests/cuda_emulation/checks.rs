@@ -189,7 +189,8 @@ fn ce_rows(emu: &Emu, r: &mut Report, seed: u64) {
 }
 
 fn embedding_rows(emu: &Emu, r: &mut Report, seed: u64) {
-    for (n, vocab, d) in [(5, 9, 7), (40, 100, 300)] {
+    // 300 ids of 17: every id many times, its rows far apart; 260 columns: two column blocks
+    for (n, vocab, d) in [(5, 9, 7), (40, 100, 300), (300, 17, 260)] {
         let s = format!("{n} ids, {}", shape(&[vocab, d]));
         let table = normals(seed, "emb table", vocab * d);
         let ids = indices(seed, "emb ids", n, vocab);
@@ -200,6 +201,10 @@ fn embedding_rows(emu: &Emu, r: &mut Report, seed: u64) {
         run.put("ids", &ids);
         run.put("dout", &dout);
         run.put("dtable", &prior);
+        let (order, starts, seg_ids) = embedding::rows_by_id(&ids);
+        run.put("order", &order);
+        run.put("starts", &starts);
+        run.put("seg_ids", &seg_ids);
         if let Err(e) = emu.exec(&run, "embedding", &[d.to_string()]) {
             failed(r, "embedding", &s, e);
             continue;

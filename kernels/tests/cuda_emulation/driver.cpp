@@ -132,11 +132,14 @@ int main(int argc, char** argv) {
         int d = arg(3);
         auto table = load<float>("table"), dout = load<float>("dout"), dtable = load<float>("dtable");
         auto ids = load<u32>("ids");
+        // the rows sorted by id, as the Rust wrapper makes them (ops::embedding::rows_by_id)
+        auto order = load<u32>("order"), starts = load<u32>("starts"), seg_ids = load<u32>("seg_ids");
         long long n = ids.size();
         std::vector<float> out(n * d);
         launch(grid_stride(n * d), BLOCK, [&] { embedding_forward(out.data(), ids.data(), table.data(), n, d); });
-        launch({cdiv(d, BLOCK), 1, 1}, BLOCK,
-               [&] { embedding_backward_weight(dtable.data(), ids.data(), dout.data(), n, d); });
+        launch({(unsigned)seg_ids.size(), cdiv(d, BLOCK), 1}, BLOCK, [&] {
+            embedding_backward_weight(dtable.data(), order.data(), starts.data(), seg_ids.data(), dout.data(), d);
+        });
         save("out", out), save("dtable_out", dtable);
     } else if (op == "adamw") {  // bf16 grad_scale b1 b2 bc1 bc2 eps lr wd (float bits)
         int bf16 = arg(3);

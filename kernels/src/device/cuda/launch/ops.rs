@@ -5,20 +5,14 @@
 //! the kernels do not bound-check them. Never run on a GPU.
 
 use super::{
-    BLOCK, GRID_X_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int, long,
-    shape_err,
+    BLOCK, GRID_X_MAX, GRID_Y_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int,
+    long, shape_err,
 };
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 /// One block of `BLOCK` threads per row, as the row-reduction kernels expect.
 fn per_row(kernel: &'static str, rows: usize) -> Result<cudarc::driver::LaunchConfig, GpuError> {
     Ok(config((grid_dim(kernel, rows, GRID_X_MAX)?, 1), BLOCK))
-}
-
-/// One thread per column: ⌈cols/BLOCK⌉ blocks.
-fn per_column(kernel: &'static str, cols: usize) -> Result<cudarc::driver::LaunchConfig, GpuError> {
-    let g = grid_dim(kernel, cols.div_ceil(BLOCK as usize), GRID_X_MAX)?;
-    Ok(config((g, 1), BLOCK))
 }
 
 /// Indices on the device (token ids, targets, rope positions), each checked on the host to be
@@ -28,6 +22,8 @@ pub struct Indices {
     buf: CudaSlice<u32>,
     len: usize,
     bound: usize,
+    /// The indices on the host (the embedding's weight gradient sorts its rows by them).
+    host: Vec<u32>,
 }
 
 impl Indices {
@@ -37,6 +33,7 @@ impl Indices {
             buf: self.buf.try_clone()?,
             len: self.len,
             bound: self.bound,
+            host: self.host.clone(),
         })
     }
 
@@ -342,6 +339,7 @@ impl Gpu {
             buf,
             len: idx.len(),
             bound,
+            host: idx.to_vec(),
         })
     }
 
@@ -393,14 +391,31 @@ impl Gpu {
                 format!("dtable of {} is not [vocab, {d}]", dtable.len()),
             ));
         }
-        let id = ids.fit(k, dtable.len() / d)?;
-        let (nl, di) = (long(k, "n", n)?, int(k, "d", d)?);
-        let cfg = per_column(k, d)?;
+        ids.fit(k, dtable.len() / d)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (order, starts, seg_ids) = crate::ops::embedding::rows_by_id(&ids.host);
+        let (o, st, sid) = (
+            self.upload(&order)?,
+            self.upload(&starts)?,
+            self.upload(&seg_ids)?,
+        );
+        let di = int(k, "d", d)?;
+        let cfg = config(
+            (
+                grid_dim(k, seg_ids.len(), GRID_X_MAX)?,
+                grid_dim(k, d.div_ceil(BLOCK as usize), GRID_Y_MAX)?,
+            ),
+            BLOCK,
+        );
         let mut b = self.stream.launch_builder(self.function(k)?);
-        b.arg(dtable).arg(id).arg(dout).arg(&nl).arg(&di);
-        // SAFETY: embedding_backward_weight takes (float* dtable, const u32* ids,
-        // const float* dout, long long n, int d); dout holds n·d, ids n indices below
-        // dtable.len()/d (checked); one thread per column (n = 0 adds nothing).
+        b.arg(dtable).arg(&o).arg(&st).arg(&sid).arg(dout).arg(&di);
+        // SAFETY: embedding_backward_weight takes (float* dtable, const u32* order,
+        // const u32* starts, const u32* seg_ids, const float* dout, int d); `rows_by_id` gives
+        // every row of dout ([n, d], checked) once in `order`, segment bounds in `starts` and
+        // ids below dtable.len()/d (checked by `fit`) in `seg_ids`; one block per segment and
+        // BLOCK columns. The uploads are freed stream-ordered, after the kernel.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
