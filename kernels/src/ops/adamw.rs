@@ -200,7 +200,24 @@ pub fn global_norm<'a>(grads: impl Iterator<Item = &'a [f32]>) -> f64 {
 pub fn square_sum(g: &[f32]) -> f64 {
     const CHUNK: usize = 1 << 14;
     let chunks: Vec<f64> = g.par_chunks(CHUNK).map(sum_of_squares).collect();
+    sum_of_chunks(&chunks)
+}
+
+/// A tensor's term of [`global_norm`] from its chunks' sums of squares, in order.
+fn sum_of_chunks(chunks: &[f64]) -> f64 {
     chunks.iter().sum::<f64>()
+}
+
+/// [`global_norm`] from every tensor's chunk sums of squares (a device's first pass: tensor i's
+/// chunks are `chunk_sums[ends[i − 1]..ends[i]]`), finished as [`square_sum`] and
+/// [`norm_from_square_sums`] finish them.
+pub fn norm_from_chunk_sums(chunk_sums: &[f64], ends: &[usize]) -> f64 {
+    let starts = std::iter::once(0).chain(ends.iter().copied());
+    norm_from_square_sums(
+        starts
+            .zip(ends)
+            .map(|(a, &b)| sum_of_chunks(&chunk_sums[a..b])),
+    )
 }
 
 /// The global norm from the tensors' [`square_sum`]s, in tensor order.

@@ -161,26 +161,26 @@ int main(int argc, char** argv) {
         save("p_out", p), save("g_out", g);
     } else if (op == "grad_norm") {  // tensors (x0.bin …), as launch/optim.rs: grad_norm_dev
         int tensors = arg(3);
-        std::vector<long long> ends;
         std::vector<std::vector<float>> xs;
-        long long total = 0;
+        std::vector<unsigned long long> ptrs;
+        std::vector<long long> lens, firsts;
+        std::vector<int> chunk_tensor;
         for (int i = 0; i < tensors; i++) {
             xs.push_back(load<float>(("x" + std::to_string(i)).c_str()));
-            total += (xs.back().size() + NORM_CHUNK - 1) / NORM_CHUNK;
-            ends.push_back(total);
         }
-        std::vector<double> sums(total < 1 ? 1 : total), out(1);
-        long long start = 0;
         for (int i = 0; i < tensors; i++) {
-            long long chunks = ends[i] - start, n = xs[i].size();
-            if (chunks == 0) continue;
-            double* view = sums.data() + start;
-            const float* x = xs[i].data();
-            launch({cdiv(chunks * NORM_LANES, BLOCK), 1, 1}, BLOCK, [&] { grad_norm_chunks(view, x, n); });
-            start = ends[i];
+            long long n = xs[i].size(), chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK;
+            ptrs.push_back((unsigned long long)xs[i].data());
+            lens.push_back(n);
+            firsts.push_back((long long)chunk_tensor.size());
+            for (long long c = 0; c < chunks; c++) chunk_tensor.push_back(i);
         }
-        launch({1, 1, 1}, 1, [&] { grad_norm_finish(out.data(), sums.data(), ends.data(), tensors); });
-        save("norm", out);
+        std::vector<double> sums(chunk_tensor.size());
+        if (!sums.empty())
+            launch({(unsigned)sums.size(), 1, 1}, NORM_THREADS, [&] {
+                grad_norm_chunks(sums.data(), ptrs.data(), lens.data(), firsts.data(), chunk_tensor.data());
+            });
+        save("chunk_sums", sums);
     } else if (op == "attention") {  // bh t dqk dv scale_bits
         int bh = arg(3), t = arg(4), dqk = arg(5), dv = arg(6);
         float scale = farg(7);

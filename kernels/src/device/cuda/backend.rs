@@ -718,9 +718,7 @@ impl Backend for CudaBackend {
         let ends = super::launch::grad_norm_ends(live.iter().map(|g| g.len()));
         let chunks = ends.last().copied().unwrap_or(0) as usize;
         let mut sums = self.gpu.zeros::<f64>(chunks)?;
-        let mut out = self.gpu.zeros::<f64>(1)?;
-        self.gpu.grad_norm_dev(&mut out, &mut sums, &live)?;
-        Ok(self.gpu.download(&out)?[0])
+        Ok(self.gpu.grad_norm_dev(&mut sums, &live)?)
     }
 
     fn zeros_half(&self, n: usize) -> BackendResult<CudaSlice<u16>> {

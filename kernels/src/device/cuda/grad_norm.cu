@@ -1,44 +1,51 @@
 // The global gradient L2 norm, two passes and no atomics. Mirrors kernels/src/ops/adamw.rs:
 // global_norm and sum_of_squares bit for bit: each tensor in 16 Ki-element chunks, each chunk over
 // 8 lanes (lane l takes elements l, l+8, … of the chunk, x·x in f64), the lanes of a chunk added
-// in order, then (pass 2) a tensor's chunks in order, the tensors in order, and the square root.
+// in order; pass 2 (a tensor's chunks in order, the tensors in order, the square root) runs on the
+// host, in the CPU's own code (`adamw::norm_from_chunk_sums`).
 // Written for issue 12 and compile-checked for sm_90; never run on a GPU.
 
 #define NORM_CHUNK 16384
 #define NORM_LANES 8
 
-// Pass 1, one tensor: chunk_sums[k] = Σ over chunk k. Eight consecutive threads per chunk; launch
-// at least ⌈n/16384⌉·8 threads, blockDim.x a multiple of 32 (every thread reaches the shuffles).
-extern "C" __global__ void grad_norm_chunks(double* __restrict__ chunk_sums, const float* __restrict__ x,
-                                            long long n) {
-    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long chunk = t / NORM_LANES;
-    const int lane = (int)(t % NORM_LANES);
-    const long long start = chunk * NORM_CHUNK;
-    const long long end = min(start + NORM_CHUNK, n);
+// Pass 1, every tensor in one launch: chunk_sums[c] = Σ over chunk c, one block per chunk. The
+// chunk's values pass through shared memory NORM_SLICE at a time, loaded by every thread (their
+// loads issued together); its first NORM_LANES threads then add them as the lanes do (lane l:
+// elements l, l+8, … in order), and the lanes are added in order. Chunk c is chunk
+// c − firsts[tensors[c]] of tensor tensors[c] (xs: its address, lens: its length).
+// grid = the chunks, blockDim.x = NORM_THREADS.
+#define NORM_SLICE 4096
+#define NORM_THREADS 256
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+grad_norm_chunks(double* __restrict__ chunk_sums, const unsigned long long* __restrict__ xs,
+                 const long long* __restrict__ lens, const long long* __restrict__ firsts,
+                 const int* __restrict__ tensors) {
+    __shared__ float slice[NORM_SLICE];
+    const long long chunk = blockIdx.x;
+    const int i = tensors[chunk];
+    const float* x = (const float*)xs[i];
+    const long long start = (chunk - firsts[i]) * NORM_CHUNK;
+    const long long end = min(start + NORM_CHUNK, lens[i]);
     double acc = 0.0;
-    for (long long i = start + lane; i < end; i += NORM_LANES) {
-        double v = (double)x[i];
-        acc += v * v;
+    for (long long base = start; base < end; base += NORM_SLICE) {
+        const int len = (int)min((long long)NORM_SLICE, end - base);
+#pragma unroll
+        for (int k = 0; k < NORM_SLICE / NORM_THREADS; k++) {
+            const int j = threadIdx.x + k * NORM_THREADS;
+            if (j < len) slice[j] = x[base + j];
+        }
+        __syncthreads();
+        if (threadIdx.x < NORM_LANES)
+            for (int j = threadIdx.x; j < len; j += NORM_LANES) {
+                const double v = (double)slice[j];
+                acc += v * v;
+            }
+        __syncthreads();
     }
     // the chunk's lanes in order, from lane 0's thread (as `lanes.iter().sum()`)
-    const int base = (threadIdx.x & 31) & ~(NORM_LANES - 1);
-    double sum = -0.0;
-    for (int l = 0; l < NORM_LANES; l++) sum += __shfl_sync(FULL_MASK, acc, base + l);
-    if (lane == 0 && start < n) chunk_sums[chunk] = sum;
-}
-
-// Pass 2: the norm. chunk_sums holds every tensor's chunks back to back; tensor_ends[i] is the
-// index one past tensor i's last chunk. One thread: <<<1, 1>>>; out[0] = sqrt(Σ_tensors Σ_chunks).
-extern "C" __global__ void grad_norm_finish(double* __restrict__ out, const double* __restrict__ chunk_sums,
-                                            const long long* __restrict__ tensor_ends, int tensors) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    double total = -0.0;
-    long long k = 0;
-    for (int i = 0; i < tensors; i++) {
-        double ts = -0.0;
-        for (; k < tensor_ends[i]; k++) ts += chunk_sums[k];
-        total += ts;
+    if (threadIdx.x < 32) {
+        double sum = -0.0;
+        for (int l = 0; l < NORM_LANES; l++) sum += __shfl_sync(FULL_MASK, acc, l);
+        if (threadIdx.x == 0) chunk_sums[chunk] = sum;
     }
-    out[0] = sqrt(total);
 }

@@ -87,7 +87,7 @@ pub const SOURCES: &[KernelSource] = &[
         ]
     ),
     source!("adamw", ["adamw_step_f32", "adamw_step_bf16"]),
-    source!("grad_norm", ["grad_norm_chunks", "grad_norm_finish"]),
+    source!("grad_norm", ["grad_norm_chunks"]),
     source!(
         "embedding",
         ["embedding_forward", "embedding_backward_weight"]

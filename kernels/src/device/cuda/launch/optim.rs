@@ -3,9 +3,7 @@
 //! buffers, with host-level twins of `ops::adamw::AdamW::step` and `ops::adamw::global_norm`.
 //! Never run on a GPU.
 
-use super::{
-    BLOCK, GRID_X_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int, long,
-};
+use super::{GRID_X_MAX, Gpu, GpuError, check_len, config, grid_dim, grid_stride, int, long};
 use crate::ops::adamw::{AdamW, Moments, StepConsts};
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use half::bf16;
@@ -27,9 +25,8 @@ impl MomentElem for u16 {
     const KERNEL: &'static str = "adamw_step_bf16";
 }
 
-/// Elements of each pass-1 chunk of `grad_norm.cu` (`NORM_CHUNK`) and threads per chunk.
+/// Elements of each pass-1 chunk of `grad_norm.cu` (`NORM_CHUNK`).
 const NORM_CHUNK: usize = 16_384;
-const NORM_LANES: usize = 8;
 
 impl Gpu {
     /// One AdamW step on device buffers: `p`, `g` (zeroed afterwards), moments `m`, `v` as f32
@@ -111,19 +108,19 @@ impl Gpu {
         Ok(())
     }
 
-    /// Pass 1 of `grad_norm.cu` for every tensor into one buffer of chunk sums, then pass 2:
-    /// `out [1]` = the global L2 norm in `global_norm`'s order. `chunk_sums` holds at least the
-    /// tensors' chunk counts (⌈len/16384⌉ each) together; the chunk ends are uploaded per call.
+    /// The global L2 norm of `grads` in `global_norm`'s order: pass 1 of `grad_norm.cu` for every
+    /// tensor in one launch into `chunk_sums` (at least the tensors' chunk counts, ⌈len/16384⌉
+    /// each, together), then pass 2 on the host over the downloaded chunk sums
+    /// (`adamw::norm_from_chunk_sums`, the CPU's own finish). Waits for the device.
     pub fn grad_norm_dev(
         &self,
-        out: &mut CudaSlice<f64>,
         chunk_sums: &mut CudaSlice<f64>,
         grads: &[&CudaSlice<f32>],
-    ) -> Result<(), GpuError> {
+    ) -> Result<f64, GpuError> {
+        use cudarc::driver::DevicePtr;
         let k = "grad_norm_chunks";
         let ends = grad_norm_ends(grads.iter().map(|g| g.len()));
         let total = ends.last().copied().unwrap_or(0) as usize;
-        check_len(k, "out", out.len(), 1)?;
         if chunk_sums.len() < total {
             let why = format!(
                 "chunk_sums holds {}, the tensors need {total}",
@@ -131,38 +128,42 @@ impl Gpu {
             );
             return Err(super::shape_err(k, why));
         }
-        let mut start = 0usize;
-        for (g, &end) in grads.iter().zip(&ends) {
-            let chunks = end as usize - start;
-            if chunks == 0 {
-                continue;
+        let ends: Vec<usize> = ends.iter().map(|&e| e as usize).collect();
+        if total > 0 {
+            let stream = &self.stream;
+            let xs: Vec<u64> = grads.iter().map(|g| g.device_ptr(stream).0).collect();
+            let lens: Vec<i64> = grads.iter().map(|g| g.len() as i64).collect();
+            let firsts: Vec<i64> = std::iter::once(0)
+                .chain(ends.iter().map(|&e| e as i64))
+                .take(grads.len())
+                .collect();
+            let mut tensors = Vec::with_capacity(total);
+            for (i, (&first, &end)) in firsts.iter().zip(&ends).enumerate() {
+                let i = int(k, "tensors", i)?;
+                tensors.extend(std::iter::repeat_n(i, end - first as usize));
             }
-            let nl = long(k, "n", g.len())?;
-            let threads = chunks * NORM_LANES;
-            let grid = grid_dim(k, threads.div_ceil(BLOCK as usize), GRID_X_MAX)?;
-            let mut view = chunk_sums.slice_mut(start..end as usize);
+            let (xs, lens) = (self.upload(&xs)?, self.upload(&lens)?);
+            let (firsts, tensors) = (self.upload(&firsts)?, self.upload(&tensors)?);
+            let grid = grid_dim(k, total, GRID_X_MAX)?;
             let mut b = self.stream.launch_builder(self.function(k)?);
-            b.arg(&mut view).arg(*g).arg(&nl);
-            // SAFETY: grad_norm_chunks takes (double* chunk_sums, const float* x, long long n);
-            // the view holds ⌈n/16384⌉ ≥ 1 chunk sums and x n elements; ≥ 8 threads per
-            // chunk in blocks of BLOCK (a multiple of 32), as it requires.
-            unsafe { b.launch(config((grid, 1), BLOCK)) }?;
-            start = end as usize;
+            b.arg(&mut *chunk_sums)
+                .arg(&xs)
+                .arg(&lens)
+                .arg(&firsts)
+                .arg(&tensors);
+            // SAFETY: grad_norm_chunks takes (double* chunk_sums, const unsigned long long* xs,
+            // const long long* lens, const long long* firsts, const int* tensors); xs and lens
+            // give each tensor's address and length (the buffers borrowed from `grads`, alive
+            // until the download below has waited for the kernel), firsts its first chunk,
+            // tensors each of the `total` chunks' tensor, chunk_sums ≥ total (checked); one
+            // block of 256 (NORM_THREADS) per chunk, as it requires.
+            unsafe { b.launch(config((grid, 1), 256)) }?;
         }
-        let k = "grad_norm_finish";
-        let tensors = int(k, "tensors", grads.len())?;
-        let ends_dev = if ends.is_empty() {
-            self.zeros::<i64>(1)?
-        } else {
-            self.upload(&ends)?
-        };
-        let mut b = self.stream.launch_builder(self.function(k)?);
-        b.arg(out).arg(&*chunk_sums).arg(&ends_dev).arg(&tensors);
-        // SAFETY: grad_norm_finish takes (double* out, const double* chunk_sums,
-        // const long long* tensor_ends, int tensors); out holds 1, ends_dev one end per tensor,
-        // the last ≤ chunk_sums.len() (checked); <<<1, 1>>> as it requires.
-        unsafe { b.launch(config((1, 1), 1)) }?;
-        Ok(())
+        let sums = self.download(chunk_sums)?;
+        Ok(crate::ops::adamw::norm_from_chunk_sums(
+            &sums[..total],
+            &ends,
+        ))
     }
 
     /// `ops::adamw::global_norm` on the GPU (uploads every tensor; empty ones add nothing on
@@ -176,14 +177,11 @@ impl Gpu {
         let refs: Vec<&CudaSlice<f32>> = dev.iter().collect();
         let total = grad_norm_ends(refs.iter().map(|g| g.len())).last().copied();
         let mut sums = self.zeros::<f64>(total.unwrap_or(0) as usize)?;
-        let mut out = self.zeros::<f64>(1)?;
-        self.grad_norm_dev(&mut out, &mut sums, &refs)?;
-        Ok(self.download(&out)?[0])
+        self.grad_norm_dev(&mut sums, &refs)
     }
 }
 
-/// One past each tensor's last chunk in the shared chunk-sum buffer (`grad_norm_finish`'s
-/// `tensor_ends`).
+/// One past each tensor's last chunk in the shared chunk-sum buffer.
 pub fn grad_norm_ends(lens: impl Iterator<Item = usize>) -> Vec<i64> {
     lens.scan(0i64, |acc, n| {
         *acc += n.div_ceil(NORM_CHUNK) as i64;
