@@ -15,11 +15,12 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 20] = [
+pub const FAMILIES: [(&str, Family); 21] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
     ("cross_entropy", ce_rows),
+    ("cross_entropy_sum", ce_sum_rows),
     ("embedding", embedding_rows),
     ("adamw", adamw_rows),
     ("grad_norm", norm_rows),
@@ -158,6 +159,22 @@ fn rope_rows(emu: &Emu, r: &mut Report, seed: u64) {
             r.bits(k, &s, "x", &run.get("x_out"), &cpu);
         }
     }
+}
+
+/// The cross-entropy total over 9,000 rows (three of its 4,096-row slices): the f64 sum in row
+/// order, bit for bit.
+fn ce_sum_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    let loss = scaled(seed, "ce sum rows", 9000, 3.0);
+    let run = emu.prepare();
+    run.put("loss", &loss);
+    let (k, s) = ("cross_entropy_sum", "9000 rows");
+    if let Err(e) = emu.exec(&run, "ce_sum", &[]) {
+        return failed(r, k, s, e);
+    }
+    let want: f64 = loss.iter().map(|&l| l as f64).sum();
+    let got = run.get::<f64>("total")[0];
+    let value = format!("emulated {got:.17e}, rows in order {want:.17e}");
+    r.check(k, s, "total bits", value, got.to_bits() == want.to_bits());
 }
 
 fn ce_rows(emu: &Emu, r: &mut Report, seed: u64) {

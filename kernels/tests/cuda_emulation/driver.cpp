@@ -124,10 +124,16 @@ int main(int argc, char** argv) {
         std::vector<double> total(1);
         launch({(unsigned)rows, 1, 1}, BLOCK,
                [&] { cross_entropy_forward_rows(loss.data(), logits.data(), targets.data(), v); });
-        launch({1, 1, 1}, 1, [&] { cross_entropy_sum(total.data(), loss.data(), rows); });
+        launch({1, 1, 1}, CE_SUM_THREADS, [&] { cross_entropy_sum(total.data(), loss.data(), rows); });
         launch({(unsigned)rows, 1, 1}, BLOCK,
                [&] { cross_entropy_backward_input(d.data(), logits.data(), targets.data(), v, scale); });
         save("loss", loss), save("total", total), save("dlogits", d);
+    } else if (op == "ce_sum") {  // the cross-entropy total alone, over many rows
+        auto loss = load<float>("loss");
+        std::vector<double> total(1);
+        launch({1, 1, 1}, CE_SUM_THREADS,
+               [&] { cross_entropy_sum(total.data(), loss.data(), (long long)loss.size()); });
+        save("total", total);
     } else if (op == "embedding") {  // d
         int d = arg(3);
         auto table = load<float>("table"), dout = load<float>("dout"), dtable = load<float>("dtable");

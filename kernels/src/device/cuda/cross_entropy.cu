@@ -22,13 +22,24 @@ extern "C" __global__ void cross_entropy_forward_rows(float* __restrict__ loss,
 }
 
 // cross_entropy.rs: forward's total, Σ_n loss[n] in f64 in row order (as the CPU adds per_row).
-// One thread: <<<1, 1>>>.
-extern "C" __global__ void cross_entropy_sum(double* __restrict__ out, const float* __restrict__ loss,
-                                             long long n) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+// One block of CE_SUM_THREADS: the losses pass through shared memory CE_SUM_SLICE at a time,
+// loaded by every thread, and thread 0 adds them in order (one thread reading them from global
+// memory would wait on every few rows). <<<1, CE_SUM_THREADS>>>.
+#define CE_SUM_SLICE 4096
+#define CE_SUM_THREADS 256
+extern "C" __global__ void __launch_bounds__(CE_SUM_THREADS)
+cross_entropy_sum(double* __restrict__ out, const float* __restrict__ loss, long long n) {
+    __shared__ float slice[CE_SUM_SLICE];
     double acc = -0.0;
-    for (long long i = 0; i < n; i++) acc += (double)loss[i];
-    out[0] = acc;
+    for (long long base = 0; base < n; base += CE_SUM_SLICE) {
+        const int len = (int)min((long long)CE_SUM_SLICE, n - base);
+        for (int j = threadIdx.x; j < len; j += blockDim.x) slice[j] = loss[base + j];
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int j = 0; j < len; j++) acc += (double)slice[j];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = acc;
 }
 
 // cross_entropy.rs: backward_input. dlogits[n,:] = scale·softmax(logits[n]) − scale·onehot(target).

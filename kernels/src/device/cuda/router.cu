@@ -200,15 +200,28 @@ extern "C" __global__ void moe_route_backward(float* __restrict__ ds,
     }
 }
 
+// The balance kernels stage what their few summing threads walk through shared memory, loaded
+// by the whole block at once (a thread walking a sequence's entries from global memory would wait
+// on every few loads): BAL_SLICE entries or affinities at a time.
+#define BAL_SLICE 4096
+
 // balance.rs: frequencies. f[i] = Σ over the sequence's entries routed to i of E/(k·t), added
-// one at a time in f64 as the CPU does. Block-strided over experts.
-__device__ void balance_frequencies(double* f, const u32* ex, int t, int k, int e) {
+// one at a time in f64 as the CPU does. Block-strided over experts; `slice`: BAL_SLICE u32 of
+// shared scratch. Every thread of the block calls it (it synchronises).
+__device__ void balance_frequencies(double* f, u32* slice, const u32* ex, int t, int k, int e) {
     const double c = (double)e / (double)(k * t);
-    for (int i = threadIdx.x; i < e; i += blockDim.x) {
-        double acc = 0.0;
-        for (int j = 0; j < t * k; j++)
-            if (ex[j] == (u32)i) acc = acc + c;
-        f[i] = acc;
+    for (int i = threadIdx.x; i < e; i += blockDim.x) f[i] = 0.0;
+    for (int base = 0; base < t * k; base += BAL_SLICE) {
+        const int len = min(BAL_SLICE, t * k - base);
+        for (int j = threadIdx.x; j < len; j += blockDim.x) slice[j] = ex[base + j];
+        __syncthreads();
+        for (int i = threadIdx.x; i < e; i += blockDim.x) {
+            double acc = f[i];
+            for (int j = 0; j < len; j++)
+                if (slice[j] == (u32)i) acc = acc + c;
+            f[i] = acc;
+        }
+        __syncthreads();
     }
 }
 
@@ -228,17 +241,34 @@ extern "C" __global__ void moe_balance_forward(double* __restrict__ loss,
                                                int k, float alpha) {
     __shared__ double f[ROUTE_MAX_E];
     __shared__ double fp[ROUTE_MAX_E];
+    __shared__ double p[ROUTE_MAX_E];
+    __shared__ u32 slice[BAL_SLICE];
+    __shared__ double terms[BAL_SLICE / 2];  // a tile of P's terms, (BAL_SLICE/2)/e tokens
     const long long b = blockIdx.x;
     const float* sq = s + b * t * e;
     double* ts = tok_sum + b * t;
-    balance_frequencies(f, experts + b * t * k, t, k, e);
+    balance_frequencies(f, slice, experts + b * t * k, t, k, e);
     for (int u = threadIdx.x; u < t; u += blockDim.x) ts[u] = row_sum(sq + (long long)u * e, e);
+    for (int i = threadIdx.x; i < e; i += blockDim.x) p[i] = 0.0;
     __syncthreads();
-    for (int i = threadIdx.x; i < e; i += blockDim.x) {
-        double p = 0.0;
-        for (int u = 0; u < t; u++) p = p + (double)sq[(long long)u * e + i] / ts[u] / (double)t;
-        fp[i] = f[i] * p;
+    // P_i = Σ_u s[u, i] / S_u / t in token order: each tile's terms computed by the whole block,
+    // then added by expert i's thread
+    const int tile = (BAL_SLICE / 2) / e;
+    for (int u0 = 0; u0 < t; u0 += tile) {
+        const int rows = min(tile, t - u0);
+        for (int j = threadIdx.x; j < rows * e; j += blockDim.x) {
+            const int u = u0 + j / e;
+            terms[j] = (double)sq[(long long)u * e + j % e] / ts[u] / (double)t;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < e; i += blockDim.x) {
+            double acc = p[i];
+            for (int r = 0; r < rows; r++) acc = acc + terms[r * e + i];
+            p[i] = acc;
+        }
+        __syncthreads();
     }
+    for (int i = threadIdx.x; i < e; i += blockDim.x) fp[i] = f[i] * p[i];
     __syncthreads();
     if (threadIdx.x == 0) {
         double acc = -0.0;
@@ -254,10 +284,11 @@ extern "C" __global__ void moe_balance_backward(float* __restrict__ ds,
                                                 const u32* __restrict__ experts, int t, int e,
                                                 int k, float alpha) {
     __shared__ double f[ROUTE_MAX_E];
+    __shared__ u32 slice[BAL_SLICE];
     const long long b = blockIdx.x;
     const float* sq = s + b * t * e;
     float* dq = ds + b * t * e;
-    balance_frequencies(f, experts + b * t * k, t, k, e);
+    balance_frequencies(f, slice, experts + b * t * k, t, k, e);
     __syncthreads();
     const double c = (double)alpha / (double)t;
     for (int u = threadIdx.x; u < t; u += blockDim.x) {

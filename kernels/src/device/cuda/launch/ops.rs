@@ -289,8 +289,9 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.function(k)?);
         b.arg(total).arg(&*loss).arg(&nl);
         // SAFETY: cross_entropy_sum takes (double* out, const float* loss, long long n); out
-        // holds 1 and loss n (checked; n = 0 reads nothing); <<<1, 1>>> as it requires.
-        unsafe { b.launch(config((1, 1), 1)) }?;
+        // holds 1 and loss n (checked; n = 0 reads nothing); one block of 256 (CE_SUM_THREADS)
+        // as it requires.
+        unsafe { b.launch(config((1, 1), 256)) }?;
         Ok(())
     }
 
