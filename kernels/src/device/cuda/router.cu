@@ -119,6 +119,8 @@ extern "C" __global__ void moe_plan_count(u32* __restrict__ counts, const u32* _
     if (threadIdx.x == 0) counts[e] = c;
 }
 
+#define PLAN_ITEMS 16
+
 // DispatchPlan::new, the fill: expert e's rows are its entries in entry order (token, then slot).
 // offsets[e] = Σ counts[< e] (offsets[E] by the last block); token[r], slot[r]; row_of[i] = r.
 extern "C" __global__ void moe_plan_fill(u32* __restrict__ offsets, u32* __restrict__ token,
@@ -137,17 +139,31 @@ extern "C" __global__ void moe_plan_fill(u32* __restrict__ offsets, u32* __restr
         if ((int)e == n_experts - 1) offsets[n_experts] = o + counts[e];
     }
     __syncthreads();
+    // PLAN_ITEMS consecutive entries per thread and pass (its loads issued together, one block
+    // scan per blockDim.x·PLAN_ITEMS entries): thread t's entries precede thread t+1's, so the
+    // rows keep entry order
     u32 at = base;
-    for (long long c0 = 0; c0 < total; c0 += blockDim.x) {
-        long long i = c0 + threadIdx.x;
-        u32 mine = i < total && experts[i] == e;
+    for (long long c0 = 0; c0 < total; c0 += (long long)blockDim.x * PLAN_ITEMS) {
+        const long long first = c0 + (long long)threadIdx.x * PLAN_ITEMS;
+        u32 hits = 0, mine = 0;  // hits bit j: entry first + j is e's
+#pragma unroll
+        for (int j = 0; j < PLAN_ITEMS; j++) {
+            const long long i = first + j;
+            if (i < total && experts[i] == e) {
+                hits |= 1u << j;
+                mine++;
+            }
+        }
         u32 chunk;
-        u32 before = block_exclusive_scan(mine, sh, &chunk);
-        if (mine) {
-            u32 r = at + before;
-            token[r] = (u32)(i / k);
-            slot[r] = (u32)(i % k);
-            row_of[i] = r;
+        u32 r = at + block_exclusive_scan(mine, sh, &chunk);
+        for (int j = 0; j < PLAN_ITEMS; j++) {
+            if ((hits >> j) & 1u) {
+                const long long i = first + j;
+                token[r] = (u32)(i / k);
+                slot[r] = (u32)(i % k);
+                row_of[i] = r;
+                r++;
+            }
         }
         at += chunk;
     }
