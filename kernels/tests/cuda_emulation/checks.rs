@@ -15,7 +15,7 @@ use kernels::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 
 type Family = fn(&Emu, &mut Report, u64);
 
-pub const FAMILIES: [(&str, Family); 21] = [
+pub const FAMILIES: [(&str, Family); 22] = [
     ("rmsnorm", rmsnorm_rows),
     ("swiglu", swiglu_rows),
     ("rope", rope_rows),
@@ -23,6 +23,7 @@ pub const FAMILIES: [(&str, Family); 21] = [
     ("cross_entropy_sum", ce_sum_rows),
     ("embedding", embedding_rows),
     ("adamw", adamw_rows),
+    ("adamw_many", adamw_many_rows),
     ("grad_norm", norm_rows),
     ("attention", attention_rows),
     ("attention_gemm", attention_gemm_rows),
@@ -285,6 +286,82 @@ fn adamw_one(emu: &Emu, r: &mut Report, seed: u64, n: usize, bf16_moments: bool)
                 r.check(k, &s, &format!("{what} bf16 bits"), value, bad == 0);
             }
         }
+    }
+}
+
+/// `adamw_many_*`: three tensors (two of them over several 4,096-element blocks, one with weight
+/// decay off) in one launch, each bit for bit the CPU's `AdamW::step` with its own constants.
+fn adamw_many_rows(emu: &Emu, r: &mut Report, seed: u64) {
+    let lens = [5000, 3, 9000];
+    for bf16_moments in [false, true] {
+        let k = if bf16_moments {
+            "adamw_many_bf16"
+        } else {
+            "adamw_many_f32"
+        };
+        let s = format!(
+            "{} tensors, {} values",
+            lens.len(),
+            lens.iter().sum::<usize>()
+        );
+        let (lr, t, scale) = ADAMW_STEP;
+        let run = emu.prepare();
+        let to_bits = |x: &[bf16]| x.iter().map(|b| b.to_bits()).collect::<Vec<u16>>();
+        let mut cases = Vec::new();
+        let mut consts = Vec::new();
+        for (i, &n) in lens.iter().enumerate() {
+            let (opt, param, grad, moments) = adamw_case(seed + i as u64, n, bf16_moments);
+            let decay = i != 1;
+            let c = opt.consts(lr, t, decay);
+            consts.extend([c.b1, c.b2, c.bc1, c.bc2, c.eps, c.lr, c.wd]);
+            run.put(&format!("p{i}"), &param);
+            run.put(&format!("g{i}"), &grad);
+            match &moments {
+                Moments::F32 { m, v } => {
+                    run.put(&format!("m{i}"), m);
+                    run.put(&format!("v{i}"), v);
+                }
+                Moments::Bf16 { m, v } => {
+                    run.put(&format!("m{i}"), &to_bits(m));
+                    run.put(&format!("v{i}"), &to_bits(v));
+                }
+            }
+            cases.push((opt, param, grad, moments, decay));
+        }
+        run.put("consts", &consts);
+        let args = [
+            u8::from(bf16_moments).to_string(),
+            bits(scale),
+            lens.len().to_string(),
+        ];
+        if let Err(e) = emu.exec(&run, "adamw_many", &args) {
+            failed(r, k, &s, e);
+            continue;
+        }
+        let mut bad = 0usize;
+        for (i, (opt, mut p, mut g, mut st, decay)) in cases.into_iter().enumerate() {
+            opt.step(&mut p, &mut g, scale, &mut st, lr, t, decay);
+            let differ = |got: Vec<u32>, want: Vec<u32>| {
+                got.iter().zip(&want).filter(|(a, b)| a != b).count()
+            };
+            let f = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            bad += differ(f(&run.get::<f32>(&format!("p_out{i}"))), f(&p));
+            bad += differ(f(&run.get::<f32>(&format!("g_out{i}"))), f(&g));
+            match &st {
+                Moments::F32 { m, v } => {
+                    bad += differ(f(&run.get::<f32>(&format!("m_out{i}"))), f(m));
+                    bad += differ(f(&run.get::<f32>(&format!("v_out{i}"))), f(v));
+                }
+                Moments::Bf16 { m, v } => {
+                    for (what, cpu) in [("m", m), ("v", v)] {
+                        let got = run.get::<u16>(&format!("{what}_out{i}"));
+                        bad += bf16_mismatches(&got, &to_bits(cpu)).0;
+                    }
+                }
+            }
+        }
+        let value = format!("{bad} values differ (params, zeroed grads, moments)");
+        r.check(k, &s, "every tensor's bits", value, bad == 0);
     }
 }
 

@@ -165,6 +165,53 @@ int main(int argc, char** argv) {
             save("m_out", m), save("v_out", v);
         }
         save("p_out", p), save("g_out", g);
+    } else if (op == "adamw_many") {  // bf16 grad_scale_bits tensors (p0 g0 m0 v0 …, consts)
+        int bf16 = arg(3);
+        float gs = farg(4);
+        int tensors = arg(5);
+        auto consts = load<float>("consts");
+        std::vector<std::vector<float>> ps, gs_;
+        std::vector<std::vector<float>> mf, vf;
+        std::vector<std::vector<u16>> mb, vb;
+        std::vector<unsigned long long> pp, gp, mp, vp;
+        std::vector<long long> lens, firsts;
+        long long chunks = 0;
+        auto name = [](const char* what, int i) { return what + std::to_string(i); };
+        for (int i = 0; i < tensors; i++) {
+            ps.push_back(load<float>(name("p", i).c_str()));
+            gs_.push_back(load<float>(name("g", i).c_str()));
+            if (bf16) {
+                mb.push_back(load<u16>(name("m", i).c_str()));
+                vb.push_back(load<u16>(name("v", i).c_str()));
+            } else {
+                mf.push_back(load<float>(name("m", i).c_str()));
+                vf.push_back(load<float>(name("v", i).c_str()));
+            }
+        }
+        for (int i = 0; i < tensors; i++) {  // as launch/optim.rs: adamw_many_dev
+            pp.push_back((unsigned long long)ps[i].data());
+            gp.push_back((unsigned long long)gs_[i].data());
+            mp.push_back(bf16 ? (unsigned long long)mb[i].data() : (unsigned long long)mf[i].data());
+            vp.push_back(bf16 ? (unsigned long long)vb[i].data() : (unsigned long long)vf[i].data());
+            lens.push_back((long long)ps[i].size());
+            firsts.push_back(chunks);
+            chunks += ((long long)ps[i].size() + ADAM_CHUNK - 1) / ADAM_CHUNK;
+        }
+        launch({(unsigned)chunks, 1, 1}, BLOCK, [&] {
+            if (bf16)
+                adamw_many_bf16(pp.data(), gp.data(), mp.data(), vp.data(), lens.data(), firsts.data(), tensors,
+                                consts.data(), gs);
+            else
+                adamw_many_f32(pp.data(), gp.data(), mp.data(), vp.data(), lens.data(), firsts.data(), tensors,
+                               consts.data(), gs);
+        });
+        for (int i = 0; i < tensors; i++) {
+            save(name("p_out", i).c_str(), ps[i]), save(name("g_out", i).c_str(), gs_[i]);
+            if (bf16)
+                save(name("m_out", i).c_str(), mb[i]), save(name("v_out", i).c_str(), vb[i]);
+            else
+                save(name("m_out", i).c_str(), mf[i]), save(name("v_out", i).c_str(), vf[i]);
+        }
     } else if (op == "grad_norm") {  // tensors (x0.bin …), as launch/optim.rs: grad_norm_dev
         int tensors = arg(3);
         std::vector<std::vector<float>> xs;

@@ -30,6 +30,21 @@ pub struct BackendError(pub String);
 
 pub type BackendResult<T> = Result<T, BackendError>;
 
+/// A tensor's AdamW moments on a backend: f32, or BF16 bits.
+pub enum MomentsMut<'a, B: Backend + ?Sized> {
+    F32(&'a mut B::Buf, &'a mut B::Buf),
+    Bf16(&'a mut B::Half, &'a mut B::Half),
+}
+
+/// One tensor's AdamW update for [`Backend::adamw_steps`]: its values, its gradient (zeroed),
+/// its moments and the step's constants for it.
+pub struct AdamJob<'a, B: Backend + ?Sized> {
+    pub p: &'a mut B::Buf,
+    pub g: &'a mut B::Buf,
+    pub moments: MomentsMut<'a, B>,
+    pub c: StepConsts,
+}
+
 /// Ok when a buffer `what` of `who` holds `want` elements, else an error naming both.
 pub(crate) fn check_len(who: &str, what: &str, len: usize, want: usize) -> BackendResult<()> {
     if len == want {
@@ -603,4 +618,16 @@ pub trait Backend {
         grad_scale: f32,
         c: &StepConsts,
     ) -> BackendResult<()>;
+    /// The updates of many tensors from `g · grad_scale`, each as [`adamw_step`](Self::adamw_step)
+    /// or [`adamw_step_bf16`](Self::adamw_step_bf16) makes it (a device may launch them
+    /// together); zeroes every `g`. The default runs them in turn.
+    fn adamw_steps(&self, jobs: Vec<AdamJob<'_, Self>>, grad_scale: f32) -> BackendResult<()> {
+        for j in jobs {
+            match j.moments {
+                MomentsMut::F32(m, v) => self.adamw_step(j.p, j.g, m, v, grad_scale, &j.c)?,
+                MomentsMut::Bf16(m, v) => self.adamw_step_bf16(j.p, j.g, m, v, grad_scale, &j.c)?,
+            }
+        }
+        Ok(())
+    }
 }

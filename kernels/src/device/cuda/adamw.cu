@@ -29,20 +29,27 @@ __device__ __forceinline__ float store_moment(u16* m, long long i, float x) {
     return bf16_to_f32(b);
 }
 
-// adamw.rs: AdamW::step's element loop, moments stored as M (float or bf16 bits).
+// adamw.rs: AdamW::step's update of element i, moments stored as M (float or bf16 bits).
+template <typename M>
+__device__ __forceinline__ void adamw_element(float* __restrict__ p, float* __restrict__ g,
+                                              M* __restrict__ m, M* __restrict__ v, long long i,
+                                              float grad_scale, const StepConsts& c) {
+    const float gi = g[i] * grad_scale;
+    g[i] = 0.0f;
+    const float mi = c.b1 * load_moment(m, i) + (1.0f - c.b1) * gi;
+    const float vi = c.b2 * load_moment(v, i) + (1.0f - c.b2) * gi * gi;
+    const float ms = store_moment(m, i, mi), vs = store_moment(v, i, vi);
+    p[i] = apply(p[i], ms, vs, c);
+}
+
+// adamw.rs: AdamW::step's element loop.
 template <typename M>
 __device__ __forceinline__ void adamw_step(float* __restrict__ p, float* __restrict__ g,
                                            M* __restrict__ m, M* __restrict__ v, long long n,
                                            float grad_scale, const StepConsts& c) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float gi = g[i] * grad_scale;
-        g[i] = 0.0f;
-        const float mi = c.b1 * load_moment(m, i) + (1.0f - c.b1) * gi;
-        const float vi = c.b2 * load_moment(v, i) + (1.0f - c.b2) * gi * gi;
-        const float ms = store_moment(m, i, mi), vs = store_moment(v, i, vi);
-        p[i] = apply(p[i], ms, vs, c);
-    }
+         i += (long long)gridDim.x * blockDim.x)
+        adamw_element(p, g, m, v, i, grad_scale, c);
 }
 
 // Moments::F32. `c` is passed by value (a #[repr(C)] struct of seven f32 on the host side).
@@ -55,4 +62,51 @@ extern "C" __global__ void adamw_step_f32(float* p, float* g, float* m, float* v
 extern "C" __global__ void adamw_step_bf16(float* p, float* g, u16* m, u16* v, long long n,
                                            float grad_scale, StepConsts c) {
     adamw_step(p, g, m, v, n, grad_scale, c);
+}
+
+// The updates of many tensors in one launch (the model's optimizer step, instead of a launch per
+// tensor): one block per ADAM_CHUNK elements of one tensor. Block c's tensor is the last i with
+// firsts[i] ≤ c (firsts: each tensor's first chunk, ascending; no tensor is empty); ps, gs, ms,
+// vs hold the tensors' addresses, lens their lengths, consts StepConsts' seven fields in order
+// per tensor. grid = the chunks, any block size.
+#define ADAM_CHUNK 4096
+template <typename M>
+__device__ __forceinline__ void adamw_many(const unsigned long long* __restrict__ ps,
+                                           const unsigned long long* __restrict__ gs,
+                                           const unsigned long long* __restrict__ ms,
+                                           const unsigned long long* __restrict__ vs,
+                                           const long long* __restrict__ lens,
+                                           const long long* __restrict__ firsts, int tensors,
+                                           const float* __restrict__ consts, float grad_scale) {
+    const long long chunk = blockIdx.x;
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (firsts[mid] <= chunk) lo = mid;
+        else hi = mid - 1;
+    }
+    const float* k = consts + 7 * (long long)lo;
+    const StepConsts c{k[0], k[1], k[2], k[3], k[4], k[5], k[6]};
+    float* p = (float*)ps[lo];
+    float* g = (float*)gs[lo];
+    M* m = (M*)ms[lo];
+    M* v = (M*)vs[lo];
+    const long long start = (chunk - firsts[lo]) * ADAM_CHUNK;
+    const long long end = min(start + ADAM_CHUNK, lens[lo]);
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x)
+        adamw_element(p, g, m, v, i, grad_scale, c);
+}
+
+extern "C" __global__ void adamw_many_f32(const unsigned long long* ps, const unsigned long long* gs,
+                                          const unsigned long long* ms, const unsigned long long* vs,
+                                          const long long* lens, const long long* firsts,
+                                          int tensors, const float* consts, float grad_scale) {
+    adamw_many<float>(ps, gs, ms, vs, lens, firsts, tensors, consts, grad_scale);
+}
+
+extern "C" __global__ void adamw_many_bf16(const unsigned long long* ps, const unsigned long long* gs,
+                                           const unsigned long long* ms, const unsigned long long* vs,
+                                           const long long* lens, const long long* firsts,
+                                           int tensors, const float* consts, float grad_scale) {
+    adamw_many<u16>(ps, gs, ms, vs, lens, firsts, tensors, consts, grad_scale);
 }

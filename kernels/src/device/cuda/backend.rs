@@ -14,7 +14,7 @@ use super::launch::{AttentionShape, Blas, Gpu, GpuError, Indices, LinearGemm, Mo
 use super::route::{CudaLoss, CudaRoute};
 use crate::device::backend::weight_cache::WeightCache;
 use crate::device::backend::{
-    Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision, HostPlan,
+    AdamJob, Backend, BackendError, BackendResult, ExpertGemm, GemmPrecision, HostPlan, MomentsMut,
 };
 use crate::ops::adamw::StepConsts;
 use crate::ops::moe_gate::RouteRule;
@@ -758,5 +758,17 @@ impl Backend for CudaBackend {
         c: &StepConsts,
     ) -> BackendResult<()> {
         Ok(self.gpu.adamw_step_dev(p, g, m, v, grad_scale, c)?)
+    }
+
+    fn adamw_steps(&self, jobs: Vec<AdamJob<'_, Self>>, grad_scale: f32) -> BackendResult<()> {
+        let (mut f32s, mut bf16s) = (Vec::new(), Vec::new());
+        for j in jobs {
+            match j.moments {
+                MomentsMut::F32(m, v) => f32s.push((j.p, j.g, m, v, j.c)),
+                MomentsMut::Bf16(m, v) => bf16s.push((j.p, j.g, m, v, j.c)),
+            }
+        }
+        self.gpu.adamw_many_dev(f32s, grad_scale)?;
+        Ok(self.gpu.adamw_many_dev(bf16s, grad_scale)?)
     }
 }

@@ -86,7 +86,15 @@ pub const SOURCES: &[KernelSource] = &[
             "cross_entropy_backward_input"
         ]
     ),
-    source!("adamw", ["adamw_step_f32", "adamw_step_bf16"]),
+    source!(
+        "adamw",
+        [
+            "adamw_step_f32",
+            "adamw_step_bf16",
+            "adamw_many_f32",
+            "adamw_many_bf16"
+        ]
+    ),
     source!("grad_norm", ["grad_norm_chunks"]),
     source!(
         "embedding",

@@ -19,7 +19,9 @@ pub mod stage;
 mod tail;
 mod weight;
 
-use super::backend::{Backend, BackendError, BackendResult, GemmPrecision, WeightsHeld};
+use super::backend::{
+    AdamJob, Backend, BackendError, BackendResult, GemmPrecision, MomentsMut, WeightsHeld,
+};
 use super::profile::{self, StepProfile, span};
 use crate::model::deepseek::{Batch, DeepSeekV3, StepStats};
 use crate::model::layers::Rows;
@@ -372,6 +374,8 @@ impl<B: Backend> DeviceModel<B> {
         let b = &self.backend;
         let trainable = &self.model.params.trainable;
         let factor = adamw::clip_factor(norm, clip);
+        // each trainable tensor's constants (its moments made first), then every update at once
+        let mut consts: Vec<Option<adamw::StepConsts>> = vec![None; trainable.len()];
         for (i, &tr) in trainable.iter().enumerate() {
             if !tr {
                 b.fill_zero(&mut self.grads[i])?;
@@ -402,13 +406,26 @@ impl<B: Backend> DeviceModel<B> {
                 self.moments[i] = Some(f);
             }
             let decay = self.model.params.tensors[i].shape.len() >= 2;
-            let c = opt.consts(lr, t, decay);
-            let (p, g) = (&mut self.params[i], &mut self.grads[i]);
-            match self.moments[i].as_mut().expect("just made") {
-                DeviceMoments::F32(m, v) => b.adamw_step(p, g, m, v, factor, &c)?,
-                DeviceMoments::Bf16(m, v) => b.adamw_step_bf16(p, g, m, v, factor, &c)?,
-            }
+            consts[i] = Some(opt.consts(lr, t, decay));
         }
+        let tensors = self.params.iter_mut().zip(&mut self.grads);
+        let jobs = tensors
+            .zip(&mut self.moments)
+            .zip(consts)
+            .filter_map(|(((p, g), m), c)| {
+                let moments = match m.as_mut()? {
+                    DeviceMoments::F32(m, v) => MomentsMut::F32(m, v),
+                    DeviceMoments::Bf16(m, v) => MomentsMut::Bf16(m, v),
+                };
+                Some(AdamJob {
+                    p,
+                    g,
+                    moments,
+                    c: c?,
+                })
+            })
+            .collect();
+        b.adamw_steps(jobs, factor)?;
         for (id, l) in self.model.moe_biases().into_iter().zip(loads) {
             let bias = &mut self.host_bias[id.0];
             balance::bias_update(bias, l, gamma);

@@ -15,15 +15,31 @@ unsafe impl DeviceRepr for StepConsts {}
 /// An element type the AdamW kernels store moments in: f32, or bf16 as its bits.
 pub trait MomentElem: DeviceRepr {
     const KERNEL: &'static str;
+    /// The kernel that updates many tensors in one launch.
+    const MANY: &'static str;
 }
 
 impl MomentElem for f32 {
     const KERNEL: &'static str = "adamw_step_f32";
+    const MANY: &'static str = "adamw_many_f32";
 }
 
 impl MomentElem for u16 {
     const KERNEL: &'static str = "adamw_step_bf16";
+    const MANY: &'static str = "adamw_many_bf16";
 }
+
+/// Elements per block of `adamw_many_*` (`ADAM_CHUNK`).
+const ADAM_CHUNK: usize = 4096;
+
+/// One tensor's update for [`Gpu::adamw_many_dev`]: values, gradient (zeroed), moments, constants.
+pub type AdamTensor<'a, M> = (
+    &'a mut CudaSlice<f32>,
+    &'a mut CudaSlice<f32>,
+    &'a mut CudaSlice<M>,
+    &'a mut CudaSlice<M>,
+    StepConsts,
+);
 
 /// Elements of each pass-1 chunk of `grad_norm.cu` (`NORM_CHUNK`).
 const NORM_CHUNK: usize = 16_384;
@@ -60,6 +76,69 @@ impl Gpu {
         // them; all four buffers hold n (checked); StepConsts is #[repr(C)] like the CUDA struct;
         // a grid-stride loop, any launch shape.
         unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
+    /// [`Gpu::adamw_step_dev`] for every tensor of `jobs` in one launch of `adamw_many_*` (each
+    /// with its own constants): the same element updates, one launch instead of one per tensor.
+    pub fn adamw_many_dev<M: MomentElem>(
+        &self,
+        jobs: Vec<AdamTensor<'_, M>>,
+        grad_scale: f32,
+    ) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtrMut;
+        let k = M::MANY;
+        let stream = &self.stream;
+        let (mut ps, mut gs, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut lens, mut firsts, mut consts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut chunks = 0usize;
+        for (p, g, m, v, c) in jobs {
+            let n = p.len();
+            check_len(k, "g", g.len(), n)?;
+            check_len(k, "m", m.len(), n)?;
+            check_len(k, "v", v.len(), n)?;
+            if n == 0 {
+                continue;
+            }
+            ps.push(p.device_ptr_mut(stream).0);
+            gs.push(g.device_ptr_mut(stream).0);
+            ms.push(m.device_ptr_mut(stream).0);
+            vs.push(v.device_ptr_mut(stream).0);
+            lens.push(long(k, "n", n)?);
+            firsts.push(long(k, "chunks", chunks)?);
+            consts.extend([c.b1, c.b2, c.bc1, c.bc2, c.eps, c.lr, c.wd]);
+            chunks += n.div_ceil(ADAM_CHUNK);
+        }
+        if chunks == 0 {
+            return Ok(());
+        }
+        let tensors = int(k, "tensors", lens.len())?;
+        let (ps, gs, ms, vs) = (
+            self.upload(&ps)?,
+            self.upload(&gs)?,
+            self.upload(&ms)?,
+            self.upload(&vs)?,
+        );
+        let (lens, firsts, consts) = (
+            self.upload(&lens)?,
+            self.upload(&firsts)?,
+            self.upload(&consts)?,
+        );
+        let grid = grid_dim(k, chunks, GRID_X_MAX)?;
+        let mut b = self.stream.launch_builder(self.function(k)?);
+        b.arg(&ps).arg(&gs).arg(&ms).arg(&vs);
+        b.arg(&lens)
+            .arg(&firsts)
+            .arg(&tensors)
+            .arg(&consts)
+            .arg(&grad_scale);
+        // SAFETY: adamw_many_f32 / adamw_many_bf16 take (const u64* ps, gs, ms, vs, const long
+        // long* lens, const long long* firsts, int tensors, const float* consts, float
+        // grad_scale); per non-empty tensor its four buffers' addresses (each holding `lens`
+        // elements, checked; borrowed mutably from `jobs` for this call, freed only
+        // stream-ordered after it), its first chunk (ascending) and seven constants; one block
+        // per ADAM_CHUNK chunk as it requires.
+        unsafe { b.launch(config((grid, 1), 256)) }?;
         Ok(())
     }
 
