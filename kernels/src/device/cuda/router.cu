@@ -114,6 +114,7 @@ extern "C" __global__ void moe_plan_count(u32* __restrict__ counts, const u32* _
     __shared__ u32 sh[32];
     const u32 e = blockIdx.x;
     u32 c = 0;
+#pragma unroll 16
     for (long long i = threadIdx.x; i < total; i += blockDim.x) c += experts[i] == e;
     c = block_reduce(c, sh, 0u, SumU32());
     if (threadIdx.x == 0) counts[e] = c;
