@@ -90,7 +90,7 @@ __device__ __forceinline__ bool fg_aligned16(const u8* p) {
 __device__ __forceinline__ void fg_copy16_async(u8* d, const u8* s) {
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
     const unsigned sd = (unsigned)__cvta_generic_to_shared(d);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sd), "l"(s));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sd), "l"(s) : "memory");
 #else
     emu_cp_async(d, s, 16);
 #endif
@@ -98,18 +98,20 @@ __device__ __forceinline__ void fg_copy16_async(u8* d, const u8* s) {
 // Closes this thread's group of copies issued since the last commit.
 __device__ __forceinline__ void fg_async_commit() {
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #else
     emu_cp_async_commit();
 #endif
 }
-// Waits until at most `pending` (0 or 1) of this thread's newest groups are still in flight.
+// Waits until at most `pending` (0 or 1) of this thread's newest groups are still in flight. The
+// "memory" clobbers keep the compiler from moving shared-memory reads across the copies' issue
+// and wait (today the barrier after each wait also does).
 __device__ __forceinline__ void fg_async_wait(int pending) {
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
     if (pending > 0) {
-        asm volatile("cp.async.wait_group 1;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
     } else {
-        asm volatile("cp.async.wait_group 0;\n" ::);
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     }
 #else
     emu_cp_async_wait(pending);
