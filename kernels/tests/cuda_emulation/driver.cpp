@@ -217,21 +217,21 @@ int main(int argc, char** argv) {
         std::vector<std::vector<float>> xs;
         std::vector<unsigned long long> ptrs;
         std::vector<long long> lens, firsts;
-        std::vector<int> chunk_tensor;
+        long long chunks = 0;
         for (int i = 0; i < tensors; i++) {
             xs.push_back(load<float>(("x" + std::to_string(i)).c_str()));
         }
         for (int i = 0; i < tensors; i++) {
-            long long n = xs[i].size(), chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK;
+            long long n = xs[i].size();
             ptrs.push_back((unsigned long long)xs[i].data());
             lens.push_back(n);
-            firsts.push_back((long long)chunk_tensor.size());
-            for (long long c = 0; c < chunks; c++) chunk_tensor.push_back(i);
+            firsts.push_back(chunks);
+            chunks += (n + NORM_CHUNK - 1) / NORM_CHUNK;
         }
-        std::vector<double> sums(chunk_tensor.size());
+        std::vector<double> sums(chunks);
         if (!sums.empty())
             launch({(unsigned)sums.size(), 1, 1}, NORM_THREADS, [&] {
-                grad_norm_chunks(sums.data(), ptrs.data(), lens.data(), firsts.data(), chunk_tensor.data());
+                grad_norm_chunks(sums.data(), ptrs.data(), lens.data(), firsts.data(), tensors);
             });
         save("chunk_sums", sums);
     } else if (op == "attention") {  // bh t dqk dv scale_bits

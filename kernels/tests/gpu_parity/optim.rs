@@ -116,9 +116,7 @@ fn norm_rows(
         .map(|t| gpu.upload(t))
         .collect::<Result<_, _>>()?;
     let bufs: Vec<_> = dev_bufs.iter().collect();
-    let chunks: usize = lens.iter().map(|n| n.div_ceil(16_384)).sum();
-    let mut sums = gpu.zeros::<f64>(chunks)?;
-    let ms = gpu.time_ms(20, || gpu.grad_norm_dev(&mut sums, &bufs).map(|_| ()));
+    let ms = gpu.time_ms(20, || gpu.grad_norm_dev(&bufs).map(|_| ()));
     r.timing(k, s, ms, (lens.iter().sum::<usize>() * 4) as f64);
     Ok(())
 }

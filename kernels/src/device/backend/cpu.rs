@@ -665,10 +665,6 @@ impl Backend for Cpu {
         Ok(l)
     }
 
-    fn host_loss(&self, v: f64) -> f64 {
-        v
-    }
-
     fn route_backward(
         &self,
         dweights: &Vec<f32>,

@@ -509,8 +509,6 @@ pub trait Backend {
     ) -> BackendResult<Self::Loss>;
     /// A loss's value (on a device, once its copy to the host has finished).
     fn read_loss(&self, l: Self::Loss) -> BackendResult<f64>;
-    /// A loss already known on the host (a MoE layer without a balance loss: 0).
-    fn host_loss(&self, v: f64) -> Self::Loss;
     /// ds [n, e]: the router's gradient from dweights [n, k] (`moe_gate::backward_input`), plus
     /// the balance loss's (`balance::batch_loss_backward_input`) when `alpha > 0`.
     fn route_backward(

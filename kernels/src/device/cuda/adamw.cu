@@ -65,10 +65,9 @@ extern "C" __global__ void adamw_step_bf16(float* p, float* g, u16* m, u16* v, l
 }
 
 // The updates of many tensors in one launch (the model's optimizer step, instead of a launch per
-// tensor): one block per ADAM_CHUNK elements of one tensor. Block c's tensor is the last i with
-// firsts[i] ≤ c (firsts: each tensor's first chunk, ascending; no tensor is empty); ps, gs, ms,
-// vs hold the tensors' addresses, lens their lengths, consts StepConsts' seven fields in order
-// per tensor. grid = the chunks, any block size.
+// tensor): one block per ADAM_CHUNK elements of one tensor (`tensor_of_block` over firsts, each
+// tensor's first chunk); ps, gs, ms, vs hold the tensors' addresses, lens their lengths, consts
+// StepConsts' seven fields in order per tensor. grid = the chunks, any block size.
 #define ADAM_CHUNK 4096
 template <typename M>
 __device__ __forceinline__ void adamw_many(const unsigned long long* __restrict__ ps,
@@ -79,12 +78,7 @@ __device__ __forceinline__ void adamw_many(const unsigned long long* __restrict_
                                            const long long* __restrict__ firsts, int tensors,
                                            const float* __restrict__ consts, float grad_scale) {
     const long long chunk = blockIdx.x;
-    int lo = 0, hi = tensors - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (firsts[mid] <= chunk) lo = mid;
-        else hi = mid - 1;
-    }
+    const int lo = tensor_of_block(firsts, tensors, chunk);
     const float* k = consts + 7 * (long long)lo;
     const StepConsts c{k[0], k[1], k[2], k[3], k[4], k[5], k[6]};
     float* p = (float*)ps[lo];

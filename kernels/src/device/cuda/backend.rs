@@ -669,10 +669,6 @@ impl Backend for CudaBackend {
         self.read_loss_on(l)
     }
 
-    fn host_loss(&self, v: f64) -> CudaLoss {
-        CudaLoss::Host(v)
-    }
-
     fn route_backward(
         &self,
         dweights: &CudaSlice<f32>,
@@ -715,10 +711,7 @@ impl Backend for CudaBackend {
 
     fn global_norm(&self, grads: &[&CudaSlice<f32>]) -> BackendResult<f64> {
         let live: Vec<&CudaSlice<f32>> = grads.iter().copied().filter(|g| !g.is_empty()).collect();
-        let ends = super::launch::grad_norm_ends(live.iter().map(|g| g.len()));
-        let chunks = ends.last().copied().unwrap_or(0) as usize;
-        let mut sums = self.gpu.zeros::<f64>(chunks)?;
-        Ok(self.gpu.grad_norm_dev(&mut sums, &live)?)
+        Ok(self.gpu.grad_norm_dev(&live)?)
     }
 
     fn zeros_half(&self, n: usize) -> BackendResult<CudaSlice<u16>> {

@@ -102,3 +102,17 @@ __device__ __forceinline__ float decode_e4m3(u8 code) {
     float v = (c & 0x7Fu) == 0x7Fu ? __uint_as_float(0x7FC00000u) : mag;
     return __uint_as_float(__float_as_uint(v) | ((c & 0x80u) << 24));
 }
+
+// Many tensors in one launch, one block per chunk of a tensor (the optimizer step, the grad
+// norm's first pass): block c belongs to the last tensor i with firsts[i] ≤ c, firsts holding
+// each tensor's first block in order (an empty tensor shares its successor's and is never
+// chosen; the host's `launch::optim::first_blocks`).
+__device__ __forceinline__ int tensor_of_block(const long long* firsts, int tensors, long long c) {
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (firsts[mid] <= c) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}

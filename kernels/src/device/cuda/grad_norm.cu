@@ -11,18 +11,18 @@
 // Pass 1, every tensor in one launch: chunk_sums[c] = Σ over chunk c, one block per chunk. The
 // chunk's values pass through shared memory NORM_SLICE at a time, loaded by every thread (their
 // loads issued together); its first NORM_LANES threads then add them as the lanes do (lane l:
-// elements l, l+8, … in order), and the lanes are added in order. Chunk c is chunk
-// c − firsts[tensors[c]] of tensor tensors[c] (xs: its address, lens: its length).
-// grid = the chunks, blockDim.x = NORM_THREADS.
+// elements l, l+8, … in order), and the lanes are added in order. Chunk c is chunk c − firsts[i]
+// of tensor i = `tensor_of_block` (firsts: each tensor's first chunk; xs: its address, lens: its
+// length). grid = the chunks, blockDim.x = NORM_THREADS.
 #define NORM_SLICE 4096
 #define NORM_THREADS 256
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 grad_norm_chunks(double* __restrict__ chunk_sums, const unsigned long long* __restrict__ xs,
                  const long long* __restrict__ lens, const long long* __restrict__ firsts,
-                 const int* __restrict__ tensors) {
+                 int tensors) {
     __shared__ float slice[NORM_SLICE];
     const long long chunk = blockIdx.x;
-    const int i = tensors[chunk];
+    const int i = tensor_of_block(firsts, tensors, chunk);
     const float* x = (const float*)xs[i];
     const long long start = (chunk - firsts[i]) * NORM_CHUNK;
     const long long end = min(start + NORM_CHUNK, lens[i]);

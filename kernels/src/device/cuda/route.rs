@@ -47,10 +47,8 @@ impl CudaRoute {
 /// their way from the device.
 pub enum CudaLoss {
     Host(f64),
-    Device {
-        per_seq: Readback<f64>,
-        batch: usize,
-    },
+    /// One loss per sequence of the batch.
+    Device(Readback<f64>),
 }
 
 impl CudaBackend {
@@ -88,12 +86,7 @@ impl CudaBackend {
             CudaRoute::Device(d) => {
                 let e = s.len() / (seq * batch).max(1);
                 let per_seq = self.gpu.moe_balance_forward(s, d, (seq, batch), e, alpha)?;
-                Ok(
-                    per_seq.map_or(CudaLoss::Host(0.0), |per_seq| CudaLoss::Device {
-                        per_seq,
-                        batch,
-                    }),
-                )
+                Ok(per_seq.map_or(CudaLoss::Host(0.0), CudaLoss::Device))
             }
             CudaRoute::Host { cpu, s, .. } => Ok(CudaLoss::Host(Cpu::new().balance_loss(
                 s,
@@ -108,9 +101,9 @@ impl CudaBackend {
     pub(super) fn read_loss_on(&self, l: CudaLoss) -> BackendResult<f64> {
         match l {
             CudaLoss::Host(v) => Ok(v),
-            CudaLoss::Device { per_seq, batch } => {
-                let mut v = self.gpu.read(per_seq)?;
-                v.truncate(batch);
+            CudaLoss::Device(per_seq) => {
+                let v = self.gpu.read(per_seq)?;
+                let batch = v.len();
                 Ok(balance::batch_mean(v, batch))
             }
         }

@@ -428,14 +428,15 @@ fn expert_ids<B: Backend>(c: &Ctx<'_, B>, m: &Moe) -> ([Vec<usize>; 3], ExpertGe
 /// (`read` brings it to the host: a device route's copy is read after the step's cross-entropy,
 /// which waits for the device anyway, not at the layer).
 pub(crate) struct MoeStatsOn<B: Backend> {
-    pub balance_loss: B::Loss,
+    /// None for a layer without a balance loss (α = 0): 0.
+    pub balance_loss: Option<B::Loss>,
     pub loads: Vec<u32>,
 }
 
 impl<B: Backend> MoeStatsOn<B> {
     pub(crate) fn read(self, b: &B) -> BackendResult<MoeStats> {
         Ok(MoeStats {
-            balance_loss: b.read_loss(self.balance_loss)?,
+            balance_loss: self.balance_loss.map_or(Ok(0.0), |l| b.read_loss(l))?,
             loads: self.loads,
         })
     }
@@ -487,9 +488,9 @@ pub(crate) fn moe_forward<B: Backend>(
     let t = span(c.prof, b, "forward: moe combine, balance")?;
     b.combine_forward(&mut out, &ye, plan, d)?;
     let balance_loss = if m.alpha > 0.0 {
-        b.balance_loss(&s, &route, (rows.seq, rows.batch), m.alpha)?
+        Some(b.balance_loss(&s, &route, (rows.seq, rows.batch), m.alpha)?)
     } else {
-        b.host_loss(0.0)
+        None
     };
     let loads = offs.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
     profile::end(t, b)?;

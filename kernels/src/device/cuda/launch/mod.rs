@@ -30,7 +30,6 @@ pub use fp8::Fp8Operand;
 pub use grouped::Group;
 pub use lt::{Lt, Packed};
 pub use ops::Indices;
-pub use optim::grad_norm_ends;
 pub use readback::{Pooled, Readback};
 pub use router::{DeviceRoute, route_unsupported};
 pub use tensor::{Blas, LinearGemm, MoePlan};

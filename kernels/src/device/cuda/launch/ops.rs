@@ -20,9 +20,9 @@ fn per_row(kernel: &'static str, rows: usize) -> Result<cudarc::driver::LaunchCo
 /// this type and compare `bound` with the table they index.
 pub struct Indices {
     buf: CudaSlice<u32>,
-    len: usize,
     bound: usize,
-    /// The indices on the host (the embedding's weight gradient sorts its rows by them).
+    /// The indices on the host (their count; the embedding's weight gradient sorts its rows by
+    /// them).
     host: Vec<u32>,
 }
 
@@ -31,18 +31,17 @@ impl Indices {
     pub fn try_clone(&self) -> Result<Indices, GpuError> {
         Ok(Indices {
             buf: self.buf.try_clone()?,
-            len: self.len,
             bound: self.bound,
             host: self.host.clone(),
         })
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.host.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.host.is_empty()
     }
 
     /// Every index is below this.
@@ -338,7 +337,6 @@ impl Gpu {
         };
         Ok(Indices {
             buf,
-            len: idx.len(),
             bound,
             host: idx.to_vec(),
         })

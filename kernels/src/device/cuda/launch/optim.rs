@@ -90,29 +90,26 @@ impl Gpu {
         let k = M::MANY;
         let stream = &self.stream;
         let (mut ps, mut gs, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut lens, mut firsts, mut consts) = (Vec::new(), Vec::new(), Vec::new());
-        let mut chunks = 0usize;
+        let (mut lens, mut consts) = (Vec::new(), Vec::new());
         for (p, g, m, v, c) in jobs {
             let n = p.len();
             check_len(k, "g", g.len(), n)?;
             check_len(k, "m", m.len(), n)?;
             check_len(k, "v", v.len(), n)?;
-            if n == 0 {
-                continue;
-            }
             ps.push(p.device_ptr_mut(stream).0);
             gs.push(g.device_ptr_mut(stream).0);
             ms.push(m.device_ptr_mut(stream).0);
             vs.push(v.device_ptr_mut(stream).0);
             lens.push(long(k, "n", n)?);
-            firsts.push(long(k, "chunks", chunks)?);
             consts.extend([c.b1, c.b2, c.bc1, c.bc2, c.eps, c.lr, c.wd]);
-            chunks += n.div_ceil(ADAM_CHUNK);
         }
+        let ends = block_ends(lens.iter().map(|&n| n as usize), ADAM_CHUNK);
+        let chunks = ends.last().copied().unwrap_or(0);
         if chunks == 0 {
             return Ok(());
         }
         let tensors = int(k, "tensors", lens.len())?;
+        let firsts = first_blocks(&ends);
         let (ps, gs, ms, vs) = (
             self.upload(&ps)?,
             self.upload(&gs)?,
@@ -134,10 +131,10 @@ impl Gpu {
             .arg(&grad_scale);
         // SAFETY: adamw_many_f32 / adamw_many_bf16 take (const u64* ps, gs, ms, vs, const long
         // long* lens, const long long* firsts, int tensors, const float* consts, float
-        // grad_scale); per non-empty tensor its four buffers' addresses (each holding `lens`
-        // elements, checked; borrowed mutably from `jobs` for this call, freed only
-        // stream-ordered after it), its first chunk (ascending) and seven constants; one block
-        // per ADAM_CHUNK chunk as it requires.
+        // grad_scale); per tensor its four buffers' addresses (each holding `lens` elements,
+        // checked; borrowed mutably from `jobs` for this call, freed only stream-ordered after
+        // it), its first chunk (`first_blocks`) and seven constants; one block per ADAM_CHUNK
+        // chunk as it requires.
         unsafe { b.launch(config((grid, 1), 256)) }?;
         Ok(())
     }
@@ -188,57 +185,38 @@ impl Gpu {
     }
 
     /// The global L2 norm of `grads` in `global_norm`'s order: pass 1 of `grad_norm.cu` for every
-    /// tensor in one launch into `chunk_sums` (at least the tensors' chunk counts, ⌈len/16384⌉
-    /// each, together), then pass 2 on the host over the downloaded chunk sums
-    /// (`adamw::norm_from_chunk_sums`, the CPU's own finish). Waits for the device.
-    pub fn grad_norm_dev(
-        &self,
-        chunk_sums: &mut CudaSlice<f64>,
-        grads: &[&CudaSlice<f32>],
-    ) -> Result<f64, GpuError> {
+    /// tensor in one launch into the chunks' sums of squares (⌈len/16384⌉ per tensor), then pass
+    /// 2 on the host over them (`adamw::norm_from_chunk_sums`, the CPU's own finish). Waits for
+    /// the device.
+    pub fn grad_norm_dev(&self, grads: &[&CudaSlice<f32>]) -> Result<f64, GpuError> {
         use cudarc::driver::DevicePtr;
         let k = "grad_norm_chunks";
-        let ends = grad_norm_ends(grads.iter().map(|g| g.len()));
-        let total = ends.last().copied().unwrap_or(0) as usize;
-        if chunk_sums.len() < total {
-            let why = format!(
-                "chunk_sums holds {}, the tensors need {total}",
-                chunk_sums.len()
-            );
-            return Err(super::shape_err(k, why));
-        }
-        let ends: Vec<usize> = ends.iter().map(|&e| e as usize).collect();
+        let ends = block_ends(grads.iter().map(|g| g.len()), NORM_CHUNK);
+        let total = ends.last().copied().unwrap_or(0);
+        let mut chunk_sums = self.zeros::<f64>(total)?;
         if total > 0 {
             let stream = &self.stream;
             let xs: Vec<u64> = grads.iter().map(|g| g.device_ptr(stream).0).collect();
             let lens: Vec<i64> = grads.iter().map(|g| g.len() as i64).collect();
-            let firsts: Vec<i64> = std::iter::once(0)
-                .chain(ends.iter().map(|&e| e as i64))
-                .take(grads.len())
-                .collect();
-            let mut tensors = Vec::with_capacity(total);
-            for (i, (&first, &end)) in firsts.iter().zip(&ends).enumerate() {
-                let i = int(k, "tensors", i)?;
-                tensors.extend(std::iter::repeat_n(i, end - first as usize));
-            }
+            let tensors = int(k, "tensors", grads.len())?;
             let (xs, lens) = (self.upload(&xs)?, self.upload(&lens)?);
-            let (firsts, tensors) = (self.upload(&firsts)?, self.upload(&tensors)?);
+            let firsts = self.upload(&first_blocks(&ends))?;
             let grid = grid_dim(k, total, GRID_X_MAX)?;
             let mut b = self.stream.launch_builder(self.function(k)?);
-            b.arg(&mut *chunk_sums)
+            b.arg(&mut chunk_sums)
                 .arg(&xs)
                 .arg(&lens)
                 .arg(&firsts)
                 .arg(&tensors);
             // SAFETY: grad_norm_chunks takes (double* chunk_sums, const unsigned long long* xs,
-            // const long long* lens, const long long* firsts, const int* tensors); xs and lens
-            // give each tensor's address and length (the buffers borrowed from `grads`, alive
-            // until the download below has waited for the kernel), firsts its first chunk,
-            // tensors each of the `total` chunks' tensor, chunk_sums ≥ total (checked); one
-            // block of 256 (NORM_THREADS) per chunk, as it requires.
+            // const long long* lens, const long long* firsts, int tensors); xs and lens give
+            // each tensor's address and length (the buffers borrowed from `grads`, alive until
+            // the download below has waited for the kernel), firsts its first chunk,
+            // chunk_sums one per chunk; one block of 256 (NORM_THREADS) per chunk, as it
+            // requires.
             unsafe { b.launch(config((grid, 1), 256)) }?;
         }
-        let sums = self.download(chunk_sums)?;
+        let sums = self.download(&chunk_sums)?;
         Ok(crate::ops::adamw::norm_from_chunk_sums(
             &sums[..total],
             &ends,
@@ -254,17 +232,24 @@ impl Gpu {
             .map(|g| self.upload(g))
             .collect::<Result<_, _>>()?;
         let refs: Vec<&CudaSlice<f32>> = dev.iter().collect();
-        let total = grad_norm_ends(refs.iter().map(|g| g.len())).last().copied();
-        let mut sums = self.zeros::<f64>(total.unwrap_or(0) as usize)?;
-        self.grad_norm_dev(&mut sums, &refs)
+        self.grad_norm_dev(&refs)
     }
 }
 
-/// One past each tensor's last chunk in the shared chunk-sum buffer.
-pub fn grad_norm_ends(lens: impl Iterator<Item = usize>) -> Vec<i64> {
-    lens.scan(0i64, |acc, n| {
-        *acc += n.div_ceil(NORM_CHUNK) as i64;
+/// One past each tensor's last block of `per_block` elements, the blocks of all tensors
+/// numbered in turn (an empty tensor has none).
+fn block_ends(lens: impl Iterator<Item = usize>, per_block: usize) -> Vec<usize> {
+    lens.scan(0, |acc, n| {
+        *acc += n.div_ceil(per_block);
         Some(*acc)
     })
     .collect()
+}
+
+/// Each tensor's first block from [`block_ends`], as the kernels' `tensor_of_block` reads them.
+fn first_blocks(ends: &[usize]) -> Vec<i64> {
+    std::iter::once(0)
+        .chain(ends.iter().map(|&e| e as i64))
+        .take(ends.len())
+        .collect()
 }

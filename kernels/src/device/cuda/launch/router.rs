@@ -143,12 +143,6 @@ impl Gpu {
         // SAFETY: grid-stride over tokens; each reads and writes its own k entries.
         unsafe { b.launch(grid_stride(n)) }?;
         let copy = self.readback(&offsets)?;
-        if copy.len() != e + 1 {
-            return Err(shape_err(
-                kn,
-                format!("{} offsets, want {}", copy.len(), e + 1),
-            ));
-        }
         Ok(DeviceRoute {
             experts,
             plan: MoePlan::from_parts(token, slot, rows_of_token, weights, total, n, k),
